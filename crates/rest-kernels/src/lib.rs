@@ -1,0 +1,1 @@
+//! Dense and sparse CPU compute kernels for `rest` (placeholder, filled by the kernels issue).

@@ -1,0 +1,109 @@
+//! Datasets with group annotations: every sample carries a class label and a bias attribute;
+//! it is *aligned* when the two agree and *bias-conflicting* otherwise.
+//!
+//! Images are stored as `u8` in NHWC order (what image files and `.npy` exports use) and are
+//! converted to `f32` NCHW batches only when a batch is gathered for the model.
+
+pub mod builtin;
+pub mod colored_mnist;
+pub mod export;
+pub mod idx;
+pub mod sampler;
+
+use anyhow::{bail, Result};
+
+/// One split (train, validation or test) of a group-annotated image dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    /// `len() * height * width * channels` bytes, NHWC.
+    pub images: Vec<u8>,
+    /// Class label of each sample.
+    pub labels: Vec<u32>,
+    /// Bias attribute of each sample (for Colored MNIST: the index of its colour).
+    pub bias: Vec<u32>,
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+}
+
+impl Split {
+    /// Builds a split, checking that every buffer has the size the shape implies.
+    pub fn new(
+        images: Vec<u8>,
+        labels: Vec<u32>,
+        bias: Vec<u32>,
+        height: usize,
+        width: usize,
+        channels: usize,
+    ) -> Result<Self> {
+        let n = labels.len();
+        if bias.len() != n {
+            bail!("split has {} labels but {} bias attributes", n, bias.len());
+        }
+        if images.len() != n * height * width * channels {
+            bail!(
+                "split has {} image bytes, expected {} = {} x {}x{}x{}",
+                images.len(),
+                n * height * width * channels,
+                n,
+                height,
+                width,
+                channels
+            );
+        }
+        Ok(Self { images, labels, bias, height, width, channels })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Values per image (`height * width * channels`).
+    pub fn image_size(&self) -> usize {
+        self.height * self.width * self.channels
+    }
+
+    /// True when sample `i` is bias-conflicting (label differs from bias attribute).
+    pub fn is_conflicting(&self, i: usize) -> bool {
+        self.labels[i] != self.bias[i]
+    }
+
+    /// Number of bias-conflicting samples.
+    pub fn conflicting_count(&self) -> usize {
+        (0..self.len()).filter(|&i| self.is_conflicting(i)).count()
+    }
+
+    /// Gathers the samples `idx` into `out` as `f32` NCHW in [0, 1] (cleared first), the
+    /// layout the models take.
+    pub fn gather_nchw(&self, idx: &[usize], out: &mut Vec<f32>) {
+        let (h, w, c) = (self.height, self.width, self.channels);
+        let hw = h * w;
+        let sz = self.image_size();
+        out.clear();
+        out.resize(idx.len() * sz, 0.0);
+        for (b, &i) in idx.iter().enumerate() {
+            let src = &self.images[i * sz..(i + 1) * sz];
+            let dst = &mut out[b * sz..(b + 1) * sz];
+            for p in 0..hw {
+                for ch in 0..c {
+                    dst[ch * hw + p] = src[p * c + ch] as f32 * (1.0 / 255.0);
+                }
+            }
+        }
+    }
+}
+
+/// A dataset with train, validation and test splits.
+#[derive(Debug, Clone)]
+pub struct GroupDataset {
+    /// Short name used in run directories and reports, e.g. `cmnist-5pct`.
+    pub name: String,
+    pub num_classes: usize,
+    pub train: Split,
+    pub valid: Split,
+    pub test: Split,
+}

@@ -1,0 +1,1 @@
+//! Candle glue for the kernels in `rest-kernels` (being written).
