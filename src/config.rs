@@ -1,1 +1,338 @@
-//! Config (being written).
+//! The run configuration shared by every command: one serde type with defaults, loadable
+//! from TOML (`--config run.toml`), overridable by command-line flags, validated in one place,
+//! and written back to the run directory as the resolved `config.toml`.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Network architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// REST's Colored-MNIST CNN: three stride-2 4x4 convolutions with BatchNorm, global
+    /// average pooling, linear classifier.
+    Cnn,
+    /// LfF's MLP: 3x28x28 -> 100 -> 100 -> 100 -> classes, ReLU.
+    Mlp,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Cnn => "cnn",
+            ModelKind::Mlp => "mlp",
+        }
+    }
+}
+
+/// How bias-conflicting samples are up-weighted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReweightMode {
+    /// Weighted sampling with replacement: a conflicting sample is LAMBDA times as likely to be
+    /// drawn; an epoch is N draws.
+    Sample,
+    /// Uniform shuffling; each sample's loss is weighted (LAMBDA for conflicting samples) and
+    /// the batch loss is normalised by the sum of weights.
+    Loss,
+}
+
+/// The complete configuration of a training run. Every field has a default; see
+/// `TrainConfig::default()`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    // --- data ---
+    /// Percentage of bias-conflicting training (and validation) samples, in (0, 100).
+    pub conflict_pct: f64,
+    /// Standard deviation of the per-image colour noise (LfF severities 1-5: 0.05, 0.02,
+    /// 0.01, 0.005, 0.002).
+    pub color_std: f64,
+    /// Seed of the dataset generator (kept fixed across training seeds, like a released
+    /// dataset).
+    pub data_seed: u64,
+    /// Samples per split drawn from the built-in 10,000 digits.
+    pub train_size: usize,
+    pub valid_size: usize,
+    pub test_size: usize,
+
+    // --- model and optimisation ---
+    pub model: ModelKind,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// ReduceLROnPlateau on validation loss: factor and patience (epochs).
+    pub lr_factor: f64,
+    pub lr_patience: usize,
+    pub seed: u64,
+
+    // --- re-weighting ---
+    /// LAMBDA: weight of bias-conflicting samples. `None` pairs it with the conflicting
+    /// ratio as the paper does (0.5 % -> 10, 1 % -> 30, 2 % -> 50, 5 % -> 80).
+    pub upweight: Option<f64>,
+    pub reweight_mode: ReweightMode,
+
+    // --- dynamic sparse training ---
+    /// Overall weight density of the conv/linear layers, in (0, 1]; 1 is dense training.
+    pub density: f64,
+    /// Steps between mask updates (scaled down when a run has fewer than 10 updates).
+    pub update_frequency: usize,
+    /// Initial fraction of a layer's active weights pruned and regrown per update.
+    pub prune_rate: f64,
+    /// The value the cosine schedule decays the prune rate to.
+    pub final_prune_rate: f64,
+    /// ERK power scale (1 = ERK).
+    pub erk_power_scale: f64,
+
+    // --- run ---
+    /// Run directory; default `runs/<timestamp>-<short-config>/`.
+    pub out: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    pub threads: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            conflict_pct: 5.0,
+            color_std: 0.005,
+            data_seed: 0,
+            train_size: 7000,
+            valid_size: 1000,
+            test_size: 2000,
+            model: ModelKind::Cnn,
+            epochs: 20,
+            batch_size: 256,
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            lr_factor: 0.1,
+            lr_patience: 5,
+            seed: 42,
+            upweight: None,
+            reweight_mode: ReweightMode::Sample,
+            density: 0.05,
+            update_frequency: 1000,
+            prune_rate: 0.5,
+            final_prune_rate: 0.005,
+            erk_power_scale: 1.0,
+            out: None,
+            threads: None,
+        }
+    }
+}
+
+/// The paper's pairing of conflicting ratio and up-weight: 0.5 % -> 10, 1 % -> 30,
+/// 2 % -> 50, 5 % -> 80. Other ratios take the weight of the nearest listed ratio (on a log
+/// scale).
+pub fn paired_upweight(conflict_pct: f64) -> f64 {
+    const PAIRS: [(f64, f64); 4] = [(0.5, 10.0), (1.0, 30.0), (2.0, 50.0), (5.0, 80.0)];
+    let mut best = PAIRS[0];
+    for p in PAIRS {
+        if (p.0.ln() - conflict_pct.ln()).abs() < (best.0.ln() - conflict_pct.ln()).abs() {
+            best = p;
+        }
+    }
+    best.1
+}
+
+impl TrainConfig {
+    /// Loads a TOML config file; unknown keys are an error (they are usually typos).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {} (--config)", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("config file {} is not a valid run config", path.display()))
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// The effective LAMBDA.
+    pub fn effective_upweight(&self) -> f64 {
+        self.upweight
+            .unwrap_or_else(|| paired_upweight(self.conflict_pct))
+    }
+
+    /// True when re-weighting is active (LAMBDA != 1).
+    pub fn reweighting(&self) -> bool {
+        (self.effective_upweight() - 1.0).abs() > 1e-12
+    }
+
+    /// True when dynamic sparse training is on.
+    pub fn sparse(&self) -> bool {
+        self.density < 1.0
+    }
+
+    /// Checks every value; the error names the flag and the accepted range.
+    pub fn validate(&self) -> Result<()> {
+        fn check(ok: bool, msg: String) -> Result<()> {
+            if ok {
+                Ok(())
+            } else {
+                bail!(msg)
+            }
+        }
+        check(
+            self.conflict_pct.is_finite() && self.conflict_pct > 0.0 && self.conflict_pct < 100.0,
+            format!(
+                "--conflict-pct must be a percentage in (0, 100), got {}",
+                self.conflict_pct
+            ),
+        )?;
+        check(
+            self.color_std.is_finite() && self.color_std >= 0.0,
+            format!("--color-std must be >= 0, got {}", self.color_std),
+        )?;
+        check(
+            self.density.is_finite() && self.density > 0.0 && self.density <= 1.0,
+            format!(
+                "--density must be in (0, 1] (1 = dense, 0.05 = 5 % of weights), got {}",
+                self.density
+            ),
+        )?;
+        if let Some(u) = self.upweight {
+            check(
+                u.is_finite() && u > 0.0,
+                format!("--upweight must be a positive number (1 = no re-weighting), got {u}"),
+            )?;
+        }
+        check(self.epochs >= 1, "--epochs must be at least 1".into())?;
+        check(
+            self.batch_size >= 1,
+            "--batch-size must be at least 1".into(),
+        )?;
+        check(
+            self.lr.is_finite() && self.lr > 0.0,
+            format!("--lr must be a positive number, got {}", self.lr),
+        )?;
+        check(
+            self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum),
+            format!("--momentum must be in [0, 1), got {}", self.momentum),
+        )?;
+        check(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            format!("--weight-decay must be >= 0, got {}", self.weight_decay),
+        )?;
+        check(
+            self.lr_factor.is_finite() && self.lr_factor > 0.0 && self.lr_factor < 1.0,
+            format!("--lr-factor must be in (0, 1), got {}", self.lr_factor),
+        )?;
+        check(
+            self.update_frequency >= 1,
+            "--update-frequency must be at least 1".into(),
+        )?;
+        check(
+            self.prune_rate.is_finite() && self.prune_rate >= 0.0 && self.prune_rate < 1.0,
+            format!("--prune-rate must be in [0, 1), got {}", self.prune_rate),
+        )?;
+        check(
+            self.final_prune_rate.is_finite()
+                && self.final_prune_rate >= 0.0
+                && self.final_prune_rate <= self.prune_rate.max(self.final_prune_rate)
+                && self.final_prune_rate < 1.0,
+            format!(
+                "--final-prune-rate must be in [0, 1), got {}",
+                self.final_prune_rate
+            ),
+        )?;
+        check(
+            self.erk_power_scale.is_finite() && self.erk_power_scale >= 0.0,
+            format!(
+                "--erk-power-scale must be >= 0, got {}",
+                self.erk_power_scale
+            ),
+        )?;
+        check(self.train_size >= 1, "train_size must be at least 1".into())?;
+        check(self.valid_size >= 1, "valid_size must be at least 1".into())?;
+        check(self.test_size >= 1, "test_size must be at least 1".into())?;
+        if let Some(t) = self.threads {
+            check(t >= 1, "--threads must be at least 1".into())?;
+        }
+        Ok(())
+    }
+
+    /// A short human-readable tag for run directory names, e.g. `cnn-d0.05-u80-c5`.
+    pub fn short_name(&self) -> String {
+        format!(
+            "{}-d{}-u{}-c{}-s{}",
+            self.model.as_str(),
+            fmt_num(self.density),
+            fmt_num(self.effective_upweight()),
+            fmt_num(self.conflict_pct),
+            self.seed
+        )
+    }
+}
+
+/// Formats a number without trailing zeros (`0.5`, `5`, `0.05`).
+pub fn fmt_num(x: f64) -> String {
+    let s = format!("{x:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairing_follows_the_paper() {
+        assert_eq!(paired_upweight(0.5), 10.0);
+        assert_eq!(paired_upweight(1.0), 30.0);
+        assert_eq!(paired_upweight(2.0), 50.0);
+        assert_eq!(paired_upweight(5.0), 80.0);
+        assert_eq!(paired_upweight(10.0), 80.0);
+        assert_eq!(paired_upweight(0.1), 10.0);
+    }
+
+    #[test]
+    fn validation_names_the_flag() {
+        let mut c = TrainConfig {
+            density: 0.0,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("--density"));
+        c.density = 1.5;
+        assert!(c.validate().unwrap_err().to_string().contains("--density"));
+        c.density = 1.0;
+        c.validate().unwrap();
+        c.upweight = Some(-1.0);
+        assert!(c.validate().unwrap_err().to_string().contains("--upweight"));
+        c.upweight = None;
+        c.conflict_pct = 120.0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--conflict-pct"));
+    }
+
+    #[test]
+    fn toml_round_trip_and_unknown_keys() {
+        let c = TrainConfig {
+            density: 0.1,
+            upweight: Some(3.0),
+            ..Default::default()
+        };
+        let text = c.to_toml().unwrap();
+        let back: TrainConfig = toml::from_str(&text).unwrap();
+        assert_eq!(c, back);
+        assert!(toml::from_str::<TrainConfig>("densty = 0.1").is_err());
+        let partial: TrainConfig = toml::from_str("density = 0.2\nmodel = \"mlp\"").unwrap();
+        assert_eq!(partial.density, 0.2);
+        assert_eq!(partial.model, ModelKind::Mlp);
+        assert_eq!(partial.epochs, TrainConfig::default().epochs);
+    }
+
+    #[test]
+    fn short_names() {
+        assert_eq!(fmt_num(0.05), "0.05");
+        assert_eq!(fmt_num(5.0), "5");
+        assert_eq!(TrainConfig::default().short_name(), "cnn-d0.05-u80-c5-s42");
+    }
+}

@@ -1,1 +1,51 @@
-fn main() {}
+//! The `rest` binary: parses the command line and dispatches to the library. Errors are
+//! printed as one line (`error: ...`) with a non-zero exit code.
+
+use clap::Parser;
+use rest::cli::{Cli, Command, DataCommand};
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(args) => {
+            let cfg = args.resolve()?;
+            rest::util::set_threads(cfg.threads)?;
+            let out = rest::train::train(&cfg)?;
+            println!("{}", rest::report::results_table(&out.summary));
+            println!("run directory: {}", out.run_dir.display());
+            Ok(())
+        }
+        Command::Data(DataCommand::Export(args)) => {
+            let cfg = args.data.base_config()?;
+            cfg.validate()?;
+            let ds = rest::train::trainer::load_dataset(&cfg)?;
+            let files = rest::data::export::export_npy(&ds, &args.out)?;
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+    }
+}

@@ -51,7 +51,14 @@ impl Split {
                 channels
             );
         }
-        Ok(Self { images, labels, bias, height, width, channels })
+        Ok(Self {
+            images,
+            labels,
+            bias,
+            height,
+            width,
+            channels,
+        })
     }
 
     pub fn len(&self) -> usize {

@@ -1,1 +1,11 @@
-//! Training (being written).
+//! Training: the loop (`trainer`), the optimizer (`optim`), the learning-rate schedule
+//! (`lr`), group metrics (`metrics`), model selection (`select`) and run outputs (`output`).
+
+pub mod lr;
+pub mod metrics;
+pub mod optim;
+pub mod output;
+pub mod select;
+pub mod trainer;
+
+pub use trainer::{train, TrainOutcome};

@@ -1,0 +1,90 @@
+//! REST's Colored-MNIST CNN: Conv(3->64, k4, s2, p1, no bias)+BN+ReLU, Conv(64->128)+BN+ReLU,
+//! Conv(128->256)+BN+ReLU (all k4 s2 p1), global average pooling, Linear(256->classes).
+
+use super::Model;
+use crate::nn::{BatchNorm2d, Buffer, Conv2d, Linear, Param};
+use crate::util::Rng;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+pub struct Cnn {
+    convs: Vec<Conv2d>,
+    bns: Vec<BatchNorm2d>,
+    fc: Linear,
+}
+
+impl Cnn {
+    pub fn new(
+        in_channels: usize,
+        num_classes: usize,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let widths = [in_channels, 64, 128, 256];
+        let mut convs = Vec::new();
+        let mut bns = Vec::new();
+        for i in 0..3 {
+            convs.push(Conv2d::new(
+                &format!("conv{}", i + 1),
+                widths[i],
+                widths[i + 1],
+                4,
+                2,
+                1,
+                false,
+                rng,
+                device,
+            )?);
+            bns.push(BatchNorm2d::new(
+                &format!("bn{}", i + 1),
+                widths[i + 1],
+                device,
+            )?);
+        }
+        let fc = Linear::new("fc", 256, num_classes, true, rng, device)?;
+        Ok(Self { convs, bns, fc })
+    }
+}
+
+impl Model for Cnn {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (conv, bn) in self.convs.iter().zip(&self.bns) {
+            h = bn.forward(&conv.forward(&h)?, train)?.relu()?;
+        }
+        let pooled = h.mean((2, 3))?;
+        self.fc.forward(&pooled)
+    }
+
+    fn params(&self) -> Vec<Param> {
+        let mut p = Vec::new();
+        for (conv, bn) in self.convs.iter().zip(&self.bns) {
+            p.extend(conv.params());
+            p.extend(bn.params());
+        }
+        p.extend(self.fc.params());
+        p
+    }
+
+    fn buffers(&self) -> Result<Vec<Buffer>> {
+        let mut b = Vec::new();
+        for bn in &self.bns {
+            b.extend(bn.buffers()?);
+        }
+        Ok(b)
+    }
+
+    fn set_buffers(&self, buffers: &[Buffer]) -> Result<()> {
+        if buffers.len() != 2 * self.bns.len() {
+            bail!(
+                "expected {} BatchNorm buffers, got {}",
+                2 * self.bns.len(),
+                buffers.len()
+            );
+        }
+        for (bn, pair) in self.bns.iter().zip(buffers.chunks(2)) {
+            bn.set_buffers(pair[0].tensor.clone(), pair[1].tensor.clone())?;
+        }
+        Ok(())
+    }
+}

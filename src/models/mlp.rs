@@ -1,0 +1,65 @@
+//! LfF's MLP for Colored MNIST: flatten, 3 hidden layers of 100 units with ReLU, linear
+//! classifier.
+
+use super::Model;
+use crate::nn::{Buffer, Linear, Param};
+use crate::util::Rng;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+pub struct Mlp {
+    layers: Vec<Linear>,
+}
+
+impl Mlp {
+    pub fn new(
+        in_features: usize,
+        num_classes: usize,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let dims = [in_features, 100, 100, 100, num_classes];
+        let layers = (0..4)
+            .map(|i| {
+                Linear::new(
+                    &format!("fc{}", i + 1),
+                    dims[i],
+                    dims[i + 1],
+                    true,
+                    rng,
+                    device,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+}
+
+impl Model for Mlp {
+    fn forward(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        let mut h = x.flatten_from(1)?;
+        let last = self.layers.len() - 1;
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(&h)?;
+            if i < last {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+
+    fn params(&self) -> Vec<Param> {
+        self.layers.iter().flat_map(|l| l.params()).collect()
+    }
+
+    fn buffers(&self) -> Result<Vec<Buffer>> {
+        Ok(Vec::new())
+    }
+
+    fn set_buffers(&self, buffers: &[Buffer]) -> Result<()> {
+        if !buffers.is_empty() {
+            bail!("the MLP has no buffers, got {}", buffers.len());
+        }
+        Ok(())
+    }
+}

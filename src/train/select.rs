@@ -1,0 +1,81 @@
+//! Model selection on validation only: which epoch's weights are reported. With re-weighting
+//! the rule is the best validation worst-group accuracy, otherwise the best validation
+//! accuracy; ties keep the earlier epoch. The test split never influences the choice.
+
+use super::metrics::GroupMetrics;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SelectRule {
+    ValWorstGroup,
+    ValAccuracy,
+}
+
+impl SelectRule {
+    pub fn score(self, valid: &GroupMetrics) -> f64 {
+        match self {
+            SelectRule::ValWorstGroup => valid.worst_group,
+            SelectRule::ValAccuracy => valid.accuracy,
+        }
+    }
+}
+
+/// Tracks the best epoch so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Selector {
+    pub rule: SelectRule,
+    pub best_epoch: Option<usize>,
+    pub best_score: f64,
+}
+
+impl Selector {
+    pub fn new(rule: SelectRule) -> Self {
+        Self {
+            rule,
+            best_epoch: None,
+            best_score: f64::NEG_INFINITY,
+        }
+    }
+
+    /// Feeds one epoch's validation metrics; true when this epoch becomes the selected one.
+    pub fn observe(&mut self, epoch: usize, valid: &GroupMetrics) -> bool {
+        let s = self.rule.score(valid);
+        if s > self.best_score || self.best_epoch.is_none() {
+            self.best_score = s;
+            self.best_epoch = Some(epoch);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::metrics::group_metrics;
+
+    #[test]
+    fn picks_best_validation_epoch_and_keeps_earlier_on_ties() {
+        let mk = |acc_pred: &[u32]| group_metrics(acc_pred, &[0, 1, 1, 0], &[0, 1, 0, 1], 0.0);
+        // epoch 1: all wrong; epoch 2: conflicting right (worst-group 0 since aligned wrong);
+        // epoch 3: 3/4 right with worst group 0.5; epoch 4: same as 3.
+        let epochs = [
+            mk(&[1, 0, 0, 1]),
+            mk(&[1, 0, 1, 0]),
+            mk(&[0, 1, 1, 1]),
+            mk(&[0, 1, 1, 1]),
+        ];
+        let mut wg = Selector::new(SelectRule::ValWorstGroup);
+        let mut acc = Selector::new(SelectRule::ValAccuracy);
+        for (e, m) in epochs.iter().enumerate() {
+            wg.observe(e + 1, m);
+            acc.observe(e + 1, m);
+        }
+        assert_eq!(wg.best_epoch, Some(3));
+        assert_eq!(wg.best_score, 0.5);
+        assert_eq!(acc.best_epoch, Some(3));
+        assert_eq!(acc.best_score, 0.75);
+    }
+}
