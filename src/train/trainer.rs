@@ -284,7 +284,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
                     let w: Vec<f32> = idx.iter().map(|&i| sample_weights[i] as f32).collect();
                     let total: f32 = w.iter().sum();
                     let wt = Tensor::from_vec(w, idx.len(), &dev)?;
-                    (nll.mul(&wt)?.sum_all()? / total as f64)?
+                    nll.mul(&wt)?.sum_all()?.affine(1.0 / total as f64, 0.0)?
                 }
             };
             let loss_v = loss.to_scalar::<f32>()?;
