@@ -1,0 +1,178 @@
+//! End-to-end: a tiny REST run trains (its loss falls), writes every output, keeps masks
+//! exact; and the CLI turns bad input into a one-line error naming the flag or path.
+
+use candle_core::{DType, Device};
+use rest::config::{ModelKind, TrainConfig};
+use std::process::Command;
+
+fn tiny(out: &std::path::Path, model: ModelKind, density: f64) -> TrainConfig {
+    TrainConfig {
+        model,
+        density,
+        epochs: 4,
+        batch_size: 64,
+        lr: 0.05,
+        train_size: 1200,
+        valid_size: 200,
+        test_size: 300,
+        out: Some(out.to_path_buf()),
+        ..Default::default()
+    }
+}
+
+fn csv_rows(dir: &std::path::Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).expect("metrics.csv");
+    text.lines()
+        .skip(1)
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}
+
+#[test]
+fn tiny_sparse_rest_run_learns_and_writes_outputs() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny(dir.path(), ModelKind::Cnn, 0.1);
+    let out = rest::train::train(&cfg)?;
+
+    // The training loss falls from the first to the last epoch.
+    let rows = csv_rows(dir.path());
+    let train_loss: Vec<f64> = rows
+        .iter()
+        .filter(|r| r[1] == "train")
+        .map(|r| r[3].parse().unwrap())
+        .collect();
+    assert_eq!(train_loss.len(), 4);
+    assert!(
+        train_loss[3] < 0.7 * train_loss[0],
+        "training loss did not fall: {train_loss:?}"
+    );
+    // A test row for the selected epoch, and summary.json with fractions in [0, 1].
+    assert!(rows
+        .iter()
+        .any(|r| r[1] == "test" && r[0] == out.summary.selected_epoch.to_string()));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json"))?)?;
+    for k in [
+        "accuracy",
+        "aligned",
+        "conflicting",
+        "worst_group",
+        "unbiased",
+    ] {
+        let v = summary["test"][k].as_f64().expect(k);
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    assert!(summary["selected_epoch"].as_u64().is_some());
+    // Better than chance on the unbiased test set after 4 short epochs.
+    assert!(
+        out.summary.test.unbiased > 0.2,
+        "unbiased {}",
+        out.summary.test.unbiased
+    );
+    // The resolved config round-trips.
+    let back = TrainConfig::from_toml_file(&dir.path().join("config.toml"))?;
+    assert_eq!(back, cfg);
+
+    // best.safetensors: every masked weight is exactly zero and counts match the summary.
+    let t = candle_core::safetensors::load(dir.path().join("best.safetensors"), &Device::Cpu)?;
+    let mut total_nz = 0usize;
+    let mut total = 0usize;
+    for ld in &out.summary.layer_densities {
+        let w = t[&ld.layer].flatten_all()?.to_vec1::<f32>()?;
+        let m = t[&format!("mask.{}", ld.layer)]
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let active = m.iter().filter(|&&v| v != 0.0).count();
+        assert_eq!(active, ld.nonzero, "{}", ld.layer);
+        assert!(
+            w.iter().zip(&m).all(|(w, m)| *m != 0.0 || *w == 0.0),
+            "{} has masked nonzeros",
+            ld.layer
+        );
+        total_nz += active;
+        total += w.len();
+    }
+    let d = total_nz as f64 / total as f64;
+    assert!((d - 0.1).abs() < 0.01, "total density {d}");
+    assert!(
+        out.summary.mask_updates >= 10,
+        "only {} mask updates",
+        out.summary.mask_updates
+    );
+    Ok(())
+}
+
+#[test]
+fn dense_mlp_with_loss_weights_runs() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = tiny(dir.path(), ModelKind::Mlp, 1.0);
+    cfg.reweight_mode = rest::config::ReweightMode::Loss;
+    cfg.epochs = 3;
+    let out = rest::train::train(&cfg)?;
+    assert_eq!(out.summary.mask_updates, 0);
+    assert_eq!(out.summary.final_density, 1.0);
+    let rows = csv_rows(dir.path());
+    let l: Vec<f64> = rows
+        .iter()
+        .filter(|r| r[1] == "train")
+        .map(|r| r[3].parse().unwrap())
+        .collect();
+    assert!(l[2] < l[0], "loss did not fall: {l:?}");
+    Ok(())
+}
+
+fn rest_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rest"))
+        .args(args)
+        .output()
+        .expect("run rest")
+}
+
+#[test]
+fn bad_flags_give_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let blocked = file.join("run");
+    let blocked = blocked.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["train", "--density", "0"], "--density"),
+        (vec!["train", "--density", "1.5"], "--density"),
+        (vec!["train", "--upweight", "-1"], "--upweight"),
+        (vec!["train", "--conflict-pct", "120"], "--conflict-pct"),
+        (vec!["train", "--epochs", "1", "--out", blocked], blocked),
+    ] {
+        let o = rest_cmd(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+    }
+}
+
+#[test]
+fn data_export_writes_npy() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = rest_cmd(&[
+        "data",
+        "export",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--conflict-pct",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for s in ["train", "valid", "test"] {
+        for k in ["images", "labels", "bias"] {
+            assert!(dir.path().join(format!("{s}_{k}.npy")).exists());
+        }
+    }
+}
