@@ -9,8 +9,10 @@ use super::{check_len, SparseError, SparseMatrix};
 
 /// Below this many useful flops a product runs on the calling thread (rayon would cost more).
 const SERIAL_FLOPS: usize = 1 << 18;
-/// Column granule of the spmm blocks (the AVX-512 tile width).
+/// Column granule of the spmm blocks (the AVX-512 register-tile width).
 const SPMM_COL_GRANULE: usize = 128;
+/// Bytes of `x` one spmm cache tile may span (`K * ctile * 4`), so the slab stays in L2.
+const SPMM_SLAB_BYTES: usize = 1 << 20;
 /// Bytes of `x` one sddmm column tile may span (`K * tile * 4`), so the slab stays in L2.
 const SDDMM_SLAB_BYTES: usize = 1 << 20;
 
@@ -182,6 +184,52 @@ fn split_cols(p: usize, n: usize, granule: usize) -> Vec<usize> {
     bounds
 }
 
+/// Packing pays when each `x` row of a cache tile is used at least this often on average...
+const PACK_MIN_REUSE: usize = 2;
+/// ...and `x` has enough rows that an unpacked slab spans many pages (one page per row).
+const PACK_MIN_ROWS: usize = 256;
+
+thread_local! {
+    /// Per-thread buffer for packed `x` slabs (reused across calls: no page faults per call).
+    static PACK_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f(ptr, stride)` on the `[K][cw]` slab of `x` starting at column `c0`: either in place
+/// (stride `p`) or, when `pack`, copied into a contiguous per-thread buffer whose row stride is
+/// padded by one cache line (rows of a power-of-two-ish stride alias in L1 sets).
+fn with_slab<R>(
+    x: &[f32],
+    p: usize,
+    k: usize,
+    c0: usize,
+    cw: usize,
+    pack: bool,
+    f: impl FnOnce(*const f32, usize) -> R,
+) -> R {
+    if !pack {
+        return f(x[c0..].as_ptr(), p);
+    }
+    let ps = cw + 16;
+    let run = |buf: &mut Vec<f32>| {
+        if buf.len() < k * ps {
+            buf.resize(k * ps, 0.0);
+        }
+        for (dst, src) in buf.chunks_exact_mut(ps).zip(x.chunks_exact(p)) {
+            dst[..cw].copy_from_slice(&src[c0..c0 + cw]);
+        }
+        f(buf.as_ptr(), ps)
+    };
+    PACK_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        Err(_) => run(&mut Vec::new()),
+    })
+}
+
+/// Width of a cache tile: `x` slab of `K * width` floats within `slab_bytes`.
+fn cache_tile(k: usize, slab_bytes: usize, granule: usize) -> usize {
+    (slab_bytes / 4 / k.max(1)).clamp(granule, 4096) / granule * granule
+}
+
 pub(crate) fn run_spmm(isa: Isa, csr: &Csr<'_>, x: &[f32], p: usize, out: &mut [f32]) {
     if out.is_empty() {
         return;
@@ -193,22 +241,26 @@ pub(crate) fn run_spmm(isa: Isa, csr: &Csr<'_>, x: &[f32], p: usize, out: &mut [
     let n_col = col_bounds.len() - 1;
     let row_bounds = split_rows(csr.row_ptr, target.div_ceil(n_col));
     let n_row = row_bounds.len() - 1;
+    let ctile = cache_tile(csr.cols, SPMM_SLAB_BYTES, SPMM_COL_GRANULE);
     let optr = OutPtr(out.as_mut_ptr());
     let task = |t: usize| {
         let (ri, ci) = (t / n_col, t % n_col);
-        // SAFETY: `isa` was checked available by its constructor; `x` and `out` lengths were
-        // checked by the caller; the (row range, column range) blocks of the tasks are
-        // disjoint, so no two tasks touch the same element of `out`.
-        unsafe {
-            simd::spmm_block(
-                isa,
-                csr,
-                x,
-                p,
-                row_bounds[ri]..row_bounds[ri + 1],
-                col_bounds[ci]..col_bounds[ci + 1],
-                optr.get(),
-            )
+        let rows = row_bounds[ri]..row_bounds[ri + 1];
+        let nnz = csr.row_ptr[rows.end] - csr.row_ptr[rows.start];
+        let pack = p > ctile && csr.cols >= PACK_MIN_ROWS && nnz >= PACK_MIN_REUSE * csr.cols;
+        let mut c0 = col_bounds[ci];
+        while c0 < col_bounds[ci + 1] {
+            let cw = (col_bounds[ci + 1] - c0).min(ctile);
+            with_slab(x, p, csr.cols, c0, cw, pack, |xp, xs| {
+                // SAFETY: `isa` is available (checked by its constructor); the slab has `cw`
+                // readable columns per row of `x`; `out` has `csr.rows * p` elements (checked
+                // by the caller) and the (row range, column range) blocks of the tasks are
+                // disjoint, so no two tasks touch the same element of `out`.
+                unsafe {
+                    simd::spmm_block(isa, csr, xp, xs, rows.clone(), cw, optr.get().add(c0), p)
+                }
+            });
+            c0 += cw;
         }
     };
     if n_row * n_col == 1 {
@@ -236,10 +288,36 @@ pub(crate) fn run_sddmm(
     let threads = rayon::current_num_threads();
     let flops = 2 * csr.nnz() * p;
     let serial = flops < SERIAL_FLOPS;
-    let tile = (SDDMM_SLAB_BYTES / 4 / csr.cols.max(1)).clamp(256, 4096) / 16 * 16;
-    let all_rows = 0..csr.rows;
-    // SAFETY (all `sddmm_block` calls): `isa` is available; the operand lengths were checked
-    // by the caller; each `out` slice has exactly the entries of its row range.
+    let tile = cache_tile(csr.cols, SDDMM_SLAB_BYTES, 16).max(256);
+    // One block: rows `rows`, columns `cols`, written to `out` (that row range's entries).
+    let block = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, out: &mut [f32]| {
+        out.fill(0.0);
+        let pack = p > tile && csr.cols >= PACK_MIN_ROWS && out.len() >= PACK_MIN_REUSE * csr.cols;
+        let mut c0 = cols.start;
+        while c0 < cols.end {
+            let cw = (cols.end - c0).min(tile);
+            with_slab(x, p, csr.cols, c0, cw, pack, |xp, xs| {
+                // SAFETY: `isa` is available; `dy` (`csr.rows * p`, checked by the caller) and
+                // the slab have `cw` readable columns per row from `c0`; `out` holds exactly
+                // the entries of `rows`.
+                unsafe {
+                    simd::sddmm_block(
+                        isa,
+                        csr,
+                        dy[c0..].as_ptr(),
+                        p,
+                        xp,
+                        xs,
+                        rows.clone(),
+                        cw,
+                        cw,
+                        out,
+                    )
+                }
+            });
+            c0 += cw;
+        }
+    };
     let n_col = if serial {
         1
     } else {
@@ -255,19 +333,7 @@ pub(crate) fn run_sddmm(
         outs.extend(partials.iter_mut().map(|v| v.as_mut_slice()));
         outs.into_par_iter()
             .enumerate()
-            .for_each(|(ci, out)| unsafe {
-                simd::sddmm_block(
-                    isa,
-                    csr,
-                    dy,
-                    x,
-                    p,
-                    all_rows.clone(),
-                    col_bounds[ci]..col_bounds[ci + 1],
-                    tile,
-                    out,
-                )
-            });
+            .for_each(|(ci, out)| block(0..csr.rows, col_bounds[ci]..col_bounds[ci + 1], out));
         const CHUNK: usize = 4096;
         grad.par_chunks_mut(CHUNK).enumerate().for_each(|(i, g)| {
             for part in &partials {
@@ -287,13 +353,12 @@ pub(crate) fn run_sddmm(
             outs.push((w[0]..w[1], head));
             rest = tail;
         }
-        let run = |(rows, out): (std::ops::Range<usize>, &mut [f32])| unsafe {
-            simd::sddmm_block(isa, csr, dy, x, p, rows, 0..p, tile, out)
-        };
         if outs.len() == 1 {
-            outs.into_iter().for_each(run);
+            outs.into_iter()
+                .for_each(|(rows, out)| block(rows, 0..p, out));
         } else {
-            outs.into_par_iter().for_each(run);
+            outs.into_par_iter()
+                .for_each(|(rows, out)| block(rows, 0..p, out));
         }
     }
 }

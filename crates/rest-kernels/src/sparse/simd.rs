@@ -84,65 +84,67 @@ pub fn active_isa() -> Isa {
     })
 }
 
-/// `out[r][c] = Σ_j W[r, k_j] x[k_j][c]` for `r ∈ rows`, `c ∈ cols`.
+/// `out[r·os + c] = Σ_j W[r, k_j] · x[k_j·xs + c]` for `r ∈ rows`, `c < width`.
+///
+/// `x` and `out` point at the first column of the block; `xs` / `os` are their row strides.
 ///
 /// # Safety
-/// `isa` must be available; `x.len() == csr.cols * p`; `out` must point to a `csr.rows * p`
-/// buffer in which no other thread accesses the block; all `col_idx < csr.cols`;
-/// `rows.end <= csr.rows`, `cols.end <= p`.
+/// `isa` must be available; for every `k < csr.cols`, `x[k·xs .. k·xs + width]` must be
+/// readable, and for every `r ∈ rows`, `out[r·os .. r·os + width]` writable and not accessed by
+/// any other thread; `col_idx < csr.cols`, `rows.end <= csr.rows`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn spmm_block(
     isa: Isa,
     csr: &Csr<'_>,
-    x: &[f32],
-    p: usize,
+    x: *const f32,
+    xs: usize,
     rows: Range<usize>,
-    cols: Range<usize>,
+    width: usize,
     out: *mut f32,
+    os: usize,
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::spmm_block(csr, x.as_ptr(), p, rows, cols, out),
+        Isa::Avx512 => avx512::spmm_block(csr, x, xs, rows, width, out, os),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => spmm_block_avx2(csr, x, p, rows, cols, out),
-        _ => spmm_block_portable::<false>(csr, x, p, rows, cols, out),
+        Isa::Avx2Fma => spmm_block_avx2(csr, x, xs, rows, width, out, os),
+        _ => spmm_block_portable::<false>(csr, x, xs, rows, width, out, os),
     }
 }
 
-/// `out[j - row_ptr[rows.start]] = Σ_{c ∈ cols} dy[r][c] x[k_j][c]` for every entry `j` of
-/// the rows in `rows` (overwrites `out`).
+/// `out[j - row_ptr[rows.start]] += Σ_{c < width} dy[r·ds + c] · x[k_j·xs + c]` for every
+/// entry `j` of the rows in `rows`, in column tiles of `tile`.
 ///
 /// # Safety
-/// `isa` must be available; `dy.len() == csr.rows * p`, `x.len() == csr.cols * p`; all
-/// `col_idx < csr.cols`; `rows.end <= csr.rows`; `cols.end <= p`;
-/// `out.len() == row_ptr[rows.end] - row_ptr[rows.start]`.
+/// `isa` must be available; `dy[r·ds .. r·ds + width]` readable for `r ∈ rows`,
+/// `x[k·xs .. k·xs + width]` readable for `k < csr.cols`; `col_idx < csr.cols`;
+/// `rows.end <= csr.rows`; `out.len() == row_ptr[rows.end] - row_ptr[rows.start]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sddmm_block(
     isa: Isa,
     csr: &Csr<'_>,
-    dy: &[f32],
-    x: &[f32],
-    p: usize,
+    dy: *const f32,
+    ds: usize,
+    x: *const f32,
+    xs: usize,
     rows: Range<usize>,
-    cols: Range<usize>,
+    width: usize,
     tile: usize,
     out: &mut [f32],
 ) {
-    out.fill(0.0);
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::sddmm_block(
-            csr,
-            dy.as_ptr(),
-            x.as_ptr(),
-            p,
-            rows,
-            cols,
-            tile,
-            out.as_mut_ptr(),
-        ),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => sddmm_block_avx2(csr, dy, x, p, rows, cols, tile, out),
-        _ => sddmm_block_portable::<false>(csr, dy, x, p, rows, cols, tile, out),
+    let tile = tile.max(1);
+    let mut c0 = 0;
+    while c0 < width {
+        let w = (width - c0).min(tile);
+        let (dyc, xc) = (dy.add(c0), x.add(c0));
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::sddmm_block(csr, dyc, ds, xc, xs, rows.clone(), w, out),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => sddmm_block_avx2(csr, dyc, ds, xc, xs, rows.clone(), w, out),
+            _ => sddmm_block_portable::<false>(csr, dyc, ds, xc, xs, rows.clone(), w, out),
+        }
+        c0 += w;
     }
 }
 
@@ -165,39 +167,40 @@ const PORTABLE_TILE: usize = 64;
 #[target_feature(enable = "avx2,fma")]
 unsafe fn spmm_block_avx2(
     csr: &Csr<'_>,
-    x: &[f32],
-    p: usize,
+    x: *const f32,
+    xs: usize,
     rows: Range<usize>,
-    cols: Range<usize>,
+    width: usize,
     out: *mut f32,
+    os: usize,
 ) {
-    spmm_block_portable::<true>(csr, x, p, rows, cols, out)
+    spmm_block_portable::<true>(csr, x, xs, rows, width, out, os)
 }
 
 #[inline(always)]
 unsafe fn spmm_block_portable<const FMA: bool>(
     csr: &Csr<'_>,
-    x: &[f32],
-    p: usize,
+    x: *const f32,
+    xs: usize,
     rows: Range<usize>,
-    cols: Range<usize>,
+    width: usize,
     out: *mut f32,
+    os: usize,
 ) {
-    let mut c0 = cols.start;
-    while c0 < cols.end {
-        let w = (cols.end - c0).min(PORTABLE_TILE);
-        for r in rows.clone() {
-            let (s, e) = (csr.row_ptr[r], csr.row_ptr[r + 1]);
-            let idx = &csr.col_idx[s..e];
-            let vals = &csr.values[s..e];
-            // SAFETY: the caller guarantees this block of `out` is ours and in bounds.
-            let o = std::slice::from_raw_parts_mut(out.add(r * p + c0), w);
+    for r in rows {
+        let (s, e) = (csr.row_ptr[r], csr.row_ptr[r + 1]);
+        let idx = &csr.col_idx[s..e];
+        let vals = &csr.values[s..e];
+        let mut c0 = 0;
+        while c0 < width {
+            let w = (width - c0).min(PORTABLE_TILE);
+            // SAFETY (slices below): in bounds and unshared per the caller's contract.
+            let o = std::slice::from_raw_parts_mut(out.add(r * os + c0), w);
             if w == PORTABLE_TILE {
                 let mut acc = [0f32; PORTABLE_TILE];
                 for (&k, &v) in idx.iter().zip(vals) {
-                    let off = k as usize * p + c0;
-                    let xs = &x[off..off + PORTABLE_TILE];
-                    for (a, &xv) in acc.iter_mut().zip(xs) {
+                    let xr = std::slice::from_raw_parts(x.add(k as usize * xs + c0), PORTABLE_TILE);
+                    for (a, &xv) in acc.iter_mut().zip(xr) {
                         *a = madd::<FMA>(v, xv, *a);
                     }
                 }
@@ -205,14 +208,14 @@ unsafe fn spmm_block_portable<const FMA: bool>(
             } else {
                 o.fill(0.0);
                 for (&k, &v) in idx.iter().zip(vals) {
-                    let off = k as usize * p + c0;
-                    for (a, &xv) in o.iter_mut().zip(&x[off..off + w]) {
+                    let xr = std::slice::from_raw_parts(x.add(k as usize * xs + c0), w);
+                    for (a, &xv) in o.iter_mut().zip(xr) {
                         *a = madd::<FMA>(v, xv, *a);
                     }
                 }
             }
+            c0 += w;
         }
-        c0 += w;
     }
 }
 
@@ -221,78 +224,116 @@ unsafe fn spmm_block_portable<const FMA: bool>(
 #[allow(clippy::too_many_arguments)]
 unsafe fn sddmm_block_avx2(
     csr: &Csr<'_>,
-    dy: &[f32],
-    x: &[f32],
-    p: usize,
+    dy: *const f32,
+    ds: usize,
+    x: *const f32,
+    xs: usize,
     rows: Range<usize>,
-    cols: Range<usize>,
-    tile: usize,
+    w: usize,
     out: &mut [f32],
 ) {
-    sddmm_block_portable::<true>(csr, dy, x, p, rows, cols, tile, out)
+    use std::arch::x86_64::*;
+    let base = csr.row_ptr[rows.start];
+    let full = w / 8;
+    for r in rows {
+        let dyr = dy.add(r * ds);
+        let e = csr.row_ptr[r + 1];
+        let mut j = csr.row_ptr[r];
+        while j + 4 <= e {
+            let xr: [*const f32; 4] =
+                std::array::from_fn(|g| x.add(csr.col_idx[j + g] as usize * xs));
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for v in 0..full {
+                let d = _mm256_loadu_ps(dyr.add(8 * v));
+                for (a, &xg) in acc.iter_mut().zip(&xr) {
+                    *a = _mm256_fmadd_ps(d, _mm256_loadu_ps(xg.add(8 * v)), *a);
+                }
+            }
+            for (g, (a, &xg)) in acc.iter().zip(&xr).enumerate() {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                let mut s: f32 = lanes.iter().sum();
+                for c in 8 * full..w {
+                    s = (*dyr.add(c)).mul_add(*xg.add(c), s);
+                }
+                out[j + g - base] += s;
+            }
+            j += 4;
+        }
+        while j < e {
+            let xg = x.add(csr.col_idx[j] as usize * xs);
+            let mut a = _mm256_setzero_ps();
+            for v in 0..full {
+                a = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(dyr.add(8 * v)),
+                    _mm256_loadu_ps(xg.add(8 * v)),
+                    a,
+                );
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+            let mut s: f32 = lanes.iter().sum();
+            for c in 8 * full..w {
+                s = (*dyr.add(c)).mul_add(*xg.add(c), s);
+            }
+            out[j - base] += s;
+            j += 1;
+        }
+    }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn sddmm_block_portable<const FMA: bool>(
+unsafe fn sddmm_block_portable<const FMA: bool>(
     csr: &Csr<'_>,
-    dy: &[f32],
-    x: &[f32],
-    p: usize,
+    dy: *const f32,
+    ds: usize,
+    x: *const f32,
+    xs: usize,
     rows: Range<usize>,
-    cols: Range<usize>,
-    tile: usize,
+    w: usize,
     out: &mut [f32],
 ) {
     let base = csr.row_ptr[rows.start];
-    let mut c0 = cols.start;
-    while c0 < cols.end {
-        let w = (cols.end - c0).min(tile);
-        for r in rows.clone() {
-            let dyr = &dy[r * p + c0..r * p + c0 + w];
-            let e = csr.row_ptr[r + 1];
-            let mut j = csr.row_ptr[r];
-            while j + 4 <= e {
-                dot_group::<4, FMA>(csr, x, p, c0, dyr, j, &mut out[j - base..j - base + 4]);
-                j += 4;
-            }
-            while j < e {
-                dot_group::<1, FMA>(csr, x, p, c0, dyr, j, &mut out[j - base..j - base + 1]);
-                j += 1;
-            }
+    for r in rows {
+        // SAFETY (slices below): readable per the caller's contract.
+        let dyr = std::slice::from_raw_parts(dy.add(r * ds), w);
+        let e = csr.row_ptr[r + 1];
+        let mut j = csr.row_ptr[r];
+        while j + 4 <= e {
+            let xr: [&[f32]; 4] = std::array::from_fn(|g| {
+                std::slice::from_raw_parts(x.add(csr.col_idx[j + g] as usize * xs), w)
+            });
+            dot_group::<4, FMA>(dyr, xr, &mut out[j - base..j - base + 4]);
+            j += 4;
         }
-        c0 += w;
+        while j < e {
+            let xr = [std::slice::from_raw_parts(
+                x.add(csr.col_idx[j] as usize * xs),
+                w,
+            )];
+            dot_group::<1, FMA>(dyr, xr, &mut out[j - base..j - base + 1]);
+            j += 1;
+        }
     }
 }
 
-/// `out[g] += dot(dyr, x[k_{j+g}][c0..c0+len])` for `g < G`.
+/// `out[g] += dot(dyr, xr[g])` for `g < G`, sharing the `dy` loads; 16 lanes per dot.
 #[inline(always)]
-fn dot_group<const G: usize, const FMA: bool>(
-    csr: &Csr<'_>,
-    x: &[f32],
-    p: usize,
-    c0: usize,
-    dyr: &[f32],
-    j: usize,
-    out: &mut [f32],
-) {
+fn dot_group<const G: usize, const FMA: bool>(dyr: &[f32], xr: [&[f32]; G], out: &mut [f32]) {
     const L: usize = 16;
-    let w = dyr.len();
-    let xs: [&[f32]; G] = std::array::from_fn(|g| {
-        let off = csr.col_idx[j + g] as usize * p + c0;
-        &x[off..off + w]
-    });
     let mut acc = [[0f32; L]; G];
-    let full = w / L * L;
-    for c in (0..full).step_by(L) {
-        let d = &dyr[c..c + L];
-        for (ag, xg) in acc.iter_mut().zip(&xs) {
-            for (a, (&dv, &xv)) in ag.iter_mut().zip(d.iter().zip(&xg[c..c + L])) {
-                *a = madd::<FMA>(dv, xv, *a);
+    let dch = dyr.chunks_exact(L);
+    let full = dyr.len() - dch.remainder().len();
+    for (ci, d) in dch.enumerate() {
+        for (ag, xg) in acc.iter_mut().zip(&xr) {
+            let xc = &xg[ci * L..ci * L + L];
+            for l in 0..L {
+                ag[l] = madd::<FMA>(d[l], xc[l], ag[l]);
             }
         }
     }
-    for ((o, ag), xg) in out.iter_mut().zip(&acc).zip(&xs) {
+    for ((o, ag), xg) in out.iter_mut().zip(&acc).zip(&xr) {
         let mut s: f32 = ag.iter().sum();
         for (&dv, &xv) in dyr[full..].iter().zip(&xg[full..]) {
             s = madd::<FMA>(dv, xv, s);
@@ -313,6 +354,8 @@ mod avx512 {
 
     /// Column-tile width of the spmm: 8 zmm accumulators per row.
     const TILE: usize = 128;
+    /// How many nonzeros ahead the spmm prefetches its `x` segment.
+    const PREFETCH: usize = 4;
 
     #[inline]
     fn tail_mask(w: usize) -> __mmask16 {
@@ -329,34 +372,34 @@ mod avx512 {
     pub(super) unsafe fn spmm_block(
         csr: &Csr<'_>,
         x: *const f32,
-        p: usize,
+        xs: usize,
         rows: Range<usize>,
-        cols: Range<usize>,
+        width: usize,
         out: *mut f32,
+        os: usize,
     ) {
-        let mut c0 = cols.start;
-        while c0 < cols.end {
-            let w = (cols.end - c0).min(TILE);
-            let mask = tail_mask(w);
-            let nv = w.div_ceil(16);
-            for r in rows.clone() {
-                let (s, e) = (csr.row_ptr[r], csr.row_ptr[r + 1]);
-                let idx = &csr.col_idx[s..e];
-                let vals = &csr.values[s..e];
+        for r in rows {
+            let (s, e) = (csr.row_ptr[r], csr.row_ptr[r + 1]);
+            let idx = &csr.col_idx[s..e];
+            let vals = &csr.values[s..e];
+            let mut c0 = 0;
+            while c0 < width {
+                let w = (width - c0).min(TILE);
+                let mask = tail_mask(w);
                 let xc = x.add(c0);
-                let o = out.add(r * p + c0);
-                match nv {
-                    8 => tile::<8>(idx, vals, xc, p, mask, o),
-                    7 => tile::<7>(idx, vals, xc, p, mask, o),
-                    6 => tile::<6>(idx, vals, xc, p, mask, o),
-                    5 => tile::<5>(idx, vals, xc, p, mask, o),
-                    4 => tile::<4>(idx, vals, xc, p, mask, o),
-                    3 => tile::<3>(idx, vals, xc, p, mask, o),
-                    2 => tile::<2>(idx, vals, xc, p, mask, o),
-                    _ => tile::<1>(idx, vals, xc, p, mask, o),
+                let o = out.add(r * os + c0);
+                match w.div_ceil(16) {
+                    8 => tile::<8>(idx, vals, xc, xs, mask, o),
+                    7 => tile::<7>(idx, vals, xc, xs, mask, o),
+                    6 => tile::<6>(idx, vals, xc, xs, mask, o),
+                    5 => tile::<5>(idx, vals, xc, xs, mask, o),
+                    4 => tile::<4>(idx, vals, xc, xs, mask, o),
+                    3 => tile::<3>(idx, vals, xc, xs, mask, o),
+                    2 => tile::<2>(idx, vals, xc, xs, mask, o),
+                    _ => tile::<1>(idx, vals, xc, xs, mask, o),
                 }
+                c0 += w;
             }
-            c0 += w;
         }
     }
 
@@ -367,14 +410,22 @@ mod avx512 {
         idx: &[u32],
         vals: &[f32],
         xc: *const f32,
-        p: usize,
+        xs: usize,
         mask: __mmask16,
         o: *mut f32,
     ) {
         let mut acc = [_mm512_setzero_ps(); NV];
-        for (&k, &v) in idx.iter().zip(vals) {
+        for (j, (&k, &v)) in idx.iter().zip(vals).enumerate() {
+            // Rows of `x` are far apart, each segment too short for the hardware prefetcher:
+            // fetch the segment needed PREFETCH entries ahead.
+            if let Some(&kn) = idx.get(j + PREFETCH) {
+                let xn = xc.add(kn as usize * xs) as *const i8;
+                for i in 0..NV {
+                    _mm_prefetch::<_MM_HINT_T0>(xn.add(64 * i));
+                }
+            }
             let vv = _mm512_set1_ps(v);
-            let xr = xc.add(k as usize * p);
+            let xr = xc.add(k as usize * xs);
             for (i, a) in acc.iter_mut().enumerate().take(NV - 1) {
                 *a = _mm512_fmadd_ps(vv, _mm512_loadu_ps(xr.add(16 * i)), *a);
             }
@@ -395,55 +446,50 @@ mod avx512 {
     pub(super) unsafe fn sddmm_block(
         csr: &Csr<'_>,
         dy: *const f32,
+        ds: usize,
         x: *const f32,
-        p: usize,
+        xs: usize,
         rows: Range<usize>,
-        cols: Range<usize>,
-        tile: usize,
-        out: *mut f32,
+        w: usize,
+        out: &mut [f32],
     ) {
         let base = csr.row_ptr[rows.start];
-        let mut c0 = cols.start;
-        while c0 < cols.end {
-            let w = (cols.end - c0).min(tile);
-            let xc = x.add(c0);
-            for r in rows.clone() {
-                let dyr = dy.add(r * p + c0);
-                let e = csr.row_ptr[r + 1];
-                let mut j = csr.row_ptr[r];
-                let ks = csr.col_idx.as_ptr();
-                while j + 8 <= e {
-                    group::<8>(ks.add(j), dyr, xc, p, w, out.add(j - base));
-                    j += 8;
-                }
-                if j + 4 <= e {
-                    group::<4>(ks.add(j), dyr, xc, p, w, out.add(j - base));
-                    j += 4;
-                }
-                if j + 2 <= e {
-                    group::<2>(ks.add(j), dyr, xc, p, w, out.add(j - base));
-                    j += 2;
-                }
-                if j < e {
-                    group::<1>(ks.add(j), dyr, xc, p, w, out.add(j - base));
-                }
+        let out = out.as_mut_ptr();
+        let ks = csr.col_idx.as_ptr();
+        for r in rows {
+            let dyr = dy.add(r * ds);
+            let e = csr.row_ptr[r + 1];
+            let mut j = csr.row_ptr[r];
+            while j + 8 <= e {
+                group::<8>(ks.add(j), dyr, x, xs, w, out.add(j - base));
+                j += 8;
             }
-            c0 += w;
+            if j + 4 <= e {
+                group::<4>(ks.add(j), dyr, x, xs, w, out.add(j - base));
+                j += 4;
+            }
+            if j + 2 <= e {
+                group::<2>(ks.add(j), dyr, x, xs, w, out.add(j - base));
+                j += 2;
+            }
+            if j < e {
+                group::<1>(ks.add(j), dyr, x, xs, w, out.add(j - base));
+            }
         }
     }
 
-    /// `out[g] += dot(dyr[..w], x[ks[g]][c0..c0+w])` for `g < G`, sharing the `dy` loads.
+    /// `out[g] += dot(dyr[..w], x[ks[g]·xs ..][..w])` for `g < G`, sharing the `dy` loads.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn group<const G: usize>(
         ks: *const u32,
         dyr: *const f32,
-        xc: *const f32,
-        p: usize,
+        x: *const f32,
+        xs: usize,
         w: usize,
         out: *mut f32,
     ) {
-        let xr: [*const f32; G] = std::array::from_fn(|g| xc.add(*ks.add(g) as usize * p));
+        let xr: [*const f32; G] = std::array::from_fn(|g| x.add(*ks.add(g) as usize * xs));
         let mut acc = [_mm512_setzero_ps(); G];
         let full = w / 16;
         for v in 0..full {
