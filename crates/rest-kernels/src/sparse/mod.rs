@@ -26,8 +26,17 @@
 //! or over nnz-balanced row blocks when `P` is short) and dispatch at run time to AVX-512,
 //! AVX2+FMA or portable inner loops (see [`Isa`]); the environment variable
 //! `REST_SPARSE_ISA=avx512|avx2|portable` forces a lower level for debugging or timing.
+//! Columns are swept in cache tiles whose `x` slab (`K` rows x tile width) fits in L2; when
+//! `K` is large and each `x` row is reused (`nnz >= 2K`), the slab is first copied into a
+//! contiguous per-thread buffer (rows of a long `[K][P]` matrix are a page apart each, which
+//! defeats the TLB and the hardware prefetcher). Output rows are written contiguously, so
+//! `spmm_t` at very low density is bounded by writing the dense `[K][P]` result.
 //! Results do not depend on scheduling; they can differ in the last bits between instruction
 //! sets and between machines with different thread counts (`sddmm` sums column blocks).
+//!
+//! `benches/sparse.rs` compares against dense GEMM; on a contended 2-core AVX-512 Xeon, the
+//! CNN's middle conv (128 x 1024 x 12544) at density 0.01 ran spmm / spmm_t / sddmm about
+//! 21x / 9x / 16x faster than `gemm`, and about 5x / 7.5x / 3.4x at density 0.05.
 
 mod kernels;
 mod matrix;
