@@ -1,0 +1,128 @@
+//! Sparse kernels vs dense GEMM (`gemm` crate) at the shapes of REST's CNN and MLP.
+//!
+//! Throughput is reported in elements/s where one element is one *useful* flop
+//! (`2 · nnz · P` for the sparse kernels, `2 · R · K · P` for dense GEMM), so criterion's
+//! `Gelem/s` reads as GFLOP/s and `time(dense) / time(sparse)` is the wall-clock speedup.
+//! Density `1.0` is dense GEMM; lower densities run the CSR kernels.
+//!
+//! Run: `cargo bench -p rest-kernels --bench sparse [-- <filter>]`.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, SparseMatrix};
+
+/// `(name, R, K, P)`: the product is `out[R][P] = W[R][K] x[K][P]`.
+const SHAPES: &[(&str, usize, usize, usize)] = &[
+    ("conv1_64x48x50176", 64, 48, 50176),
+    ("conv2_128x1024x12544", 128, 1024, 12544),
+    ("conv3_256x2048x2304", 256, 2048, 2304),
+    ("mlp_1024x784x256", 1024, 784, 256),
+    ("mlp_100x2352x256", 100, 2352, 256),
+];
+
+const DENSITIES: &[f64] = &[1.0, 0.2, 0.05, 0.01, 0.001];
+
+fn random(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Row-major `dst[m][n] = lhs · rhs` with explicit (row, column) strides of the operands.
+#[allow(clippy::too_many_arguments)]
+fn dense_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (isize, isize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (isize, isize),
+) {
+    assert_eq!(dst.len(), m * n);
+    // SAFETY: the strides describe `lhs` as m x k and `rhs` as k x n inside their slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    for &(name, r, k, p) in SHAPES {
+        let w = random(&mut rng, r * k);
+        let x = random(&mut rng, k * p);
+        let dy = random(&mut rng, r * p);
+        let mut out = vec![0.0f32; r * p];
+        let mut dx = vec![0.0f32; k * p];
+        let mut dw = vec![0.0f32; r * k];
+        for kernel in ["spmm", "spmm_t", "sddmm"] {
+            let mut g = c.benchmark_group(format!("{kernel}/{name}"));
+            g.sample_size(10)
+                .warm_up_time(Duration::from_millis(300))
+                .measurement_time(Duration::from_millis(1500));
+            for &d in DENSITIES {
+                let id = BenchmarkId::from_parameter(format!("d{d}"));
+                if d >= 1.0 {
+                    g.throughput(Throughput::Elements((2 * r * k * p) as u64));
+                    let (ki, pi) = (k as isize, p as isize);
+                    match kernel {
+                        // out[R][P] = W[R][K] x[K][P]
+                        "spmm" => g.bench_function(id, |b| {
+                            b.iter(|| dense_gemm(r, p, k, &mut out, &w, (ki, 1), &x, (pi, 1)))
+                        }),
+                        // dx[K][P] = Wᵀ[K][R] dy[R][P]
+                        "spmm_t" => g.bench_function(id, |b| {
+                            b.iter(|| dense_gemm(k, p, r, &mut dx, &w, (1, ki), &dy, (pi, 1)))
+                        }),
+                        // dW[R][K] = dy[R][P] xᵀ[P][K]
+                        _ => g.bench_function(id, |b| {
+                            b.iter(|| dense_gemm(r, k, p, &mut dw, &dy, (pi, 1), &x, (1, pi)))
+                        }),
+                    };
+                    continue;
+                }
+                let mask: Vec<bool> = (0..r * k).map(|_| rng.random_bool(d)).collect();
+                let sm = SparseMatrix::from_dense_masked(&w, &mask, r, k).expect("shape");
+                let mut grad = vec![0.0f32; sm.nnz()];
+                g.throughput(Throughput::Elements((2 * sm.nnz() * p).max(1) as u64));
+                match kernel {
+                    "spmm" => g.bench_function(id, |b| {
+                        b.iter(|| spmm(&sm, &x, p, &mut out).expect("shape"))
+                    }),
+                    "spmm_t" => g.bench_function(id, |b| {
+                        b.iter(|| spmm_t(&sm, &dy, p, &mut dx).expect("shape"))
+                    }),
+                    _ => g.bench_function(id, |b| {
+                        b.iter(|| sddmm_into(&sm, &dy, &x, p, &mut grad).expect("shape"))
+                    }),
+                };
+            }
+            g.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
