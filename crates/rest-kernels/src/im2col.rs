@@ -131,46 +131,65 @@ pub fn im2col(x: &[f32], g: &Conv2dGeom, col: &mut [f32]) {
         g.col_len(),
         "im2col: col length does not match geometry"
     );
-    let (oh, ow, p) = (g.oh(), g.ow(), g.p());
+    let p = g.p();
     if p == 0 {
         return;
     }
+    col.par_chunks_mut(p)
+        .enumerate()
+        .for_each(|(k, row)| im2col_row(x, g, k, 0, g.n, row));
+}
+
+/// Serial im2col of images `n0..n1` only: `col` is `[K][(n1 - n0) * OH * OW]`.
+pub(crate) fn im2col_images(x: &[f32], g: &Conv2dGeom, n0: usize, n1: usize, col: &mut [f32]) {
+    let pt = (n1 - n0) * g.oh() * g.ow();
+    assert_eq!(col.len(), g.k() * pt, "im2col_images: col length");
+    if pt == 0 {
+        return;
+    }
+    for (k, row) in col.chunks_exact_mut(pt).enumerate() {
+        im2col_row(x, g, k, n0, n1, row);
+    }
+}
+
+/// Row `k` of the column matrix for images `n0..n1` (`row` has `(n1 - n0) * OH * OW` entries).
+#[inline]
+fn im2col_row(x: &[f32], g: &Conv2dGeom, k: usize, n0: usize, n1: usize, row: &mut [f32]) {
+    let (oh, ow) = (g.oh(), g.ow());
     let plane = g.h * g.w;
-    col.par_chunks_mut(p).enumerate().for_each(|(k, row)| {
-        let j = k % g.kw;
-        let i = (k / g.kw) % g.kh;
-        let c = k / (g.kw * g.kh);
-        let (x_lo, x_hi) = valid_range(ow, g.w, g.stride, j, g.pad);
-        let (y_lo, y_hi) = valid_range(oh, g.h, g.stride, i, g.pad);
-        for n in 0..g.n {
-            let src = &x[(c * g.n + n) * plane..(c * g.n + n + 1) * plane];
-            let dst_img = &mut row[n * oh * ow..(n + 1) * oh * ow];
-            for oy in 0..oh {
-                let dst = &mut dst_img[oy * ow..(oy + 1) * ow];
-                if oy < y_lo || oy >= y_hi {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let iy = oy * g.stride + i - g.pad;
-                let src_row = &src[iy * g.w..(iy + 1) * g.w];
-                dst[..x_lo].fill(0.0);
-                dst[x_hi..].fill(0.0);
-                if x_hi > x_lo {
-                    let ix0 = x_lo * g.stride + j - g.pad;
-                    if g.stride == 1 {
-                        dst[x_lo..x_hi].copy_from_slice(&src_row[ix0..ix0 + (x_hi - x_lo)]);
-                    } else {
-                        for (d, s) in dst[x_lo..x_hi]
-                            .iter_mut()
-                            .zip(src_row[ix0..].iter().step_by(g.stride))
-                        {
-                            *d = *s;
-                        }
+    let j = k % g.kw;
+    let i = (k / g.kw) % g.kh;
+    let c = k / (g.kw * g.kh);
+    let (x_lo, x_hi) = valid_range(ow, g.w, g.stride, j, g.pad);
+    let (y_lo, y_hi) = valid_range(oh, g.h, g.stride, i, g.pad);
+    for n in n0..n1 {
+        let src = &x[(c * g.n + n) * plane..(c * g.n + n + 1) * plane];
+        let dst_img = &mut row[(n - n0) * oh * ow..(n - n0 + 1) * oh * ow];
+        for oy in 0..oh {
+            let dst = &mut dst_img[oy * ow..(oy + 1) * ow];
+            if oy < y_lo || oy >= y_hi {
+                dst.fill(0.0);
+                continue;
+            }
+            let iy = oy * g.stride + i - g.pad;
+            let src_row = &src[iy * g.w..(iy + 1) * g.w];
+            dst[..x_lo].fill(0.0);
+            dst[x_hi..].fill(0.0);
+            if x_hi > x_lo {
+                let ix0 = x_lo * g.stride + j - g.pad;
+                if g.stride == 1 {
+                    dst[x_lo..x_hi].copy_from_slice(&src_row[ix0..ix0 + (x_hi - x_lo)]);
+                } else {
+                    for (d, s) in dst[x_lo..x_hi]
+                        .iter_mut()
+                        .zip(src_row[ix0..].iter().step_by(g.stride))
+                    {
+                        *d = *s;
                     }
                 }
             }
         }
-    });
+    }
 }
 
 /// Adjoint of [`im2col`]: `dx += col2im(col)`, i.e. every column entry is added back onto the
@@ -186,45 +205,49 @@ pub fn col2im(col: &[f32], g: &Conv2dGeom, dx: &mut [f32]) {
         g.col_len(),
         "col2im: col length does not match geometry"
     );
-    let (oh, ow, p) = (g.oh(), g.ow(), g.p());
-    if p == 0 {
+    let chan = g.n * g.h * g.w;
+    if g.p() == 0 || chan == 0 {
         return;
     }
+    dx.par_chunks_mut(chan)
+        .enumerate()
+        .for_each(|(c, dxc)| col2im_channel(col, g, c, g.n, dxc));
+}
+
+/// Scatter-adds the rows of channel `c` of a column matrix `[K][nimg * OH * OW]` (covering
+/// `nimg` consecutive images) onto `dst`, the `nimg * H * W` input values of that channel.
+pub(crate) fn col2im_channel(col: &[f32], g: &Conv2dGeom, c: usize, nimg: usize, dst: &mut [f32]) {
+    let (oh, ow) = (g.oh(), g.ow());
     let plane = g.h * g.w;
-    let chan = g.n * plane;
-    if chan == 0 {
-        return;
-    }
-    dx.par_chunks_mut(chan).enumerate().for_each(|(c, dxc)| {
-        for i in 0..g.kh {
-            let (y_lo, y_hi) = valid_range(oh, g.h, g.stride, i, g.pad);
-            for j in 0..g.kw {
-                let (x_lo, x_hi) = valid_range(ow, g.w, g.stride, j, g.pad);
-                if x_hi <= x_lo {
-                    continue;
-                }
-                let k = (c * g.kh + i) * g.kw + j;
-                let row = &col[k * p..(k + 1) * p];
-                let ix0 = x_lo * g.stride + j - g.pad;
-                for n in 0..g.n {
-                    let dst = &mut dxc[n * plane..(n + 1) * plane];
-                    let src_img = &row[n * oh * ow..(n + 1) * oh * ow];
-                    for oy in y_lo..y_hi {
-                        let iy = oy * g.stride + i - g.pad;
-                        let src = &src_img[oy * ow + x_lo..oy * ow + x_hi];
-                        let drow = &mut dst[iy * g.w..(iy + 1) * g.w];
-                        if g.stride == 1 {
-                            for (d, s) in drow[ix0..ix0 + src.len()].iter_mut().zip(src) {
-                                *d += *s;
-                            }
-                        } else {
-                            for (d, s) in drow[ix0..].iter_mut().step_by(g.stride).zip(src) {
-                                *d += *s;
-                            }
+    let pt = nimg * oh * ow;
+    for i in 0..g.kh {
+        let (y_lo, y_hi) = valid_range(oh, g.h, g.stride, i, g.pad);
+        for j in 0..g.kw {
+            let (x_lo, x_hi) = valid_range(ow, g.w, g.stride, j, g.pad);
+            if x_hi <= x_lo {
+                continue;
+            }
+            let k = (c * g.kh + i) * g.kw + j;
+            let row = &col[k * pt..(k + 1) * pt];
+            let ix0 = x_lo * g.stride + j - g.pad;
+            for n in 0..nimg {
+                let dimg = &mut dst[n * plane..(n + 1) * plane];
+                let src_img = &row[n * oh * ow..(n + 1) * oh * ow];
+                for oy in y_lo..y_hi {
+                    let iy = oy * g.stride + i - g.pad;
+                    let src = &src_img[oy * ow + x_lo..oy * ow + x_hi];
+                    let drow = &mut dimg[iy * g.w..(iy + 1) * g.w];
+                    if g.stride == 1 {
+                        for (d, s) in drow[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                            *d += *s;
+                        }
+                    } else {
+                        for (d, s) in drow[ix0..].iter_mut().step_by(g.stride).zip(src) {
+                            *d += *s;
                         }
                     }
                 }
             }
         }
-    });
+    }
 }

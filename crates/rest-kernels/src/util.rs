@@ -67,35 +67,76 @@ pub fn gemm(
     }
     assert!(a.max_index(m, k) < a.data.len(), "gemm: lhs too short");
     assert!(b.max_index(k, n) < b.data.len(), "gemm: rhs too short");
-    let par = if m * n * k >= PAR_THRESHOLD_FLOPS && rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the asserts above bound every index the product touches for the given strides;
     // `dst` is exclusively borrowed and does not alias `a` or `b` (distinct borrows).
     unsafe {
-        gemm::gemm(
+        gemm_ptr(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
             n as isize,
             accumulate,
-            a.data.as_ptr(),
-            a.cs,
-            a.rs,
-            b.data.as_ptr(),
-            b.cs,
-            b.rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+            (a.data.as_ptr(), a.rs, a.cs),
+            (b.data.as_ptr(), b.rs, b.cs),
+            true,
+        )
+    }
+}
+
+/// Raw strided GEMM: `dst[i*dst_rs + j] = (accumulate ? dst : 0) + sum_l a[i,l] b[l,j]` with
+/// `a = (ptr, row stride, col stride)` and likewise `b`. Uses rayon inside the product only if
+/// `allow_par` and the product is large.
+///
+/// # Safety
+/// Every index reached through the given shapes and strides must be in bounds of its
+/// allocation, and the `dst` region written must not be read or written concurrently by
+/// anyone else (it may not alias `a` or `b`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_ptr(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+    allow_par: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate && k == 0 {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.offset(i as isize * dst_rs + j as isize) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let par = if allow_par && m * n * k >= PAR_THRESHOLD_FLOPS && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m, n, k, dst, 1, dst_rs, accumulate, a.0, a.2, a.1, b.0, b.2, b.1, 1.0, 1.0, false, false,
+        false, par,
+    );
+}
+
+/// A raw pointer that may cross threads; users guarantee disjoint access.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: only used to hand disjoint output regions to parallel tasks (see call sites).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
+    #[inline]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
     }
 }
 

@@ -132,14 +132,16 @@ fn fixed_geoms() -> Vec<Conv2dGeom> {
         pad,
     };
     vec![
-        g(3, 2, 28, 28, 8, 4, 2, 1),  // CNN layer 1 (narrow)
-        g(16, 2, 14, 14, 8, 4, 2, 1), // CNN layer 2 shape class
-        g(8, 1, 7, 7, 5, 4, 2, 1),    // CNN layer 3: 7x7 -> 3x3
-        g(6, 3, 9, 11, 7, 1, 1, 0),   // 1x1 stride 1: no im2col
-        g(6, 2, 9, 11, 7, 1, 2, 0),   // 1x1 stride 2 (ResNet shortcut)
-        g(3, 1, 19, 17, 4, 7, 2, 3),  // ResNet stem class
-        g(5, 2, 8, 8, 3, 3, 1, 1),    // ResNet 3x3 stride 1
-        g(2, 1, 5, 6, 3, 3, 2, 3),    // padding larger than half the kernel
+        g(3, 2, 28, 28, 8, 4, 2, 1),   // CNN layer 1 (narrow)
+        g(16, 2, 14, 14, 8, 4, 2, 1),  // CNN layer 2 shape class
+        g(8, 1, 7, 7, 5, 4, 2, 1),     // CNN layer 3: 7x7 -> 3x3
+        g(6, 3, 9, 11, 7, 1, 1, 0),    // 1x1 stride 1: no im2col
+        g(6, 2, 9, 11, 7, 1, 2, 0),    // 1x1 stride 2 (ResNet shortcut)
+        g(3, 1, 19, 17, 4, 7, 2, 3),   // ResNet stem class
+        g(5, 2, 8, 8, 3, 3, 1, 1),     // ResNet 3x3 stride 1
+        g(2, 1, 5, 6, 3, 3, 2, 3),     // padding larger than half the kernel
+        g(64, 40, 14, 14, 8, 4, 2, 1), // several image tiles, run in parallel, ragged last tile
+        g(128, 3, 28, 28, 4, 4, 2, 1), // one image per tile, tiles run serially
         Conv2dGeom {
             kh: 3,
             kw: 1,
