@@ -1,15 +1,22 @@
 //! Times one full training step (forward, backward, SGD update) of REST's Colored-MNIST CNN at
 //! batch 256 — Conv(3->64,k4,s2,p1)+BN+ReLU, Conv(64->128)+BN+ReLU, Conv(128->256)+BN+ReLU,
 //! global average pool, Linear(256->10) — built from `rest::kernels` ops (CNHW) versus the same
-//! network from candle's own ops (NCHW).
+//! network from candle's own ops (NCHW). Also times LfF's MLP (2352-100-100-100-10) step with
+//! `rest::kernels::linear` versus candle's `matmul`.
 //!
-//! Run: `cargo run --release --example cnn_step [-- STEPS]`.
+//! Run: `cargo run --release --example cnn_step [-- STEPS [rest|candle|mlp]]` (the optional
+//! second argument runs only that part, e.g. for profiling).
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rest::kernels::{batch_norm_cnhw_train, conv2d_cnhw, global_avg_pool_cnhw, linear};
+
+// Same allocator as the `rest` binary is expected to use: it reuses freed large buffers
+// instead of returning them to the OS, which saves page faults on every step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: usize = 256;
 const LR: f64 = 0.01;
@@ -93,6 +100,42 @@ fn step_candle(p: &Params, x: &Tensor, labels: &Tensor) -> Result<f32> {
     Ok(loss.to_scalar::<f32>()?)
 }
 
+/// LfF's MLP training step; `ours` picks `rest::kernels::linear` or candle's matmul.
+fn step_mlp(layers: &[(Var, Var)], x: &Tensor, labels: &Tensor, ours: bool) -> Result<f32> {
+    let mut h = x.clone();
+    for (i, (w, b)) in layers.iter().enumerate() {
+        h = if ours {
+            linear(&h, w, Some(b))?
+        } else {
+            h.matmul(&w.t()?)?.broadcast_add(b)?
+        };
+        if i + 1 < layers.len() {
+            h = h.relu()?;
+        }
+    }
+    let loss = candle_nn::loss::cross_entropy(&h, labels)?;
+    let grads = loss.backward()?;
+    for (w, b) in layers {
+        for v in [w, b] {
+            let g = grads.get(v).context("missing gradient")?;
+            v.set(&(v.as_tensor() - (g * LR)?)?)?;
+        }
+    }
+    Ok(loss.to_scalar::<f32>()?)
+}
+
+fn mlp(dev: &Device) -> Result<Vec<(Var, Var)>> {
+    [(2352, 100), (100, 100), (100, 100), (100, 10)]
+        .iter()
+        .map(|&(i, o)| {
+            Ok((
+                Var::randn(0f32, (1.0 / i as f32).sqrt(), (o, i), dev)?,
+                Var::zeros(o, DType::F32, dev)?,
+            ))
+        })
+        .collect()
+}
+
 fn time(name: &str, steps: usize, mut f: impl FnMut() -> Result<f32>) -> Result<()> {
     f()?;
     f()?;
@@ -133,13 +176,30 @@ fn main() -> Result<()> {
         "CNN training step, batch {BATCH}, {} rayon threads",
         rayon::current_num_threads()
     );
-    let p = Params::new(&dev)?;
-    time("rest kernels (CNHW)", steps, || {
-        step_rest(&p, &x_cnhw, &labels)
-    })?;
-    let p = Params::new(&dev)?;
-    time("candle ops (NCHW)  ", steps, || {
-        step_candle(&p, &x, &labels)
-    })?;
+    let only = std::env::args().nth(2);
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if run("rest") {
+        let p = Params::new(&dev)?;
+        time("rest kernels (CNHW)", steps, || {
+            step_rest(&p, &x_cnhw, &labels)
+        })?;
+    }
+    if run("candle") {
+        let p = Params::new(&dev)?;
+        time("candle ops (NCHW)  ", steps, || {
+            step_candle(&p, &x, &labels)
+        })?;
+    }
+    if run("mlp") {
+        let xm = x.flatten_from(1)?;
+        let layers = mlp(&dev)?;
+        time("MLP, rest linear   ", steps, || {
+            step_mlp(&layers, &xm, &labels, true)
+        })?;
+        let layers = mlp(&dev)?;
+        time("MLP, candle matmul ", steps, || {
+            step_mlp(&layers, &xm, &labels, false)
+        })?;
+    }
     Ok(())
 }

@@ -57,6 +57,9 @@ fn conv(c: &mut Criterion) {
         grp.bench_function(BenchmarkId::new("bwd_input", name), |b| {
             b.iter(|| conv2d_bwd_input(&w, &dout, &g, &mut dx))
         });
+        grp.bench_function(BenchmarkId::new("bwd_weight", name), |b| {
+            b.iter(|| conv2d_bwd_weight(&x, &dout, &g, &mut dw))
+        });
         im2col(&x, &g, &mut col);
         grp.bench_function(BenchmarkId::new("bwd_weight_col", name), |b| {
             b.iter(|| conv2d_bwd_weight_col(&col, &dout, &g, &mut dw))
