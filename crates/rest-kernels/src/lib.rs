@@ -1,2 +1,34 @@
-//! Dense and sparse CPU compute kernels for `rest` (placeholder, filled by the kernels issue).
+//! Dense (and, in `sparse*` modules, sparse) CPU compute kernels for `rest`, on plain `f32`
+//! slices with no tensor library attached.
+//!
+//! Activations between convolution, batch-norm and pooling layers are laid out **CNHW**
+//! (`x[c][n][h][w]`): a convolution over the whole batch is then one GEMM
+//! `out[OC][N*OH*OW] = W[OC][C*KH*KW] x col[C*KH*KW][N*OH*OW]` whose result is again CNHW, and
+//! per-channel batch-norm statistics run over one contiguous row. Weights keep PyTorch's
+//! `[OC, IC, KH, KW]` layout.
+//!
+//! Conventions: every kernel overwrites its output unless its doc says it accumulates
+//! (`col2im`, `max_pool2d_bwd`, ...). Slice lengths are checked with `assert!`: a mismatch is a
+//! bug in the caller, never a user-input error (callers validate user shapes first).
+
+pub mod batchnorm;
+pub mod conv;
+pub mod im2col;
+pub mod linear;
+pub mod pool;
 pub mod sparse;
+pub mod util;
+
+pub use batchnorm::{
+    batch_norm_bwd, batch_norm_eval, batch_norm_train_fwd, channel_affine, update_running_stats,
+    BnBatchStats, BN_EPS, BN_MOMENTUM,
+};
+pub use conv::{
+    conv2d_bwd_input, conv2d_bwd_weight, conv2d_bwd_weight_col, conv2d_fwd, conv2d_fwd_col,
+    needs_im2col,
+};
+pub use im2col::{col2im, im2col, Conv2dGeom};
+pub use linear::{linear_bwd_bias, linear_bwd_input, linear_bwd_weight, linear_fwd};
+pub use pool::{
+    global_avg_pool_bwd, global_avg_pool_fwd, max_pool2d_bwd, max_pool2d_fwd, MaxPool2dGeom,
+};

@@ -1,0 +1,285 @@
+//! Batch normalisation over CNHW activations (one contiguous row of `N*H*W` values per
+//! channel), PyTorch semantics: training mode normalises with the batch mean and biased
+//! variance and reports them so the caller can update running statistics (momentum 0.1, with
+//! the unbiased variance); evaluation mode uses running statistics. Optionally fused with a
+//! following ReLU in the forward and backward passes (saves one full pass over memory each).
+
+use rayon::prelude::*;
+
+use crate::util::{simd_dispatch, sum_lanes, LANES};
+
+/// PyTorch's default `eps`.
+pub const BN_EPS: f32 = 1e-5;
+/// PyTorch's default running-statistics momentum.
+pub const BN_MOMENTUM: f32 = 0.1;
+
+/// Per-channel batch statistics from a training-mode forward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BnBatchStats {
+    /// Batch mean per channel.
+    pub mean: Vec<f32>,
+    /// Biased (divide by `M = N*H*W`) batch variance per channel.
+    pub var: Vec<f32>,
+}
+
+simd_dispatch! {
+    fn row_mean_var(x: &[f32]) -> (f32, f32) {
+        let m = x.len() as f32;
+        let mean = sum_lanes(x) / m;
+        let mut acc = [0.0f32; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                let d = c[l] - mean;
+                acc[l] += d * d;
+            }
+        }
+        let mut s: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+        for a in acc {
+            s += a;
+        }
+        (mean, s / m)
+    }
+}
+
+simd_dispatch! {
+    fn row_affine(x: &[f32], a: f32, b: f32, relu: bool, y: &mut [f32]) {
+        if relu {
+            for (yv, xv) in y.iter_mut().zip(x) {
+                *yv = (xv * a + b).max(0.0);
+            }
+        } else {
+            for (yv, xv) in y.iter_mut().zip(x) {
+                *yv = xv * a + b;
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `(sum g, sum g*(x-mean))` with `g = dy` masked by `y > 0` when `y` is given.
+    fn row_bwd_sums(x: &[f32], dy: &[f32], y: Option<&[f32]>, mean: f32) -> (f32, f32) {
+        let mut s0 = [0.0f32; LANES];
+        let mut s1 = [0.0f32; LANES];
+        let n = x.len() / LANES * LANES;
+        match y {
+            Some(y) => {
+                for ((xc, dc), yc) in x[..n]
+                    .chunks_exact(LANES)
+                    .zip(dy[..n].chunks_exact(LANES))
+                    .zip(y[..n].chunks_exact(LANES))
+                {
+                    for l in 0..LANES {
+                        let g = if yc[l] > 0.0 { dc[l] } else { 0.0 };
+                        s0[l] += g;
+                        s1[l] += g * (xc[l] - mean);
+                    }
+                }
+            }
+            None => {
+                for (xc, dc) in x[..n].chunks_exact(LANES).zip(dy[..n].chunks_exact(LANES)) {
+                    for l in 0..LANES {
+                        s0[l] += dc[l];
+                        s1[l] += dc[l] * (xc[l] - mean);
+                    }
+                }
+            }
+        }
+        let (mut t0, mut t1) = (0.0f32, 0.0f32);
+        for idx in n..x.len() {
+            let g = match y {
+                Some(y) if y[idx] <= 0.0 => 0.0,
+                _ => dy[idx],
+            };
+            t0 += g;
+            t1 += g * (x[idx] - mean);
+        }
+        for l in 0..LANES {
+            t0 += s0[l];
+            t1 += s1[l];
+        }
+        (t0, t1)
+    }
+}
+
+simd_dispatch! {
+    /// `dx = a*g + b1*(x - mean) + b0`, `g` = `dy` masked by `y > 0` when `y` is given.
+    fn row_bwd_dx(x: &[f32], dy: &[f32], y: Option<&[f32]>, coef: [f32; 4], dx: &mut [f32]) {
+        let [a, b0, b1, mean] = coef;
+        match y {
+            Some(y) => {
+                for (((d, xv), gv), yv) in dx.iter_mut().zip(x).zip(dy).zip(y) {
+                    let g = if *yv > 0.0 { *gv } else { 0.0 };
+                    *d = a * g + b1 * (xv - mean) + b0;
+                }
+            }
+            None => {
+                for ((d, xv), gv) in dx.iter_mut().zip(x).zip(dy) {
+                    *d = a * gv + b1 * (xv - mean) + b0;
+                }
+            }
+        }
+    }
+}
+
+fn row_len(x_len: usize, c: usize, what: &str) -> usize {
+    assert!(c > 0, "{what}: zero channels");
+    assert_eq!(
+        x_len % c,
+        0,
+        "{what}: length {x_len} is not a multiple of {c} channels"
+    );
+    x_len / c
+}
+
+/// Training-mode forward: `y = gamma * (x - mean) / sqrt(var + eps) + beta` per channel, then
+/// `max(0, .)` if `relu`. `x`, `y`: CNHW with `gamma.len()` channels; `y` overwritten. Returns
+/// the batch mean and biased variance.
+pub fn batch_norm_train_fwd(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    relu: bool,
+    y: &mut [f32],
+) -> BnBatchStats {
+    let c = gamma.len();
+    let m = row_len(x.len(), c, "batch_norm_train_fwd");
+    assert_eq!(beta.len(), c, "batch_norm_train_fwd: beta length");
+    assert_eq!(y.len(), x.len(), "batch_norm_train_fwd: y length");
+    let stats: Vec<(f32, f32)> = if m == 0 {
+        vec![(0.0, 0.0); c]
+    } else {
+        y.par_chunks_mut(m)
+            .zip(x.par_chunks(m))
+            .enumerate()
+            .map(|(ch, (yr, xr))| {
+                let (mean, var) = row_mean_var(xr);
+                let a = gamma[ch] / (var + eps).sqrt();
+                row_affine(xr, a, beta[ch] - mean * a, relu, yr);
+                (mean, var)
+            })
+            .collect()
+    };
+    BnBatchStats {
+        mean: stats.iter().map(|s| s.0).collect(),
+        var: stats.iter().map(|s| s.1).collect(),
+    }
+}
+
+/// `y = max?(0, x * scale[c] + shift[c])` per channel of CNHW `x` (`y` overwritten).
+pub fn channel_affine(x: &[f32], scale: &[f32], shift: &[f32], relu: bool, y: &mut [f32]) {
+    let c = scale.len();
+    let m = row_len(x.len(), c, "channel_affine");
+    assert_eq!(shift.len(), c, "channel_affine: shift length");
+    assert_eq!(y.len(), x.len(), "channel_affine: y length");
+    if m == 0 {
+        return;
+    }
+    y.par_chunks_mut(m)
+        .zip(x.par_chunks(m))
+        .enumerate()
+        .for_each(|(ch, (yr, xr))| row_affine(xr, scale[ch], shift[ch], relu, yr));
+}
+
+/// Evaluation-mode forward with running statistics:
+/// `y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta` (`y` overwritten).
+pub fn batch_norm_eval(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) {
+    let c = gamma.len();
+    assert!(
+        beta.len() == c && running_mean.len() == c && running_var.len() == c,
+        "batch_norm_eval: per-channel parameter lengths differ"
+    );
+    let scale: Vec<f32> = (0..c)
+        .map(|i| gamma[i] / (running_var[i] + eps).sqrt())
+        .collect();
+    let shift: Vec<f32> = (0..c)
+        .map(|i| beta[i] - running_mean[i] * scale[i])
+        .collect();
+    channel_affine(x, &scale, &shift, false, y);
+}
+
+/// Backward of [`batch_norm_train_fwd`]. `relu_out` is the forward output `y` when the forward
+/// fused a ReLU (its `y > 0` mask gates `dy`), `None` otherwise. Writes `dx` (overwritten) and
+/// returns `(dgamma, dbeta)`.
+pub fn batch_norm_bwd(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    stats: &BnBatchStats,
+    eps: f32,
+    relu_out: Option<&[f32]>,
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let c = gamma.len();
+    let m = row_len(x.len(), c, "batch_norm_bwd");
+    assert_eq!(dy.len(), x.len(), "batch_norm_bwd: dy length");
+    assert_eq!(dx.len(), x.len(), "batch_norm_bwd: dx length");
+    assert!(
+        stats.mean.len() == c && stats.var.len() == c,
+        "batch_norm_bwd: statistics length"
+    );
+    if let Some(y) = relu_out {
+        assert_eq!(y.len(), x.len(), "batch_norm_bwd: relu output length");
+    }
+    if m == 0 {
+        return (vec![0.0; c], vec![0.0; c]);
+    }
+    let mf = m as f32;
+    let grads: Vec<(f32, f32)> = dx
+        .par_chunks_mut(m)
+        .enumerate()
+        .map(|(ch, dxr)| {
+            let r = ch * m..(ch + 1) * m;
+            let (xr, dyr) = (&x[r.clone()], &dy[r.clone()]);
+            let yr = relu_out.map(|y| &y[r]);
+            let mean = stats.mean[ch];
+            let invstd = 1.0 / (stats.var[ch] + eps).sqrt();
+            let (sg, sgx) = row_bwd_sums(xr, dyr, yr, mean);
+            let a = gamma[ch] * invstd;
+            let b0 = -a * sg / mf;
+            let b1 = -a * invstd * invstd * sgx / mf;
+            row_bwd_dx(xr, dyr, yr, [a, b0, b1, mean], dxr);
+            (sgx * invstd, sg)
+        })
+        .collect();
+    (
+        grads.iter().map(|g| g.0).collect(),
+        grads.iter().map(|g| g.1).collect(),
+    )
+}
+
+/// PyTorch's running-statistics update after a training step over `m = N*H*W` values per
+/// channel: `running = (1 - momentum) * running + momentum * batch`, using the unbiased
+/// variance `var * m / (m - 1)` (the biased one when `m == 1`).
+pub fn update_running_stats(
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    stats: &BnBatchStats,
+    m: usize,
+    momentum: f32,
+) {
+    assert!(
+        running_mean.len() == stats.mean.len() && running_var.len() == stats.var.len(),
+        "update_running_stats: channel counts differ"
+    );
+    let unbias = if m > 1 {
+        m as f32 / (m as f32 - 1.0)
+    } else {
+        1.0
+    };
+    for (r, b) in running_mean.iter_mut().zip(&stats.mean) {
+        *r = (1.0 - momentum) * *r + momentum * b;
+    }
+    for (r, b) in running_var.iter_mut().zip(&stats.var) {
+        *r = (1.0 - momentum) * *r + momentum * b * unbias;
+    }
+}

@@ -1,0 +1,173 @@
+//! Pooling on CNHW activations: global average pooling (CNHW `[C,N,H,W]` -> `[N,C]`, the
+//! hand-off from convolutional layers to the classifier) and 2-D max pooling with argmax
+//! indices for the backward pass.
+
+use rayon::prelude::*;
+
+use crate::im2col::out_len;
+use crate::util::sum_lanes;
+
+/// Global average pooling: `out[n][c] = mean_{h,w} x[c][n][h][w]` for CNHW `x` with `c`
+/// channels and batch `n` (`out` has `n*c` elements, overwritten).
+pub fn global_avg_pool_fwd(x: &[f32], c: usize, n: usize, out: &mut [f32]) {
+    assert_eq!(out.len(), n * c, "global_avg_pool_fwd: out length");
+    if n * c == 0 {
+        return;
+    }
+    assert_eq!(x.len() % (n * c), 0, "global_avg_pool_fwd: x length");
+    let hw = x.len() / (n * c);
+    if hw == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let means: Vec<f32> = x
+        .par_chunks(hw)
+        .map(|plane| sum_lanes(plane) / hw as f32)
+        .collect();
+    for ch in 0..c {
+        for b in 0..n {
+            out[b * c + ch] = means[ch * n + b];
+        }
+    }
+}
+
+/// Backward of [`global_avg_pool_fwd`]: `dx[c][n][h][w] = dout[n][c] / (H*W)` (`dx`, of
+/// `c*n*hw` elements, overwritten).
+pub fn global_avg_pool_bwd(dout: &[f32], c: usize, n: usize, hw: usize, dx: &mut [f32]) {
+    assert_eq!(dout.len(), n * c, "global_avg_pool_bwd: dout length");
+    assert_eq!(dx.len(), c * n * hw, "global_avg_pool_bwd: dx length");
+    if hw == 0 {
+        return;
+    }
+    let inv = 1.0 / hw as f32;
+    dx.par_chunks_mut(hw).enumerate().for_each(|(plane, d)| {
+        let (ch, b) = (plane / n, plane % n);
+        d.fill(dout[b * c + ch] * inv);
+    });
+}
+
+/// Shape of a 2-D max pooling over CNHW `[c, n, h, w]`: square window `k`, `stride`, implicit
+/// `-inf` padding `pad` (PyTorch requires `pad <= k / 2`, which guarantees every window sees
+/// at least one real pixel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaxPool2dGeom {
+    pub c: usize,
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl MaxPool2dGeom {
+    /// Output height.
+    pub fn oh(&self) -> usize {
+        out_len(self.h, self.k, self.stride, self.pad)
+    }
+    /// Output width.
+    pub fn ow(&self) -> usize {
+        out_len(self.w, self.k, self.stride, self.pad)
+    }
+    /// Elements of the input.
+    pub fn x_len(&self) -> usize {
+        self.c * self.n * self.h * self.w
+    }
+    /// Elements of the output `[c, n, oh, ow]`.
+    pub fn out_len(&self) -> usize {
+        self.c * self.n * self.oh() * self.ow()
+    }
+    /// Checks the geometry (window >= 1, stride >= 1, `pad <= k/2`, window fits).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.k == 0 || self.stride == 0 {
+            return Err("max pooling needs kernel size and stride of at least 1".into());
+        }
+        if 2 * self.pad > self.k {
+            return Err(format!(
+                "max pooling padding {} exceeds half the kernel size {}",
+                self.pad, self.k
+            ));
+        }
+        if self.h + 2 * self.pad < self.k || self.w + 2 * self.pad < self.k {
+            return Err(format!(
+                "max pooling window {} does not fit input {}x{} with padding {}",
+                self.k, self.h, self.w, self.pad
+            ));
+        }
+        if self.h * self.w > u32::MAX as usize {
+            return Err("max pooling plane too large for 32-bit indices".into());
+        }
+        Ok(())
+    }
+}
+
+/// Max pooling forward: `out[c][n][oy][ox]` = maximum of the window, `idx` = its position
+/// `iy*w + ix` within the `(c, n)` input plane (first maximum in row-major window order; NaN
+/// propagates). Both overwritten, `g.out_len()` elements each.
+pub fn max_pool2d_fwd(x: &[f32], g: &MaxPool2dGeom, out: &mut [f32], idx: &mut [u32]) {
+    assert!(
+        g.validate().is_ok(),
+        "max_pool2d_fwd: invalid geometry {g:?}"
+    );
+    assert_eq!(x.len(), g.x_len(), "max_pool2d_fwd: x length");
+    assert_eq!(out.len(), g.out_len(), "max_pool2d_fwd: out length");
+    assert_eq!(idx.len(), g.out_len(), "max_pool2d_fwd: idx length");
+    let (oh, ow) = (g.oh(), g.ow());
+    let (plane, oplane) = (g.h * g.w, oh * ow);
+    if oplane == 0 {
+        return;
+    }
+    out.par_chunks_mut(oplane)
+        .zip(idx.par_chunks_mut(oplane))
+        .enumerate()
+        .for_each(|(pl, (o, id))| {
+            let src = &x[pl * plane..(pl + 1) * plane];
+            for oy in 0..oh {
+                let y0 = (oy * g.stride).saturating_sub(g.pad);
+                let y1 = (oy * g.stride + g.k - g.pad).min(g.h);
+                for ox in 0..ow {
+                    let x0 = (ox * g.stride).saturating_sub(g.pad);
+                    let x1 = (ox * g.stride + g.k - g.pad).min(g.w);
+                    let mut best = f32::NEG_INFINITY;
+                    let mut arg = y0 * g.w + x0;
+                    'win: for iy in y0..y1 {
+                        for ix in x0..x1 {
+                            let v = src[iy * g.w + ix];
+                            if v > best || v.is_nan() {
+                                best = v;
+                                arg = iy * g.w + ix;
+                                if v.is_nan() {
+                                    break 'win;
+                                }
+                            }
+                        }
+                    }
+                    o[oy * ow + ox] = best;
+                    id[oy * ow + ox] = arg as u32;
+                }
+            }
+        });
+}
+
+/// Max pooling backward: `dx` (overwritten) receives each `dout` entry at the argmax recorded
+/// by [`max_pool2d_fwd`] (summed where windows overlap on the same maximum).
+pub fn max_pool2d_bwd(dout: &[f32], idx: &[u32], g: &MaxPool2dGeom, dx: &mut [f32]) {
+    assert_eq!(dout.len(), g.out_len(), "max_pool2d_bwd: dout length");
+    assert_eq!(idx.len(), g.out_len(), "max_pool2d_bwd: idx length");
+    assert_eq!(dx.len(), g.x_len(), "max_pool2d_bwd: dx length");
+    let (plane, oplane) = (g.h * g.w, g.oh() * g.ow());
+    if plane == 0 {
+        return;
+    }
+    dx.par_chunks_mut(plane).enumerate().for_each(|(pl, d)| {
+        d.fill(0.0);
+        if oplane == 0 {
+            return;
+        }
+        let o = &dout[pl * oplane..(pl + 1) * oplane];
+        let id = &idx[pl * oplane..(pl + 1) * oplane];
+        for (v, &i) in o.iter().zip(id) {
+            d[i as usize] += *v;
+        }
+    });
+}

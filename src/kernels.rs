@@ -1,1 +1,0 @@
-//! Candle glue for the kernels in `rest-kernels` (being written).

@@ -1,0 +1,77 @@
+//! Candle autograd glue for the CPU kernels of `rest-kernels`: convolution, batch norm (+ fused
+//! ReLU), pooling and linear layers as candle custom ops on **CNHW** activations, each with a
+//! backward pass computed by the same kernels.
+//!
+//! Tensors must be `f32` on the CPU device; non-contiguous inputs are made contiguous first.
+//! Backward passes return plain tensors (no second derivatives) and skip the gradients of
+//! arguments that do not track gradients (e.g. the input images of the first convolution).
+
+mod conv;
+mod linear;
+mod norm;
+mod pool;
+
+pub use conv::conv2d_cnhw;
+pub use linear::linear;
+pub use norm::{batch_norm_cnhw_eval, batch_norm_cnhw_train};
+pub use pool::{global_avg_pool_cnhw, max_pool2d_cnhw};
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+
+/// Checks that `t` is an `f32` tensor on the CPU with `rank` dimensions and returns a
+/// contiguous version of it. `what` names the argument in error messages.
+fn prepare(t: &Tensor, rank: usize, what: &str) -> Result<Tensor> {
+    if !t.device().is_cpu() {
+        bail!(
+            "{what}: the rest CPU kernels need tensors on the CPU device, got {:?}; move it \
+             with `.to_device(&Device::Cpu)`",
+            t.device().location()
+        );
+    }
+    if t.dtype() != DType::F32 {
+        bail!(
+            "{what}: the rest CPU kernels need f32 tensors, got {:?}; convert with \
+             `.to_dtype(DType::F32)`",
+            t.dtype()
+        );
+    }
+    if t.rank() != rank {
+        bail!(
+            "{what}: expected a rank-{rank} tensor, got shape {:?}",
+            t.dims()
+        );
+    }
+    Ok(t.contiguous()?)
+}
+
+/// The contiguous `f32` slice a custom op's CPU forward receives.
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{op}: expected f32 storage"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// Runs `f` on the contiguous `f32` data of `t` (copying only if `t` is strided).
+fn with_f32<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(cpu_slice(s, layout, op)?),
+        _ => candle_core::bail!("{op}: expected a CPU tensor"),
+    }
+}
+
+/// Whether any tensor in `ts` takes part in gradient tracking.
+fn any_tracked(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
