@@ -205,7 +205,7 @@ impl SparseEngine {
     /// dense.
     pub fn is_update_step(&self, step: usize) -> bool {
         step > 0
-            && step % self.update_frequency == 0
+            && step.is_multiple_of(self.update_frequency)
             && step < self.cfg.total_steps
             && !self.all_dense()
     }
