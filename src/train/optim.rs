@@ -38,10 +38,12 @@ impl Sgd {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let w = p.var.as_tensor();
-            let mut g = g.clone();
+            // Detached: the gradient's autograd history must not be chained through the
+            // momentum buffer across steps (that would keep every step's graph alive).
+            let w = p.var.as_tensor().detach();
+            let mut g = g.detach();
             if self.weight_decay != 0.0 {
-                g = (g + (w * self.weight_decay)?)?;
+                g = (g + (&w * self.weight_decay)?)?;
             }
             let d = if self.momentum != 0.0 {
                 let nb = match buf.take() {
@@ -54,7 +56,7 @@ impl Sgd {
                 g
             };
             p.var
-                .set(&(w - (d * self.lr)?)?)
+                .set(&(&w - (d * self.lr)?)?)
                 .with_context(|| format!("updating {}", p.name))?;
         }
         Ok(())
