@@ -1,7 +1,7 @@
 //! The command-line interface: clap definitions and the merge of `--config FILE` with flags
 //! into one `TrainConfig` (defaults < config file < flags). `main.rs` only dispatches.
 
-use crate::config::{ModelKind, ReweightMode, TrainConfig};
+use crate::config::{KernelMode, ModelKind, ReweightMode, TrainConfig};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -107,6 +107,10 @@ pub struct TrainArgs {
     /// ERK power scale.
     #[arg(long, value_name = "P")]
     pub erk_power_scale: Option<f64>,
+    /// Kernels for sparse layers: auto (sparse at layer density <= 0.3), dense (masked dense
+    /// weights, like public DST code) or sparse.
+    #[arg(long, value_enum)]
+    pub kernels: Option<KernelMode>,
     /// Run directory (default runs/<timestamp>-<config>/).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -154,7 +158,8 @@ impl TrainArgs {
             seed,
             update_frequency,
             prune_rate,
-            erk_power_scale
+            erk_power_scale,
+            kernels
         );
         if let Some(u) = self.upweight {
             cfg.upweight = Some(u);

@@ -10,11 +10,13 @@ mod conv;
 mod linear;
 mod norm;
 mod pool;
+mod sparse;
 
 pub use conv::conv2d_cnhw;
 pub use linear::linear;
 pub use norm::{batch_norm_cnhw_eval, batch_norm_cnhw_train};
 pub use pool::{global_avg_pool_cnhw, max_pool2d_cnhw};
+pub use sparse::{sparse_conv2d_cnhw, sparse_linear, SparseWeight};
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};

@@ -48,11 +48,12 @@ impl Cnn {
 
 impl Model for Cnn {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = x.clone();
+        // NCHW images -> CNHW, the layout of every conv/BN/pool kernel.
+        let mut h = x.permute((1, 0, 2, 3))?.contiguous()?;
         for (conv, bn) in self.convs.iter().zip(&self.bns) {
-            h = bn.forward(&conv.forward(&h)?, train)?.relu()?;
+            h = bn.forward(&conv.forward(&h)?, train, true)?;
         }
-        let pooled = h.mean((2, 3))?;
+        let pooled = crate::kernels::global_avg_pool_cnhw(&h)?;
         self.fc.forward(&pooled)
     }
 

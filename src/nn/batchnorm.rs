@@ -1,4 +1,4 @@
-//! 2-D batch normalisation with PyTorch semantics: in training, normalise with the batch mean
+//! 2-D batch normalisation on CNHW activations (optionally fused with ReLU), PyTorch semantics: in training, normalise with the batch mean
 //! and biased variance and update running statistics (momentum 0.1, unbiased variance); in
 //! evaluation, use the running statistics.
 
@@ -31,28 +31,26 @@ impl BatchNorm2d {
         })
     }
 
-    /// `x` is NCHW.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let c = x.dim(1)?;
-        let (mean, var) = if train {
-            let n = (x.elem_count() / c) as f64;
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
-            // Running statistics (outside the autograd graph).
+    /// `x` is CNHW; `relu` fuses a ReLU after the affine transform.
+    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let (g, b) = (self.gamma.as_tensor(), self.beta.as_tensor());
+        if train {
+            let (y, mean, var) = crate::kernels::batch_norm_cnhw_train(x, g, b, self.eps, relu)?;
+            // Running statistics (outside the autograd graph), unbiased variance.
+            let n = (x.elem_count() / x.dim(0)?) as f64;
             let m = self.momentum;
-            let unbiased = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
+            let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?;
             let mut rm = self
                 .running_mean
                 .lock()
                 .map_err(|_| anyhow::anyhow!("poisoned lock"))?;
-            *rm = ((&*rm * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+            *rm = ((&*rm * (1.0 - m))? + (mean.detach() * m)?)?;
             let mut rv = self
                 .running_var
                 .lock()
                 .map_err(|_| anyhow::anyhow!("poisoned lock"))?;
             *rv = ((&*rv * (1.0 - m))? + (unbiased * m)?)?;
-            (mean, var)
+            Ok(y)
         } else {
             let rm = self
                 .running_mean
@@ -64,14 +62,8 @@ impl BatchNorm2d {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("poisoned lock"))?
                 .clone();
-            (rm.reshape((1, c, 1, 1))?, rv.reshape((1, c, 1, 1))?)
-        };
-        let xn = x
-            .broadcast_sub(&mean)?
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let g = self.gamma.as_tensor().reshape((1, c, 1, 1))?;
-        let b = self.beta.as_tensor().reshape((1, c, 1, 1))?;
-        Ok(xn.broadcast_mul(&g)?.broadcast_add(&b)?)
+            crate::kernels::batch_norm_cnhw_eval(x, g, b, &rm, &rv, self.eps, relu)
+        }
     }
 
     pub fn params(&self) -> Vec<Param> {
@@ -80,11 +72,13 @@ impl BatchNorm2d {
                 name: format!("{}.weight", self.name),
                 var: self.gamma.clone(),
                 kind: ParamKind::Other,
+                slot: None,
             },
             Param {
                 name: format!("{}.bias", self.name),
                 var: self.beta.clone(),
                 kind: ParamKind::Other,
+                slot: None,
             },
         ]
     }

@@ -1,6 +1,8 @@
-//! 2-D convolution layer (NCHW activations, PyTorch weight layout [out, in, kh, kw]).
+//! 2-D convolution layer on CNHW activations (`[C, N, H, W]`), PyTorch weight layout
+//! `[out, in, kh, kw]`; dense or sparse kernel depending on the layer's sparse slot.
 
-use super::{init, Param, ParamKind};
+use super::{init, slot_weight, Param, ParamKind, SparseSlot};
+use crate::kernels;
 use crate::util::Rng;
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
@@ -12,6 +14,7 @@ pub struct Conv2d {
     pub bias: Option<Var>,
     pub stride: usize,
     pub padding: usize,
+    pub slot: SparseSlot,
 }
 
 impl Conv2d {
@@ -46,13 +49,19 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            slot: Default::default(),
         })
     }
 
+    /// `x` is CNHW; returns CNHW.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(self.weight.as_tensor(), self.padding, self.stride, 1, 1)?;
+        let w = self.weight.as_tensor();
+        let y = match slot_weight(&self.slot) {
+            Some(sw) => kernels::sparse_conv2d_cnhw(x, w, self.stride, self.padding, &sw)?,
+            None => kernels::conv2d_cnhw(x, w, self.stride, self.padding)?,
+        };
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?,
+            Some(b) => y.broadcast_add(&b.as_tensor().reshape(((), 1, 1, 1))?)?,
             None => y,
         })
     }
@@ -62,12 +71,14 @@ impl Conv2d {
             name: format!("{}.weight", self.name),
             var: self.weight.clone(),
             kind: ParamKind::Weight,
+            slot: Some(self.slot.clone()),
         }];
         if let Some(b) = &self.bias {
             p.push(Param {
                 name: format!("{}.bias", self.name),
                 var: b.clone(),
                 kind: ParamKind::Other,
+                slot: None,
             });
         }
         p

@@ -1,6 +1,8 @@
-//! Fully connected layer: y = x W^T + b, weight [out, in] as in PyTorch.
+//! Fully connected layer: y = x W^T + b, weight [out, in] as in PyTorch; dense or sparse
+//! kernel depending on the layer's sparse slot.
 
-use super::{init, Param, ParamKind};
+use super::{init, slot_weight, Param, ParamKind, SparseSlot};
+use crate::kernels;
 use crate::util::Rng;
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
@@ -10,6 +12,7 @@ pub struct Linear {
     pub name: String,
     pub weight: Var,
     pub bias: Option<Var>,
+    pub slot: SparseSlot,
 }
 
 impl Linear {
@@ -32,15 +35,23 @@ impl Linear {
             name: name.to_string(),
             weight,
             bias,
+            slot: Default::default(),
         })
     }
 
+    /// `x` is `[N, in]`; returns `[N, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.as_tensor().t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor())?,
-            None => y,
-        })
+        let w = self.weight.as_tensor();
+        match slot_weight(&self.slot) {
+            Some(sw) => {
+                let y = kernels::sparse_linear(x, w, &sw)?;
+                Ok(match &self.bias {
+                    Some(b) => y.broadcast_add(b.as_tensor())?,
+                    None => y,
+                })
+            }
+            None => kernels::linear(x, w, self.bias.as_ref().map(|b| b.as_tensor())),
+        }
     }
 
     pub fn params(&self) -> Vec<Param> {
@@ -48,12 +59,14 @@ impl Linear {
             name: format!("{}.weight", self.name),
             var: self.weight.clone(),
             kind: ParamKind::Weight,
+            slot: Some(self.slot.clone()),
         }];
         if let Some(b) = &self.bias {
             p.push(Param {
                 name: format!("{}.bias", self.name),
                 var: b.clone(),
                 kind: ParamKind::Other,
+                slot: None,
             });
         }
         p

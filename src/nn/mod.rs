@@ -1,7 +1,7 @@
 //! Neural-network layers: one small file per layer, each owning its parameters as candle
-//! `Var`s. Models are built only from these types, so the compute behind a layer (candle's
-//! ops today, our own dense/sparse kernels from `crate::kernels`) can change without touching
-//! the models.
+//! `Var`s and running on our own CPU kernels (`crate::kernels`): dense, or sparse when the
+//! training loop puts a compact weight in the layer's `SparseSlot`. Conv, BatchNorm and
+//! pooling layers take and return CNHW activations.
 
 pub mod batchnorm;
 pub mod conv2d;
@@ -12,7 +12,18 @@ pub use batchnorm::BatchNorm2d;
 pub use conv2d::Conv2d;
 pub use linear::Linear;
 
+use crate::kernels::SparseWeight;
 use candle_core::{Tensor, Var};
+use std::sync::{Arc, Mutex};
+
+/// Where a layer looks for the compact (sparse-kernel) form of its weight: `None` runs the
+/// dense kernel. The training loop fills it after every mask change.
+pub type SparseSlot = Arc<Mutex<Option<Arc<SparseWeight>>>>;
+
+/// The sparse weight currently in `slot`, if any.
+pub fn slot_weight(slot: &SparseSlot) -> Option<Arc<SparseWeight>> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
 
 /// What a parameter is, which decides whether the sparse engine masks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +40,8 @@ pub struct Param {
     pub name: String,
     pub var: Var,
     pub kind: ParamKind,
+    /// For conv/linear weights: the layer's sparse-kernel slot.
+    pub slot: Option<SparseSlot>,
 }
 
 /// A named non-trainable state tensor (BatchNorm running statistics).

@@ -92,6 +92,7 @@ mod tests {
             name: "w".into(),
             var: w.clone(),
             kind: ParamKind::Weight,
+            slot: None,
         };
         let mut opt = Sgd::new(vec![p], 0.1, 0.9, 0.01);
         let mut expect = [1.0f64, -2.0];

@@ -13,6 +13,7 @@ use super::select::{SelectRule, Selector};
 use crate::config::{ReweightMode, TrainConfig};
 use crate::data::sampler::{group_weights, shuffled, WeightedSampler};
 use crate::data::{GroupDataset, Split};
+use crate::kernels::SparseWeight;
 use crate::models::{self, Model};
 use crate::nn::{Buffer, Param};
 use crate::sparse::{LayerShape, SparseConfig, SparseEngine};
@@ -146,6 +147,45 @@ fn mask_tensors(engine: &SparseEngine, weights: &[Param], dev: &Device) -> Resul
         .collect()
 }
 
+/// Puts the compact form of each masked weight into its layer's sparse slot when the kernel
+/// mode picks the sparse kernel for that layer's density (else clears the slot). Returns, per
+/// weight, whether it runs sparse.
+fn install_sparse_kernels(
+    engine: &SparseEngine,
+    weights: &[Param],
+    mode: crate::config::KernelMode,
+) -> Result<Vec<bool>> {
+    let densities = engine.densities();
+    let mut on = Vec::with_capacity(weights.len());
+    for (l, p) in weights.iter().enumerate() {
+        let Some(slot) = &p.slot else {
+            on.push(false);
+            continue;
+        };
+        let sparse = mode.sparse_for(densities[l]);
+        let new = if sparse {
+            let rows = p.var.dims()[0];
+            let cols = p.var.elem_count() / rows.max(1);
+            let w = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            Some(SparseWeight::new(&w, engine.mask(l), rows, cols)?)
+        } else {
+            None
+        };
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = new;
+        on.push(sparse);
+    }
+    Ok(on)
+}
+
+/// Asks every installed sparse weight for (or stops asking for) the dense gradient.
+fn set_dense_grad(weights: &[Param], on: bool) {
+    for p in weights {
+        if let Some(sw) = p.slot.as_ref().and_then(crate::nn::slot_weight) {
+            sw.set_dense_grad(on);
+        }
+    }
+}
+
 /// Runs a complete REST training run as configured; writes the run directory.
 pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     cfg.validate()?;
@@ -203,12 +243,24 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     } else {
         None
     };
+    let mut on_sparse = vec![false; weights.len()];
     let mut masks = match &engine {
         Some(e) => {
             let m = mask_tensors(e, &weights, &dev)?;
             for (p, mk) in weights.iter().zip(&m) {
                 p.var.set(&p.var.as_tensor().mul(mk)?)?;
             }
+            on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
+            info!(
+                "kernels ({:?}): {}",
+                cfg.kernels,
+                weights
+                    .iter()
+                    .zip(&on_sparse)
+                    .map(|(p, s)| format!("{} {}", p.name, if *s { "sparse" } else { "dense" }))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             info!(
                 "sparse training at density {:.4}: per-layer {}; mask update every {} steps",
                 e.total_density(),
@@ -275,6 +327,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
             let x = batch_tensor(&ds.train, idx, &mut buf, &dev)?;
             let y: Vec<u32> = idx.iter().map(|&i| ds.train.labels[i]).collect();
             let yt = Tensor::new(y.as_slice(), &dev)?;
+            let update_now = engine.as_ref().is_some_and(|e| e.is_update_step(step + 1));
+            if update_now {
+                set_dense_grad(&weights, true);
+            }
             let logits = model.forward(&x, true)?;
             let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let nll = logp.gather(&yt.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
@@ -302,6 +358,14 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
 
             if let Some(e) = engine.as_mut() {
                 if e.is_update_step(step) {
+                    // Zero the momentum of every position inactive before this update, so a
+                    // regrown weight starts from zero momentum (the dense gradient of this
+                    // step reached it).
+                    for (l, mk) in masks.iter().enumerate() {
+                        if weight_index[l] != usize::MAX {
+                            opt.mask_momentum(weight_index[l], mk)?;
+                        }
+                    }
                     let mut w_host: Vec<Vec<f32>> = weights
                         .iter()
                         .map(|p| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?))
@@ -318,6 +382,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
                         p.var.set(&Tensor::from_vec(w, p.var.shape(), &dev)?)?;
                     }
                     masks = mask_tensors(e, &weights, &dev)?;
+                    on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
                     mask_updates += 1;
                     last_prune_rate = stats.prune_rate;
                     tracing::debug!(
@@ -326,7 +391,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
                         stats.grown
                     );
                 }
+                // Layers on sparse kernels get zero gradient outside their pattern, so their
+                // masked weights and momentum stay zero by construction, except on update
+                // steps (dense gradient).
                 for (l, (p, mk)) in weights.iter().zip(&masks).enumerate() {
+                    if on_sparse[l] && !update_now {
+                        continue;
+                    }
                     p.var.set(&p.var.as_tensor().mul(mk)?)?;
                     if weight_index[l] != usize::MAX {
                         opt.mask_momentum(weight_index[l], mk)?;

@@ -1,0 +1,329 @@
+//! Sparse convolution and linear layers as candle custom ops: the weight is held compactly
+//! (CSR over output rows, with its transpose) and the compute scales with the number of
+//! active weights. Forward is sparse x dense; the input gradient runs through the transposed
+//! structure; the weight gradient is computed only at active positions (SDDMM), except when
+//! the layer is asked for the dense gradient (on mask-update steps, where RigL's growth needs
+//! it). The CSR pattern is rebuilt only when the mask changes; its values are refreshed from
+//! the dense weight tensor at every forward pass (O(nnz)).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, transpose, SparseMatrix};
+use rest_kernels::{col2im, conv2d_bwd_weight_col, im2col, linear_bwd_weight, Conv2dGeom};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{any_tracked, cpu_slice, prepare, with_f32};
+
+/// The compact weight of one layer, shared by the layer and the ops it creates.
+#[derive(Debug)]
+pub struct SparseWeight {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    matrix: SparseMatrix,
+    dense_grad: bool,
+}
+
+impl SparseWeight {
+    /// Builds the CSR structure of `weight` (`rows` output units x `cols` inputs, row-major)
+    /// restricted to `mask` (nonzero = active).
+    pub fn new(weight: &[f32], mask: &[f32], rows: usize, cols: usize) -> Result<Arc<Self>> {
+        let matrix = SparseMatrix::from_dense_masked(weight, mask, rows, cols)
+            .map_err(|e| anyhow::anyhow!("building the sparse weight: {}", e.message()))?;
+        Ok(Arc::new(Self {
+            state: Mutex::new(State {
+                matrix,
+                dense_grad: false,
+            }),
+        }))
+    }
+
+    /// Asks the next backward passes for the dense weight gradient (mask-update steps).
+    pub fn set_dense_grad(&self, on: bool) {
+        self.lock().dense_grad = on;
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.lock().matrix.nnz()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means another thread panicked mid-op; the CSR data is still
+        // structurally valid, so keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn kernel_err(e: rest_kernels::sparse::SparseError) -> candle_core::Error {
+    candle_core::Error::Msg(e.message().to_string())
+}
+
+struct SparseConvOp {
+    geom: Conv2dGeom,
+    weight: Arc<SparseWeight>,
+    /// The im2col matrix of the forward input, kept for the backward pass.
+    col: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp2 for SparseConvOp {
+    fn name(&self) -> &'static str {
+        "rest-sparse-conv2d-cnhw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = cpu_slice(s1, l1, self.name())?;
+        let w = cpu_slice(s2, l2, self.name())?;
+        let mut st = self.weight.lock();
+        st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
+        let mut col = vec![0.0f32; g.col_len()];
+        im2col(x, g, &mut col);
+        let mut out = vec![0.0f32; g.out_len()];
+        spmm(&st.matrix, &col, g.p(), &mut out).map_err(kernel_err)?;
+        drop(st);
+        *self.col.lock().unwrap_or_else(|e| e.into_inner()) = Some(col);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((g.oc, g.n, g.oh(), g.ow())),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &self.geom;
+        let st = self.weight.lock();
+        let col = self.col.lock().unwrap_or_else(|e| e.into_inner()).take();
+        with_f32(grad, self.name(), |dout| {
+            let dx = if x.track_op() {
+                let mut dcol = vec![0.0f32; g.col_len()];
+                spmm_t(&st.matrix, dout, g.p(), &mut dcol).map_err(kernel_err)?;
+                let mut dx = vec![0.0f32; g.x_len()];
+                col2im(&dcol, g, &mut dx);
+                Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+            } else {
+                None
+            };
+            let dw = if w.track_op() {
+                let col = match col {
+                    Some(c) => c,
+                    None => {
+                        let mut c = vec![0.0f32; g.col_len()];
+                        with_f32(x, self.name(), |xs| {
+                            im2col(xs, g, &mut c);
+                            Ok(())
+                        })?;
+                        c
+                    }
+                };
+                let mut dw = vec![0.0f32; g.w_len()];
+                if st.dense_grad {
+                    conv2d_bwd_weight_col(&col, dout, g, &mut dw);
+                } else {
+                    scatter_dense_grad(&st.matrix, dout, &col, g.p(), &mut dw)
+                        .map_err(kernel_err)?;
+                }
+                Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+            } else {
+                None
+            };
+            Ok((dx, dw))
+        })
+    }
+}
+
+/// Sparse convolution of a CNHW input `x` `[C, N, H, W]` with `w` `[OC, C, KH, KW]` whose
+/// active pattern is `weight`'s; returns `[OC, N, OH, OW]`. Differentiable in `x` and `w`
+/// (the gradient of `w` is zero outside the pattern unless the dense gradient was asked for).
+pub fn sparse_conv2d_cnhw(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    weight: &Arc<SparseWeight>,
+) -> Result<Tensor> {
+    let x = prepare(x, 4, "sparse_conv2d_cnhw input x [C, N, H, W]")?;
+    let w = prepare(w, 4, "sparse_conv2d_cnhw weight w [OC, C, KH, KW]")?;
+    let (c, n, h, wd) = x.dims4()?;
+    let (oc, ic, kh, kw) = w.dims4()?;
+    if ic != c {
+        bail!(
+            "sparse_conv2d_cnhw: weight {:?} expects {ic} input channels, x has {c}",
+            w.dims()
+        );
+    }
+    let geom = Conv2dGeom {
+        c,
+        n,
+        h,
+        w: wd,
+        oc,
+        kh,
+        kw,
+        stride,
+        pad,
+    };
+    geom.validate()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("sparse_conv2d_cnhw: x {:?}, w {:?}", x.dims(), w.dims()))?;
+    {
+        let st = weight.lock();
+        if st.matrix.rows() != oc || st.matrix.cols() != geom.k() {
+            bail!(
+                "sparse_conv2d_cnhw: the sparse pattern is {}x{}, the weight is {oc}x{}",
+                st.matrix.rows(),
+                st.matrix.cols(),
+                geom.k()
+            );
+        }
+    }
+    let op = SparseConvOp {
+        geom,
+        weight: weight.clone(),
+        col: Mutex::new(None),
+    };
+    Ok(if any_tracked(&[&x, &w]) {
+        x.apply_op2(&w, op)?
+    } else {
+        x.apply_op2_no_bwd(&w, &op)?
+    })
+}
+
+struct SparseLinearOp {
+    n: usize,
+    i: usize,
+    o: usize,
+    weight: Arc<SparseWeight>,
+}
+
+impl CustomOp2 for SparseLinearOp {
+    fn name(&self) -> &'static str {
+        "rest-sparse-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, i, o) = (self.n, self.i, self.o);
+        let x = cpu_slice(s1, l1, self.name())?;
+        let w = cpu_slice(s2, l2, self.name())?;
+        let mut st = self.weight.lock();
+        st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
+        let mut xt = vec![0.0f32; n * i];
+        transpose(x, n, i, &mut xt).map_err(kernel_err)?;
+        let mut yt = vec![0.0f32; o * n];
+        spmm(&st.matrix, &xt, n, &mut yt).map_err(kernel_err)?;
+        let mut y = vec![0.0f32; n * o];
+        transpose(&yt, o, n, &mut y).map_err(kernel_err)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, o))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, i, o) = (self.n, self.i, self.o);
+        let st = self.weight.lock();
+        with_f32(grad, self.name(), |dy| {
+            let mut dyt = vec![0.0f32; o * n];
+            transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
+            let dx = if x.track_op() {
+                let mut dxt = vec![0.0f32; i * n];
+                spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
+                let mut dx = vec![0.0f32; n * i];
+                transpose(&dxt, i, n, &mut dx).map_err(kernel_err)?;
+                Some(Tensor::from_vec(dx, (n, i), x.device())?)
+            } else {
+                None
+            };
+            let dw = if w.track_op() {
+                let mut dw = vec![0.0f32; o * i];
+                with_f32(x, self.name(), |xs| {
+                    if st.dense_grad {
+                        linear_bwd_weight(dy, xs, n, i, o, &mut dw);
+                    } else {
+                        let mut xt = vec![0.0f32; n * i];
+                        transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
+                        scatter_dense_grad(&st.matrix, &dyt, &xt, n, &mut dw)
+                            .map_err(kernel_err)?;
+                    }
+                    Ok(())
+                })?;
+                Some(Tensor::from_vec(dw, (o, i), w.device())?)
+            } else {
+                None
+            };
+            Ok((dx, dw))
+        })
+    }
+}
+
+/// Sparse `y = x W^T` for `x` `[N, I]`, `w` `[O, I]` with `weight`'s pattern (no bias: add
+/// it outside). Differentiable in `x` and `w`.
+pub fn sparse_linear(x: &Tensor, w: &Tensor, weight: &Arc<SparseWeight>) -> Result<Tensor> {
+    let x = prepare(x, 2, "sparse_linear input x [N, I]")?;
+    let w = prepare(w, 2, "sparse_linear weight w [O, I]")?;
+    let (n, i) = x.dims2()?;
+    let (o, wi) = w.dims2()?;
+    if wi != i {
+        bail!(
+            "sparse_linear: weight {:?} expects {wi} inputs, x {:?} has {i}",
+            w.dims(),
+            x.dims()
+        );
+    }
+    {
+        let st = weight.lock();
+        if st.matrix.rows() != o || st.matrix.cols() != i {
+            bail!(
+                "sparse_linear: the sparse pattern is {}x{}, the weight is {o}x{i}",
+                st.matrix.rows(),
+                st.matrix.cols()
+            );
+        }
+    }
+    let op = SparseLinearOp {
+        n,
+        i,
+        o,
+        weight: weight.clone(),
+    };
+    Ok(if any_tracked(&[&x, &w]) {
+        x.apply_op2(&w, op)?
+    } else {
+        x.apply_op2_no_bwd(&w, &op)?
+    })
+}
+
+/// The weight gradient at the active positions (SDDMM), scattered into a dense buffer that is
+/// zero elsewhere: `dw[r, k] = dot(dy[r, :], x[k, :])` for active (r, k).
+fn scatter_dense_grad(
+    m: &SparseMatrix,
+    dy: &[f32],
+    x: &[f32],
+    p: usize,
+    dw: &mut [f32],
+) -> Result<(), rest_kernels::sparse::SparseError> {
+    let mut vals = vec![0.0f32; m.nnz()];
+    sddmm_into(m, dy, x, p, &mut vals)?;
+    m.scatter_to_dense(&vals, dw)
+}
