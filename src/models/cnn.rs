@@ -1,7 +1,7 @@
 //! REST's Colored-MNIST CNN: Conv(3->64, k4, s2, p1, no bias)+BN+ReLU, Conv(64->128)+BN+ReLU,
 //! Conv(128->256)+BN+ReLU (all k4 s2 p1), global average pooling, Linear(256->classes).
 
-use super::Model;
+use super::{LayerFlops, Model};
 use crate::nn::{BatchNorm2d, Buffer, Conv2d, Linear, Param};
 use crate::util::Rng;
 use anyhow::{bail, Result};
@@ -55,6 +55,37 @@ impl Model for Cnn {
         }
         let pooled = crate::kernels::global_avg_pool_cnhw(&h)?;
         self.fc.forward(&pooled)
+    }
+
+    fn layer_flops(&self, input: (usize, usize, usize)) -> Vec<LayerFlops> {
+        let (mut h, mut w) = (input.1, input.2);
+        let mut out = Vec::new();
+        for conv in &self.convs {
+            let dims = conv.weight.dims();
+            let (oc, k) = (dims[0], dims[2]);
+            h = (h + 2 * conv.padding - k) / conv.stride + 1;
+            w = (w + 2 * conv.padding - k) / conv.stride + 1;
+            let elems = (oc * h * w) as f64;
+            out.push(LayerFlops {
+                name: conv.name.clone(),
+                weight: Some((format!("{}.weight", conv.name), h * w)),
+                // BatchNorm (2 per element) + ReLU (1 per element).
+                other: 3.0 * elems,
+            });
+        }
+        let c = self.convs.last().map(|c| c.weight.dims()[0]).unwrap_or(0);
+        out.push(LayerFlops {
+            name: "avgpool".into(),
+            weight: None,
+            other: (c * h * w) as f64,
+        });
+        let classes = self.fc.weight.dims()[0];
+        out.push(LayerFlops {
+            name: self.fc.name.clone(),
+            weight: Some((format!("{}.weight", self.fc.name), 1)),
+            other: classes as f64,
+        });
+        out
     }
 
     fn params(&self) -> Vec<Param> {

@@ -1,7 +1,7 @@
 //! LfF's MLP for Colored MNIST: flatten, 3 hidden layers of 100 units with ReLU, linear
 //! classifier.
 
-use super::Model;
+use super::{LayerFlops, Model};
 use crate::nn::{Buffer, Linear, Param};
 use crate::util::Rng;
 use anyhow::{bail, Result};
@@ -46,6 +46,23 @@ impl Model for Mlp {
             }
         }
         Ok(h)
+    }
+
+    fn layer_flops(&self, _input: (usize, usize, usize)) -> Vec<LayerFlops> {
+        let last = self.layers.len() - 1;
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let out = l.weight.dims()[0] as f64;
+                LayerFlops {
+                    name: l.name.clone(),
+                    weight: Some((format!("{}.weight", l.name), 1)),
+                    // Bias, plus ReLU on hidden layers.
+                    other: if i < last { 2.0 * out } else { out },
+                }
+            })
+            .collect()
     }
 
     fn params(&self) -> Vec<Param> {

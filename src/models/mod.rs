@@ -11,6 +11,21 @@ use crate::util::Rng;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
+/// The compute of one layer for one input sample, for FLOPs accounting (`crate::sparse::flops`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerFlops {
+    /// Layer name (for a conv/linear layer, its weight parameter is `<name>.weight`).
+    pub name: String,
+    /// For conv/linear layers: the weight parameter name and the number of output positions
+    /// per sample (OH*OW for a conv, 1 for a linear layer): the layer costs
+    /// 2 x nonzero weights x positions (a multiply-add is 2 FLOPs), plus its bias.
+    pub weight: Option<(String, usize)>,
+    /// FLOPs that do not depend on sparsity: bias (1 per output), BatchNorm (2 per element,
+    /// folded scale and shift), ReLU (1 per element), average pooling (1 per input
+    /// element), max pooling (k*k per output), residual additions (1 per element).
+    pub other: f64,
+}
+
 /// A classifier taking NCHW `f32` images in [0, 1] and returning logits [N, classes].
 pub trait Model: Send + Sync {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor>;
@@ -20,6 +35,9 @@ pub trait Model: Send + Sync {
     fn buffers(&self) -> Result<Vec<Buffer>>;
     /// Restores buffers saved from `buffers()` (same names and order).
     fn set_buffers(&self, buffers: &[Buffer]) -> Result<()>;
+
+    /// Per-layer FLOPs of one forward pass for one sample of `input = (c, h, w)`.
+    fn layer_flops(&self, input: (usize, usize, usize)) -> Vec<LayerFlops>;
 
     /// The maskable conv/linear weights, in order.
     fn weights(&self) -> Vec<Param> {
