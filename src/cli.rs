@@ -30,6 +30,46 @@ pub enum Command {
     /// Dataset utilities.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Print per-layer densities and inference FLOPs of a model at a density, without
+    /// training.
+    Flops(FlopsArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
+pub struct FlopsArgs {
+    /// Network.
+    #[arg(long, value_enum, default_value = "cnn")]
+    pub model: ModelKind,
+    /// Overall density in (0, 1].
+    #[arg(long, default_value_t = 0.05)]
+    pub density: f64,
+    /// ERK power scale.
+    #[arg(long, default_value_t = 1.0)]
+    pub erk_power_scale: f64,
+    /// Input image as CHANNELS,HEIGHT,WIDTH.
+    #[arg(long, default_value = "3,28,28", value_parser = parse_input)]
+    pub input: (usize, usize, usize),
+    /// Number of classes.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_input(s: &str) -> Result<(usize, usize, usize), String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("expected CHANNELS,HEIGHT,WIDTH like 3,28,28, got {s:?}"))?;
+    match v[..] {
+        [c, h, w] if c > 0 && h > 0 && w > 0 => Ok((c, h, w)),
+        _ => Err(format!(
+            "expected three positive numbers CHANNELS,HEIGHT,WIDTH, got {s:?}"
+        )),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -37,6 +37,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("run directory: {}", out.run_dir.display());
             Ok(())
         }
+        Command::Flops(args) => {
+            let t = rest::report::flops_for(
+                args.model,
+                args.density,
+                args.erk_power_scale,
+                args.input,
+                args.classes,
+            )?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!(
+                    "{} at density {} (ERK), input {}x{}x{}:",
+                    args.model.as_str(),
+                    args.density,
+                    args.input.0,
+                    args.input.1,
+                    args.input.2
+                );
+                println!("{}", t.render());
+            }
+            Ok(())
+        }
         Command::Data(DataCommand::Export(args)) => {
             let cfg = args.data.base_config()?;
             cfg.validate()?;

@@ -159,6 +159,23 @@ fn bad_flags_give_one_line_errors() {
 }
 
 #[test]
+fn flops_command_prints_erk_table() {
+    let o = rest_cmd(&["flops", "--model", "cnn", "--density", "0.05", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 5);
+    // conv2: 128x64x4x4 weights on 7x7 outputs.
+    assert_eq!(layers[1]["numel"], 131072);
+    assert_eq!(
+        layers[1]["dense_flops"].as_f64().unwrap(),
+        2.0 * 131072.0 * 49.0 + 3.0 * 128.0 * 49.0
+    );
+    let ratio = v["sparse"].as_f64().unwrap() / v["dense"].as_f64().unwrap();
+    assert!(ratio < 0.2, "{ratio}");
+}
+
+#[test]
 fn data_export_writes_npy() {
     let dir = tempfile::tempdir().unwrap();
     let o = rest_cmd(&[

@@ -21,6 +21,39 @@ fn row(name: &str, m: &GroupMetrics) -> String {
     )
 }
 
+/// The FLOPs table of a freshly initialised `model` with ERK masks at `density`.
+pub fn flops_for(
+    model: crate::config::ModelKind,
+    density: f64,
+    erk_power_scale: f64,
+    input: (usize, usize, usize),
+    classes: usize,
+) -> anyhow::Result<crate::sparse::flops::FlopsTable> {
+    use crate::sparse::{LayerShape, SparseConfig, SparseEngine};
+    let dev = candle_core::Device::Cpu;
+    let mut rng = crate::util::rng(0, 1);
+    let m = crate::models::build(model, input, classes, &mut rng, &dev)?;
+    let shapes: Vec<LayerShape> = m
+        .weights()
+        .iter()
+        .map(|p| LayerShape::new(p.name.clone(), p.var.dims()))
+        .collect();
+    let cfg = SparseConfig {
+        density,
+        prune_rate: 0.5,
+        final_prune_rate: 0.005,
+        update_frequency: 1,
+        total_steps: 10,
+        erk_power_scale,
+    };
+    let engine = SparseEngine::new(shapes, cfg, &mut crate::util::rng(0, 2))?;
+    Ok(crate::train::trainer::flops_table(
+        m.as_ref(),
+        input,
+        Some(&engine),
+    ))
+}
+
 /// The short results table printed at the end of `rest train` (accuracies in %).
 pub fn results_table(s: &Summary) -> String {
     let mut t = String::new();
@@ -44,6 +77,14 @@ pub fn results_table(s: &Summary) -> String {
         "|-------|--------|--------|--------|--------|----------|"
     );
     let _ = writeln!(t, "{}", row("valid", &s.valid));
-    let _ = write!(t, "{}", row("test", &s.test));
+    let _ = writeln!(t, "{}", row("test", &s.test));
+    let _ = write!(
+        t,
+        "FLOPs: training {} ({:.3} of dense), inference {} per image ({:.3} of dense)",
+        crate::sparse::flops::fmt_flops(s.train_flops),
+        s.train_flops_vs_dense,
+        crate::sparse::flops::fmt_flops(s.infer_flops),
+        s.infer_flops_vs_dense
+    );
     t
 }

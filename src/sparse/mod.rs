@@ -11,6 +11,7 @@
 
 pub mod engine;
 pub mod erk;
+pub mod flops;
 pub mod schedule;
 mod select;
 

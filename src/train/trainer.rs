@@ -16,6 +16,7 @@ use crate::data::{GroupDataset, Split};
 use crate::kernels::SparseWeight;
 use crate::models::{self, Model};
 use crate::nn::{Buffer, Param};
+use crate::sparse::flops::{FlopsTable, TrainFlops};
 use crate::sparse::{LayerShape, SparseConfig, SparseEngine};
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -58,6 +59,14 @@ pub struct Summary {
     pub mask_updates: usize,
     pub wall_time_s: f64,
     pub train_samples_per_s: f64,
+    /// Inference FLOPs per sample of the final net, of the dense net, and their ratio.
+    pub infer_flops: f64,
+    pub infer_flops_dense: f64,
+    pub infer_flops_vs_dense: f64,
+    /// Training FLOPs of the whole run (RigL accounting), of dense training, and their ratio.
+    pub train_flops: f64,
+    pub train_flops_dense: f64,
+    pub train_flops_vs_dense: f64,
 }
 
 pub struct TrainOutcome {
@@ -186,6 +195,20 @@ fn set_dense_grad(weights: &[Param], on: bool) {
     }
 }
 
+/// Inference FLOPs per sample of `model` with the engine's current masks (dense if none).
+pub fn flops_table(
+    model: &dyn Model,
+    input: (usize, usize, usize),
+    engine: Option<&SparseEngine>,
+) -> FlopsTable {
+    let weights = model.weights();
+    FlopsTable::new(&model.layer_flops(input), |name| {
+        let l = weights.iter().position(|p| p.name == name)?;
+        let n = weights[l].var.elem_count();
+        Some((n, engine.map(|e| e.active_count(l)).unwrap_or(n)))
+    })
+}
+
 /// Runs a complete REST training run as configured; writes the run directory.
 pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     cfg.validate()?;
@@ -306,6 +329,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     let mut last_prune_rate = engine.as_ref().map(|e| e.prune_rate(0)).unwrap_or(0.0);
     let mut buf = Vec::new();
     let mut train_time = 0.0f64;
+    let mut train_flops = TrainFlops::default();
+    let mut flops_now = flops_table(model.as_ref(), input, engine.as_ref());
     let mut samples_seen = 0usize;
 
     for epoch in 1..=cfg.epochs {
@@ -355,6 +380,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
             let grads = loss.backward()?;
             opt.step(&grads)?;
             step += 1;
+            train_flops.step(idx.len(), flops_now.sparse, flops_now.dense, update_now);
 
             if let Some(e) = engine.as_mut() {
                 if e.is_update_step(step) {
@@ -383,6 +409,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
                     }
                     masks = mask_tensors(e, &weights, &dev)?;
                     on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
+                    flops_now = flops_table(model.as_ref(), input, Some(&*e));
                     mask_updates += 1;
                     last_prune_rate = stats.prune_rate;
                     tracing::debug!(
@@ -525,6 +552,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
         mask_updates,
         wall_time_s: start.elapsed().as_secs_f64(),
         train_samples_per_s: samples_seen as f64 / train_time.max(1e-9),
+        infer_flops: flops_now.sparse,
+        infer_flops_dense: flops_now.dense,
+        infer_flops_vs_dense: flops_now.ratio(),
+        train_flops: train_flops.sparse,
+        train_flops_dense: train_flops.dense,
+        train_flops_vs_dense: train_flops.ratio(),
     };
     output::write_json(&run_dir.join("summary.json"), &summary)?;
     Ok(TrainOutcome { run_dir, summary })
