@@ -23,6 +23,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing would only add noise
 pub enum Command {
     /// Train a model with REST (defaults: CNN, built-in Colored MNIST at 5 % conflicting,
     /// density 0.05, lambda 80).
@@ -151,6 +152,11 @@ pub struct TrainArgs {
     /// weights, like public DST code) or sparse.
     #[arg(long, value_enum)]
     pub kernels: Option<KernelMode>,
+    /// Continue the run in this directory from its last checkpoint (written every epoch and
+    /// on Ctrl-C); the run's own config.toml is used, other flags except --threads are
+    /// ignored.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
     /// Run directory (default runs/<timestamp>-<config>/).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,

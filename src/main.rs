@@ -30,9 +30,16 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => {
-            let cfg = args.resolve()?;
-            rest::util::set_threads(cfg.threads)?;
-            let out = rest::train::train(&cfg)?;
+            let out = if let Some(dir) = &args.resume {
+                let cfg = rest::train::trainer::resume_config(dir)?;
+                // Same thread count as the original run, for bit-identical results.
+                rest::util::set_threads(args.threads.or(cfg.threads))?;
+                rest::train::trainer::resume(&cfg)?
+            } else {
+                let cfg = args.resolve()?;
+                rest::util::set_threads(cfg.threads)?;
+                rest::train::train(&cfg)?
+            };
             println!("{}", rest::report::results_table(&out.summary));
             println!("run directory: {}", out.run_dir.display());
             Ok(())

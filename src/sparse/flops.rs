@@ -127,7 +127,7 @@ pub fn fmt_flops(f: f64) -> String {
 }
 
 /// Integrates training FLOPs over a run (RigL's accounting).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct TrainFlops {
     /// FLOPs spent so far.
     pub sparse: f64,

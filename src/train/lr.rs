@@ -19,7 +19,7 @@ impl ReduceLrOnPlateau {
             patience,
             threshold: 1e-4,
             min_lr: 0.0,
-            best: f64::INFINITY,
+            best: f64::MAX,
             bad_epochs: 0,
         }
     }

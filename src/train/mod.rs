@@ -1,6 +1,7 @@
 //! Training: the loop (`trainer`), the optimizer (`optim`), the learning-rate schedule
 //! (`lr`), group metrics (`metrics`), model selection (`select`) and run outputs (`output`).
 
+pub mod checkpoint;
 pub mod lr;
 pub mod metrics;
 pub mod optim;

@@ -70,6 +70,21 @@ impl Sgd {
         Ok(())
     }
 
+    /// Restores the momentum buffer of parameter `index` (checkpoint reload).
+    pub fn set_momentum_buffer(&mut self, index: usize, buf: Tensor) -> Result<()> {
+        let want = self.params[index].var.dims();
+        if buf.dims() != want {
+            anyhow::bail!(
+                "momentum of {} has shape {:?}, expected {:?}",
+                self.params[index].name,
+                buf.dims(),
+                want
+            );
+        }
+        self.momentum_buf[index] = Some(buf);
+        Ok(())
+    }
+
     /// The momentum buffer of parameter `index` (None before the first step).
     pub fn momentum_buffer(&self, index: usize) -> Option<&Tensor> {
         self.momentum_buf[index].as_ref()

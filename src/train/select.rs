@@ -34,7 +34,7 @@ impl Selector {
         Self {
             rule,
             best_epoch: None,
-            best_score: f64::NEG_INFINITY,
+            best_score: f64::MIN,
         }
     }
 

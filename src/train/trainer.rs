@@ -5,6 +5,7 @@
 //! validation, ReduceLROnPlateau, model selection, outputs. The test split is evaluated once,
 //! on the selected weights.
 
+use super::checkpoint::{self, LoopState, PartialEpoch};
 use super::lr::ReduceLrOnPlateau;
 use super::metrics::{group_metrics, GroupMetrics};
 use super::optim::Sgd;
@@ -24,7 +25,9 @@ use candle_core::{DType, Device, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use tracing::info;
 
@@ -78,9 +81,12 @@ pub struct TrainOutcome {
 struct Snapshot {
     params: Vec<(String, Tensor)>,
     buffers: Vec<Buffer>,
+    /// The masks the weights were trained with (sparse runs): evaluating the weights needs
+    /// their own sparsity pattern.
+    masks: Option<Vec<Vec<bool>>>,
 }
 
-fn snapshot(model: &dyn Model) -> Result<Snapshot> {
+fn snapshot(model: &dyn Model, engine: Option<&SparseEngine>) -> Result<Snapshot> {
     Ok(Snapshot {
         params: model
             .params()
@@ -88,15 +94,28 @@ fn snapshot(model: &dyn Model) -> Result<Snapshot> {
             .map(|p| Ok((p.name.clone(), p.var.as_tensor().copy()?)))
             .collect::<Result<_>>()?,
         buffers: model.buffers()?,
+        masks: engine.map(|e| e.masks_bool()),
     })
 }
 
-fn restore(model: &dyn Model, snap: &Snapshot) -> Result<()> {
+/// Puts a snapshot back into the model (and its masks into the engine and the layers'
+/// sparse kernels).
+fn restore(
+    model: &dyn Model,
+    snap: &Snapshot,
+    engine: Option<&mut SparseEngine>,
+    kernels: crate::config::KernelMode,
+) -> Result<()> {
     for (p, (name, t)) in model.params().iter().zip(&snap.params) {
         debug_assert_eq!(&p.name, name);
         p.var.set(t)?;
     }
-    model.set_buffers(&snap.buffers)
+    model.set_buffers(&snap.buffers)?;
+    if let (Some(e), Some(m)) = (engine, &snap.masks) {
+        e.set_masks_from(m.clone())?;
+        install_sparse_kernels(e, &model.weights(), kernels)?;
+    }
+    Ok(())
 }
 
 /// Gathers a batch into an NCHW tensor.
@@ -209,8 +228,92 @@ pub fn flops_table(
     })
 }
 
+/// A flag set by SIGINT/SIGTERM (handler installed once per process; if another handler is
+/// already installed, the flag simply never fires).
+fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let f = Arc::new(AtomicBool::new(false));
+        let g = f.clone();
+        if let Err(e) = ctrlc::set_handler(move || g.store(true, Ordering::SeqCst)) {
+            tracing::debug!("no SIGINT handler installed: {e}");
+        }
+        f
+    })
+    .clone()
+}
+
+/// Loads the parameters and buffers of a `best.safetensors` as a snapshot of `model`.
+fn load_snapshot(path: &Path, model: &dyn Model, sparse: bool, dev: &Device) -> Result<Snapshot> {
+    let t = candle_core::safetensors::load(path, dev)
+        .with_context(|| format!("cannot read {} to resume the run", path.display()))?;
+    let get = |name: &str| -> Result<Tensor> {
+        t.get(name)
+            .cloned()
+            .with_context(|| format!("{} has no tensor {name}", path.display()))
+    };
+    Ok(Snapshot {
+        params: model
+            .params()
+            .iter()
+            .map(|p| Ok((p.name.clone(), get(&p.name)?)))
+            .collect::<Result<_>>()?,
+        buffers: model
+            .buffers()?
+            .into_iter()
+            .map(|b| {
+                Ok(Buffer {
+                    tensor: get(&b.name)?,
+                    name: b.name,
+                })
+            })
+            .collect::<Result<_>>()?,
+        masks: if sparse {
+            Some(
+                model
+                    .weights()
+                    .iter()
+                    .map(|p| {
+                        let m = get(&format!("mask.{}", p.name))?;
+                        Ok(m.flatten_all()?
+                            .to_vec1::<u8>()?
+                            .into_iter()
+                            .map(|b| b != 0)
+                            .collect())
+                    })
+                    .collect::<Result<_>>()?,
+            )
+        } else {
+            None
+        },
+    })
+}
+
 /// Runs a complete REST training run as configured; writes the run directory.
 pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
+    run(cfg, false)
+}
+
+/// The configuration of the run in `run_dir` (its `config.toml`), for `resume`.
+pub fn resume_config(run_dir: &Path) -> Result<TrainConfig> {
+    let cfg_path = run_dir.join("config.toml");
+    let mut cfg = TrainConfig::from_toml_file(&cfg_path).with_context(|| {
+        format!(
+            "cannot resume {} (--resume): it is not a run directory",
+            run_dir.display()
+        )
+    })?;
+    cfg.out = Some(run_dir.to_path_buf());
+    Ok(cfg)
+}
+
+/// Continues the run of `cfg` (from `resume_config`) from its last checkpoint; the result
+/// equals that of an uninterrupted run (bit-identical on the same machine and thread count).
+pub fn resume(cfg: &TrainConfig) -> Result<TrainOutcome> {
+    run(cfg, true)
+}
+
+fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     cfg.validate()?;
     let start = Instant::now();
     let dev = Device::Cpu;
@@ -319,25 +422,118 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     } else {
         SelectRule::ValAccuracy
     };
-    let mut selector = Selector::new(rule);
-    let mut plateau = ReduceLrOnPlateau::new(cfg.lr_factor, cfg.lr_patience);
-    let mut sample_rng = util::rng(cfg.seed, 3);
-    let mut rows: Vec<MetricsRow> = Vec::new();
+    let mut st = LoopState {
+        format_version: 1,
+        config_hash: checkpoint::config_hash(cfg)?,
+        epochs_done: 0,
+        step: 0,
+        lr: cfg.lr,
+        plateau: ReduceLrOnPlateau::new(cfg.lr_factor, cfg.lr_patience),
+        selector: Selector::new(rule),
+        mask_updates: 0,
+        last_prune_rate: engine.as_ref().map(|e| e.prune_rate(0)).unwrap_or(0.0),
+        train_time: 0.0,
+        samples_seen: 0,
+        flops: TrainFlops::default(),
+        rows: Vec::new(),
+        partial: None,
+    };
     let mut best: Option<Snapshot> = None;
-    let mut step = 0usize;
-    let mut mask_updates = 0usize;
-    let mut last_prune_rate = engine.as_ref().map(|e| e.prune_rate(0)).unwrap_or(0.0);
-    let mut buf = Vec::new();
-    let mut train_time = 0.0f64;
-    let mut train_flops = TrainFlops::default();
-    let mut flops_now = flops_table(model.as_ref(), input, engine.as_ref());
-    let mut samples_seen = 0usize;
 
-    for epoch in 1..=cfg.epochs {
+    // Resume: restore every tensor and the loop state from the run's checkpoint.
+    if resume {
+        let ck = checkpoint::load(&run_dir, cfg, &dev)?;
+        for (i, p) in opt.params().to_vec().iter().enumerate() {
+            p.var
+                .set(&ck.tensor(&format!("param.{}", p.name), p.var.dims())?)?;
+            if let Some(m) = ck.tensors.get(&format!("momentum.{}", p.name)) {
+                opt.set_momentum_buffer(i, ck.tensor(&format!("momentum.{}", p.name), m.dims())?)?;
+            }
+        }
+        let bufs = model
+            .buffers()?
+            .into_iter()
+            .map(|b| {
+                let t = ck.tensor(&format!("buffer.{}", b.name), b.tensor.dims())?;
+                Ok(Buffer {
+                    name: b.name,
+                    tensor: t,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        model.set_buffers(&bufs)?;
+        if let Some(e) = engine.as_mut() {
+            let mut ms = Vec::new();
+            for p in &weights {
+                ms.push(ck.mask(&p.name, p.var.elem_count())?.with_context(|| {
+                    format!(
+                        "the checkpoint has no mask for {}: it is not a sparse run",
+                        p.name
+                    )
+                })?);
+            }
+            e.set_masks_from(ms)?;
+            masks = mask_tensors(e, &weights, &dev)?;
+            on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
+        }
+        st = ck.state;
+        opt.lr = st.lr;
+        if st.selector.best_epoch.is_some() {
+            best = Some(load_snapshot(
+                &run_dir.join("best.safetensors"),
+                model.as_ref(),
+                engine.is_some(),
+                &dev,
+            )?);
+        }
+        info!(
+            "resumed from {} at epoch {}, step {}",
+            run_dir.join(checkpoint::STATE_FILE).display(),
+            st.epochs_done + st.partial.as_ref().map(|_| 1).unwrap_or(0),
+            st.step
+        );
+    }
+
+    let mut buf = Vec::new();
+    let mut flops_now = flops_table(model.as_ref(), input, engine.as_ref());
+    let interrupted = interrupt_flag();
+
+    // Saves a checkpoint of the current state.
+    let save_ck = |st: &LoopState, opt: &Sgd, engine: &Option<SparseEngine>| -> Result<()> {
+        let params = opt.params().to_vec();
+        let tensors = checkpoint::CheckpointTensors {
+            momentum: (0..params.len())
+                .map(|i| opt.momentum_buffer(i).cloned())
+                .collect(),
+            params: &params,
+            buffers: model.buffers()?,
+            masks: match engine {
+                Some(e) => weights
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .zip(e.masks_bool())
+                    .collect(),
+                None => Vec::new(),
+            },
+        };
+        checkpoint::save(&run_dir, st, &tensors, &dev)
+    };
+
+    for epoch in st.epochs_done + 1..=cfg.epochs {
         let t_epoch = Instant::now();
+        // One RNG stream per epoch: an epoch's draws do not depend on how the run got there,
+        // which makes resume exact.
+        let mut sample_rng = util::rng(cfg.seed, 1000 + epoch as u64);
         let order = match &sampler {
             Some(s) => s.draw(ds.train.len(), &mut sample_rng),
             None => shuffled(ds.train.len(), &mut sample_rng),
+        };
+        let mut pe = match st.partial.take() {
+            Some(p) if p.epoch == epoch => p,
+            _ => PartialEpoch {
+                epoch,
+                ..Default::default()
+            },
         };
         let bar = ProgressBar::new(steps_per_epoch as u64);
         bar.set_style(
@@ -346,13 +542,18 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
-        let (mut loss_sum, mut seen) = (0.0f64, 0usize);
-        let (mut preds, mut lbl, mut bia) = (Vec::new(), Vec::new(), Vec::new());
-        for idx in order.chunks(cfg.batch_size) {
+        bar.set_position(pe.batches_done as u64);
+        for (bi, idx) in order
+            .chunks(cfg.batch_size)
+            .enumerate()
+            .skip(pe.batches_done)
+        {
             let x = batch_tensor(&ds.train, idx, &mut buf, &dev)?;
             let y: Vec<u32> = idx.iter().map(|&i| ds.train.labels[i]).collect();
             let yt = Tensor::new(y.as_slice(), &dev)?;
-            let update_now = engine.as_ref().is_some_and(|e| e.is_update_step(step + 1));
+            let update_now = engine
+                .as_ref()
+                .is_some_and(|e| e.is_update_step(st.step + 1));
             if update_now {
                 set_dense_grad(&weights, true);
             }
@@ -372,18 +573,20 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
             if !loss_v.is_finite() {
                 bail!(
                     "the training loss became {loss_v} at epoch {epoch}, step {}: lower --lr \
-                     (now {}) or check the data",
-                    step + 1,
-                    opt.lr
+                     (now {}) or check the data; the last good checkpoint is kept in {}",
+                    st.step + 1,
+                    opt.lr,
+                    run_dir.display()
                 );
             }
             let grads = loss.backward()?;
             opt.step(&grads)?;
-            step += 1;
-            train_flops.step(idx.len(), flops_now.sparse, flops_now.dense, update_now);
+            st.step += 1;
+            st.flops
+                .step(idx.len(), flops_now.sparse, flops_now.dense, update_now);
 
             if let Some(e) = engine.as_mut() {
-                if e.is_update_step(step) {
+                if e.is_update_step(st.step) {
                     // Zero the momentum of every position inactive before this update, so a
                     // regrown weight starts from zero momentum (the dense gradient of this
                     // step reached it).
@@ -403,17 +606,18 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
                             None => Ok(vec![0.0; p.var.elem_count()]),
                         })
                         .collect::<Result<_>>()?;
-                    let stats = e.update(step, &mut w_host, &g_host)?;
+                    let stats = e.update(st.step, &mut w_host, &g_host)?;
                     for (p, w) in weights.iter().zip(w_host) {
                         p.var.set(&Tensor::from_vec(w, p.var.shape(), &dev)?)?;
                     }
                     masks = mask_tensors(e, &weights, &dev)?;
                     on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
                     flops_now = flops_table(model.as_ref(), input, Some(&*e));
-                    mask_updates += 1;
-                    last_prune_rate = stats.prune_rate;
+                    st.mask_updates += 1;
+                    st.last_prune_rate = stats.prune_rate;
                     tracing::debug!(
-                        "mask update at step {step}: prune rate {:.4}, moved {:?}",
+                        "mask update at step {}: prune rate {:.4}, moved {:?}",
+                        st.step,
                         stats.prune_rate,
                         stats.grown
                     );
@@ -432,20 +636,51 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
                 }
             }
 
-            loss_sum += loss_v as f64 * idx.len() as f64;
-            seen += idx.len();
-            preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
-            lbl.extend_from_slice(&y);
-            bia.extend(idx.iter().map(|&i| ds.train.bias[i]));
-            let acc = preds.iter().zip(&lbl).filter(|(p, l)| p == l).count() as f64 / seen as f64;
-            bar.set_message(format!("loss {:.4} acc {:.3}", loss_sum / seen as f64, acc));
+            pe.loss_sum += loss_v as f64 * idx.len() as f64;
+            pe.seen += idx.len();
+            pe.preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+            pe.labels.extend_from_slice(&y);
+            pe.bias.extend(idx.iter().map(|&i| ds.train.bias[i]));
+            pe.batches_done = bi + 1;
+            let acc = pe
+                .preds
+                .iter()
+                .zip(&pe.labels)
+                .filter(|(p, l)| p == l)
+                .count() as f64
+                / pe.seen as f64;
+            bar.set_message(format!(
+                "loss {:.4} acc {:.3}",
+                pe.loss_sum / pe.seen as f64,
+                acc
+            ));
             bar.inc(1);
+
+            if interrupted.load(Ordering::SeqCst) {
+                bar.finish_and_clear();
+                pe.elapsed += t_epoch.elapsed().as_secs_f64();
+                st.partial = Some(pe);
+                st.lr = opt.lr;
+                save_ck(&st, &opt, &engine)?;
+                bail!(
+                    "interrupted at epoch {epoch}, step {}; checkpoint written: continue with \
+                     `rest train --resume {}`",
+                    st.step,
+                    run_dir.display()
+                );
+            }
         }
         bar.finish_and_clear();
-        train_time += t_epoch.elapsed().as_secs_f64();
-        samples_seen += seen;
+        let epoch_time = pe.elapsed + t_epoch.elapsed().as_secs_f64();
+        st.train_time += epoch_time;
+        st.samples_seen += pe.seen;
 
-        let train_m = group_metrics(&preds, &lbl, &bia, loss_sum / seen.max(1) as f64);
+        let train_m = group_metrics(
+            &pe.preds,
+            &pe.labels,
+            &pe.bias,
+            pe.loss_sum / pe.seen.max(1) as f64,
+        );
         let valid_m = evaluate(model.as_ref(), &ds.valid, &dev)?;
         if !valid_m.loss.is_finite() {
             bail!(
@@ -457,19 +692,19 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
         let lr_used = opt.lr;
         let density = engine.as_ref().map(|e| e.total_density()).unwrap_or(1.0);
         for (split, m) in [("train", train_m.clone()), ("valid", valid_m.clone())] {
-            rows.push(MetricsRow {
+            st.rows.push(MetricsRow {
                 epoch,
                 split: split.into(),
                 m,
                 lr: lr_used,
                 density,
-                prune_rate: last_prune_rate,
+                prune_rate: st.last_prune_rate,
             });
         }
-        output::write_metrics(&run_dir, &rows)?;
-        let improved = selector.observe(epoch, &valid_m);
+        output::write_metrics(&run_dir, &st.rows)?;
+        let improved = st.selector.observe(epoch, &valid_m);
         if improved {
-            let snap = snapshot(model.as_ref())?;
+            let snap = snapshot(model.as_ref(), engine.as_ref())?;
             save_weights(
                 &run_dir.join("best.safetensors"),
                 &snap,
@@ -479,7 +714,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
             )?;
             best = Some(snap);
         }
-        opt.lr = plateau.step(valid_m.loss, opt.lr);
+        opt.lr = st.plateau.step(valid_m.loss, opt.lr);
+        st.lr = opt.lr;
+        st.epochs_done = epoch;
+        save_ck(&st, &opt, &engine)?;
         info!(
             "epoch {epoch}/{}: train loss {:.4} acc {:.3} | valid loss {:.4} acc {:.3} aligned {} conflicting {} worst-group {:.3}{} | lr {:.0e} density {:.4} | {:.1}s",
             cfg.epochs,
@@ -493,16 +731,18 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
             if improved { " *" } else { "" },
             lr_used,
             density,
-            t_epoch.elapsed().as_secs_f64()
+            epoch_time
         );
     }
 
     // Report the selected model on the test split.
-    let selected_epoch = selector.best_epoch.context("no epoch was evaluated")?;
+    let selected_epoch = st.selector.best_epoch.context("no epoch was evaluated")?;
     if let Some(snap) = &best {
-        restore(model.as_ref(), snap)?;
+        restore(model.as_ref(), snap, engine.as_mut(), cfg.kernels)?;
+        flops_now = flops_table(model.as_ref(), input, engine.as_ref());
     }
     let test_m = evaluate(model.as_ref(), &ds.test, &dev)?;
+    let mut rows = st.rows.clone();
     let valid_m = rows
         .iter()
         .find(|r| r.epoch == selected_epoch && r.split == "valid")
@@ -514,7 +754,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
         m: test_m.clone(),
         lr: opt.lr,
         density: engine.as_ref().map(|e| e.total_density()).unwrap_or(1.0),
-        prune_rate: last_prune_rate,
+        prune_rate: st.last_prune_rate,
     });
     output::write_metrics(&run_dir, &rows)?;
 
@@ -547,17 +787,17 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
         test: test_m,
         final_density: engine.as_ref().map(|e| e.total_density()).unwrap_or(1.0),
         layer_densities,
-        steps: step,
+        steps: st.step,
         update_frequency: engine.as_ref().map(|e| e.update_frequency()),
-        mask_updates,
+        mask_updates: st.mask_updates,
         wall_time_s: start.elapsed().as_secs_f64(),
-        train_samples_per_s: samples_seen as f64 / train_time.max(1e-9),
+        train_samples_per_s: st.samples_seen as f64 / st.train_time.max(1e-9),
         infer_flops: flops_now.sparse,
         infer_flops_dense: flops_now.dense,
         infer_flops_vs_dense: flops_now.ratio(),
-        train_flops: train_flops.sparse,
-        train_flops_dense: train_flops.dense,
-        train_flops_vs_dense: train_flops.ratio(),
+        train_flops: st.flops.sparse,
+        train_flops_dense: st.flops.dense,
+        train_flops_vs_dense: st.flops.ratio(),
     };
     output::write_json(&run_dir.join("summary.json"), &summary)?;
     Ok(TrainOutcome { run_dir, summary })
