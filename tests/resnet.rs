@@ -314,30 +314,47 @@ fn short_sparse_runs_on_28x28_digits_with_both_stems() -> Result<()> {
     Ok(())
 }
 
-/// Training-step time of dense ResNet-18 (width 64) at batch 64 on 32x32 images:
-/// `cargo test --release --test resnet -- --ignored --nocapture step_time`.
+/// Training-step time of dense ResNet-18 (width 64) at batch 64 on 32x32 images, split into
+/// forward, backward and SGD update:
+/// `cargo test --test resnet -- --ignored --nocapture step_time`.
 #[test]
 #[ignore = "timing, run by hand"]
 fn step_time_resnet18_batch64_32x32() -> Result<()> {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     for stem in [Stem::Imagenet, Stem::Cifar] {
         let m = build(ModelKind::Resnet18, 64, stem, (3, 32, 32))?;
         let x = random_images(64, 3, 32, 32, 5)?;
         let y = random_labels(64, 5)?;
         let mut opt = Sgd::new(m.params(), 0.01, 0.9, 0.0);
-        let mut times = Vec::new();
-        for _ in 0..7 {
-            let t = std::time::Instant::now();
+        let (mut fwd, mut bwd, mut upd, mut step) = (vec![], vec![], vec![], vec![]);
+        let steps = if stem == Stem::Imagenet { 9 } else { 3 };
+        for i in 0..steps {
+            let t0 = std::time::Instant::now();
             let loss = cross_entropy(&m.forward(&x, true)?, &y)?;
-            opt.step(&loss.backward()?)?;
             let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            let t1 = std::time::Instant::now();
+            let grads = loss.backward()?;
+            let t2 = std::time::Instant::now();
+            opt.step(&grads)?;
+            let t3 = std::time::Instant::now();
+            if i >= 1 {
+                let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+                fwd.push(ms(t0, t1));
+                bwd.push(ms(t1, t2));
+                upd.push(ms(t2, t3));
+                step.push(ms(t0, t3));
+            }
         }
-        let mut steady = times[2..].to_vec();
-        steady.sort_by(f64::total_cmp);
         println!(
             "resnet18 w64 {stem:?} stem, batch 64, 32x32, dense: median step {:.1} ms \
-             (all: {times:.1?})",
-            steady[steady.len() / 2]
+             (forward {:.1}, backward {:.1}, SGD {:.1}; steps {step:.0?})",
+            median(step.clone()),
+            median(fwd),
+            median(bwd),
+            median(upd)
         );
     }
     Ok(())
