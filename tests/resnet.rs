@@ -180,6 +180,44 @@ fn backward_reaches_every_parameter() -> Result<()> {
 }
 
 #[test]
+fn fused_add_relu_matches_candle() -> Result<()> {
+    let dev = Device::Cpu;
+    // Spans several parallel chunks; values on a grid of 1/4 so that some sums are exactly 0.
+    let n = 3 * 40_000 + 7;
+    let mut rng = rest::util::rng(7, 11);
+    let mut grid = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| rng.random_range(-8i32..=8) as f32 / 4.0)
+            .collect()
+    };
+    let (av, bv, wv) = (grid(n), grid(n), grid(n));
+    let a = candle_core::Var::from_vec(av.clone(), (n,), &dev)?;
+    let b = candle_core::Var::from_vec(bv.clone(), (n,), &dev)?;
+    let w = Tensor::from_vec(wv.clone(), (n,), &dev)?;
+    let out = rest::models::resnet::add_relu(a.as_tensor(), b.as_tensor())?;
+    let grads = (&out * &w)?.sum_all()?.backward()?;
+    let out = out.to_vec1::<f32>()?;
+    let ga = grads.get(a.as_tensor()).expect("grad a").to_vec1::<f32>()?;
+    let gb = grads.get(b.as_tensor()).expect("grad b").to_vec1::<f32>()?;
+    let mut zeros = 0;
+    for i in 0..n {
+        let s = av[i] + bv[i];
+        assert_eq!(out[i], s.max(0.0), "forward at {i}");
+        // PyTorch's ReLU gradient: passed where the output is positive, 0 at exactly 0.
+        let g = if s > 0.0 { wv[i] } else { 0.0 };
+        assert_eq!((ga[i], gb[i]), (g, g), "gradient at {i}");
+        zeros += usize::from(s == 0.0);
+    }
+    assert!(zeros > 100, "the grid should produce exact zeros");
+    // Candle's ops give the same result away from 0; mismatched shapes are an error.
+    let reference = (a.as_tensor() + b.as_tensor())?.relu()?.to_vec1::<f32>()?;
+    assert_eq!(out, reference);
+    let short = Tensor::zeros((n - 1,), DType::F32, &dev)?;
+    assert!(rest::models::resnet::add_relu(a.as_tensor(), &short).is_err());
+    Ok(())
+}
+
+#[test]
 fn sgd_steps_reduce_the_loss() -> Result<()> {
     let m = build(ModelKind::Resnet18, 8, Stem::Cifar, (3, 16, 16))?;
     let x = random_images(16, 3, 16, 16, 3)?;
