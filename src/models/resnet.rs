@@ -11,9 +11,8 @@
 //! forward, one pass backward, instead of candle's add, ReLU and ReLU-mask ops.
 //!
 //! Initialisation is PyTorch's layer default (kaiming-uniform with a = sqrt(5) for convs and
-//! the classifier, BN gamma 1 and beta 0), as the brief of REST's experiments specifies;
-//! torchvision's `resnet*()` constructors would instead re-draw convs with kaiming-normal
-//! (fan-out).
+//! the classifier, BN gamma 1 and beta 0); note that torchvision's `resnet*()` constructors
+//! instead re-draw conv weights with kaiming-normal (fan-out).
 
 use super::{LayerFlops, Model, ModelSpec};
 use crate::config::{ModelKind, Stem};
