@@ -1,7 +1,7 @@
 //! The command-line interface: clap definitions and the merge of `--config FILE` with flags
 //! into one `TrainConfig` (defaults < config file < flags). `main.rs` only dispatches.
 
-use crate::config::{KernelMode, ModelKind, ReweightMode, TrainConfig};
+use crate::config::{KernelMode, ModelKind, ReweightMode, Stem, TrainConfig};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -22,6 +22,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the `Train` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once; boxing would only add noise
 pub enum Command {
@@ -112,9 +114,17 @@ pub struct DataArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: DataArgs,
-    /// Network: cnn (REST's Colored-MNIST CNN) or mlp (LfF's 3x100 MLP).
+    /// Network: cnn (REST's Colored-MNIST CNN), mlp (LfF's 3x100 MLP), or resnet10,
+    /// resnet18, resnet50 (torchvision ResNets of variable width).
     #[arg(long, value_enum)]
     pub model: Option<ModelKind>,
+    /// ResNet width: channels of the first stage (stages w, 2w, 4w, 8w); default 64.
+    #[arg(long, value_name = "W")]
+    pub width: Option<usize>,
+    /// ResNet stem: imagenet (7x7 stride-2 conv + 3x3 max pool, default) or cifar (3x3
+    /// stride-1 conv, no max pool).
+    #[arg(long, value_enum)]
+    pub stem: Option<Stem>,
     /// Overall density of conv/linear weights in (0, 1]; 1 = dense training.
     #[arg(long, value_name = "D")]
     pub density: Option<f64>,
@@ -194,6 +204,8 @@ impl TrainArgs {
         }
         set!(
             model,
+            width,
+            stem,
             density,
             reweight_mode,
             epochs,
@@ -254,11 +266,26 @@ mod tests {
     }
 
     #[test]
+    fn resnet_flags() -> Result<()> {
+        let cfg = parse(&["rest", "train", "--model", "resnet18"])?;
+        assert_eq!(cfg.model, ModelKind::Resnet18);
+        assert_eq!((cfg.width, cfg.stem), (64, Stem::Imagenet));
+        let cfg = parse(&[
+            "rest", "train", "--model", "resnet50", "--width", "16", "--stem", "cifar",
+        ])?;
+        assert_eq!(cfg.model, ModelKind::Resnet50);
+        assert_eq!((cfg.width, cfg.stem), (16, Stem::Cifar));
+        assert!(parse(&["rest", "train", "--stem", "tiny"]).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn bad_values_name_the_flag() {
         for (args, flag) in [
             (vec!["rest", "train", "--density", "0"], "--density"),
             (vec!["rest", "train", "--density", "1.5"], "--density"),
             (vec!["rest", "train", "--upweight", "-1"], "--upweight"),
+            (vec!["rest", "train", "--width", "0"], "--width"),
             (
                 vec!["rest", "train", "--conflict-pct", "120"],
                 "--conflict-pct",

@@ -15,6 +15,12 @@ pub enum ModelKind {
     Cnn,
     /// LfF's MLP: 3x28x28 -> 100 -> 100 -> 100 -> classes, ReLU.
     Mlp,
+    /// ResNet-10 (BasicBlock, [1, 1, 1, 1]) of variable width (`width`).
+    Resnet10,
+    /// ResNet-18 (BasicBlock, [2, 2, 2, 2]) of variable width (`width`).
+    Resnet18,
+    /// ResNet-50 (Bottleneck, [3, 4, 6, 3]) of variable width (`width`).
+    Resnet50,
 }
 
 impl ModelKind {
@@ -22,8 +28,22 @@ impl ModelKind {
         match self {
             ModelKind::Cnn => "cnn",
             ModelKind::Mlp => "mlp",
+            ModelKind::Resnet10 => "resnet10",
+            ModelKind::Resnet18 => "resnet18",
+            ModelKind::Resnet50 => "resnet50",
         }
     }
+}
+
+/// The input stem of a ResNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stem {
+    /// torchvision's stem: 7x7 stride-2 conv + BatchNorm + ReLU + 3x3 stride-2 max pool
+    /// (REST's code).
+    Imagenet,
+    /// The CIFAR stem: 3x3 stride-1 conv + BatchNorm + ReLU, no max pool.
+    Cifar,
 }
 
 /// How bias-conflicting samples are up-weighted.
@@ -86,6 +106,11 @@ pub struct TrainConfig {
 
     // --- model and optimisation ---
     pub model: ModelKind,
+    /// ResNet width: channels of the first stage (stages have w, 2w, 4w, 8w); 64 is
+    /// torchvision's ResNet.
+    pub width: usize,
+    /// ResNet input stem.
+    pub stem: Stem,
     pub epochs: usize,
     pub batch_size: usize,
     pub lr: f64,
@@ -133,6 +158,8 @@ impl Default for TrainConfig {
             valid_size: 1000,
             test_size: 2000,
             model: ModelKind::Cnn,
+            width: 64,
+            stem: Stem::Imagenet,
             epochs: 20,
             batch_size: 256,
             lr: 0.01,
@@ -231,6 +258,10 @@ impl TrainConfig {
                 format!("--upweight must be a positive number (1 = no re-weighting), got {u}"),
             )?;
         }
+        check(
+            self.width >= 1,
+            "--width must be at least 1 (64 = torchvision's ResNet)".into(),
+        )?;
         check(self.epochs >= 1, "--epochs must be at least 1".into())?;
         check(
             self.batch_size >= 1,

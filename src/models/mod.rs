@@ -4,8 +4,9 @@
 
 pub mod cnn;
 pub mod mlp;
+pub mod resnet;
 
-use crate::config::ModelKind;
+use crate::config::{ModelKind, Stem, TrainConfig};
 use crate::nn::{Buffer, Param, ParamKind};
 use crate::util::Rng;
 use anyhow::{bail, Result};
@@ -48,9 +49,39 @@ pub trait Model: Send + Sync {
     }
 }
 
+/// What `build` constructs: the architecture and, for ResNets, its width and stem (ignored
+/// by the other models). A bare `ModelKind` converts with ResNet defaults (width 64,
+/// ImageNet stem); a `&TrainConfig` converts with its `model`, `width` and `stem`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub kind: ModelKind,
+    pub width: usize,
+    pub stem: Stem,
+}
+
+impl From<ModelKind> for ModelSpec {
+    fn from(kind: ModelKind) -> Self {
+        Self {
+            kind,
+            width: 64,
+            stem: Stem::Imagenet,
+        }
+    }
+}
+
+impl From<&TrainConfig> for ModelSpec {
+    fn from(cfg: &TrainConfig) -> Self {
+        Self {
+            kind: cfg.model,
+            width: cfg.width,
+            stem: cfg.stem,
+        }
+    }
+}
+
 /// Builds a freshly initialised model for images of `input = (channels, height, width)`.
 pub fn build(
-    kind: ModelKind,
+    spec: impl Into<ModelSpec>,
     input: (usize, usize, usize),
     num_classes: usize,
     rng: &mut Rng,
@@ -59,7 +90,8 @@ pub fn build(
     if num_classes < 2 {
         bail!("a classifier needs at least 2 classes, the dataset has {num_classes}");
     }
-    Ok(match kind {
+    let spec = spec.into();
+    Ok(match spec.kind {
         ModelKind::Cnn => Box::new(cnn::Cnn::new(input.0, num_classes, rng, device)?),
         ModelKind::Mlp => Box::new(mlp::Mlp::new(
             input.0 * input.1 * input.2,
@@ -67,5 +99,8 @@ pub fn build(
             rng,
             device,
         )?),
+        ModelKind::Resnet10 | ModelKind::Resnet18 | ModelKind::Resnet50 => Box::new(
+            resnet::ResNet::from_spec(&spec, input, num_classes, rng, device)?,
+        ),
     })
 }

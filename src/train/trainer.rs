@@ -331,7 +331,7 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
 
     let mut init_rng = util::rng(cfg.seed, 1);
     let input = (ds.train.channels, ds.train.height, ds.train.width);
-    let model = models::build(cfg.model, input, ds.num_classes, &mut init_rng, &dev)?;
+    let model = models::build(cfg, input, ds.num_classes, &mut init_rng, &dev)?;
     let weights = model.weights();
     let mut opt = Sgd::new(model.params(), cfg.lr, cfg.momentum, cfg.weight_decay);
     let weight_index: Vec<usize> = {
