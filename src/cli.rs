@@ -2,6 +2,7 @@
 //! into one `TrainConfig` (defaults < config file < flags). `main.rs` only dispatches.
 
 use crate::config::{KernelMode, ModelKind, ReweightMode, Stem, TrainConfig};
+use crate::sparse::{DeathMode, DecaySchedule, GrowthMode, Redistribution, SparseInit};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -25,7 +26,6 @@ pub struct Cli {
 // Parsed once per process: the size of the `Train` variant does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
-#[allow(clippy::large_enum_variant)] // parsed once; boxing would only add noise
 pub enum Command {
     /// Train a model with REST (defaults: CNN, built-in Colored MNIST at 5 % conflicting,
     /// density 0.05, lambda 80).
@@ -167,6 +167,34 @@ pub struct TrainArgs {
     /// ignored.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+    /// Initial layer densities: erk, er, uniform, uniform-plus, or masks from scores: snip,
+    /// grasp, global-magnitude.
+    #[arg(long, value_enum)]
+    pub sparse_init: Option<SparseInit>,
+    /// Keep the first masked layer dense (the others rescaled so the density stays).
+    #[arg(long)]
+    pub dense_first_layer: bool,
+    /// Which weights a mask update drops: magnitude, set, threshold, taylor.
+    #[arg(long, value_enum)]
+    pub death: Option<DeathMode>,
+    /// |w| below which `--death threshold` drops a weight.
+    #[arg(long, value_name = "T")]
+    pub death_threshold: Option<f64>,
+    /// Which positions a mask update regrows: gradient, momentum, random, random-unfired.
+    #[arg(long, value_enum)]
+    pub growth: Option<GrowthMode>,
+    /// Split of the regrowth between layers: none, momentum, magnitude, nonzeros.
+    #[arg(long, value_enum)]
+    pub redistribution: Option<Redistribution>,
+    /// Prune-rate decay: cosine or linear.
+    #[arg(long, value_enum)]
+    pub decay_schedule: Option<DecaySchedule>,
+    /// Fraction of training after which masks freeze, in (0, 1].
+    #[arg(long, value_name = "F")]
+    pub update_end: Option<f64>,
+    /// Static sparse training: never update the masks.
+    #[arg(long)]
+    pub fix: bool,
     /// Run directory (default runs/<timestamp>-<config>/).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -217,8 +245,17 @@ impl TrainArgs {
             update_frequency,
             prune_rate,
             erk_power_scale,
-            kernels
+            kernels,
+            sparse_init,
+            death,
+            death_threshold,
+            growth,
+            redistribution,
+            decay_schedule,
+            update_end
         );
+        cfg.dense_first_layer |= self.dense_first_layer;
+        cfg.fix |= self.fix;
         if let Some(u) = self.upweight {
             cfg.upweight = Some(u);
         }

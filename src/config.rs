@@ -6,6 +6,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+use crate::sparse::{DeathMode, DecaySchedule, DstOptions, GrowthMode, Redistribution, SparseInit};
+
 /// Network architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -140,6 +142,16 @@ pub struct TrainConfig {
     pub erk_power_scale: f64,
     /// Dense or sparse kernels for sparse layers.
     pub kernels: KernelMode,
+    /// Dynamic-sparse-training modes (see `crate::sparse::DstOptions` for each meaning).
+    pub sparse_init: SparseInit,
+    pub dense_first_layer: bool,
+    pub death: DeathMode,
+    pub death_threshold: f64,
+    pub growth: GrowthMode,
+    pub redistribution: Redistribution,
+    pub decay_schedule: DecaySchedule,
+    pub update_end: f64,
+    pub fix: bool,
 
     // --- run ---
     /// Run directory; default `runs/<timestamp>-<short-config>/`.
@@ -176,6 +188,15 @@ impl Default for TrainConfig {
             final_prune_rate: 0.005,
             erk_power_scale: 1.0,
             kernels: KernelMode::Auto,
+            sparse_init: DstOptions::default().sparse_init,
+            dense_first_layer: false,
+            death: DstOptions::default().death,
+            death_threshold: DstOptions::default().death_threshold,
+            growth: DstOptions::default().growth,
+            redistribution: DstOptions::default().redistribution,
+            decay_schedule: DstOptions::default().decay_schedule,
+            update_end: 1.0,
+            fix: false,
             out: None,
             threads: None,
         }
@@ -223,6 +244,21 @@ impl TrainConfig {
     /// True when dynamic sparse training is on.
     pub fn sparse(&self) -> bool {
         self.density < 1.0
+    }
+
+    /// The sparse engine's mode choices.
+    pub fn dst_options(&self) -> DstOptions {
+        DstOptions {
+            sparse_init: self.sparse_init,
+            dense_first_layer: self.dense_first_layer,
+            death: self.death,
+            death_threshold: self.death_threshold,
+            growth: self.growth,
+            redistribution: self.redistribution,
+            decay_schedule: self.decay_schedule,
+            update_end: self.update_end,
+            fix: self.fix,
+        }
     }
 
     /// Checks every value; the error names the flag and the accepted range.
@@ -307,6 +343,14 @@ impl TrainConfig {
                 "--erk-power-scale must be >= 0, got {}",
                 self.erk_power_scale
             ),
+        )?;
+        let dst = self.dst_options();
+        dst.validate()?;
+        check(
+            !dst.needs_momentum() || self.momentum > 0.0,
+            "--growth momentum and --redistribution momentum read the momentum buffers; set \
+             --momentum > 0"
+                .into(),
         )?;
         check(self.train_size >= 1, "train_size must be at least 1".into())?;
         check(self.valid_size >= 1, "valid_size must be at least 1".into())?;

@@ -54,7 +54,7 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     // Interrupt a second run with SIGINT once its first checkpoint exists (mid-epoch 2 or
     // later), then resume it.
     let cut = tmp.path().join("cut");
-    let mut child = rest()
+    let child = rest()
         .args([
             "train",
             "--config",

@@ -1,20 +1,31 @@
-//! Dynamic sparse training: owns the weight masks (initial ERK densities, prune/grow updates,
-//! the prune-rate schedule) and nothing else. Models and the training loop ask it for masks.
+//! Dynamic sparse training: owns the weight masks (initial per-layer densities, prune/grow
+//! updates, the prune-rate schedule, ever-active masks and the update history) and nothing
+//! else. Models and the training loop ask it for masks.
 //!
 //! The module is pure host code on `f32` slices: on a mask-update step the training loop copies
-//! the masked layers' weights and gradients to host memory, calls [`SparseEngine::update`],
-//! copies the weights back and multiplies the new masks in.
+//! the masked layers' weights, gradients (and momentum buffers, for the modes that read them)
+//! to host memory, calls [`SparseEngine::update_with`], copies them back and multiplies the new
+//! masks in.
 //!
-//! - [`erk`]: layer shapes, Erdős–Rényi-Kernel (ERK) per-layer densities, exact counts.
-//! - [`schedule`]: the cosine-decayed prune rate.
-//! - [`engine`]: the masks and the RigL prune (smallest |w|) / regrow (largest |grad|) update.
+//! - [`modes`]: the mode choices (init, death, growth, redistribution, schedule) and defaults.
+//! - [`erk`]: layer shapes, ERK / ER / uniform / uniform-plus densities, exact counts.
+//! - [`schedule`]: the cosine- or linearly-decayed prune rate.
+//! - [`engine`]: the masks and the update (RigL, SET, SNFS, ITOP), history and CSV report.
 
 pub mod engine;
 pub mod erk;
 pub mod flops;
+pub mod modes;
+mod redistribute;
 pub mod schedule;
 mod select;
 
-pub use engine::{SparseConfig, SparseEngine, UpdateStats};
-pub use erk::{erk_densities, layer_counts, LayerShape};
-pub use schedule::CosineDecay;
+pub use engine::{
+    grasp_scores, magnitude_scores, snip_scores, MaskRecord, SparseConfig, SparseEngine,
+    UpdateInputs, UpdateStats,
+};
+pub use erk::{
+    erk_densities, init_densities, layer_counts, LayerShape, UNIFORM_PLUS_MIN_CLASSIFIER,
+};
+pub use modes::{DeathMode, DecaySchedule, DstOptions, GrowthMode, Redistribution, SparseInit};
+pub use schedule::{CosineDecay, LinearDecay, PruneSchedule};
