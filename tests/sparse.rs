@@ -451,9 +451,11 @@ fn update_frequency_scaled_for_short_runs() {
             .unwrap()
             .update_frequency()
     };
-    assert_eq!(freq(1000, 10_000), 1000); // 10 updates: kept
-    assert_eq!(freq(1000, 9_999), 999); // 9 would be too few: 9999 / 10
-    assert_eq!(freq(1000, 50), 5);
+    // Updates happen at multiples of the frequency strictly before the last step.
+    assert_eq!(freq(1000, 10_001), 1000); // 1000..=10000: 10 updates, kept
+    assert_eq!(freq(1000, 10_000), 999); // only 9 fit before step 10000: 9999 / 10
+    assert_eq!(freq(1000, 9_999), 999); // 9998 / 10
+    assert_eq!(freq(1000, 50), 4); // 49 / 10: updates at 4, 8, ..., 48
     assert_eq!(freq(1000, 5), 1);
     assert_eq!(freq(3, 5), 1);
     assert_eq!(freq(1, 5), 1);
@@ -463,9 +465,9 @@ fn update_frequency_scaled_for_short_runs() {
 fn is_update_step_rules() {
     let l = vec![LayerShape::new("w", &[20, 20])];
     let e = SparseEngine::new(l.clone(), cfg(0.5, 0.5, 0.0, 1000, 50), &mut rng(0, 0)).unwrap();
-    assert_eq!(e.update_frequency(), 5);
+    assert_eq!(e.update_frequency(), 4);
     let steps: Vec<usize> = (0..=60).filter(|&s| e.is_update_step(s)).collect();
-    assert_eq!(steps, vec![5, 10, 15, 20, 25, 30, 35, 40, 45]);
+    assert_eq!(steps, (1..=12).map(|k| 4 * k).collect::<Vec<_>>());
     // All dense: never.
     let dense = SparseEngine::new(l, cfg(1.0, 0.5, 0.0, 5, 50), &mut rng(0, 0)).unwrap();
     assert!((0..=60).all(|s| !dense.is_update_step(s)));

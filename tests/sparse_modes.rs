@@ -849,14 +849,15 @@ fn linear_schedule_and_update_end() {
     ] {
         assert_eq!(e.is_update_step(step), yes, "step {step}");
     }
-    // The frequency is scaled for the update window: 500 steps / 100 = 5 updates < 10.
+    // The frequency is scaled for the update window: only 4 updates (100..400) fit before
+    // step 500, so the frequency becomes 499 / 10 = 49.
     let opts = DstOptions {
         update_end: 0.5,
         ..Default::default()
     };
     let e = SparseEngine::with_options(cnn(), cfg(0.05, 0.5, 0.1, 100, 1000), opts, &mut rng(1, 2))
         .unwrap();
-    assert_eq!(e.update_frequency(), 50);
+    assert_eq!(e.update_frequency(), 49);
     // Defaults reproduce the old engine: cosine over the whole run.
     let e = SparseEngine::new(cnn(), cfg(0.05, 0.5, 0.1, 10, 1000), &mut rng(1, 2)).unwrap();
     assert_eq!(e.update_end_step(), 1000);

@@ -126,8 +126,8 @@ pub struct SparseEngine {
 impl SparseEngine {
     /// Draws the initial masks: layer l gets exactly `layer_counts[l]` active positions (ERK
     /// densities for `cfg.density`), chosen uniformly at random. If
-    /// `total_steps / update_frequency < 10`, the frequency is scaled down to
-    /// `max(1, total_steps / 10)` and a `tracing::info!` line says so. Same as
+    /// fewer than 10 updates fit before the last step, the frequency is scaled down to
+    /// `max(1, (total_steps - 1) / 10)` and a `tracing::info!` line says so. Same as
     /// [`Self::with_options`] with [`DstOptions::default`].
     pub fn new(layers: Vec<LayerShape>, cfg: SparseConfig, rng: &mut Rng) -> Result<Self> {
         Self::with_options(layers, cfg, DstOptions::default(), rng)
@@ -300,14 +300,16 @@ impl SparseEngine {
         let end_step =
             ((opts.update_end * cfg.total_steps as f64).round() as usize).min(cfg.total_steps);
         let mut update_frequency = cfg.update_frequency;
-        if !opts.fix && end_step / update_frequency < MIN_UPDATES_PER_RUN {
-            let scaled = (end_step / MIN_UPDATES_PER_RUN).max(1);
+        // Updates happen at multiples of the frequency strictly before the end of the window.
+        let window = end_step.saturating_sub(1);
+        if !opts.fix && window / update_frequency < MIN_UPDATES_PER_RUN {
+            let scaled = (window / MIN_UPDATES_PER_RUN).max(1);
             if scaled != update_frequency {
                 tracing::info!(
                     "sparse: an update window of {} steps would update the masks only {} times \
                      every {} steps; updating every {} steps instead",
                     end_step,
-                    end_step / update_frequency,
+                    window / update_frequency,
                     update_frequency,
                     scaled
                 );
@@ -573,6 +575,10 @@ impl SparseEngine {
             grads,
             mut momentum,
         } = inputs;
+        // Random growth draws from a stream derived from the engine's seed and the step, so
+        // an update does not depend on the updates before it (exact checkpoint resume).
+        let mut rng = self.rng.clone();
+        rng.set_stream(step as u64);
         self.check_inputs(weights, grads, momentum.as_deref())?;
         let nl = self.layers.len();
         let prune_rate = self.prune_rate(step);
@@ -661,17 +667,17 @@ impl SparseEngine {
                     }
                     None => Vec::new(),
                 },
-                GrowthMode::Random => sample_from(&mut self.rng, off, gl),
+                GrowthMode::Random => sample_from(&mut rng, off, gl),
                 GrowthMode::RandomUnfired => {
                     let fired = &self.fired[l];
                     let (unfired, seen): (Vec<usize>, Vec<usize>) =
                         off.iter().partition(|&&i| !fired[i]);
                     if unfired.len() >= gl {
-                        sample_from(&mut self.rng, &unfired, gl)
+                        sample_from(&mut rng, &unfired, gl)
                     } else {
                         let mut all = unfired;
                         let rest = gl - all.len();
-                        all.extend(sample_from(&mut self.rng, &seen, rest));
+                        all.extend(sample_from(&mut rng, &seen, rest));
                         all
                     }
                 }

@@ -79,6 +79,8 @@ pub struct CheckpointTensors<'a> {
     pub momentum: Vec<Option<Tensor>>,
     /// Per maskable weight name: its 0/1 mask.
     pub masks: Vec<(String, Vec<bool>)>,
+    /// Per maskable weight name: which positions were ever active (ITOP).
+    pub fired: Vec<(String, Vec<bool>)>,
 }
 
 /// Writes a checkpoint into `dir` atomically.
@@ -93,10 +95,12 @@ pub fn save(dir: &Path, state: &LoopState, t: &CheckpointTensors, dev: &Device) 
     for b in &t.buffers {
         map.insert(format!("buffer.{}", b.name), b.tensor.copy()?);
     }
-    for (name, m) in &t.masks {
-        let bytes: Vec<u8> = m.iter().map(|&b| b as u8).collect();
-        let n = bytes.len();
-        map.insert(format!("mask.{name}"), Tensor::from_vec(bytes, n, dev)?);
+    for (prefix, list) in [("mask", &t.masks), ("mask.fired", &t.fired)] {
+        for (name, m) in list {
+            let bytes: Vec<u8> = m.iter().map(|&b| b as u8).collect();
+            let n = bytes.len();
+            map.insert(format!("{prefix}.{name}"), Tensor::from_vec(bytes, n, dev)?);
+        }
     }
     map.insert("meta.step".into(), Tensor::new(&[state.step as u32], dev)?);
     output::save_safetensors(&dir.join(TENSORS_FILE), &map)?;

@@ -18,7 +18,7 @@ use crate::kernels::SparseWeight;
 use crate::models::{self, Model};
 use crate::nn::{Buffer, Param};
 use crate::sparse::flops::{FlopsTable, TrainFlops};
-use crate::sparse::{LayerShape, SparseConfig, SparseEngine};
+use crate::sparse::{LayerShape, SparseConfig, SparseEngine, SparseInit, UpdateInputs};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -60,6 +60,8 @@ pub struct Summary {
     pub steps: usize,
     pub update_frequency: Option<usize>,
     pub mask_updates: usize,
+    /// ITOP exploration rate: the share of maskable weights that were ever active.
+    pub itop_rate: Option<f64>,
     pub wall_time_s: f64,
     pub train_samples_per_s: f64,
     /// Inference FLOPs per sample of the final net, of the dense net, and their ratio.
@@ -289,6 +291,94 @@ fn load_snapshot(path: &Path, model: &dyn Model, sparse: bool, dev: &Device) -> 
     })
 }
 
+/// Number of training batches that score-based initialisations (SNIP, GraSP) average over.
+const SCORE_BATCHES: usize = 3;
+
+/// Per-weight scores for a score-based sparse initialisation: SNIP |w * g| and GraSP w * Hg
+/// (Hessian-gradient product by a finite difference of gradients) summed over a few training
+/// batches, or |w| for global magnitude. Weights and BatchNorm statistics are left unchanged.
+fn init_scores(
+    model: &dyn Model,
+    weights: &[Param],
+    train: &Split,
+    cfg: &TrainConfig,
+    dev: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let w0: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|p| host(p.var.as_tensor()))
+        .collect::<Result<_>>()?;
+    if cfg.sparse_init == SparseInit::GlobalMagnitude {
+        return Ok(crate::sparse::magnitude_scores(&w0));
+    }
+    let saved = model.buffers()?;
+    let grads_at = |x: &Tensor, y: &Tensor| -> Result<Vec<Vec<f32>>> {
+        let logits = model.forward(x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+        let g = loss.backward()?;
+        weights
+            .iter()
+            .map(|p| match g.get(p.var.as_tensor()) {
+                Some(t) => host(t),
+                None => Ok(vec![0.0; p.var.elem_count()]),
+            })
+            .collect()
+    };
+    let mut rng = util::rng(cfg.seed, 4);
+    let order = shuffled(train.len(), &mut rng);
+    let mut buf = Vec::new();
+    let mut total: Vec<Vec<f32>> = w0.iter().map(|w| vec![0.0; w.len()]).collect();
+    for idx in order.chunks(cfg.batch_size).take(SCORE_BATCHES) {
+        let x = batch_tensor(train, idx, &mut buf, dev)?;
+        let y: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
+        let y = Tensor::new(y.as_slice(), dev)?;
+        let g0 = grads_at(&x, &y)?;
+        let s = if cfg.sparse_init == SparseInit::Grasp {
+            // Hg ~ (grad(w + h g) - grad(w)) / h, with the step h g of L2 norm 1e-2.
+            let norm = g0
+                .iter()
+                .flatten()
+                .map(|v| (*v as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let h = 1e-2 / norm.max(1e-12);
+            for ((p, w), g) in weights.iter().zip(&w0).zip(&g0) {
+                let moved: Vec<f32> = w
+                    .iter()
+                    .zip(g)
+                    .map(|(w, g)| w + (h * *g as f64) as f32)
+                    .collect();
+                p.var.set(&Tensor::from_vec(moved, p.var.shape(), dev)?)?;
+            }
+            let g1 = grads_at(&x, &y)?;
+            for (p, w) in weights.iter().zip(&w0) {
+                p.var.set(&Tensor::from_slice(w, p.var.shape(), dev)?)?;
+            }
+            let hg: Vec<Vec<f32>> = g1
+                .iter()
+                .zip(&g0)
+                .map(|(a, b)| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(a, b)| ((*a - *b) as f64 / h) as f32)
+                        .collect()
+                })
+                .collect();
+            crate::sparse::grasp_scores(&w0, &hg)
+        } else {
+            crate::sparse::snip_scores(&w0, &g0)
+        };
+        for (t, s) in total.iter_mut().zip(s) {
+            for (t, s) in t.iter_mut().zip(s) {
+                *t += s;
+            }
+        }
+    }
+    model.set_buffers(&saved)?;
+    Ok(total)
+}
+
 /// Runs a complete REST training run as configured; writes the run directory.
 pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     run(cfg, false)
@@ -364,8 +454,14 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
             total_steps,
             erk_power_scale: cfg.erk_power_scale,
         };
+        let opts = cfg.dst_options();
         let mut mask_rng = util::rng(cfg.seed, 2);
-        Some(SparseEngine::new(shapes, scfg, &mut mask_rng)?)
+        Some(if opts.sparse_init.is_score_based() {
+            let scores = init_scores(model.as_ref(), &weights, &ds.train, cfg, &dev)?;
+            SparseEngine::new_from_scores(shapes, scfg, opts, &scores, &mut mask_rng)?
+        } else {
+            SparseEngine::with_options(shapes, scfg, opts, &mut mask_rng)?
+        })
     } else {
         None
     };
@@ -473,6 +569,16 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
                 })?);
             }
             e.set_masks_from(ms)?;
+            let mut fired = Vec::new();
+            for p in &weights {
+                fired.push(
+                    ck.mask(&format!("fired.{}", p.name), p.var.elem_count())?
+                        .with_context(|| {
+                            format!("the checkpoint has no ITOP mask for {}", p.name)
+                        })?,
+                );
+            }
+            e.set_fired_masks(fired)?;
             masks = mask_tensors(e, &weights, &dev)?;
             on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
         }
@@ -512,6 +618,14 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
                     .iter()
                     .map(|p| p.name.clone())
                     .zip(e.masks_bool())
+                    .collect(),
+                None => Vec::new(),
+            },
+            fired: match engine {
+                Some(e) => weights
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .zip(e.fired_masks().to_vec())
                     .collect(),
                 None => Vec::new(),
             },
@@ -587,14 +701,6 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
 
             if let Some(e) = engine.as_mut() {
                 if e.is_update_step(st.step) {
-                    // Zero the momentum of every position inactive before this update, so a
-                    // regrown weight starts from zero momentum (the dense gradient of this
-                    // step reached it).
-                    for (l, mk) in masks.iter().enumerate() {
-                        if weight_index[l] != usize::MAX {
-                            opt.mask_momentum(weight_index[l], mk)?;
-                        }
-                    }
                     let mut w_host: Vec<Vec<f32>> = weights
                         .iter()
                         .map(|p| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?))
@@ -606,9 +712,37 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
                             None => Ok(vec![0.0; p.var.elem_count()]),
                         })
                         .collect::<Result<_>>()?;
-                    let stats = e.update(st.step, &mut w_host, &g_host)?;
-                    for (p, w) in weights.iter().zip(w_host) {
+                    // Momentum before masking: at inactive positions it holds this step's dense
+                    // gradient (what `--growth momentum` ranks); the engine zeroes the dropped
+                    // and regrown positions, so a regrown weight starts from zero momentum.
+                    let mut m_host: Vec<Vec<f32>> = weights
+                        .iter()
+                        .enumerate()
+                        .map(|(l, p)| match opt.momentum_buffer(weight_index[l]) {
+                            Some(m) => Ok(m.flatten_all()?.to_vec1::<f32>()?),
+                            None => Ok(vec![0.0; p.var.elem_count()]),
+                        })
+                        .collect::<Result<_>>()?;
+                    let stats = e.update_with(
+                        st.step,
+                        UpdateInputs {
+                            weights: &mut w_host,
+                            grads: &g_host,
+                            momentum: Some(&mut m_host),
+                        },
+                    )?;
+                    for (l, (p, (w, m))) in weights
+                        .iter()
+                        .zip(w_host.into_iter().zip(m_host))
+                        .enumerate()
+                    {
                         p.var.set(&Tensor::from_vec(w, p.var.shape(), &dev)?)?;
+                        if opt.momentum_buffer(weight_index[l]).is_some() {
+                            opt.set_momentum_buffer(
+                                weight_index[l],
+                                Tensor::from_vec(m, p.var.shape(), &dev)?,
+                            )?;
+                        }
                     }
                     masks = mask_tensors(e, &weights, &dev)?;
                     on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
@@ -702,6 +836,9 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
             });
         }
         output::write_metrics(&run_dir, &st.rows)?;
+        if let Some(e) = &engine {
+            util::write_atomic(&run_dir.join("masks.csv"), e.masks_csv().as_bytes())?;
+        }
         let improved = st.selector.observe(epoch, &valid_m);
         if improved {
             let snap = snapshot(model.as_ref(), engine.as_ref())?;
@@ -790,6 +927,7 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         steps: st.step,
         update_frequency: engine.as_ref().map(|e| e.update_frequency()),
         mask_updates: st.mask_updates,
+        itop_rate: engine.as_ref().map(|e| e.itop_rate()),
         wall_time_s: start.elapsed().as_secs_f64(),
         train_samples_per_s: st.samples_seen as f64 / st.train_time.max(1e-9),
         infer_flops: flops_now.sparse,
