@@ -1,7 +1,7 @@
 //! Fully connected layer: y = x W^T + b, weight [out, in] as in PyTorch; dense or sparse
 //! kernel depending on the layer's sparse slot.
 
-use super::{init, slot_weight, Param, ParamKind, SparseSlot};
+use super::{init, slot_weight, Param, SparseSlot};
 use crate::kernels;
 use crate::util::Rng;
 use anyhow::Result;
@@ -55,20 +55,6 @@ impl Linear {
     }
 
     pub fn params(&self) -> Vec<Param> {
-        let mut p = vec![Param {
-            name: format!("{}.weight", self.name),
-            var: self.weight.clone(),
-            kind: ParamKind::Weight,
-            slot: Some(self.slot.clone()),
-        }];
-        if let Some(b) = &self.bias {
-            p.push(Param {
-                name: format!("{}.bias", self.name),
-                var: b.clone(),
-                kind: ParamKind::Other,
-                slot: None,
-            });
-        }
-        p
+        super::weight_and_bias_params(&self.name, &self.weight, self.bias.as_ref(), &self.slot)
     }
 }

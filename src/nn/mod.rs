@@ -50,3 +50,28 @@ pub struct Buffer {
     pub name: String,
     pub tensor: Tensor,
 }
+
+/// The parameters of a conv/linear layer: its maskable weight (with the layer's sparse slot)
+/// and its optional bias.
+pub(crate) fn weight_and_bias_params(
+    layer: &str,
+    weight: &Var,
+    bias: Option<&Var>,
+    slot: &SparseSlot,
+) -> Vec<Param> {
+    let mut p = vec![Param {
+        name: format!("{layer}.weight"),
+        var: weight.clone(),
+        kind: ParamKind::Weight,
+        slot: Some(slot.clone()),
+    }];
+    if let Some(b) = bias {
+        p.push(Param {
+            name: format!("{layer}.bias"),
+            var: b.clone(),
+            kind: ParamKind::Other,
+            slot: None,
+        });
+    }
+    p
+}
