@@ -30,6 +30,8 @@ pub enum Command {
     /// Dataset utilities.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Time training steps and inference per model and density (sparse vs dense kernels).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]

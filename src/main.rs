@@ -37,6 +37,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("run directory: {}", out.run_dir.display());
             Ok(())
         }
+        Command::Bench(args) => rest::bench::main(&args),
         Command::Data(DataCommand::Export(args)) => {
             let cfg = args.data.base_config()?;
             cfg.validate()?;
