@@ -80,6 +80,11 @@ pub struct BenchRecord {
     /// Our dense median over this median for the same model and mode (> 1: faster than
     /// dense); null when density 1 was not measured.
     pub ratio_vs_dense: Option<f64>,
+    /// Train mode: medians of the step's phases, ms: forward with the loss, backward, and
+    /// the SGD step with the masks.
+    pub forward_ms: Option<f64>,
+    pub backward_ms: Option<f64>,
+    pub optim_ms: Option<f64>,
     /// Training steps per second (train mode only).
     pub steps_per_s: Option<f64>,
     pub images_per_s: f64,
@@ -215,8 +220,10 @@ fn setup(
     })
 }
 
-/// One training step as the trainer runs it between mask updates.
-fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor) -> Result<()> {
+/// One training step as the trainer runs it between mask updates; pushes the milliseconds of
+/// its phases (forward with the loss, backward, SGD step with the masks) to `phases`.
+fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor, phases: &mut [Vec<f64>; 3]) -> Result<()> {
+    let t0 = Instant::now();
     let logits = s.model.forward(x, true)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let loss = logp
@@ -228,7 +235,9 @@ fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor) -> Result<()> {
     if !loss_v.is_finite() {
         bail!("the benchmark loss became {loss_v}");
     }
+    let t1 = Instant::now();
     let grads = loss.backward()?;
+    let t2 = Instant::now();
     s.opt.step(&grads)?;
     if !s.masks.is_empty() {
         let weights = s.model.weights();
@@ -242,6 +251,10 @@ fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor) -> Result<()> {
         )?;
     }
     black_box(loss_v);
+    let t3 = Instant::now();
+    for (v, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+        v.push((b - a).as_secs_f64() * 1e3);
+    }
     Ok(())
 }
 
@@ -278,12 +291,21 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                 "dense".to_string()
             };
             for (m, mode) in ["train", "infer"].into_iter().enumerate() {
+                let mut phases: [Vec<f64>; 3] = Default::default();
                 let mut ms = if m == 0 {
-                    time_it(args.warmup, args.steps, || train_step(&mut s, &x, &y))?
+                    time_it(args.warmup, args.steps, || {
+                        train_step(&mut s, &x, &y, &mut phases)
+                    })?
                 } else {
                     time_it(args.warmup, args.steps, || infer_step(&s, &x))?
                 };
                 let (median, min, max) = stats(&mut ms);
+                // Phase medians over the timed steps only (the warm-up steps come first).
+                let mut phase = |i: usize| -> Option<f64> {
+                    let v = &mut phases[i];
+                    (v.len() >= args.steps).then(|| stats(&mut v[args.warmup..]).0)
+                };
+                let (forward_ms, backward_ms, optim_ms) = (phase(0), phase(1), phase(2));
                 if density == 1.0 {
                     dense_ms[m] = Some(median);
                 }
@@ -302,6 +324,9 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                     min_ms: min,
                     max_ms: max,
                     ratio_vs_dense: dense_ms[m].map(|d| d / median),
+                    forward_ms,
+                    backward_ms,
+                    optim_ms,
                     steps_per_s: (m == 0).then(|| 1e3 / median),
                     images_per_s: batch as f64 * 1e3 / median,
                     peak_rss_mib: peak_rss_mib(),
@@ -327,6 +352,7 @@ pub fn table(records: &[BenchRecord]) -> String {
         "vs dense",
         "steps/s",
         "images/s",
+        "fwd/bwd/opt ms",
     ];
     let mut rows: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
     for r in records {
@@ -345,6 +371,10 @@ pub fn table(records: &[BenchRecord]) -> String {
                 .map(|v| format!("{v:.1}"))
                 .unwrap_or_else(|| "-".into()),
             format!("{:.0}", r.images_per_s),
+            match (r.forward_ms, r.backward_ms, r.optim_ms) {
+                (Some(f), Some(b), Some(o)) => format!("{f:.1}/{b:.1}/{o:.1}"),
+                _ => "-".into(),
+            },
         ]);
     }
     let widths: Vec<usize> = (0..head.len())
@@ -455,6 +485,20 @@ mod tests {
             assert!(median > 0.0, "{line}");
             let (lo, hi) = (v["min_ms"].as_f64(), v["max_ms"].as_f64());
             assert!(lo <= Some(median) && Some(median) <= hi, "{line}");
+            if v["mode"] == "train" {
+                // The phases partition the step. With 2 timed steps a median is a mean, so
+                // the phase medians sum to the mean step time (less the timer overhead).
+                let parts: Vec<f64> = ["forward_ms", "backward_ms", "optim_ms"]
+                    .iter()
+                    .map(|k| v[*k].as_f64().unwrap_or(-1.0))
+                    .collect();
+                assert!(parts.iter().all(|&p| p > 0.0), "{line}");
+                let sum: f64 = parts.iter().sum();
+                assert!(sum <= hi.unwrap_or(0.0), "{line}");
+                assert!(sum >= 0.8 * lo.unwrap_or(f64::MAX), "{line}");
+            } else {
+                assert!(v["forward_ms"].is_null(), "{line}");
+            }
             let ratio = v["ratio_vs_dense"].as_f64().unwrap_or(-1.0);
             let density = v["density"].as_f64().unwrap_or(-1.0);
             let kernels = v["kernels"].as_str().unwrap_or("");
