@@ -120,11 +120,13 @@ fn validate(args: &BenchArgs) -> Result<Vec<f64>> {
     Ok(ds)
 }
 
-/// Default batch and input `(channels, height, width)` of a model.
+/// Default batch and input `(channels, height, width)` of a model: 256 Colored-MNIST images
+/// for the CNN and the MLP, 64 CIFAR-sized images for ResNets.
 fn model_defaults(kind: ModelKind) -> (usize, (usize, usize, usize)) {
-    match kind.as_str() {
-        "resnet18" => (64, (3, 32, 32)),
-        _ => (256, (3, 28, 28)),
+    if kind.as_str().starts_with("resnet") {
+        (64, (3, 32, 32))
+    } else {
+        (256, (3, 28, 28))
     }
 }
 
@@ -410,6 +412,14 @@ pub fn table(records: &[BenchRecord]) -> String {
 /// `rest bench`: runs the benchmark and prints JSON lines (as they finish) or a table.
 pub fn main(args: &BenchArgs) -> Result<()> {
     validate(args)?;
+    if let Some(n) = args.threads {
+        // candle's element-wise ops run on their own pool, sized from this variable when it
+        // first starts (which has not happened yet): without it `--threads` would cap only
+        // our kernels.
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        }
+    }
     util::set_threads(args.threads)?;
     let json = args.json;
     let mut err = None;
