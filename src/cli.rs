@@ -36,6 +36,8 @@ pub enum Command {
     /// Print per-layer densities and inference FLOPs of a model at a density, without
     /// training.
     Flops(FlopsArgs),
+    /// Time training steps and inference per model and density (sparse vs dense kernels).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]

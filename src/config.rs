@@ -64,7 +64,9 @@ pub enum ReweightMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum KernelMode {
-    /// Sparse kernels for layers at or below `AUTO_SPARSE_MAX_DENSITY`, dense above.
+    /// Sparse kernels for convolutions at or below `AUTO_SPARSE_MAX_DENSITY`, dense kernels
+    /// above it and for linear layers (whose sparse path, with its transposes, measured slower
+    /// than the dense GEMM at the sizes of our models; see `rest bench`).
     Auto,
     /// Dense kernels with the mask multiplied in (what public DST code does).
     Dense,
@@ -77,12 +79,13 @@ pub enum KernelMode {
 pub const AUTO_SPARSE_MAX_DENSITY: f64 = 0.3;
 
 impl KernelMode {
-    /// Whether a layer of `density` runs on the sparse kernels.
-    pub fn sparse_for(self, density: f64) -> bool {
+    /// Whether a layer of `density` runs on the sparse kernels (`conv`: a convolution, else
+    /// a linear layer).
+    pub fn sparse_for(self, density: f64, conv: bool) -> bool {
         match self {
             KernelMode::Dense => false,
             KernelMode::Sparse => density < 1.0,
-            KernelMode::Auto => density <= AUTO_SPARSE_MAX_DENSITY,
+            KernelMode::Auto => conv && density <= AUTO_SPARSE_MAX_DENSITY,
         }
     }
 }

@@ -67,6 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Bench(args) => rest::bench::main(&args),
         Command::Data(DataCommand::Export(args)) => {
             let cfg = args.data.base_config()?;
             cfg.validate()?;

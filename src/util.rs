@@ -41,6 +41,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Must run before any parallel work starts.
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
+        // candle's element-wise ops run on their own pool, sized from this variable when it
+        // first starts (which has not happened yet when this runs at start-up).
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()

@@ -169,7 +169,11 @@ pub fn load_dataset(cfg: &TrainConfig) -> Result<GroupDataset> {
 }
 
 /// Masks as host `f32` 0/1 tensors, one per maskable weight.
-fn mask_tensors(engine: &SparseEngine, weights: &[Param], dev: &Device) -> Result<Vec<Tensor>> {
+pub(crate) fn mask_tensors(
+    engine: &SparseEngine,
+    weights: &[Param],
+    dev: &Device,
+) -> Result<Vec<Tensor>> {
     weights
         .iter()
         .enumerate()
@@ -180,7 +184,7 @@ fn mask_tensors(engine: &SparseEngine, weights: &[Param], dev: &Device) -> Resul
 /// Puts the compact form of each masked weight into its layer's sparse slot when the kernel
 /// mode picks the sparse kernel for that layer's density (else clears the slot). Returns, per
 /// weight, whether it runs sparse.
-fn install_sparse_kernels(
+pub(crate) fn install_sparse_kernels(
     engine: &SparseEngine,
     weights: &[Param],
     mode: crate::config::KernelMode,
@@ -192,7 +196,7 @@ fn install_sparse_kernels(
             on.push(false);
             continue;
         };
-        let sparse = mode.sparse_for(densities[l]);
+        let sparse = mode.sparse_for(densities[l], p.var.rank() == 4);
         let new = if sparse {
             let rows = p.var.dims()[0];
             let cols = p.var.elem_count() / rows.max(1);
@@ -208,7 +212,7 @@ fn install_sparse_kernels(
 }
 
 /// Asks every installed sparse weight for (or stops asking for) the dense gradient.
-fn set_dense_grad(weights: &[Param], on: bool) {
+pub(crate) fn set_dense_grad(weights: &[Param], on: bool) {
     for p in weights {
         if let Some(sw) = p.slot.as_ref().and_then(crate::nn::slot_weight) {
             sw.set_dense_grad(on);
@@ -379,6 +383,43 @@ fn init_scores(
     Ok(total)
 }
 
+/// For each maskable weight, its index among the optimizer's parameters (`usize::MAX` if the
+/// optimizer does not hold it).
+pub(crate) fn weight_indices(opt: &Sgd, weights: &[Param]) -> Vec<usize> {
+    weights
+        .iter()
+        .map(|w| {
+            opt.params()
+                .iter()
+                .position(|p| p.name == w.name)
+                .unwrap_or(usize::MAX)
+        })
+        .collect()
+}
+
+/// After an optimizer step, multiplies each mask into its weight and momentum buffer. Layers on
+/// sparse kernels get zero gradient outside their pattern, so their masked weights and momentum
+/// stay zero by construction and are skipped, except on mask-update steps (dense gradient).
+pub(crate) fn apply_masks(
+    weights: &[Param],
+    masks: &[Tensor],
+    on_sparse: &[bool],
+    update_step: bool,
+    opt: &mut Sgd,
+    weight_index: &[usize],
+) -> Result<()> {
+    for (l, (p, mk)) in weights.iter().zip(masks).enumerate() {
+        if on_sparse[l] && !update_step {
+            continue;
+        }
+        p.var.set(&p.var.as_tensor().mul(mk)?)?;
+        if weight_index[l] != usize::MAX {
+            opt.mask_momentum(weight_index[l], mk)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs a complete REST training run as configured; writes the run directory.
 pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     run(cfg, false)
@@ -424,18 +465,7 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     let model = models::build(cfg, input, ds.num_classes, &mut init_rng, &dev)?;
     let weights = model.weights();
     let mut opt = Sgd::new(model.params(), cfg.lr, cfg.momentum, cfg.weight_decay);
-    let weight_index: Vec<usize> = {
-        let names: Vec<&str> = opt.params().iter().map(|p| p.name.as_str()).collect();
-        weights
-            .iter()
-            .map(|w| {
-                names
-                    .iter()
-                    .position(|n| *n == w.name)
-                    .unwrap_or(usize::MAX)
-            })
-            .collect()
-    };
+    let weight_index = weight_indices(&opt, &weights);
 
     let steps_per_epoch = ds.train.len().div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
@@ -756,18 +786,14 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
                         stats.grown
                     );
                 }
-                // Layers on sparse kernels get zero gradient outside their pattern, so their
-                // masked weights and momentum stay zero by construction, except on update
-                // steps (dense gradient).
-                for (l, (p, mk)) in weights.iter().zip(&masks).enumerate() {
-                    if on_sparse[l] && !update_now {
-                        continue;
-                    }
-                    p.var.set(&p.var.as_tensor().mul(mk)?)?;
-                    if weight_index[l] != usize::MAX {
-                        opt.mask_momentum(weight_index[l], mk)?;
-                    }
-                }
+                apply_masks(
+                    &weights,
+                    &masks,
+                    &on_sparse,
+                    update_now,
+                    &mut opt,
+                    &weight_index,
+                )?;
             }
 
             pe.loss_sum += loss_v as f64 * idx.len() as f64;

@@ -1,0 +1,576 @@
+//! `rest bench`: the speed of one training step and of one inference batch per model and
+//! density, on random data, set up exactly as `rest train` sets up a run (ERK masks from the
+//! sparse engine, sparse kernels installed by the trainer's own functions, our SGD, masks
+//! applied after each step). Reports medians over timed iterations after warm-up, the speedup
+//! over our dense model, throughput and the peak RSS, as an aligned table or as JSON lines
+//! that join with `shared/bench/torch_ref.py`'s output.
+
+use crate::config::{KernelMode, ModelKind, TrainConfig};
+use crate::models::{self, Model};
+use crate::sparse::{LayerShape, SparseConfig, SparseEngine};
+use crate::train::optim::Sgd;
+use crate::train::trainer::{
+    apply_masks, install_sparse_kernels, mask_tensors, set_dense_grad, weight_indices,
+};
+use crate::util;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, D};
+use clap::Args;
+use serde::Serialize;
+use std::hint::black_box;
+use std::time::Instant;
+
+/// Number of classes of the benchmark models (as on Colored MNIST).
+const NUM_CLASSES: usize = 10;
+
+/// `rest bench` flags.
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Models to time, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "mlp,cnn")]
+    pub models: Vec<ModelKind>,
+    /// Overall densities, comma-separated, each in (0, 1]; 1 is the dense baseline.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "D,..",
+        default_value = "1,0.2,0.05,0.01,0.001"
+    )]
+    pub densities: Vec<f64>,
+    /// Batch size (default: 256; 64 for resnet18).
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+    /// Timed iterations per measurement (the median is reported).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed warm-up iterations before each measurement.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub warmup: usize,
+    /// Kernels for sparse layers, as in `rest train --kernels`.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kernels: KernelMode,
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// One measurement: a model at a density, in training or inference mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRecord {
+    pub framework: String,
+    pub model: String,
+    /// `train` (forward, cross-entropy, backward, SGD step, masks) or `infer`
+    /// (`forward(x, false)` and argmax).
+    pub mode: String,
+    pub density: f64,
+    pub batch: usize,
+    pub hw: usize,
+    pub threads: usize,
+    /// The `--kernels` mode, or `dense` at density 1.
+    pub kernels: String,
+    /// How many of the maskable weights run on sparse kernels.
+    pub sparse_layers: usize,
+    pub layers: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    /// Our dense median over this median for the same model and mode (> 1: faster than
+    /// dense); null when density 1 was not measured.
+    pub ratio_vs_dense: Option<f64>,
+    /// Train mode: medians of the step's phases, ms: forward with the loss, backward, and
+    /// the SGD step with the masks.
+    pub forward_ms: Option<f64>,
+    pub backward_ms: Option<f64>,
+    pub optim_ms: Option<f64>,
+    /// Training steps per second (train mode only).
+    pub steps_per_s: Option<f64>,
+    pub images_per_s: f64,
+    /// Peak resident memory of this process so far (VmHWM), MiB; null where unavailable.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Checks the flags; returns the densities sorted from dense to sparse, without duplicates.
+fn validate(args: &BenchArgs) -> Result<Vec<f64>> {
+    if args.models.is_empty() {
+        bail!("--models needs at least one model (e.g. --models mlp,cnn)");
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1 (timed iterations per measurement)");
+    }
+    if args.batch == Some(0) {
+        bail!("--batch must be at least 1");
+    }
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let mut ds = args.densities.clone();
+    if ds.is_empty() {
+        bail!("--densities needs at least one density in (0, 1] (e.g. --densities 1,0.05)");
+    }
+    for &d in &ds {
+        if !(d.is_finite() && d > 0.0 && d <= 1.0) {
+            bail!("--densities: every density must be in (0, 1], got {d}");
+        }
+    }
+    ds.sort_by(|a, b| b.total_cmp(a));
+    ds.dedup();
+    Ok(ds)
+}
+
+/// Default batch and input `(channels, height, width)` of a model: 256 Colored-MNIST images
+/// for the CNN and the MLP, 64 CIFAR-sized images for ResNets.
+fn model_defaults(kind: ModelKind) -> (usize, (usize, usize, usize)) {
+    if kind.as_str().starts_with("resnet") {
+        (64, (3, 32, 32))
+    } else {
+        (256, (3, 28, 28))
+    }
+}
+
+/// Peak resident set size of this process in MiB (`VmHWM` in `/proc/self/status`), if the
+/// platform has it.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// `v` rounded to `digits` decimals (the timer's resolution is far coarser than f64's).
+fn round(v: f64, digits: i32) -> f64 {
+    let k = 10f64.powi(digits);
+    (v * k).round() / k
+}
+
+/// Median, minimum and maximum of `v` (non-empty).
+fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    };
+    (median, v[0], v[n - 1])
+}
+
+/// Runs `f` `warmup` times untimed, then `steps` times timed; milliseconds per call.
+fn time_it(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut ms = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        f()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(ms)
+}
+
+/// A model set up for training at `density` as `rest train` sets it up.
+struct Setup {
+    model: Box<dyn Model>,
+    opt: Sgd,
+    masks: Vec<Tensor>,
+    on_sparse: Vec<bool>,
+    weight_index: Vec<usize>,
+}
+
+fn setup(
+    kind: ModelKind,
+    input: (usize, usize, usize),
+    density: f64,
+    kernels: KernelMode,
+    dev: &Device,
+) -> Result<Setup> {
+    let cfg = TrainConfig::default();
+    let mut init_rng = util::rng(cfg.seed, 1);
+    let model = models::build(kind, input, NUM_CLASSES, &mut init_rng, dev)?;
+    let weights = model.weights();
+    let opt = Sgd::new(model.params(), cfg.lr, cfg.momentum, cfg.weight_decay);
+    let weight_index = weight_indices(&opt, &weights);
+    let (masks, on_sparse) = if density < 1.0 {
+        let shapes = weights
+            .iter()
+            .map(|p| LayerShape::new(p.name.clone(), p.var.dims()))
+            .collect();
+        let scfg = SparseConfig {
+            density,
+            prune_rate: cfg.prune_rate,
+            final_prune_rate: cfg.final_prune_rate,
+            update_frequency: cfg.update_frequency,
+            // Long enough that the engine keeps the update frequency as configured.
+            total_steps: 100 * cfg.update_frequency,
+            erk_power_scale: cfg.erk_power_scale,
+        };
+        let engine = SparseEngine::new(shapes, scfg, &mut util::rng(cfg.seed, 2))
+            .with_context(|| format!("building the masks for density {density}"))?;
+        let masks = mask_tensors(&engine, &weights, dev)?;
+        for (p, mk) in weights.iter().zip(&masks) {
+            p.var.set(&p.var.as_tensor().mul(mk)?)?;
+        }
+        let on = install_sparse_kernels(&engine, &weights, kernels)?;
+        set_dense_grad(&weights, false);
+        (masks, on)
+    } else {
+        (Vec::new(), vec![false; weights.len()])
+    };
+    Ok(Setup {
+        model,
+        opt,
+        masks,
+        on_sparse,
+        weight_index,
+    })
+}
+
+/// One training step as the trainer runs it between mask updates; pushes the milliseconds of
+/// its phases (forward with the loss, backward, SGD step with the masks) to `phases`.
+fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor, phases: &mut [Vec<f64>; 3]) -> Result<()> {
+    let t0 = Instant::now();
+    let logits = s.model.forward(x, true)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let loss = logp
+        .gather(&y.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()?
+        .mean_all()?;
+    let loss_v = loss.to_scalar::<f32>()?;
+    if !loss_v.is_finite() {
+        bail!("the benchmark loss became {loss_v}");
+    }
+    let t1 = Instant::now();
+    let grads = loss.backward()?;
+    let t2 = Instant::now();
+    s.opt.step(&grads)?;
+    if !s.masks.is_empty() {
+        let weights = s.model.weights();
+        apply_masks(
+            &weights,
+            &s.masks,
+            &s.on_sparse,
+            false,
+            &mut s.opt,
+            &s.weight_index,
+        )?;
+    }
+    black_box(loss_v);
+    let t3 = Instant::now();
+    for (v, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+        v.push((b - a).as_secs_f64() * 1e3);
+    }
+    Ok(())
+}
+
+fn infer_step(s: &Setup, x: &Tensor) -> Result<()> {
+    let logits = s.model.forward(x, false)?;
+    black_box(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+    Ok(())
+}
+
+/// Runs the benchmark; calls `on_record` as each measurement finishes (dense first per
+/// model) and returns all of them.
+pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<Vec<BenchRecord>> {
+    let densities = validate(args)?;
+    let dev = Device::Cpu;
+    let threads = rayon::current_num_threads();
+    let mut out = Vec::new();
+    for &kind in &args.models {
+        let (default_batch, input) = model_defaults(kind);
+        let batch = args.batch.unwrap_or(default_batch);
+        let mut rng = util::rng(0, 4);
+        let xs: Vec<f32> = (0..batch * input.0 * input.1 * input.2)
+            .map(|_| rand::Rng::random::<f32>(&mut rng))
+            .collect();
+        let x = Tensor::from_vec(xs, (batch, input.0, input.1, input.2), &dev)?;
+        let ys: Vec<u32> = (0..batch).map(|i| (i % NUM_CLASSES) as u32).collect();
+        let y = Tensor::from_vec(ys, batch, &dev)?;
+        let mut dense_ms: [Option<f64>; 2] = [None, None];
+        for &density in &densities {
+            let mut s = setup(kind, input, density, args.kernels, &dev)
+                .with_context(|| format!("setting up {} at density {density}", kind.as_str()))?;
+            let kernels = if density < 1.0 {
+                format!("{:?}", args.kernels).to_lowercase()
+            } else {
+                "dense".to_string()
+            };
+            for (m, mode) in ["train", "infer"].into_iter().enumerate() {
+                let mut phases: [Vec<f64>; 3] = Default::default();
+                let mut ms = if m == 0 {
+                    time_it(args.warmup, args.steps, || {
+                        train_step(&mut s, &x, &y, &mut phases)
+                    })?
+                } else {
+                    time_it(args.warmup, args.steps, || infer_step(&s, &x))?
+                };
+                let (median, min, max) = stats(&mut ms);
+                // Phase medians over the timed steps only (the warm-up steps come first).
+                let mut phase = |i: usize| -> Option<f64> {
+                    let v = &mut phases[i];
+                    (v.len() >= args.steps).then(|| stats(&mut v[args.warmup..]).0)
+                };
+                let (forward_ms, backward_ms, optim_ms) = (phase(0), phase(1), phase(2));
+                if density == 1.0 {
+                    dense_ms[m] = Some(median);
+                }
+                let rec = BenchRecord {
+                    framework: format!("rest-{}", env!("CARGO_PKG_VERSION")),
+                    model: kind.as_str().to_string(),
+                    mode: mode.to_string(),
+                    density,
+                    batch,
+                    hw: input.1,
+                    threads,
+                    kernels: kernels.clone(),
+                    sparse_layers: s.on_sparse.iter().filter(|&&b| b).count(),
+                    layers: s.on_sparse.len(),
+                    median_ms: round(median, 3),
+                    min_ms: round(min, 3),
+                    max_ms: round(max, 3),
+                    ratio_vs_dense: dense_ms[m].map(|d| round(d / median, 4)),
+                    forward_ms: forward_ms.map(|v| round(v, 3)),
+                    backward_ms: backward_ms.map(|v| round(v, 3)),
+                    optim_ms: optim_ms.map(|v| round(v, 3)),
+                    steps_per_s: (m == 0).then(|| round(1e3 / median, 2)),
+                    images_per_s: round(batch as f64 * 1e3 / median, 1),
+                    peak_rss_mib: peak_rss_mib().map(|v| round(v, 1)),
+                };
+                on_record(&rec);
+                out.push(rec);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The human-readable table of `records`.
+pub fn table(records: &[BenchRecord]) -> String {
+    let head = [
+        "model",
+        "mode",
+        "density",
+        "batch",
+        "kernels",
+        "sparse",
+        "median ms",
+        "vs dense",
+        "steps/s",
+        "images/s",
+        "fwd/bwd/opt ms",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
+    for r in records {
+        rows.push(vec![
+            r.model.clone(),
+            r.mode.clone(),
+            format!("{}", r.density),
+            r.batch.to_string(),
+            r.kernels.clone(),
+            format!("{}/{}", r.sparse_layers, r.layers),
+            format!("{:.2}", r.median_ms),
+            r.ratio_vs_dense
+                .map(|v| format!("{v:.2}x"))
+                .unwrap_or_else(|| "-".into()),
+            r.steps_per_s
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            format!("{:.0}", r.images_per_s),
+            match (r.forward_ms, r.backward_ms, r.optim_ms) {
+                (Some(f), Some(b), Some(o)) => format!("{f:.1}/{b:.1}/{o:.1}"),
+                _ => "-".into(),
+            },
+        ]);
+    }
+    let widths: Vec<usize> = (0..head.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut s = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (v, w))| {
+                // Text columns left-aligned, numbers right-aligned.
+                if c < 2 || c == 4 {
+                    format!("{v:<w$}")
+                } else {
+                    format!("{v:>w$}")
+                }
+            })
+            .collect();
+        s.push_str(cells.join("  ").trim_end());
+        s.push('\n');
+    }
+    s
+}
+
+/// `rest bench`: runs the benchmark and prints JSON lines (as they finish) or a table.
+pub fn main(args: &BenchArgs) -> Result<()> {
+    validate(args)?;
+    util::set_threads(args.threads)?;
+    let json = args.json;
+    let mut err = None;
+    let records = run(args, |r| {
+        if json {
+            match serde_json::to_string(r) {
+                Ok(line) => println!("{line}"),
+                Err(e) => err = Some(e),
+            }
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e).context("writing a benchmark record as JSON");
+    }
+    if !json {
+        print!("{}", table(&records));
+        match peak_rss_mib() {
+            Some(m) => println!("peak RSS: {m:.1} MiB"),
+            None => println!("peak RSS: unavailable (no /proc/self/status)"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs> {
+        Ok(Wrap::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))?.args)
+    }
+
+    #[test]
+    fn mlp_smoke_run_gives_parseable_json_lines_with_required_keys() -> Result<()> {
+        let args = parse(&[
+            "--models",
+            "mlp",
+            "--densities",
+            "0.05,1",
+            "--batch",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--kernels",
+            "sparse",
+            "--json",
+        ])?;
+        let mut lines = Vec::new();
+        let records = run(&args, |r| {
+            lines.push(serde_json::to_string(r).unwrap_or_default())
+        })?;
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        let mut seen = Vec::new();
+        for line in &lines {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            for key in [
+                "model",
+                "mode",
+                "density",
+                "batch",
+                "median_ms",
+                "ratio_vs_dense",
+                "kernels",
+            ] {
+                assert!(v.get(key).is_some(), "{key} missing in {line}");
+            }
+            assert_eq!(v["model"], "mlp");
+            assert_eq!(v["batch"], 8);
+            let median = v["median_ms"].as_f64().unwrap_or(-1.0);
+            assert!(median > 0.0, "{line}");
+            let (lo, hi) = (v["min_ms"].as_f64(), v["max_ms"].as_f64());
+            assert!(lo <= Some(median) && Some(median) <= hi, "{line}");
+            if v["mode"] == "train" {
+                // The phases partition the step. With 2 timed steps a median is a mean, so
+                // the phase medians sum to the mean step time (less the timer overhead).
+                let parts: Vec<f64> = ["forward_ms", "backward_ms", "optim_ms"]
+                    .iter()
+                    .map(|k| v[*k].as_f64().unwrap_or(-1.0))
+                    .collect();
+                assert!(parts.iter().all(|&p| p > 0.0), "{line}");
+                let sum: f64 = parts.iter().sum();
+                assert!(sum <= hi.unwrap_or(0.0), "{line}");
+                assert!(sum >= 0.8 * lo.unwrap_or(f64::MAX), "{line}");
+            } else {
+                assert!(v["forward_ms"].is_null(), "{line}");
+            }
+            let ratio = v["ratio_vs_dense"].as_f64().unwrap_or(-1.0);
+            let density = v["density"].as_f64().unwrap_or(-1.0);
+            let kernels = v["kernels"].as_str().unwrap_or("");
+            if density == 1.0 {
+                assert_eq!(ratio, 1.0, "{line}");
+                assert_eq!(kernels, "dense");
+                assert_eq!(v["sparse_layers"], 0);
+            } else {
+                assert!(ratio > 0.0, "{line}");
+                assert_eq!(kernels, "sparse");
+                // Every MLP layer is below density 1 under ERK at 0.05.
+                assert_eq!(v["sparse_layers"], 4, "{line}");
+            }
+            seen.push((
+                v["mode"].as_str().unwrap_or("").to_string(),
+                density.to_string(),
+            ));
+        }
+        // Dense first (the ratio's baseline), each density in both modes.
+        let want: Vec<(String, String)> = [("train", 1.0), ("infer", 1.0)]
+            .into_iter()
+            .chain([("train", 0.05), ("infer", 0.05)])
+            .map(|(m, d)| (m.to_string(), d.to_string()))
+            .collect();
+        assert_eq!(seen, want);
+        // The ratio is the dense median over this median (both rounded in the record).
+        let dense_train = records[0].median_ms;
+        let r = &records[2];
+        let want_ratio = dense_train / r.median_ms;
+        let got = r.ratio_vs_dense.unwrap_or(0.0);
+        // Rounding the medians to 1 us and the ratio to 1e-4 bounds the difference.
+        let tol = want_ratio * (5e-4 / dense_train + 5e-4 / r.median_ms) + 5e-5 + 1e-12;
+        assert!((got - want_ratio).abs() <= tol, "{got} vs {want_ratio}");
+        assert!(table(&records).lines().count() == 5);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        for (args, flag) in [
+            (vec!["--densities", "0"], "--densities"),
+            (vec!["--densities", "1.5"], "--densities"),
+            (vec!["--steps", "0"], "--steps"),
+            (vec!["--batch", "0"], "--batch"),
+        ] {
+            let a = match parse(&args) {
+                Ok(a) => a,
+                Err(e) => panic!("{args:?} should parse: {e}"),
+            };
+            let err = validate(&a).expect_err("must fail").to_string();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn median_min_max_and_peak_rss() {
+        let mut v = vec![5.0, 1.0, 3.0, 2.0];
+        assert_eq!(stats(&mut v), (2.5, 1.0, 5.0));
+        let mut v = vec![4.0, 9.0, 1.0];
+        assert_eq!(stats(&mut v), (4.0, 1.0, 9.0));
+        if cfg!(target_os = "linux") {
+            // This test process holds at least a few MiB and far less than a TiB.
+            let m = peak_rss_mib().unwrap_or(0.0);
+            assert!(m > 1.0 && m < 1e6, "{m}");
+        }
+    }
+}

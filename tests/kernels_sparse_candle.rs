@@ -1,0 +1,263 @@
+//! The sparse candle ops in `rest::kernels` (`sparse_conv2d_cnhw`, `sparse_linear` over a
+//! `SparseWeight`) against candle's own dense operations on the masked weight: forward values,
+//! the input gradient, and the weight gradient, which must be the masked dense gradient (exactly
+//! zero outside the pattern) by default and the full dense gradient after
+//! `SparseWeight::set_dense_grad(true)`. Densities 0.001-0.5, with empty and fully dense rows,
+//! odd shapes, stride 1 and 2, padding 0-2.
+
+use candle_core::{Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rest::kernels::{sparse_conv2d_cnhw, sparse_linear, SparseWeight};
+use std::sync::Arc;
+
+const RTOL: f32 = 1e-4;
+
+fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn rand_t(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
+    let n: usize = dims.iter().product();
+    Tensor::from_vec(rand_vec(rng, n), dims, &Device::Cpu).expect("tensor")
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .expect("flatten")
+        .to_vec1()
+        .expect("to_vec1")
+}
+
+/// `|a - b| <= RTOL * max(1, max|b|)` element-wise.
+fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let (av, bv) = (flat(a), flat(b));
+    let scale = bv.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
+        assert!(
+            (x - y).abs() <= RTOL * scale,
+            "{what}: element {i}: {x} vs {y} (scale {scale})"
+        );
+    }
+}
+
+/// A random 0/1 mask of `rows x cols` with each entry active with probability `density`;
+/// with 3 rows or more, row 0 is forced empty and row 1 fully dense.
+fn mask(rng: &mut ChaCha8Rng, rows: usize, cols: usize, density: f64) -> Vec<f32> {
+    let mut m: Vec<f32> = (0..rows * cols)
+        .map(|_| f32::from(rng.random_bool(density)))
+        .collect();
+    if rows >= 3 {
+        m[..cols].fill(0.0);
+        m[cols..2 * cols].fill(1.0);
+    }
+    m
+}
+
+fn cnhw(x: &Tensor) -> Tensor {
+    x.permute((1, 0, 2, 3)).expect("permute")
+}
+
+/// Checks the weight gradient `got` of the sparse op: exactly zero outside `mask` and equal to
+/// `dense_grad` inside it when `dense` is false; equal to `dense_grad` everywhere when true.
+fn check_dw(got: &Tensor, dense_grad: &Tensor, mask: &[f32], dense: bool, what: &str) {
+    if dense {
+        assert_close(got, dense_grad, what);
+        return;
+    }
+    let gv = flat(got);
+    for (i, (&g, &m)) in gv.iter().zip(mask).enumerate() {
+        if m == 0.0 {
+            assert_eq!(g, 0.0, "{what}: element {i} is outside the pattern");
+        }
+    }
+    let mt = Tensor::from_slice(mask, got.dims(), &Device::Cpu).expect("mask");
+    let want = dense_grad.mul(&mt).expect("mul");
+    assert_close(got, &want, what);
+}
+
+#[test]
+fn sparse_conv2d_matches_candle_conv2d_on_the_masked_weight() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    // (c, n, h, w, oc, k, stride, pad, density)
+    let cases = [
+        (3, 4, 28, 28, 16, 4, 2, 1, 0.05),
+        (8, 2, 7, 7, 6, 4, 2, 1, 0.5),
+        (5, 3, 9, 8, 7, 3, 1, 1, 0.2),
+        (6, 3, 5, 7, 5, 1, 1, 0, 0.5),
+        (3, 2, 15, 13, 4, 5, 2, 2, 0.01),
+        (16, 2, 11, 9, 9, 3, 1, 2, 0.001),
+        (4, 1, 6, 6, 3, 2, 2, 0, 0.1),
+        (32, 2, 8, 8, 33, 3, 1, 1, 0.05),
+    ];
+    for (case, &(c, n, h, w, oc, k, stride, pad, density)) in cases.iter().enumerate() {
+        let cols = c * k * k;
+        let mk = mask(&mut rng, oc, cols, density);
+        let x = Var::from_tensor(&rand_t(&mut rng, &[n, c, h, w])).expect("var");
+        // The dense weight also holds values outside the pattern: the op must ignore them.
+        let wv = rand_vec(&mut rng, oc * cols);
+        let wt = Var::from_vec(wv.clone(), (oc, c, k, k), &Device::Cpu).expect("var");
+        let masked: Vec<f32> = wv.iter().zip(&mk).map(|(w, m)| w * m).collect();
+        let wm = Var::from_vec(masked, (oc, c, k, k), &Device::Cpu).expect("var");
+
+        let want = x.conv2d(&wm, pad, stride, 1, 1).expect("conv2d");
+        let r = rand_t(&mut rng, want.dims());
+        let gref = (&want * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        let (dx_ref, dw_ref) = (
+            gref.get(&x).expect("dx").clone(),
+            gref.get(&wm).expect("dw").clone(),
+        );
+
+        let sw = SparseWeight::new(&wv, &mk, oc, cols).expect("sparse weight");
+        assert_eq!(sw.nnz(), mk.iter().filter(|&&m| m != 0.0).count());
+        for dense in [false, true] {
+            sw.set_dense_grad(dense);
+            let what = format!("conv case {case} (density {density}, dense grad {dense})");
+            // The permuted (non-contiguous) input exercises the contiguity handling.
+            let got = cnhw(&sparse_conv2d_cnhw(&cnhw(&x), &wt, stride, pad, &sw).expect("op"));
+            assert_close(&got, &want, &format!("{what}: forward"));
+            let g = (&got * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("backward");
+            assert_close(g.get(&x).expect("dx"), &dx_ref, &format!("{what}: dx"));
+            check_dw(
+                g.get(&wt).expect("dw"),
+                &dw_ref,
+                &mk,
+                dense,
+                &format!("{what}: dw"),
+            );
+        }
+
+        // An untracked input (the first layer's images): no dx, the same dw; and the forward
+        // without any tracking.
+        sw.set_dense_grad(false);
+        let xc = cnhw(x.as_tensor()).contiguous().expect("contiguous");
+        let got = sparse_conv2d_cnhw(&xc, &wt, stride, pad, &sw).expect("op");
+        let g = (&cnhw(&got) * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        assert!(
+            g.get(&xc).is_none(),
+            "case {case}: constant input got a gradient"
+        );
+        check_dw(
+            g.get(&wt).expect("dw"),
+            &dw_ref,
+            &mk,
+            false,
+            "untracked x: dw",
+        );
+        let plain = sparse_conv2d_cnhw(&xc, wt.as_tensor(), stride, pad, &sw).expect("op");
+        let plain = cnhw(&plain.detach());
+        assert_close(
+            &plain,
+            &want,
+            &format!("conv case {case}: untracked forward"),
+        );
+    }
+}
+
+#[test]
+fn sparse_linear_matches_matmul_on_the_masked_weight() {
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    // (n, in, out, density)
+    let cases = [
+        (64, 2352, 100, 0.01),
+        (37, 100, 100, 0.05),
+        (5, 7, 3, 0.5),
+        (1, 1, 1, 0.5),
+        (3, 33, 17, 0.2),
+        (16, 257, 10, 0.001),
+        (9, 1000, 13, 0.001),
+        (256, 256, 10, 0.1),
+    ];
+    for (case, &(n, i, o, density)) in cases.iter().enumerate() {
+        let mut mk = mask(&mut rng, o, i, density);
+        if o == 1 {
+            mk[0] = 1.0;
+        }
+        let x = Var::from_tensor(&rand_t(&mut rng, &[n, i])).expect("var");
+        let wv = rand_vec(&mut rng, o * i);
+        let wt = Var::from_vec(wv.clone(), (o, i), &Device::Cpu).expect("var");
+        let masked: Vec<f32> = wv.iter().zip(&mk).map(|(w, m)| w * m).collect();
+        let wm = Var::from_vec(masked, (o, i), &Device::Cpu).expect("var");
+
+        let want = x.matmul(&wm.t().expect("t")).expect("matmul");
+        let r = rand_t(&mut rng, want.dims());
+        let gref = (&want * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        let (dx_ref, dw_ref) = (
+            gref.get(&x).expect("dx").clone(),
+            gref.get(&wm).expect("dw").clone(),
+        );
+
+        let sw = SparseWeight::new(&wv, &mk, o, i).expect("sparse weight");
+        for dense in [false, true] {
+            sw.set_dense_grad(dense);
+            let what = format!("linear case {case} (density {density}, dense grad {dense})");
+            let got = sparse_linear(&x, &wt, &sw).expect("op");
+            assert_close(&got, &want, &format!("{what}: forward"));
+            let g = (&got * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("backward");
+            assert_close(g.get(&x).expect("dx"), &dx_ref, &format!("{what}: dx"));
+            check_dw(
+                g.get(&wt).expect("dw"),
+                &dw_ref,
+                &mk,
+                dense,
+                &format!("{what}: dw"),
+            );
+        }
+        // Without tracking: the same forward.
+        let plain = sparse_linear(&x.as_tensor().detach(), &wt.as_tensor().detach(), &sw);
+        assert_close(
+            &plain.expect("op"),
+            &want,
+            &format!("linear case {case}: untracked forward"),
+        );
+    }
+}
+
+#[test]
+fn sparse_ops_follow_weight_and_reject_mismatched_patterns() {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let (n, i, o) = (4, 6, 5);
+    let mk = mask(&mut rng, o, i, 0.5);
+    let wv = rand_vec(&mut rng, o * i);
+    let sw: Arc<SparseWeight> = SparseWeight::new(&wv, &mk, o, i).expect("sparse weight");
+    let x = rand_t(&mut rng, &[n, i]);
+    // New dense values (e.g. after an optimizer step) are picked up at the next forward.
+    let w2 = rand_vec(&mut rng, o * i);
+    let w2t = Tensor::from_vec(w2.clone(), (o, i), &Device::Cpu).expect("tensor");
+    let masked: Vec<f32> = w2.iter().zip(&mk).map(|(w, m)| w * m).collect();
+    let wm = Tensor::from_vec(masked, (o, i), &Device::Cpu).expect("tensor");
+    let want = x.matmul(&wm.t().expect("t")).expect("matmul");
+    assert_close(
+        &sparse_linear(&x, &w2t, &sw).expect("op"),
+        &want,
+        "refreshed values",
+    );
+    // A weight of another shape than the pattern is an error naming both shapes.
+    let wrong = rand_t(&mut rng, &[o + 1, i]);
+    let err = sparse_linear(&x, &wrong, &sw)
+        .expect_err("must fail")
+        .to_string();
+    assert!(err.contains("sparse pattern is 5x6"), "{err}");
+    let xc = rand_t(&mut rng, &[2, 1, 5, 5]);
+    let wc = rand_t(&mut rng, &[o, 2, 2, 2]);
+    let err = sparse_conv2d_cnhw(&xc, &wc, 1, 0, &sw)
+        .expect_err("must fail")
+        .to_string();
+    assert!(err.contains("sparse pattern is 5x6"), "{err}");
+}
