@@ -10,6 +10,7 @@ mod conv;
 mod linear;
 mod norm;
 mod pool;
+mod scratch;
 mod sparse;
 
 pub use conv::conv2d_cnhw;

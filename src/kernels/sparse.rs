@@ -12,7 +12,7 @@ use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, transpose, SparseMatrix};
 use rest_kernels::{col2im, conv2d_bwd_weight_col, im2col, linear_bwd_weight, Conv2dGeom};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{any_tracked, cpu_slice, prepare, with_f32};
+use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
 
 /// The compact weight of one layer, shared by the layer and the ops it creates.
 #[derive(Debug)]
@@ -63,8 +63,18 @@ fn kernel_err(e: rest_kernels::sparse::SparseError) -> candle_core::Error {
 struct SparseConvOp {
     geom: Conv2dGeom,
     weight: Arc<SparseWeight>,
-    /// The im2col matrix of the forward input, kept for the backward pass.
+    /// The im2col matrix of the forward input, kept for the backward pass when gradients are
+    /// tracked (a pooled scratch buffer, returned after the backward pass or on drop).
     col: Mutex<Option<Vec<f32>>>,
+    keep_col: bool,
+}
+
+impl Drop for SparseConvOp {
+    fn drop(&mut self) {
+        if let Some(c) = self.col.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            scratch::give(c);
+        }
+    }
 }
 
 impl CustomOp2 for SparseConvOp {
@@ -84,12 +94,16 @@ impl CustomOp2 for SparseConvOp {
         let w = cpu_slice(s2, l2, self.name())?;
         let mut st = self.weight.lock();
         st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
-        let mut col = vec![0.0f32; g.col_len()];
+        let mut col = scratch::take(g.col_len());
         im2col(x, g, &mut col);
         let mut out = vec![0.0f32; g.out_len()];
         spmm(&st.matrix, &col, g.p(), &mut out).map_err(kernel_err)?;
         drop(st);
-        *self.col.lock().unwrap_or_else(|e| e.into_inner()) = Some(col);
+        if self.keep_col {
+            *self.col.lock().unwrap_or_else(|e| e.into_inner()) = Some(col);
+        } else {
+            scratch::give(col);
+        }
         Ok((
             CpuStorage::F32(out),
             Shape::from((g.oc, g.n, g.oh(), g.ow())),
@@ -108,10 +122,11 @@ impl CustomOp2 for SparseConvOp {
         let col = self.col.lock().unwrap_or_else(|e| e.into_inner()).take();
         with_f32(grad, self.name(), |dout| {
             let dx = if x.track_op() {
-                let mut dcol = vec![0.0f32; g.col_len()];
+                let mut dcol = scratch::take(g.col_len());
                 spmm_t(&st.matrix, dout, g.p(), &mut dcol).map_err(kernel_err)?;
                 let mut dx = vec![0.0f32; g.x_len()];
                 col2im(&dcol, g, &mut dx);
+                scratch::give(dcol);
                 Some(Tensor::from_vec(dx, x.shape(), x.device())?)
             } else {
                 None
@@ -120,7 +135,7 @@ impl CustomOp2 for SparseConvOp {
                 let col = match col {
                     Some(c) => c,
                     None => {
-                        let mut c = vec![0.0f32; g.col_len()];
+                        let mut c = scratch::take(g.col_len());
                         with_f32(x, self.name(), |xs| {
                             im2col(xs, g, &mut c);
                             Ok(())
@@ -135,6 +150,7 @@ impl CustomOp2 for SparseConvOp {
                     scatter_dense_grad(&st.matrix, dout, &col, g.p(), &mut dw)
                         .map_err(kernel_err)?;
                 }
+                scratch::give(col);
                 Some(Tensor::from_vec(dw, w.shape(), w.device())?)
             } else {
                 None
@@ -189,12 +205,14 @@ pub fn sparse_conv2d_cnhw(
             );
         }
     }
+    let tracked = any_tracked(&[&x, &w]);
     let op = SparseConvOp {
         geom,
         weight: weight.clone(),
         col: Mutex::new(None),
+        keep_col: tracked,
     };
-    Ok(if any_tracked(&[&x, &w]) {
+    Ok(if tracked {
         x.apply_op2(&w, op)?
     } else {
         x.apply_op2_no_bwd(&w, &op)?
