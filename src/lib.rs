@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod infer;
 pub mod kernels;
 pub mod models;
 pub mod nn;
