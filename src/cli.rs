@@ -38,6 +38,62 @@ pub enum Command {
     Flops(FlopsArgs),
     /// Time training steps and inference per model and density (sparse vs dense kernels).
     Bench(crate::bench::BenchArgs),
+    /// Evaluate a trained model (a run's best.safetensors or a `rest export` file) on the
+    /// validation and test splits; prints group metrics and writes eval.json.
+    Eval(EvalArgs),
+    /// Classify PNG/JPEG images; prints one JSON line per image with the top-k classes.
+    Predict(PredictArgs),
+    /// Write a trained sparse model compactly (CSR weights + config in one safetensors file).
+    Export(ModelExportArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
+pub struct EvalArgs {
+    /// A run's best.safetensors (config.toml beside it) or a file written by `rest export`.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    /// Evaluation data: `builtin` (Colored MNIST generated from the run's data settings).
+    #[arg(long, default_value = "builtin")]
+    pub data: crate::infer::DataSource,
+    /// Override the run's percentage of bias-conflicting samples.
+    #[arg(long, value_name = "PCT")]
+    pub conflict_pct: Option<f64>,
+    /// Override the run's colour noise std.
+    #[arg(long, value_name = "SIGMA")]
+    pub color_std: Option<f64>,
+    /// Override the run's dataset seed.
+    #[arg(long, value_name = "N")]
+    pub data_seed: Option<u64>,
+    /// Where to write the metrics (default: eval.json next to the checkpoint).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// A run's best.safetensors (config.toml beside it) or a file written by `rest export`.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    /// PNG or JPEG images.
+    #[arg(value_name = "IMAGE", required = true)]
+    pub images: Vec<PathBuf>,
+    /// Number of classes to report per image.
+    #[arg(long, default_value_t = 3)]
+    pub top_k: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelExportArgs {
+    /// A run's best.safetensors (config.toml beside it).
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    /// The file to write.
+    #[arg(long, value_name = "MODEL")]
+    pub out: PathBuf,
+    /// Store the weight values in half precision.
+    #[arg(long)]
+    pub f16: bool,
 }
 
 #[derive(Debug, Args)]

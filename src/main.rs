@@ -68,6 +68,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => rest::bench::main(&args),
+        Command::Eval(a) => {
+            let m = rest::infer::load(&a.checkpoint)?;
+            let mut cfg = m.config.clone();
+            cfg.conflict_pct = a.conflict_pct.unwrap_or(cfg.conflict_pct);
+            cfg.color_std = a.color_std.unwrap_or(cfg.color_std);
+            cfg.data_seed = a.data_seed.unwrap_or(cfg.data_seed);
+            cfg.validate()?;
+            let rest::infer::DataSource::Builtin = a.data;
+            let report = rest::infer::evaluate(&m, &rest::train::trainer::load_dataset(&cfg)?)?;
+            let out = a
+                .out
+                .unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
+            rest::train::output::write_json(&out, &report)?;
+            println!(
+                "{}\nwritten: {}",
+                rest::infer::eval_table(&report),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Predict(a) => {
+            let m = rest::infer::load(&a.checkpoint)?;
+            for p in rest::infer::predict::predict(&m, &a.images, a.top_k)? {
+                println!("{}", serde_json::to_string(&p)?);
+            }
+            Ok(())
+        }
+        Command::Export(a) => {
+            let s = rest::infer::export::export(&a.checkpoint, &a.out, a.f16)?;
+            println!(
+                "{}: {} bytes; dense safetensors of the same weights: {} bytes ({:.1}x smaller)",
+                a.out.display(),
+                s.export_bytes,
+                s.dense_bytes,
+                s.ratio
+            );
+            Ok(())
+        }
         Command::Data(DataCommand::Export(args)) => {
             let cfg = args.data.base_config()?;
             cfg.validate()?;

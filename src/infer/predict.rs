@@ -1,0 +1,92 @@
+//! Classifying image files (`rest predict`): PNG/JPEG decoded with the `image` crate,
+//! converted to the model's channels (grey replicated to RGB), resized to its input size with
+//! a Lanczos filter (skipped when the size already matches), scaled to [0, 1], and the top-k
+//! softmax probabilities reported per file.
+
+use super::LoadedModel;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, D};
+use image::imageops::FilterType;
+use serde::Serialize;
+use std::path::Path;
+
+/// One class and its probability.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassProb {
+    pub class: usize,
+    pub prob: f64,
+}
+
+/// The prediction for one image file (one JSON line of `rest predict`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    pub file: String,
+    pub top: Vec<ClassProb>,
+}
+
+/// Reads `path` as a CHW `f32` image of `input = (channels, height, width)` in [0, 1].
+pub fn load_image(path: &Path, input: (usize, usize, usize)) -> Result<Vec<f32>> {
+    let (c, h, w) = input;
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?
+        .decode()
+        .with_context(|| {
+            format!(
+                "cannot decode image {} (expected a PNG or JPEG file)",
+                path.display()
+            )
+        })?;
+    let img = if img.width() as usize == w && img.height() as usize == h {
+        img
+    } else {
+        img.resize_exact(w as u32, h as u32, FilterType::Lanczos3)
+    };
+    let (pixels, have) = match c {
+        1 => (img.to_luma8().into_raw(), 1),
+        3 => (img.to_rgb8().into_raw(), 3),
+        _ => bail!("the model takes {c}-channel images; only 1 and 3 are supported"),
+    };
+    let mut out = vec![0.0f32; c * h * w];
+    for (p, px) in pixels.chunks_exact(have).enumerate() {
+        for ch in 0..c {
+            out[ch * h * w + p] = px[ch] as f32 * (1.0 / 255.0);
+        }
+    }
+    Ok(out)
+}
+
+/// Top-`k` classes of each image (probabilities sorted, highest first).
+pub fn predict(m: &LoadedModel, images: &[impl AsRef<Path>], k: usize) -> Result<Vec<Prediction>> {
+    if k == 0 {
+        bail!("--top-k must be at least 1");
+    }
+    let dev = Device::Cpu;
+    let (c, h, w) = m.input;
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(256) {
+        let mut buf = Vec::with_capacity(chunk.len() * c * h * w);
+        for p in chunk {
+            buf.extend(load_image(p.as_ref(), m.input)?);
+        }
+        let x = Tensor::from_vec(buf, (chunk.len(), c, h, w), &dev)?;
+        let probs = candle_nn::ops::softmax(&m.model.forward(&x, false)?, D::Minus1)?;
+        for (p, row) in chunk.iter().zip(probs.to_vec2::<f32>()?) {
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            out.push(Prediction {
+                file: p.as_ref().display().to_string(),
+                top: idx
+                    .into_iter()
+                    .take(k)
+                    .map(|class| ClassProb {
+                        class,
+                        prob: row[class] as f64,
+                    })
+                    .collect(),
+            });
+        }
+    }
+    Ok(out)
+}
