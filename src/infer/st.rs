@@ -1,11 +1,9 @@
-//! A small, strict reader and writer of the safetensors container (8-byte little-endian
-//! header length, JSON header with `dtype`/`shape`/`data_offsets` per tensor and an optional
-//! `__metadata__` string map, then the raw little-endian data). Ours rather than candle's
-//! because the sparse export needs `U16` indices, `F16` values and metadata, and because every
-//! malformed or truncated file must give an error naming the file, never a panic.
+//! Raw tensors (any of the dtypes the sparse export needs: `U16` indices, `F16` values) and
+//! whole safetensors files with their `__metadata__`, over the `safetensors` crate (candle's
+//! tensors have no `U16` type and candle's writer takes no metadata). Every malformed or
+//! truncated file gives an error naming the file, never a panic.
 
 use anyhow::{bail, Context, Result};
-use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -36,17 +34,6 @@ impl Dtype {
             Dtype::U16 | Dtype::F16 => 2,
             Dtype::U32 | Dtype::F32 => 4,
         }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "U8" | "BOOL" => Dtype::U8,
-            "U16" => Dtype::U16,
-            "U32" => Dtype::U32,
-            "F16" => Dtype::F16,
-            "F32" => Dtype::F32,
-            _ => return None,
-        })
     }
 }
 
@@ -142,132 +129,62 @@ pub struct StFile {
 }
 
 impl StFile {
-    /// Serialises to the safetensors byte layout (tensors in name order, header padded with
-    /// spaces to a multiple of 8 bytes).
+    /// Serialises to the safetensors byte layout.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut header = Map::new();
-        if !self.metadata.is_empty() {
-            let m: Map<String, Value> = self
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect();
-            header.insert("__metadata__".into(), Value::Object(m));
-        }
-        let mut offset = 0usize;
+        let mut views = Vec::with_capacity(self.tensors.len());
         for (name, t) in &self.tensors {
-            if t.data.len() != t.numel() * t.dtype.size() {
-                bail!(
-                    "tensor {name}: {} bytes for shape {:?} of {}",
-                    t.data.len(),
-                    t.shape,
-                    t.dtype.name()
-                );
-            }
-            header.insert(
-                name.clone(),
-                serde_json::json!({
-                    "dtype": t.dtype.name(),
-                    "shape": t.shape,
-                    "data_offsets": [offset, offset + t.data.len()],
-                }),
-            );
-            offset += t.data.len();
+            let dtype = match t.dtype {
+                Dtype::U8 => safetensors::Dtype::U8,
+                Dtype::U16 => safetensors::Dtype::U16,
+                Dtype::U32 => safetensors::Dtype::U32,
+                Dtype::F16 => safetensors::Dtype::F16,
+                Dtype::F32 => safetensors::Dtype::F32,
+            };
+            let view = safetensors::tensor::TensorView::new(dtype, t.shape.clone(), &t.data)
+                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?;
+            views.push((name.clone(), view));
         }
-        let mut h = serde_json::to_vec(&Value::Object(header))?;
-        while h.len() % 8 != 0 {
-            h.push(b' ');
-        }
-        let mut out = Vec::with_capacity(8 + h.len() + offset);
-        out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-        out.extend_from_slice(&h);
-        for t in self.tensors.values() {
-            out.extend_from_slice(&t.data);
-        }
-        Ok(out)
+        let meta: Option<std::collections::HashMap<String, String>> = if self.metadata.is_empty() {
+            None
+        } else {
+            Some(self.metadata.clone().into_iter().collect())
+        };
+        safetensors::serialize(views, meta).map_err(|e| anyhow::anyhow!("serialising: {e}"))
     }
 
-    /// Parses a safetensors byte buffer; `what` names the source in errors.
+    /// Parses safetensors bytes; `what` names the source in errors.
     pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Self> {
-        let bad = |why: String| anyhow::anyhow!("{what} is not a valid safetensors file: {why}");
-        if bytes.len() < 8 {
-            return Err(bad(format!(
-                "{} bytes, too short for a header (truncated?)",
-                bytes.len()
-            )));
-        }
-        let mut n8 = [0u8; 8];
-        n8.copy_from_slice(&bytes[..8]);
-        let n = u64::from_le_bytes(n8);
-        let data_start = usize::try_from(n)
-            .ok()
-            .and_then(|n| n.checked_add(8))
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| {
-                bad(format!(
-                    "its header claims {n} bytes but the file has {} (truncated?)",
-                    bytes.len()
-                ))
-            })?;
-        let header: Map<String, Value> = serde_json::from_slice(&bytes[8..data_start])
-            .map_err(|e| bad(format!("unreadable header ({e})")))?;
-        let data = &bytes[data_start..];
-        let mut file = StFile::default();
-        for (name, v) in header {
-            if name == "__metadata__" {
-                let m = v
-                    .as_object()
-                    .ok_or_else(|| bad("__metadata__ is not a map".into()))?;
-                for (k, v) in m {
-                    let s = v
-                        .as_str()
-                        .ok_or_else(|| bad(format!("metadata {k} is not a string")))?;
-                    file.metadata.insert(k.clone(), s.to_string());
+        let bad = |e: safetensors::SafeTensorError| {
+            anyhow::anyhow!("{what} is not a valid safetensors file (truncated or corrupt): {e}")
+        };
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(bad)?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(bad)?;
+        let mut file = StFile {
+            metadata: header
+                .metadata()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::U8 | safetensors::Dtype::BOOL => Dtype::U8,
+                safetensors::Dtype::U16 => Dtype::U16,
+                safetensors::Dtype::U32 => Dtype::U32,
+                safetensors::Dtype::F16 => Dtype::F16,
+                safetensors::Dtype::F32 => Dtype::F32,
+                other => {
+                    bail!("{what}: tensor {name} has type {other:?}, which rest does not read")
                 }
-                continue;
-            }
-            let dtype = v
-                .get("dtype")
-                .and_then(Value::as_str)
-                .and_then(Dtype::parse)
-                .ok_or_else(|| bad(format!("tensor {name} has a missing or unsupported dtype")))?;
-            let ints = |key: &str| -> Option<Vec<usize>> {
-                v.get(key)?
-                    .as_array()?
-                    .iter()
-                    .map(|x| x.as_u64().and_then(|x| usize::try_from(x).ok()))
-                    .collect()
             };
-            let shape =
-                ints("shape").ok_or_else(|| bad(format!("tensor {name} has no valid shape")))?;
-            let off = ints("data_offsets")
-                .filter(|o| o.len() == 2 && o[0] <= o[1])
-                .ok_or_else(|| bad(format!("tensor {name} has no valid data_offsets")))?;
-            if off[1] > data.len() {
-                return Err(bad(format!(
-                    "tensor {name} ends at byte {} of the data but the file holds {} data \
-                     bytes (truncated?)",
-                    off[1],
-                    data.len()
-                )));
-            }
-            let numel = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| bad(format!("tensor {name} has an absurd shape {shape:?}")))?;
-            if numel.checked_mul(dtype.size()) != Some(off[1] - off[0]) {
-                return Err(bad(format!(
-                    "tensor {name} of shape {shape:?} ({}) has {} bytes",
-                    dtype.name(),
-                    off[1] - off[0]
-                )));
-            }
             file.tensors.insert(
                 name,
                 RawTensor {
                     dtype,
-                    shape,
-                    data: data[off[0]..off[1]].to_vec(),
+                    shape: view.shape().to_vec(),
+                    data: view.data().to_vec(),
                 },
             );
         }
@@ -286,62 +203,14 @@ impl StFile {
     }
 }
 
-/// IEEE 754 half-precision bits of `x`, rounded to nearest, ties to even; overflow gives
-/// infinity, NaN stays NaN.
+/// IEEE 754 half-precision bits of `x` (round to nearest, ties to even).
 pub fn f32_to_f16(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let exp = ((b >> 23) & 0xff) as i32;
-    let man = b & 0x7f_ffff;
-    if exp == 0xff {
-        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
-    }
-    // Unbiased exponent, re-biased for half precision (bias 15).
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        return sign | 0x7c00;
-    }
-    // The full significand with its implicit leading one (zero/subnormal f32 inputs are far
-    // below the half range and round to zero below).
-    let full = if exp == 0 { man } else { man | 0x80_0000 };
-    // Bits to drop: 13 for a normal half, more for a subnormal one.
-    let shift = if e >= 1 { 13 } else { 14 - e };
-    if shift > 24 {
-        return sign;
-    }
-    let kept = full >> shift;
-    let rem = full & ((1u32 << shift) - 1);
-    let half = 1u32 << (shift - 1);
-    let round_up = rem > half || (rem == half && kept & 1 == 1);
-    let kept = kept + round_up as u32;
-    if e >= 1 {
-        // Normal: exponent field + 10-bit mantissa; a mantissa carry bumps the exponent
-        // (and may reach infinity, which is the correct overflow).
-        let v = ((e as u32) << 10) + (kept - 0x400);
-        sign | v.min(0x7c00) as u16
-    } else {
-        // Subnormal (a carry into bit 10 correctly gives the smallest normal).
-        sign | kept as u16
-    }
+    half::f16::from_f32(x).to_bits()
 }
 
-/// The `f32` value of IEEE half-precision bits (exact).
+/// The `f32` value of half-precision bits `h` (exact).
 pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h & 0x8000) as u32) << 16;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let man = (h & 0x3ff) as u32;
-    let bits = match (exp, man) {
-        (0, 0) => sign,
-        (0, m) => {
-            // Subnormal: m * 2^-24.
-            let v = m as f32 * (1.0 / 16_777_216.0);
-            return if sign != 0 { -v } else { v };
-        }
-        (0x1f, 0) => sign | 0x7f80_0000,
-        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
+    half::f16::from_bits(h).to_f32()
 }
 
 #[cfg(test)]
@@ -364,28 +233,6 @@ mod tests {
         assert!(f16_to_f32(f32_to_f16(f32::NAN)).is_nan());
         assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
         assert_eq!(f16_to_f32(0xc000), -2.0);
-    }
-
-    #[test]
-    fn f16_matches_candle_conversion() -> Result<()> {
-        // candle converts through the `half` crate: an independent implementation.
-        let mut rng = crate::util::rng(3, 0);
-        let xs: Vec<f32> = (0..20_000)
-            .map(|i| {
-                let u: f32 = rand::Rng::random_range(&mut rng, -1.0..1.0);
-                u * 2f32.powi((i % 40) - 28)
-            })
-            .collect();
-        let dev = candle_core::Device::Cpu;
-        let t = candle_core::Tensor::from_slice(&xs, xs.len(), &dev)?;
-        let back: Vec<f32> = t
-            .to_dtype(candle_core::DType::F16)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?;
-        for (x, b) in xs.iter().zip(&back) {
-            assert_eq!(f16_to_f32(f32_to_f16(*x)).to_bits(), b.to_bits(), "{x}");
-        }
-        Ok(())
     }
 
     #[test]
