@@ -414,3 +414,112 @@ fn tiny_balanced_runs_complete() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Exact resume
+
+fn rest_bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rest"));
+    c.env("REST_LOG", "warn");
+    c
+}
+
+/// Runs `rest train` with `args` to the end in `out`.
+fn run_to_end(args: &[&str], out: &std::path::Path) {
+    let o = rest_bin()
+        .args(["train", "--out", out.to_str().expect("utf-8 path")])
+        .args(args)
+        .output()
+        .expect("rest runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Starts `rest train` in `out`, sends SIGINT shortly after `marker` (relative to `out`)
+/// appears, then resumes the run if it was interrupted.
+fn run_interrupted(args: &[&str], out: &std::path::Path, marker: &str) {
+    use std::time::{Duration, Instant};
+    let child = rest_bin()
+        .args(["train", "--out", out.to_str().expect("utf-8 path")])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("rest starts");
+    let t0 = Instant::now();
+    while !out.join(marker).exists() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let o = child.wait_with_output().expect("rest ends");
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        // The hint names the run directory, also when stage 1 of JTT was interrupted.
+        assert!(
+            err.contains(&format!("--resume {}", out.display())),
+            "{err}"
+        );
+        let o = rest_bin()
+            .args(["train", "--resume", out.to_str().expect("utf-8 path")])
+            .output()
+            .expect("rest resumes");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+fn outcome(dir: &std::path::Path) -> (serde_json::Value, String) {
+    let s = summary(dir);
+    (
+        serde_json::json!({"test": s["test"], "valid": s["valid"], "epoch": s["selected_epoch"],
+                           "jtt": s["jtt"], "dro_q": s["dro_q"], "flops": s["train_flops"]}),
+        std::fs::read_to_string(dir.join("metrics.csv")).expect("metrics.csv"),
+    )
+}
+
+#[test]
+fn interrupted_group_dro_and_jtt_runs_resume_exactly() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let base = [
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--density",
+        "0.1",
+        "--threads",
+        "1",
+        "--jtt-epochs",
+        "2",
+    ];
+    let cfg = tmp.path().join("sizes.toml");
+    std::fs::write(
+        &cfg,
+        "train_size = 1500\nvalid_size = 200\ntest_size = 200\n",
+    )
+    .expect("write config");
+    let mut common: Vec<&str> = base.to_vec();
+    common.extend(["--config", cfg.to_str().expect("utf-8 path")]);
+    for (method, marker) in [
+        ("group-dro", "checkpoint.json"),
+        ("jtt", "stage1/checkpoint.json"),
+        ("jtt", "checkpoint.json"),
+    ] {
+        let mut args = common.clone();
+        args.extend(["--method", method]);
+        let full = tmp.path().join(format!("full-{method}"));
+        if !full.exists() {
+            run_to_end(&args, &full);
+        }
+        let cut = tmp.path().join(format!("cut-{method}-{}", marker.len()));
+        run_interrupted(&args, &cut, marker);
+        assert_eq!(
+            outcome(&full),
+            outcome(&cut),
+            "{method}, cut after {marker}"
+        );
+    }
+}
