@@ -3,6 +3,8 @@
 
 use crate::config::{KernelMode, ModelKind, ReweightMode, Stem, TrainConfig};
 use crate::sparse::{DeathMode, DecaySchedule, GrowthMode, Redistribution, SparseInit};
+use crate::train::methods::{GroupScheme, Method};
+use crate::train::select::SelectRule;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -193,6 +195,30 @@ pub struct TrainArgs {
     /// Up-weight by weighted sampling (`sample`) or by per-sample loss weights (`loss`).
     #[arg(long, value_enum)]
     pub reweight_mode: Option<ReweightMode>,
+    /// Group-robustness method: upweight (oracle bias labels, LAMBDA), erm, jtt (Just Train
+    /// Twice), group-dro, balanced (every (label, bias) group equally likely) or
+    /// class-balanced.
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// Model selection on validation: val-worst-group (default when re-weighting),
+    /// val-unbiased, val-accuracy (default for erm and jtt) or last.
+    #[arg(long, value_enum)]
+    pub select: Option<SelectRule>,
+    /// JTT: epochs of the ERM identification model (stage 1; default 2).
+    #[arg(long, value_name = "N")]
+    pub jtt_epochs: Option<usize>,
+    /// JTT: up-weight this error set (an error_set.json) instead of running stage 1.
+    #[arg(long, value_name = "FILE")]
+    pub error_set: Option<PathBuf>,
+    /// GroupDRO step size eta of the group weights (default 0.01).
+    #[arg(long, value_name = "ETA")]
+    pub dro_step_size: Option<f64>,
+    /// GroupDRO generalisation adjustment C: group loss + C / sqrt(group size) (default 0).
+    #[arg(long, value_name = "C")]
+    pub dro_adjustment: Option<f64>,
+    /// Groups of group-dro and balanced: cells ((label, bias), default) or aligned-conflict.
+    #[arg(long, value_enum)]
+    pub groups: Option<GroupScheme>,
     #[arg(long, value_name = "N")]
     pub epochs: Option<usize>,
     #[arg(long, value_name = "N")]
@@ -294,6 +320,11 @@ impl TrainArgs {
             stem,
             density,
             reweight_mode,
+            method,
+            jtt_epochs,
+            dro_step_size,
+            dro_adjustment,
+            groups,
             epochs,
             batch_size,
             lr,
@@ -316,6 +347,12 @@ impl TrainArgs {
         cfg.fix |= self.fix;
         if let Some(u) = self.upweight {
             cfg.upweight = Some(u);
+        }
+        if let Some(r) = self.select {
+            cfg.select = Some(r);
+        }
+        if let Some(f) = &self.error_set {
+            cfg.error_set = Some(f.clone());
         }
         if let Some(o) = &self.out {
             cfg.out = Some(o.clone());
@@ -375,12 +412,47 @@ mod tests {
     }
 
     #[test]
+    fn method_flags() -> Result<()> {
+        let cfg = parse(&[
+            "rest",
+            "train",
+            "--method",
+            "group-dro",
+            "--dro-step-size",
+            "0.1",
+            "--dro-adjustment",
+            "2",
+            "--groups",
+            "aligned-conflict",
+            "--select",
+            "val-unbiased",
+        ])?;
+        assert_eq!(cfg.method, Method::GroupDro);
+        assert_eq!((cfg.dro_step_size, cfg.dro_adjustment), (0.1, 2.0));
+        assert_eq!(cfg.groups, GroupScheme::AlignedConflict);
+        assert_eq!(cfg.select, Some(SelectRule::ValUnbiased));
+        let cfg = parse(&["rest", "train", "--method", "jtt", "--jtt-epochs", "3"])?;
+        assert_eq!((cfg.method, cfg.jtt_epochs), (Method::Jtt, 3));
+        assert!(parse(&["rest", "train", "--error-set", "e.json"])
+            .expect_err("error set without jtt")
+            .to_string()
+            .contains("--error-set"));
+        assert!(parse(&["rest", "train", "--method", "dro"]).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn bad_values_name_the_flag() {
         for (args, flag) in [
             (vec!["rest", "train", "--density", "0"], "--density"),
             (vec!["rest", "train", "--density", "1.5"], "--density"),
             (vec!["rest", "train", "--upweight", "-1"], "--upweight"),
             (vec!["rest", "train", "--width", "0"], "--width"),
+            (vec!["rest", "train", "--jtt-epochs", "0"], "--jtt-epochs"),
+            (
+                vec!["rest", "train", "--dro-step-size", "-1"],
+                "--dro-step-size",
+            ),
             (
                 vec!["rest", "train", "--conflict-pct", "120"],
                 "--conflict-pct",

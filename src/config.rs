@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::sparse::{DeathMode, DecaySchedule, DstOptions, GrowthMode, Redistribution, SparseInit};
+use crate::train::methods::{GroupScheme, Method};
+use crate::train::select::SelectRule;
 
 /// Network architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -132,6 +134,21 @@ pub struct TrainConfig {
     pub upweight: Option<f64>,
     pub reweight_mode: ReweightMode,
 
+    // --- group-robustness method and model selection (see `crate::train::methods`) ---
+    pub method: Method,
+    /// Model selection rule; `None`: val-worst-group when re-weighting, else val-accuracy.
+    pub select: Option<SelectRule>,
+    /// JTT: epochs of the ERM identification model (stage 1).
+    pub jtt_epochs: usize,
+    /// JTT: reuse this error set (`error_set.json`) instead of running stage 1.
+    pub error_set: Option<PathBuf>,
+    /// GroupDRO step size eta of the group weights.
+    pub dro_step_size: f64,
+    /// GroupDRO generalisation adjustment C (loss_g + C / sqrt(n_g)).
+    pub dro_adjustment: f64,
+    /// Groups of GroupDRO and balanced sampling.
+    pub groups: GroupScheme,
+
     // --- dynamic sparse training ---
     /// Overall weight density of the conv/linear layers, in (0, 1]; 1 is dense training.
     pub density: f64,
@@ -185,6 +202,13 @@ impl Default for TrainConfig {
             seed: 42,
             upweight: None,
             reweight_mode: ReweightMode::Sample,
+            method: Method::Upweight,
+            select: None,
+            jtt_epochs: 2,
+            error_set: None,
+            dro_step_size: 0.01,
+            dro_adjustment: 0.0,
+            groups: GroupScheme::Cells,
             density: 0.05,
             update_frequency: 1000,
             prune_rate: 0.5,
@@ -233,15 +257,40 @@ impl TrainConfig {
         Ok(toml::to_string_pretty(self)?)
     }
 
-    /// The effective LAMBDA.
+    /// The effective LAMBDA (of conflicting samples, or of JTT's error set); 1 for methods
+    /// that do not up-weight by LAMBDA (erm, group-dro, balanced, class-balanced).
     pub fn effective_upweight(&self) -> f64 {
-        self.upweight
-            .unwrap_or_else(|| paired_upweight(self.conflict_pct))
+        match self.method {
+            Method::Upweight | Method::Jtt => self
+                .upweight
+                .unwrap_or_else(|| paired_upweight(self.conflict_pct)),
+            _ => 1.0,
+        }
     }
 
-    /// True when re-weighting is active (LAMBDA != 1).
+    /// True when re-weighting of any kind is active (LAMBDA != 1, GroupDRO, balanced
+    /// sampling).
     pub fn reweighting(&self) -> bool {
-        (self.effective_upweight() - 1.0).abs() > 1e-12
+        match self.method {
+            Method::Upweight | Method::Jtt => (self.effective_upweight() - 1.0).abs() > 1e-12,
+            Method::Erm => false,
+            Method::GroupDro | Method::Balanced | Method::ClassBalanced => true,
+        }
+    }
+
+    /// The model-selection rule and, when defaulted, why: `--select` if given; else
+    /// val-accuracy when validation bias labels are treated as unavailable (JTT) or nothing
+    /// is re-weighted, and val-worst-group otherwise.
+    pub fn select_rule(&self) -> (SelectRule, &'static str) {
+        match self.select {
+            Some(r) => (r, "--select"),
+            None if self.method == Method::Jtt => (
+                SelectRule::ValAccuracy,
+                "default for jtt: validation bias labels are treated as unavailable",
+            ),
+            None if self.reweighting() => (SelectRule::ValWorstGroup, "default when re-weighting"),
+            None => (SelectRule::ValAccuracy, "default without re-weighting"),
+        }
     }
 
     /// True when dynamic sparse training is on.
@@ -355,6 +404,22 @@ impl TrainConfig {
              --momentum > 0"
                 .into(),
         )?;
+        check(
+            self.jtt_epochs >= 1,
+            "--jtt-epochs must be at least 1".into(),
+        )?;
+        check(
+            self.dro_step_size.is_finite() && self.dro_step_size >= 0.0,
+            format!("--dro-step-size must be >= 0, got {}", self.dro_step_size),
+        )?;
+        check(
+            self.dro_adjustment.is_finite() && self.dro_adjustment >= 0.0,
+            format!("--dro-adjustment must be >= 0, got {}", self.dro_adjustment),
+        )?;
+        check(
+            self.error_set.is_none() || self.method == Method::Jtt,
+            "--error-set is only used by --method jtt".into(),
+        )?;
         check(self.train_size >= 1, "train_size must be at least 1".into())?;
         check(self.valid_size >= 1, "valid_size must be at least 1".into())?;
         check(self.test_size >= 1, "test_size must be at least 1".into())?;
@@ -366,8 +431,12 @@ impl TrainConfig {
 
     /// A short human-readable tag for run directory names, e.g. `cnn-d0.05-u80-c5`.
     pub fn short_name(&self) -> String {
+        let method = match self.method {
+            Method::Upweight => String::new(),
+            m => format!("{}-", m.as_str()),
+        };
         format!(
-            "{}-d{}-u{}-c{}-s{}",
+            "{method}{}-d{}-u{}-c{}-s{}",
             self.model.as_str(),
             fmt_num(self.density),
             fmt_num(self.effective_upweight()),

@@ -41,6 +41,9 @@ pub struct LoopState {
     pub rows: Vec<MetricsRow>,
     /// An epoch interrupted midway (SIGINT/SIGTERM).
     pub partial: Option<PartialEpoch>,
+    /// GroupDRO's group weights q as f64 bits (exact across the JSON round trip).
+    #[serde(default)]
+    pub dro_q_bits: Option<Vec<u64>>,
 }
 
 /// The running training metrics of an epoch that was interrupted after `batches_done` batches.

@@ -3,16 +3,18 @@
 //! applied to weights and momentum; every `update_frequency` steps the engine prunes and
 //! regrows each layer from host copies of the weights and dense gradients. After each epoch:
 //! validation, ReduceLROnPlateau, model selection, outputs. The test split is evaluated once,
-//! on the selected weights.
+//! on the selected weights. The method (`super::methods`) decides the sample weights or,
+//! for GroupDRO, each batch's loss weights; JTT runs the loop twice (stage 1 in `stage1/`).
 
 use super::checkpoint::{self, LoopState, PartialEpoch};
 use super::lr::ReduceLrOnPlateau;
+use super::methods::{self, GroupDro, JttReport, Method};
 use super::metrics::{group_metrics, GroupMetrics};
 use super::optim::Sgd;
 use super::output::{self, MetricsRow};
 use super::select::{SelectRule, Selector};
 use crate::config::{ReweightMode, TrainConfig};
-use crate::data::sampler::{group_weights, shuffled, WeightedSampler};
+use crate::data::sampler::{shuffled, WeightedSampler};
 use crate::data::{GroupDataset, Split};
 use crate::kernels::SparseWeight;
 use crate::models::{self, Model};
@@ -51,6 +53,7 @@ pub struct Summary {
     pub reweight_mode: ReweightMode,
     pub seed: u64,
     pub epochs: usize,
+    pub method: Method,
     pub select_rule: SelectRule,
     pub selected_epoch: usize,
     pub valid: GroupMetrics,
@@ -72,6 +75,12 @@ pub struct Summary {
     pub train_flops: f64,
     pub train_flops_dense: f64,
     pub train_flops_vs_dense: f64,
+    /// JTT: the error set's size and, against the true conflicting set, precision/recall.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jtt: Option<JttReport>,
+    /// GroupDRO: the final group weights q (groups as `--groups` numbers them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dro_q: Option<Vec<f64>>,
 }
 
 pub struct TrainOutcome {
@@ -132,6 +141,12 @@ fn batch_tensor(split: &Split, idx: &[usize], buf: &mut Vec<f32>, dev: &Device) 
 
 /// Evaluates `model` on a whole split in inference mode.
 pub fn evaluate(model: &dyn Model, split: &Split, dev: &Device) -> Result<GroupMetrics> {
+    let (preds, loss) = predict(model, split, dev)?;
+    Ok(group_metrics(&preds, &split.labels, &split.bias, loss))
+}
+
+/// Predicted classes of every sample of a split (inference mode) and the mean loss.
+pub fn predict(model: &dyn Model, split: &Split, dev: &Device) -> Result<(Vec<u32>, f64)> {
     let mut preds = Vec::with_capacity(split.len());
     let mut loss_sum = 0.0f64;
     let mut buf = Vec::new();
@@ -146,12 +161,7 @@ pub fn evaluate(model: &dyn Model, split: &Split, dev: &Device) -> Result<GroupM
         loss_sum += nll.sum_all()?.to_scalar::<f32>()? as f64;
         preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
     }
-    Ok(group_metrics(
-        &preds,
-        &split.labels,
-        &split.bias,
-        loss_sum / split.len().max(1) as f64,
-    ))
+    Ok((preds, loss_sum / split.len().max(1) as f64))
 }
 
 /// Builds the dataset a config asks for (today: the built-in Colored MNIST).
@@ -444,12 +454,150 @@ pub fn resume(cfg: &TrainConfig) -> Result<TrainOutcome> {
     run(cfg, true)
 }
 
+/// What one pass of the training loop gets besides the config.
+struct StageCtx<'a> {
+    ds: &'a GroupDataset,
+    start: Instant,
+    /// The directory `--resume` must name to continue (the JTT run, not its stage 1).
+    resume_dir: PathBuf,
+    /// JTT: the error set up-weighted by LAMBDA, and its report for the summary.
+    error_set: Option<Vec<usize>>,
+    jtt: Option<JttReport>,
+    /// Return the final model's predictions on the training split (JTT stage 1).
+    want_train_preds: bool,
+}
+
 fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     cfg.validate()?;
     let start = Instant::now();
+    let ds = load_dataset(cfg)?;
+    if cfg.method != Method::Jtt {
+        let run_dir = cfg.out.clone().unwrap_or_default();
+        let ctx = StageCtx {
+            ds: &ds,
+            start,
+            resume_dir: run_dir,
+            error_set: None,
+            jtt: None,
+            want_train_preds: false,
+        };
+        return Ok(run_stage(cfg, resume, ctx)?.0);
+    }
+    run_jtt(cfg, resume, &ds, start)
+}
+
+/// The configuration of JTT's stage 1: ERM for `jtt_epochs` epochs in `<run>/stage1`,
+/// keeping the last epoch's model.
+fn jtt_stage1_config(cfg: &TrainConfig, run_dir: &Path) -> TrainConfig {
+    TrainConfig {
+        method: Method::Erm,
+        epochs: cfg.jtt_epochs,
+        select: Some(SelectRule::Last),
+        error_set: None,
+        out: Some(run_dir.join("stage1")),
+        ..cfg.clone()
+    }
+}
+
+/// Just Train Twice: stage 1 (unless `--error-set` or a finished stage 1 gives the error set),
+/// the error set and its report, then stage 2 with the error set up-weighted.
+fn run_jtt(
+    cfg: &TrainConfig,
+    resume: bool,
+    ds: &GroupDataset,
+    start: Instant,
+) -> Result<TrainOutcome> {
+    let run_dir = output::create_run_dir(cfg)?;
+    // Both stages write to this directory, even when its name was generated.
+    let cfg = &TrainConfig {
+        out: Some(run_dir.clone()),
+        ..cfg.clone()
+    };
+    let n = ds.train.len();
+    let es_path = run_dir.join("error_set.json");
+    let (error, stage1_epochs) = if let Some(f) = &cfg.error_set {
+        let e = methods::load_error_set(f, n)?;
+        info!(
+            "JTT: error set of {} samples read from {}",
+            e.len(),
+            f.display()
+        );
+        methods::save_error_set(&es_path, &e, n)?;
+        (e, None)
+    } else if resume && es_path.exists() {
+        (methods::load_error_set(&es_path, n)?, Some(cfg.jtt_epochs))
+    } else {
+        let s1 = jtt_stage1_config(cfg, &run_dir);
+        let s1_dir = run_dir.join("stage1");
+        let s1_resume = resume && s1_dir.join(checkpoint::STATE_FILE).exists();
+        info!(
+            "JTT stage 1: ERM identification model for {} epoch(s) in {}",
+            cfg.jtt_epochs,
+            s1_dir.display()
+        );
+        let ctx = StageCtx {
+            ds,
+            start,
+            resume_dir: run_dir.clone(),
+            error_set: None,
+            jtt: None,
+            want_train_preds: true,
+        };
+        let (_, preds) = run_stage(&s1, s1_resume, ctx)?;
+        let preds = preds.context("JTT stage 1 returned no training predictions")?;
+        let e = methods::error_set(&preds, &ds.train.labels);
+        methods::save_error_set(&es_path, &e, n)?;
+        (e, Some(cfg.jtt_epochs))
+    };
+    if error.is_empty() {
+        tracing::warn!(
+            "JTT: the error set is empty (stage 1 fits every training sample); stage 2 is              plain ERM: lower --jtt-epochs"
+        );
+    }
+    let conflicting: Vec<bool> = (0..n).map(|i| ds.train.is_conflicting(i)).collect();
+    let mut report = methods::jtt_report(&error, &conflicting);
+    report.stage1_epochs = stage1_epochs;
+    info!(
+        "JTT error set ({}): {} of {} training samples; against the {} true bias-conflicting \
+         samples: precision {}, recall {}",
+        es_path.display(),
+        report.size,
+        n,
+        report.conflicting,
+        fmt_opt(report.precision),
+        fmt_opt(report.recall)
+    );
+    info!(
+        "JTT stage 2: error set up-weighted by lambda {}",
+        cfg.effective_upweight()
+    );
+    let resume2 = resume && run_dir.join(checkpoint::STATE_FILE).exists();
+    let ctx = StageCtx {
+        ds,
+        start,
+        resume_dir: run_dir,
+        error_set: Some(error),
+        jtt: Some(report),
+        want_train_preds: false,
+    };
+    Ok(run_stage(cfg, resume2, ctx)?.0)
+}
+
+/// One training loop over `cfg` (a whole run, or a JTT stage).
+fn run_stage(
+    cfg: &TrainConfig,
+    resume: bool,
+    ctx: StageCtx,
+) -> Result<(TrainOutcome, Option<Vec<u32>>)> {
+    let start = ctx.start;
+    let ds = ctx.ds;
     let dev = Device::Cpu;
     let run_dir = output::create_run_dir(cfg)?;
-    let ds = load_dataset(cfg)?;
+    let resume_dir = if cfg.method == Method::Jtt || ctx.want_train_preds {
+        ctx.resume_dir.clone()
+    } else {
+        run_dir.clone()
+    };
     info!(
         "dataset {}: {} train ({} conflicting), {} valid, {} test; run directory {}",
         ds.name,
@@ -528,26 +676,55 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         None => Vec::new(),
     };
 
-    // Re-weighting.
+    // Re-weighting: the method's per-sample weights, drawn by the sampler or used as loss
+    // weights; GroupDRO shuffles and weights each batch's loss by its group weights q.
     let lambda = cfg.effective_upweight();
-    let sample_weights = group_weights(&ds.train, lambda);
-    let sampler = match cfg.reweight_mode {
-        ReweightMode::Sample => Some(WeightedSampler::new(&sample_weights)?),
-        ReweightMode::Loss => None,
+    let method_weights = methods::sample_weights(
+        cfg.method,
+        &ds.train,
+        lambda,
+        cfg.groups,
+        ctx.error_set.as_deref(),
+    )?;
+    let sampler = match (&method_weights, cfg.reweight_mode) {
+        (Some(w), ReweightMode::Sample) => Some(WeightedSampler::new(w)?),
+        _ => None,
     };
-    info!(
-        "re-weighting: lambda = {lambda} by {}",
-        match cfg.reweight_mode {
-            ReweightMode::Sample => "weighted sampling",
-            ReweightMode::Loss => "loss weights",
-        }
-    );
-
-    let rule = if cfg.reweighting() {
-        SelectRule::ValWorstGroup
+    let sample_weights = method_weights.unwrap_or_else(|| vec![1.0; ds.train.len()]);
+    let (dro_ids, mut dro) = if cfg.method == Method::GroupDro {
+        let (ids, g) = methods::group_ids(&ds.train.labels, &ds.train.bias, cfg.groups);
+        let counts = methods::group_counts(&ids, g);
+        info!(
+            "GroupDRO over {g} groups ({:?}, training sizes {counts:?}), step size {}, \
+             adjustment {}",
+            cfg.groups, cfg.dro_step_size, cfg.dro_adjustment
+        );
+        (
+            ids,
+            Some(GroupDro::new(counts, cfg.dro_step_size, cfg.dro_adjustment)),
+        )
     } else {
-        SelectRule::ValAccuracy
+        (Vec::new(), None)
     };
+    let how = match cfg.reweight_mode {
+        ReweightMode::Sample => "weighted sampling",
+        ReweightMode::Loss => "loss weights",
+    };
+    match cfg.method {
+        Method::Upweight => info!("re-weighting: lambda = {lambda} by {how}"),
+        Method::Jtt => info!("re-weighting: JTT error set x {lambda} by {how}"),
+        Method::Erm => info!("method erm: no re-weighting"),
+        Method::Balanced | Method::ClassBalanced => {
+            info!(
+                "method {}: group-balanced weights by {how}",
+                cfg.method.as_str()
+            )
+        }
+        Method::GroupDro => info!("method group-dro: shuffled epochs, group-weighted loss"),
+    }
+
+    let (rule, why) = cfg.select_rule();
+    info!("model selection: {} ({why})", rule.as_str());
     let mut st = LoopState {
         format_version: 1,
         config_hash: checkpoint::config_hash(cfg)?,
@@ -563,6 +740,7 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         flops: TrainFlops::default(),
         rows: Vec::new(),
         partial: None,
+        dro_q_bits: dro.as_ref().map(|d| d.q_bits()),
     };
     let mut best: Option<Snapshot> = None;
 
@@ -614,6 +792,14 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         }
         st = ck.state;
         opt.lr = st.lr;
+        if let Some(d) = dro.as_mut() {
+            d.set_q_bits(st.dro_q_bits.as_deref().with_context(|| {
+                format!(
+                    "the checkpoint in {} has no GroupDRO weights: it is not a group-dro run",
+                    run_dir.display()
+                )
+            })?)?;
+        }
         if st.selector.best_epoch.is_some() {
             best = Some(load_snapshot(
                 &run_dir.join("best.safetensors"),
@@ -704,9 +890,16 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
             let logits = model.forward(&x, true)?;
             let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let nll = logp.gather(&yt.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-            let loss = match cfg.reweight_mode {
-                ReweightMode::Sample => nll.mean_all()?,
-                ReweightMode::Loss => {
+            let loss = match (dro.as_mut(), cfg.reweight_mode) {
+                (Some(d), _) => {
+                    let l_host = nll.to_vec1::<f32>()?;
+                    let ids: Vec<usize> = idx.iter().map(|&i| dro_ids[i]).collect();
+                    let w = d.batch_weights(&ids, &l_host);
+                    st.dro_q_bits = Some(d.q_bits());
+                    nll.mul(&Tensor::from_vec(w, idx.len(), &dev)?)?.sum_all()?
+                }
+                (None, ReweightMode::Sample) => nll.mean_all()?,
+                (None, ReweightMode::Loss) => {
                     let w: Vec<f32> = idx.iter().map(|&i| sample_weights[i] as f32).collect();
                     let total: f32 = w.iter().sum();
                     let wt = Tensor::from_vec(w, idx.len(), &dev)?;
@@ -826,7 +1019,7 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
                     "interrupted at epoch {epoch}, step {}; checkpoint written: continue with \
                      `rest train --resume {}`",
                     st.step,
-                    run_dir.display()
+                    resume_dir.display()
                 );
             }
         }
@@ -905,6 +1098,11 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         flops_now = flops_table(model.as_ref(), input, engine.as_ref());
     }
     let test_m = evaluate(model.as_ref(), &ds.test, &dev)?;
+    let train_preds = if ctx.want_train_preds {
+        Some(predict(model.as_ref(), &ds.train, &dev)?.0)
+    } else {
+        None
+    };
     let mut rows = st.rows.clone();
     let valid_m = rows
         .iter()
@@ -944,6 +1142,7 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         reweight_mode: cfg.reweight_mode,
         seed: cfg.seed,
         epochs: cfg.epochs,
+        method: cfg.method,
         select_rule: rule,
         selected_epoch,
         valid: valid_m,
@@ -962,9 +1161,11 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         train_flops: st.flops.sparse,
         train_flops_dense: st.flops.dense,
         train_flops_vs_dense: st.flops.ratio(),
+        jtt: ctx.jtt,
+        dro_q: dro.as_ref().map(|d| d.q().to_vec()),
     };
     output::write_json(&run_dir.join("summary.json"), &summary)?;
-    Ok(TrainOutcome { run_dir, summary })
+    Ok((TrainOutcome { run_dir, summary }, train_preds))
 }
 
 fn fmt_opt(x: Option<f64>) -> String {
