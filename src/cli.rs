@@ -419,6 +419,32 @@ mod tests {
     }
 
     #[test]
+    fn data_folder_flags() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().to_str().unwrap_or("");
+        let cfg = parse(&[
+            "rest",
+            "train",
+            "--data",
+            d,
+            "--dataset",
+            "cifar10c",
+            "--skip-bad",
+            "--cache-dir",
+            "/tmp/c",
+        ])?;
+        assert_eq!(cfg.data.as_deref(), Some(dir.path()));
+        assert_eq!(cfg.dataset, DatasetKind::Cifar10c);
+        assert!(cfg.skip_bad);
+        assert_eq!(cfg.cache_dir, Some(PathBuf::from("/tmp/c")));
+        let back: TrainConfig = toml::from_str(&cfg.to_toml()?)?;
+        assert_eq!(back, cfg);
+        let err = parse(&["rest", "train", "--dataset", "bffhq"]).expect_err("no --data");
+        assert!(err.to_string().contains("--data"), "{err}");
+        Ok(())
+    }
+
+    #[test]
     fn bad_values_name_the_flag() {
         for (args, flag) in [
             (vec!["rest", "train", "--density", "0"], "--density"),

@@ -307,6 +307,21 @@ fn every_bad_input_names_the_file_or_folder_and_skip_bad_counts() -> Result<()> 
     assert_eq!(again.skipped, 4);
     assert!(load(&o).is_err());
 
+    // A split whose every file is bad is an error even under --skip-bad.
+    let d = dir.path().join("allbad").join("cmnist");
+    cmnist_fixture(&d);
+    for f in ["7_0_0.png", "8_3_1.png"] {
+        std::fs::write(d.join("1pct/valid").join(f), b"broken")?;
+    }
+    let e = load_err(&DfaOptions {
+        skip_bad: true,
+        ..opts(&d)
+    });
+    assert!(
+        e.contains("no usable validation images") && e.contains("2 skipped"),
+        "{e}"
+    );
+
     // Missing split folders.
     for (gone, what) in [
         ("test", "test"),

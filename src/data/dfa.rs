@@ -552,11 +552,19 @@ pub fn load(opts: &DfaOptions) -> Result<DfaLoad> {
             cache_file.display()
         );
     }
-    if decoded.splits[0].is_empty() {
-        bail!(
-            "no usable training images in {}",
-            opts.root.join(pct_token(pct)).display()
-        );
+    for (s, what) in decoded
+        .splits
+        .iter()
+        .zip(["training", "validation", "test"])
+    {
+        if s.is_empty() {
+            bail!(
+                "no usable {what} images in {} at --conflict-pct {pct}: every file of that split \
+                 was bad ({} skipped)",
+                opts.root.display(),
+                decoded.skipped
+            );
+        }
     }
     let base = opts
         .root
