@@ -1,7 +1,7 @@
 //! The command-line interface: clap definitions and the merge of `--config FILE` with flags
 //! into one `TrainConfig` (defaults < config file < flags). `main.rs` only dispatches.
 
-use crate::config::{KernelMode, ModelKind, ReweightMode, Stem, TrainConfig};
+use crate::config::{DatasetKind, KernelMode, ModelKind, ReweightMode, Stem, TrainConfig};
 use crate::sparse::{DeathMode, DecaySchedule, GrowthMode, Redistribution, SparseInit};
 use crate::train::methods::{GroupScheme, Method};
 use crate::train::select::SelectRule;
@@ -140,6 +140,83 @@ pub enum DataCommand {
     /// Write the generated Colored MNIST splits as .npy files (uint8 NHWC images, int64
     /// labels and bias attributes) so other frameworks train on exactly the same images.
     Export(ExportArgs),
+    /// Generate a dataset as image files in the DFA layout (for --data).
+    #[command(subcommand)]
+    Make(MakeCommand),
+    /// Write a contact sheet of a dataset folder: one row per class, aligned samples framed
+    /// green, conflicting ones red.
+    Preview(PreviewArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MakeCommand {
+    /// Colored MNIST as PNGs for 0.5, 1, 2 and 5 % conflicting (LfF colour assignment).
+    ColoredMnist(MakeColoredMnistArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MakeColoredMnistArgs {
+    /// Folder with the MNIST IDX files (train-images-idx3-ubyte[.gz], ...), or `builtin`
+    /// for the embedded 10,000 digits.
+    #[arg(long, value_name = "DIR|builtin")]
+    pub source: PathBuf,
+    /// Output folder (new or empty).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Colours: dfa (DFA's release) or lff (LfF's, as the built-in data).
+    #[arg(long, value_enum, default_value = "dfa")]
+    pub palette: crate::data::make::Palette,
+    /// Colour-noise severity 1-5 (LfF levels; 4 = std 0.005).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub severity: u8,
+    /// Seed of the colour noise and of the split of the held-out digits.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl MakeColoredMnistArgs {
+    pub fn spec(&self) -> crate::data::make::MakeSpec {
+        use crate::data::make::{MakeSpec, MnistSource};
+        MakeSpec {
+            source: if self.source.as_os_str() == "builtin" {
+                MnistSource::Builtin
+            } else {
+                MnistSource::Dir(self.source.clone())
+            },
+            out: self.out.clone(),
+            palette: self.palette,
+            severity: self.severity,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// Dataset folder in the DFA layout.
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// PNG file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Which <pct>pct folder to show.
+    #[arg(long, value_name = "PCT", default_value_t = 5.0)]
+    pub conflict_pct: f64,
+    /// Split to show: train, valid or test.
+    #[arg(long, default_value = "train", value_parser = ["train", "valid", "test"])]
+    pub split: String,
+    /// Samples per class and group (aligned, conflicting).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub per_class: usize,
+    /// Layout of PATH.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dataset: DatasetKind,
+    /// Skip unreadable or misnamed files.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Folder for the decoded-image cache (default: inside PATH).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -167,6 +244,19 @@ pub struct DataArgs {
     /// Seed of the dataset generator (fixed across training seeds by default).
     #[arg(long, value_name = "N")]
     pub data_seed: Option<u64>,
+    /// Train on a dataset folder in the DFA layout (PATH/<pct>pct/{align,conflict}/<class>/*,
+    /// valid, test; labels from file names `..._<label>_<bias>.png`), at --conflict-pct.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Layout of --data: auto (from the folder name), cmnist, cifar10c, bffhq or dfa (any).
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    /// Skip unreadable or misnamed files in --data (and report how many) instead of failing.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Folder for the decoded-image cache of --data (default: inside the --data folder).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Default, Clone)]
@@ -303,6 +393,16 @@ impl DataArgs {
         if let Some(v) = self.data_seed {
             cfg.data_seed = v;
         }
+        if let Some(v) = &self.data {
+            cfg.data = Some(v.clone());
+        }
+        if let Some(v) = self.dataset {
+            cfg.dataset = v;
+        }
+        cfg.skip_bad |= self.skip_bad;
+        if let Some(v) = &self.cache_dir {
+            cfg.cache_dir = Some(v.clone());
+        }
         Ok(cfg)
     }
 }
@@ -438,6 +538,32 @@ mod tests {
             .to_string()
             .contains("--error-set"));
         assert!(parse(&["rest", "train", "--method", "dro"]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn data_folder_flags() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().to_str().unwrap_or("");
+        let cfg = parse(&[
+            "rest",
+            "train",
+            "--data",
+            d,
+            "--dataset",
+            "cifar10c",
+            "--skip-bad",
+            "--cache-dir",
+            "/tmp/c",
+        ])?;
+        assert_eq!(cfg.data.as_deref(), Some(dir.path()));
+        assert_eq!(cfg.dataset, DatasetKind::Cifar10c);
+        assert!(cfg.skip_bad);
+        assert_eq!(cfg.cache_dir, Some(PathBuf::from("/tmp/c")));
+        let back: TrainConfig = toml::from_str(&cfg.to_toml()?)?;
+        assert_eq!(back, cfg);
+        let err = parse(&["rest", "train", "--dataset", "bffhq"]).expect_err("no --data");
+        assert!(err.to_string().contains("--data"), "{err}");
         Ok(())
     }
 

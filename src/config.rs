@@ -92,6 +92,34 @@ impl KernelMode {
     }
 }
 
+/// Layout of a dataset folder (`--data`), in the layout of the DFA release (Lee et al., 2021).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// From the folder name (`cmnist`, `cifar10c`, `bffhq` in it), else `dfa`.
+    Auto,
+    /// Colored MNIST: `<pct>/valid/*` (flat), `test/<class>/*`.
+    Cmnist,
+    /// Corrupted CIFAR-10: `<pct>/valid/*/*`, `test/<class>/*`.
+    Cifar10c,
+    /// BFFHQ: `valid/*`, `test/*`.
+    Bffhq,
+    /// Any of the above: validation in `<pct>/valid` or `valid`, flat or one folder deep.
+    Dfa,
+}
+
+impl DatasetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetKind::Auto => "auto",
+            DatasetKind::Cmnist => "cmnist",
+            DatasetKind::Cifar10c => "cifar10c",
+            DatasetKind::Bffhq => "bffhq",
+            DatasetKind::Dfa => "dfa",
+        }
+    }
+}
+
 /// The complete configuration of a training run. Every field has a default; see
 /// `TrainConfig::default()`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +138,15 @@ pub struct TrainConfig {
     pub train_size: usize,
     pub valid_size: usize,
     pub test_size: usize,
+    /// Dataset folder in the DFA layout (`<pct>pct/align|conflict/<class>/*`, ...); `None`
+    /// generates Colored MNIST from the built-in digits (then the sizes above apply).
+    pub data: Option<PathBuf>,
+    /// Layout of `data`.
+    pub dataset: DatasetKind,
+    /// Skip (and count) unreadable or misnamed files in `data` instead of failing.
+    pub skip_bad: bool,
+    /// Where the decoded-image cache of `data` is kept (default: inside `data`).
+    pub cache_dir: Option<PathBuf>,
 
     // --- model and optimisation ---
     pub model: ModelKind,
@@ -189,6 +226,10 @@ impl Default for TrainConfig {
             train_size: 7000,
             valid_size: 1000,
             test_size: 2000,
+            data: None,
+            dataset: DatasetKind::Auto,
+            skip_bad: false,
+            cache_dir: None,
             model: ModelKind::Cnn,
             width: 64,
             stem: Stem::Imagenet,
@@ -423,6 +464,24 @@ impl TrainConfig {
         check(self.train_size >= 1, "train_size must be at least 1".into())?;
         check(self.valid_size >= 1, "valid_size must be at least 1".into())?;
         check(self.test_size >= 1, "test_size must be at least 1".into())?;
+        check(
+            self.data.is_some() || self.dataset == DatasetKind::Auto,
+            format!(
+                "--dataset {} needs --data DIR (a dataset folder); without --data the built-in \
+                 Colored MNIST is used",
+                self.dataset.as_str()
+            ),
+        )?;
+        if let Some(d) = &self.data {
+            check(
+                d.is_dir(),
+                format!(
+                    "--data {}: no such folder; give a dataset folder in the DFA layout (e.g. \
+                     one written by `rest data make colored-mnist`)",
+                    d.display()
+                ),
+            )?;
+        }
         if let Some(t) = self.threads {
             check(t >= 1, "--threads must be at least 1".into())?;
         }

@@ -2,7 +2,7 @@
 //! printed as one line (`error: ...`) with a non-zero exit code.
 
 use clap::Parser;
-use rest::cli::{Cli, Command, DataCommand};
+use rest::cli::{Cli, Command, DataCommand, MakeCommand};
 use std::process::ExitCode;
 
 #[global_allocator]
@@ -114,6 +114,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for f in files {
                 println!("{}", f.display());
             }
+            Ok(())
+        }
+        Command::Data(DataCommand::Make(MakeCommand::ColoredMnist(args))) => {
+            let r = rest::data::make::make_colored_mnist(&args.spec())?;
+            println!("ratio     align  conflict  valid (conflict)");
+            for c in &r.ratios {
+                println!(
+                    "{:<8} {:>6} {:>9} {:>6} ({})",
+                    c.token, c.align, c.conflict, c.valid, c.valid_conflict
+                );
+            }
+            println!("test: {} (colour-balanced)", r.test);
+            println!("dataset: {}", args.out.display());
+            Ok(())
+        }
+        Command::Data(DataCommand::Preview(args)) => {
+            let l = rest::data::dfa::load(&rest::data::dfa::DfaOptions {
+                root: args.path.clone(),
+                kind: args.dataset,
+                conflict_pct: args.conflict_pct,
+                skip_bad: args.skip_bad,
+                cache_dir: args.cache_dir.clone(),
+            })?;
+            let ds = &l.dataset;
+            let split = match args.split.as_str() {
+                "valid" => &ds.valid,
+                "test" => &ds.test,
+                _ => &ds.train,
+            };
+            rest::data::preview::write_preview(split, ds.num_classes, args.per_class, &args.out)?;
+            println!("{}", args.out.display());
             Ok(())
         }
     }

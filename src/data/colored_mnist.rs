@@ -170,7 +170,7 @@ fn balanced_attributes(labels: &[u32]) -> Vec<u32> {
 }
 
 /// Tints a grey digit: `out[p][ch] = round(grey[p] / 255 * colour[ch] * 255)`.
-fn colorize(grey: &[u8], colour: [f64; 3], out: &mut [u8]) {
+pub(crate) fn colorize(grey: &[u8], colour: [f64; 3], out: &mut [u8]) {
     for (px, rgb) in grey.iter().zip(out.chunks_exact_mut(3)) {
         let g = f64::from(*px) / 255.0;
         for ch in 0..3 {
@@ -182,7 +182,11 @@ fn colorize(grey: &[u8], colour: [f64; 3], out: &mut [u8]) {
 /// The colour of one image: the palette colour in [0, 1] plus Gaussian noise of std `sigma`
 /// per channel, clamped to [0, 1].
 fn noisy_colour(bias: u32, sigma: f64, rng: &mut impl Rng) -> [f64; 3] {
-    let base = LFF_PALETTE[bias as usize];
+    noisy_palette_colour(LFF_PALETTE[bias as usize], sigma, rng)
+}
+
+/// [`noisy_colour`] for any base colour (the DFA palette of `data::make` uses it too).
+pub(crate) fn noisy_palette_colour(base: [u8; 3], sigma: f64, rng: &mut impl Rng) -> [f64; 3] {
     let mut colour = [0.0; 3];
     for ch in 0..3 {
         let z: f64 = rng.sample(StandardNormal);

@@ -6,8 +6,11 @@
 
 pub mod builtin;
 pub mod colored_mnist;
+pub mod dfa;
 pub mod export;
 pub mod idx;
+pub mod make;
+pub mod preview;
 pub mod sampler;
 
 use anyhow::{bail, Result};

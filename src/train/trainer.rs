@@ -166,6 +166,10 @@ pub fn predict(model: &dyn Model, split: &Split, dev: &Device) -> Result<(Vec<u3
 
 /// Builds the dataset a config asks for (today: the built-in Colored MNIST).
 pub fn load_dataset(cfg: &TrainConfig) -> Result<GroupDataset> {
+    // A dataset folder (`--data`): the split sizes of the generator do not apply.
+    if let Some(opts) = crate::data::dfa::DfaOptions::from_config(cfg) {
+        return Ok(crate::data::dfa::load(&opts)?.dataset);
+    }
     let (digits, labels) = crate::data::builtin::builtin_digits()?;
     let spec = crate::data::colored_mnist::ColoredMnistSpec {
         conflict_pct: cfg.conflict_pct,

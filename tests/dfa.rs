@@ -1,0 +1,678 @@
+//! DFA-layout datasets: the folder loader (three layouts, cache, every bad-input case), the
+//! Colored MNIST generator (exact LfF counts, palettes, determinism) and the CLI end to end
+//! (`data make`, `train --data`, `data preview`).
+
+use anyhow::Result;
+use rest::config::DatasetKind;
+use rest::data::dfa::{load, DfaOptions};
+use rest::data::make::{
+    make_attr_labels, make_colored_mnist, MakeSpec, MnistSource, Palette, DFA_PALETTE,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Writes a `w x h` RGB PNG whose pixels are all `v`.
+fn png(path: &Path, w: u32, h: u32, v: [u8; 3]) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    image::RgbImage::from_pixel(w, h, image::Rgb(v))
+        .save(path)
+        .expect("write png");
+}
+
+/// A value that identifies sample `(label, bias, k)` in its pixels.
+fn tag(label: u32, bias: u32, k: u32) -> [u8; 3] {
+    [label as u8 * 10, bias as u8 * 10, k as u8]
+}
+
+/// Files of a split as `(relative path, label, bias)`.
+type Files = Vec<(String, u32, u32)>;
+
+/// Train files shared by the fixtures: 3 classes; class 2 has no conflicting sample.
+fn train_files() -> Files {
+    let mut f = Vec::new();
+    for (l, b, k) in [(0, 0, 0), (0, 0, 1), (1, 1, 2), (2, 2, 3), (1, 1, 4)] {
+        f.push((format!("1pct/align/{l}/{k}_{l}_{b}.png"), l, b));
+    }
+    for (l, b, k) in [(0, 2, 5), (1, 0, 6)] {
+        f.push((format!("1pct/conflict/{l}/{k}_{l}_{b}.png"), l, b));
+    }
+    f
+}
+
+/// Writes a fixture; returns the files of train, valid and test in load order (sorted).
+fn fixture(root: &Path, valid: Files, test: Files) -> [Files; 3] {
+    let mut splits = [train_files(), valid, test];
+    for (k, split) in splits.iter_mut().enumerate() {
+        for (rel, l, b) in split.iter() {
+            let n: u32 = rel
+                .rsplit('/')
+                .next()
+                .and_then(|f| f.split('_').next())
+                .and_then(|s| s.parse().ok())
+                .expect("id");
+            png(&root.join(rel), 4, 3, tag(*l, *b, n + 100 * k as u32));
+        }
+        split.sort();
+    }
+    std::fs::create_dir_all(root.join("1pct/conflict/2")).expect("mkdir");
+    splits
+}
+
+fn opts(root: &Path) -> DfaOptions {
+    DfaOptions {
+        root: root.to_path_buf(),
+        kind: DatasetKind::Auto,
+        conflict_pct: 1.0,
+        skip_bad: false,
+        cache_dir: None,
+    }
+}
+
+/// Checks a loaded split against the fixture's files: labels, bias and pixels in sorted
+/// path order.
+fn check_split(split: &rest::data::Split, files: &Files, k: u32) {
+    assert_eq!(split.len(), files.len());
+    assert_eq!((split.height, split.width, split.channels), (3, 4, 3));
+    for (i, (rel, l, b)) in files.iter().enumerate() {
+        assert_eq!((split.labels[i], split.bias[i]), (*l, *b), "{rel}");
+        let n: u32 = rel
+            .rsplit('/')
+            .next()
+            .and_then(|f| f.split('_').next())
+            .and_then(|s| s.parse().ok())
+            .expect("id");
+        let px = &split.images[i * 36..i * 36 + 3];
+        assert_eq!(px, tag(*l, *b, n + 100 * k), "{rel}");
+    }
+}
+
+fn cmnist_fixture(root: &Path) -> [Files; 3] {
+    fixture(
+        root,
+        vec![
+            ("1pct/valid/7_0_0.png".into(), 0, 0),
+            ("1pct/valid/8_3_1.png".into(), 3, 1),
+        ],
+        vec![
+            ("test/0/9_0_1.png".into(), 0, 1),
+            ("test/1/10_1_1.png".into(), 1, 1),
+            ("test/2/11_2_0.png".into(), 2, 0),
+        ],
+    )
+}
+
+#[test]
+fn cmnist_layout_loads_labels_bias_pixels_and_classes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("cmnist");
+    let files = cmnist_fixture(&root);
+    let l = load(&opts(&root))?;
+    assert_eq!(l.kind, DatasetKind::Cmnist);
+    assert_eq!(l.skipped, 0);
+    assert!(!l.from_cache);
+    let ds = &l.dataset;
+    // Largest label is 3 (a validation file): 4 classes.
+    assert_eq!(ds.num_classes, 4);
+    assert_eq!(ds.name, "cmnist-1pct");
+    for (k, (s, f)) in [&ds.train, &ds.valid, &ds.test]
+        .into_iter()
+        .zip(&files)
+        .enumerate()
+    {
+        check_split(s, f, k as u32);
+    }
+    assert_eq!(ds.train.conflicting_count(), 2);
+    Ok(())
+}
+
+#[test]
+fn cifar10c_and_bffhq_layouts() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("cifar10c");
+    let files = fixture(
+        &root,
+        vec![
+            ("1pct/valid/0/7_0_0.png".into(), 0, 0),
+            ("1pct/valid/1/8_1_2.png".into(), 1, 2),
+        ],
+        vec![("test/2/9_2_0.png".into(), 2, 0)],
+    );
+    let l = load(&opts(&root))?;
+    assert_eq!(l.kind, DatasetKind::Cifar10c);
+    check_split(&l.dataset.valid, &files[1], 1);
+    check_split(&l.dataset.test, &files[2], 2);
+    assert_eq!(l.dataset.num_classes, 3);
+
+    let root = dir.path().join("bffhq");
+    let files = fixture(
+        &root,
+        vec![
+            ("valid/7_0_1.png".into(), 0, 1),
+            ("valid/8_1_1.png".into(), 1, 1),
+        ],
+        vec![
+            ("test/9_1_0.png".into(), 1, 0),
+            ("test/10_0_0.png".into(), 0, 0),
+        ],
+    );
+    let l = load(&opts(&root))?;
+    assert_eq!(l.kind, DatasetKind::Bffhq);
+    for (k, (s, f)) in [&l.dataset.train, &l.dataset.valid, &l.dataset.test]
+        .into_iter()
+        .zip(&files)
+        .enumerate()
+    {
+        check_split(s, f, k as u32);
+    }
+    // The generic layout reads the same folder under any name.
+    let other = dir.path().join("faces");
+    std::fs::rename(&root, &other)?;
+    let g = load(&opts(&other))?;
+    assert_eq!(g.kind, DatasetKind::Dfa);
+    assert_eq!(g.dataset.test, l.dataset.test);
+    // A wrong explicit layout is refused with a hint.
+    let e = load(&DfaOptions {
+        kind: DatasetKind::Cmnist,
+        ..opts(&other)
+    })
+    .expect_err("bffhq is not cmnist")
+    .to_string();
+    assert!(e.contains("1pct/valid") && e.contains("missing"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn grey_and_jpeg_files_decode_to_rgb() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("cmnist");
+    cmnist_fixture(&root);
+    // Replace one training image by a greyscale PNG and one test image by a JPEG.
+    let grey = root.join("1pct/align/0/0_0_0.png");
+    image::GrayImage::from_pixel(4, 3, image::Luma([77])).save(&grey)?;
+    std::fs::remove_file(root.join("test/0/9_0_1.png"))?;
+    image::RgbImage::from_pixel(4, 3, image::Rgb([200, 200, 200]))
+        .save(root.join("test/0/9_0_1.jpg"))?;
+    let ds = load(&opts(&root))?.dataset;
+    assert_eq!(&ds.train.images[..36], &[77u8; 36][..]);
+    // JPEG is lossy, but a flat grey survives within a few levels.
+    assert!(ds.test.images[..36].iter().all(|&v| v.abs_diff(200) <= 3));
+    Ok(())
+}
+
+#[test]
+fn cache_is_reused_invalidated_and_placed_in_cache_dir() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("cmnist");
+    cmnist_fixture(&root);
+    let first = load(&opts(&root))?;
+    assert!(!first.from_cache);
+    assert!(first.cache_file.starts_with(&root) && first.cache_file.is_file());
+    let second = load(&opts(&root))?;
+    assert!(second.from_cache);
+    assert_eq!(second.dataset.train, first.dataset.train);
+    assert_eq!(second.dataset.test, first.dataset.test);
+    assert_eq!(second.dataset.num_classes, first.dataset.num_classes);
+
+    // A new file changes the key: decoded again, the stale cache is removed.
+    png(&root.join("1pct/conflict/2/12_2_0.png"), 4, 3, [1, 2, 3]);
+    let third = load(&opts(&root))?;
+    assert!(!third.from_cache);
+    assert_eq!(third.dataset.train.len(), first.dataset.train.len() + 1);
+    assert_ne!(third.cache_file, first.cache_file);
+    assert!(!first.cache_file.exists());
+
+    // A garbled cache is ignored, not trusted.
+    std::fs::write(&third.cache_file, b"RESTDFA\0garbage")?;
+    let fourth = load(&opts(&root))?;
+    assert!(!fourth.from_cache);
+    assert_eq!(fourth.dataset.train, third.dataset.train);
+
+    let cache = dir.path().join("cache");
+    let o = DfaOptions {
+        cache_dir: Some(cache.clone()),
+        ..opts(&root)
+    };
+    let a = load(&o)?;
+    assert!(a.cache_file.starts_with(&cache) && a.cache_file.is_file());
+    assert!(load(&o)?.from_cache);
+    Ok(())
+}
+
+/// Loads `root` and returns the error text.
+fn load_err(o: &DfaOptions) -> String {
+    format!("{:#}", load(o).expect_err("must fail"))
+}
+
+#[test]
+fn every_bad_input_names_the_file_or_folder_and_skip_bad_counts() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("cmnist");
+    cmnist_fixture(&root);
+    let o = opts(&root);
+
+    // Unparsable file name.
+    let bad_name = root.join("1pct/align/1/nolabel.png");
+    png(&bad_name, 4, 3, [0; 3]);
+    let e = load_err(&o);
+    assert!(
+        e.contains("nolabel.png") && e.contains("<label>_<bias>"),
+        "{e}"
+    );
+    // Corrupt image.
+    let corrupt = root.join("1pct/conflict/0/20_0_1.png");
+    std::fs::write(&corrupt, b"\x89PNG not really")?;
+    std::fs::remove_file(&bad_name)?;
+    let e = load_err(&o);
+    assert!(
+        e.contains("20_0_1.png") && e.contains("cannot decode"),
+        "{e}"
+    );
+    // Mixed sizes.
+    let big = root.join("test/1/21_1_1.png");
+    png(&big, 5, 3, [0; 3]);
+    std::fs::remove_file(&corrupt)?;
+    let e = load_err(&o);
+    assert!(
+        e.contains("21_1_1.png") && e.contains("5x3") && e.contains("4x3"),
+        "{e}"
+    );
+    // Not an image at all.
+    let txt = root.join("1pct/valid/notes_1_1.txt");
+    std::fs::write(&txt, "hello")?;
+    let e = load_err(&o);
+    assert!(e.contains("notes_1_1.txt"), "{e}");
+
+    // --skip-bad: all four bad files are skipped and counted, the good ones load.
+    png(&bad_name, 4, 3, [0; 3]);
+    std::fs::write(&corrupt, b"\x89PNG not really")?;
+    let l = load(&DfaOptions {
+        skip_bad: true,
+        ..o.clone()
+    })?;
+    assert_eq!(l.skipped, 4);
+    assert_eq!(
+        (
+            l.dataset.train.len(),
+            l.dataset.valid.len(),
+            l.dataset.test.len()
+        ),
+        (7, 2, 3)
+    );
+    // The cached result of a --skip-bad load keeps the count and does not serve a strict load.
+    let again = load(&DfaOptions {
+        skip_bad: true,
+        ..o.clone()
+    })?;
+    assert!(again.from_cache);
+    assert_eq!(again.skipped, 4);
+    assert!(load(&o).is_err());
+
+    // A split whose every file is bad is an error even under --skip-bad.
+    let d = dir.path().join("allbad").join("cmnist");
+    cmnist_fixture(&d);
+    for f in ["7_0_0.png", "8_3_1.png"] {
+        std::fs::write(d.join("1pct/valid").join(f), b"broken")?;
+    }
+    let e = load_err(&DfaOptions {
+        skip_bad: true,
+        ..opts(&d)
+    });
+    assert!(
+        e.contains("no usable validation images") && e.contains("2 skipped"),
+        "{e}"
+    );
+
+    // Missing split folders.
+    for (gone, what) in [
+        ("test", "test"),
+        ("1pct/valid", "validation"),
+        ("1pct/conflict", "conflict"),
+    ] {
+        let d = dir.path().join(format!("m-{}", what)).join("cmnist");
+        cmnist_fixture(&d);
+        std::fs::remove_dir_all(d.join(gone))?;
+        let e = load_err(&opts(&d));
+        assert!(
+            e.contains(&d.join(gone).display().to_string()) && e.contains("missing"),
+            "{e}"
+        );
+    }
+    // Missing ratio folder: the error lists the ones present.
+    let e = load_err(&DfaOptions {
+        conflict_pct: 5.0,
+        ..o.clone()
+    });
+    assert!(e.contains("5pct") && e.contains("1pct"), "{e}");
+    // Missing root.
+    let e = load_err(&opts(&dir.path().join("nope")));
+    assert!(e.contains("nope") && e.contains("--data"), "{e}");
+    // Images at the wrong depth for the layout.
+    let d = dir.path().join("deep").join("cmnist");
+    cmnist_fixture(&d);
+    png(&d.join("1pct/valid/0/30_0_0.png"), 4, 3, [0; 3]);
+    let e = load_err(&opts(&d));
+    assert!(e.contains("valid/0") && e.contains("directly"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn empty_conflict_folder_is_valid() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("cmnist");
+    cmnist_fixture(&root);
+    std::fs::remove_dir_all(root.join("1pct/conflict"))?;
+    std::fs::create_dir_all(root.join("1pct/conflict"))?;
+    let ds = load(&opts(&root))?.dataset;
+    assert_eq!(ds.train.len(), 5);
+    assert_eq!(ds.train.conflicting_count(), 0);
+    Ok(())
+}
+
+/// MNIST's training class counts (60,000 digits).
+const MNIST_COUNTS: [usize; 10] = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949];
+
+#[test]
+fn lff_attr_labels_give_the_dfa_counts_on_60k_labels() {
+    // A synthetic label vector with MNIST's class counts, interleaved.
+    let mut labels = Vec::new();
+    let mut left = MNIST_COUNTS;
+    while left.iter().any(|&n| n > 0) {
+        for (c, n) in left.iter_mut().enumerate() {
+            if *n > 0 {
+                labels.push(c as u32);
+                *n -= 1;
+            }
+        }
+    }
+    assert_eq!(labels.len(), 60_000);
+    for (pct, expected) in [(0.5, 300), (1.0, 598), (2.0, 1199), (5.0, 3000)] {
+        let attr = make_attr_labels(&labels, 10, 1.0 - pct / 100.0);
+        let conflict = labels.iter().zip(&attr).filter(|(l, a)| l != a).count();
+        assert_eq!(conflict, expected, "{pct} %");
+        // Per class, each other colour gets its even share within rounding.
+        for (c, &n) in MNIST_COUNTS.iter().enumerate() {
+            let share = n as f64 * pct / 100.0 / 9.0;
+            for a in (0..10u32).filter(|&a| a as usize != c) {
+                let k = (0..labels.len())
+                    .filter(|&i| labels[i] as usize == c && attr[i] == a)
+                    .count();
+                assert!((k as f64 - share).abs() <= 1.0, "class {c} colour {a}: {k}");
+            }
+        }
+    }
+    // Aligned ratio 1/10: every (class, colour) cell holds n/10 within rounding.
+    let attr = make_attr_labels(&labels, 10, 0.1);
+    for (c, &n) in MNIST_COUNTS.iter().enumerate() {
+        for a in 0..10u32 {
+            let k = (0..labels.len())
+                .filter(|&i| labels[i] as usize == c && attr[i] == a)
+                .count();
+            assert!((k as f64 - n as f64 / 10.0).abs() <= 1.0);
+        }
+    }
+}
+
+/// Writes IDX files of `n` 28x28 digits (`train` or `t10k`): digit `i` has label `i % 10`
+/// and its pixels are 255 on the left half, `i % 7` elsewhere.
+fn write_idx(dir: &Path, prefix: &str, n: usize) {
+    let mut img = Vec::new();
+    for v in [0x0803u32, n as u32, 28, 28] {
+        img.extend_from_slice(&v.to_be_bytes());
+    }
+    let mut lab = Vec::new();
+    for v in [0x0801u32, n as u32] {
+        lab.extend_from_slice(&v.to_be_bytes());
+    }
+    for i in 0..n {
+        for _y in 0..28 {
+            for x in 0..28 {
+                img.push(if x < 14 { 255 } else { (i % 7) as u8 });
+            }
+        }
+        lab.push((i % 10) as u8);
+    }
+    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).expect("write");
+    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).expect("write");
+}
+
+fn idx_source(dir: &Path) -> PathBuf {
+    let src = dir.join("mnist");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    write_idx(&src, "train", 400);
+    write_idx(&src, "t10k", 90);
+    src
+}
+
+fn spec(src: &Path, out: PathBuf, palette: Palette, seed: u64) -> MakeSpec {
+    MakeSpec {
+        source: MnistSource::Dir(src.to_path_buf()),
+        out,
+        palette,
+        severity: 5,
+        seed,
+    }
+}
+
+/// All files under `dir`, relative, sorted, with their bytes.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).expect("prefix").to_path_buf();
+                out.push((rel, std::fs::read(&p).expect("read")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn generator_writes_exact_counts_palette_and_is_deterministic() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let src = idx_source(dir.path());
+    let out = dir.path().join("cmnist");
+    let report = make_colored_mnist(&spec(&src, out.clone(), Palette::Dfa, 3))?;
+    // 400 training digits, 40 per class; valid = 90 / 3, test = 60.
+    assert_eq!(report.test, 60);
+    let labels: Vec<u32> = (0..400).map(|i| i % 10).collect();
+    for (r, pct) in report.ratios.iter().zip([0.5, 1.0, 2.0, 5.0]) {
+        // Independent count: per class round(40 * (1 - p)) aligned... computed through the
+        // milestone definition on the same labels.
+        let attr = make_attr_labels(&labels, 10, 1.0 - pct / 100.0);
+        let want = labels.iter().zip(&attr).filter(|(l, a)| l != a).count();
+        assert_eq!(
+            (r.conflict, r.align, r.valid),
+            (want, 400 - want, 30),
+            "{pct}"
+        );
+        let files = tree(&out.join(&r.token));
+        let n_conflict = files
+            .iter()
+            .filter(|(p, _)| p.starts_with("conflict"))
+            .count();
+        let n_align = files.iter().filter(|(p, _)| p.starts_with("align")).count();
+        assert_eq!((n_conflict, n_align), (r.conflict, r.align));
+    }
+    // 5 % of 40 = 2 conflicting per class -> 20; 0.5 % of 40 = 0.2 -> 0 per class.
+    assert_eq!(report.ratios[3].conflict, 20);
+    assert_eq!(report.ratios[0].conflict, 0);
+
+    // Every file sits in the folder its name implies and is tinted with its bias colour.
+    let ds = load(&DfaOptions {
+        root: out.clone(),
+        kind: DatasetKind::Auto,
+        conflict_pct: 5.0,
+        skip_bad: false,
+        cache_dir: Some(dir.path().join("c")),
+    })?
+    .dataset;
+    assert_eq!(
+        (ds.train.len(), ds.valid.len(), ds.test.len()),
+        (400, 30, 60)
+    );
+    assert_eq!(ds.train.conflicting_count(), 20);
+    assert_eq!(ds.num_classes, 10);
+    for s in [&ds.train, &ds.valid, &ds.test] {
+        for i in 0..s.len() {
+            // Pixel (0, 0) is a grey-255 pixel: the colour itself (noise std 0.002).
+            let px = &s.images[i * s.image_size()..i * s.image_size() + 3];
+            let want = DFA_PALETTE[s.bias[i] as usize];
+            for ch in 0..3 {
+                assert!(px[ch].abs_diff(want[ch]) <= 3, "{px:?} vs {want:?}");
+            }
+        }
+    }
+    // The test split takes LfF's assignment at aligned ratio 1/10 (colour-balanced).
+    let want = make_attr_labels(&ds.test.labels, 10, 0.1);
+    let mut got: Vec<(u32, u32)> = ds
+        .test
+        .labels
+        .iter()
+        .copied()
+        .zip(ds.test.bias.iter().copied())
+        .collect();
+    let mut exp: Vec<(u32, u32)> = ds.test.labels.iter().copied().zip(want).collect();
+    got.sort_unstable();
+    exp.sort_unstable();
+    assert_eq!(got, exp);
+    let layout = tree(&out);
+    for (p, _) in &layout {
+        let s = p.to_string_lossy();
+        if s.contains("/align/") || s.contains("/conflict/") || s.starts_with("test/") {
+            let parts: Vec<&str> = s.split('/').collect();
+            let (l, b) = rest::data::dfa::parse_name(p)?;
+            assert_eq!(parts[parts.len() - 2], l.to_string(), "{s}");
+            if !s.starts_with("test/") {
+                assert_eq!(s.contains("/align/"), l == b, "{s}");
+            }
+        }
+    }
+    assert!(out.join("dataset.json").is_file());
+
+    // Same seed: byte-identical; another seed or palette: different images.
+    let again = dir.path().join("again");
+    make_colored_mnist(&spec(&src, again.clone(), Palette::Dfa, 3))?;
+    assert_eq!(tree(&again), layout);
+    let other = dir.path().join("other");
+    make_colored_mnist(&spec(&src, other.clone(), Palette::Dfa, 4))?;
+    assert_ne!(tree(&other), layout);
+    let lff = dir.path().join("lff");
+    make_colored_mnist(&spec(&src, lff.clone(), Palette::Lff, 3))?;
+    let l = load(&DfaOptions {
+        root: lff,
+        kind: DatasetKind::Cmnist,
+        conflict_pct: 1.0,
+        skip_bad: false,
+        cache_dir: None,
+    })?
+    .dataset;
+    let want = rest::data::colored_mnist::LFF_PALETTE[l.train.bias[0] as usize];
+    assert!(l.train.images[..3]
+        .iter()
+        .zip(want)
+        .all(|(a, b)| a.abs_diff(b) <= 3));
+
+    // A non-empty --out and a missing IDX file are refused with what to do.
+    let e = make_colored_mnist(&spec(&src, out.clone(), Palette::Dfa, 3))
+        .expect_err("non-empty out")
+        .to_string();
+    assert!(e.contains("not empty"), "{e}");
+    std::fs::remove_file(src.join("t10k-labels-idx1-ubyte"))?;
+    let e = make_colored_mnist(&spec(&src, dir.path().join("x"), Palette::Dfa, 3))
+        .expect_err("missing idx")
+        .to_string();
+    assert!(
+        e.contains("t10k-labels-idx1-ubyte") && e.contains("builtin"),
+        "{e}"
+    );
+    Ok(())
+}
+
+fn rest_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rest"))
+        .args(args)
+        .env("REST_LOG", "warn")
+        .output()
+        .expect("run rest")
+}
+
+#[test]
+fn cli_make_train_on_folder_and_preview() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let src = idx_source(dir.path());
+    let data = dir.path().join("cmnist");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let o = rest_cmd(&[
+        "data",
+        "make",
+        "colored-mnist",
+        "--source",
+        &s(&src),
+        "--out",
+        &s(&data),
+        "--severity",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("5pct"));
+
+    let run = dir.path().join("run");
+    let o = rest_cmd(&[
+        "train",
+        "--data",
+        &s(&data),
+        "--conflict-pct",
+        "5",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "100",
+        "--density",
+        "0.5",
+        "--threads",
+        "1",
+        "--out",
+        &s(&run),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json"))?)?;
+    assert!(summary.is_object());
+    let cfg = std::fs::read_to_string(run.join("config.toml"))?;
+    assert!(cfg.contains("data = ") && cfg.contains("cmnist"), "{cfg}");
+
+    let sheet = dir.path().join("sheet.png");
+    let o = rest_cmd(&[
+        "data",
+        "preview",
+        &s(&data),
+        "--out",
+        &s(&sheet),
+        "--per-class",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&sheet)?.to_rgb8();
+    // 10 class rows, 6 cells each; 28-px digits upscaled x2 plus 2-px frames and gaps.
+    let cell = 28 * 2 + 4;
+    assert_eq!(
+        (img.width(), img.height()),
+        (2 + 6 * (cell + 2), 2 + 10 * (cell + 2))
+    );
+
+    // Bad input: one-line errors naming the flag or path.
+    let o = rest_cmd(&["train", "--data", &s(&dir.path().join("absent"))]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("absent") && err.contains("--data"), "{err}");
+    let o = rest_cmd(&["train", "--dataset", "bffhq"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--data"));
+    Ok(())
+}
