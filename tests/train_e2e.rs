@@ -193,3 +193,21 @@ fn data_export_writes_npy() {
         }
     }
 }
+
+#[test]
+fn diverging_loss_stops_with_an_error_naming_epoch_and_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        lr: 1e12,
+        epochs: 3,
+        ..tiny(dir.path(), ModelKind::Mlp, 1.0)
+    };
+    let err = match rest::train::train(&cfg) {
+        Ok(_) => panic!("a learning rate of 1e12 must diverge"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("epoch") && err.contains("step") && err.contains("--lr"),
+        "{err}"
+    );
+}
