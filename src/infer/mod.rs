@@ -281,28 +281,11 @@ pub fn evaluate(m: &LoadedModel, ds: &GroupDataset) -> Result<EvalReport> {
 
 /// The group-metrics table of an evaluation (accuracies in %).
 pub fn eval_table(r: &EvalReport) -> String {
-    let pct = |x: Option<f64>| {
-        x.map(|v| format!("{:6.2}", 100.0 * v))
-            .unwrap_or_else(|| "     -".into())
-    };
-    let row = |name: &str, m: &GroupMetrics| {
-        format!(
-            "| {name:<5} | {} | {} | {} | {} | {}   | {:.4} |",
-            pct(Some(m.accuracy)),
-            pct(m.aligned),
-            pct(m.conflicting),
-            pct(Some(m.worst_group)),
-            pct(Some(m.unbiased)),
-            m.loss
-        )
-    };
     format!(
-        "{} | {} | density {:.4}\n| split |  acc % | align. | confl. | worst  | unbiased | loss   |\n\
-         |-------|--------|--------|--------|--------|----------|--------|\n{}\n{}",
+        "{} | {} | density {:.4}\n{}",
         r.dataset,
         r.model,
         r.density,
-        row("valid", &r.valid),
-        row("test", &r.test)
+        crate::report::metrics_table(&[("valid", &r.valid), ("test", &r.test)])
     )
 }

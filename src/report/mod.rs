@@ -10,15 +10,25 @@ fn pct(x: Option<f64>) -> String {
         .unwrap_or_else(|| "     -".into())
 }
 
-fn row(name: &str, m: &GroupMetrics) -> String {
-    format!(
-        "| {name:<5} | {} | {} | {} | {} | {} |",
-        pct(Some(m.accuracy)),
-        pct(m.aligned),
-        pct(m.conflicting),
-        pct(Some(m.worst_group)),
-        pct(Some(m.unbiased))
-    )
+/// The group-metrics table (accuracies in %, then the mean loss) for named splits.
+pub fn metrics_table(rows: &[(&str, &GroupMetrics)]) -> String {
+    let mut t = String::from(
+        "| split |  acc % | align. | confl. | worst  | unbiased |  loss  |\n\
+         |-------|--------|--------|--------|--------|----------|--------|",
+    );
+    for (name, m) in rows {
+        let _ = write!(
+            t,
+            "\n| {name:<5} | {} | {} | {} | {} |   {} | {:.4} |",
+            pct(Some(m.accuracy)),
+            pct(m.aligned),
+            pct(m.conflicting),
+            pct(Some(m.worst_group)),
+            pct(Some(m.unbiased)),
+            m.loss
+        );
+    }
+    t
 }
 
 /// The FLOPs table of a freshly initialised `model` with ERK masks at `density`.
@@ -70,14 +80,9 @@ pub fn results_table(s: &Summary) -> String {
     );
     let _ = writeln!(
         t,
-        "| split |  acc % | align. | confl. | worst  | unbiased |"
+        "{}",
+        metrics_table(&[("valid", &s.valid), ("test", &s.test)])
     );
-    let _ = writeln!(
-        t,
-        "|-------|--------|--------|--------|--------|----------|"
-    );
-    let _ = writeln!(t, "{}", row("valid", &s.valid));
-    let _ = writeln!(t, "{}", row("test", &s.test));
     let _ = write!(
         t,
         "FLOPs: training {} ({:.3} of dense), inference {} per image ({:.3} of dense)",
