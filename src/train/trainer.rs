@@ -182,6 +182,19 @@ pub fn load_dataset(cfg: &TrainConfig) -> Result<GroupDataset> {
     crate::data::colored_mnist::generate(&digits, &labels, &spec)
 }
 
+/// A tensor's values as a flat host vector.
+fn to_host(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// `t` (a gradient or momentum buffer of `p`) on the host, or zeros when there is none yet.
+fn host_or_zeros(t: Option<&Tensor>, p: &Param) -> Result<Vec<f32>> {
+    match t {
+        Some(t) => to_host(t),
+        None => Ok(vec![0.0; p.var.elem_count()]),
+    }
+}
+
 /// Masks as host `f32` 0/1 tensors, one per maskable weight.
 pub(crate) fn mask_tensors(
     engine: &SparseEngine,
@@ -214,7 +227,7 @@ pub(crate) fn install_sparse_kernels(
         let new = if sparse {
             let rows = p.var.dims()[0];
             let cols = p.var.elem_count() / rows.max(1);
-            let w = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let w = to_host(p.var.as_tensor())?;
             Some(SparseWeight::new(&w, engine.mask(l), rows, cols)?)
         } else {
             None
@@ -322,10 +335,9 @@ fn init_scores(
     cfg: &TrainConfig,
     dev: &Device,
 ) -> Result<Vec<Vec<f32>>> {
-    let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
     let w0: Vec<Vec<f32>> = weights
         .iter()
-        .map(|p| host(p.var.as_tensor()))
+        .map(|p| to_host(p.var.as_tensor()))
         .collect::<Result<_>>()?;
     if cfg.sparse_init == SparseInit::GlobalMagnitude {
         return Ok(crate::sparse::magnitude_scores(&w0));
@@ -337,10 +349,7 @@ fn init_scores(
         let g = loss.backward()?;
         weights
             .iter()
-            .map(|p| match g.get(p.var.as_tensor()) {
-                Some(t) => host(t),
-                None => Ok(vec![0.0; p.var.elem_count()]),
-            })
+            .map(|p| host_or_zeros(g.get(p.var.as_tensor()), p))
             .collect()
     };
     let mut rng = util::rng(cfg.seed, 4);
@@ -877,6 +886,13 @@ fn run_stage(
         );
         bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
         bar.set_position(pe.batches_done as u64);
+        // Running training accuracy of the epoch (a resumed epoch starts from its counts).
+        let mut correct = pe
+            .preds
+            .iter()
+            .zip(&pe.labels)
+            .filter(|(p, l)| p == l)
+            .count();
         for (bi, idx) in order
             .chunks(cfg.batch_size)
             .enumerate()
@@ -927,17 +943,16 @@ fn run_stage(
                 .step(idx.len(), flops_now.sparse, flops_now.dense, update_now);
 
             if let Some(e) = engine.as_mut() {
-                if e.is_update_step(st.step) {
+                // `update_now` was decided before the forward pass (the sparse layers then
+                // produced the dense gradient this update needs).
+                if update_now {
                     let mut w_host: Vec<Vec<f32>> = weights
                         .iter()
-                        .map(|p| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+                        .map(|p| to_host(p.var.as_tensor()))
                         .collect::<Result<_>>()?;
                     let g_host: Vec<Vec<f32>> = weights
                         .iter()
-                        .map(|p| match grads.get(p.var.as_tensor()) {
-                            Some(g) => Ok(g.flatten_all()?.to_vec1::<f32>()?),
-                            None => Ok(vec![0.0; p.var.elem_count()]),
-                        })
+                        .map(|p| host_or_zeros(grads.get(p.var.as_tensor()), p))
                         .collect::<Result<_>>()?;
                     // Momentum before masking: at inactive positions it holds this step's dense
                     // gradient (what `--growth momentum` ranks); the engine zeroes the dropped
@@ -945,10 +960,7 @@ fn run_stage(
                     let mut m_host: Vec<Vec<f32>> = weights
                         .iter()
                         .enumerate()
-                        .map(|(l, p)| match opt.momentum_buffer(weight_index[l]) {
-                            Some(m) => Ok(m.flatten_all()?.to_vec1::<f32>()?),
-                            None => Ok(vec![0.0; p.var.elem_count()]),
-                        })
+                        .map(|(l, p)| host_or_zeros(opt.momentum_buffer(weight_index[l]), p))
                         .collect::<Result<_>>()?;
                     let stats = e.update_with(
                         st.step,
@@ -995,17 +1007,13 @@ fn run_stage(
 
             pe.loss_sum += loss_v as f64 * idx.len() as f64;
             pe.seen += idx.len();
-            pe.preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+            let batch_preds = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            correct += batch_preds.iter().zip(&y).filter(|(p, l)| p == l).count();
+            pe.preds.extend(batch_preds);
             pe.labels.extend_from_slice(&y);
             pe.bias.extend(idx.iter().map(|&i| ds.train.bias[i]));
             pe.batches_done = bi + 1;
-            let acc = pe
-                .preds
-                .iter()
-                .zip(&pe.labels)
-                .filter(|(p, l)| p == l)
-                .count() as f64
-                / pe.seen as f64;
+            let acc = correct as f64 / pe.seen as f64;
             bar.set_message(format!(
                 "loss {:.4} acc {:.3}",
                 pe.loss_sum / pe.seen as f64,
