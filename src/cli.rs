@@ -152,6 +152,43 @@ pub enum DataCommand {
 pub enum MakeCommand {
     /// Colored MNIST as PNGs for 0.5, 1, 2 and 5 % conflicting (LfF colour assignment).
     ColoredMnist(MakeColoredMnistArgs),
+    /// Corrupted CIFAR-10 (LfF Type0/Type1, CIFAR-10-C severities) as PNGs for 0.5, 1, 2 and
+    /// 5 % conflicting, from the CIFAR-10 binary batches.
+    CorruptedCifar10(MakeCorruptedCifar10Args),
+}
+
+#[derive(Debug, Args)]
+pub struct MakeCorruptedCifar10Args {
+    /// Folder with the CIFAR-10 binary batches (data_batch_1.bin .. data_batch_5.bin,
+    /// test_batch.bin), or the folder holding cifar-10-batches-bin/.
+    #[arg(long, value_name = "DIR")]
+    pub source: PathBuf,
+    /// Output folder (new or empty).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// 0: snow, frost, fog, brightness, contrast, spatter, elastic, JPEG, pixelate, saturate;
+    /// 1: Gaussian/shot/impulse/speckle noise, Gaussian/defocus/glass/motion/zoom blur,
+    /// original. Class i takes corruption i.
+    #[arg(long = "type", value_name = "0|1", default_value_t = 0)]
+    pub kind: u8,
+    /// CIFAR-10-C severity 1-5 (4 = LfF's and DFA's released data).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub severity: u8,
+    /// Seed of the corruptions and of the validation/test split of the test batch.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl MakeCorruptedCifar10Args {
+    pub fn spec(&self) -> crate::data::make_cifar::CifarSpec {
+        crate::data::make_cifar::CifarSpec {
+            source: self.source.clone(),
+            out: self.out.clone(),
+            kind: self.kind,
+            severity: self.severity,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

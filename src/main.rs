@@ -129,6 +129,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("dataset: {}", args.out.display());
             Ok(())
         }
+        Command::Data(DataCommand::Make(MakeCommand::CorruptedCifar10(args))) => {
+            let r = rest::data::make_cifar::make_corrupted_cifar10(&args.spec())?;
+            println!("ratio     align  conflict  valid (conflict)");
+            for c in &r.ratios {
+                println!(
+                    "{:<8} {:>6} {:>9} {:>6} ({})",
+                    c.token, c.align, c.conflict, c.valid, c.valid_conflict
+                );
+            }
+            println!("test: {} (corruption-balanced)", r.test);
+            println!("dataset: {}", args.out.display());
+            Ok(())
+        }
         Command::Data(DataCommand::Preview(args)) => {
             let l = rest::data::dfa::load(&rest::data::dfa::DfaOptions {
                 root: args.path.clone(),

@@ -228,7 +228,7 @@ struct Job {
     path: PathBuf,
 }
 
-fn png_bytes(rgb: Vec<u8>, w: u32, h: u32) -> Result<Vec<u8>> {
+pub(crate) fn png_bytes(rgb: Vec<u8>, w: u32, h: u32) -> Result<Vec<u8>> {
     let img = image::RgbImage::from_raw(w, h, rgb)
         .context("internal error: image buffer does not match its size")?;
     let mut out = std::io::Cursor::new(Vec::new());
@@ -279,7 +279,7 @@ fn labels_of(pools: &Pools, idx: &[usize]) -> Vec<u32> {
     idx.iter().map(|&d| u32::from(pools.labels[d])).collect()
 }
 
-fn mkdir(p: &Path) -> Result<()> {
+pub(crate) fn mkdir(p: &Path) -> Result<()> {
     std::fs::create_dir_all(p).with_context(|| {
         format!(
             "cannot create {}: choose a writable --out folder",
@@ -288,25 +288,31 @@ fn mkdir(p: &Path) -> Result<()> {
     })
 }
 
-/// Writes Colored MNIST in the DFA layout under `spec.out` for every ratio of [`RATIOS`]:
-/// `<pct>pct/{align,conflict}/<class>/`, `<pct>pct/valid/` (biased like train), and one
-/// colour-balanced `test/<class>/` (LfF's `make_attr_labels` at aligned ratio 1/10), then
-/// `dataset.json` (atomically, last: its presence marks a complete folder).
-pub fn make_colored_mnist(spec: &MakeSpec) -> Result<MakeReport> {
-    severity_sigma(spec.severity).context("--severity")?;
-    if spec.out.exists() {
-        let non_empty = std::fs::read_dir(&spec.out)
-            .with_context(|| format!("--out {} is not a readable folder", spec.out.display()))?
+/// Fails unless `out` is missing or an empty folder (old files would mix with a new dataset).
+pub(crate) fn check_out_empty(out: &Path) -> Result<()> {
+    if out.exists() {
+        let non_empty = std::fs::read_dir(out)
+            .with_context(|| format!("--out {} is not a readable folder", out.display()))?
             .next()
             .is_some();
         if non_empty {
             bail!(
                 "--out {} is not empty: choose a new folder (old files would mix with the new \
                  dataset)",
-                spec.out.display()
+                out.display()
             );
         }
     }
+    Ok(())
+}
+
+/// Writes Colored MNIST in the DFA layout under `spec.out` for every ratio of [`RATIOS`]:
+/// `<pct>pct/{align,conflict}/<class>/`, `<pct>pct/valid/` (biased like train), and one
+/// colour-balanced `test/<class>/` (LfF's `make_attr_labels` at aligned ratio 1/10), then
+/// `dataset.json` (atomically, last: its presence marks a complete folder).
+pub fn make_colored_mnist(spec: &MakeSpec) -> Result<MakeReport> {
+    severity_sigma(spec.severity).context("--severity")?;
+    check_out_empty(&spec.out)?;
     let pools = pools(&spec.source, spec.seed)?;
     let n_classes = 10;
     let out = &spec.out;

@@ -5,11 +5,14 @@
 //! converted to `f32` NCHW batches only when a batch is gathered for the model.
 
 pub mod builtin;
+pub mod cifar;
 pub mod colored_mnist;
+pub mod corrupt;
 pub mod dfa;
 pub mod export;
 pub mod idx;
 pub mod make;
+pub mod make_cifar;
 pub mod preview;
 pub mod sampler;
 
