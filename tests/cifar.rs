@@ -540,3 +540,29 @@ fn generator_errors_name_the_problem() {
         "{e}"
     );
 }
+
+#[test]
+fn corruptions_handle_flat_extreme_and_tiny_images() {
+    // Black, white and tiny images: no panic, right size, and the flat-image cases that have
+    // a known answer (contrast keeps a flat image; brightness of black is grey 0.2 * 255).
+    for (w, h) in [(32, 32), (1, 1), (2, 3), (5, 4)] {
+        for v in [0u8, 255] {
+            let img = vec![v; w * h * 3];
+            for c in Corruption::ALL {
+                for sev in 1..=5 {
+                    let out = apply(c, &img, w, h, sev, 9);
+                    assert_eq!(out.len(), img.len(), "{} {w}x{h}", c.name());
+                }
+            }
+            assert_eq!(apply(Corruption::Contrast, &img, w, h, 5, 0), img);
+        }
+        let black = vec![0u8; w * h * 3];
+        assert!(apply(Corruption::Brightness, &black, w, h, 4, 0)
+            .iter()
+            .all(|&v| v == 51));
+    }
+    let e = Corruption::Snow
+        .apply(&[0u8; 10], 2, 2, 4, &mut util::rng(0, 0))
+        .expect_err("wrong size");
+    assert!(format!("{e}").contains("needs 12 bytes, got 10"));
+}
