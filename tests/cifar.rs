@@ -566,3 +566,104 @@ fn corruptions_handle_flat_extreme_and_tiny_images() {
         .expect_err("wrong size");
     assert!(format!("{e}").contains("needs 12 bytes, got 10"));
 }
+
+fn rest_cmd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rest"))
+        .args(args)
+        .env("REST_LOG", "warn")
+        .output()
+        .expect("run rest")
+}
+
+#[test]
+fn cli_make_preview_and_train_on_corrupted_cifar10() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("src");
+    write_fixture(&src, 40, 60);
+    let data = tmp.path().join("cifar10c");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let o = rest_cmd(&[
+        "data",
+        "make",
+        "corrupted-cifar10",
+        "--source",
+        &s(&src),
+        "--out",
+        &s(&data),
+        "--type",
+        "1",
+        "--seed",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("0.5pct") && stdout.contains("test: 40"),
+        "{stdout}"
+    );
+
+    // The sheet: 10 rows of 3 aligned + 3 conflicting 32-px cells (scale 1, 2-px frames and
+    // gaps); the first cell of row c shows the first aligned file of class c.
+    let sheet = tmp.path().join("sheet.png");
+    let o = rest_cmd(&[
+        "data",
+        "preview",
+        &s(&data),
+        "--out",
+        &s(&sheet),
+        "--per-class",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&sheet).expect("sheet").to_rgb8();
+    let cell = 32 + 4;
+    assert_eq!(
+        (img.width(), img.height()),
+        (2 + 6 * (cell + 2), 2 + 10 * (cell + 2))
+    );
+    for c in [0u32, 4, 9] {
+        let first = files_under(&data.join("5pct/align").join(c.to_string()))[0].clone();
+        let px = decode(&first);
+        let (x0, y0) = (2 + 2, 2 + c * (cell + 2) + 2);
+        for (dx, dy) in [(0u32, 0u32), (17, 5), (31, 31)] {
+            let p = img.get_pixel(x0 + dx, y0 + dy).0;
+            let q = ((dy * 32 + dx) * 3) as usize;
+            assert_eq!(
+                p,
+                [px[q], px[q + 1], px[q + 2]],
+                "class {c} at ({dx}, {dy})"
+            );
+        }
+    }
+
+    let run = tmp.path().join("run");
+    let o = rest_cmd(&[
+        "train",
+        "--data",
+        &s(&data),
+        "--model",
+        "resnet18",
+        "--width",
+        "8",
+        "--stem",
+        "cifar",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "100",
+        "--threads",
+        "1",
+        "--out",
+        &s(&run),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary"))
+            .expect("json");
+    assert!(summary.is_object());
+    let cfg = std::fs::read_to_string(run.join("config.toml")).expect("config");
+    assert!(
+        cfg.contains("resnet18") && cfg.contains("cifar10c"),
+        "{cfg}"
+    );
+}
