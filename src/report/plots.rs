@@ -129,7 +129,7 @@ pub fn tick_label(v: f64) -> String {
 
 /// About `n` round tick positions (1, 2, 2.5 or 5 x 10^k apart) covering [lo, hi].
 pub fn linear_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
-    if !(hi > lo) {
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         return vec![lo];
     }
     let raw = (hi - lo) / n.max(1) as f64;
@@ -294,7 +294,7 @@ fn legend_width(p: &Panel, panel_w: u32) -> u32 {
     if longest == 0 {
         return 0;
     }
-    (longest as u32 * 8 + 46).min(panel_w * 45 / 100)
+    (longest as u32 * 8 + 46).clamp(100, panel_w * 45 / 100)
 }
 
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()> {
@@ -393,7 +393,10 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
                             .map_err(de)?;
                     }
                 }
-                if s.style == Style::LineErrorBars && !y_log {
+                // A lone point has no band to draw: it gets an error bar.
+                let bars =
+                    s.style == Style::LineErrorBars || (s.style == Style::Line && pts.len() == 1);
+                if bars && !y_log {
                     for (pt, q) in s.points.iter().zip(&pts) {
                         if let Some(e) = pt.err {
                             let (lo, hi) = band(pt.y, e);
@@ -422,11 +425,9 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
         }
     }
     // The legend, beside the plot so that it never hides data.
-    let mut row = 0;
-    for s in p.series.iter().filter(|s| !s.label.is_empty()) {
+    for (row, s) in p.series.iter().filter(|s| !s.label.is_empty()).enumerate() {
         let c = color(s.color);
-        let y = 48 + row * 22;
-        row += 1;
+        let y = 48 + row as i32 * 22;
         match s.style {
             Style::HLine => legend_area
                 .draw(&DashedPathElement::new(
