@@ -109,7 +109,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(a) => {
             let r = rest::report::write_report(&a.dir)?;
             if r.kind == rest::report::ReportKind::Collection {
-                println!("{} runs read, {} skipped", r.runs, r.skipped.len());
+                println!(
+                    "{} runs read, {} unreadable summary.json skipped, {} runs without summary.json",
+                    r.runs,
+                    r.skipped.len(),
+                    r.unfinished.len()
+                );
             }
             for f in &r.files {
                 println!("{}", f.display());

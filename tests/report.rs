@@ -276,8 +276,16 @@ fn stage1_and_corrupt_summaries_are_skipped_and_counted() {
     fake_run(&root.join("other"), 1.0, 0.5, 2, 0.9, 0.8, 0.5);
     std::fs::create_dir_all(root.join("broken")).unwrap();
     std::fs::write(root.join("broken/summary.json"), "{\"test\": ").unwrap();
+    // A run that failed before its summary: counted, not read.
+    std::fs::create_dir_all(root.join("crashed")).unwrap();
+    std::fs::copy(
+        root.join("other/config.toml"),
+        root.join("crashed/config.toml"),
+    )
+    .unwrap();
     let r = write_report(root).unwrap();
     assert_eq!(r.runs, 2);
+    assert_eq!(r.unfinished, vec![PathBuf::from("crashed")]);
     assert_eq!(r.skipped.len(), 1);
     assert_eq!(r.skipped[0].path, PathBuf::from("broken/summary.json"));
     let (_, rows) = csv_rows(&std::fs::read_to_string(root.join("results.csv")).unwrap());
@@ -286,6 +294,10 @@ fn stage1_and_corrupt_summaries_are_skipped_and_counted() {
     let md = std::fs::read_to_string(root.join("report.md")).unwrap();
     assert!(md.contains("1 summary.json file could not be read"), "{md}");
     assert!(md.contains("`broken/summary.json`"), "{md}");
+    assert!(
+        md.contains("1 run directory without summary.json (unfinished or failed): `crashed`."),
+        "{md}"
+    );
     // One configuration, seeds 1 and 2: 0.7 and 0.9 -> 80.00 ± 14.14; a lone cell is not bold.
     assert!(md.contains("| upweight | 0.5 | 80.00 ± 14.14 |"), "{md}");
 }

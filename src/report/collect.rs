@@ -83,15 +83,28 @@ pub struct Collection {
     pub root: PathBuf,
     pub runs: Vec<Run>,
     pub skipped: Vec<Skipped>,
+    /// Run directories without `summary.json` (relative to `root`).
+    pub unfinished: Vec<PathBuf>,
 }
 
-/// Every `summary.json` under `root` (any depth, sorted), except those in a `stage1`
-/// directory (JTT's identification stage). Symbolic links to directories are not followed.
-pub fn find_summaries(root: &Path) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// What a walk of a directory finds.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    /// Every `summary.json` (sorted).
+    pub summaries: Vec<PathBuf>,
+    /// Run directories without one (a `config.toml` but no `summary.json`): unfinished or
+    /// failed runs.
+    pub unfinished: Vec<PathBuf>,
+}
+
+/// Walks `root` (any depth, sorted), except `stage1` directories (JTT's identification
+/// stage). Symbolic links to directories are not followed.
+pub fn scan(root: &Path) -> Result<Scan> {
+    fn walk(dir: &Path, out: &mut Scan) -> Result<()> {
         let entries = std::fs::read_dir(dir)
             .with_context(|| format!("cannot list directory {}", dir.display()))?;
         let mut subdirs = Vec::new();
+        let (mut summary, mut config) = (false, false);
         for e in entries {
             let e = e.with_context(|| format!("cannot list directory {}", dir.display()))?;
             let ty = e.file_type()?;
@@ -101,8 +114,14 @@ pub fn find_summaries(root: &Path) -> Result<Vec<PathBuf>> {
                     subdirs.push(path);
                 }
             } else if ty.is_file() && e.file_name() == "summary.json" {
-                out.push(path);
+                out.summaries.push(path);
+                summary = true;
+            } else if ty.is_file() && e.file_name() == "config.toml" {
+                config = true;
             }
+        }
+        if config && !summary {
+            out.unfinished.push(dir.to_path_buf());
         }
         subdirs.sort();
         for d in subdirs {
@@ -116,10 +135,16 @@ pub fn find_summaries(root: &Path) -> Result<Vec<PathBuf>> {
             root.display()
         );
     }
-    let mut out = Vec::new();
+    let mut out = Scan::default();
     walk(root, &mut out)?;
-    out.sort();
+    out.summaries.sort();
+    out.unfinished.sort();
     Ok(out)
+}
+
+/// Every `summary.json` under `root` (see [`scan`]).
+pub fn find_summaries(root: &Path) -> Result<Vec<PathBuf>> {
+    Ok(scan(root)?.summaries)
 }
 
 fn toml_text(v: &toml::Value) -> String {
@@ -196,11 +221,17 @@ pub fn read_run(root: &Path, summary_path: &Path) -> Result<Run> {
 /// Reads every run under `root`. Unreadable runs are logged and listed in `skipped`; it is an
 /// error when there is no `summary.json` at all, or none could be read.
 pub fn collect(root: &Path) -> Result<Collection> {
-    let paths = find_summaries(root)?;
+    let found = scan(root)?;
+    let paths = found.summaries;
     if paths.is_empty() {
         bail!(
-            "no summary.json under {}: give the directory of finished `rest train` runs (or of a sweep)",
-            root.display()
+            "no summary.json under {}{}: give the directory of finished `rest train` runs (or of a sweep)",
+            root.display(),
+            if found.unfinished.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} unfinished runs without one)", found.unfinished.len())
+            }
         );
     }
     let mut runs = Vec::new();
@@ -229,6 +260,11 @@ pub fn collect(root: &Path) -> Result<Collection> {
         root: root.to_path_buf(),
         runs,
         skipped,
+        unfinished: found
+            .unfinished
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap_or(p).to_path_buf())
+            .collect(),
     })
 }
 

@@ -35,6 +35,8 @@ pub struct ReportSummary {
     pub runs: usize,
     /// `summary.json` files that could not be read (relative to the directory), and why.
     pub skipped: Vec<collect::Skipped>,
+    /// Run directories below DIR without `summary.json` (unfinished or failed runs).
+    pub unfinished: Vec<PathBuf>,
     /// Files written.
     pub files: Vec<PathBuf>,
 }
@@ -56,6 +58,7 @@ pub fn write_report(dir: &Path) -> Result<ReportSummary> {
             kind: ReportKind::SingleRun,
             runs: 1,
             skipped: Vec::new(),
+            unfinished: Vec::new(),
             files,
         });
     }
@@ -82,6 +85,7 @@ pub fn write_report(dir: &Path) -> Result<ReportSummary> {
         kind: ReportKind::Collection,
         runs: c.runs.len(),
         skipped: c.skipped,
+        unfinished: c.unfinished,
         files,
     })
 }
@@ -98,7 +102,7 @@ pub fn report_markdown(c: &collect::Collection, g: &tables::Grid) -> String {
     let _ = writeln!(s, "# Results: {name}\n");
     let _ = writeln!(
         s,
-        "{} runs: {} configurations x {} seed{}, {} conflicting ratio{}.{}\n",
+        "{} runs: {} configurations x {} seed{}, {} conflicting ratio{}.{}{}\n",
         c.runs.len(),
         g.rows.len(),
         g.seeds,
@@ -113,6 +117,22 @@ pub fn report_markdown(c: &collect::Collection, g: &tables::Grid) -> String {
                 c.skipped.len(),
                 if c.skipped.len() == 1 { "" } else { "s" },
                 if c.skipped.len() == 1 { "is" } else { "are" }
+            )
+        },
+        if c.unfinished.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " {} run director{} without summary.json (unfinished or failed): {}.",
+                c.unfinished.len(),
+                if c.unfinished.len() == 1 { "y" } else { "ies" },
+                c.unfinished
+                    .iter()
+                    .take(10)
+                    .map(|p| format!("`{}`", p.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    + if c.unfinished.len() > 10 { ", ..." } else { "" }
             )
         }
     );
