@@ -116,7 +116,12 @@ fn png_stats(path: &Path) -> (u32, u32, f64, usize) {
 fn check_svg(path: &Path, needle: &str) {
     let s = std::fs::read_to_string(path).unwrap();
     assert!(s.len() > 2000, "{} too small", path.display());
-    assert!(s.contains("<svg"), "{} is not SVG", path.display());
+    assert!(
+        s.starts_with("<svg") && s.trim_end().ends_with("</svg>"),
+        "{} is not SVG",
+        path.display()
+    );
+    assert_eq!(s.matches("<text").count(), s.matches("</text>").count());
     assert!(s.contains(needle), "{} lacks {needle:?}", path.display());
 }
 

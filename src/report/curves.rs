@@ -107,6 +107,7 @@ pub fn curves_figure(rows: &[CurveRow], name: &str) -> Figure {
         color,
         style: Style::Line,
         points: pts,
+        notes: Vec::new(),
     };
     let panel = |title: &str, y: &str, y_log: bool, series: Vec<Series>| Panel {
         title: title.into(),
@@ -133,6 +134,7 @@ pub fn curves_figure(rows: &[CurveRow], name: &str) -> Figure {
                     color: c,
                     style: Style::Markers,
                     points: points(rows, "test", k, 100.0),
+                    notes: Vec::new(),
                 });
             }
         }
@@ -161,7 +163,7 @@ pub fn curves_figure(rows: &[CurveRow], name: &str) -> Figure {
             "Learning rate",
             "learning rate (log scale)",
             true,
-            vec![line("lr", 2, per_epoch("lr"))],
+            vec![line("learning rate", 2, per_epoch("lr"))],
         ),
         panel(
             "Training accuracy by group (running, %)",
@@ -196,6 +198,7 @@ pub fn curves_figure(rows: &[CurveRow], name: &str) -> Figure {
                 color: 7,
                 style: Style::Markers,
                 points: Vec::new(),
+                notes: Vec::new(),
             });
         }
     }

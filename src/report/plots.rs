@@ -25,7 +25,7 @@ pub enum Style {
     /// Markers only.
     Markers,
     /// A dashed horizontal line at the first point's y across the whole x range, with a +- err
-    /// band.
+    /// band, and a marker at the point itself.
     HLine,
 }
 
@@ -45,6 +45,8 @@ pub struct Series {
     pub color: usize,
     pub style: Style,
     pub points: Vec<Pt>,
+    /// Text drawn beside each point (same order as `points`); empty: none.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -265,9 +267,7 @@ fn panel_axes(p: &Panel) -> (Axis, Axis) {
     let mut ys = Vec::new();
     for s in &p.series {
         for pt in &s.points {
-            if s.style != Style::HLine {
-                xs.push(pt.x);
-            }
+            xs.push(pt.x);
             ys.push(pt.y);
             if let Some(e) = pt.err {
                 ys.push(pt.y - e);
@@ -371,6 +371,10 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
                         c.stroke_width(2),
                     ))
                     .map_err(de)?;
+                // The baseline's own run, at its x (density 1).
+                chart
+                    .draw_series(pts.first().map(|q| Circle::new((q.0, q.1), 4, c.filled())))
+                    .map_err(de)?;
             }
             Style::Line | Style::LineErrorBars | Style::Markers => {
                 if s.style == Style::Line && !y_log && pts.iter().all(|p| p.2.is_some()) {
@@ -414,6 +418,18 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
                         .draw_series(LineSeries::new(
                             pts.iter().map(|q| (q.0, q.1)),
                             c.stroke_width(2),
+                        ))
+                        .map_err(de)?;
+                }
+                for (q, note) in pts.iter().zip(&s.notes) {
+                    chart
+                        .draw_series(std::iter::once(
+                            EmptyElement::at((q.0, q.1))
+                                + Text::new(
+                                    note.clone(),
+                                    (6, -18),
+                                    (FONT, 12).into_font().color(&c),
+                                ),
                         ))
                         .map_err(de)?;
                 }
@@ -611,10 +627,16 @@ pub fn accuracy_figure(g: &Grid, x: XAxis) -> Figure {
                 if x == XAxis::Density && density(i) >= 1.0 {
                     dense = Some(pt);
                 } else {
-                    pts.push(pt);
+                    pts.push((pt, format!("d={}", crate::config::fmt_num(density(i)))));
                 }
             }
-            pts.sort_by(|a, b| a.x.total_cmp(&b.x));
+            pts.sort_by(|a, b| a.0.x.total_cmp(&b.0.x));
+            // Versus FLOPs, each point is labelled with its density.
+            let notes = match x {
+                XAxis::Density => Vec::new(),
+                XAxis::TrainFlops => pts.iter().map(|p| p.1.clone()).collect(),
+            };
+            let pts: Vec<Pt> = pts.into_iter().map(|p| p.0).collect();
             let name = label(k);
             if !pts.is_empty() {
                 series.push(Series {
@@ -626,6 +648,7 @@ pub fn accuracy_figure(g: &Grid, x: XAxis) -> Figure {
                         Style::LineErrorBars
                     },
                     points: pts,
+                    notes,
                 });
             }
             if let Some(pt) = dense {
@@ -634,6 +657,7 @@ pub fn accuracy_figure(g: &Grid, x: XAxis) -> Figure {
                     color: si,
                     style: Style::HLine,
                     points: vec![pt],
+                    notes: Vec::new(),
                 });
             }
         }
