@@ -279,6 +279,12 @@ fn stage1_and_corrupt_summaries_are_skipped_and_counted() {
     // JTT's stage-1 summary is not a run of the collection.
     fake_run(&root.join("jtt/stage1"), 1.0, 0.5, 1, 0.1, 0.1, 0.5);
     fake_run(&root.join("other"), 1.0, 0.5, 2, 0.9, 0.8, 0.5);
+    // No conflicting test samples in this run: its conflicting accuracy is null.
+    let path = root.join("other/summary.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["test"]["conflicting"] = serde_json::Value::Null;
+    std::fs::write(&path, v.to_string()).unwrap();
     std::fs::create_dir_all(root.join("broken")).unwrap();
     std::fs::write(root.join("broken/summary.json"), "{\"test\": ").unwrap();
     // A run that failed before its summary: counted, not read.
@@ -305,6 +311,44 @@ fn stage1_and_corrupt_summaries_are_skipped_and_counted() {
     );
     // One configuration, seeds 1 and 2: 0.7 and 0.9 -> 80.00 ± 14.14; a lone cell is not bold.
     assert!(md.contains("| upweight | 0.5 | 80.00 ± 14.14 |"), "{md}");
+    // Conflicting accuracy from the one run that has it (0.6), with its count.
+    assert!(md.contains("| upweight | 0.5 | 60.00 (n=1) |"), "{md}");
+}
+
+#[test]
+fn other_varying_keys_become_row_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut accs = [0.5, 0.6, 0.7, 0.8].into_iter();
+    for (upweight, lr) in [(10.0, 0.01), (10.0, 0.1), (80.0, 0.01), (80.0, 0.1)] {
+        let dir = root.join(format!("u{upweight}-lr{lr}"));
+        let a = accs.next().unwrap();
+        fake_run(&dir, 1.0, 0.05, 1, a, a, 0.1);
+        let cfg = TrainConfig {
+            conflict_pct: 1.0,
+            density: 0.05,
+            seed: 1,
+            upweight: Some(upweight),
+            lr,
+            ..TrainConfig::default()
+        };
+        std::fs::write(dir.join("config.toml"), cfg.to_toml().unwrap()).unwrap();
+    }
+    write_report(root).unwrap();
+    let md = std::fs::read_to_string(root.join("report.md")).unwrap();
+    assert!(md.contains("| method | density | λ | lr | 1 % |"), "{md}");
+    // One seed: no ± and no (n=k); rows ordered by λ then lr.
+    assert!(
+        md.contains(
+            "| upweight | 0.05 | 10 | 0.01 | 50.00 |\n\
+         | upweight | 0.05 | 10 | 0.1 | 60.00 |\n\
+         | upweight | 0.05 | 80 | 0.01 | 70.00 |\n\
+         | upweight | 0.05 | 80 | 0.1 | **80.00** |"
+        ),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(root.join("acc_vs_density.svg")).unwrap();
+    assert!(svg.contains("upweight λ=80 lr=0.1"), "legend label");
 }
 
 #[test]
