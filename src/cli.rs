@@ -47,6 +47,16 @@ pub enum Command {
     Predict(PredictArgs),
     /// Write a trained sparse model compactly (CSR weights + config in one safetensors file).
     Export(ModelExportArgs),
+    /// Summarise runs: for a directory of runs, results.csv, report.md (mean ± std tables over
+    /// seeds) and accuracy plots; for one run directory, its learning curves.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// A run directory (learning curves) or a directory with runs anywhere below it.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -106,6 +106,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Report(a) => {
+            let r = rest::report::write_report(&a.dir)?;
+            if r.kind == rest::report::ReportKind::Collection {
+                println!(
+                    "{} runs read, {} unreadable summary.json skipped, {} runs without summary.json",
+                    r.runs,
+                    r.skipped.len(),
+                    r.unfinished.len()
+                );
+            }
+            for f in &r.files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
         Command::Data(DataCommand::Export(args)) => {
             let cfg = args.data.base_config()?;
             cfg.validate()?;

@@ -1,9 +1,198 @@
-//! Reports: the results table printed at the end of a run (sweeps, tables and plots across
-//! runs come with the sweeps issue).
+//! Reports: the results table printed at the end of a run, the `rest flops` table, and
+//! `rest report DIR` ([`write_report`]): for a directory of runs, `results.csv`, `report.md`
+//! (mean +- std tables over seeds) and accuracy plots; for one run, its learning curves.
+//!
+//! - [`collect`]: finding and reading runs, `results.csv`;
+//! - [`tables`]: grouping over seeds, statistics, the markdown tables;
+//! - [`plots`]: the figure renderer (PNG + SVG, built-in font) and the collection plots;
+//! - [`curves`]: a single run's learning curves.
+
+pub mod collect;
+pub mod curves;
+pub mod plots;
+pub mod tables;
 
 use crate::train::metrics::GroupMetrics;
 use crate::train::trainer::Summary;
+use anyhow::Result;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// What `rest report` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportKind {
+    /// A directory of runs: tables, `results.csv`, accuracy plots.
+    Collection,
+    /// One run directory: its learning curves.
+    SingleRun,
+}
+
+/// The outcome of [`write_report`].
+#[derive(Debug, Clone)]
+pub struct ReportSummary {
+    pub kind: ReportKind,
+    /// Runs read (1 for a single run).
+    pub runs: usize,
+    /// `summary.json` files that could not be read (relative to the directory), and why.
+    pub skipped: Vec<collect::Skipped>,
+    /// Run directories below DIR without `summary.json` (unfinished or failed runs).
+    pub unfinished: Vec<PathBuf>,
+    /// Files written.
+    pub files: Vec<PathBuf>,
+}
+
+/// `rest report DIR`: when DIR is itself a run (it has `summary.json` or `metrics.csv`), draws
+/// its learning curves (`curves.png`, `curves.svg`); otherwise collects every run below it and
+/// writes `results.csv`, `report.md`, `acc_vs_density.png/.svg` and `acc_vs_flops.png/.svg`
+/// into DIR. Every file is written atomically.
+pub fn write_report(dir: &Path) -> Result<ReportSummary> {
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory: give a run directory or a directory of runs (e.g. a sweep's --out)",
+            dir.display()
+        );
+    }
+    if dir.join("summary.json").is_file() || dir.join("metrics.csv").is_file() {
+        let files = curves::write_curves(dir)?;
+        return Ok(ReportSummary {
+            kind: ReportKind::SingleRun,
+            runs: 1,
+            skipped: Vec::new(),
+            unfinished: Vec::new(),
+            files,
+        });
+    }
+    let c = collect::collect(dir)?;
+    let g = tables::Grid::new(&c);
+    let mut files = Vec::new();
+    let csv = dir.join("results.csv");
+    crate::util::write_atomic(&csv, c.results_csv().as_bytes())?;
+    files.push(csv);
+    files.extend(plots::write_figure(
+        &plots::accuracy_figure(&g, plots::XAxis::Density),
+        dir,
+        "acc_vs_density",
+    )?);
+    files.extend(plots::write_figure(
+        &plots::accuracy_figure(&g, plots::XAxis::TrainFlops),
+        dir,
+        "acc_vs_flops",
+    )?);
+    let md = dir.join("report.md");
+    crate::util::write_atomic(&md, report_markdown(&c, &g).as_bytes())?;
+    files.push(md);
+    Ok(ReportSummary {
+        kind: ReportKind::Collection,
+        runs: c.runs.len(),
+        skipped: c.skipped,
+        unfinished: c.unfinished,
+        files,
+    })
+}
+
+/// The text of `report.md`.
+pub fn report_markdown(c: &collect::Collection, g: &tables::Grid) -> String {
+    let mut s = String::new();
+    let name = c
+        .root
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| c.root.display().to_string());
+    let _ = writeln!(s, "# Results: {name}\n");
+    let _ = writeln!(
+        s,
+        "{} runs: {} configurations x {} seed{}, {} conflicting ratio{}.{}{}\n",
+        c.runs.len(),
+        g.rows.len(),
+        g.seeds,
+        if g.seeds == 1 { "" } else { "s" },
+        g.cols.len(),
+        if g.cols.len() == 1 { "" } else { "s" },
+        if c.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " **{} summary.json file{} could not be read and {} left out** (listed at the end).",
+                c.skipped.len(),
+                if c.skipped.len() == 1 { "" } else { "s" },
+                if c.skipped.len() == 1 { "is" } else { "are" }
+            )
+        },
+        if c.unfinished.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " {} run director{} without summary.json (unfinished or failed): {}.",
+                c.unfinished.len(),
+                if c.unfinished.len() == 1 { "y" } else { "ies" },
+                c.unfinished
+                    .iter()
+                    .take(10)
+                    .map(|p| format!("`{}`", p.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    + if c.unfinished.len() > 10 { ", ..." } else { "" }
+            )
+        }
+    );
+    let _ = writeln!(
+        s,
+        "Rows: configurations (λ = LAMBDA, `paired` = paired with the ratio as in the paper); \
+         columns: percentage of bias-conflicting training samples. Cells: mean ± sample standard \
+         deviation over seeds; `(n=k)`: only k of the {} seeds; **bold**: best in its column \
+         (highest accuracy, lowest cost). Test metrics are of the epoch selected on validation.\n",
+        g.seeds
+    );
+    for spec in tables::TABLES {
+        let _ = writeln!(s, "## {}\n", spec.title);
+        let _ = writeln!(s, "{}", tables::markdown_table(g, spec));
+    }
+    let _ = writeln!(s, "## Plots\n");
+    let _ = writeln!(
+        s,
+        "![Unbiased test accuracy vs. density](acc_vs_density.png)\n\n\
+         Dashed lines: dense runs (density 1); shaded: ± std over seeds. \
+         [SVG](acc_vs_density.svg)\n"
+    );
+    let _ = writeln!(
+        s,
+        "![Unbiased test accuracy vs. training FLOPs](acc_vs_flops.png)\n\n\
+         Error bars: ± std over seeds. [SVG](acc_vs_flops.svg)\n"
+    );
+    let varying = c.varying_keys();
+    let shared: Vec<(String, String)> = c
+        .keys()
+        .into_iter()
+        .filter(|k| !varying.contains(k))
+        .filter_map(|k| c.runs[0].config.get(&k).map(|v| (k, v.clone())))
+        .collect();
+    if !shared.is_empty() {
+        let _ = writeln!(s, "## Settings shared by all runs\n");
+        let _ = writeln!(s, "<details><summary>{} keys</summary>\n", shared.len());
+        let _ = writeln!(s, "| key | value |\n|---|---|");
+        for (k, v) in shared {
+            let _ = writeln!(s, "| {k} | {} |", v.replace('|', "\\|"));
+        }
+        let _ = writeln!(s, "\n</details>\n");
+    }
+    let _ = writeln!(
+        s,
+        "Every run, with every config key and metric: [results.csv](results.csv).\n"
+    );
+    if !c.skipped.is_empty() {
+        let _ = writeln!(s, "## Skipped\n");
+        for k in &c.skipped {
+            let _ = writeln!(
+                s,
+                "- `{}`: {}",
+                k.path.display(),
+                k.reason.replace('\n', " ")
+            );
+        }
+    }
+    s
+}
 
 fn pct(x: Option<f64>) -> String {
     x.map(|v| format!("{:6.2}", 100.0 * v))
