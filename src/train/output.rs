@@ -93,11 +93,7 @@ pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resul
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .suffix(".safetensors")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let tmp = crate::util::temp_file_in(dir, ".safetensors")?;
     candle_core::safetensors::save(tensors, tmp.path())
         .with_context(|| format!("cannot write {}", path.display()))?;
     tmp.as_file().sync_all()?;
