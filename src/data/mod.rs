@@ -9,9 +9,11 @@ pub mod colored_mnist;
 pub mod dfa;
 pub mod export;
 pub mod idx;
+pub mod loader;
 pub mod make;
 pub mod preview;
 pub mod sampler;
+pub mod transform;
 
 use anyhow::{bail, Result};
 

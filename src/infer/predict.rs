@@ -1,7 +1,7 @@
 //! Classifying image files (`rest predict`): PNG/JPEG decoded with the `image` crate,
 //! converted to the model's channels (grey replicated to RGB), resized to its input size with
-//! a Lanczos filter (skipped when the size already matches), scaled to [0, 1], and the top-k
-//! softmax probabilities reported per file.
+//! a Lanczos filter (skipped when the size already matches), scaled to [0, 1], normalised as
+//! the run was (`normalize`), and the top-k softmax probabilities reported per file.
 
 use super::LoadedModel;
 use anyhow::{bail, Context, Result};
@@ -69,6 +69,19 @@ pub fn predict(m: &LoadedModel, images: &[impl AsRef<Path>], k: usize) -> Result
         let mut buf = Vec::with_capacity(chunk.len() * c * h * w);
         for p in chunk {
             buf.extend(load_image(p.as_ref(), m.input)?);
+        }
+        // The run's normalisation, as in training and `rest eval`.
+        if let Some(n) = m.config.normalize_resolved() {
+            if c != n.mean.len() {
+                bail!(
+                    "the run normalises {} channels but the model takes {c}",
+                    n.mean.len()
+                );
+            }
+            for (k, v) in buf.iter_mut().enumerate() {
+                let ch = (k / (h * w)) % c;
+                *v = (*v - n.mean[ch]) / n.std[ch];
+            }
         }
         let x = Tensor::from_vec(buf, (chunk.len(), c, h, w), &dev)?;
         let probs = candle_nn::ops::softmax(&m.model.forward(&x, false)?, D::Minus1)?;
