@@ -652,3 +652,39 @@ fn cifar10c_fixture_trains_resnet18_with_identical_results_with_and_without_pref
     assert_ne!(a["valid"]["loss"], c["valid"]["loss"]);
     Ok(())
 }
+
+/// Time to gather and augment one batch on one thread (run by hand:
+/// `cargo test --release --test pipeline -- --ignored --nocapture`).
+#[test]
+#[ignore = "timing, run by hand"]
+fn gather_time_per_batch() -> Result<()> {
+    for (size, batch) in [(28, 256), (32, 256), (128, 256)] {
+        let s = random_split(batch, size, size, 4);
+        let order: Vec<usize> = (0..batch).collect();
+        for (name, t) in [
+            ("identity", Transform::identity()),
+            ("crop+flip+normalise", cifar_train()),
+        ] {
+            let mut buf = Vec::new();
+            let reps = 20;
+            let t0 = std::time::Instant::now();
+            for e in 0..reps {
+                t.gather(
+                    &s,
+                    &order,
+                    Some(AugKey {
+                        seed: 1,
+                        epoch: e,
+                        first_pos: 0,
+                    }),
+                    &mut buf,
+                )?;
+            }
+            println!(
+                "{size}x{size} batch {batch} {name}: {:.2} ms",
+                t0.elapsed().as_secs_f64() * 1e3 / reps as f64
+            );
+        }
+    }
+    Ok(())
+}

@@ -950,6 +950,11 @@ fn run_stage(
             epoch,
         };
         let shape = (ds.train.channels, ds.train.height, ds.train.width);
+        // Time the step spent waiting for its batch (with prefetching, ~0 when the worker
+        // keeps up).
+        let mut data_wait = 0.0f64;
+        let t_loop = Instant::now();
+        let first_batch = pe.batches_done;
         std::thread::scope(|scope| -> Result<()> {
             let mut source = BatchSource::new(scope, plan, pe.batches_done, prefetch)?;
             for (bi, idx) in order
@@ -957,9 +962,11 @@ fn run_stage(
                 .enumerate()
                 .skip(pe.batches_done)
             {
+                let t_wait = Instant::now();
                 let batch = source
                     .next_batch()
                     .context("internal error: the data pipeline ended before the epoch")??;
+                data_wait += t_wait.elapsed().as_secs_f64();
                 if batch.index != bi {
                     bail!(
                         "internal error: batch {} arrived where {bi} was due",
@@ -1108,6 +1115,13 @@ fn run_stage(
             Ok(())
         })?;
         bar.finish_and_clear();
+        report_data_wait(
+            epoch,
+            pe.batches_done.saturating_sub(first_batch),
+            data_wait,
+            t_loop.elapsed().as_secs_f64(),
+            prefetch,
+        );
         let epoch_time = pe.elapsed + t_epoch.elapsed().as_secs_f64();
         st.train_time += epoch_time;
         st.samples_seen += pe.seen;
@@ -1250,6 +1264,29 @@ fn run_stage(
     };
     output::write_json(&run_dir.join("summary.json"), &summary)?;
     Ok((TrainOutcome { run_dir, summary }, train_preds))
+}
+
+/// Logs (debug) how long the epoch's steps waited for their batches, and warns when data
+/// loading held training up by more than 10 % despite prefetching.
+fn report_data_wait(epoch: usize, steps: usize, wait_s: f64, loop_s: f64, prefetch: bool) {
+    if steps == 0 {
+        return;
+    }
+    let share = wait_s / loop_s.max(1e-9);
+    tracing::debug!(
+        "epoch {epoch}: waited {:.2} ms per step for data ({:.1} % of {:.1} ms per step)",
+        wait_s * 1e3 / steps as f64,
+        share * 100.0,
+        loop_s * 1e3 / steps as f64
+    );
+    if prefetch && share > 0.1 && steps >= 10 {
+        tracing::warn!(
+            "epoch {epoch}: training waited for data {:.0} % of the time: the data pipeline \
+             is the bottleneck (large images, few cores); a smaller --image-size or \
+             --no-augment is faster",
+            share * 100.0
+        );
+    }
 }
 
 /// What a run's data pipeline does, for the log.
