@@ -688,3 +688,72 @@ fn gather_time_per_batch() -> Result<()> {
     }
     Ok(())
 }
+
+/// The test and validation figures and the metrics table of a finished run.
+fn outcome(run: &Path) -> (serde_json::Value, String) {
+    let s = json(&run.join("summary.json"));
+    (
+        serde_json::json!({"valid": s["valid"], "test": s["test"], "epoch": s["selected_epoch"]}),
+        std::fs::read_to_string(run.join("metrics.csv")).expect("metrics.csv"),
+    )
+}
+
+#[test]
+fn augmented_run_interrupted_and_resumed_equals_uninterrupted_run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("cifar10c");
+    fixture(&data, DatasetKind::Cifar10c, 300, (32, 32), None);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--data",
+            s(&data),
+            "--conflict-pct",
+            "1",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "16",
+            "--density",
+            "0.2",
+            "--threads",
+            "1",
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let full = dir.path().join("full");
+    ok(&rest_cmd(
+        &args(&full).iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+
+    // SIGINT once the first checkpoint exists (mid-epoch 2 or later), then resume.
+    let cut = dir.path().join("cut");
+    let child = Command::new(env!("CARGO_BIN_EXE_rest"))
+        .env("REST_LOG", "warn")
+        .args(args(&cut))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let t0 = std::time::Instant::now();
+    while !cut.join("checkpoint.json").exists() && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--resume"), "{err}");
+        ok(&rest_cmd(&["train", "--resume", s(&cut)]));
+    } else {
+        eprintln!("the run finished before SIGINT: only the uninterrupted figures are compared");
+    }
+    assert_eq!(outcome(&full), outcome(&cut));
+    Ok(())
+}
