@@ -573,29 +573,51 @@ fn bffhq_fixture_trains_resnet18_at_128_pixels_and_evaluates_exactly() -> Result
     for split in ["valid", "test"] {
         assert_eq!(ev[split], summary[split], "{split}");
     }
-    // predict and export work without the data folder.
+    // The model's probabilities for the first test image (the 100x100 one), as evaluation
+    // computes them: resized on load, normalised, no augmentation.
+    let m = rest::infer::load(&run.join("best.safetensors"))?;
+    let ds = load_sized(
+        &DfaOptions {
+            root: data.clone(),
+            kind: DatasetKind::Bffhq,
+            conflict_pct: 1.0,
+            skip_bad: false,
+            cache_dir: None,
+        },
+        Some(128),
+    )?
+    .dataset;
+    let mut x = Vec::new();
+    Transform::eval_for(&m.config).gather(&ds.test, &[0], None, &mut x)?;
+    let x = candle_core::Tensor::from_vec(x, (1, 3, 128, 128), &candle_core::Device::Cpu)?;
+    let logits = m.model.forward(&x, false)?;
+    let want = candle_nn::ops::softmax(&logits, 1)?.to_vec2::<f32>()?;
+
+    // predict (after the data folder is gone) gives the same probabilities, and export works.
     let moved = dir.path().join("elsewhere");
     std::fs::rename(&data, &moved)?;
-    let img = std::fs::read_dir(moved.join("test"))?
-        .next()
-        .expect("a test image")?
-        .path();
+    let mut tests: Vec<_> = std::fs::read_dir(moved.join("test"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    tests.sort();
     let out = ok(&rest_cmd(&[
         "predict",
         "--checkpoint",
         s(&run.join("best.safetensors")),
         "--top-k",
         "2",
-        s(&img),
+        s(&tests[0]),
     ]));
     let p: serde_json::Value = serde_json::from_str(out.trim())?;
-    let probs: f64 = p["top"]
-        .as_array()
-        .expect("top")
-        .iter()
-        .map(|c| c["prob"].as_f64().unwrap_or(0.0))
-        .sum();
-    assert!((probs - 1.0).abs() < 1e-4, "{p}");
+    for c in p["top"].as_array().expect("top") {
+        let class = c["class"].as_u64().expect("class") as usize;
+        let prob = c["prob"].as_f64().expect("prob");
+        assert!(
+            (prob - want[0][class] as f64).abs() < 1e-5,
+            "class {class}: predict {prob}, model {}",
+            want[0][class]
+        );
+    }
     let exp = dir.path().join("model.safetensors");
     ok(&rest_cmd(&[
         "export",
