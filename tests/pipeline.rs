@@ -779,3 +779,82 @@ fn augmented_run_interrupted_and_resumed_equals_uninterrupted_run() -> Result<()
     assert_eq!(outcome(&full), outcome(&cut));
     Ok(())
 }
+
+#[test]
+fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let folder = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p
+    };
+    let cfg = |data: Option<std::path::PathBuf>| TrainConfig {
+        data,
+        ..TrainConfig::default()
+    };
+    // Built-in data and Colored MNIST folders: no resize, no augmentation, no normalisation.
+    for c in [cfg(None), cfg(Some(folder("cmnist")))] {
+        assert_eq!(c.image_size_resolved(), None);
+        assert!(!c.augment_resolved());
+        assert_eq!(c.normalize_resolved(), None);
+        assert_eq!(Transform::train_for(&c), Transform::identity());
+    }
+    let cifar = cfg(Some(folder("cifar10c")));
+    assert_eq!(cifar.data_kind(), Some(DatasetKind::Cifar10c));
+    assert_eq!(
+        Transform::train_for(&cifar),
+        Transform {
+            crop_padding: 4,
+            flip: true,
+            normalize: Some(Normalize {
+                mean: CIFAR_MEAN,
+                std: CIFAR_STD
+            }),
+        }
+    );
+    assert_eq!(Transform::eval_for(&cifar).crop_padding, 0);
+    assert!(!Transform::eval_for(&cifar).flip);
+    let bffhq = cfg(Some(folder("bffhq")));
+    assert_eq!(bffhq.image_size_resolved(), Some(128));
+    assert_eq!(
+        bffhq.normalize_resolved().map(|n| (n.mean, n.std)),
+        Some((
+            rest::data::transform::IMAGENET_MEAN,
+            rest::data::transform::IMAGENET_STD
+        ))
+    );
+    // Overrides.
+    let c = TrainConfig {
+        image_size: Some(224),
+        augment: Some(false),
+        normalize: Some(false),
+        ..bffhq.clone()
+    };
+    assert_eq!(c.image_size_resolved(), Some(224));
+    assert_eq!(Transform::train_for(&c), Transform::identity());
+    let c = TrainConfig {
+        augment: Some(true),
+        normalize: Some(true),
+        ..cfg(Some(folder("cmnist")))
+    };
+    let t = Transform::train_for(&c);
+    assert_eq!((t.crop_padding, t.flip), (4, true));
+    assert_eq!(
+        t.normalize.map(|n| n.mean),
+        Some(rest::data::transform::IMAGENET_MEAN)
+    );
+    // The default config writes none of the new keys (its config.toml, and so its checkpoint
+    // hash, are as before), and a config without them loads with the defaults.
+    let text = TrainConfig::default().to_toml()?;
+    for k in ["image_size", "augment", "normalize", "prefetch"] {
+        assert!(!text.contains(k), "{k} in {text}");
+    }
+    let old: TrainConfig = toml::from_str("epochs = 3\ndataset = \"bffhq\"\n")?;
+    assert_eq!(
+        (old.image_size, old.augment, old.normalize),
+        (None, None, None)
+    );
+    let back: TrainConfig = toml::from_str(&c.to_toml()?)?;
+    assert_eq!(back, c);
+    Ok(())
+}
