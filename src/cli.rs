@@ -65,7 +65,8 @@ pub struct EvalArgs {
     /// A run's best.safetensors (config.toml beside it) or a file written by `rest export`.
     #[arg(long, value_name = "FILE")]
     pub checkpoint: PathBuf,
-    /// Evaluation data: `builtin` (Colored MNIST generated from the run's data settings).
+    /// Evaluation data: `builtin`, the run's own data (the built-in Colored MNIST generated
+    /// from the run's data settings, or the run's --data folder).
     #[arg(long, default_value = "builtin")]
     pub data: crate::infer::DataSource,
     /// Override the run's percentage of bias-conflicting samples.
@@ -304,6 +305,10 @@ pub struct DataArgs {
     /// Folder for the decoded-image cache of --data (default: inside the --data folder).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Resize every image of --data to SxS pixels (bilinear) when loading; default: 128 for
+    /// bffhq (224 is DFA's choice), the images' own size otherwise.
+    #[arg(long, value_name = "S")]
+    pub image_size: Option<usize>,
 }
 
 #[derive(Debug, Args, Default, Clone)]
@@ -416,6 +421,24 @@ pub struct TrainArgs {
     /// Static sparse training: never update the masks.
     #[arg(long)]
     pub fix: bool,
+    /// Augment training images: random crop with padding 4 and horizontal flip (default:
+    /// on for cifar10c and bffhq, off for Colored MNIST).
+    #[arg(long, conflicts_with = "no_augment")]
+    pub augment: bool,
+    /// Do not augment training images.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Normalise images by channel mean/std (default: CIFAR statistics for cifar10c,
+    /// ImageNet's for bffhq, none for Colored MNIST).
+    #[arg(long, conflicts_with = "no_normalize")]
+    pub normalize: bool,
+    /// Do not normalise images (values stay in [0, 1]).
+    #[arg(long)]
+    pub no_normalize: bool,
+    /// Prepare batches on the training thread instead of a worker thread (for timing; the
+    /// results are identical).
+    #[arg(long, hide = true)]
+    pub no_prefetch: bool,
     /// Run directory (default runs/<timestamp>-<config>/).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -449,6 +472,9 @@ impl DataArgs {
         cfg.skip_bad |= self.skip_bad;
         if let Some(v) = &self.cache_dir {
             cfg.cache_dir = Some(v.clone());
+        }
+        if let Some(v) = self.image_size {
+            cfg.image_size = Some(v);
         }
         Ok(cfg)
     }
@@ -492,6 +518,15 @@ impl TrainArgs {
         );
         cfg.dense_first_layer |= self.dense_first_layer;
         cfg.fix |= self.fix;
+        if self.augment || self.no_augment {
+            cfg.augment = Some(self.augment);
+        }
+        if self.normalize || self.no_normalize {
+            cfg.normalize = Some(self.normalize);
+        }
+        if self.no_prefetch {
+            cfg.prefetch = Some(false);
+        }
         if let Some(u) = self.upweight {
             cfg.upweight = Some(u);
         }
@@ -611,6 +646,40 @@ mod tests {
         assert_eq!(back, cfg);
         let err = parse(&["rest", "train", "--dataset", "bffhq"]).expect_err("no --data");
         assert!(err.to_string().contains("--data"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn pipeline_flags() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().to_str().unwrap_or("");
+        let cfg = parse(&["rest", "train", "--data", d])?;
+        assert_eq!(
+            (cfg.image_size, cfg.augment, cfg.normalize),
+            (None, None, None)
+        );
+        assert_eq!(cfg.prefetch, None);
+        let cfg = parse(&[
+            "rest",
+            "train",
+            "--data",
+            d,
+            "--image-size",
+            "224",
+            "--no-augment",
+            "--normalize",
+            "--no-prefetch",
+        ])?;
+        assert_eq!(cfg.image_size, Some(224));
+        assert_eq!((cfg.augment, cfg.normalize), (Some(false), Some(true)));
+        assert_eq!(cfg.prefetch, Some(false));
+        let cfg = parse(&["rest", "train", "--augment", "--no-normalize"])?;
+        assert_eq!((cfg.augment, cfg.normalize), (Some(true), Some(false)));
+        assert!(parse(&["rest", "train", "--augment", "--no-augment"]).is_err());
+        let err = parse(&["rest", "train", "--image-size", "64"]).expect_err("no --data");
+        assert!(err.to_string().contains("--image-size"), "{err}");
+        let err = parse(&["rest", "train", "--data", d, "--image-size", "2"]).expect_err("tiny");
+        assert!(err.to_string().contains("--image-size"), "{err}");
         Ok(())
     }
 

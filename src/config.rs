@@ -147,6 +147,22 @@ pub struct TrainConfig {
     pub skip_bad: bool,
     /// Where the decoded-image cache of `data` is kept (default: inside `data`).
     pub cache_dir: Option<PathBuf>,
+    /// Resize every image of `data` to `S x S` (bilinear) when it is loaded; `None`: the
+    /// dataset's default (bffhq 128, others keep their size, which must then be one size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<usize>,
+    /// Training augmentation (random crop with padding 4, horizontal flip); `None`: the
+    /// dataset's default (on for cifar10c and bffhq, off otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub augment: Option<bool>,
+    /// Per-channel mean/std normalisation (training and evaluation); `None`: the dataset's
+    /// default (CIFAR statistics for cifar10c, ImageNet's for bffhq, none otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<bool>,
+    /// Prepare the next batch on a worker thread while the current step runs (`None`: on).
+    /// Results are identical either way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<bool>,
 
     // --- model and optimisation ---
     pub model: ModelKind,
@@ -230,6 +246,10 @@ impl Default for TrainConfig {
             dataset: DatasetKind::Auto,
             skip_bad: false,
             cache_dir: None,
+            image_size: None,
+            augment: None,
+            normalize: None,
+            prefetch: None,
             model: ModelKind::Cnn,
             width: 64,
             stem: Stem::Imagenet,
@@ -332,6 +352,50 @@ impl TrainConfig {
             None if self.reweighting() => (SelectRule::ValWorstGroup, "default when re-weighting"),
             None => (SelectRule::ValAccuracy, "default without re-weighting"),
         }
+    }
+
+    /// The layout of the run's data folder (`Auto` resolved by the folder name), or `None`
+    /// for the built-in Colored MNIST.
+    pub fn data_kind(&self) -> Option<DatasetKind> {
+        self.data
+            .as_deref()
+            .map(|d| crate::data::dfa::resolve_kind(d, self.dataset))
+    }
+
+    /// The size images are resized to on load: `image_size`, else 128 for bffhq.
+    pub fn image_size_resolved(&self) -> Option<usize> {
+        self.image_size.or(match self.data_kind() {
+            Some(DatasetKind::Bffhq) => Some(BFFHQ_IMAGE_SIZE),
+            _ => None,
+        })
+    }
+
+    /// Whether training batches are augmented: `augment`, else on for cifar10c and bffhq.
+    pub fn augment_resolved(&self) -> bool {
+        self.augment.unwrap_or(matches!(
+            self.data_kind(),
+            Some(DatasetKind::Cifar10c | DatasetKind::Bffhq)
+        ))
+    }
+
+    /// The normalisation of training and evaluation batches: `normalize` (with the
+    /// dataset's statistics; ImageNet's for a layout without its own), else the dataset's
+    /// default (cifar10c, bffhq).
+    pub fn normalize_resolved(&self) -> Option<crate::data::transform::Normalize> {
+        use crate::data::transform::Normalize;
+        let kind = self.data_kind();
+        match self.normalize {
+            Some(false) => None,
+            Some(true) => {
+                Normalize::for_kind(kind).or(Normalize::for_kind(Some(DatasetKind::Bffhq)))
+            }
+            None => Normalize::for_kind(kind),
+        }
+    }
+
+    /// Whether batches are prepared on a worker thread.
+    pub fn prefetch_resolved(&self) -> bool {
+        self.prefetch.unwrap_or(true)
     }
 
     /// True when dynamic sparse training is on.
@@ -482,6 +546,21 @@ impl TrainConfig {
                 ),
             )?;
         }
+        if let Some(s) = self.image_size {
+            check(
+                (MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&s),
+                format!(
+                    "--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels \
+                     (BFFHQ: 128 or 224), got {s}"
+                ),
+            )?;
+            check(
+                self.data.is_some(),
+                "--image-size resizes the images of a --data folder; the built-in Colored \
+                 MNIST is 28x28"
+                    .into(),
+            )?;
+        }
         if let Some(t) = self.threads {
             check(t >= 1, "--threads must be at least 1".into())?;
         }
@@ -504,6 +583,12 @@ impl TrainConfig {
         )
     }
 }
+
+/// The default `image_size` of BFFHQ (REST's 128-pixel ResNet-18 pipeline; DFA uses 224).
+pub const BFFHQ_IMAGE_SIZE: usize = 128;
+/// Accepted `--image-size` range.
+pub const MIN_IMAGE_SIZE: usize = 8;
+pub const MAX_IMAGE_SIZE: usize = 1024;
 
 /// Formats a number without trailing zeros (`0.5`, `5`, `0.05`).
 pub fn fmt_num(x: f64) -> String {

@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Label and bias attribute come from the file name `..._<label>_<bias>.<ext>`. Images are
-//! decoded in parallel to RGB and the decoded splits are cached in one versioned binary file
-//! keyed by the file list, sizes and modification times, so later runs skip decoding.
+//! decoded in parallel to RGB, optionally resized to `S x S` (bilinear; `--image-size`, BFFHQ's
+//! 128-pixel pipeline), and the decoded splits are cached in one versioned binary file keyed
+//! by the file list, sizes, modification times and the resize, so later runs skip decoding.
 
 use super::{GroupDataset, Split};
 use crate::config::{DatasetKind, TrainConfig};
@@ -299,11 +300,24 @@ impl Fnv {
     }
 }
 
-fn cache_key(root: &Path, kind: DatasetKind, skip_bad: bool, splits: &[Vec<Entry>; 3]) -> u64 {
+/// The cache key of a load: every file's relative path, size and modification time, the
+/// layout, `skip_bad` and the resize (`None` keys exactly as before resizing existed, so
+/// older caches stay valid).
+fn cache_key(
+    root: &Path,
+    kind: DatasetKind,
+    skip_bad: bool,
+    image_size: Option<usize>,
+    splits: &[Vec<Entry>; 3],
+) -> u64 {
     let mut h = Fnv::new();
     h.u64(u64::from(CACHE_VERSION));
     h.bytes(kind.as_str().as_bytes());
     h.u64(u64::from(skip_bad));
+    if let Some(s) = image_size {
+        h.bytes(b"resize-bilinear");
+        h.u64(s as u64);
+    }
     for split in splits {
         h.u64(split.len() as u64);
         for e in split {
@@ -400,7 +414,7 @@ fn decode_cache(bytes: &[u8], key: u64) -> Option<Decoded> {
 /// One decoded file, or why it is bad.
 type Sample = std::result::Result<(u32, u32, u32, u32, Vec<u8>), String>;
 
-fn decode_one(e: &Entry) -> Sample {
+fn decode_one(e: &Entry, image_size: Option<usize>) -> Sample {
     let ext = e
         .path
         .extension()
@@ -421,15 +435,30 @@ fn decode_one(e: &Entry) -> Sample {
             e.path.display()
         )
     })?;
-    let rgb = img.to_rgb8();
+    let mut rgb = img.to_rgb8();
+    if let Some(s) = image_size {
+        let s = s as u32;
+        if (rgb.width(), rgb.height()) != (s, s) {
+            rgb = image::imageops::resize(&rgb, s, s, image::imageops::FilterType::Triangle);
+        }
+    }
     Ok((label, bias, rgb.width(), rgb.height(), rgb.into_raw()))
 }
 
 /// Decodes every file (in parallel) and assembles the splits.
-fn decode_all(files: &[Vec<Entry>; 3], skip_bad: bool) -> Result<Decoded> {
+fn decode_all(
+    files: &[Vec<Entry>; 3],
+    skip_bad: bool,
+    image_size: Option<usize>,
+) -> Result<Decoded> {
     let decoded: Vec<Vec<Sample>> = files
         .iter()
-        .map(|split| split.par_iter().map(decode_one).collect())
+        .map(|split| {
+            split
+                .par_iter()
+                .map(|e| decode_one(e, image_size))
+                .collect()
+        })
         .collect();
     let mut bad: Vec<String> = Vec::new();
     for s in decoded.iter().flatten() {
@@ -479,7 +508,8 @@ fn decode_all(files: &[Vec<Entry>; 3], skip_bad: bool) -> Result<Decoded> {
             if (iw, ih) != (w, h) {
                 let msg = format!(
                     "{} is {iw}x{ih} pixels but {first_of_size} (and most images) are {w}x{h}: \
-                     all images of a dataset must have one size; resize it or pass --skip-bad",
+                     all images of a dataset must have one size: pass --image-size S to resize every \
+                     image to SxS on load, resize the file, or pass --skip-bad to skip it",
                     e.path.display()
                 );
                 if !skip_bad {
@@ -512,8 +542,25 @@ fn decode_all(files: &[Vec<Entry>; 3], skip_bad: bool) -> Result<Decoded> {
     })
 }
 
-/// Loads a DFA-layout dataset folder, from the cache file when it is current.
+/// Loads a DFA-layout dataset folder at the images' own size, from the cache file when it
+/// is current.
 pub fn load(opts: &DfaOptions) -> Result<DfaLoad> {
+    load_sized(opts, None)
+}
+
+/// The cache file name's prefix: layout, ratio and, when resized, the size (so the caches of
+/// two sizes live side by side).
+fn cache_prefix(kind: DatasetKind, pct: f64, image_size: Option<usize>) -> String {
+    let size = image_size.map_or(String::new(), |s| format!("{s}px-"));
+    format!("rest-cache-{}-{}-{size}", kind.as_str(), pct_token(pct))
+}
+
+/// Loads a DFA-layout dataset folder with every image resized to `image_size x image_size`
+/// (bilinear) when given, from the cache file when it is current.
+pub fn load_sized(opts: &DfaOptions, image_size: Option<usize>) -> Result<DfaLoad> {
+    if image_size == Some(0) {
+        bail!("--image-size must be a positive number of pixels");
+    }
     let pct = opts.conflict_pct;
     if !(pct.is_finite() && pct > 0.0 && pct < 100.0) {
         bail!("--conflict-pct must be a percentage in (0, 100) such as 0.5, 1, 2 or 5, got {pct}");
@@ -529,9 +576,9 @@ pub fn load(opts: &DfaOptions) -> Result<DfaLoad> {
             );
         }
     }
-    let key = cache_key(&opts.root, kind, opts.skip_bad, &files);
+    let key = cache_key(&opts.root, kind, opts.skip_bad, image_size, &files);
     let cache_dir = opts.cache_dir.as_deref().unwrap_or(&opts.root);
-    let prefix = format!("rest-cache-{}-{}-", kind.as_str(), pct_token(pct));
+    let prefix = cache_prefix(kind, pct, image_size);
     let cache_file = cache_dir.join(format!(".{prefix}{key:016x}.bin"));
     let cached = std::fs::read(&cache_file)
         .ok()
@@ -540,7 +587,7 @@ pub fn load(opts: &DfaOptions) -> Result<DfaLoad> {
     let decoded = match cached {
         Some(d) => d,
         None => {
-            let d = decode_all(&files, opts.skip_bad)?;
+            let d = decode_all(&files, opts.skip_bad, image_size)?;
             store_cache(cache_dir, &prefix, &cache_file, key, &d);
             d
         }
@@ -619,10 +666,13 @@ fn store_cache(dir: &Path, prefix: &str, file: &Path, key: u64, d: &Decoded) {
                 for e in old.flatten() {
                     let name = e.file_name();
                     let s = name.to_string_lossy();
-                    if s.starts_with(&format!(".{prefix}"))
-                        && s.ends_with(".bin")
-                        && Some(&name) != keep.as_ref()
-                    {
+                    // Only this prefix's own key files: `.<prefix><16 hex digits>.bin` (the
+                    // caches of other sizes have longer prefixes and are kept).
+                    let own = s
+                        .strip_prefix(&format!(".{prefix}"))
+                        .and_then(|r| r.strip_suffix(".bin"))
+                        .is_some_and(|k| k.len() == 16 && k.bytes().all(|b| b.is_ascii_hexdigit()));
+                    if own && Some(&name) != keep.as_ref() {
                         let _ = std::fs::remove_file(e.path());
                     }
                 }
@@ -675,6 +725,45 @@ mod tests {
         longer.push(0);
         assert_eq!(decode_cache(&longer, 42), None);
         Ok(())
+    }
+
+    #[test]
+    fn resize_is_part_of_the_cache_key_and_name() {
+        let files: [Vec<Entry>; 3] = [
+            vec![Entry {
+                path: PathBuf::from("/d/1pct/align/0/1_0_0.png"),
+                size: 10,
+                mtime_ns: 5,
+            }],
+            Vec::new(),
+            Vec::new(),
+        ];
+        let root = Path::new("/d");
+        let k = |s| cache_key(root, DatasetKind::Bffhq, false, s, &files);
+        assert_ne!(k(None), k(Some(128)));
+        assert_ne!(k(Some(128)), k(Some(224)));
+        assert_eq!(k(Some(128)), k(Some(128)));
+        // Without a resize the key is computed exactly as before resizing existed.
+        let mut h = Fnv::new();
+        h.u64(u64::from(CACHE_VERSION));
+        h.bytes(b"bffhq");
+        h.u64(0);
+        h.u64(1);
+        h.bytes(b"1pct/align/0/1_0_0.png");
+        h.u64(0xff);
+        h.u64(10);
+        h.bytes(&5u128.to_le_bytes());
+        h.u64(0);
+        h.u64(0);
+        assert_eq!(k(None), h.0);
+        assert_eq!(
+            cache_prefix(DatasetKind::Bffhq, 1.0, None),
+            "rest-cache-bffhq-1pct-"
+        );
+        assert_eq!(
+            cache_prefix(DatasetKind::Bffhq, 0.5, Some(128)),
+            "rest-cache-bffhq-0.5pct-128px-"
+        );
     }
 
     #[test]

@@ -11,10 +11,12 @@ pub mod corrupt;
 pub mod dfa;
 pub mod export;
 pub mod idx;
+pub mod loader;
 pub mod make;
 pub mod make_cifar;
 pub mod preview;
 pub mod sampler;
+pub mod transform;
 
 use anyhow::{bail, Result};
 

@@ -22,10 +22,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-/// Where evaluation data comes from (`--data`). Folders of images come with a later issue.
+/// Where evaluation data comes from (`--data`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataSource {
-    /// The built-in Colored MNIST, generated from the run's data settings.
+    /// The run's own data: the built-in Colored MNIST generated from the run's data
+    /// settings, or the run's `--data` folder (resized and normalised as in training).
     Builtin,
 }
 
@@ -42,10 +43,45 @@ impl FromStr for DataSource {
     }
 }
 
-/// The input shape `(channels, height, width)` and number of classes of a config's data.
-pub fn data_shape(_cfg: &TrainConfig) -> ((usize, usize, usize), usize) {
-    // The built-in Colored MNIST: RGB 28x28 digits, 10 classes.
-    ((3, 28, 28), crate::data::colored_mnist::NUM_CLASSES)
+/// The input shape `(channels, height, width)` and number of classes of a run's data: the
+/// built-in Colored MNIST's (RGB 28x28, 10 classes), or, for a run trained on a `--data`
+/// folder, what the run recorded in `run_dir/data.json`; a run without that file (trained
+/// before it existed) reads them from its data folder.
+pub fn data_shape(cfg: &TrainConfig, run_dir: &Path) -> Result<((usize, usize, usize), usize)> {
+    use crate::train::trainer::{DataInfo, DATA_INFO_FILE};
+    if cfg.data.is_none() {
+        return Ok(((3, 28, 28), crate::data::colored_mnist::NUM_CLASSES));
+    }
+    let info_path = run_dir.join(DATA_INFO_FILE);
+    if info_path.is_file() {
+        let text = std::fs::read_to_string(&info_path)
+            .with_context(|| format!("cannot read {}", info_path.display()))?;
+        let info: DataInfo = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a valid data description (input shape and classes of the run); \
+                 delete it to read them from the run's data folder",
+                info_path.display()
+            )
+        })?;
+        let [c, h, w] = info.input;
+        if c == 0 || h == 0 || w == 0 || info.classes == 0 {
+            bail!(
+                "{} gives an empty input shape {:?} or no classes",
+                info_path.display(),
+                info.input
+            );
+        }
+        return Ok(((c, h, w), info.classes));
+    }
+    let ds = crate::train::trainer::load_dataset(cfg).with_context(|| {
+        format!(
+            "{} is missing, so the input shape and classes must come from the run's data \
+             folder, which cannot be loaded",
+            info_path.display()
+        )
+    })?;
+    let t = &ds.train;
+    Ok(((t.channels, t.height, t.width), ds.num_classes))
 }
 
 /// One maskable weight of a loaded model.
@@ -119,7 +155,8 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             );
         }
         let cfg = TrainConfig::from_toml_file(&cfg_path)?;
-        let (input, classes) = data_shape(&cfg);
+        let run_dir = cfg_path.parent().unwrap_or(Path::new("."));
+        let (input, classes) = data_shape(&cfg, run_dir)?;
         (cfg, input, classes, dense_weights(&file)?)
     };
     build_model(config, input, classes, &weights, exported, path)
@@ -267,6 +304,7 @@ pub fn evaluate(m: &LoadedModel, ds: &GroupDataset) -> Result<EvalReport> {
         );
     }
     let dev = Device::Cpu;
+    let tf = crate::data::transform::Transform::eval_for(&m.config);
     Ok(EvalReport {
         checkpoint: m.path.display().to_string(),
         exported: m.exported,
@@ -274,8 +312,8 @@ pub fn evaluate(m: &LoadedModel, ds: &GroupDataset) -> Result<EvalReport> {
         model: m.config.model.as_str().into(),
         density: m.density(),
         layers: m.layers.clone(),
-        valid: crate::train::trainer::evaluate(m.model.as_ref(), &ds.valid, &dev)?,
-        test: crate::train::trainer::evaluate(m.model.as_ref(), &ds.test, &dev)?,
+        valid: crate::train::trainer::evaluate(m.model.as_ref(), &ds.valid, &tf, &dev)?,
+        test: crate::train::trainer::evaluate(m.model.as_ref(), &ds.test, &tf, &dev)?,
     })
 }
 

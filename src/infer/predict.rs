@@ -1,7 +1,8 @@
 //! Classifying image files (`rest predict`): PNG/JPEG decoded with the `image` crate,
 //! converted to the model's channels (grey replicated to RGB), resized to its input size with
-//! a Lanczos filter (skipped when the size already matches), scaled to [0, 1], and the top-k
-//! softmax probabilities reported per file.
+//! a Lanczos filter, or bilinear as in training for runs that resized their data on load
+//! (skipped when the size already matches), scaled to [0, 1], normalised as the run was
+//! (`normalize`), and the top-k softmax probabilities reported per file.
 
 use super::LoadedModel;
 use anyhow::{bail, Context, Result};
@@ -26,6 +27,15 @@ pub struct Prediction {
 
 /// Reads `path` as a CHW `f32` image of `input = (channels, height, width)` in [0, 1].
 pub fn load_image(path: &Path, input: (usize, usize, usize)) -> Result<Vec<f32>> {
+    load_image_with(path, input, FilterType::Lanczos3)
+}
+
+/// [`load_image`] with the resize filter `filter` (when the size differs).
+pub fn load_image_with(
+    path: &Path,
+    input: (usize, usize, usize),
+    filter: FilterType,
+) -> Result<Vec<f32>> {
     let (c, h, w) = input;
     let img = image::ImageReader::open(path)
         .with_context(|| format!("cannot open image {}", path.display()))?
@@ -41,7 +51,7 @@ pub fn load_image(path: &Path, input: (usize, usize, usize)) -> Result<Vec<f32>>
     let img = if img.width() as usize == w && img.height() as usize == h {
         img
     } else {
-        img.resize_exact(w as u32, h as u32, FilterType::Lanczos3)
+        img.resize_exact(w as u32, h as u32, filter)
     };
     let (pixels, have) = match c {
         1 => (img.to_luma8().into_raw(), 1),
@@ -64,11 +74,30 @@ pub fn predict(m: &LoadedModel, images: &[impl AsRef<Path>], k: usize) -> Result
     }
     let dev = Device::Cpu;
     let (c, h, w) = m.input;
+    // A run that resized its data on load (`image_size`) saw bilinear resizes: do the same.
+    let filter = if m.config.image_size_resolved().is_some() {
+        FilterType::Triangle
+    } else {
+        FilterType::Lanczos3
+    };
     let mut out = Vec::with_capacity(images.len());
     for chunk in images.chunks(256) {
         let mut buf = Vec::with_capacity(chunk.len() * c * h * w);
         for p in chunk {
-            buf.extend(load_image(p.as_ref(), m.input)?);
+            buf.extend(load_image_with(p.as_ref(), m.input, filter)?);
+        }
+        // The run's normalisation, as in training and `rest eval`.
+        if let Some(n) = m.config.normalize_resolved() {
+            if c != n.mean.len() {
+                bail!(
+                    "the run normalises {} channels but the model takes {c}",
+                    n.mean.len()
+                );
+            }
+            for (k, v) in buf.iter_mut().enumerate() {
+                let ch = (k / (h * w)) % c;
+                *v = (*v - n.mean[ch]) / n.std[ch];
+            }
         }
         let x = Tensor::from_vec(buf, (chunk.len(), c, h, w), &dev)?;
         let probs = candle_nn::ops::softmax(&m.model.forward(&x, false)?, D::Minus1)?;

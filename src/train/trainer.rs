@@ -14,7 +14,9 @@ use super::optim::Sgd;
 use super::output::{self, MetricsRow};
 use super::select::{SelectRule, Selector};
 use crate::config::{ReweightMode, TrainConfig};
+use crate::data::loader::{BatchSource, EpochBatches};
 use crate::data::sampler::{shuffled, WeightedSampler};
+use crate::data::transform::Transform;
 use crate::data::{GroupDataset, Split};
 use crate::kernels::SparseWeight;
 use crate::models::{self, Model};
@@ -129,9 +131,15 @@ fn restore(
     Ok(())
 }
 
-/// Gathers a batch into an NCHW tensor.
-fn batch_tensor(split: &Split, idx: &[usize], buf: &mut Vec<f32>, dev: &Device) -> Result<Tensor> {
-    split.gather_nchw(idx, buf);
+/// Gathers a batch into an NCHW tensor through the non-random part of `tf` (evaluation).
+fn batch_tensor(
+    split: &Split,
+    idx: &[usize],
+    tf: &Transform,
+    buf: &mut Vec<f32>,
+    dev: &Device,
+) -> Result<Tensor> {
+    tf.gather(split, idx, None, buf)?;
     Ok(Tensor::from_slice(
         buf,
         (idx.len(), split.channels, split.height, split.width),
@@ -139,20 +147,32 @@ fn batch_tensor(split: &Split, idx: &[usize], buf: &mut Vec<f32>, dev: &Device) 
     )?)
 }
 
-/// Evaluates `model` on a whole split in inference mode.
-pub fn evaluate(model: &dyn Model, split: &Split, dev: &Device) -> Result<GroupMetrics> {
-    let (preds, loss) = predict(model, split, dev)?;
+/// Evaluates `model` on a whole split in inference mode, with the run's evaluation
+/// transform (`Transform::eval_for`: its normalisation, no augmentation).
+pub fn evaluate(
+    model: &dyn Model,
+    split: &Split,
+    tf: &Transform,
+    dev: &Device,
+) -> Result<GroupMetrics> {
+    let (preds, loss) = predict(model, split, tf, dev)?;
     Ok(group_metrics(&preds, &split.labels, &split.bias, loss))
 }
 
-/// Predicted classes of every sample of a split (inference mode) and the mean loss.
-pub fn predict(model: &dyn Model, split: &Split, dev: &Device) -> Result<(Vec<u32>, f64)> {
+/// Predicted classes of every sample of a split (inference mode, the non-random part of
+/// `tf`) and the mean loss.
+pub fn predict(
+    model: &dyn Model,
+    split: &Split,
+    tf: &Transform,
+    dev: &Device,
+) -> Result<(Vec<u32>, f64)> {
     let mut preds = Vec::with_capacity(split.len());
     let mut loss_sum = 0.0f64;
     let mut buf = Vec::new();
     let all: Vec<usize> = (0..split.len()).collect();
     for chunk in all.chunks(1000) {
-        let x = batch_tensor(split, chunk, &mut buf, dev)?;
+        let x = batch_tensor(split, chunk, tf, &mut buf, dev)?;
         let logits = model.forward(&x, false)?;
         let y: Vec<u32> = chunk.iter().map(|&i| split.labels[i]).collect();
         let yt = Tensor::new(y.as_slice(), dev)?;
@@ -164,11 +184,12 @@ pub fn predict(model: &dyn Model, split: &Split, dev: &Device) -> Result<(Vec<u3
     Ok((preds, loss_sum / split.len().max(1) as f64))
 }
 
-/// Builds the dataset a config asks for (today: the built-in Colored MNIST).
+/// Builds the dataset a config asks for: its `--data` folder (resized to the run's image
+/// size), or the built-in Colored MNIST.
 pub fn load_dataset(cfg: &TrainConfig) -> Result<GroupDataset> {
     // A dataset folder (`--data`): the split sizes of the generator do not apply.
     if let Some(opts) = crate::data::dfa::DfaOptions::from_config(cfg) {
-        return Ok(crate::data::dfa::load(&opts)?.dataset);
+        return Ok(crate::data::dfa::load_sized(&opts, cfg.image_size_resolved())?.dataset);
     }
     let (digits, labels) = crate::data::builtin::builtin_digits()?;
     let spec = crate::data::colored_mnist::ColoredMnistSpec {
@@ -355,9 +376,10 @@ fn init_scores(
     let mut rng = util::rng(cfg.seed, 4);
     let order = shuffled(train.len(), &mut rng);
     let mut buf = Vec::new();
+    let tf = Transform::eval_for(cfg);
     let mut total: Vec<Vec<f32>> = w0.iter().map(|w| vec![0.0; w.len()]).collect();
     for idx in order.chunks(cfg.batch_size).take(SCORE_BATCHES) {
-        let x = batch_tensor(train, idx, &mut buf, dev)?;
+        let x = batch_tensor(train, idx, &tf, &mut buf, dev)?;
         let y: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
         let y = Tensor::new(y.as_slice(), dev)?;
         let g0 = grads_at(&x, &y)?;
@@ -482,6 +504,20 @@ struct StageCtx<'a> {
 
 fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     cfg.validate()?;
+    // A folder's layout decides the default image size, augmentation and normalisation:
+    // record it in the run's config.toml, so that eval, predict and resume do not depend on
+    // the folder's name.
+    let resolved;
+    let cfg = match cfg.data_kind() {
+        Some(kind) if cfg.dataset != kind => {
+            resolved = TrainConfig {
+                dataset: kind,
+                ..cfg.clone()
+            };
+            &resolved
+        }
+        _ => cfg,
+    };
     let start = Instant::now();
     let ds = load_dataset(cfg)?;
     if cfg.method != Method::Jtt {
@@ -829,7 +865,19 @@ fn run_stage(
         );
     }
 
-    let mut buf = Vec::new();
+    let train_tf = Transform::train_for(cfg);
+    let eval_tf = train_tf.eval();
+    let prefetch = cfg.prefetch_resolved();
+    info!(
+        "data pipeline: {}; batches prepared {}",
+        describe_transform(&train_tf, cfg.image_size_resolved()),
+        if prefetch {
+            "on a worker thread (prefetch)"
+        } else {
+            "on the training thread"
+        }
+    );
+    write_data_info(&run_dir, ds)?;
     let mut flops_now = flops_table(model.as_ref(), input, engine.as_ref());
     let interrupted = interrupt_flag();
 
@@ -893,149 +941,187 @@ fn run_stage(
             .zip(&pe.labels)
             .filter(|(p, l)| p == l)
             .count();
-        for (bi, idx) in order
-            .chunks(cfg.batch_size)
-            .enumerate()
-            .skip(pe.batches_done)
-        {
-            let x = batch_tensor(&ds.train, idx, &mut buf, &dev)?;
-            let y: Vec<u32> = idx.iter().map(|&i| ds.train.labels[i]).collect();
-            let yt = Tensor::new(y.as_slice(), &dev)?;
-            let update_now = engine
-                .as_ref()
-                .is_some_and(|e| e.is_update_step(st.step + 1));
-            if update_now {
-                set_dense_grad(&weights, true);
-            }
-            let logits = model.forward(&x, true)?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let nll = logp.gather(&yt.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-            let loss = match (dro.as_mut(), cfg.reweight_mode) {
-                (Some(d), _) => {
-                    let l_host = nll.to_vec1::<f32>()?;
-                    let ids: Vec<usize> = idx.iter().map(|&i| dro_ids[i]).collect();
-                    let w = d.batch_weights(&ids, &l_host);
-                    st.dro_q_bits = Some(d.q_bits());
-                    nll.mul(&Tensor::from_vec(w, idx.len(), &dev)?)?.sum_all()?
-                }
-                (None, ReweightMode::Sample) => nll.mean_all()?,
-                (None, ReweightMode::Loss) => {
-                    let w: Vec<f32> = idx.iter().map(|&i| sample_weights[i] as f32).collect();
-                    let total: f32 = w.iter().sum();
-                    let wt = Tensor::from_vec(w, idx.len(), &dev)?;
-                    nll.mul(&wt)?.sum_all()?.affine(1.0 / total as f64, 0.0)?
-                }
-            };
-            let loss_v = loss.to_scalar::<f32>()?;
-            if !loss_v.is_finite() {
-                bail!(
-                    "the training loss became {loss_v} at epoch {epoch}, step {}: lower --lr \
-                     (now {}) or check the data; the last good checkpoint is kept in {}",
-                    st.step + 1,
-                    opt.lr,
-                    run_dir.display()
-                );
-            }
-            let grads = loss.backward()?;
-            opt.step(&grads)?;
-            st.step += 1;
-            st.flops
-                .step(idx.len(), flops_now.sparse, flops_now.dense, update_now);
-
-            if let Some(e) = engine.as_mut() {
-                // `update_now` was decided before the forward pass (the sparse layers then
-                // produced the dense gradient this update needs).
-                if update_now {
-                    let mut w_host: Vec<Vec<f32>> = weights
-                        .iter()
-                        .map(|p| to_host(p.var.as_tensor()))
-                        .collect::<Result<_>>()?;
-                    let g_host: Vec<Vec<f32>> = weights
-                        .iter()
-                        .map(|p| host_or_zeros(grads.get(p.var.as_tensor()), p))
-                        .collect::<Result<_>>()?;
-                    // Momentum before masking: at inactive positions it holds this step's dense
-                    // gradient (what `--growth momentum` ranks); the engine zeroes the dropped
-                    // and regrown positions, so a regrown weight starts from zero momentum.
-                    let mut m_host: Vec<Vec<f32>> = weights
-                        .iter()
-                        .enumerate()
-                        .map(|(l, p)| host_or_zeros(opt.momentum_buffer(weight_index[l]), p))
-                        .collect::<Result<_>>()?;
-                    let stats = e.update_with(
-                        st.step,
-                        UpdateInputs {
-                            weights: &mut w_host,
-                            grads: &g_host,
-                            momentum: Some(&mut m_host),
-                        },
-                    )?;
-                    for (l, (p, (w, m))) in weights
-                        .iter()
-                        .zip(w_host.into_iter().zip(m_host))
-                        .enumerate()
-                    {
-                        p.var.set(&Tensor::from_vec(w, p.var.shape(), &dev)?)?;
-                        if opt.momentum_buffer(weight_index[l]).is_some() {
-                            opt.set_momentum_buffer(
-                                weight_index[l],
-                                Tensor::from_vec(m, p.var.shape(), &dev)?,
-                            )?;
-                        }
-                    }
-                    masks = mask_tensors(e, &weights, &dev)?;
-                    on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
-                    flops_now = flops_table(model.as_ref(), input, Some(&*e));
-                    st.mask_updates += 1;
-                    st.last_prune_rate = stats.prune_rate;
-                    tracing::debug!(
-                        "mask update at step {}: prune rate {:.4}, moved {:?}",
-                        st.step,
-                        stats.prune_rate,
-                        stats.grown
+        let plan = EpochBatches {
+            split: &ds.train,
+            order: &order,
+            batch_size: cfg.batch_size,
+            transform: train_tf,
+            seed: cfg.seed,
+            epoch,
+        };
+        let shape = (ds.train.channels, ds.train.height, ds.train.width);
+        // Time the step spent waiting for its batch (with prefetching, ~0 when the worker
+        // keeps up).
+        let mut data_wait = 0.0f64;
+        let t_loop = Instant::now();
+        let first_batch = pe.batches_done;
+        std::thread::scope(|scope| -> Result<()> {
+            let mut source = BatchSource::new(scope, plan, pe.batches_done, prefetch)?;
+            for (bi, idx) in order
+                .chunks(cfg.batch_size)
+                .enumerate()
+                .skip(pe.batches_done)
+            {
+                let t_wait = Instant::now();
+                let batch = source
+                    .next_batch()
+                    .context("internal error: the data pipeline ended before the epoch")??;
+                data_wait += t_wait.elapsed().as_secs_f64();
+                if batch.index != bi {
+                    bail!(
+                        "internal error: batch {} arrived where {bi} was due",
+                        batch.index
                     );
                 }
-                apply_masks(
-                    &weights,
-                    &masks,
-                    &on_sparse,
-                    update_now,
-                    &mut opt,
-                    &weight_index,
-                )?;
-            }
+                let x =
+                    Tensor::from_slice(&batch.data, (idx.len(), shape.0, shape.1, shape.2), &dev)?;
+                source.recycle(batch.data);
+                let y: Vec<u32> = idx.iter().map(|&i| ds.train.labels[i]).collect();
+                let yt = Tensor::new(y.as_slice(), &dev)?;
+                let update_now = engine
+                    .as_ref()
+                    .is_some_and(|e| e.is_update_step(st.step + 1));
+                if update_now {
+                    set_dense_grad(&weights, true);
+                }
+                let logits = model.forward(&x, true)?;
+                let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                let nll = logp.gather(&yt.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+                let loss = match (dro.as_mut(), cfg.reweight_mode) {
+                    (Some(d), _) => {
+                        let l_host = nll.to_vec1::<f32>()?;
+                        let ids: Vec<usize> = idx.iter().map(|&i| dro_ids[i]).collect();
+                        let w = d.batch_weights(&ids, &l_host);
+                        st.dro_q_bits = Some(d.q_bits());
+                        nll.mul(&Tensor::from_vec(w, idx.len(), &dev)?)?.sum_all()?
+                    }
+                    (None, ReweightMode::Sample) => nll.mean_all()?,
+                    (None, ReweightMode::Loss) => {
+                        let w: Vec<f32> = idx.iter().map(|&i| sample_weights[i] as f32).collect();
+                        let total: f32 = w.iter().sum();
+                        let wt = Tensor::from_vec(w, idx.len(), &dev)?;
+                        nll.mul(&wt)?.sum_all()?.affine(1.0 / total as f64, 0.0)?
+                    }
+                };
+                let loss_v = loss.to_scalar::<f32>()?;
+                if !loss_v.is_finite() {
+                    bail!(
+                        "the training loss became {loss_v} at epoch {epoch}, step {}: lower --lr \
+                     (now {}) or check the data; the last good checkpoint is kept in {}",
+                        st.step + 1,
+                        opt.lr,
+                        run_dir.display()
+                    );
+                }
+                let grads = loss.backward()?;
+                opt.step(&grads)?;
+                st.step += 1;
+                st.flops
+                    .step(idx.len(), flops_now.sparse, flops_now.dense, update_now);
 
-            pe.loss_sum += loss_v as f64 * idx.len() as f64;
-            pe.seen += idx.len();
-            let batch_preds = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            correct += batch_preds.iter().zip(&y).filter(|(p, l)| p == l).count();
-            pe.preds.extend(batch_preds);
-            pe.labels.extend_from_slice(&y);
-            pe.bias.extend(idx.iter().map(|&i| ds.train.bias[i]));
-            pe.batches_done = bi + 1;
-            let acc = correct as f64 / pe.seen as f64;
-            bar.set_message(format!(
-                "loss {:.4} acc {:.3}",
-                pe.loss_sum / pe.seen as f64,
-                acc
-            ));
-            bar.inc(1);
+                if let Some(e) = engine.as_mut() {
+                    // `update_now` was decided before the forward pass (the sparse layers then
+                    // produced the dense gradient this update needs).
+                    if update_now {
+                        let mut w_host: Vec<Vec<f32>> = weights
+                            .iter()
+                            .map(|p| to_host(p.var.as_tensor()))
+                            .collect::<Result<_>>()?;
+                        let g_host: Vec<Vec<f32>> = weights
+                            .iter()
+                            .map(|p| host_or_zeros(grads.get(p.var.as_tensor()), p))
+                            .collect::<Result<_>>()?;
+                        // Momentum before masking: at inactive positions it holds this step's dense
+                        // gradient (what `--growth momentum` ranks); the engine zeroes the dropped
+                        // and regrown positions, so a regrown weight starts from zero momentum.
+                        let mut m_host: Vec<Vec<f32>> = weights
+                            .iter()
+                            .enumerate()
+                            .map(|(l, p)| host_or_zeros(opt.momentum_buffer(weight_index[l]), p))
+                            .collect::<Result<_>>()?;
+                        let stats = e.update_with(
+                            st.step,
+                            UpdateInputs {
+                                weights: &mut w_host,
+                                grads: &g_host,
+                                momentum: Some(&mut m_host),
+                            },
+                        )?;
+                        for (l, (p, (w, m))) in weights
+                            .iter()
+                            .zip(w_host.into_iter().zip(m_host))
+                            .enumerate()
+                        {
+                            p.var.set(&Tensor::from_vec(w, p.var.shape(), &dev)?)?;
+                            if opt.momentum_buffer(weight_index[l]).is_some() {
+                                opt.set_momentum_buffer(
+                                    weight_index[l],
+                                    Tensor::from_vec(m, p.var.shape(), &dev)?,
+                                )?;
+                            }
+                        }
+                        masks = mask_tensors(e, &weights, &dev)?;
+                        on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
+                        flops_now = flops_table(model.as_ref(), input, Some(&*e));
+                        st.mask_updates += 1;
+                        st.last_prune_rate = stats.prune_rate;
+                        tracing::debug!(
+                            "mask update at step {}: prune rate {:.4}, moved {:?}",
+                            st.step,
+                            stats.prune_rate,
+                            stats.grown
+                        );
+                    }
+                    apply_masks(
+                        &weights,
+                        &masks,
+                        &on_sparse,
+                        update_now,
+                        &mut opt,
+                        &weight_index,
+                    )?;
+                }
 
-            if interrupted.load(Ordering::SeqCst) {
-                bar.finish_and_clear();
-                pe.elapsed += t_epoch.elapsed().as_secs_f64();
-                st.partial = Some(pe);
-                st.lr = opt.lr;
-                save_ck(&st, &opt, &engine)?;
-                bail!(
-                    "interrupted at epoch {epoch}, step {}; checkpoint written: continue with \
+                pe.loss_sum += loss_v as f64 * idx.len() as f64;
+                pe.seen += idx.len();
+                let batch_preds = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                correct += batch_preds.iter().zip(&y).filter(|(p, l)| p == l).count();
+                pe.preds.extend(batch_preds);
+                pe.labels.extend_from_slice(&y);
+                pe.bias.extend(idx.iter().map(|&i| ds.train.bias[i]));
+                pe.batches_done = bi + 1;
+                let acc = correct as f64 / pe.seen as f64;
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.3}",
+                    pe.loss_sum / pe.seen as f64,
+                    acc
+                ));
+                bar.inc(1);
+
+                if interrupted.load(Ordering::SeqCst) {
+                    bar.finish_and_clear();
+                    pe.elapsed += t_epoch.elapsed().as_secs_f64();
+                    st.partial = Some(std::mem::take(&mut pe));
+                    st.lr = opt.lr;
+                    save_ck(&st, &opt, &engine)?;
+                    bail!(
+                        "interrupted at epoch {epoch}, step {}; checkpoint written: continue with \
                      `rest train --resume {}`",
-                    st.step,
-                    resume_dir.display()
-                );
+                        st.step,
+                        resume_dir.display()
+                    );
+                }
             }
-        }
+            Ok(())
+        })?;
         bar.finish_and_clear();
+        report_data_wait(
+            epoch,
+            pe.batches_done.saturating_sub(first_batch),
+            data_wait,
+            t_loop.elapsed().as_secs_f64(),
+            prefetch,
+        );
         let epoch_time = pe.elapsed + t_epoch.elapsed().as_secs_f64();
         st.train_time += epoch_time;
         st.samples_seen += pe.seen;
@@ -1046,7 +1132,7 @@ fn run_stage(
             &pe.bias,
             pe.loss_sum / pe.seen.max(1) as f64,
         );
-        let valid_m = evaluate(model.as_ref(), &ds.valid, &dev)?;
+        let valid_m = evaluate(model.as_ref(), &ds.valid, &eval_tf, &dev)?;
         if !valid_m.loss.is_finite() {
             bail!(
                 "the validation loss became {} at epoch {epoch}: lower --lr (now {})",
@@ -1109,9 +1195,9 @@ fn run_stage(
         restore(model.as_ref(), snap, engine.as_mut(), cfg.kernels)?;
         flops_now = flops_table(model.as_ref(), input, engine.as_ref());
     }
-    let test_m = evaluate(model.as_ref(), &ds.test, &dev)?;
+    let test_m = evaluate(model.as_ref(), &ds.test, &eval_tf, &dev)?;
     let train_preds = if ctx.want_train_preds {
-        Some(predict(model.as_ref(), &ds.train, &dev)?.0)
+        Some(predict(model.as_ref(), &ds.train, &eval_tf, &dev)?.0)
     } else {
         None
     };
@@ -1178,6 +1264,73 @@ fn run_stage(
     };
     output::write_json(&run_dir.join("summary.json"), &summary)?;
     Ok((TrainOutcome { run_dir, summary }, train_preds))
+}
+
+/// Logs (debug) how long the epoch's steps waited for their batches, and warns when data
+/// loading held training up by more than 10 % despite prefetching.
+fn report_data_wait(epoch: usize, steps: usize, wait_s: f64, loop_s: f64, prefetch: bool) {
+    if steps == 0 {
+        return;
+    }
+    let share = wait_s / loop_s.max(1e-9);
+    tracing::debug!(
+        "epoch {epoch}: waited {:.2} ms per step for data ({:.1} % of {:.1} ms per step)",
+        wait_s * 1e3 / steps as f64,
+        share * 100.0,
+        loop_s * 1e3 / steps as f64
+    );
+    if prefetch && share > 0.1 && steps >= 10 {
+        tracing::warn!(
+            "epoch {epoch}: training waited for data {:.0} % of the time: the data pipeline \
+             is the bottleneck (large images, few cores); a smaller --image-size or \
+             --no-augment is faster",
+            share * 100.0
+        );
+    }
+}
+
+/// What a run's data pipeline does, for the log.
+fn describe_transform(tf: &Transform, image_size: Option<usize>) -> String {
+    let mut parts = Vec::new();
+    if let Some(s) = image_size {
+        parts.push(format!("resize to {s}x{s} on load"));
+    }
+    if tf.crop_padding > 0 {
+        parts.push(format!("random crop with padding {}", tf.crop_padding));
+    }
+    if tf.flip {
+        parts.push("horizontal flip".to_string());
+    }
+    match &tf.normalize {
+        Some(n) => parts.push(format!("normalise mean {:?} std {:?}", n.mean, n.std)),
+        None => parts.push("scale to [0, 1]".to_string()),
+    }
+    parts.join(", ")
+}
+
+/// The input shape and class count of a run's data (`data.json` in the run directory), so
+/// that `rest eval`, `rest predict` and `rest export` rebuild the model without the data.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct DataInfo {
+    pub dataset: String,
+    /// `[channels, height, width]` of the model input.
+    pub input: [usize; 3],
+    pub classes: usize,
+}
+
+/// File name of [`DataInfo`] in a run directory.
+pub const DATA_INFO_FILE: &str = "data.json";
+
+fn write_data_info(run_dir: &Path, ds: &GroupDataset) -> Result<()> {
+    let t = &ds.train;
+    output::write_json(
+        &run_dir.join(DATA_INFO_FILE),
+        &DataInfo {
+            dataset: ds.name.clone(),
+            input: [t.channels, t.height, t.width],
+            classes: ds.num_classes,
+        },
+    )
 }
 
 fn fmt_opt(x: Option<f64>) -> String {

@@ -1,0 +1,293 @@
+//! Per-dataset image transforms, applied while a batch is gathered from a `u8` NHWC
+//! [`Split`] into the `f32` NCHW tensor the models take: random crop with zero padding and
+//! random horizontal flip (training only), then scaling to [0, 1] and optional per-channel
+//! normalisation (training and evaluation alike), as the LfF/DFA/REST reference code does:
+//!
+//! | dataset | training | evaluation |
+//! |---|---|---|
+//! | Colored MNIST (built-in, `cmnist`), generic `dfa` | to [0, 1] | same |
+//! | `cifar10c` | crop 32 with padding 4, flip, CIFAR mean/std | mean/std |
+//! | `bffhq` | (resized to 128 on load) crop with padding 4, flip, ImageNet mean/std | mean/std |
+//!
+//! Randomness is a pure function of (seed, epoch, position of the sample in the epoch's
+//! order): each sample seeks to its own place in the epoch's augmentation stream, so a batch
+//! is the same whichever thread prepares it and a resumed run draws the same crops.
+
+use super::Split;
+use crate::config::{DatasetKind, TrainConfig};
+use crate::util;
+use anyhow::{bail, Result};
+use rand::RngCore;
+
+/// Base of the augmentation RNG streams (`util::rng(seed, AUG_STREAM_BASE + epoch)`), far
+/// from the other streams of a run (1, 2, 4, 1000 + epoch).
+pub const AUG_STREAM_BASE: u64 = 0x4155_4700_0000_0000;
+/// 32-bit words of the augmentation stream reserved per sample.
+const WORDS_PER_SAMPLE: u128 = 16;
+/// Crop padding of the reference code (CIFAR-10 and BFFHQ).
+pub const CROP_PADDING: usize = 4;
+
+/// CIFAR-10 channel mean and std (LfF/DFA's Corrupted CIFAR-10 transform).
+pub const CIFAR_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+pub const CIFAR_STD: [f32; 3] = [0.2023, 0.1994, 0.2010];
+/// ImageNet channel mean and std (DFA's BFFHQ transform).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Per-channel normalisation `(x - mean) / std` of values in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalize {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalize {
+    /// The mean/std the reference code uses for a dataset layout (`None`: no normalisation).
+    pub fn for_kind(kind: Option<DatasetKind>) -> Option<Self> {
+        match kind {
+            Some(DatasetKind::Cifar10c) => Some(Normalize {
+                mean: CIFAR_MEAN,
+                std: CIFAR_STD,
+            }),
+            Some(DatasetKind::Bffhq) => Some(Normalize {
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What happens to an image when it is gathered into a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Transform {
+    /// Random crop of the image's own size from the image padded with `crop_padding` zero
+    /// pixels on every side (`0`: no crop).
+    pub crop_padding: usize,
+    /// Random horizontal flip with probability 1/2.
+    pub flip: bool,
+    /// Normalisation after scaling to [0, 1].
+    pub normalize: Option<Normalize>,
+}
+
+/// The random choices for one sample: crop offsets into the padded image (each in
+/// `0..=2 * padding`) and whether it is flipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Aug {
+    pub dy: usize,
+    pub dx: usize,
+    pub flip: bool,
+}
+
+/// Where a batch's samples lie in their epoch: the augmentation of the sample at position
+/// `first_pos + j` of epoch `epoch`'s order depends only on `(seed, epoch, first_pos + j)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AugKey {
+    pub seed: u64,
+    pub epoch: usize,
+    pub first_pos: usize,
+}
+
+/// A uniform draw from `0..n` from one 32-bit word (multiply-shift; the bias is below
+/// n / 2^32, and no word is ever rejected, so every sample uses a fixed number of words).
+fn below(word: u32, n: usize) -> usize {
+    ((u64::from(word) * n as u64) >> 32) as usize
+}
+
+impl Transform {
+    /// No augmentation, no normalisation: the plain [0, 1] scaling (the built-in data).
+    pub fn identity() -> Self {
+        Self::default()
+    }
+
+    /// The training transform of a run (`augment` and `normalize` resolved per dataset).
+    pub fn train_for(cfg: &TrainConfig) -> Self {
+        let augment = cfg.augment_resolved();
+        Transform {
+            crop_padding: if augment { CROP_PADDING } else { 0 },
+            flip: augment,
+            normalize: cfg.normalize_resolved(),
+        }
+    }
+
+    /// The evaluation transform of a run: its normalisation, no augmentation.
+    pub fn eval_for(cfg: &TrainConfig) -> Self {
+        Self::train_for(cfg).eval()
+    }
+
+    /// This transform without its random parts.
+    pub fn eval(&self) -> Self {
+        Transform {
+            crop_padding: 0,
+            flip: false,
+            normalize: self.normalize,
+        }
+    }
+
+    /// True when the transform draws random numbers.
+    pub fn is_random(&self) -> bool {
+        self.crop_padding > 0 || self.flip
+    }
+
+    /// The random choices for the sample at position `pos` of `epoch` (all zero when the
+    /// transform is not random).
+    pub fn draw(&self, seed: u64, epoch: usize, pos: usize) -> Aug {
+        if !self.is_random() {
+            return Aug::default();
+        }
+        let mut r = util::rng(seed, AUG_STREAM_BASE.wrapping_add(epoch as u64));
+        r.set_word_pos(pos as u128 * WORDS_PER_SAMPLE);
+        let (a, b, c) = (r.next_u32(), r.next_u32(), r.next_u32());
+        let span = 2 * self.crop_padding + 1;
+        Aug {
+            dy: below(a, span),
+            dx: below(b, span),
+            flip: self.flip && c >> 31 == 1,
+        }
+    }
+
+    /// Per channel, the transformed value of each byte (0..=255): scaling and normalisation
+    /// in one table, so that every pixel costs one lookup. Without normalisation the values
+    /// are exactly `byte as f32 * (1 / 255)`, as `Split::gather_nchw` computes them.
+    fn lut(&self, channels: usize) -> Result<Vec<[f32; 256]>> {
+        if let Some(n) = &self.normalize {
+            if channels != n.mean.len() {
+                bail!(
+                    "normalisation has {} channel means but the images have {channels} \
+                     channels: pass --no-normalize",
+                    n.mean.len()
+                );
+            }
+        }
+        Ok((0..channels)
+            .map(|ch| {
+                let mut t = [0.0f32; 256];
+                for (b, v) in t.iter_mut().enumerate() {
+                    let x = b as f32 * (1.0 / 255.0);
+                    *v = match &self.normalize {
+                        Some(n) => (x - n.mean[ch]) / n.std[ch],
+                        None => x,
+                    };
+                }
+                t
+            })
+            .collect())
+    }
+
+    /// Transforms image `src` (`h x w x c` bytes, HWC) into `dst` (`c x h x w`, CHW) with the
+    /// random choices `aug`: output pixel (y, x) takes input pixel
+    /// (y + dy - padding, x' + dx - padding), x' = w - 1 - x when flipped, else x; outside
+    /// the image it is a zero (black) pixel, normalised like any other.
+    pub fn apply(
+        &self,
+        src: &[u8],
+        (h, w, c): (usize, usize, usize),
+        aug: Aug,
+        dst: &mut [f32],
+    ) -> Result<()> {
+        let lut = self.lut(c)?;
+        self.apply_lut(&lut, src, (h, w, c), aug, dst);
+        Ok(())
+    }
+
+    fn apply_lut(
+        &self,
+        lut: &[[f32; 256]],
+        src: &[u8],
+        (h, w, c): (usize, usize, usize),
+        aug: Aug,
+        dst: &mut [f32],
+    ) {
+        let hw = h * w;
+        let p = self.crop_padding as isize;
+        if aug == Aug::default() && p == 0 {
+            for px in 0..hw {
+                for (ch, t) in lut.iter().enumerate() {
+                    dst[ch * hw + px] = t[src[px * c + ch] as usize];
+                }
+            }
+            return;
+        }
+        for y in 0..h {
+            let sy = y as isize + aug.dy as isize - p;
+            for x in 0..w {
+                let xx = if aug.flip { w - 1 - x } else { x };
+                let sx = xx as isize + aug.dx as isize - p;
+                let inside = sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize;
+                let o = y * w + x;
+                if inside {
+                    let s = (sy as usize * w + sx as usize) * c;
+                    for (ch, t) in lut.iter().enumerate() {
+                        dst[ch * hw + o] = t[src[s + ch] as usize];
+                    }
+                } else {
+                    for (ch, t) in lut.iter().enumerate() {
+                        dst[ch * hw + o] = t[0];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gathers the samples `idx` of `split` into `out` (resized, reusing its allocation) as
+    /// `f32` NCHW. With `key`, random transforms draw from the sample's epoch position;
+    /// without, they are skipped (evaluation). An index outside the split is an error.
+    pub fn gather(
+        &self,
+        split: &Split,
+        idx: &[usize],
+        key: Option<AugKey>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (h, w, c) = (split.height, split.width, split.channels);
+        let sz = split.image_size();
+        if let Some(&bad) = idx.iter().find(|&&i| i >= split.len()) {
+            bail!(
+                "sample index {bad} is outside the split of {} images",
+                split.len()
+            );
+        }
+        let lut = self.lut(c)?;
+        out.clear();
+        out.resize(idx.len() * sz, 0.0);
+        for (b, &i) in idx.iter().enumerate() {
+            let aug = match key {
+                Some(k) => self.draw(k.seed, k.epoch, k.first_pos + b),
+                None => Aug::default(),
+            };
+            let t = if key.is_some() { *self } else { self.eval() };
+            t.apply_lut(
+                &lut,
+                &split.images[i * sz..(i + 1) * sz],
+                (h, w, c),
+                aug,
+                &mut out[b * sz..(b + 1) * sz],
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn below_covers_the_range() {
+        assert_eq!(below(0, 9), 0);
+        assert_eq!(below(u32::MAX, 9), 8);
+        assert_eq!(below(1 << 31, 2), 1);
+    }
+
+    #[test]
+    fn identity_lut_matches_plain_scaling() -> Result<()> {
+        let t = Transform::identity().lut(3)?;
+        for b in 0..=255u8 {
+            assert_eq!(
+                t[1][b as usize].to_bits(),
+                (b as f32 * (1.0 / 255.0)).to_bits()
+            );
+        }
+        Ok(())
+    }
+}
