@@ -238,12 +238,17 @@ pub fn run_local(out: &Path, runs: &[Run], prepared: &[Prepared], o: &LocalOptio
                 break;
             };
             let dir = out.join(&runs[i].name);
-            let child = start(&dir, resume, threads, &o.exe)?;
-            slots.push(Slot {
-                idx: i,
-                proc: Proc::Child(child),
-                started: Instant::now(),
-            });
+            match start(&dir, resume, threads, &o.exe) {
+                Ok(child) => slots.push(Slot {
+                    idx: i,
+                    proc: Proc::Child(child),
+                    started: Instant::now(),
+                }),
+                Err(e) => {
+                    failed.push(runs[i].name.clone());
+                    say(format!("FAILED to start  {}: {e:#}", runs[i].name));
+                }
+            }
         }
         // Reap finished runs.
         let mut k = 0;

@@ -496,6 +496,33 @@ fn out_dir(args: &SweepArgs) -> Result<PathBuf> {
     }
 }
 
+/// Refuses flags of the other backend (they would be silently ignored).
+fn check_backend_flags(args: &SweepArgs) -> Result<()> {
+    let slurm_only = [
+        ("--partition", args.partition.is_some()),
+        ("--time", args.time.is_some()),
+        ("--cpus-per-task", args.cpus_per_task.is_some()),
+        ("--gres", args.gres.is_some()),
+        ("--no-submit", args.no_submit),
+    ];
+    match args.backend {
+        Backend::Local => {
+            if let Some((flag, _)) = slurm_only.iter().find(|(_, set)| *set) {
+                bail!("{flag} is an option of --backend slurm");
+            }
+        }
+        Backend::Slurm => {
+            if args.threads.is_some() {
+                bail!(
+                    "--threads is for --backend local; on Slurm each run uses --cpus-per-task \
+                     threads"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `rest sweep`.
 pub fn main(args: &SweepArgs) -> Result<()> {
     let out = out_dir(args)?;
@@ -510,6 +537,12 @@ pub fn main(args: &SweepArgs) -> Result<()> {
         return Ok(());
     }
     if args.report_only {
+        if !out.is_dir() {
+            bail!(
+                "--out {}: no such directory; give the directory a sweep ran into",
+                out.display()
+            );
+        }
         after_sweep(&out)?;
         println!("report written for {}", out.display());
         return Ok(());
@@ -520,6 +553,7 @@ pub fn main(args: &SweepArgs) -> Result<()> {
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
+    check_backend_flags(args)?;
     let Some(file) = &args.file else {
         bail!("give a sweep file: rest sweep SWEEP.toml (see examples/sweep-small.toml)");
     };
@@ -640,7 +674,10 @@ mod tests {
             runs[0].varying_text(),
             "conflict_pct=0.5 lr=0.1 density=1.0 seed=41"
         );
-        assert_eq!(runs[1].varying_text().split(' ').next_back(), Some("seed=42"));
+        assert_eq!(
+            runs[1].varying_text().split(' ').next_back(),
+            Some("seed=42")
+        );
         assert_eq!(runs[2].cfg.density, 0.1);
         assert_eq!(runs[6].cfg.conflict_pct, 1.0);
         Ok(())
@@ -750,6 +787,25 @@ mod tests {
         let dirs: Vec<&str> = m.runs.iter().map(|r| r.dir.as_str()).collect();
         assert_eq!(dirs, vec![&a[0].name, &a[1].name, &b[1].name]);
         Ok(())
+    }
+
+    #[test]
+    fn flags_of_the_other_backend_are_refused() {
+        use clap::Parser;
+        for (args, flag) in [
+            (vec!["--partition", "p"], "--partition"),
+            (vec!["--no-submit"], "--no-submit"),
+            (vec!["--backend", "slurm", "--threads", "2"], "--threads"),
+        ] {
+            let mut argv = vec!["rest", "sweep", "missing.toml"];
+            argv.extend(args);
+            let cli = crate::cli::Cli::try_parse_from(&argv).expect("parses");
+            let crate::cli::Command::Sweep(a) = cli.command else {
+                panic!("not sweep");
+            };
+            let err = main(&a).expect_err("refused").to_string();
+            assert!(err.contains(flag), "{argv:?}: {err}");
+        }
     }
 
     #[test]
