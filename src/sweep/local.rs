@@ -44,6 +44,21 @@ pub fn train_args(dir: &Path, resume: bool, threads: usize) -> Vec<String> {
     a
 }
 
+/// Seconds until the sweep ends if every run takes `mean` seconds: the runs in flight (each
+/// `elapsed[i]` seconds in) finish, then the `queued` ones fill whichever of the `jobs`
+/// slots frees first.
+pub fn eta_seconds(mean: f64, elapsed: &[f64], queued: usize, jobs: usize) -> f64 {
+    let mut free: Vec<f64> = elapsed.iter().map(|e| (mean - e).max(0.0)).collect();
+    free.resize(jobs.max(elapsed.len()).max(1), 0.0);
+    for _ in 0..queued {
+        let i = (0..free.len())
+            .min_by(|&a, &b| free[a].total_cmp(&free[b]))
+            .unwrap_or(0);
+        free[i] += mean;
+    }
+    free.into_iter().fold(0.0, f64::max)
+}
+
 /// A run in flight: our child, or a process left by an earlier (killed) sweep.
 enum Proc {
     Child(Child),
@@ -309,12 +324,14 @@ pub fn run_local(out: &Path, runs: &[Run], prepared: &[Prepared], o: &LocalOptio
             "ETA ?".to_string()
         } else {
             let mean = finished_times.iter().sum::<f64>() / finished_times.len() as f64;
-            let in_flight: f64 = slots
+            let elapsed: Vec<f64> = slots
                 .iter()
-                .map(|s| (mean - s.started.elapsed().as_secs_f64()).max(0.0))
-                .sum();
-            let secs = (in_flight + mean * queue.len() as f64) / jobs as f64;
-            format!("ETA {}", fmt_duration(secs))
+                .map(|s| s.started.elapsed().as_secs_f64())
+                .collect();
+            format!(
+                "ETA {}",
+                fmt_duration(eta_seconds(mean, &elapsed, queue.len(), jobs))
+            )
         };
         bar.set_message(format!("{} running, {left} left, {eta}", slots.len()));
         bar.tick();
@@ -357,6 +374,17 @@ mod tests {
         assert_eq!(threads_per_run(16, 3), 5);
         assert_eq!(threads_per_run(2, 4), 1);
         assert_eq!(threads_per_run(8, 0), 8);
+    }
+
+    #[test]
+    fn eta_schedules_queued_runs_on_the_free_slots() {
+        // One run 4 s into a 10 s mean, nothing queued: 6 s, whatever the slot count.
+        assert_eq!(eta_seconds(10.0, &[4.0], 0, 2), 6.0);
+        // Slots free at 6 s and now; 3 queued runs: 0->10, 6->16, 10->20.
+        assert_eq!(eta_seconds(10.0, &[4.0], 3, 2), 20.0);
+        // A run over the mean counts as finishing now.
+        assert_eq!(eta_seconds(10.0, &[12.0], 1, 1), 10.0);
+        assert_eq!(eta_seconds(10.0, &[], 4, 2), 20.0);
     }
 
     #[test]

@@ -165,20 +165,24 @@ pub fn parse_squeue(text: &str) -> HashMap<String, String> {
 }
 
 /// The queue state of every task of `job_ids` still known to squeue (`JOB_TASK` -> state).
+/// One query per job: a job that left the queue makes squeue fail for the whole list.
 pub fn squeue_states(job_ids: &[String]) -> Result<HashMap<String, String>> {
-    let out = Command::new("squeue")
-        .args(["-h", "-r", "-o", "%i %T", "-j", &job_ids.join(",")])
-        .output()
-        .context("cannot run squeue")?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        // Jobs that left the queue make squeue complain; they simply have no state.
-        if err.contains("Invalid job id") {
-            return Ok(HashMap::new());
+    let mut states = HashMap::new();
+    for id in job_ids {
+        let out = Command::new("squeue")
+            .args(["-h", "-r", "-o", "%i %T", "-j", id])
+            .output()
+            .context("cannot run squeue")?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("Invalid job id") {
+                continue; // left the queue: no state
+            }
+            bail!("squeue failed ({}): {}", out.status, err.trim());
         }
-        bail!("squeue failed ({}): {}", out.status, err.trim());
+        states.extend(parse_squeue(&String::from_utf8_lossy(&out.stdout)));
     }
-    Ok(parse_squeue(&String::from_utf8_lossy(&out.stdout)))
+    Ok(states)
 }
 
 /// Writes the array script for the runs still to do and (if `submit`) submits it and the
