@@ -47,6 +47,9 @@ pub enum Command {
     Predict(PredictArgs),
     /// Write a trained sparse model compactly (CSR weights + config in one safetensors file).
     Export(ModelExportArgs),
+    /// Run a sweep file (a base config and a grid of values) locally or as a Slurm job
+    /// array; resumable: finished runs are skipped.
+    Sweep(crate::sweep::SweepArgs),
     /// Summarise runs: for a directory of runs, results.csv, report.md (mean ± std tables over
     /// seeds) and accuracy plots; for one run directory, its learning curves.
     Report(ReportArgs),

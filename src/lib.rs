@@ -14,5 +14,6 @@ pub mod models;
 pub mod nn;
 pub mod report;
 pub mod sparse;
+pub mod sweep;
 pub mod train;
 pub mod util;

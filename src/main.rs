@@ -68,6 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => rest::bench::main(&args),
+        Command::Sweep(args) => rest::sweep::main(&args),
         Command::Eval(a) => {
             let m = rest::infer::load(&a.checkpoint)?;
             let mut cfg = m.config.clone();

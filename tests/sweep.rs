@@ -1,0 +1,323 @@
+//! `rest sweep` end to end with the real binary on tiny runs: run directories named by the
+//! config hash, skip on rerun, restart or resume of unfinished runs, Ctrl-C and `kill -9`.
+
+use anyhow::{Context, Result};
+use rest::config::TrainConfig;
+use rest::train::checkpoint::config_hash;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rest");
+
+/// Tiny runs: one epoch on 500 training images.
+const TINY: &str = "[base]\nepochs = 1\ntrain_size = 500\nvalid_size = 200\ntest_size = 200\n\
+                    batch_size = 100\ndensity = 0.1\n";
+
+fn write_sweep(dir: &Path, text: &str) -> Result<PathBuf> {
+    let p = dir.join("sweep.toml");
+    std::fs::write(&p, text)?;
+    Ok(p)
+}
+
+fn sweep(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(BIN).arg("sweep").args(args).output()?)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The run directory names, computed from the configs independently of the sweep code.
+fn expected_dirs(base: &TrainConfig, seeds: &[u64]) -> Result<Vec<String>> {
+    seeds
+        .iter()
+        .map(|&seed| {
+            let c = TrainConfig {
+                seed,
+                ..base.clone()
+            };
+            Ok(format!("{}-{}", c.short_name(), &config_hash(&c)?[..8]))
+        })
+        .collect()
+}
+
+fn tiny_base() -> TrainConfig {
+    TrainConfig {
+        epochs: 1,
+        train_size: 500,
+        valid_size: 200,
+        test_size: 200,
+        batch_size: 100,
+        density: 0.1,
+        ..Default::default()
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let t = Instant::now();
+    while !f() {
+        anyhow::ensure!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped) has an empty command line.
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+#[test]
+fn local_sweep_runs_skips_finished_runs_and_restarts_unfinished_ones() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let file = write_sweep(tmp.path(), &format!("{TINY}[grid]\nseed = [1, 2]\n"))?;
+    let out = tmp.path().join("out");
+    let (f, o) = (
+        file.to_str().context("path")?,
+        out.to_str().context("path")?,
+    );
+
+    // --dry-run lists both runs and writes nothing.
+    let dry = sweep(&[f, "--dry-run", "--out", o])?;
+    assert!(dry.status.success(), "{}", text(&dry));
+    let dirs = expected_dirs(&tiny_base(), &[1, 2])?;
+    let listing = text(&dry);
+    for (d, seed) in dirs.iter().zip([1, 2]) {
+        assert!(listing.contains(&format!("{d}  seed={seed}")), "{listing}");
+    }
+    assert!(!out.exists());
+
+    let first = sweep(&[f, "--jobs", "2", "--out", o])?;
+    assert!(first.status.success(), "{}", text(&first));
+    let runs: Vec<PathBuf> = dirs.iter().map(|d| out.join(d)).collect();
+    for r in &runs {
+        assert!(r.join("summary.json").exists(), "{}", r.display());
+        let cfg = TrainConfig::from_toml_file(&r.join("config.toml"))?;
+        assert_eq!(cfg.out.as_deref(), Some(r.as_path()));
+        // The cores split between the 2 jobs.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(cfg.threads, Some((cores / 2).max(1)));
+    }
+    assert!(text(&first).contains("[2/2] done"), "{}", text(&first));
+    let logs: Vec<String> = runs.iter().map(|r| read(&r.join("train.log"))).collect();
+
+    // Rerun: nothing starts.
+    let again = sweep(&[f, "--jobs", "2", "--out", o])?;
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("2 runs: 2 done, 0 to run"),
+        "{}",
+        text(&again)
+    );
+    for (r, l) in runs.iter().zip(&logs) {
+        assert_eq!(
+            &read(&r.join("train.log")),
+            l,
+            "{} was started again",
+            r.display()
+        );
+    }
+
+    // A run that died before its first checkpoint (config, no summary) starts again; the
+    // other one is left alone.
+    for f in ["summary.json", "checkpoint.json", "checkpoint.safetensors"] {
+        std::fs::remove_file(runs[0].join(f))?;
+    }
+    let third = sweep(&[f, "--out", o])?;
+    assert!(third.status.success(), "{}", text(&third));
+    assert!(
+        text(&third).contains("1 done, 1 to run"),
+        "{}",
+        text(&third)
+    );
+    assert!(runs[0].join("summary.json").exists());
+    let log0 = read(&runs[0].join("train.log"));
+    assert_eq!(
+        log0.matches("=== rest sweep: starting").count(),
+        2,
+        "{log0}"
+    );
+    assert_eq!(read(&runs[1].join("train.log")), logs[1]);
+
+    // A run with a checkpoint but no summary resumes from it.
+    std::fs::remove_file(runs[1].join("summary.json"))?;
+    let fourth = sweep(&[f, "--out", o])?;
+    assert!(fourth.status.success(), "{}", text(&fourth));
+    let log1 = read(&runs[1].join("train.log"));
+    assert!(
+        log1.contains("=== rest sweep: resuming from the checkpoint"),
+        "{log1}"
+    );
+    assert!(log1.contains("resumed from"), "{log1}");
+    assert!(runs[1].join("summary.json").exists());
+
+    let st = sweep(&["--status", "--out", o])?;
+    assert!(st.status.success(), "{}", text(&st));
+    assert!(
+        text(&st).starts_with("2 runs: 2 done, 0 running"),
+        "{}",
+        text(&st)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_failing_run_is_reported_with_its_error_and_the_sweep_fails() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // An empty data folder passes the config check but fails when the run loads it.
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let file = write_sweep(
+        tmp.path(),
+        &format!("[base]\nepochs = 1\ndata = {:?}\n", data.to_string_lossy()),
+    )?;
+    let out = tmp.path().join("out");
+    let o = out.to_str().context("path")?;
+    let f = file.to_str().context("path")?;
+    let r = sweep(&[f, "--out", o])?;
+    let t = text(&r);
+    assert!(!r.status.success(), "{t}");
+    assert!(t.contains("FAILED (exit 1)"), "{t}");
+    assert!(t.contains("1 of 1 runs failed"), "{t}");
+    let st = text(&sweep(&["--status", "--out", o])?);
+    assert!(
+        st.starts_with("1 runs: 0 done, 0 running, 0 queued, 1 failed"),
+        "{st}"
+    );
+    assert!(st.contains("exit 1: error:"), "{st}");
+    Ok(())
+}
+
+/// Starts a sweep of two runs long enough to be interrupted; returns it once both runs
+/// have logged `marker` (and written their pid files).
+fn start_long_sweep(tmp: &Path, marker: &str) -> Result<(Child, Vec<PathBuf>)> {
+    let file = write_sweep(
+        tmp,
+        "[base]\nepochs = 3\ntrain_size = 3000\nvalid_size = 200\ntest_size = 200\n\
+         density = 1.0\nbatch_size = 50\n[grid]\nseed = [1, 2]\n",
+    )?;
+    let base = TrainConfig {
+        epochs: 3,
+        train_size: 3000,
+        valid_size: 200,
+        test_size: 200,
+        density: 1.0,
+        batch_size: 50,
+        ..Default::default()
+    };
+    let out = tmp.join("out");
+    let child = Command::new(BIN)
+        .args(["sweep", file.to_str().context("path")?, "--jobs", "2"])
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let runs: Vec<PathBuf> = expected_dirs(&base, &[1, 2])?
+        .into_iter()
+        .map(|d| out.join(d))
+        .collect();
+    wait_for(marker, Duration::from_secs(300), || {
+        runs.iter()
+            .all(|r| r.join("run.pid").exists() && read(&r.join("train.log")).contains(marker))
+    })?;
+    Ok((child, runs))
+}
+
+fn pid_of(run: &Path) -> Result<u32> {
+    Ok(read(&run.join("run.pid")).trim().parse()?)
+}
+
+#[test]
+fn ctrl_c_stops_every_run_with_a_checkpoint_and_the_rerun_resumes() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // Interrupted in epoch 2 of 3 (the trainer's signal handler is surely installed).
+    let (child, runs) = start_long_sweep(tmp.path(), "epoch 1/3")?;
+    let pids: Vec<u32> = runs.iter().map(|r| pid_of(r)).collect::<Result<_>>()?;
+    let k = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(k.success());
+    let o = child.wait_with_output()?;
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("sweep interrupted"), "{t}");
+    assert!(t.contains("rerun the same command"), "{t}");
+    for (r, pid) in runs.iter().zip(pids) {
+        assert!(!alive(pid), "run process {pid} still alive");
+        assert!(!r.join("summary.json").exists());
+        assert!(
+            read(&r.join("train.log")).contains("checkpoint written"),
+            "{}",
+            read(&r.join("train.log"))
+        );
+    }
+    let st = text(&sweep(&[
+        "--status",
+        "--out",
+        tmp.path().join("out").to_str().context("p")?,
+    ])?);
+    assert!(
+        st.starts_with("2 runs: 0 done, 0 running, 0 queued, 0 failed, 2 stopped"),
+        "{st}"
+    );
+
+    let again = Command::new(BIN)
+        .args([
+            "sweep",
+            tmp.path().join("sweep.toml").to_str().context("p")?,
+            "--jobs",
+            "2",
+        ])
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .output()?;
+    assert!(again.status.success(), "{}", text(&again));
+    for r in &runs {
+        assert!(r.join("summary.json").exists());
+        assert!(read(&r.join("train.log")).contains("resuming from the checkpoint"));
+    }
+    Ok(())
+}
+
+#[test]
+fn after_kill_9_the_rerun_waits_for_runs_in_flight_instead_of_restarting_them() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (mut child, runs) = start_long_sweep(tmp.path(), "model selection")?;
+    let pids: Vec<u32> = runs.iter().map(|r| pid_of(r)).collect::<Result<_>>()?;
+    child.kill()?; // SIGKILL
+    child.wait()?;
+    assert!(pids.iter().all(|&p| alive(p)), "the runs outlive the sweep");
+    let again = Command::new(BIN)
+        .args([
+            "sweep",
+            tmp.path().join("sweep.toml").to_str().context("p")?,
+            "--jobs",
+            "2",
+        ])
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .output()?;
+    let t = text(&again);
+    assert!(again.status.success(), "{t}");
+    assert!(t.contains("2 still running from an earlier sweep"), "{t}");
+    for r in &runs {
+        assert!(r.join("summary.json").exists());
+        let log = read(&r.join("train.log"));
+        assert_eq!(
+            log.matches("=== rest sweep:").count(),
+            1,
+            "restarted: {log}"
+        );
+    }
+    Ok(())
+}
