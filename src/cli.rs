@@ -448,6 +448,10 @@ pub struct TrainArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Device: cpu (rest's dense and sparse CPU kernels), cuda, cuda:N, or auto (a GPU when
+    /// this build has CUDA support and one is present). CUDA needs a `--features cuda` build.
+    #[arg(long, value_name = "cpu|cuda[:N]|auto")]
+    pub device: Option<crate::device::DeviceSpec>,
 }
 
 impl DataArgs {
@@ -541,6 +545,9 @@ impl TrainArgs {
         }
         if let Some(o) = &self.out {
             cfg.out = Some(o.clone());
+        }
+        if let Some(d) = self.device {
+            cfg.device = Some(d);
         }
         if let Some(t) = self.threads {
             cfg.threads = Some(t);

@@ -231,6 +231,9 @@ pub struct TrainConfig {
     pub out: Option<PathBuf>,
     /// Worker threads (default: all cores).
     pub threads: Option<usize>,
+    /// Device of the run's tensors (`None`: the CPU); see `crate::device`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::device::DeviceSpec>,
 }
 
 impl Default for TrainConfig {
@@ -287,6 +290,7 @@ impl Default for TrainConfig {
             fix: false,
             out: None,
             threads: None,
+            device: None,
         }
     }
 }

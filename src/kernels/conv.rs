@@ -74,6 +74,9 @@ impl CustomOp2 for Conv2dOp {
 /// layout), square `stride` and zero padding `pad`, no bias; returns the CNHW output
 /// `[OC, N, OH, OW]`. Differentiable in `x` and `w`.
 pub fn conv2d_cnhw(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    if super::generic_path(x) {
+        return super::generic::conv2d_cnhw(x, w, stride, pad);
+    }
     let x = prepare(x, 4, "conv2d_cnhw input x [C, N, H, W]")?;
     let w = prepare(w, 4, "conv2d_cnhw weight w [OC, C, KH, KW]")?;
     let (c, n, h, wd) = x.dims4()?;

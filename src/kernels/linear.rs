@@ -131,6 +131,9 @@ impl CustomOp3 for LinearBiasOp {
 /// Fully-connected layer: `x` `[N, I]`, `w` `[O, I]` (PyTorch layout), optional `b` `[O]`;
 /// returns `x w^T + b` `[N, O]`, differentiable in all arguments.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if super::generic_path(x) {
+        return super::generic::linear(x, w, b);
+    }
     let x = prepare(x, 2, "linear input x [N, I]")?;
     let w = prepare(w, 2, "linear weight w [O, I]")?;
     let (n, i) = x.dims2()?;

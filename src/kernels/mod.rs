@@ -7,6 +7,7 @@
 //! arguments that do not track gradients (e.g. the input images of the first convolution).
 
 mod conv;
+pub mod generic;
 mod linear;
 mod norm;
 mod pool;
@@ -21,6 +22,17 @@ pub use sparse::{sparse_conv2d_cnhw, sparse_linear, SparseWeight};
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+
+/// Whether an op on `x` runs on the generic candle ops of [`generic`]: for tensors that are
+/// not on the CPU, or everywhere when the environment variable `REST_KERNELS=candle` is set
+/// (which runs the GPU code path on a CPU, for testing it without a GPU).
+pub fn generic_path(x: &Tensor) -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !x.device().is_cpu()
+        || *FORCED.get_or_init(|| {
+            std::env::var("REST_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("candle"))
+        })
+}
 
 /// Checks that `t` is an `f32` tensor on the CPU with `rank` dimensions and returns a
 /// contiguous version of it. `what` names the argument in error messages.

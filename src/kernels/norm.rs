@@ -118,6 +118,9 @@ pub fn batch_norm_cnhw_train(
     eps: f64,
     relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if super::generic_path(x) {
+        return super::generic::batch_norm_cnhw_train(x, gamma, beta, eps, relu);
+    }
     const F: &str = "batch_norm_cnhw_train";
     let x = prepare(x, 4, "batch_norm_cnhw_train input x [C, N, H, W]")?;
     let p = check_params(&x, &[(gamma, "gamma"), (beta, "beta")], F)?;
@@ -259,6 +262,17 @@ pub fn batch_norm_cnhw_eval(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
+    if super::generic_path(x) {
+        return super::generic::batch_norm_cnhw_eval(
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            eps,
+            relu,
+        );
+    }
     const F: &str = "batch_norm_cnhw_eval";
     let x = prepare(x, 4, "batch_norm_cnhw_eval input x [C, N, H, W]")?;
     let p = check_params(

@@ -42,6 +42,9 @@ impl CustomOp1 for GlobalAvgPoolOp {
 /// Global average pooling of CNHW `x` `[C, N, H, W]` to `[N, C]` (mean over `H*W`),
 /// differentiable.
 pub fn global_avg_pool_cnhw(x: &Tensor) -> Result<Tensor> {
+    if super::generic_path(x) {
+        return super::generic::global_avg_pool_cnhw(x);
+    }
     let x = prepare(x, 4, "global_avg_pool_cnhw input x [C, N, H, W]")?;
     let (c, n, h, w) = x.dims4()?;
     let op = GlobalAvgPoolOp { c, n, hw: h * w };
@@ -93,6 +96,9 @@ impl CustomOp1 for MaxPoolOp {
 /// `-inf` padding `pad` (`pad <= k / 2`, as in PyTorch); returns `[C, N, OH, OW]`,
 /// differentiable (the gradient goes to the first maximum of each window).
 pub fn max_pool2d_cnhw(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    if super::generic_path(x) {
+        return super::generic::max_pool2d_cnhw(x, k, stride, pad);
+    }
     let x = prepare(x, 4, "max_pool2d_cnhw input x [C, N, H, W]")?;
     let (c, n, h, w) = x.dims4()?;
     let geom = MaxPool2dGeom {

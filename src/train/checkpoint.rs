@@ -60,11 +60,12 @@ pub struct PartialEpoch {
 }
 
 /// A stable 64-bit FNV-1a hash of the config fields that define the run's computation (the
-/// output directory and thread count excluded), as 16 hex digits.
+/// output directory, thread count and device excluded), as 16 hex digits.
 pub fn config_hash(cfg: &TrainConfig) -> Result<String> {
     let mut c = cfg.clone();
     c.out = None;
     c.threads = None;
+    c.device = None;
     let text = c.to_toml()?;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {

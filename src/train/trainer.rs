@@ -48,6 +48,8 @@ pub struct LayerDensity {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub rest_version: String,
+    /// Where the run trained (`cpu`, `cuda:0`).
+    pub device: String,
     pub dataset: String,
     pub model: String,
     pub density: f64,
@@ -238,6 +240,15 @@ pub(crate) fn install_sparse_kernels(
     mode: crate::config::KernelMode,
 ) -> Result<Vec<bool>> {
     let densities = engine.densities();
+    // rest's sparse kernels are CPU code: on a GPU every layer runs dense with its mask.
+    let mode = if weights
+        .iter()
+        .any(|p| crate::kernels::generic_path(p.var.as_tensor()))
+    {
+        crate::config::KernelMode::Dense
+    } else {
+        mode
+    };
     let mut on = Vec::with_capacity(weights.len());
     for (l, p) in weights.iter().enumerate() {
         let Some(slot) = &p.slot else {
@@ -640,7 +651,14 @@ fn run_stage(
 ) -> Result<(TrainOutcome, Option<Vec<u32>>)> {
     let start = ctx.start;
     let ds = ctx.ds;
-    let dev = Device::Cpu;
+    let dev = crate::device::open(cfg.device.unwrap_or_default())?;
+    if !dev.is_cpu() {
+        info!(
+            "device {}: candle's CUDA ops (rest's sparse CPU kernels are not used; masks are \
+             applied to dense weights on the device)",
+            crate::device::name(&dev)
+        );
+    }
     let run_dir = output::create_run_dir(cfg)?;
     let resume_dir = if cfg.method == Method::Jtt || ctx.want_train_preds {
         ctx.resume_dir.clone()
@@ -1233,6 +1251,7 @@ fn run_stage(
         .collect();
     let summary = Summary {
         rest_version: env!("CARGO_PKG_VERSION").into(),
+        device: crate::device::name(&dev),
         dataset: ds.name.clone(),
         model: cfg.model.as_str().into(),
         density: cfg.density,
