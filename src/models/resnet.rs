@@ -116,7 +116,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             b.dims()
         );
     }
-    if !a.device().is_cpu() || a.dtype() != candle_core::DType::F32 {
+    if crate::kernels::generic_path(a) || a.dtype() != candle_core::DType::F32 {
         // Other devices and types: the same result from candle's ops.
         return Ok((a + b)?.relu()?);
     }
