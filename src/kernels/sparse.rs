@@ -8,8 +8,8 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, transpose, SparseMatrix};
-use rest_kernels::{col2im, conv2d_bwd_weight_col, im2col, linear_bwd_weight, Conv2dGeom};
+use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, transpose, SparseConv, SparseMatrix};
+use rest_kernels::{conv2d_bwd_weight, linear_bwd_weight, Conv2dGeom};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
@@ -24,6 +24,22 @@ pub struct SparseWeight {
 struct State {
     matrix: SparseMatrix,
     dense_grad: bool,
+    /// The pattern laid out for the last convolution geometry (rebuilt when the batch or
+    /// image size changes; the pattern itself never changes within a `SparseWeight`).
+    conv: Option<Arc<SparseConv>>,
+}
+
+impl State {
+    fn conv_plan(&mut self, g: &Conv2dGeom) -> candle_core::Result<Arc<SparseConv>> {
+        match &self.conv {
+            Some(c) if c.geom() == g => Ok(c.clone()),
+            _ => {
+                let c = Arc::new(SparseConv::new(&self.matrix, g).map_err(kernel_err)?);
+                self.conv = Some(c.clone());
+                Ok(c)
+            }
+        }
+    }
 }
 
 impl SparseWeight {
@@ -36,6 +52,7 @@ impl SparseWeight {
             state: Mutex::new(State {
                 matrix,
                 dense_grad: false,
+                conv: None,
             }),
         }))
     }
@@ -63,15 +80,15 @@ fn kernel_err(e: rest_kernels::sparse::SparseError) -> candle_core::Error {
 struct SparseConvOp {
     geom: Conv2dGeom,
     weight: Arc<SparseWeight>,
-    /// The im2col matrix of the forward input, kept for the backward pass when gradients are
-    /// tracked (a pooled scratch buffer, returned after the backward pass or on drop).
-    col: Mutex<Option<Vec<f32>>>,
-    keep_col: bool,
+    /// The polyphase copy of the forward input, kept for the weight gradient when gradients
+    /// are tracked (a pooled scratch buffer, returned after the backward pass or on drop).
+    xph: Mutex<Option<Vec<f32>>>,
+    keep_input: bool,
 }
 
 impl Drop for SparseConvOp {
     fn drop(&mut self) {
-        if let Some(c) = self.col.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(c) = self.xph.lock().unwrap_or_else(|e| e.into_inner()).take() {
             scratch::give(c);
         }
     }
@@ -94,15 +111,17 @@ impl CustomOp2 for SparseConvOp {
         let w = cpu_slice(s2, l2, self.name())?;
         let mut st = self.weight.lock();
         st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
-        let mut col = scratch::take(g.col_len());
-        im2col(x, g, &mut col);
+        let plan = st.conv_plan(g)?;
+        let mut xph = scratch::take(plan.phase_len());
+        plan.pack_input(x, &mut xph).map_err(kernel_err)?;
         let mut out = vec![0.0f32; g.out_len()];
-        spmm(&st.matrix, &col, g.p(), &mut out).map_err(kernel_err)?;
+        plan.forward(&st.matrix, &xph, &mut out)
+            .map_err(kernel_err)?;
         drop(st);
-        if self.keep_col {
-            *self.col.lock().unwrap_or_else(|e| e.into_inner()) = Some(col);
+        if self.keep_input {
+            *self.xph.lock().unwrap_or_else(|e| e.into_inner()) = Some(xph);
         } else {
-            scratch::give(col);
+            scratch::give(xph);
         }
         Ok((
             CpuStorage::F32(out),
@@ -118,43 +137,59 @@ impl CustomOp2 for SparseConvOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = &self.geom;
-        let st = self.weight.lock();
-        let col = self.col.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut st = self.weight.lock();
+        let plan = st.conv_plan(g)?;
+        let mut xph = self.xph.lock().unwrap_or_else(|e| e.into_inner()).take();
         with_f32(grad, self.name(), |dout| {
+            let mut dyv = scratch::take(plan.grad_len());
             let dx = if x.track_op() {
-                let mut dcol = scratch::take(g.col_len());
-                spmm_t(&st.matrix, dout, g.p(), &mut dcol).map_err(kernel_err)?;
                 let mut dx = vec![0.0f32; g.x_len()];
-                col2im(&dcol, g, &mut dx);
-                scratch::give(dcol);
+                plan.backward_input(&st.matrix, dout, &mut dyv, &mut dx)
+                    .map_err(kernel_err)?;
                 Some(Tensor::from_vec(dx, x.shape(), x.device())?)
             } else {
                 None
             };
             let dw = if w.track_op() {
-                let col = match col {
-                    Some(c) => c,
-                    None => {
-                        let mut c = scratch::take(g.col_len());
-                        with_f32(x, self.name(), |xs| {
-                            im2col(xs, g, &mut c);
-                            Ok(())
-                        })?;
-                        c
-                    }
-                };
                 let mut dw = vec![0.0f32; g.w_len()];
                 if st.dense_grad {
-                    conv2d_bwd_weight_col(&col, dout, g, &mut dw);
+                    // Mask-update steps: the dense gradient RigL's growth ranks.
+                    with_f32(x, self.name(), |xs| {
+                        conv2d_bwd_weight(xs, dout, g, &mut dw);
+                        Ok(())
+                    })?;
                 } else {
-                    scatter_dense_grad(&st.matrix, dout, &col, g.p(), &mut dw)
+                    let xph = match xph.take() {
+                        Some(b) => b,
+                        None => {
+                            let mut b = scratch::take(plan.phase_len());
+                            with_f32(x, self.name(), |xs| {
+                                plan.pack_input(xs, &mut b).map_err(kernel_err)
+                            })?;
+                            b
+                        }
+                    };
+                    if !x.track_op() {
+                        // Else `backward_input` left the expanded gradient in `dyv`.
+                        plan.expand_grad(dout, &mut dyv).map_err(kernel_err)?;
+                    }
+                    let mut vals = scratch::take(st.matrix.nnz());
+                    plan.grad_weight(&st.matrix, &dyv, &xph, &mut vals)
                         .map_err(kernel_err)?;
+                    st.matrix
+                        .scatter_to_dense(&vals, &mut dw)
+                        .map_err(kernel_err)?;
+                    scratch::give(vals);
+                    scratch::give(xph);
                 }
-                scratch::give(col);
                 Some(Tensor::from_vec(dw, w.shape(), w.device())?)
             } else {
                 None
             };
+            scratch::give(dyv);
+            if let Some(b) = xph {
+                scratch::give(b);
+            }
             Ok((dx, dw))
         })
     }
@@ -209,8 +244,8 @@ pub fn sparse_conv2d_cnhw(
     let op = SparseConvOp {
         geom,
         weight: weight.clone(),
-        col: Mutex::new(None),
-        keep_col: tracked,
+        xph: Mutex::new(None),
+        keep_input: tracked && w.track_op(),
     };
     Ok(if tracked {
         x.apply_op2(&w, op)?
