@@ -179,6 +179,8 @@ fn matches_naive_convolution_over_geometries_and_densities() {
         geom(2, 2, 5, 5, 3, 4, 2, 0),    // no padding
         geom(3, 1, 6, 6, 4, 3, 1, 3),    // padding 3
         geom(2, 1, 4, 4, 3, 3, 1, 0),    // 2x2 output
+        geom(2, 2, 10, 11, 3, 3, 3, 0),  // stride 3 skips the last row and columns
+        geom(2, 1, 9, 9, 3, 2, 2, 0),    // 2x2 stride 2: the last row and column unread
     ];
     for (gi, g) in geoms.iter().enumerate() {
         for (di, &d) in [0.001, 0.05, 0.5, 1.0].iter().enumerate() {

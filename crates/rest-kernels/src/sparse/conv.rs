@@ -12,9 +12,10 @@
 //!
 //! over one flat index `j = (n·PH + oy)·PW + ox` spanning the whole batch: a long contiguous
 //! FMA row, exactly the spmm inner loop with the im2col row replaced by a shifted phase row.
-//! Planes are `PH x PW` with `PH >= OH + (KH-1)/s` and `PW >= OW + (KW-1)/s`, so the
+//! Planes are `PH x PW` with `PH = OH + (KH-1)/s` and `PW = OW + (KW-1)/s`, so the
 //! positions with `oy >= OH` or `ox >= OW` are scratch ("junk") outputs that are computed and
-//! dropped; a shift never carries a valid output into a different image or row.
+//! dropped; a shift never carries a valid output into a different image or row. (Input pixels
+//! that no output reads, e.g. a last row a stride skips, have no slot and get zero gradient.)
 //!
 //! * Forward: pack `x` into the phase buffer (`O(input)`), spmm with offsets, drop the junk
 //!   while copying each tile into the CNHW output.
@@ -44,6 +45,9 @@ const SLAB_BYTES: usize = 1 << 20;
 /// The flat polyphase layout of one convolution geometry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PhaseLayout {
+    /// Whether every input pixel lies in a stored phase position (else the pixels no output
+    /// reads, e.g. the last rows of a stride that does not divide, have no slot).
+    covers_input: bool,
     /// Phases used per axis: `min(stride, kernel)` (a 1x1 stride-2 kernel reads one phase).
     sy: usize,
     sx: usize,
@@ -62,15 +66,20 @@ struct PhaseLayout {
 impl PhaseLayout {
     fn new(g: &Conv2dGeom) -> Self {
         let s = g.stride;
-        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
         let (ay, ax) = ((g.kh - 1) / s, (g.kw - 1) / s);
-        let ph = hp.div_ceil(s).max(g.oh() + ay);
-        let pw = wp.div_ceil(s).max(g.ow() + ax);
+        // Exactly the phase rows/columns that valid outputs read: `ay` rows (`ax` columns)
+        // of junk per image row, which is also what the input gradient's wrap-around needs.
+        let (ph, pw) = (g.oh() + ay, g.ow() + ax);
         let l = g.n * ph * pw;
         let front = ay * pw + ax;
+        let (sy, sx) = (s.min(g.kh), s.min(g.kw));
         PhaseLayout {
-            sy: s.min(g.kh),
-            sx: s.min(g.kw),
+            covers_input: sy == s
+                && sx == s
+                && (g.h - 1 + g.pad) / s < ph
+                && (g.w - 1 + g.pad) / s < pw,
+            sy,
+            sx,
             ph,
             pw,
             l,
@@ -310,8 +319,8 @@ impl SparseConv {
         len_check("backward_input", "dx", dx.len(), g.x_len())?;
         self.expand_grad(dy, dyv)?;
         let lay = self.lay;
-        if lay.sy < g.stride || lay.sx < g.stride {
-            // Pixels of unused phases get no gradient.
+        if !lay.covers_input {
+            // Pixels that no output reads get zero gradient (the others are written below).
             dx.fill(0.0);
         }
         let vals: Vec<f32> = self
@@ -618,5 +627,62 @@ fn run_offset_spmm(
         task(0);
     } else {
         (0..n_row * n_col).into_par_iter().for_each(task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sparse::simd::available_isas;
+
+    /// Every instruction set gives the same results as the scalar portable loops (which the
+    /// integration tests check against a naive convolution), on a geometry large enough for
+    /// parallel column blocks, row tails and masked vector tails.
+    #[test]
+    fn every_isa_agrees_with_the_portable_loops() {
+        let g = Conv2dGeom {
+            c: 7,
+            n: 5,
+            h: 13,
+            w: 11,
+            oc: 9,
+            kh: 4,
+            kw: 4,
+            stride: 2,
+            pad: 1,
+        };
+        let vals = |seed: u32, n: usize| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        let w = vals(1, g.w_len());
+        let m: Vec<bool> = vals(2, g.w_len()).iter().map(|&u| u < -0.6).collect();
+        let x = vals(3, g.x_len());
+        let dy = vals(4, g.out_len());
+        let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).unwrap();
+        let run = |isa: Isa| {
+            let conv = SparseConv::new(&sm, &g).unwrap().with_isa(isa);
+            let mut xph = vec![0.0; conv.phase_len()];
+            conv.pack_input(&x, &mut xph).unwrap();
+            let mut out = vec![0.0; g.out_len()];
+            conv.forward(&sm, &xph, &mut out).unwrap();
+            let (mut dyv, mut dx) = (vec![0.0; conv.grad_len()], vec![0.0; g.x_len()]);
+            conv.backward_input(&sm, &dy, &mut dyv, &mut dx).unwrap();
+            let mut grad = vec![0.0; sm.nnz()];
+            conv.grad_weight(&sm, &dyv, &xph, &mut grad).unwrap();
+            [out, dx, grad]
+        };
+        let want = run(Isa::Portable);
+        for isa in available_isas() {
+            for (got, want) in run(isa).iter().zip(&want) {
+                for (a, b) in got.iter().zip(want) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{isa:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 }
