@@ -114,7 +114,7 @@ impl CustomOp2 for SparseConvOp {
         let plan = st.conv_plan(g)?;
         let mut xph = scratch::take(plan.phase_len());
         plan.pack_input(x, &mut xph).map_err(kernel_err)?;
-        let mut out = vec![0.0f32; g.out_len()];
+        let mut out = scratch::output(g.out_len());
         plan.forward(&st.matrix, &xph, &mut out)
             .map_err(kernel_err)?;
         drop(st);
@@ -143,7 +143,7 @@ impl CustomOp2 for SparseConvOp {
         with_f32(grad, self.name(), |dout| {
             let mut dyv = scratch::take(plan.grad_len());
             let dx = if x.track_op() {
-                let mut dx = vec![0.0f32; g.x_len()];
+                let mut dx = scratch::output(g.x_len());
                 plan.backward_input(&st.matrix, dout, &mut dyv, &mut dx)
                     .map_err(kernel_err)?;
                 Some(Tensor::from_vec(dx, x.shape(), x.device())?)
