@@ -161,19 +161,30 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (median, v[0], v[n - 1])
 }
 
-/// CPU time consumed so far by all threads of this process, in nanoseconds (the first field
-/// of `/proc/self/task/<tid>/schedstat`); `None` where unavailable.
+/// CPU time consumed so far by all threads of this process, in nanoseconds
+/// (`CLOCK_PROCESS_CPUTIME_ID`); `None` where unavailable.
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 pub fn process_cpu_ns() -> Option<u64> {
-    let mut total = 0u64;
-    for entry in std::fs::read_dir("/proc/self/task").ok()? {
-        let path = entry.ok()?.path().join("schedstat");
-        // A thread may exit between listing and reading: skip it.
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
-        };
-        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
     }
-    Some(total)
+    extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    /// Linux's `CLOCK_PROCESS_CPUTIME_ID`.
+    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: `ts` is a valid, writable `struct timespec` (two 64-bit fields on 64-bit Linux).
+    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| ts.sec as u64 * 1_000_000_000 + ts.nsec as u64)
+}
+
+/// CPU time of this process (unavailable on this platform).
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+pub fn process_cpu_ns() -> Option<u64> {
+    None
 }
 
 /// Runs `f` `warmup` times untimed, then `steps` times timed; wall and (if available) CPU

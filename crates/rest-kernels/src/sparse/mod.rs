@@ -41,11 +41,13 @@
 mod conv;
 mod kernels;
 mod matrix;
+mod rows;
 mod simd;
 
 pub use conv::SparseConv;
 pub use kernels::{sddmm, sddmm_into, spmm, spmm_t, transpose};
 pub use matrix::{MaskValue, SparseMatrix};
+pub use rows::{sddmm_rows, spmm_rows, spmm_t_rows};
 pub use simd::{active_isa, Isa};
 
 use std::fmt;
