@@ -154,7 +154,7 @@ impl CustomOp2 for SparseConvOp {
                 None
             };
             let dw = if w.track_op() {
-                let mut dw = vec![0.0f32; g.w_len()];
+                let mut dw = scratch::output(g.w_len());
                 if st.dense_grad {
                     // Mask-update steps: the dense gradient RigL's growth ranks.
                     with_f32(x, self.name(), |xs| {
@@ -286,11 +286,11 @@ impl CustomOp2 for SparseLinearOp {
             spmm_rows(&st.matrix, x, n, &mut y).map_err(kernel_err)?;
             return Ok((CpuStorage::F32(y), Shape::from((n, o))));
         }
-        let mut xt = vec![0.0f32; n * i];
+        let mut xt = scratch::output(n * i);
         transpose(x, n, i, &mut xt).map_err(kernel_err)?;
-        let mut yt = vec![0.0f32; o * n];
+        let mut yt = scratch::output(o * n);
         spmm(&st.matrix, &xt, n, &mut yt).map_err(kernel_err)?;
-        let mut y = vec![0.0f32; n * o];
+        let mut y = scratch::output(n * o);
         transpose(&yt, o, n, &mut y).map_err(kernel_err)?;
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
@@ -336,24 +336,24 @@ impl CustomOp2 for SparseLinearOp {
             });
         }
         with_f32(grad, self.name(), |dy| {
-            let mut dyt = vec![0.0f32; o * n];
+            let mut dyt = scratch::output(o * n);
             transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
             let dx = if x.track_op() {
-                let mut dxt = vec![0.0f32; i * n];
+                let mut dxt = scratch::output(i * n);
                 spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
-                let mut dx = vec![0.0f32; n * i];
+                let mut dx = scratch::output(n * i);
                 transpose(&dxt, i, n, &mut dx).map_err(kernel_err)?;
                 Some(Tensor::from_vec(dx, (n, i), x.device())?)
             } else {
                 None
             };
             let dw = if w.track_op() {
-                let mut dw = vec![0.0f32; o * i];
+                let mut dw = scratch::output(o * i);
                 with_f32(x, self.name(), |xs| {
                     if st.dense_grad {
                         linear_bwd_weight(dy, xs, n, i, o, &mut dw);
                     } else {
-                        let mut xt = vec![0.0f32; n * i];
+                        let mut xt = scratch::output(n * i);
                         transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
                         scatter_dense_grad(&st.matrix, &dyt, &xt, n, &mut dw)
                             .map_err(kernel_err)?;
@@ -426,7 +426,7 @@ fn scatter_dense_grad(
     p: usize,
     dw: &mut [f32],
 ) -> Result<(), rest_kernels::sparse::SparseError> {
-    let mut vals = vec![0.0f32; m.nnz()];
+    let mut vals = scratch::output(m.nnz());
     sddmm_into(m, dy, x, p, &mut vals)?;
     m.scatter_to_dense(&vals, dw)
 }
