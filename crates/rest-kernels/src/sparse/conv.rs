@@ -232,25 +232,30 @@ impl SparseConv {
         let hw = g.h * g.w;
         let plane = |(q, row): (usize, &mut [f32])| {
             let (c, ry, rx) = (q / (lay.sy * lay.sx), (q / lay.sx) % lay.sy, q % lay.sx);
-            // Columns px whose input column s·px + rx - pad lies in 0..w.
-            let (lo, hi) = crate::im2col::valid_range(lay.pw, g.w, s, rx, g.pad);
+            let pw = lay.pw;
+            // Columns px whose input column s·px + rx - pad lies in 0..w, and rows py whose
+            // input row s·py + ry - pad lies in 0..h.
+            let (lo, hi) = crate::im2col::valid_range(pw, g.w, s, rx, g.pad);
+            let (ylo, yhi) = crate::im2col::valid_range(lay.ph, g.h, s, ry, g.pad);
+            let (ylo, yhi) = if hi > lo { (ylo, yhi) } else { (0, 0) };
+            let block = lay.ph * pw;
             for n in 0..g.n {
-                let img = &x[(c * g.n + n) * hw..(c * g.n + n + 1) * hw];
-                for py in 0..lay.ph {
-                    let dst = &mut row[(n * lay.ph + py) * lay.pw..(n * lay.ph + py + 1) * lay.pw];
-                    let iy = (s * py + ry) as isize - g.pad as isize;
-                    if iy < 0 || iy >= g.h as isize || hi <= lo {
-                        dst.fill(0.0);
-                        continue;
+                let img = &x[(c * g.n + n) * hw..][..hw];
+                let out = &mut row[n * block..][..block];
+                out[..ylo * pw].fill(0.0);
+                out[yhi.max(ylo) * pw..].fill(0.0);
+                for (py, dst) in (ylo..yhi).zip(out[ylo * pw..].chunks_exact_mut(pw)) {
+                    let src = &img[(s * py + ry - g.pad) * g.w + s * lo + rx - g.pad..];
+                    for d in &mut dst[..lo] {
+                        *d = 0.0;
                     }
-                    let src = &img[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    dst[..lo].fill(0.0);
-                    dst[hi..].fill(0.0);
-                    let ix0 = s * lo + rx - g.pad;
+                    for d in &mut dst[hi..] {
+                        *d = 0.0;
+                    }
                     if s == 1 {
-                        dst[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
+                        dst[lo..hi].copy_from_slice(&src[..hi - lo]);
                     } else {
-                        for (d, v) in dst[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                        for (d, v) in dst[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
                             *d = *v;
                         }
                     }
