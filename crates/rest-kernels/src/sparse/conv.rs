@@ -301,7 +301,7 @@ impl SparseConv {
                 // tasks own disjoint (row, column) blocks, and every virtual position maps to
                 // at most one output position.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(tile.as_ptr().add(t0), optr.get().add(dst), len)
+                    simd::copy_short(self.isa, tile.as_ptr().add(t0), optr.get().add(dst), len)
                 }
             });
         };
@@ -386,7 +386,9 @@ impl SparseConv {
                     let d = &mut v[(n * lay.ph + py) * lay.pw..(n * lay.ph + py + 1) * lay.pw];
                     if py < oh {
                         let src = &dy[((o * g.n + n) * oh + py) * ow..][..ow];
-                        d[..ow].copy_from_slice(src);
+                        // SAFETY: `isa` is available; `src` and `d` hold at least `ow` floats
+                        // and are distinct buffers.
+                        unsafe { simd::copy_short(self.isa, src.as_ptr(), d.as_mut_ptr(), ow) };
                         d[ow..].fill(0.0);
                     } else {
                         d.fill(0.0);
