@@ -7,6 +7,7 @@
 //! arguments that do not track gradients (e.g. the input images of the first convolution).
 
 mod conv;
+mod fused;
 mod linear;
 mod norm;
 mod pool;
@@ -14,6 +15,7 @@ mod scratch;
 mod sparse;
 
 pub use conv::conv2d_cnhw;
+pub use fused::conv_bn_relu_train;
 pub use linear::linear;
 pub use norm::{batch_norm_cnhw_eval, batch_norm_cnhw_train};
 pub use pool::{global_avg_pool_cnhw, max_pool2d_cnhw};

@@ -69,6 +69,19 @@ impl SparseWeight {
         self.lock().matrix.nnz()
     }
 
+    /// Errors (naming `op`) unless the pattern is `rows x cols`.
+    pub(super) fn check_shape(&self, rows: usize, cols: usize, op: &str) -> Result<()> {
+        let st = self.lock();
+        if st.matrix.rows() != rows || st.matrix.cols() != cols {
+            bail!(
+                "{op}: the sparse pattern is {}x{}, the weight is {rows}x{cols}",
+                st.matrix.rows(),
+                st.matrix.cols()
+            );
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock only means another thread panicked mid-op; the CSR data is still
         // structurally valid, so keep going.
@@ -112,20 +125,9 @@ impl CustomOp2 for SparseConvOp {
         let g = &self.geom;
         let x = cpu_slice(s1, l1, self.name())?;
         let w = cpu_slice(s2, l2, self.name())?;
-        let mut st = self.weight.lock();
-        st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
-        let plan = st.conv_plan(g)?;
-        let mut xph = scratch::take(plan.phase_len());
-        plan.pack_input(x, &mut xph).map_err(kernel_err)?;
         let mut out = scratch::output(g.out_len());
-        plan.forward(&st.matrix, &xph, &mut out)
-            .map_err(kernel_err)?;
-        drop(st);
-        if self.keep_input {
-            *self.xph.lock().unwrap_or_else(|e| e.into_inner()) = Some(xph);
-        } else {
-            scratch::give(xph);
-        }
+        let xph = sparse_conv_forward(&self.weight, g, x, w, &mut out, self.keep_input)?;
+        *self.xph.lock().unwrap_or_else(|e| e.into_inner()) = xph;
         Ok((
             CpuStorage::F32(out),
             Shape::from((g.oc, g.n, g.oh(), g.ow())),
@@ -139,63 +141,100 @@ impl CustomOp2 for SparseConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = &self.geom;
-        let mut st = self.weight.lock();
-        let plan = st.conv_plan(g)?;
-        let mut xph = self.xph.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let xph = self.xph.lock().unwrap_or_else(|e| e.into_inner()).take();
         with_f32(grad, self.name(), |dout| {
-            let mut dyv = scratch::take(plan.grad_len());
-            let dx = if x.track_op() {
-                let mut dx = scratch::output(g.x_len());
-                plan.backward_input(&st.matrix, dout, &mut dyv, &mut dx)
-                    .map_err(kernel_err)?;
-                Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-            } else {
-                None
-            };
-            let dw = if w.track_op() {
-                let mut dw = scratch::output(g.w_len());
-                if st.dense_grad {
-                    // Mask-update steps: the dense gradient RigL's growth ranks.
-                    with_f32(x, self.name(), |xs| {
-                        conv2d_bwd_weight(xs, dout, g, &mut dw);
-                        Ok(())
-                    })?;
-                } else {
-                    let xph = match xph.take() {
-                        Some(b) => b,
-                        None => {
-                            let mut b = scratch::take(plan.phase_len());
-                            with_f32(x, self.name(), |xs| {
-                                plan.pack_input(xs, &mut b).map_err(kernel_err)
-                            })?;
-                            b
-                        }
-                    };
-                    if !x.track_op() {
-                        // Else `backward_input` left the expanded gradient in `dyv`.
-                        plan.expand_grad(dout, &mut dyv).map_err(kernel_err)?;
-                    }
-                    let mut vals = scratch::take(st.matrix.nnz());
-                    plan.grad_weight(&st.matrix, &dyv, &xph, &mut vals)
-                        .map_err(kernel_err)?;
-                    st.matrix
-                        .scatter_to_dense(&vals, &mut dw)
-                        .map_err(kernel_err)?;
-                    scratch::give(vals);
-                    scratch::give(xph);
-                }
-                Some(Tensor::from_vec(dw, w.shape(), w.device())?)
-            } else {
-                None
-            };
-            scratch::give(dyv);
-            if let Some(b) = xph {
-                scratch::give(b);
-            }
-            Ok((dx, dw))
+            sparse_conv_backward(&self.weight, &self.geom, x, w, dout, xph)
         })
     }
+}
+
+/// Sparse convolution forward into `out` (CNHW, overwritten) with the current values of `w`;
+/// returns the polyphase input (a pooled buffer) when `keep_input`, for the weight gradient.
+pub(super) fn sparse_conv_forward(
+    weight: &SparseWeight,
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    keep_input: bool,
+) -> candle_core::Result<Option<Vec<f32>>> {
+    let mut st = weight.lock();
+    st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
+    let plan = st.conv_plan(g)?;
+    let mut xph = scratch::take(plan.phase_len());
+    plan.pack_input(x, &mut xph).map_err(kernel_err)?;
+    plan.forward(&st.matrix, &xph, out).map_err(kernel_err)?;
+    Ok(if keep_input {
+        Some(xph)
+    } else {
+        scratch::give(xph);
+        None
+    })
+}
+
+/// Gradients of a sparse convolution from the CNHW output gradient `dout`: the input's if
+/// `x` tracks gradients, the weight's (at the pattern, or dense on mask-update steps) if `w`
+/// does. `xph` is the polyphase input kept by the forward pass, if any (returned to the
+/// pool).
+pub(super) fn sparse_conv_backward(
+    weight: &SparseWeight,
+    g: &Conv2dGeom,
+    x: &Tensor,
+    w: &Tensor,
+    dout: &[f32],
+    mut xph: Option<Vec<f32>>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    const OP: &str = "rest-sparse-conv2d-cnhw";
+    let mut st = weight.lock();
+    let plan = st.conv_plan(g)?;
+    let mut dyv = scratch::take(plan.grad_len());
+    let dx = if x.track_op() {
+        let mut dx = scratch::output(g.x_len());
+        plan.backward_input(&st.matrix, dout, &mut dyv, &mut dx)
+            .map_err(kernel_err)?;
+        Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        let mut dw = scratch::output(g.w_len());
+        if st.dense_grad {
+            // Mask-update steps: the dense gradient RigL's growth ranks.
+            with_f32(x, OP, |xs| {
+                conv2d_bwd_weight(xs, dout, g, &mut dw);
+                Ok(())
+            })?;
+        } else {
+            let xph = match xph.take() {
+                Some(b) => b,
+                None => {
+                    let mut b = scratch::take(plan.phase_len());
+                    with_f32(x, OP, |xs| plan.pack_input(xs, &mut b).map_err(kernel_err))?;
+                    b
+                }
+            };
+            if !x.track_op() {
+                // Else `backward_input` left the expanded gradient in `dyv`.
+                plan.expand_grad(dout, &mut dyv).map_err(kernel_err)?;
+            }
+            let mut vals = scratch::take(st.matrix.nnz());
+            plan.grad_weight(&st.matrix, &dyv, &xph, &mut vals)
+                .map_err(kernel_err)?;
+            st.matrix
+                .scatter_to_dense(&vals, &mut dw)
+                .map_err(kernel_err)?;
+            scratch::give(vals);
+            scratch::give(xph);
+        }
+        Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+    } else {
+        None
+    };
+    scratch::give(dyv);
+    if let Some(b) = xph {
+        scratch::give(b);
+    }
+    Ok((dx, dw))
 }
 
 /// Sparse convolution of a CNHW input `x` `[C, N, H, W]` with `w` `[OC, C, KH, KW]` whose
