@@ -554,7 +554,10 @@ fn conv_weight_gradient_is_bitwise_reproducible() {
             || conv2d_bwd_weight(&x, &dout, &g, &mut dw),
             || {
                 let n = 1 + run % 4;
-                (0..64 * n).into_par_iter().map(|i| (i as f64).sqrt()).sum::<f64>()
+                (0..64 * n)
+                    .into_par_iter()
+                    .map(|i| (i as f64).sqrt())
+                    .sum::<f64>()
             },
         );
         let same = dw
