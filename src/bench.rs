@@ -77,6 +77,10 @@ pub struct BenchRecord {
     pub median_ms: f64,
     pub min_ms: f64,
     pub max_ms: f64,
+    /// Median CPU time per call summed over this process's threads, ms (Linux; null
+    /// elsewhere). On a machine shared with other jobs, wall time counts the time slices the
+    /// others take; CPU time mostly does not, so it is the steadier signal there.
+    pub median_cpu_ms: Option<f64>,
     /// Our dense median over this median for the same model and mode (> 1: faster than
     /// dense); null when density 1 was not measured.
     pub ratio_vs_dense: Option<f64>,
@@ -157,18 +161,55 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (median, v[0], v[n - 1])
 }
 
-/// Runs `f` `warmup` times untimed, then `steps` times timed; milliseconds per call.
-fn time_it(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+/// CPU time consumed so far by all threads of this process, in nanoseconds
+/// (`CLOCK_PROCESS_CPUTIME_ID`); `None` where unavailable.
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+pub fn process_cpu_ns() -> Option<u64> {
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    /// Linux's `CLOCK_PROCESS_CPUTIME_ID`.
+    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: `ts` is a valid, writable `struct timespec` (two 64-bit fields on 64-bit Linux).
+    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| ts.sec as u64 * 1_000_000_000 + ts.nsec as u64)
+}
+
+/// CPU time of this process (unavailable on this platform).
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+pub fn process_cpu_ns() -> Option<u64> {
+    None
+}
+
+/// Runs `f` `warmup` times untimed, then `steps` times timed; wall and (if available) CPU
+/// milliseconds per call.
+fn time_it(
+    warmup: usize,
+    steps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(Vec<f64>, Option<Vec<f64>>)> {
     for _ in 0..warmup {
         f()?;
     }
     let mut ms = Vec::with_capacity(steps);
+    let mut cpu = Some(Vec::with_capacity(steps));
     for _ in 0..steps {
+        let c0 = process_cpu_ns();
         let t = Instant::now();
         f()?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
+        match (c0, process_cpu_ns(), cpu.as_mut()) {
+            (Some(a), Some(b), Some(v)) => v.push(b.saturating_sub(a) as f64 * 1e-6),
+            _ => cpu = None,
+        }
     }
-    Ok(ms)
+    Ok((ms, cpu))
 }
 
 /// A model set up for training at `density` as `rest train` sets it up.
@@ -300,7 +341,7 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
             };
             for (m, mode) in ["train", "infer"].into_iter().enumerate() {
                 let mut phases: [Vec<f64>; 3] = Default::default();
-                let mut ms = if m == 0 {
+                let (mut ms, cpu) = if m == 0 {
                     time_it(args.warmup, args.steps, || {
                         train_step(&mut s, &x, &y, &mut phases)
                     })?
@@ -308,6 +349,7 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                     time_it(args.warmup, args.steps, || infer_step(&s, &x))?
                 };
                 let (median, min, max) = stats(&mut ms);
+                let median_cpu = cpu.map(|mut v| stats(&mut v).0);
                 // Phase medians over the timed steps only (the warm-up steps come first).
                 let mut phase = |i: usize| -> Option<f64> {
                     let v = &mut phases[i];
@@ -331,6 +373,7 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                     median_ms: round(median, 3),
                     min_ms: round(min, 3),
                     max_ms: round(max, 3),
+                    median_cpu_ms: median_cpu.map(|v| round(v, 3)),
                     ratio_vs_dense: dense_ms[m].map(|d| round(d / median, 4)),
                     forward_ms: forward_ms.map(|v| round(v, 3)),
                     backward_ms: backward_ms.map(|v| round(v, 3)),
@@ -357,6 +400,7 @@ pub fn table(records: &[BenchRecord]) -> String {
         "kernels",
         "sparse",
         "median ms",
+        "cpu ms",
         "vs dense",
         "steps/s",
         "images/s",
@@ -372,6 +416,9 @@ pub fn table(records: &[BenchRecord]) -> String {
             r.kernels.clone(),
             format!("{}/{}", r.sparse_layers, r.layers),
             format!("{:.2}", r.median_ms),
+            r.median_cpu_ms
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| "-".into()),
             r.ratio_vs_dense
                 .map(|v| format!("{v:.2}x"))
                 .unwrap_or_else(|| "-".into()),

@@ -66,9 +66,9 @@ pub enum ReweightMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum KernelMode {
-    /// Sparse kernels for convolutions at or below `AUTO_SPARSE_MAX_DENSITY`, dense kernels
-    /// above it and for linear layers (whose sparse path, with its transposes, measured slower
-    /// than the dense GEMM at the sizes of our models; see `rest bench`).
+    /// Sparse kernels for convolutions at or below `AUTO_SPARSE_MAX_DENSITY` and for linear
+    /// layers at or below `AUTO_SPARSE_LINEAR_MAX_DENSITY`, dense kernels above (the measured
+    /// crossovers; see `rest bench`).
     Auto,
     /// Dense kernels with the mask multiplied in (what public DST code does).
     Dense,
@@ -80,6 +80,11 @@ pub enum KernelMode {
 /// crossover of the sparse and dense kernels on a 2-core AVX-512 machine is near 0.3).
 pub const AUTO_SPARSE_MAX_DENSITY: f64 = 0.3;
 
+/// Layer density at or below which `--kernels auto` runs a linear layer on the sparse
+/// kernels: LfF's MLP trained 1.5x faster than dense at overall density 0.01 (layers at
+/// 0.009-0.017) but slower at 0.05 (layers at 0.045-0.09), where the dense GEMM wins.
+pub const AUTO_SPARSE_LINEAR_MAX_DENSITY: f64 = 0.02;
+
 impl KernelMode {
     /// Whether a layer of `density` runs on the sparse kernels (`conv`: a convolution, else
     /// a linear layer).
@@ -87,7 +92,8 @@ impl KernelMode {
         match self {
             KernelMode::Dense => false,
             KernelMode::Sparse => density < 1.0,
-            KernelMode::Auto => conv && density <= AUTO_SPARSE_MAX_DENSITY,
+            KernelMode::Auto if conv => density <= AUTO_SPARSE_MAX_DENSITY,
+            KernelMode::Auto => density <= AUTO_SPARSE_LINEAR_MAX_DENSITY,
         }
     }
 }

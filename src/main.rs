@@ -8,7 +8,19 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    /// mimalloc's run-time option setter (linked in with the allocator above).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+/// `mi_option_purge_delay` (index 15 in mimalloc v2 and v3).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
 fn main() -> ExitCode {
+    // Keep freed memory mapped instead of returning it to the OS after 10 ms: every training
+    // step frees and reallocates the same large activation buffers, and re-faulting them cost
+    // the kernel's page zeroing (about 15 % of a step). Peak RSS grew by under 10 %.
+    // SAFETY: plain option setter of the linked allocator; any value is valid.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

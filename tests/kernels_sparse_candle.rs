@@ -177,6 +177,10 @@ fn sparse_linear_matches_matmul_on_the_masked_weight() {
         (16, 257, 10, 0.001),
         (9, 1000, 13, 0.001),
         (256, 256, 10, 0.1),
+        // Dense enough (nnz > 4 (I + O)) for the feature-major path with its transposes;
+        // the cases above run the batch-major kernels.
+        (48, 40, 30, 0.9),
+        (20, 300, 50, 0.5),
     ];
     for (case, &(n, i, o, density)) in cases.iter().enumerate() {
         let mut mk = mask(&mut rng, o, i, density);

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rest_kernels::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv2dGeom};
 
-use super::{any_tracked, cpu_slice, prepare, with_f32};
+use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
 
 /// The kernels re-lower cache-sized image tiles in the backward pass instead of keeping a
 /// full im2col buffer alive between forward and backward, so the op holds only its geometry.
@@ -28,7 +28,7 @@ impl CustomOp2 for Conv2dOp {
         let g = &self.geom;
         let x = cpu_slice(s1, l1, self.name())?;
         let w = cpu_slice(s2, l2, self.name())?;
-        let mut out = vec![0.0f32; g.out_len()];
+        let mut out = scratch::output(g.out_len());
         conv2d_fwd(x, w, g, &mut out);
         Ok((
             CpuStorage::F32(out),
@@ -46,7 +46,7 @@ impl CustomOp2 for Conv2dOp {
         let g = &self.geom;
         with_f32(grad, self.name(), |dout| {
             let dx = if x.track_op() {
-                let mut dx = vec![0.0f32; g.x_len()];
+                let mut dx = scratch::output(g.x_len());
                 with_f32(w, self.name(), |w| {
                     conv2d_bwd_input(w, dout, g, &mut dx);
                     Ok(())
@@ -56,7 +56,7 @@ impl CustomOp2 for Conv2dOp {
                 None
             };
             let dw = if w.track_op() {
-                let mut dw = vec![0.0f32; g.w_len()];
+                let mut dw = scratch::output(g.w_len());
                 with_f32(x, self.name(), |xs| {
                     conv2d_bwd_weight(xs, dout, g, &mut dw);
                     Ok(())

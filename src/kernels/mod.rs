@@ -7,6 +7,7 @@
 //! arguments that do not track gradients (e.g. the input images of the first convolution).
 
 mod conv;
+mod fused;
 pub mod generic;
 mod linear;
 mod norm;
@@ -15,9 +16,11 @@ mod scratch;
 mod sparse;
 
 pub use conv::conv2d_cnhw;
+pub use fused::conv_bn_relu_train;
 pub use linear::linear;
 pub use norm::{batch_norm_cnhw_eval, batch_norm_cnhw_train};
 pub use pool::{global_avg_pool_cnhw, max_pool2d_cnhw};
+pub(crate) use scratch::output as output_buffer;
 pub use sparse::{sparse_conv2d_cnhw, sparse_linear, SparseWeight};
 
 use anyhow::{bail, Result};
@@ -73,7 +76,7 @@ fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result
 }
 
 /// Runs `f` on the contiguous `f32` data of `t` (copying only if `t` is strided).
-fn with_f32<R>(
+pub(crate) fn with_f32<R>(
     t: &Tensor,
     op: &str,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use rest_kernels::{batch_norm_bwd, batch_norm_train_fwd, channel_affine, BnBatchStats};
 
-use super::{any_tracked, cpu_slice, prepare, with_f32};
+use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
 
 struct BnTrainOp {
     eps: f32,
@@ -39,7 +39,7 @@ impl CustomOp3 for BnTrainOp {
         let x = cpu_slice(s1, l1, self.name())?;
         let gamma = cpu_slice(s2, l2, self.name())?;
         let beta = cpu_slice(s3, l3, self.name())?;
-        let mut y = vec![0.0f32; x.len()];
+        let mut y = scratch::output(x.len());
         let stats = batch_norm_train_fwd(x, gamma, beta, self.eps, self.relu, &mut y);
         *self.stats.lock().map_err(lock_err)? = Some(stats);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -58,7 +58,7 @@ impl CustomOp3 for BnTrainOp {
             candle_core::bail!("{}: backward before forward", self.name());
         };
         let name = self.name();
-        let mut dx = vec![0.0f32; x.elem_count()];
+        let mut dx = scratch::output(x.elem_count());
         let (dg, db) = with_f32(x, name, |xs| {
             with_f32(grad, name, |dy| {
                 with_f32(gamma, name, |g| {
@@ -186,7 +186,7 @@ impl CustomOp3 for BnEvalOp {
         let gamma = cpu_slice(s2, l2, self.name())?;
         let beta = cpu_slice(s3, l3, self.name())?;
         let (scale, shift) = self.scale_shift(gamma, beta);
-        let mut y = vec![0.0f32; x.len()];
+        let mut y = scratch::output(x.len());
         channel_affine(x, &scale, &shift, self.relu, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -202,7 +202,7 @@ impl CustomOp3 for BnEvalOp {
         let name = self.name();
         let c = self.mean.len();
         let m = x.elem_count() / c.max(1);
-        let mut dx = vec![0.0f32; x.elem_count()];
+        let mut dx = scratch::output(x.elem_count());
         let sums: Vec<(f32, f32)> = with_f32(x, name, |xs| {
             with_f32(grad, name, |dy| {
                 with_f32(gamma, name, |g| {

@@ -5,6 +5,21 @@
 
 use std::sync::Mutex;
 
+/// A new `len`-element buffer for a kernel output that the kernel overwrites completely
+/// (every kernel in `rest-kernels` does unless its doc says it accumulates). Skips the zero
+/// fill of `vec![0.0; len]`, a full extra write pass over tens of MB per layer and step once
+/// the allocator reuses memory; candle's own CPU backend allocates its outputs the same way.
+pub fn output(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns, and every caller passes the buffer to a kernel
+    // that writes each element before anything reads it.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
+
 /// At most this many idle buffers are kept.
 const MAX_IDLE: usize = 8;
 

@@ -8,8 +8,11 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, transpose, SparseMatrix};
-use rest_kernels::{col2im, conv2d_bwd_weight_col, im2col, linear_bwd_weight, Conv2dGeom};
+use rest_kernels::sparse::{
+    sddmm_into, sddmm_rows, spmm, spmm_rows, spmm_t, spmm_t_rows, transpose, SparseConv,
+    SparseMatrix,
+};
+use rest_kernels::{conv2d_bwd_weight, linear_bwd_weight, Conv2dGeom};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
@@ -24,6 +27,22 @@ pub struct SparseWeight {
 struct State {
     matrix: SparseMatrix,
     dense_grad: bool,
+    /// The pattern laid out for the last convolution geometry (rebuilt when the batch or
+    /// image size changes; the pattern itself never changes within a `SparseWeight`).
+    conv: Option<Arc<SparseConv>>,
+}
+
+impl State {
+    fn conv_plan(&mut self, g: &Conv2dGeom) -> candle_core::Result<Arc<SparseConv>> {
+        match &self.conv {
+            Some(c) if c.geom() == g => Ok(c.clone()),
+            _ => {
+                let c = Arc::new(SparseConv::new(&self.matrix, g).map_err(kernel_err)?);
+                self.conv = Some(c.clone());
+                Ok(c)
+            }
+        }
+    }
 }
 
 impl SparseWeight {
@@ -36,6 +55,7 @@ impl SparseWeight {
             state: Mutex::new(State {
                 matrix,
                 dense_grad: false,
+                conv: None,
             }),
         }))
     }
@@ -47,6 +67,19 @@ impl SparseWeight {
 
     pub fn nnz(&self) -> usize {
         self.lock().matrix.nnz()
+    }
+
+    /// Errors (naming `op`) unless the pattern is `rows x cols`.
+    pub(super) fn check_shape(&self, rows: usize, cols: usize, op: &str) -> Result<()> {
+        let st = self.lock();
+        if st.matrix.rows() != rows || st.matrix.cols() != cols {
+            bail!(
+                "{op}: the sparse pattern is {}x{}, the weight is {rows}x{cols}",
+                st.matrix.rows(),
+                st.matrix.cols()
+            );
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -63,15 +96,15 @@ fn kernel_err(e: rest_kernels::sparse::SparseError) -> candle_core::Error {
 struct SparseConvOp {
     geom: Conv2dGeom,
     weight: Arc<SparseWeight>,
-    /// The im2col matrix of the forward input, kept for the backward pass when gradients are
-    /// tracked (a pooled scratch buffer, returned after the backward pass or on drop).
-    col: Mutex<Option<Vec<f32>>>,
-    keep_col: bool,
+    /// The polyphase copy of the forward input, kept for the weight gradient when gradients
+    /// are tracked (a pooled scratch buffer, returned after the backward pass or on drop).
+    xph: Mutex<Option<Vec<f32>>>,
+    keep_input: bool,
 }
 
 impl Drop for SparseConvOp {
     fn drop(&mut self) {
-        if let Some(c) = self.col.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(c) = self.xph.lock().unwrap_or_else(|e| e.into_inner()).take() {
             scratch::give(c);
         }
     }
@@ -92,18 +125,9 @@ impl CustomOp2 for SparseConvOp {
         let g = &self.geom;
         let x = cpu_slice(s1, l1, self.name())?;
         let w = cpu_slice(s2, l2, self.name())?;
-        let mut st = self.weight.lock();
-        st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
-        let mut col = scratch::take(g.col_len());
-        im2col(x, g, &mut col);
-        let mut out = vec![0.0f32; g.out_len()];
-        spmm(&st.matrix, &col, g.p(), &mut out).map_err(kernel_err)?;
-        drop(st);
-        if self.keep_col {
-            *self.col.lock().unwrap_or_else(|e| e.into_inner()) = Some(col);
-        } else {
-            scratch::give(col);
-        }
+        let mut out = scratch::output(g.out_len());
+        let xph = sparse_conv_forward(&self.weight, g, x, w, &mut out, self.keep_input)?;
+        *self.xph.lock().unwrap_or_else(|e| e.into_inner()) = xph;
         Ok((
             CpuStorage::F32(out),
             Shape::from((g.oc, g.n, g.oh(), g.ow())),
@@ -117,47 +141,100 @@ impl CustomOp2 for SparseConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = &self.geom;
-        let st = self.weight.lock();
-        let col = self.col.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let xph = self.xph.lock().unwrap_or_else(|e| e.into_inner()).take();
         with_f32(grad, self.name(), |dout| {
-            let dx = if x.track_op() {
-                let mut dcol = scratch::take(g.col_len());
-                spmm_t(&st.matrix, dout, g.p(), &mut dcol).map_err(kernel_err)?;
-                let mut dx = vec![0.0f32; g.x_len()];
-                col2im(&dcol, g, &mut dx);
-                scratch::give(dcol);
-                Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-            } else {
-                None
-            };
-            let dw = if w.track_op() {
-                let col = match col {
-                    Some(c) => c,
-                    None => {
-                        let mut c = scratch::take(g.col_len());
-                        with_f32(x, self.name(), |xs| {
-                            im2col(xs, g, &mut c);
-                            Ok(())
-                        })?;
-                        c
-                    }
-                };
-                let mut dw = vec![0.0f32; g.w_len()];
-                if st.dense_grad {
-                    conv2d_bwd_weight_col(&col, dout, g, &mut dw);
-                } else {
-                    scatter_dense_grad(&st.matrix, dout, &col, g.p(), &mut dw)
-                        .map_err(kernel_err)?;
-                }
-                scratch::give(col);
-                Some(Tensor::from_vec(dw, w.shape(), w.device())?)
-            } else {
-                None
-            };
-            Ok((dx, dw))
+            sparse_conv_backward(&self.weight, &self.geom, x, w, dout, xph)
         })
     }
+}
+
+/// Sparse convolution forward into `out` (CNHW, overwritten) with the current values of `w`;
+/// returns the polyphase input (a pooled buffer) when `keep_input`, for the weight gradient.
+pub(super) fn sparse_conv_forward(
+    weight: &SparseWeight,
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    keep_input: bool,
+) -> candle_core::Result<Option<Vec<f32>>> {
+    let mut st = weight.lock();
+    st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
+    let plan = st.conv_plan(g)?;
+    let mut xph = scratch::take(plan.phase_len());
+    plan.pack_input(x, &mut xph).map_err(kernel_err)?;
+    plan.forward(&st.matrix, &xph, out).map_err(kernel_err)?;
+    Ok(if keep_input {
+        Some(xph)
+    } else {
+        scratch::give(xph);
+        None
+    })
+}
+
+/// Gradients of a sparse convolution from the CNHW output gradient `dout`: the input's if
+/// `x` tracks gradients, the weight's (at the pattern, or dense on mask-update steps) if `w`
+/// does. `xph` is the polyphase input kept by the forward pass, if any (returned to the
+/// pool).
+pub(super) fn sparse_conv_backward(
+    weight: &SparseWeight,
+    g: &Conv2dGeom,
+    x: &Tensor,
+    w: &Tensor,
+    dout: &[f32],
+    mut xph: Option<Vec<f32>>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    const OP: &str = "rest-sparse-conv2d-cnhw";
+    let mut st = weight.lock();
+    let plan = st.conv_plan(g)?;
+    let mut dyv = scratch::take(plan.grad_len());
+    let dx = if x.track_op() {
+        let mut dx = scratch::output(g.x_len());
+        plan.backward_input(&st.matrix, dout, &mut dyv, &mut dx)
+            .map_err(kernel_err)?;
+        Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        let mut dw = scratch::output(g.w_len());
+        if st.dense_grad {
+            // Mask-update steps: the dense gradient RigL's growth ranks.
+            with_f32(x, OP, |xs| {
+                conv2d_bwd_weight(xs, dout, g, &mut dw);
+                Ok(())
+            })?;
+        } else {
+            let xph = match xph.take() {
+                Some(b) => b,
+                None => {
+                    let mut b = scratch::take(plan.phase_len());
+                    with_f32(x, OP, |xs| plan.pack_input(xs, &mut b).map_err(kernel_err))?;
+                    b
+                }
+            };
+            if !x.track_op() {
+                // Else `backward_input` left the expanded gradient in `dyv`.
+                plan.expand_grad(dout, &mut dyv).map_err(kernel_err)?;
+            }
+            let mut vals = scratch::take(st.matrix.nnz());
+            plan.grad_weight(&st.matrix, &dyv, &xph, &mut vals)
+                .map_err(kernel_err)?;
+            st.matrix
+                .scatter_to_dense(&vals, &mut dw)
+                .map_err(kernel_err)?;
+            scratch::give(vals);
+            scratch::give(xph);
+        }
+        Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+    } else {
+        None
+    };
+    scratch::give(dyv);
+    if let Some(b) = xph {
+        scratch::give(b);
+    }
+    Ok((dx, dw))
 }
 
 /// Sparse convolution of a CNHW input `x` `[C, N, H, W]` with `w` `[OC, C, KH, KW]` whose
@@ -214,8 +291,8 @@ pub fn sparse_conv2d_cnhw(
     let op = SparseConvOp {
         geom,
         weight: weight.clone(),
-        col: Mutex::new(None),
-        keep_col: tracked,
+        xph: Mutex::new(None),
+        keep_input: tracked && w.track_op(),
     };
     Ok(if tracked {
         x.apply_op2(&w, op)?
@@ -248,11 +325,16 @@ impl CustomOp2 for SparseLinearOp {
         let w = cpu_slice(s2, l2, self.name())?;
         let mut st = self.weight.lock();
         st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
-        let mut xt = vec![0.0f32; n * i];
+        if rows_path(st.matrix.nnz(), i, o) {
+            let mut y = scratch::output(n * o);
+            spmm_rows(&st.matrix, x, n, &mut y).map_err(kernel_err)?;
+            return Ok((CpuStorage::F32(y), Shape::from((n, o))));
+        }
+        let mut xt = scratch::output(n * i);
         transpose(x, n, i, &mut xt).map_err(kernel_err)?;
-        let mut yt = vec![0.0f32; o * n];
+        let mut yt = scratch::output(o * n);
         spmm(&st.matrix, &xt, n, &mut yt).map_err(kernel_err)?;
-        let mut y = vec![0.0f32; n * o];
+        let mut y = scratch::output(n * o);
         transpose(&yt, o, n, &mut y).map_err(kernel_err)?;
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
@@ -266,25 +348,56 @@ impl CustomOp2 for SparseLinearOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, i, o) = (self.n, self.i, self.o);
         let st = self.weight.lock();
+        if rows_path(st.matrix.nnz(), i, o) {
+            return with_f32(grad, self.name(), |dy| {
+                let dx = if x.track_op() {
+                    let mut dx = scratch::output(n * i);
+                    spmm_t_rows(&st.matrix, dy, n, &mut dx).map_err(kernel_err)?;
+                    Some(Tensor::from_vec(dx, (n, i), x.device())?)
+                } else {
+                    None
+                };
+                let dw = if w.track_op() {
+                    let mut dw = scratch::output(o * i);
+                    with_f32(x, self.name(), |xs| {
+                        if st.dense_grad {
+                            linear_bwd_weight(dy, xs, n, i, o, &mut dw);
+                        } else {
+                            let mut vals = scratch::take(st.matrix.nnz());
+                            sddmm_rows(&st.matrix, dy, xs, n, &mut vals).map_err(kernel_err)?;
+                            st.matrix
+                                .scatter_to_dense(&vals, &mut dw)
+                                .map_err(kernel_err)?;
+                            scratch::give(vals);
+                        }
+                        Ok(())
+                    })?;
+                    Some(Tensor::from_vec(dw, (o, i), w.device())?)
+                } else {
+                    None
+                };
+                Ok((dx, dw))
+            });
+        }
         with_f32(grad, self.name(), |dy| {
-            let mut dyt = vec![0.0f32; o * n];
+            let mut dyt = scratch::output(o * n);
             transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
             let dx = if x.track_op() {
-                let mut dxt = vec![0.0f32; i * n];
+                let mut dxt = scratch::output(i * n);
                 spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
-                let mut dx = vec![0.0f32; n * i];
+                let mut dx = scratch::output(n * i);
                 transpose(&dxt, i, n, &mut dx).map_err(kernel_err)?;
                 Some(Tensor::from_vec(dx, (n, i), x.device())?)
             } else {
                 None
             };
             let dw = if w.track_op() {
-                let mut dw = vec![0.0f32; o * i];
+                let mut dw = scratch::output(o * i);
                 with_f32(x, self.name(), |xs| {
                     if st.dense_grad {
                         linear_bwd_weight(dy, xs, n, i, o, &mut dw);
                     } else {
-                        let mut xt = vec![0.0f32; n * i];
+                        let mut xt = scratch::output(n * i);
                         transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
                         scatter_dense_grad(&st.matrix, &dyt, &xt, n, &mut dw)
                             .map_err(kernel_err)?;
@@ -299,6 +412,17 @@ impl CustomOp2 for SparseLinearOp {
         })
     }
 }
+
+/// Whether a sparse linear layer runs the batch-major kernels (`spmm_rows`, ...) rather
+/// than transposing its activations for the feature-major ones: their `N·nnz` indexed
+/// multiply-adds beat the transposes (`N·(I + O)` scattered moves each way) up to about
+/// `nnz = 4 (I + O)` (measured with `rest bench --models mlp`).
+fn rows_path(nnz: usize, i: usize, o: usize) -> bool {
+    nnz <= ROWS_PATH_NNZ_PER_DIM * (i + o)
+}
+
+/// See [`rows_path`].
+const ROWS_PATH_NNZ_PER_DIM: usize = 4;
 
 /// Sparse `y = x W^T` for `x` `[N, I]`, `w` `[O, I]` with `weight`'s pattern (no bias: add
 /// it outside). Differentiable in `x` and `w`.
@@ -350,7 +474,7 @@ fn scatter_dense_grad(
     p: usize,
     dw: &mut [f32],
 ) -> Result<(), rest_kernels::sparse::SparseError> {
-    let mut vals = vec![0.0f32; m.nnz()];
+    let mut vals = scratch::output(m.nnz());
     sddmm_into(m, dy, x, p, &mut vals)?;
     m.scatter_to_dense(&vals, dw)
 }

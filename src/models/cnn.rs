@@ -51,7 +51,7 @@ impl Model for Cnn {
         // NCHW images -> CNHW, the layout of every conv/BN/pool kernel.
         let mut h = x.permute((1, 0, 2, 3))?.contiguous()?;
         for (conv, bn) in self.convs.iter().zip(&self.bns) {
-            h = bn.forward(&conv.forward(&h)?, train, true)?;
+            h = crate::nn::conv_bn_relu(conv, bn, &h, train)?;
         }
         let pooled = crate::kernels::global_avg_pool_cnhw(&h)?;
         self.fc.forward(&pooled)

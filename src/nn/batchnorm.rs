@@ -36,20 +36,7 @@ impl BatchNorm2d {
         let (g, b) = (self.gamma.as_tensor(), self.beta.as_tensor());
         if train {
             let (y, mean, var) = crate::kernels::batch_norm_cnhw_train(x, g, b, self.eps, relu)?;
-            // Running statistics (outside the autograd graph), unbiased variance.
-            let n = (x.elem_count() / x.dim(0)?) as f64;
-            let m = self.momentum;
-            let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?;
-            let mut rm = self
-                .running_mean
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned lock"))?;
-            *rm = ((&*rm * (1.0 - m))? + (mean.detach() * m)?)?;
-            let mut rv = self
-                .running_var
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned lock"))?;
-            *rv = ((&*rv * (1.0 - m))? + (unbiased * m)?)?;
+            self.update_running(&mean, &var, x.elem_count() / x.dim(0)?)?;
             Ok(y)
         } else {
             let rm = self
@@ -64,6 +51,25 @@ impl BatchNorm2d {
                 .clone();
             crate::kernels::batch_norm_cnhw_eval(x, g, b, &rm, &rv, self.eps, relu)
         }
+    }
+
+    /// PyTorch's running-statistics update (outside the autograd graph) from one batch's
+    /// mean and biased variance over `n` values per channel; the unbiased variance enters.
+    pub(crate) fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
+        let n = n as f64;
+        let m = self.momentum;
+        let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?;
+        let mut rm = self
+            .running_mean
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned lock"))?;
+        *rm = ((&*rm * (1.0 - m))? + (mean.detach() * m)?)?;
+        let mut rv = self
+            .running_var
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned lock"))?;
+        *rv = ((&*rv * (1.0 - m))? + (unbiased * m)?)?;
+        Ok(())
     }
 
     pub fn params(&self) -> Vec<Param> {

@@ -13,6 +13,7 @@ pub use conv2d::Conv2d;
 pub use linear::Linear;
 
 use crate::kernels::SparseWeight;
+use anyhow::Result;
 use candle_core::{Tensor, Var};
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +24,29 @@ pub type SparseSlot = Arc<Mutex<Option<Arc<SparseWeight>>>>;
 /// The sparse weight currently in `slot`, if any.
 pub fn slot_weight(slot: &SparseSlot) -> Option<Arc<SparseWeight>> {
     slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// `relu(bn(conv(x)))` on CNHW activations. In training (and for a convolution without
+/// bias) one fused op runs the three, so the convolution's output never passes through
+/// candle's gradient accumulation (see `kernels::conv_bn_relu_train`); the result, the
+/// gradients and the running statistics equal those of the separate layers.
+pub fn conv_bn_relu(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
+    if !train || conv.bias.is_some() || crate::kernels::generic_path(x) {
+        return bn.forward(&conv.forward(x)?, train, true);
+    }
+    let sparse = slot_weight(&conv.slot);
+    let (y, mean, var) = crate::kernels::conv_bn_relu_train(
+        x,
+        conv.weight.as_tensor(),
+        conv.stride,
+        conv.padding,
+        sparse.as_ref(),
+        bn.gamma.as_tensor(),
+        bn.beta.as_tensor(),
+        bn.eps,
+    )?;
+    bn.update_running(&mean, &var, y.elem_count() / y.dim(0)?)?;
+    Ok(y)
 }
 
 /// What a parameter is, which decides whether the sparse engine masks it.

@@ -3,10 +3,12 @@
 //! Momentum buffers are exposed so the sparse engine's masks can be applied to them too:
 //! a pruned weight keeps zero momentum, so a regrown weight starts from zero momentum.
 
+use crate::kernels::{output_buffer, with_f32};
 use crate::nn::Param;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 pub struct Sgd {
     params: Vec<Param>,
@@ -33,30 +35,52 @@ impl Sgd {
     }
 
     /// One update from the gradients in `grads`; parameters without a gradient are skipped.
+    ///
+    /// Runs as one fused pass per parameter over host memory (weight, gradient and momentum
+    /// read once; new momentum and weight written once), in `f32` with the same operations
+    /// and rounding as the tensor formula above.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let (lr, mom, wd) = (
+            self.lr as f32,
+            self.momentum as f32,
+            self.weight_decay as f32,
+        );
         for (p, buf) in self.params.iter().zip(self.momentum_buf.iter_mut()) {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            // Detached: the gradient's autograd history must not be chained through the
-            // momentum buffer across steps (that would keep every step's graph alive).
-            let w = p.var.as_tensor().detach();
-            let mut g = g.detach();
-            if self.weight_decay != 0.0 {
-                g = (g + (&w * self.weight_decay)?)?;
+            let w = p.var.as_tensor();
+            if g.dims() != w.dims() {
+                anyhow::bail!(
+                    "gradient of {} has shape {:?}, the parameter {:?}",
+                    p.name,
+                    g.dims(),
+                    w.dims()
+                );
             }
-            let d = if self.momentum != 0.0 {
-                let nb = match buf.take() {
-                    Some(b) => ((b * self.momentum)? + g)?,
-                    None => g,
-                };
-                *buf = Some(nb.clone());
-                nb
-            } else {
-                g
-            };
+            let n = w.elem_count();
+            let use_mom = self.momentum != 0.0;
+            let old = if use_mom { buf.take() } else { None };
+            let (new_w, new_buf) = with_f32(w, "sgd", |ws| {
+                with_f32(g, "sgd", |gs| {
+                    let mut nw = output_buffer(n);
+                    let mut nb = output_buffer(if use_mom { n } else { 0 });
+                    match &old {
+                        Some(b) => with_f32(b, "sgd", |bs| {
+                            sgd_pass(&mut nw, &mut nb, ws, gs, Some(bs), [lr, mom, wd]);
+                            Ok(())
+                        })?,
+                        None => sgd_pass(&mut nw, &mut nb, ws, gs, None, [lr, mom, wd]),
+                    }
+                    Ok((nw, nb))
+                })
+            })
+            .with_context(|| format!("updating {}", p.name))?;
+            if use_mom {
+                *buf = Some(Tensor::from_vec(new_buf, w.shape(), w.device())?);
+            }
             p.var
-                .set(&(&w - (d * self.lr)?)?)
+                .set(&Tensor::from_vec(new_w, w.shape(), w.device())?)
                 .with_context(|| format!("updating {}", p.name))?;
         }
         Ok(())
@@ -88,6 +112,60 @@ impl Sgd {
     /// The momentum buffer of parameter `index` (None before the first step).
     pub fn momentum_buffer(&self, index: usize) -> Option<&Tensor> {
         self.momentum_buf[index].as_ref()
+    }
+}
+
+/// One fused SGD pass: `g' = g + wd·w`, `b = mom·b + g'` (`b = g'` without an old buffer),
+/// `w' = w - lr·b`; `nb` is empty when momentum is off (then `b = g'`). Chunks of large
+/// parameters run in parallel; the result does not depend on the split.
+fn sgd_pass(
+    nw: &mut [f32],
+    nb: &mut [f32],
+    ws: &[f32],
+    gs: &[f32],
+    bs: Option<&[f32]>,
+    [lr, mom, wd]: [f32; 3],
+) {
+    const CHUNK: usize = 1 << 15;
+    let chunk = |(i, nwc): (usize, &mut [f32]), nbc: &mut [f32]| {
+        let r = i * CHUNK..i * CHUNK + nwc.len();
+        let (w, g) = (&ws[r.clone()], &gs[r.clone()]);
+        let decayed = |gv: f32, wv: f32| if wd != 0.0 { gv + wv * wd } else { gv };
+        match (bs, nbc.is_empty()) {
+            (Some(b), false) => {
+                for ((((o, ob), &wv), &gv), &bv) in
+                    nwc.iter_mut().zip(nbc.iter_mut()).zip(w).zip(g).zip(&b[r])
+                {
+                    let d = bv * mom + decayed(gv, wv);
+                    *ob = d;
+                    *o = wv - d * lr;
+                }
+            }
+            (_, false) => {
+                for (((o, ob), &wv), &gv) in nwc.iter_mut().zip(nbc.iter_mut()).zip(w).zip(g) {
+                    let d = decayed(gv, wv);
+                    *ob = d;
+                    *o = wv - d * lr;
+                }
+            }
+            (_, true) => {
+                for ((o, &wv), &gv) in nwc.iter_mut().zip(w).zip(g) {
+                    *o = wv - decayed(gv, wv) * lr;
+                }
+            }
+        }
+    };
+    if nw.len() <= CHUNK {
+        chunk((0, nw), nb);
+    } else if nb.is_empty() {
+        nw.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|c| chunk(c, &mut []));
+    } else {
+        nw.par_chunks_mut(CHUNK)
+            .enumerate()
+            .zip(nb.par_chunks_mut(CHUNK))
+            .for_each(|(c, b)| chunk(c, b));
     }
 }
 

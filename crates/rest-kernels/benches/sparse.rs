@@ -5,6 +5,10 @@
 //! `Gelem/s` reads as GFLOP/s and `time(dense) / time(sparse)` is the wall-clock speedup.
 //! Density `1.0` is dense GEMM; lower densities run the CSR kernels.
 //!
+//! The `conv/...` groups time whole sparse convolutions of the CNN's layers (batch 256): the
+//! direct polyphase kernels of [`SparseConv`] (`direct`) against lowering with im2col and
+//! running the CSR products on the column matrix (`im2col`).
+//!
 //! Run: `cargo bench -p rest-kernels --bench sparse [-- <filter>]`.
 
 use std::time::Duration;
@@ -12,7 +16,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, SparseMatrix};
+use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, SparseConv, SparseMatrix};
+use rest_kernels::{col2im, im2col, Conv2dGeom};
 
 /// `(name, R, K, P)`: the product is `out[R][P] = W[R][K] x[K][P]`.
 const SHAPES: &[(&str, usize, usize, usize)] = &[
@@ -124,5 +129,80 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Whole sparse convolutions (forward; input gradient; weight gradient), direct vs im2col.
+fn bench_conv(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    // REST's CNN at batch 256: (name, C, H, OC), all 4x4 stride 2 padding 1.
+    for &(name, ch, hw, oc) in &[("conv2", 64, 14, 128), ("conv3", 128, 7, 256)] {
+        let g = Conv2dGeom {
+            c: ch,
+            n: 256,
+            h: hw,
+            w: hw,
+            oc,
+            kh: 4,
+            kw: 4,
+            stride: 2,
+            pad: 1,
+        };
+        let w = random(&mut rng, g.w_len());
+        let x = random(&mut rng, g.x_len());
+        let dy = random(&mut rng, g.out_len());
+        let (mut out, mut dx) = (vec![0.0f32; g.out_len()], vec![0.0f32; g.x_len()]);
+        let mut col = vec![0.0f32; g.col_len()];
+        for &d in &[0.05, 0.01] {
+            let mask: Vec<bool> = (0..g.w_len()).map(|_| rng.random_bool(d)).collect();
+            let sm = SparseMatrix::from_dense_masked(&w, &mask, oc, g.k()).expect("shape");
+            let conv = SparseConv::new(&sm, &g).expect("geometry");
+            let mut xph = vec![0.0f32; conv.phase_len()];
+            let mut dyv = vec![0.0f32; conv.grad_len()];
+            let mut grad = vec![0.0f32; sm.nnz()];
+            let mut grp = c.benchmark_group(format!("conv/{name}/d{d}"));
+            grp.sample_size(10)
+                .warm_up_time(Duration::from_millis(300))
+                .measurement_time(Duration::from_millis(1500));
+            grp.bench_function("direct/forward", |b| {
+                b.iter(|| {
+                    conv.pack_input(&x, &mut xph).expect("shape");
+                    conv.forward(&sm, &xph, &mut out).expect("shape")
+                })
+            });
+            grp.bench_function("im2col/forward", |b| {
+                b.iter(|| {
+                    im2col(&x, &g, &mut col);
+                    spmm(&sm, &col, g.p(), &mut out).expect("shape")
+                })
+            });
+            grp.bench_function("direct/input_grad", |b| {
+                b.iter(|| {
+                    conv.backward_input(&sm, &dy, &mut dyv, &mut dx)
+                        .expect("shape")
+                })
+            });
+            grp.bench_function("im2col/input_grad", |b| {
+                b.iter(|| {
+                    spmm_t(&sm, &dy, g.p(), &mut col).expect("shape");
+                    dx.fill(0.0);
+                    col2im(&col, &g, &mut dx)
+                })
+            });
+            conv.pack_input(&x, &mut xph).expect("shape");
+            grp.bench_function("direct/weight_grad", |b| {
+                b.iter(|| {
+                    conv.expand_grad(&dy, &mut dyv).expect("shape");
+                    conv.grad_weight(&sm, &dyv, &xph, &mut grad).expect("shape")
+                })
+            });
+            grp.bench_function("im2col/weight_grad", |b| {
+                b.iter(|| {
+                    im2col(&x, &g, &mut col);
+                    sddmm_into(&sm, &dy, &col, g.p(), &mut grad).expect("shape")
+                })
+            });
+            grp.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench, bench_conv);
 criterion_main!(benches);

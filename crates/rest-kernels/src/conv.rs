@@ -194,27 +194,27 @@ pub fn conv2d_bwd_weight(x: &[f32], dout: &[f32], g: &Conv2dGeom, dw: &mut [f32]
     };
     dw.fill(0.0);
     if tiles.parallel {
-        let total = (0..tiles.count)
+        // Fixed groups of consecutive tiles, each summed serially, then the groups in order:
+        // the result depends only on the thread count, never on work stealing (rayon's
+        // fold/reduce would split adaptively and change the summation order run to run).
+        let groups = rayon::current_num_threads().clamp(1, tiles.count);
+        let partials: Vec<Vec<f32>> = (0..groups)
             .into_par_iter()
-            .fold(
-                || (vec![0.0f32; g.w_len()], Vec::new()),
-                |(mut acc, mut buf), t| {
+            .map(|gi| {
+                let (t0, t1) = (tiles.count * gi / groups, tiles.count * (gi + 1) / groups);
+                let (mut acc, mut buf) = (vec![0.0f32; g.w_len()], Vec::new());
+                for t in t0..t1 {
                     let (n0, n1) = tiles.range(t);
                     tile_into(n0, n1, false, &mut buf, &mut acc);
-                    (acc, buf)
-                },
-            )
-            .map(|(acc, _)| acc)
-            .reduce(
-                || vec![0.0f32; g.w_len()],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        *x += *y;
-                    }
-                    a
-                },
-            );
-        dw.copy_from_slice(&total);
+                }
+                acc
+            })
+            .collect();
+        for p in &partials {
+            for (x, y) in dw.iter_mut().zip(p) {
+                *x += *y;
+            }
+        }
     } else {
         let mut buf = Vec::new();
         for t in 0..tiles.count {

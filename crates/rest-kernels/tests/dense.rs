@@ -4,6 +4,7 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use rest_kernels::*;
 
 const RTOL: f64 = 1e-4;
@@ -518,5 +519,51 @@ fn max_pool_matches_window_scan() {
         let mut dx = vec![f32::NAN; g.x_len()];
         max_pool2d_bwd(&dout, &idx, &g, &mut dx);
         assert_close(&dx, &dx_ref, &format!("maxpool bwd {g:?}"));
+    }
+}
+
+/// The parallel weight gradient sums its image tiles in a fixed order: repeated runs are
+/// bitwise identical (a resumed training run must equal an uninterrupted one).
+#[test]
+fn conv_weight_gradient_is_bitwise_reproducible() {
+    let g = Conv2dGeom {
+        c: 64,
+        n: 64,
+        h: 14,
+        w: 14,
+        oc: 32,
+        kh: 4,
+        kw: 4,
+        stride: 2,
+        pad: 1,
+    };
+    let mut r = ChaCha8Rng::seed_from_u64(99);
+    let x: Vec<f32> = (0..g.x_len())
+        .map(|_| r.random_range(-1.0f32..1.0))
+        .collect();
+    let dout: Vec<f32> = (0..g.out_len())
+        .map(|_| r.random_range(-1.0f32..1.0))
+        .collect();
+    let mut first = vec![0.0f32; g.w_len()];
+    conv2d_bwd_weight(&x, &dout, &g, &mut first);
+    for run in 0..12 {
+        let mut dw = vec![f32::NAN; g.w_len()];
+        // Competing work on the pool perturbs work stealing (an adaptive split would then
+        // change the summation order).
+        rayon::join(
+            || conv2d_bwd_weight(&x, &dout, &g, &mut dw),
+            || {
+                let n = 1 + run % 4;
+                (0..64 * n)
+                    .into_par_iter()
+                    .map(|i| (i as f64).sqrt())
+                    .sum::<f64>()
+            },
+        );
+        let same = dw
+            .iter()
+            .zip(&first)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "run {run} differs from the first");
     }
 }

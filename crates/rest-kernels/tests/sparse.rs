@@ -3,7 +3,9 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rest_kernels::sparse::{sddmm, sddmm_into, spmm, spmm_t, transpose, SparseMatrix};
+use rest_kernels::sparse::{
+    sddmm, sddmm_into, sddmm_rows, spmm, spmm_rows, spmm_t, spmm_t_rows, transpose, SparseMatrix,
+};
 
 fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
@@ -438,4 +440,98 @@ fn feature_major_linear_layer_forward_and_backward() {
             assert!((gd[o * i_dim + i] - want).abs() < 1e-4, "dW[{o},{i}]");
         }
     }
+}
+
+/// The batch-major kernels (`x[N][I]`, no transposes) against f64 references: forward,
+/// input gradient (with zero output gradients, as behind a ReLU) and the weight gradient at
+/// the active positions, for batch 1, odd sizes, empty and full rows; buffers start as NaN.
+#[test]
+fn batch_major_linear_kernels_match_references() {
+    let mut r = rng(11);
+    // (O, I, N): SHAPES reinterpreted, plus a batch large enough for parallel sample blocks.
+    let mut shapes: Vec<(usize, usize, usize)> = SHAPES.to_vec();
+    shapes.push((100, 2352, 256));
+    for &(o, i, n) in &shapes {
+        for &d in DENSITIES {
+            if n == 256 && d != 0.01 {
+                continue; // the large shape only checks the parallel sample blocks
+            }
+            let w = randn(&mut r, o * i);
+            let m = mask(&mut r, o, i, d);
+            let x = randn(&mut r, n * i);
+            let mut dy = randn(&mut r, n * o);
+            for v in dy.iter_mut().step_by(3) {
+                *v = 0.0;
+            }
+            let sm = SparseMatrix::from_dense_masked(&w, &m, o, i).unwrap();
+            let tag = format!("{o}x{i} n={n} d={d}");
+
+            let mut y = vec![f32::NAN; n * o];
+            spmm_rows(&sm, &x, n, &mut y).unwrap();
+            let mut dx = vec![f32::NAN; n * i];
+            spmm_t_rows(&sm, &dy, n, &mut dx).unwrap();
+            let mut g = vec![f32::NAN; sm.nnz()];
+            sddmm_rows(&sm, &dy, &x, n, &mut g).unwrap();
+
+            let mut e = 0;
+            let mut gwant = vec![(0.0f64, 0.0f64); sm.nnz()];
+            for row in 0..o {
+                for k in 0..i {
+                    if !m[row * i + k] {
+                        continue;
+                    }
+                    for s in 0..n {
+                        let t = dy[s * o + row] as f64 * x[s * i + k] as f64;
+                        gwant[e].0 += t;
+                        gwant[e].1 += t.abs();
+                    }
+                    e += 1;
+                }
+            }
+            assert_eq!(e, sm.nnz());
+            for (j, (&gv, &(want, scale))) in g.iter().zip(&gwant).enumerate() {
+                close(gv, want, scale, &format!("sddmm_rows {tag} entry {j}"));
+            }
+            for s in 0..n {
+                for row in 0..o {
+                    let (mut want, mut scale) = (0.0f64, 0.0f64);
+                    for k in 0..i {
+                        if m[row * i + k] {
+                            let t = w[row * i + k] as f64 * x[s * i + k] as f64;
+                            want += t;
+                            scale += t.abs();
+                        }
+                    }
+                    close(
+                        y[s * o + row],
+                        want,
+                        scale,
+                        &format!("spmm_rows {tag} {s},{row}"),
+                    );
+                }
+                for k in 0..i {
+                    let (mut want, mut scale) = (0.0f64, 0.0f64);
+                    for row in 0..o {
+                        if m[row * i + k] {
+                            let t = w[row * i + k] as f64 * dy[s * o + row] as f64;
+                            want += t;
+                            scale += t.abs();
+                        }
+                    }
+                    close(
+                        dx[s * i + k],
+                        want,
+                        scale,
+                        &format!("spmm_t_rows {tag} {s},{k}"),
+                    );
+                }
+            }
+        }
+    }
+    // Wrong buffer sizes are errors naming the operand.
+    let sm = SparseMatrix::from_dense_masked(&[1.0; 6], &[true; 6], 2, 3).unwrap();
+    let e = spmm_rows(&sm, &[0.0; 5], 2, &mut [0.0; 4]).unwrap_err();
+    assert!(e.message().contains("x has 5"), "{}", e.message());
+    let e = sddmm_rows(&sm, &[0.0; 4], &[0.0; 6], 2, &mut [0.0; 5]).unwrap_err();
+    assert!(e.message().contains("nnz = 6"), "{}", e.message());
 }

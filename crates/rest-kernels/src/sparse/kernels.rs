@@ -8,7 +8,7 @@ use super::simd::{self, active_isa, Isa};
 use super::{check_len, SparseError, SparseMatrix};
 
 /// Below this many useful flops a product runs on the calling thread (rayon would cost more).
-const SERIAL_FLOPS: usize = 1 << 18;
+pub(crate) const SERIAL_FLOPS: usize = 1 << 18;
 /// Column granule of the spmm blocks (the AVX-512 register-tile width).
 const SPMM_COL_GRANULE: usize = 128;
 /// Bytes of `x` one spmm cache tile may span (`K * ctile * 4`), so the slab stays in L2.
@@ -155,7 +155,7 @@ impl OutPtr {
 }
 
 /// Splits `rows` into at most `n` contiguous ranges of roughly equal cost `nnz + 1` per row.
-fn split_rows(row_ptr: &[usize], n: usize) -> Vec<usize> {
+pub(crate) fn split_rows(row_ptr: &[usize], n: usize) -> Vec<usize> {
     let rows = row_ptr.len() - 1;
     let n = n.clamp(1, rows.max(1));
     let total = row_ptr[rows] + rows;
@@ -175,7 +175,7 @@ fn split_rows(row_ptr: &[usize], n: usize) -> Vec<usize> {
 }
 
 /// Splits `0..p` into `n` ranges whose interior boundaries are multiples of `granule`.
-fn split_cols(p: usize, n: usize, granule: usize) -> Vec<usize> {
+pub(crate) fn split_cols(p: usize, n: usize, granule: usize) -> Vec<usize> {
     let units = p.div_ceil(granule);
     let n = n.clamp(1, units.max(1));
     let mut bounds: Vec<usize> = (0..n).map(|i| (units * i / n) * granule).collect();

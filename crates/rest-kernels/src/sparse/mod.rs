@@ -38,12 +38,16 @@
 //! CNN's middle conv (128 x 1024 x 12544) at density 0.01 ran spmm / spmm_t / sddmm about
 //! 21x / 9x / 16x faster than `gemm`, and about 5x / 7.5x / 3.4x at density 0.05.
 
+mod conv;
 mod kernels;
 mod matrix;
+mod rows;
 mod simd;
 
+pub use conv::SparseConv;
 pub use kernels::{sddmm, sddmm_into, spmm, spmm_t, transpose};
 pub use matrix::{MaskValue, SparseMatrix};
+pub use rows::{sddmm_rows, spmm_rows, spmm_t_rows};
 pub use simd::{active_isa, Isa};
 
 use std::fmt;

@@ -1,0 +1,213 @@
+//! The direct (polyphase) sparse convolution against a naive f64 convolution of the masked
+//! dense weight: forward, input gradient and weight gradient at the active positions, over
+//! kernel sizes 1/3/4/7, strides 1/2/3, paddings 0-3, odd sizes, batch 1 and densities from
+//! 0.001 to 1 (with an empty and a full output row).
+#![allow(clippy::needless_range_loop)] // index loops mirror the maths
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rest_kernels::sparse::{SparseConv, SparseMatrix};
+use rest_kernels::Conv2dGeom;
+
+fn randv(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Bernoulli(density) mask; with >= 3 rows, row 0 is empty and row 1 fully active.
+fn mask(r: &mut ChaCha8Rng, rows: usize, cols: usize, density: f64) -> Vec<bool> {
+    let mut m: Vec<bool> = (0..rows * cols).map(|_| r.random_bool(density)).collect();
+    if rows >= 3 {
+        m[..cols].fill(false);
+        m[cols..2 * cols].fill(true);
+    }
+    m
+}
+
+fn geom(
+    c: usize,
+    n: usize,
+    h: usize,
+    w: usize,
+    oc: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Conv2dGeom {
+    Conv2dGeom {
+        c,
+        n,
+        h,
+        w,
+        oc,
+        kh: k,
+        kw: k,
+        stride,
+        pad,
+    }
+}
+
+/// `x[c][n][iy][ix]` at the input coordinate of output `(oy, ox)` and tap `(ky, kx)`, if inside.
+fn tap_index(
+    g: &Conv2dGeom,
+    c: usize,
+    n: usize,
+    oy: usize,
+    ox: usize,
+    ky: usize,
+    kx: usize,
+) -> Option<usize> {
+    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+    let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+        return None;
+    }
+    Some(((c * g.n + n) * g.h + iy as usize) * g.w + ix as usize)
+}
+
+/// Naive forward, input gradient and dense weight gradient (f64), with abs-sum scales.
+#[allow(clippy::type_complexity)]
+fn reference(
+    g: &Conv2dGeom,
+    wd: &[f32],
+    x: &[f32],
+    dy: &[f32],
+) -> (
+    (Vec<f64>, Vec<f64>),
+    (Vec<f64>, Vec<f64>),
+    (Vec<f64>, Vec<f64>),
+) {
+    let (oh, ow, k) = (g.oh(), g.ow(), g.k());
+    let mut out = (vec![0.0; g.out_len()], vec![0.0; g.out_len()]);
+    let mut dx = (vec![0.0; g.x_len()], vec![0.0; g.x_len()]);
+    let mut dw = (vec![0.0; g.w_len()], vec![0.0; g.w_len()]);
+    for o in 0..g.oc {
+        for c in 0..g.c {
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let kk = (c * g.kh + ky) * g.kw + kx;
+                    let wv = wd[o * k + kk] as f64;
+                    for n in 0..g.n {
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                let Some(xi) = tap_index(g, c, n, oy, ox, ky, kx) else {
+                                    continue;
+                                };
+                                let oi = ((o * g.n + n) * oh + oy) * ow + ox;
+                                let (xv, dv) = (x[xi] as f64, dy[oi] as f64);
+                                out.0[oi] += wv * xv;
+                                out.1[oi] += (wv * xv).abs();
+                                dx.0[xi] += wv * dv;
+                                dx.1[xi] += (wv * dv).abs();
+                                dw.0[o * k + kk] += dv * xv;
+                                dw.1[o * k + kk] += (dv * xv).abs();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (out, dx, dw)
+}
+
+fn close(got: &[f32], want: &(Vec<f64>, Vec<f64>), what: &str) {
+    assert_eq!(got.len(), want.0.len(), "{what}: length");
+    for (i, (&gv, (&wv, &sc))) in got.iter().zip(want.0.iter().zip(&want.1)).enumerate() {
+        let tol = 2e-5 * sc + 1e-6;
+        assert!(
+            (gv as f64 - wv).abs() <= tol,
+            "{what}[{i}]: got {gv}, want {wv} (tol {tol})"
+        );
+    }
+}
+
+fn check(g: Conv2dGeom, density: f64, seed: u64) {
+    let tag = format!("{g:?} d={density}");
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let w = randv(&mut r, g.w_len());
+    let m = mask(&mut r, g.oc, g.k(), density);
+    let x = randv(&mut r, g.x_len());
+    let dy = randv(&mut r, g.out_len());
+    let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).unwrap();
+    let wd = sm.to_dense();
+    let (out_ref, dx_ref, dw_ref) = reference(&g, &wd, &x, &dy);
+    let conv = SparseConv::new(&sm, &g).unwrap();
+
+    // Stale buffers (NaN) must be fully overwritten.
+    let mut xph = vec![f32::NAN; conv.phase_len()];
+    conv.pack_input(&x, &mut xph).unwrap();
+    let mut out = vec![f32::NAN; g.out_len()];
+    conv.forward(&sm, &xph, &mut out).unwrap();
+    close(&out, &out_ref, &format!("{tag} forward"));
+
+    let mut dyv = vec![f32::NAN; conv.grad_len()];
+    let mut dx = vec![f32::NAN; g.x_len()];
+    conv.backward_input(&sm, &dy, &mut dyv, &mut dx).unwrap();
+    close(&dx, &dx_ref, &format!("{tag} input grad"));
+
+    // The weight gradient from a freshly expanded gradient, at the active positions only.
+    let mut dyv2 = vec![f32::NAN; conv.grad_len()];
+    conv.expand_grad(&dy, &mut dyv2).unwrap();
+    assert_eq!(
+        dyv, dyv2,
+        "{tag}: backward_input leaves the expanded gradient"
+    );
+    let mut grad = vec![f32::NAN; sm.nnz()];
+    conv.grad_weight(&sm, &dyv2, &xph, &mut grad).unwrap();
+    let mut want = (Vec::new(), Vec::new());
+    for o in 0..g.oc {
+        for e in sm.row_ptr()[o]..sm.row_ptr()[o + 1] {
+            let kk = sm.col_idx()[e] as usize;
+            want.0.push(dw_ref.0[o * g.k() + kk]);
+            want.1.push(dw_ref.1[o * g.k() + kk]);
+        }
+    }
+    close(&grad, &want, &format!("{tag} weight grad"));
+}
+
+#[test]
+fn matches_naive_convolution_over_geometries_and_densities() {
+    let geoms = [
+        geom(3, 2, 28, 28, 8, 4, 2, 1),  // REST CNN conv1, small batch
+        geom(8, 3, 14, 14, 16, 4, 2, 1), // conv2-like
+        geom(6, 2, 7, 7, 9, 4, 2, 1),    // conv3-like: 3x3 output, most positions junk
+        geom(5, 1, 7, 9, 6, 3, 1, 1),    // batch 1, odd non-square
+        geom(4, 3, 11, 10, 7, 7, 2, 3),  // 7x7 stride 2 pad 3 (ResNet stem)
+        geom(6, 2, 8, 8, 5, 1, 1, 0),    // 1x1
+        geom(6, 2, 9, 9, 5, 1, 2, 0),    // 1x1 stride 2 (downsample): one phase of four
+        geom(3, 2, 10, 13, 4, 3, 3, 2),  // stride 3
+        geom(2, 2, 5, 5, 3, 4, 2, 0),    // no padding
+        geom(3, 1, 6, 6, 4, 3, 1, 3),    // padding 3
+        geom(2, 1, 4, 4, 3, 3, 1, 0),    // 2x2 output
+        geom(2, 2, 10, 11, 3, 3, 3, 0),  // stride 3 skips the last row and columns
+        geom(2, 1, 9, 9, 3, 2, 2, 0),    // 2x2 stride 2: the last row and column unread
+    ];
+    for (gi, g) in geoms.iter().enumerate() {
+        for (di, &d) in [0.001, 0.05, 0.5, 1.0].iter().enumerate() {
+            check(*g, d, (gi * 10 + di) as u64);
+        }
+    }
+}
+
+#[test]
+fn rejects_a_mismatched_pattern_and_wrong_buffers() {
+    let g = geom(2, 1, 6, 6, 3, 3, 1, 1);
+    let w = vec![1.0f32; g.w_len()];
+    let m = vec![true; g.w_len()];
+    let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).unwrap();
+    let narrow = SparseMatrix::from_dense_masked(&w[..3 * 9], &m[..3 * 9], 3, 9).unwrap();
+    let e = SparseConv::new(&narrow, &g).unwrap_err();
+    assert!(e.message().contains("3x9"), "{}", e.message());
+    let conv = SparseConv::new(&sm, &g).unwrap();
+    let mut xph = vec![0.0; conv.phase_len() - 1];
+    let e = conv
+        .pack_input(&vec![0.0; g.x_len()], &mut xph)
+        .unwrap_err();
+    assert!(e.message().contains("xph"), "{}", e.message());
+    let half: Vec<bool> = (0..g.w_len()).map(|i| i % 2 == 0).collect();
+    let sparser = SparseMatrix::from_dense_masked(&w, &half, g.oc, g.k()).unwrap();
+    let xph = vec![0.0; conv.phase_len()];
+    let mut out = vec![0.0; g.out_len()];
+    let e = conv.forward(&sparser, &xph, &mut out).unwrap_err();
+    assert!(e.message().contains("rebuild"), "{}", e.message());
+}

@@ -1,0 +1,235 @@
+//! Convolution + batch normalisation (batch statistics) + ReLU as one candle op, for
+//! training. The convolution's output never becomes a candle tensor: candle's autograd would
+//! otherwise allocate a zero gradient for it and add the batch-norm gradient into it (two
+//! extra passes over the largest activation of the network per layer and step), and the
+//! batch-norm input gradient goes straight from a pooled buffer into the convolution's
+//! backward pass. Results are bit-identical to the unfused ops (same kernels, same order).
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rest_kernels::{
+    batch_norm_bwd, batch_norm_train_fwd, conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd,
+    BnBatchStats, Conv2dGeom,
+};
+use std::sync::{Arc, Mutex};
+
+use super::sparse::{sparse_conv_backward, sparse_conv_forward, SparseWeight};
+use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
+
+/// What the forward pass keeps for the backward pass.
+struct Saved {
+    /// The convolution output (batch-norm input), a pooled buffer.
+    conv_out: Vec<f32>,
+    /// The polyphase input of a sparse convolution, a pooled buffer.
+    xph: Option<Vec<f32>>,
+    stats: BnBatchStats,
+}
+
+struct ConvBnReluOp {
+    geom: Conv2dGeom,
+    sparse: Option<Arc<SparseWeight>>,
+    eps: f32,
+    keep: bool,
+    saved: Mutex<Option<Saved>>,
+    /// The batch statistics, for the caller's running-statistics update.
+    stats: Arc<Mutex<Option<BnBatchStats>>>,
+}
+
+impl Drop for ConvBnReluOp {
+    fn drop(&mut self) {
+        if let Some(s) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            scratch::give(s.conv_out);
+            if let Some(b) = s.xph {
+                scratch::give(b);
+            }
+        }
+    }
+}
+
+impl CustomOp3 for ConvBnReluOp {
+    fn name(&self) -> &'static str {
+        "rest-conv-bn-relu-cnhw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = cpu_slice(s1, l1, self.name())?;
+        let w = cpu_slice(s2, l2, self.name())?;
+        let gb = cpu_slice(s3, l3, self.name())?;
+        let (gamma, beta) = gb.split_at(g.oc);
+        let mut conv_out = scratch::take(g.out_len());
+        let xph = match &self.sparse {
+            Some(sw) => sparse_conv_forward(sw, g, x, w, &mut conv_out, self.keep)?,
+            None => {
+                conv2d_fwd(x, w, g, &mut conv_out);
+                None
+            }
+        };
+        let mut y = scratch::output(g.out_len());
+        let stats = batch_norm_train_fwd(&conv_out, gamma, beta, self.eps, true, &mut y);
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats.clone());
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved {
+                conv_out,
+                xph,
+                stats,
+            });
+        } else {
+            scratch::give(conv_out);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((g.oc, g.n, g.oh(), g.ow()))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gb: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = &self.geom;
+        let name = self.name();
+        let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            candle_core::bail!("{name}: backward before forward");
+        };
+        let mut dconv = scratch::take(g.out_len());
+        let (dgamma, dbeta) = with_f32(grad, name, |dy| {
+            with_f32(res, name, |y| {
+                with_f32(gb, name, |gbs| {
+                    Ok(batch_norm_bwd(
+                        &saved.conv_out,
+                        dy,
+                        &gbs[..g.oc],
+                        &saved.stats,
+                        self.eps,
+                        Some(y),
+                        &mut dconv,
+                    ))
+                })
+            })
+        })?;
+        scratch::give(saved.conv_out);
+        let (dx, dw) = match &self.sparse {
+            Some(sw) => sparse_conv_backward(sw, g, x, w, &dconv, saved.xph)?,
+            None => {
+                let dx = if x.track_op() {
+                    let mut dx = scratch::output(g.x_len());
+                    with_f32(w, name, |ws| {
+                        conv2d_bwd_input(ws, &dconv, g, &mut dx);
+                        Ok(())
+                    })?;
+                    Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+                } else {
+                    None
+                };
+                let dw = if w.track_op() {
+                    let mut dw = scratch::output(g.w_len());
+                    with_f32(x, name, |xs| {
+                        conv2d_bwd_weight(xs, &dconv, g, &mut dw);
+                        Ok(())
+                    })?;
+                    Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+                } else {
+                    None
+                };
+                (dx, dw)
+            }
+        };
+        scratch::give(dconv);
+        let dgb = if gb.track_op() {
+            let mut v = dgamma;
+            v.extend_from_slice(&dbeta);
+            Some(Tensor::from_vec(v, 2 * g.oc, gb.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw, dgb))
+    }
+}
+
+/// Training-mode `relu(batch_norm(conv2d(x, w)))` on CNHW activations: `x` `[C, N, H, W]`,
+/// `w` `[OC, C, KH, KW]` (no bias; on the sparse kernels when `sparse` is given), batch
+/// statistics with `gamma`, `beta` `[OC]`. Returns the output `[OC, N, OH, OW]` and the batch
+/// mean and biased variance per channel (for the running statistics).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_relu_train(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    sparse: Option<&Arc<SparseWeight>>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const F: &str = "conv_bn_relu_train";
+    let x = prepare(x, 4, "conv_bn_relu_train input x [C, N, H, W]")?;
+    let w = prepare(w, 4, "conv_bn_relu_train weight w [OC, C, KH, KW]")?;
+    let (c, n, h, wd) = x.dims4()?;
+    let (oc, ic, kh, kw) = w.dims4()?;
+    if ic != c {
+        bail!(
+            "{F}: weight {:?} expects {ic} input channels, x (CNHW) {:?} has {c}",
+            w.dims(),
+            x.dims()
+        );
+    }
+    let geom = Conv2dGeom {
+        c,
+        n,
+        h,
+        w: wd,
+        oc,
+        kh,
+        kw,
+        stride,
+        pad,
+    };
+    geom.validate()
+        .map_err(|e| anyhow::anyhow!("{F}: x {:?}, w {:?}: {e}", x.dims(), w.dims()))?;
+    for (t, what) in [(gamma, "gamma"), (beta, "beta")] {
+        if t.dims() != [oc] {
+            bail!("{F}: {what} has shape {:?}, expected [{oc}]", t.dims());
+        }
+    }
+    if let Some(sw) = sparse {
+        sw.check_shape(oc, geom.k(), F)?;
+    }
+    if eps.is_nan() || eps <= 0.0 {
+        bail!("{F}: eps must be positive, got {eps}");
+    }
+    let gb = Tensor::cat(&[gamma, beta], 0)?;
+    let gb = prepare(&gb, 1, "conv_bn_relu_train gamma/beta")?;
+    let stats = Arc::new(Mutex::new(None));
+    let tracked = any_tracked(&[&x, &w, &gb]);
+    let op = ConvBnReluOp {
+        geom,
+        sparse: sparse.cloned(),
+        eps: eps as f32,
+        keep: tracked,
+        saved: Mutex::new(None),
+        stats: stats.clone(),
+    };
+    let y = if tracked {
+        x.apply_op3(&w, &gb, op)?
+    } else {
+        x.apply_op3_no_bwd(&w, &gb, &op)?
+    };
+    let stats = stats
+        .lock()
+        .map_err(|e| anyhow::anyhow!("{F}: {e}"))?
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("{F}: forward produced no statistics"))?;
+    let mean = Tensor::from_vec(stats.mean, oc, x.device())?;
+    let var = Tensor::from_vec(stats.var, oc, x.device())?;
+    Ok((y, mean, var))
+}

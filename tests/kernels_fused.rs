@@ -1,0 +1,146 @@
+//! The fused convolution + batch norm + ReLU training op against the separate ops it
+//! replaces: output, batch statistics and every gradient must be identical (same kernels in
+//! the same order), on dense and sparse weights, with and without the dense weight gradient
+//! of mask-update steps, and with an input that tracks no gradient (the network's images).
+
+use candle_core::{Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rest::kernels::{
+    batch_norm_cnhw_train, conv2d_cnhw, conv_bn_relu_train, sparse_conv2d_cnhw, SparseWeight,
+};
+use std::sync::Arc;
+
+fn rand_vec(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+fn var(r: &mut ChaCha8Rng, dims: &[usize]) -> Var {
+    let n = dims.iter().product();
+    Var::from_vec(rand_vec(r, n), dims, &Device::Cpu).expect("var")
+}
+
+fn same(a: &Tensor, b: &Tensor, what: &str) {
+    let (a, b) = (
+        a.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("a"),
+        b.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("b"),
+    );
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(x == y, "{what}[{i}]: fused {x} vs separate {y}");
+    }
+}
+
+#[test]
+fn fused_conv_bn_relu_equals_the_separate_ops() {
+    let mut r = ChaCha8Rng::seed_from_u64(5);
+    // (c, n, h, w, oc, k, stride, pad, density or 1 for dense kernels)
+    let cases = [
+        (3, 4, 28, 28, 8, 4, 2, 1, 1.0),
+        (3, 4, 28, 28, 8, 4, 2, 1, 0.3),
+        (6, 2, 9, 9, 5, 3, 1, 1, 0.05),
+        (4, 3, 7, 7, 9, 4, 2, 1, 1.0),
+    ];
+    for (case, &(c, n, h, w, oc, k, stride, pad, density)) in cases.iter().enumerate() {
+        for input_tracked in [true, false] {
+            for dense_grad in [false, true] {
+                let x = var(&mut r, &[c, n, h, w]);
+                let wt = var(&mut r, &[oc, c, k, k]);
+                let gamma = Var::from_vec(
+                    rand_vec(&mut r, oc).iter().map(|v| 1.0 + v / 2.0).collect(),
+                    oc,
+                    &Device::Cpu,
+                )
+                .expect("gamma");
+                let beta = var(&mut r, &[oc]);
+                let sparse = (density < 1.0).then(|| {
+                    let wv = wt
+                        .as_tensor()
+                        .flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>());
+                    let m: Vec<f32> = (0..oc * c * k * k)
+                        .map(|_| f32::from(r.random_bool(density)))
+                        .collect();
+                    let sw: Arc<SparseWeight> =
+                        SparseWeight::new(&wv.expect("w"), &m, oc, c * k * k).expect("sparse");
+                    sw.set_dense_grad(dense_grad);
+                    sw
+                });
+                let xin = if input_tracked {
+                    x.as_tensor().clone()
+                } else {
+                    x.as_tensor().detach()
+                };
+                let what = format!(
+                    "case {case} (density {density}, input tracked {input_tracked}, dense grad \
+                     {dense_grad})"
+                );
+
+                let (yf, mf, vf) = conv_bn_relu_train(
+                    &xin,
+                    wt.as_tensor(),
+                    stride,
+                    pad,
+                    sparse.as_ref(),
+                    gamma.as_tensor(),
+                    beta.as_tensor(),
+                    1e-5,
+                )
+                .expect("fused");
+                let conv = match &sparse {
+                    Some(sw) => sparse_conv2d_cnhw(&xin, wt.as_tensor(), stride, pad, sw),
+                    None => conv2d_cnhw(&xin, wt.as_tensor(), stride, pad),
+                }
+                .expect("conv");
+                let (ys, ms, vs) =
+                    batch_norm_cnhw_train(&conv, gamma.as_tensor(), beta.as_tensor(), 1e-5, true)
+                        .expect("bn");
+                same(&yf, &ys, &format!("{what}: output"));
+                same(&mf, &ms, &format!("{what}: mean"));
+                same(&vf, &vs, &format!("{what}: var"));
+
+                let rt =
+                    Tensor::from_vec(rand_vec(&mut r, yf.elem_count()), yf.dims(), &Device::Cpu)
+                        .expect("r");
+                let gf = (&yf * &rt)
+                    .and_then(|t| t.sum_all())
+                    .and_then(|t| t.backward())
+                    .expect("fused backward");
+                let gs = (&ys * &rt)
+                    .and_then(|t| t.sum_all())
+                    .and_then(|t| t.backward())
+                    .expect("separate backward");
+                for (v, name) in [(&wt, "dw"), (&gamma, "dgamma"), (&beta, "dbeta")] {
+                    let (a, b) = (gf.get(v.as_tensor()), gs.get(v.as_tensor()));
+                    same(
+                        a.expect("fused grad"),
+                        b.expect("separate grad"),
+                        &format!("{what}: {name}"),
+                    );
+                }
+                match (gf.get(x.as_tensor()), gs.get(x.as_tensor())) {
+                    (Some(a), Some(b)) => same(a, b, &format!("{what}: dx")),
+                    (None, None) => assert!(!input_tracked, "{what}: dx missing"),
+                    _ => panic!("{what}: dx computed by only one of the two"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_op_rejects_mismatched_shapes() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((3, 2, 8, 8), candle_core::DType::F32, &dev).expect("x");
+    let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &dev).expect("w");
+    let g = Tensor::ones(4, candle_core::DType::F32, &dev).expect("g");
+    let b5 = Tensor::zeros(5, candle_core::DType::F32, &dev).expect("b");
+    let e = conv_bn_relu_train(&x, &w, 1, 1, None, &g, &b5, 1e-5).unwrap_err();
+    assert!(e.to_string().contains("beta"), "{e}");
+    let w2 = Tensor::zeros((4, 2, 3, 3), candle_core::DType::F32, &dev).expect("w2");
+    let e = conv_bn_relu_train(&x, &w2, 1, 1, None, &g, &g, 1e-5).unwrap_err();
+    assert!(e.to_string().contains("input channels"), "{e}");
+    let sw = SparseWeight::new(&[0.0; 8], &[1.0; 8], 4, 2).expect("sparse");
+    let e = conv_bn_relu_train(&x, &w, 1, 1, Some(&sw), &g, &g, 1e-5).unwrap_err();
+    assert!(e.to_string().contains("sparse pattern"), "{e}");
+}
