@@ -23,6 +23,7 @@ fn mask(r: &mut ChaCha8Rng, rows: usize, cols: usize, density: f64) -> Vec<bool>
     m
 }
 
+#[allow(clippy::too_many_arguments)]
 fn geom(
     c: usize,
     n: usize,
