@@ -27,6 +27,13 @@ pub struct SparseWeight {
 struct State {
     matrix: SparseMatrix,
     dense_grad: bool,
+    /// Linear layers: keep the weight gradient compact (`grad`) instead of handing candle a
+    /// dense one (see [`SparseWeight::set_compact_grad`]).
+    compact_grad: bool,
+    /// The compact weight gradient of the last backward pass (CSR order), until taken.
+    grad: Option<Vec<f32>>,
+    /// Row-major dense index of every stored value (CSR order).
+    flat: Arc<[usize]>,
     /// The pattern laid out for the last convolution geometry (rebuilt when the batch or
     /// image size changes; the pattern itself never changes within a `SparseWeight`).
     conv: Option<Arc<SparseConv>>,
@@ -51,13 +58,46 @@ impl SparseWeight {
     pub fn new(weight: &[f32], mask: &[f32], rows: usize, cols: usize) -> Result<Arc<Self>> {
         let matrix = SparseMatrix::from_dense_masked(weight, mask, rows, cols)
             .map_err(|e| anyhow::anyhow!("building the sparse weight: {}", e.message()))?;
+        let flat: Arc<[usize]> = matrix
+            .row_ptr()
+            .windows(2)
+            .enumerate()
+            .flat_map(|(r, w)| {
+                matrix.col_idx()[w[0]..w[1]]
+                    .iter()
+                    .map(move |&c| r * cols + c as usize)
+            })
+            .collect();
         Ok(Arc::new(Self {
             state: Mutex::new(State {
                 matrix,
                 dense_grad: false,
+                compact_grad: false,
+                grad: None,
+                flat,
                 conv: None,
             }),
         }))
+    }
+
+    /// Linear layers only: with `on`, backward passes (other than dense-gradient ones, see
+    /// [`Self::set_dense_grad`]) give candle no weight gradient and keep the gradient at the
+    /// active positions here instead, for the optimizer to [`Self::take_grad`]; nothing of
+    /// the dense weight's size is built. Off (the default), the gradient is scattered into a
+    /// dense tensor that is zero outside the pattern.
+    pub fn set_compact_grad(&self, on: bool) {
+        let mut st = self.lock();
+        st.compact_grad = on;
+        st.grad = None;
+    }
+
+    /// Takes the compact weight gradient left by the last backward pass (see
+    /// [`Self::set_compact_grad`]): the row-major dense index of every active weight and the
+    /// gradient there, in the same order. `None` when there is none (or it was taken).
+    pub fn take_grad(&self) -> Option<(Arc<[usize]>, Vec<f32>)> {
+        let mut st = self.lock();
+        let g = st.grad.take()?;
+        Some((st.flat.clone(), g))
     }
 
     /// Asks the next backward passes for the dense weight gradient (mask-update steps).
@@ -347,7 +387,48 @@ impl CustomOp2 for SparseLinearOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, i, o) = (self.n, self.i, self.o);
-        let st = self.weight.lock();
+        let mut st = self.weight.lock();
+        if w.track_op() && st.compact_grad && !st.dense_grad {
+            let rows = rows_path(st.matrix.nnz(), i, o);
+            let (dx, vals) = with_f32(grad, self.name(), |dy| {
+                let mut vals = scratch::output(st.matrix.nnz());
+                let mut dx = None;
+                if rows {
+                    if x.track_op() {
+                        let mut d = scratch::output(n * i);
+                        spmm_t_rows(&st.matrix, dy, n, &mut d).map_err(kernel_err)?;
+                        dx = Some(Tensor::from_vec(d, (n, i), x.device())?);
+                    }
+                    with_f32(x, self.name(), |xs| {
+                        sddmm_rows(&st.matrix, dy, xs, n, &mut vals).map_err(kernel_err)
+                    })?;
+                } else {
+                    let mut dyt = scratch::output(o * n);
+                    transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
+                    if x.track_op() {
+                        let mut dxt = scratch::output(i * n);
+                        spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
+                        let mut d = scratch::output(n * i);
+                        transpose(&dxt, i, n, &mut d).map_err(kernel_err)?;
+                        dx = Some(Tensor::from_vec(d, (n, i), x.device())?);
+                    }
+                    with_f32(x, self.name(), |xs| {
+                        let mut xt = scratch::output(n * i);
+                        transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
+                        sddmm_into(&st.matrix, &dyt, &xt, n, &mut vals).map_err(kernel_err)
+                    })?;
+                }
+                Ok((dx, vals))
+            })?;
+            // A layer applied more than once in a graph: the gradients add up.
+            match &mut st.grad {
+                Some(acc) if acc.len() == vals.len() => {
+                    acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v)
+                }
+                g => *g = Some(vals),
+            }
+            return Ok((dx, None));
+        }
         if rows_path(st.matrix.nnz(), i, o) {
             return with_f32(grad, self.name(), |dy| {
                 let dx = if x.track_op() {
@@ -458,6 +539,10 @@ pub fn sparse_linear(x: &Tensor, w: &Tensor, weight: &Arc<SparseWeight>) -> Resu
         o,
         weight: weight.clone(),
     };
+    if w.track_op() {
+        // A new graph: a compact gradient not taken since the last one is stale.
+        weight.lock().grad = None;
+    }
     Ok(if any_tracked(&[&x, &w]) {
         x.apply_op2(&w, op)?
     } else {

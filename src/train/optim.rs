@@ -7,7 +7,7 @@ use crate::kernels::{output_buffer, with_f32};
 use crate::nn::Param;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::Tensor;
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
 pub struct Sgd {
@@ -46,7 +46,16 @@ impl Sgd {
             self.weight_decay as f32,
         );
         for (p, buf) in self.params.iter().zip(self.momentum_buf.iter_mut()) {
+            let compact = p
+                .slot
+                .as_ref()
+                .and_then(crate::nn::slot_weight)
+                .and_then(|sw| sw.take_grad());
             let Some(g) = grads.get(p.var.as_tensor()) else {
+                if let Some((index, g)) = compact {
+                    compact_step(p, buf, &index, &g, self.momentum != 0.0, [lr, mom, wd])
+                        .with_context(|| format!("updating {}", p.name))?;
+                }
                 continue;
             };
             let w = p.var.as_tensor();
@@ -109,9 +118,158 @@ impl Sgd {
         Ok(())
     }
 
-    /// The momentum buffer of parameter `index` (None before the first step).
+    /// The momentum buffer of parameter `index` (None before the first step). Steps on
+    /// compact gradients update it in place: copy it to keep this step's values.
     pub fn momentum_buffer(&self, index: usize) -> Option<&Tensor> {
         self.momentum_buf[index].as_ref()
+    }
+}
+
+/// The SGD update of a sparse layer's weight from its compact gradient (`g[e]` at dense
+/// index `index[e]`, see `SparseWeight::take_grad`): the same arithmetic as [`sgd_pass`],
+/// applied in place at the active positions only. Elsewhere the weight and momentum are zero
+/// and their gradient is zero, so the dense update would leave them unchanged anyway.
+fn compact_step(
+    p: &Param,
+    buf: &mut Option<Tensor>,
+    index: &[usize],
+    g: &[f32],
+    use_mom: bool,
+    [lr, mom, wd]: [f32; 3],
+) -> Result<()> {
+    let w = p.var.as_tensor();
+    let n = w.elem_count();
+    if index.len() != g.len() || index.iter().any(|&k| k >= n) {
+        anyhow::bail!(
+            "compact gradient of {} ({} values) does not fit the weight {:?}",
+            p.name,
+            g.len(),
+            w.dims()
+        );
+    }
+    if !use_mom {
+        w.inplace_op1(&CompactUpdate {
+            index,
+            g,
+            hyper: [lr, mom, wd],
+            part: Part::Plain,
+        })?;
+        return Ok(());
+    }
+    let b = match buf.take() {
+        Some(b) if b.dims() == w.dims() && b.is_contiguous() => {
+            b.inplace_op2(
+                w,
+                &CompactUpdate {
+                    index,
+                    g,
+                    hyper: [lr, mom, wd],
+                    part: Part::Momentum,
+                },
+            )?;
+            b
+        }
+        other => {
+            // First step (or a buffer of another layout): `b = g'`, zero elsewhere.
+            if let Some(b) = other {
+                anyhow::bail!("momentum buffer of {} has shape {:?}", p.name, b.dims());
+            }
+            let mut nb = vec![0.0f32; n];
+            with_f32(w, "sgd", |ws| {
+                for (&k, &gv) in index.iter().zip(g) {
+                    nb[k] = if wd != 0.0 { gv + ws[k] * wd } else { gv };
+                }
+                Ok(())
+            })?;
+            Tensor::from_vec(nb, w.shape(), w.device())?
+        }
+    };
+    w.inplace_op2(
+        &b,
+        &CompactUpdate {
+            index,
+            g,
+            hyper: [lr, mom, wd],
+            part: Part::Weight,
+        },
+    )?;
+    *buf = Some(b);
+    Ok(())
+}
+
+/// Which in-place pass of [`compact_step`] a [`CompactUpdate`] runs.
+#[derive(Clone, Copy)]
+enum Part {
+    /// On the momentum buffer (source: the weight): `b = mom·b + (g + wd·w)`.
+    Momentum,
+    /// On the weight (source: the new momentum): `w = w - lr·b`.
+    Weight,
+    /// On the weight, no momentum: `w = w - lr·(g + wd·w)`.
+    Plain,
+}
+
+struct CompactUpdate<'a> {
+    index: &'a [usize],
+    g: &'a [f32],
+    hyper: [f32; 3],
+    part: Part,
+}
+
+impl CompactUpdate<'_> {
+    fn run(&self, dst: &mut [f32], src: &[f32]) {
+        let [lr, mom, wd] = self.hyper;
+        let decayed = |gv: f32, wv: f32| if wd != 0.0 { gv + wv * wd } else { gv };
+        let it = self.index.iter().zip(self.g);
+        match self.part {
+            Part::Momentum => it.for_each(|(&k, &gv)| dst[k] = dst[k] * mom + decayed(gv, src[k])),
+            Part::Weight => it.for_each(|(&k, _)| dst[k] -= src[k] * lr),
+            Part::Plain => it.for_each(|(&k, &gv)| dst[k] -= decayed(gv, dst[k]) * lr),
+        }
+    }
+}
+
+/// The contiguous `f32` elements of `s` under `l`, mutably.
+fn contiguous_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
+    }
+}
+
+impl InplaceOp1 for CompactUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "rest-sgd-compact"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let dst = contiguous_mut(s, l)?;
+        self.run(dst, &[]);
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for CompactUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "rest-sgd-compact"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let src = match (src, src_l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
+        };
+        let dst = contiguous_mut(dst, dst_l)?;
+        if dst.len() != src.len() {
+            candle_core::bail!("sgd: weight and momentum differ in size");
+        }
+        self.run(dst, src);
+        Ok(())
     }
 }
 

@@ -260,7 +260,10 @@ pub(crate) fn install_sparse_kernels(
             let rows = p.var.dims()[0];
             let cols = p.var.elem_count() / rows.max(1);
             let w = to_host(p.var.as_tensor())?;
-            Some(SparseWeight::new(&w, engine.mask(l), rows, cols)?)
+            let sw = SparseWeight::new(&w, engine.mask(l), rows, cols)?;
+            // Linear layers hand our SGD their gradient compactly (`Sgd::step`).
+            sw.set_compact_grad(p.var.rank() == 2);
+            Some(sw)
         } else {
             None
         };

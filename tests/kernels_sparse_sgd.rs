@@ -1,0 +1,155 @@
+//! Compact weight gradients of sparse linear layers (`SparseWeight::set_compact_grad`) and the
+//! SGD steps that consume them in place: the gradient handed over equals candle's dense
+//! gradient at the active weights, and training with it gives bit for bit the weights and
+//! momentum of the dense-gradient path (with and without momentum and weight decay, on the
+//! batch-major and the feature-major kernels), with weights outside the pattern left zero.
+
+use candle_core::{Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rest::kernels::{sparse_linear, SparseWeight};
+use rest::nn::Linear;
+use rest::train::optim::Sgd;
+
+fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .expect("flatten")
+        .to_vec1()
+        .expect("to_vec1")
+}
+
+fn mask(rng: &mut ChaCha8Rng, n: usize, density: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| f32::from(rng.random_bool(density)))
+        .collect()
+}
+
+/// (n, in, out, density): the first two run the batch-major kernels, the last the
+/// feature-major ones (nnz > 4 (I + O)).
+const CASES: [(usize, usize, usize, f64); 3] =
+    [(32, 300, 20, 0.02), (7, 50, 9, 0.1), (24, 40, 30, 0.9)];
+
+#[test]
+fn compact_gradient_is_the_dense_gradient_at_the_active_weights() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for &(n, i, o, density) in &CASES {
+        let mk = mask(&mut rng, o * i, density);
+        let wv: Vec<f32> = rand_vec(&mut rng, o * i)
+            .iter()
+            .zip(&mk)
+            .map(|(w, m)| w * m)
+            .collect();
+        let x = Tensor::from_vec(rand_vec(&mut rng, n * i), (n, i), &Device::Cpu).expect("x");
+        let r = Tensor::from_vec(rand_vec(&mut rng, n * o), (n, o), &Device::Cpu).expect("r");
+        let w = Var::from_vec(wv.clone(), (o, i), &Device::Cpu).expect("w");
+        // Reference: candle's dense matmul gradient.
+        let dense = x.matmul(&w.as_tensor().t().expect("t")).expect("matmul");
+        let g_ref = (&dense * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        let dw_ref = flat(g_ref.get(&w).expect("dw"));
+
+        let sw = SparseWeight::new(&wv, &mk, o, i).expect("sparse weight");
+        sw.set_compact_grad(true);
+        // A stale gradient from a graph that was never stepped must not leak into the next.
+        for _ in 0..2 {
+            let y = sparse_linear(&x, w.as_tensor(), &sw).expect("op");
+            let g = (&y * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("backward");
+            assert!(g.get(&w).is_none(), "no dense gradient in compact mode");
+        }
+        let (index, vals) = sw.take_grad().expect("compact gradient");
+        let active: Vec<usize> = (0..o * i).filter(|&k| mk[k] != 0.0).collect();
+        assert_eq!(&index[..], &active[..], "indices are the active weights");
+        let scale = dw_ref.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (&k, &g) in index.iter().zip(&vals) {
+            assert!(
+                (g - dw_ref[k]).abs() <= 1e-4 * scale,
+                "case {n}x{i}x{o}: dw[{k}] {g} vs {}",
+                dw_ref[k]
+            );
+        }
+        assert!(sw.take_grad().is_none(), "taken once");
+    }
+}
+
+/// Trains one sparse linear layer for a few SGD steps with compact (`true`) or dense
+/// gradients; returns the final weight, the momentum, the mask and the initial weight.
+fn train(
+    compact: bool,
+    (n, i, o, density): (usize, usize, usize, f64),
+    momentum: f64,
+    wd: f64,
+) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut init = rest::util::rng(3, 1);
+    let lin = Linear::new("fc", i, o, true, &mut init, &Device::Cpu).expect("linear");
+    let mk = mask(&mut rng, o * i, density);
+    let wm = lin
+        .weight
+        .as_tensor()
+        .mul(&Tensor::from_slice(&mk, (o, i), &Device::Cpu).expect("mask"))
+        .expect("mul");
+    lin.weight.set(&wm).expect("set");
+    let w_init = flat(&wm);
+    let sw = SparseWeight::new(&w_init, &mk, o, i).expect("sparse weight");
+    sw.set_compact_grad(compact);
+    *lin.slot.lock().expect("slot") = Some(sw);
+    let mut opt = Sgd::new(lin.params(), 0.05, momentum, wd);
+    for _ in 0..4 {
+        let x = Tensor::from_vec(rand_vec(&mut rng, n * i), (n, i), &Device::Cpu).expect("x");
+        let r = Tensor::from_vec(rand_vec(&mut rng, n * o), (n, o), &Device::Cpu).expect("r");
+        let y = lin.forward(&x).expect("forward").relu().expect("relu");
+        let g = (&y * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        opt.step(&g).expect("step");
+    }
+    (
+        flat(lin.weight.as_tensor()),
+        opt.momentum_buffer(0).map(flat),
+        mk,
+        w_init,
+    )
+}
+
+#[test]
+fn sgd_on_compact_gradients_matches_the_dense_path_bit_for_bit() {
+    for case in CASES {
+        for (momentum, wd) in [(0.9, 5e-4), (0.9, 0.0), (0.0, 1e-3)] {
+            let what = format!("case {case:?}, momentum {momentum}, wd {wd}");
+            let (w_c, m_c, mk, w_init) = train(true, case, momentum, wd);
+            let (w_d, m_d, _, _) = train(false, case, momentum, wd);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            // `0.0` vs `-0.0` outside the pattern is not a difference in value.
+            let norm = |v: &[f32]| bits(&v.iter().map(|x| x + 0.0).collect::<Vec<_>>());
+            assert_eq!(norm(&w_c), norm(&w_d), "{what}: weights");
+            assert_eq!(
+                m_c.as_deref().map(norm),
+                m_d.as_deref().map(norm),
+                "{what}: momentum"
+            );
+            assert_eq!(m_c.is_some(), momentum != 0.0, "{what}: momentum kept");
+            for (k, (&w, &m)) in w_c.iter().zip(&mk).enumerate() {
+                if m == 0.0 {
+                    assert_eq!(w, 0.0, "{what}: weight {k} outside the pattern");
+                }
+            }
+            // The weights moved (else the test would compare two untouched layers).
+            let moved = w_c.iter().zip(&w_init).filter(|(a, b)| a != b).count();
+            let active = mk.iter().filter(|&&m| m != 0.0).count();
+            assert!(
+                moved * 2 > active,
+                "{what}: {moved} of {active} weights moved"
+            );
+        }
+    }
+}
