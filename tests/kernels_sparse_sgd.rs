@@ -3,11 +3,13 @@
 //! gradient at the active weights, and training with it gives bit for bit the weights and
 //! momentum of the dense-gradient path (with and without momentum and weight decay, on the
 //! batch-major and the feature-major kernels), with weights outside the pattern left zero.
+//! Also the bias folded into the sparse op (`sparse_linear_bias`) against candle's matmul and
+//! broadcast add.
 
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rest::kernels::{sparse_linear, SparseWeight};
+use rest::kernels::{sparse_linear, sparse_linear_bias, SparseWeight};
 use rest::nn::Linear;
 use rest::train::optim::Sgd;
 
@@ -151,5 +153,74 @@ fn sgd_on_compact_gradients_matches_the_dense_path_bit_for_bit() {
                 "{what}: {moved} of {active} weights moved"
             );
         }
+    }
+}
+
+#[test]
+fn sparse_linear_bias_matches_matmul_plus_bias() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (k, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * scale, "{what}: {k}: {x} vs {y}");
+        }
+    };
+    for &(n, i, o, density) in &CASES {
+        let mk = mask(&mut rng, o * i, density);
+        let wv: Vec<f32> = rand_vec(&mut rng, o * i)
+            .iter()
+            .zip(&mk)
+            .map(|(w, m)| w * m)
+            .collect();
+        let dev = &Device::Cpu;
+        let x = Var::from_vec(rand_vec(&mut rng, n * i), (n, i), dev).expect("x");
+        let w = Var::from_vec(wv.clone(), (o, i), dev).expect("w");
+        let b = Var::from_vec(rand_vec(&mut rng, o), o, dev).expect("b");
+        let r = Tensor::from_vec(rand_vec(&mut rng, n * o), (n, o), dev).expect("r");
+        let want = x
+            .matmul(&w.as_tensor().t().expect("t"))
+            .and_then(|t| t.broadcast_add(&b))
+            .expect("reference");
+        let g_ref = (&want * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        let sw = SparseWeight::new(&wv, &mk, o, i).expect("sparse weight");
+        let got = sparse_linear_bias(&x, &w, Some(&b), &sw).expect("op");
+        let what = format!("case {n}x{i}x{o}");
+        close(&flat(&got), &flat(&want), &format!("{what}: forward"));
+        let g = (&got * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        for (t, name) in [(&x, "dx"), (&b, "db")] {
+            close(
+                &flat(g.get(t).expect("grad")),
+                &flat(g_ref.get(t).expect("grad")),
+                &format!("{what}: {name}"),
+            );
+        }
+        let masked_ref: Vec<f32> = flat(g_ref.get(&w).expect("dw"))
+            .iter()
+            .zip(&mk)
+            .map(|(g, m)| g * m)
+            .collect();
+        close(
+            &flat(g.get(&w).expect("dw")),
+            &masked_ref,
+            &format!("{what}: dw"),
+        );
+        let plain = sparse_linear_bias(
+            &x.as_tensor().detach(),
+            &w.as_tensor().detach(),
+            Some(&b.as_tensor().detach()),
+            &sw,
+        )
+        .expect("untracked");
+        close(&flat(&plain), &flat(&want), &format!("{what}: untracked"));
+        let bad = Tensor::zeros(o + 1, candle_core::DType::F32, dev).expect("zeros");
+        let err = sparse_linear_bias(&x, &w, Some(&bad), &sw).expect_err("bias of the wrong size");
+        assert!(err.to_string().contains("bias"), "{err}");
     }
 }

@@ -21,7 +21,7 @@ pub use linear::linear;
 pub use norm::{batch_norm_cnhw_eval, batch_norm_cnhw_train};
 pub use pool::{global_avg_pool_cnhw, max_pool2d_cnhw};
 pub(crate) use scratch::output as output_buffer;
-pub use sparse::{sparse_conv2d_cnhw, sparse_linear, SparseWeight};
+pub use sparse::{sparse_conv2d_cnhw, sparse_linear, sparse_linear_bias, SparseWeight};
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};

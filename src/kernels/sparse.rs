@@ -7,12 +7,12 @@
 //! the dense weight tensor at every forward pass (O(nnz)).
 
 use anyhow::{bail, Context, Result};
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rest_kernels::sparse::{
     sddmm_into, sddmm_rows, spmm, spmm_rows, spmm_t, spmm_t_rows, transpose, SparseConv,
     SparseMatrix,
 };
-use rest_kernels::{conv2d_bwd_weight, linear_bwd_weight, Conv2dGeom};
+use rest_kernels::{conv2d_bwd_weight, linear_bwd_bias, linear_bwd_weight, Conv2dGeom};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
@@ -348,26 +348,21 @@ struct SparseLinearOp {
     weight: Arc<SparseWeight>,
 }
 
-impl CustomOp2 for SparseLinearOp {
-    fn name(&self) -> &'static str {
-        "rest-sparse-linear"
-    }
-
-    fn cpu_fwd(
+impl SparseLinearOp {
+    /// `y = x W^T (+ b)`.
+    fn fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, i, o) = (self.n, self.i, self.o);
-        let x = cpu_slice(s1, l1, self.name())?;
-        let w = cpu_slice(s2, l2, self.name())?;
         let mut st = self.weight.lock();
         st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
         if rows_path(st.matrix.nnz(), i, o) {
             let mut y = scratch::output(n * o);
             spmm_rows(&st.matrix, x, n, &mut y).map_err(kernel_err)?;
+            add_bias(&mut y, b);
             return Ok((CpuStorage::F32(y), Shape::from((n, o))));
         }
         let mut xt = scratch::output(n * i);
@@ -376,14 +371,15 @@ impl CustomOp2 for SparseLinearOp {
         spmm(&st.matrix, &xt, n, &mut yt).map_err(kernel_err)?;
         let mut y = scratch::output(n * o);
         transpose(&yt, o, n, &mut y).map_err(kernel_err)?;
+        add_bias(&mut y, b);
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
 
-    fn bwd(
+    /// The input and weight gradients (see [`SparseWeight::set_compact_grad`] for the latter).
+    fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, i, o) = (self.n, self.i, self.o);
@@ -494,6 +490,93 @@ impl CustomOp2 for SparseLinearOp {
     }
 }
 
+/// `y[n][o] += b[o]` (the same single rounding as candle's `broadcast_add`).
+fn add_bias(y: &mut [f32], b: Option<&[f32]>) {
+    if let Some(b) = b {
+        for row in y.chunks_exact_mut(b.len().max(1)) {
+            row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv);
+        }
+    }
+}
+
+impl CustomOp2 for SparseLinearOp {
+    fn name(&self) -> &'static str {
+        "rest-sparse-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd(
+            cpu_slice(s1, l1, self.name())?,
+            cpu_slice(s2, l2, self.name())?,
+            None,
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, grad)
+    }
+}
+
+/// The sparse linear layer with its bias added in the same op: saves candle's broadcast add
+/// and, in backward, its reduction over the batch.
+struct SparseLinearBiasOp(SparseLinearOp);
+
+impl CustomOp3 for SparseLinearBiasOp {
+    fn name(&self) -> &'static str {
+        "rest-sparse-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.fwd(
+            cpu_slice(s1, l1, self.name())?,
+            cpu_slice(s2, l2, self.name())?,
+            Some(cpu_slice(s3, l3, self.name())?),
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.0.grads(x, w, grad)?;
+        let db = if b.track_op() {
+            let mut db = vec![0.0f32; self.0.o];
+            with_f32(grad, self.name(), |dy| {
+                linear_bwd_bias(dy, self.0.n, self.0.o, &mut db);
+                Ok(())
+            })?;
+            Some(Tensor::from_vec(db, self.0.o, b.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
 /// Whether a sparse linear layer runs the batch-major kernels (`spmm_rows`, ...) rather
 /// than transposing its activations for the feature-major ones: their `N·nnz` indexed
 /// multiply-adds beat the transposes (`N·(I + O)` scattered moves each way) up to about
@@ -505,12 +588,23 @@ fn rows_path(nnz: usize, i: usize, o: usize) -> bool {
 /// See [`rows_path`].
 const ROWS_PATH_NNZ_PER_DIM: usize = 4;
 
-/// Sparse `y = x W^T` for `x` `[N, I]`, `w` `[O, I]` with `weight`'s pattern (no bias: add
-/// it outside). Differentiable in `x` and `w`.
+/// Sparse `y = x W^T` for `x` `[N, I]`, `w` `[O, I]` with `weight`'s pattern (no bias: see
+/// [`sparse_linear_bias`]). Differentiable in `x` and `w`.
 pub fn sparse_linear(x: &Tensor, w: &Tensor, weight: &Arc<SparseWeight>) -> Result<Tensor> {
+    sparse_linear_bias(x, w, None, weight)
+}
+
+/// Sparse `y = x W^T + b` for `x` `[N, I]`, `w` `[O, I]` with `weight`'s pattern and an
+/// optional bias `b` `[O]`, added in the same op. Differentiable in `x`, `w` and `b`.
+pub fn sparse_linear_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    weight: &Arc<SparseWeight>,
+) -> Result<Tensor> {
     if super::generic_path(x) {
         let _ = weight;
-        return super::generic::linear(x, w, None);
+        return super::generic::linear(x, w, b);
     }
     let x = prepare(x, 2, "sparse_linear input x [N, I]")?;
     let w = prepare(w, 2, "sparse_linear weight w [O, I]")?;
@@ -543,10 +637,26 @@ pub fn sparse_linear(x: &Tensor, w: &Tensor, weight: &Arc<SparseWeight>) -> Resu
         // A new graph: a compact gradient not taken since the last one is stale.
         weight.lock().grad = None;
     }
-    Ok(if any_tracked(&[&x, &w]) {
-        x.apply_op2(&w, op)?
+    let Some(b) = b else {
+        return Ok(if any_tracked(&[&x, &w]) {
+            x.apply_op2(&w, op)?
+        } else {
+            x.apply_op2_no_bwd(&w, &op)?
+        });
+    };
+    let b = prepare(b, 1, "sparse_linear bias b [O]")?;
+    if b.dim(0)? != o {
+        bail!(
+            "sparse_linear: bias has {} entries but weight {:?} has {o} outputs",
+            b.dim(0)?,
+            w.dims()
+        );
+    }
+    let op = SparseLinearBiasOp(op);
+    Ok(if any_tracked(&[&x, &w, &b]) {
+        x.apply_op3(&w, &b, op)?
     } else {
-        x.apply_op2_no_bwd(&w, &op)?
+        x.apply_op3_no_bwd(&w, &b, &op)?
     })
 }
 

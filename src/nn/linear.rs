@@ -44,11 +44,7 @@ impl Linear {
         let w = self.weight.as_tensor();
         match slot_weight(&self.slot) {
             Some(sw) => {
-                let y = kernels::sparse_linear(x, w, &sw)?;
-                Ok(match &self.bias {
-                    Some(b) => y.broadcast_add(b.as_tensor())?,
-                    None => y,
-                })
+                kernels::sparse_linear_bias(x, w, self.bias.as_ref().map(|b| b.as_tensor()), &sw)
             }
             None => kernels::linear(x, w, self.bias.as_ref().map(|b| b.as_tensor())),
         }
