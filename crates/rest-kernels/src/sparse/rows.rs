@@ -33,8 +33,30 @@ pub fn spmm_rows(w: &SparseMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result
     let (rp, ci, v) = (w.row_ptr(), w.col_idx(), w.values());
     let block = sample_block(n, 2 * w.nnz() + o);
     let run = |(b, yb): (usize, &mut [f32])| {
-        for (s, yr) in yb.chunks_exact_mut(o).enumerate() {
-            let xr = &x[(b * block + s) * i..][..i];
+        let x = &x[b * block * i..];
+        let done = (yb.len() / o) & !3;
+        // Four samples at a time: each stored weight and index is loaded once for the four
+        // gathers, and the four sums are independent chains.
+        let mut quads = yb.chunks_exact_mut(4 * o);
+        // The activations are read in index order, not streamed: ask for the next four
+        // samples' rows (from L3, they rarely fit L2) a few lines per output row ahead.
+        let lines_per_row = (4 * i * 4).div_ceil(64).div_ceil(o.max(1));
+        for (q, yq) in quads.by_ref().enumerate() {
+            let xq = &x[4 * q * i..][..4 * i];
+            let next = x.get(4 * (q + 1) * i..).unwrap_or(&[]);
+            let next = &next[..next.len().min(4 * i)];
+            let (y01, y23) = yq.split_at_mut(2 * o);
+            let (y0, y1) = y01.split_at_mut(o);
+            let (y2, y3) = y23.split_at_mut(o);
+            for r in 0..o {
+                prefetch_lines(next, r * lines_per_row, lines_per_row);
+                let (lo, hi) = (rp[r], rp[r + 1]);
+                let d = dot_gather4(&v[lo..hi], &ci[lo..hi], xq, i);
+                (y0[r], y1[r], y2[r], y3[r]) = (d[0], d[1], d[2], d[3]);
+            }
+        }
+        for (s, yr) in quads.into_remainder().chunks_exact_mut(o).enumerate() {
+            let xr = &x[(done + s) * i..][..i];
             for (r, yv) in yr.iter_mut().enumerate() {
                 let (lo, hi) = (rp[r], rp[r + 1]);
                 *yv = dot_gather(&v[lo..hi], &ci[lo..hi], xr);
@@ -163,6 +185,51 @@ pub fn sddmm_rows(
         }
     }
     Ok(())
+}
+
+/// Prefetches (into L1) cache lines `first..first + count` of `x`, those that exist.
+#[inline]
+fn prefetch_lines(x: &[f32], first: usize, count: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for l in first..first + count {
+        if let Some(p) = x.get(16 * l) {
+            // SAFETY: a prefetch of a valid address; it neither reads nor writes memory.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    (p as *const f32).cast(),
+                )
+            };
+        } else {
+            break;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, first, count);
+}
+
+/// `Σ_j v[j] · x_s[k[j]]` for the four consecutive rows `x_s = x[s·i..(s+1)·i]` of `x`
+/// (`4·i` long), each with two partial sums (even and odd `j`).
+#[inline]
+fn dot_gather4(v: &[f32], k: &[u32], x: &[f32], i: usize) -> [f32; 4] {
+    assert!(x.len() >= 4 * i && k.iter().all(|&c| (c as usize) < i));
+    let mut s = [[0.0f32; 4]; 2];
+    for (j, (&vv, &kk)) in v.iter().zip(k).enumerate() {
+        let c = kk as usize;
+        let acc = &mut s[j & 1];
+        // SAFETY: `c < i` and `x.len() >= 4 i` (asserted above), so `c + 3 i < x.len()`.
+        unsafe {
+            acc[0] += vv * *x.get_unchecked(c);
+            acc[1] += vv * *x.get_unchecked(c + i);
+            acc[2] += vv * *x.get_unchecked(c + 2 * i);
+            acc[3] += vv * *x.get_unchecked(c + 3 * i);
+        }
+    }
+    [
+        s[0][0] + s[1][0],
+        s[0][1] + s[1][1],
+        s[0][2] + s[1][2],
+        s[0][3] + s[1][3],
+    ]
 }
 
 /// `Σ_j v[j] · x[k[j]]`, four independent partial sums.
