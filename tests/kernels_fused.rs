@@ -2,12 +2,15 @@
 //! replaces: output, batch statistics and every gradient must be identical (same kernels in
 //! the same order), on dense and sparse weights, with and without the dense weight gradient
 //! of mask-update steps, and with an input that tracks no gradient (the network's images).
+//! The inference op (`conv_bn_relu_eval`, running statistics) likewise against the separate
+//! convolution and evaluation-mode batch norm.
 
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{
-    batch_norm_cnhw_train, conv2d_cnhw, conv_bn_relu_train, sparse_conv2d_cnhw, SparseWeight,
+    batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_relu_eval,
+    conv_bn_relu_train, sparse_conv2d_cnhw, SparseWeight,
 };
 use std::sync::Arc;
 
@@ -143,4 +146,89 @@ fn fused_op_rejects_mismatched_shapes() {
     let sw = SparseWeight::new(&[0.0; 8], &[1.0; 8], 4, 2).expect("sparse");
     let e = conv_bn_relu_train(&x, &w, 1, 1, Some(&sw), &g, &g, 1e-5).unwrap_err();
     assert!(e.to_string().contains("sparse pattern"), "{e}");
+}
+
+#[test]
+fn fused_eval_equals_conv_then_eval_batch_norm() {
+    let mut r = ChaCha8Rng::seed_from_u64(8);
+    // (c, n, h, w, oc, k, stride, pad, density or 1 for dense kernels); the first has many
+    // image tiles, the 1x1 convolution needs no im2col.
+    let cases = [
+        (3, 96, 28, 28, 16, 4, 2, 1, 1.0),
+        (3, 4, 28, 28, 8, 4, 2, 1, 0.3),
+        (6, 2, 9, 9, 5, 3, 1, 1, 0.05),
+        (5, 3, 6, 6, 7, 1, 1, 0, 1.0),
+    ];
+    for (case, &(c, n, h, w, oc, k, stride, pad, density)) in cases.iter().enumerate() {
+        let x = var(&mut r, &[c, n, h, w]);
+        let wt = var(&mut r, &[oc, c, k, k]);
+        let gamma = var(&mut r, &[oc]);
+        let beta = var(&mut r, &[oc]);
+        let dev = &Device::Cpu;
+        let rm = Tensor::from_vec(rand_vec(&mut r, oc), oc, dev).expect("rm");
+        let rv = Tensor::from_vec(
+            rand_vec(&mut r, oc).iter().map(|v| v + 1.0).collect(),
+            oc,
+            dev,
+        )
+        .expect("rv");
+        let sparse = (density < 1.0).then(|| {
+            let wv = wt
+                .as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>());
+            let m: Vec<f32> = (0..oc * c * k * k)
+                .map(|_| f32::from(r.random_bool(density)))
+                .collect();
+            SparseWeight::new(&wv.expect("w"), &m, oc, c * k * k).expect("sparse")
+        });
+        let what = format!("eval case {case} (density {density})");
+        let (g, b) = (gamma.as_tensor(), beta.as_tensor());
+        let fused = conv_bn_relu_eval(
+            x.as_tensor(),
+            wt.as_tensor(),
+            stride,
+            pad,
+            sparse.as_ref(),
+            g,
+            b,
+            &rm,
+            &rv,
+            1e-5,
+        )
+        .expect("fused");
+        let conv = match &sparse {
+            Some(sw) => sparse_conv2d_cnhw(x.as_tensor(), wt.as_tensor(), stride, pad, sw),
+            None => conv2d_cnhw(x.as_tensor(), wt.as_tensor(), stride, pad),
+        }
+        .expect("conv");
+        let sep = batch_norm_cnhw_eval(&conv, g, b, &rm, &rv, 1e-5, true).expect("bn");
+        same(&fused, &sep, &format!("{what}: output"));
+        let positive = sep
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("v")
+            .iter()
+            .filter(|&&v| v > 0.0)
+            .count();
+        assert!(
+            positive > 0 && positive < sep.elem_count(),
+            "{what}: ReLU not exercised"
+        );
+        // Not differentiable: a backward pass through it fails instead of dropping gradients.
+        assert!(
+            fused.sum_all().and_then(|t| t.backward()).is_err(),
+            "{what}: backward must fail"
+        );
+    }
+    let dev = &Device::Cpu;
+    let x = Tensor::zeros((3, 2, 8, 8), candle_core::DType::F32, dev).expect("x");
+    let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, dev).expect("w");
+    let one = Tensor::ones(4, candle_core::DType::F32, dev).expect("one");
+    let neg = Tensor::new(&[1.0f32, -1.0, 1.0, 1.0], dev).expect("neg");
+    let e = conv_bn_relu_eval(&x, &w, 1, 1, None, &one, &one, &one, &neg, 1e-5).unwrap_err();
+    assert!(e.to_string().contains("running_var"), "{e}");
+    let five = Tensor::ones(5, candle_core::DType::F32, dev).expect("five");
+    let e = conv_bn_relu_eval(&x, &w, 1, 1, None, &one, &five, &one, &one, 1e-5).unwrap_err();
+    assert!(e.to_string().contains("beta"), "{e}");
 }

@@ -6,10 +6,10 @@
 //! backward pass. Results are bit-identical to the unfused ops (same kernels, same order).
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rest_kernels::{
-    batch_norm_bwd, batch_norm_train_fwd, conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd,
-    BnBatchStats, Conv2dGeom,
+    batch_norm_bwd, batch_norm_train_fwd, channel_affine_inplace, conv2d_bwd_input,
+    conv2d_bwd_weight, conv2d_fwd, conv2d_fwd_affine, BnBatchStats, Conv2dGeom,
 };
 use std::sync::{Arc, Mutex};
 
@@ -232,4 +232,134 @@ pub fn conv_bn_relu_train(
     let mean = Tensor::from_vec(stats.mean, oc, x.device())?;
     let var = Tensor::from_vec(stats.var, oc, x.device())?;
     Ok((y, mean, var))
+}
+
+/// Convolution + batch normalisation with running statistics + ReLU, for inference: the
+/// normalisation is folded into a per-channel scale and shift applied to each image tile of a
+/// dense convolution as the GEMM leaves it (in place after a sparse one), so the largest
+/// activations are written once. No backward pass (a backward through it is an error, not a
+/// silent zero): training runs [`conv_bn_relu_train`].
+struct ConvBnReluEvalOp {
+    geom: Conv2dGeom,
+    sparse: Option<Arc<SparseWeight>>,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl CustomOp2 for ConvBnReluEvalOp {
+    fn name(&self) -> &'static str {
+        "rest-conv-bn-relu-eval-cnhw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = cpu_slice(s1, l1, self.name())?;
+        let w = cpu_slice(s2, l2, self.name())?;
+        let mut out = scratch::output(g.out_len());
+        match &self.sparse {
+            Some(sw) => {
+                sparse_conv_forward(sw, g, x, w, &mut out, false)?;
+                channel_affine_inplace(&mut out, &self.scale, &self.shift, true);
+            }
+            None => conv2d_fwd_affine(x, w, g, &self.scale, &self.shift, true, &mut out),
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((g.oc, g.n, g.oh(), g.ow())),
+        ))
+    }
+}
+
+/// `relu(batch_norm_eval(conv(x)))` on CNHW `x` `[C, N, H, W]` with weight `w`
+/// `[OC, C, KH, KW]` (dense, or `sparse`'s pattern), BatchNorm parameters `gamma`/`beta` and
+/// running statistics `[OC]`. Equal to `conv2d_cnhw` (or `sparse_conv2d_cnhw`) then
+/// `batch_norm_cnhw_eval(.., relu = true)`. Inference only: not differentiable.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_relu_eval(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    sparse: Option<&Arc<SparseWeight>>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    const F: &str = "conv_bn_relu_eval";
+    let x = prepare(x, 4, "conv_bn_relu_eval input x [C, N, H, W]")?;
+    let w = prepare(w, 4, "conv_bn_relu_eval weight w [OC, C, KH, KW]")?;
+    let (c, n, h, wd) = x.dims4()?;
+    let (oc, ic, kh, kw) = w.dims4()?;
+    if ic != c {
+        bail!(
+            "{F}: weight {:?} expects {ic} input channels, x (CNHW) {:?} has {c}",
+            w.dims(),
+            x.dims()
+        );
+    }
+    let geom = Conv2dGeom {
+        c,
+        n,
+        h,
+        w: wd,
+        oc,
+        kh,
+        kw,
+        stride,
+        pad,
+    };
+    geom.validate()
+        .map_err(|e| anyhow::anyhow!("{F}: x {:?}, w {:?}: {e}", x.dims(), w.dims()))?;
+    let mut host = Vec::with_capacity(4);
+    for (t, what) in [
+        (gamma, "gamma"),
+        (beta, "beta"),
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+    ] {
+        if t.dims() != [oc] {
+            bail!("{F}: {what} has shape {:?}, expected [{oc}]", t.dims());
+        }
+        host.push(t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+    }
+    if let Some(sw) = sparse {
+        sw.check_shape(oc, geom.k(), F)?;
+    }
+    if eps.is_nan() || eps <= 0.0 {
+        bail!("{F}: eps must be positive, got {eps}");
+    }
+    if let Some(v) = host[3].iter().find(|v| v.is_nan() || **v < 0.0) {
+        bail!("{F}: running_var contains {v}; running variances must be non-negative");
+    }
+    // The same folding (and rounding) as `batch_norm_cnhw_eval`.
+    let scale: Vec<f32> = host[0]
+        .iter()
+        .zip(&host[3])
+        .map(|(g, v)| g * (1.0 / (v + eps as f32).sqrt()))
+        .collect();
+    let shift = host[1]
+        .iter()
+        .zip(&scale)
+        .zip(&host[2])
+        .map(|((b, s), m)| b - m * s)
+        .collect();
+    let op = ConvBnReluEvalOp {
+        geom,
+        sparse: sparse.cloned(),
+        scale,
+        shift,
+    };
+    Ok(if any_tracked(&[&x, &w]) {
+        x.apply_op2(&w, op)?
+    } else {
+        x.apply_op2_no_bwd(&w, &op)?
+    })
 }

@@ -26,13 +26,31 @@ pub fn slot_weight(slot: &SparseSlot) -> Option<Arc<SparseWeight>> {
     slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// `relu(bn(conv(x)))` on CNHW activations. In training (and for a convolution without
-/// bias) one fused op runs the three, so the convolution's output never passes through
-/// candle's gradient accumulation (see `kernels::conv_bn_relu_train`); the result, the
-/// gradients and the running statistics equal those of the separate layers.
+/// `relu(bn(conv(x)))` on CNHW activations. For a convolution without bias on the CPU, one
+/// fused op runs the three: in training the convolution's output never passes through
+/// candle's gradient accumulation (see `kernels::conv_bn_relu_train`; the result, the
+/// gradients and the running statistics equal those of the separate layers); in evaluation
+/// the normalisation and ReLU are applied as the convolution writes its output
+/// (`kernels::conv_bn_relu_eval`, same values, not differentiable).
 pub fn conv_bn_relu(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
-    if !train || conv.bias.is_some() || crate::kernels::generic_path(x) {
+    if conv.bias.is_some() || crate::kernels::generic_path(x) {
         return bn.forward(&conv.forward(x)?, train, true);
+    }
+    if !train {
+        let lock = |m: &Mutex<Tensor>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (rm, rv) = (lock(&bn.running_mean), lock(&bn.running_var));
+        return crate::kernels::conv_bn_relu_eval(
+            x,
+            conv.weight.as_tensor(),
+            conv.stride,
+            conv.padding,
+            slot_weight(&conv.slot).as_ref(),
+            bn.gamma.as_tensor(),
+            bn.beta.as_tensor(),
+            &rm,
+            &rv,
+            bn.eps,
+        );
     }
     let sparse = slot_weight(&conv.slot);
     let (y, mean, var) = crate::kernels::conv_bn_relu_train(

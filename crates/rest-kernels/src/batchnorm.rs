@@ -182,6 +182,34 @@ pub fn channel_affine(x: &[f32], scale: &[f32], shift: &[f32], relu: bool, y: &m
         .for_each(|(ch, (yr, xr))| row_affine(xr, scale[ch], shift[ch], relu, yr));
 }
 
+simd_dispatch! {
+    /// `y = y * a + b`, then ReLU when `relu` (in place; the same rounding as `row_affine`).
+    pub(crate) fn row_affine_inplace(y: &mut [f32], a: f32, b: f32, relu: bool) {
+        if relu {
+            for v in y.iter_mut() {
+                *v = (*v * a + b).max(0.0);
+            }
+        } else {
+            for v in y.iter_mut() {
+                *v = *v * a + b;
+            }
+        }
+    }
+}
+
+/// [`channel_affine`] in place on the channel-major `y` (`scale.len()` rows).
+pub fn channel_affine_inplace(y: &mut [f32], scale: &[f32], shift: &[f32], relu: bool) {
+    let c = scale.len();
+    let m = row_len(y.len(), c, "channel_affine_inplace");
+    assert_eq!(shift.len(), c, "channel_affine_inplace: shift length");
+    if m == 0 {
+        return;
+    }
+    y.par_chunks_mut(m)
+        .enumerate()
+        .for_each(|(ch, yr)| row_affine_inplace(yr, scale[ch], shift[ch], relu));
+}
+
 /// Evaluation-mode forward with running statistics:
 /// `y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta` (`y` overwritten).
 pub fn batch_norm_eval(

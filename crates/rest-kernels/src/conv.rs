@@ -103,12 +103,46 @@ pub fn conv2d_fwd_col(col: &[f32], w: &[f32], g: &Conv2dGeom, out: &mut [f32]) {
 /// Convolution forward: CNHW `x` `[C,N,H,W]`, weight `[OC,C,KH,KW]` -> CNHW `out`
 /// `[OC,N,OH,OW]` (overwritten), lowering cache-sized tiles of images at a time.
 pub fn conv2d_fwd(x: &[f32], w: &[f32], g: &Conv2dGeom, out: &mut [f32]) {
+    conv2d_fwd_epilogue(x, w, g, None, out);
+}
+
+/// [`conv2d_fwd`] followed by a per-channel affine map and optional ReLU,
+/// `out[oc] = max(0, conv[oc] * scale[oc] + shift[oc])` (batch normalisation with running
+/// statistics folded into `scale`/`shift`, then ReLU), applied to each image tile while it is
+/// still in cache: the convolution output is written once instead of written, read and
+/// written again. Same values as [`conv2d_fwd`] then `channel_affine`.
+pub fn conv2d_fwd_affine(
+    x: &[f32],
+    w: &[f32],
+    g: &Conv2dGeom,
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    assert!(
+        scale.len() == g.oc && shift.len() == g.oc,
+        "conv2d_fwd_affine: scale/shift length"
+    );
+    conv2d_fwd_epilogue(x, w, g, Some((scale, shift, relu)), out);
+}
+
+fn conv2d_fwd_epilogue(
+    x: &[f32],
+    w: &[f32],
+    g: &Conv2dGeom,
+    affine: Option<(&[f32], &[f32], bool)>,
+    out: &mut [f32],
+) {
     check(g);
     assert_eq!(x.len(), g.x_len(), "conv2d_fwd: x length");
     assert_eq!(w.len(), g.w_len(), "conv2d_fwd: weight length");
     assert_eq!(out.len(), g.out_len(), "conv2d_fwd: out length");
     if !needs_im2col(g) {
         conv2d_fwd_col(x, w, g, out);
+        if let Some((scale, shift, relu)) = affine {
+            crate::batchnorm::channel_affine_inplace(out, scale, shift, relu);
+        }
         return;
     }
     let (k, p, ohow) = (g.k(), g.p(), g.oh() * g.ow());
@@ -131,6 +165,15 @@ pub fn conv2d_fwd(x: &[f32], w: &[f32], g: &Conv2dGeom, out: &mut [f32]) {
                 (col.as_ptr(), pt as isize, 1),
                 par,
             );
+        }
+        if let Some((scale, shift, relu)) = affine {
+            for oc in 0..g.oc {
+                // SAFETY: the same tile columns as the GEMM above wrote (this tile's own).
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(outp.get().add(oc * p + n0 * ohow), pt)
+                };
+                crate::batchnorm::row_affine_inplace(row, scale[oc], shift[oc], relu);
+            }
         }
     });
 }

@@ -20,12 +20,12 @@ pub mod sparse;
 pub mod util;
 
 pub use batchnorm::{
-    batch_norm_bwd, batch_norm_eval, batch_norm_train_fwd, channel_affine, update_running_stats,
-    BnBatchStats, BN_EPS, BN_MOMENTUM,
+    batch_norm_bwd, batch_norm_eval, batch_norm_train_fwd, channel_affine, channel_affine_inplace,
+    update_running_stats, BnBatchStats, BN_EPS, BN_MOMENTUM,
 };
 pub use conv::{
-    conv2d_bwd_input, conv2d_bwd_weight, conv2d_bwd_weight_col, conv2d_fwd, conv2d_fwd_col,
-    needs_im2col,
+    conv2d_bwd_input, conv2d_bwd_weight, conv2d_bwd_weight_col, conv2d_fwd, conv2d_fwd_affine,
+    conv2d_fwd_col, needs_im2col,
 };
 pub use im2col::{col2im, im2col, Conv2dGeom};
 pub use linear::{linear_bwd_bias, linear_bwd_input, linear_bwd_weight, linear_fwd};
