@@ -1,11 +1,11 @@
 //! 2-D convolution on CNHW activations as a candle custom op (`[C,N,H,W] * [OC,C,KH,KW] ->
 //! [OC,N,OH,OW]`), gradients to input and weight via `rest_kernels::conv`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rest_kernels::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv2dGeom};
 
-use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
+use super::{any_tracked, cpu_slice, scratch, with_f32};
 
 /// The kernels re-lower cache-sized image tiles in the backward pass instead of keeping a
 /// full im2col buffer alive between forward and backward, so the op holds only its geometry.
@@ -77,31 +77,7 @@ pub fn conv2d_cnhw(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<
     if super::generic_path(x) {
         return super::generic::conv2d_cnhw(x, w, stride, pad);
     }
-    let x = prepare(x, 4, "conv2d_cnhw input x [C, N, H, W]")?;
-    let w = prepare(w, 4, "conv2d_cnhw weight w [OC, C, KH, KW]")?;
-    let (c, n, h, wd) = x.dims4()?;
-    let (oc, ic, kh, kw) = w.dims4()?;
-    if ic != c {
-        bail!(
-            "conv2d_cnhw: weight {:?} expects {ic} input channels but x {:?} (CNHW) has {c}",
-            w.dims(),
-            x.dims()
-        );
-    }
-    let geom = Conv2dGeom {
-        c,
-        n,
-        h,
-        w: wd,
-        oc,
-        kh,
-        kw,
-        stride,
-        pad,
-    };
-    geom.validate()
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("conv2d_cnhw: x {:?}, w {:?}", x.dims(), w.dims()))?;
+    let (x, w, geom) = super::prepare_conv("conv2d_cnhw", x, w, stride, pad)?;
     let tracked = any_tracked(&[&x, &w]);
     let op = Conv2dOp { geom };
     Ok(if tracked {

@@ -172,30 +172,8 @@ pub fn conv_bn_relu_train(
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const F: &str = "conv_bn_relu_train";
-    let x = prepare(x, 4, "conv_bn_relu_train input x [C, N, H, W]")?;
-    let w = prepare(w, 4, "conv_bn_relu_train weight w [OC, C, KH, KW]")?;
-    let (c, n, h, wd) = x.dims4()?;
-    let (oc, ic, kh, kw) = w.dims4()?;
-    if ic != c {
-        bail!(
-            "{F}: weight {:?} expects {ic} input channels, x (CNHW) {:?} has {c}",
-            w.dims(),
-            x.dims()
-        );
-    }
-    let geom = Conv2dGeom {
-        c,
-        n,
-        h,
-        w: wd,
-        oc,
-        kh,
-        kw,
-        stride,
-        pad,
-    };
-    geom.validate()
-        .map_err(|e| anyhow::anyhow!("{F}: x {:?}, w {:?}: {e}", x.dims(), w.dims()))?;
+    let (x, w, geom) = super::prepare_conv("conv_bn_relu_train", x, w, stride, pad)?;
+    let oc = geom.oc;
     for (t, what) in [(gamma, "gamma"), (beta, "beta")] {
         if t.dims() != [oc] {
             bail!("{F}: {what} has shape {:?}, expected [{oc}]", t.dims());
@@ -294,30 +272,8 @@ pub fn conv_bn_relu_eval(
     eps: f64,
 ) -> Result<Tensor> {
     const F: &str = "conv_bn_relu_eval";
-    let x = prepare(x, 4, "conv_bn_relu_eval input x [C, N, H, W]")?;
-    let w = prepare(w, 4, "conv_bn_relu_eval weight w [OC, C, KH, KW]")?;
-    let (c, n, h, wd) = x.dims4()?;
-    let (oc, ic, kh, kw) = w.dims4()?;
-    if ic != c {
-        bail!(
-            "{F}: weight {:?} expects {ic} input channels, x (CNHW) {:?} has {c}",
-            w.dims(),
-            x.dims()
-        );
-    }
-    let geom = Conv2dGeom {
-        c,
-        n,
-        h,
-        w: wd,
-        oc,
-        kh,
-        kw,
-        stride,
-        pad,
-    };
-    geom.validate()
-        .map_err(|e| anyhow::anyhow!("{F}: x {:?}, w {:?}: {e}", x.dims(), w.dims()))?;
+    let (x, w, geom) = super::prepare_conv("conv_bn_relu_eval", x, w, stride, pad)?;
+    let oc = geom.oc;
     let mut host = Vec::with_capacity(4);
     for (t, what) in [
         (gamma, "gamma"),

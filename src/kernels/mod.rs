@@ -63,6 +63,43 @@ fn prepare(t: &Tensor, rank: usize, what: &str) -> Result<Tensor> {
     Ok(t.contiguous()?)
 }
 
+/// Prepares the CNHW input `x` `[C, N, H, W]` and weight `w` `[OC, C, KH, KW]` of convolution op
+/// `op` (contiguous f32 CPU tensors) and checks the geometry, with errors naming `op` and both
+/// shapes.
+fn prepare_conv(
+    op: &str,
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+) -> Result<(Tensor, Tensor, rest_kernels::Conv2dGeom)> {
+    let x = prepare(x, 4, &format!("{op} input x [C, N, H, W]"))?;
+    let w = prepare(w, 4, &format!("{op} weight w [OC, C, KH, KW]"))?;
+    let (c, n, h, wd) = x.dims4()?;
+    let (oc, ic, kh, kw) = w.dims4()?;
+    if ic != c {
+        bail!(
+            "{op}: weight {:?} expects {ic} input channels but x {:?} (CNHW) has {c}",
+            w.dims(),
+            x.dims()
+        );
+    }
+    let geom = rest_kernels::Conv2dGeom {
+        c,
+        n,
+        h,
+        w: wd,
+        oc,
+        kh,
+        kw,
+        stride,
+        pad,
+    };
+    geom.validate()
+        .map_err(|e| anyhow::anyhow!("{op}: x {:?}, w {:?}: {e}", x.dims(), w.dims()))?;
+    Ok((x, w, geom))
+}
+
 /// The contiguous `f32` slice a custom op's CPU forward receives.
 fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let data = match s {

@@ -6,7 +6,7 @@
 //! it). The CSR pattern is rebuilt only when the mask changes; its values are refreshed from
 //! the dense weight tensor at every forward pass (O(nnz)).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rest_kernels::sparse::{
     sddmm_into, sddmm_rows, spmm, spmm_rows, spmm_t, spmm_t_rows, transpose, SparseConv,
@@ -292,30 +292,8 @@ pub fn sparse_conv2d_cnhw(
         let _ = weight;
         return super::generic::conv2d_cnhw(x, w, stride, pad);
     }
-    let x = prepare(x, 4, "sparse_conv2d_cnhw input x [C, N, H, W]")?;
-    let w = prepare(w, 4, "sparse_conv2d_cnhw weight w [OC, C, KH, KW]")?;
-    let (c, n, h, wd) = x.dims4()?;
-    let (oc, ic, kh, kw) = w.dims4()?;
-    if ic != c {
-        bail!(
-            "sparse_conv2d_cnhw: weight {:?} expects {ic} input channels, x has {c}",
-            w.dims()
-        );
-    }
-    let geom = Conv2dGeom {
-        c,
-        n,
-        h,
-        w: wd,
-        oc,
-        kh,
-        kw,
-        stride,
-        pad,
-    };
-    geom.validate()
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("sparse_conv2d_cnhw: x {:?}, w {:?}", x.dims(), w.dims()))?;
+    let (x, w, geom) = super::prepare_conv("sparse_conv2d_cnhw", x, w, stride, pad)?;
+    let oc = geom.oc;
     {
         let st = weight.lock();
         if st.matrix.rows() != oc || st.matrix.cols() != geom.k() {
