@@ -378,6 +378,24 @@ fn tiny_jtt_run_writes_both_stages_and_a_correct_report() -> anyhow::Result<()> 
     );
     // Same error set, same seed: stage 2 is the same run.
     assert_eq!(out2.summary.test, out.summary.test);
+    // The first run's training FLOPs are stage 1's plus this same stage 2's.
+    for key in ["train_flops", "train_flops_dense"] {
+        let both = s[key].as_f64().expect(key);
+        let stage1 = s1_summary[key].as_f64().expect(key);
+        let stage2 = summary(dir2.path())[key].as_f64().expect(key);
+        assert!(stage1 > 0.0 && stage2 > 0.0);
+        assert!(
+            (both - (stage1 + stage2)).abs() <= 1e-9 * both,
+            "{key}: {both} vs {stage1} + {stage2}"
+        );
+    }
+    let ratio = s["train_flops_vs_dense"].as_f64().expect("ratio");
+    let want = s["train_flops"].as_f64().expect("f") / s["train_flops_dense"].as_f64().expect("fd");
+    assert!((ratio - want).abs() < 1e-12);
+    assert_eq!(
+        out.summary.train_flops,
+        s["train_flops"].as_f64().expect("f")
+    );
     Ok(())
 }
 

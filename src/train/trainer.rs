@@ -643,7 +643,29 @@ fn run_jtt(
         jtt: Some(report),
         want_train_preds: false,
     };
-    Ok(run_stage(cfg, resume2, ctx)?.0)
+    let mut out = run_stage(cfg, resume2, ctx)?.0;
+    if stage1_epochs.is_some() {
+        add_stage1_flops(&mut out)?;
+    }
+    Ok(out)
+}
+
+/// JTT trained its stage 1 in this run: the run's training FLOPs are both stages' (stage 1's
+/// from `stage1/summary.json`), and `summary.json` is rewritten with them.
+fn add_stage1_flops(out: &mut TrainOutcome) -> Result<()> {
+    let path = out.run_dir.join("stage1").join("summary.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read JTT stage 1's {}", path.display()))?;
+    let s1: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid summary", path.display()))?;
+    let (Some(f), Some(fd)) = (s1["train_flops"].as_f64(), s1["train_flops_dense"].as_f64()) else {
+        bail!("{} has no train_flops / train_flops_dense", path.display());
+    };
+    let s = &mut out.summary;
+    s.train_flops += f;
+    s.train_flops_dense += fd;
+    s.train_flops_vs_dense = s.train_flops / s.train_flops_dense.max(f64::MIN_POSITIVE);
+    output::write_json(&out.run_dir.join("summary.json"), &out.summary)
 }
 
 /// One training loop over `cfg` (a whole run, or a JTT stage).
