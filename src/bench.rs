@@ -55,6 +55,84 @@ pub struct BenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Reference timings to compare with: JSON lines as `shared/bench/torch_ref.py` prints
+    /// them (keys `model`, `mode`, `batch`, `hw`, `threads`, `median_ms`). Each record gets
+    /// `reference_ms` and `ratio_vs_reference` (reference median / ours: > 1 is faster than
+    /// the reference) from the line with the same model, mode, batch, image size and threads.
+    #[arg(long, value_name = "FILE")]
+    pub reference: Option<std::path::PathBuf>,
+}
+
+/// One reference timing (a line of `torch_ref.py`'s output).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ReferenceRecord {
+    pub model: String,
+    pub mode: String,
+    pub batch: usize,
+    pub hw: usize,
+    pub threads: usize,
+    pub median_ms: f64,
+}
+
+/// Reads reference timings (JSON lines; blank lines and lines starting with `#` skipped).
+pub fn read_reference(path: &std::path::Path) -> Result<Vec<ReferenceRecord>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read the --reference file {} (JSON lines from torch_ref.py)",
+            path.display()
+        )
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // torch_ref.py may be run with its stderr folded in: keep only JSON objects.
+        if !line.starts_with('{') {
+            continue;
+        }
+        let r: ReferenceRecord = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{}:{}: not a reference record (needs model, mode, batch, hw, threads, \
+                 median_ms)",
+                path.display(),
+                i + 1
+            )
+        })?;
+        if !(r.median_ms.is_finite() && r.median_ms > 0.0) {
+            bail!(
+                "{}:{}: median_ms must be a positive number of milliseconds, got {}",
+                path.display(),
+                i + 1,
+                r.median_ms
+            );
+        }
+        out.push(r);
+    }
+    if out.is_empty() {
+        bail!(
+            "the --reference file {} holds no timing lines (expected JSON lines from \
+             torch_ref.py)",
+            path.display()
+        );
+    }
+    Ok(out)
+}
+
+/// Fills `reference_ms` / `ratio_vs_reference` of `rec` from the last matching reference line.
+fn attach_reference(rec: &mut BenchRecord, refs: &[ReferenceRecord]) {
+    let hit = refs.iter().rev().find(|r| {
+        r.model == rec.model
+            && r.mode == rec.mode
+            && r.batch == rec.batch
+            && r.hw == rec.hw
+            && r.threads == rec.threads
+    });
+    if let Some(r) = hit {
+        rec.reference_ms = Some(r.median_ms);
+        rec.ratio_vs_reference = Some(round(r.median_ms / rec.median_ms, 4));
+    }
 }
 
 /// One measurement: a model at a density, in training or inference mode.
@@ -94,6 +172,10 @@ pub struct BenchRecord {
     pub images_per_s: f64,
     /// Peak resident memory of this process so far (VmHWM), MiB; null where unavailable.
     pub peak_rss_mib: Option<f64>,
+    /// With `--reference`: the matching reference median (ms) and the reference median over
+    /// ours (> 1: faster than the reference); null without a matching line.
+    pub reference_ms: Option<f64>,
+    pub ratio_vs_reference: Option<f64>,
 }
 
 /// Checks the flags; returns the densities sorted from dense to sparse, without duplicates.
@@ -317,6 +399,10 @@ fn infer_step(s: &Setup, x: &Tensor) -> Result<()> {
 /// model) and returns all of them.
 pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<Vec<BenchRecord>> {
     let densities = validate(args)?;
+    let refs = match &args.reference {
+        Some(p) => read_reference(p)?,
+        None => Vec::new(),
+    };
     let dev = Device::Cpu;
     let threads = rayon::current_num_threads();
     let mut out = Vec::new();
@@ -381,7 +467,11 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                     steps_per_s: (m == 0).then(|| round(1e3 / median, 2)),
                     images_per_s: round(batch as f64 * 1e3 / median, 1),
                     peak_rss_mib: peak_rss_mib().map(|v| round(v, 1)),
+                    reference_ms: None,
+                    ratio_vs_reference: None,
                 };
+                let mut rec = rec;
+                attach_reference(&mut rec, &refs);
                 on_record(&rec);
                 out.push(rec);
             }
@@ -405,7 +495,14 @@ pub fn table(records: &[BenchRecord]) -> String {
         "steps/s",
         "images/s",
         "fwd/bwd/opt ms",
+        "vs ref",
     ];
+    let with_ref = records.iter().any(|r| r.reference_ms.is_some());
+    let head = if with_ref {
+        &head[..]
+    } else {
+        &head[..head.len() - 1]
+    };
     let mut rows: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
     for r in records {
         rows.push(vec![
@@ -430,7 +527,13 @@ pub fn table(records: &[BenchRecord]) -> String {
                 (Some(f), Some(b), Some(o)) => format!("{f:.1}/{b:.1}/{o:.1}"),
                 _ => "-".into(),
             },
+            r.ratio_vs_reference
+                .map(|v| format!("{v:.2}x"))
+                .unwrap_or_else(|| "-".into()),
         ]);
+        if let Some(row) = rows.last_mut() {
+            row.truncate(head.len());
+        }
     }
     let widths: Vec<usize> = (0..head.len())
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
@@ -459,6 +562,10 @@ pub fn table(records: &[BenchRecord]) -> String {
 /// `rest bench`: runs the benchmark and prints JSON lines (as they finish) or a table.
 pub fn main(args: &BenchArgs) -> Result<()> {
     validate(args)?;
+    if let Some(p) = &args.reference {
+        // Fail on a bad reference file before minutes of timing.
+        read_reference(p)?;
+    }
     util::set_threads(args.threads)?;
     let json = args.json;
     let mut err = None;
@@ -619,5 +726,75 @@ mod tests {
             let m = peak_rss_mib().unwrap_or(0.0);
             assert!(m > 1.0 && m < 1e6, "{m}");
         }
+    }
+
+    #[test]
+    fn reference_lines_join_on_model_mode_batch_hw_threads() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("torch.jsonl");
+        let threads = rayon::current_num_threads();
+        // What torch_ref.py prints, plus noise it may be mixed with: a non-matching batch, a
+        // non-JSON log line, a comment.
+        std::fs::write(
+            &path,
+            format!(
+                "# torch reference\nWarning: something\n\
+                 {{\"framework\": \"pytorch\", \"model\": \"mlp\", \"batch\": 8, \"hw\": 28, \"mode\": \"train\", \"threads\": {threads}, \"median_ms\": 40.0}}\n\
+                 {{\"framework\": \"pytorch\", \"model\": \"mlp\", \"batch\": 16, \"hw\": 28, \"mode\": \"infer\", \"threads\": {threads}, \"median_ms\": 1.0}}\n"
+            ),
+        )?;
+        let p = path.display().to_string();
+        let args = parse(&[
+            "--models",
+            "mlp",
+            "--densities",
+            "1",
+            "--batch",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--reference",
+            &p,
+        ])?;
+        let recs = run(&args, |_| {})?;
+        let train = recs
+            .iter()
+            .find(|r| r.mode == "train")
+            .expect("train record");
+        let infer = recs
+            .iter()
+            .find(|r| r.mode == "infer")
+            .expect("infer record");
+        assert_eq!(train.reference_ms, Some(40.0));
+        let want = round(40.0 / train.median_ms, 4);
+        assert_eq!(train.ratio_vs_reference, Some(want));
+        // The infer line is for batch 16: no match.
+        assert_eq!(infer.reference_ms, None);
+        assert_eq!(infer.ratio_vs_reference, None);
+        let t = table(&recs);
+        assert!(t.lines().next().unwrap_or("").ends_with("vs ref"), "{t}");
+        assert!(t.contains(&format!("{:.2}x", want)), "{t}");
+
+        // Bad files: named in the error.
+        std::fs::write(&path, "{\"model\": \"mlp\"}\n")?;
+        let e = format!("{:#}", read_reference(&path).unwrap_err());
+        assert!(
+            e.contains("torch.jsonl:1") && e.contains("median_ms"),
+            "{e}"
+        );
+        std::fs::write(&path, "\n# nothing\n")?;
+        let e = format!("{:#}", read_reference(&path).unwrap_err());
+        assert!(e.contains("no timing lines"), "{e}");
+        let e = format!(
+            "{:#}",
+            read_reference(&dir.path().join("missing.jsonl")).unwrap_err()
+        );
+        assert!(
+            e.contains("missing.jsonl") && e.contains("--reference"),
+            "{e}"
+        );
+        Ok(())
     }
 }
