@@ -1,5 +1,5 @@
-//! Process-CPU-time timings of the direct sparse convolution on REST's CNN shapes, single
-//! threaded: a load-robust signal for kernel work on a shared machine (criterion measures wall
+//! Process-CPU-time timings of the dense (im2col + GEMM) and direct sparse convolutions on
+//! REST's CNN shapes, single threaded: a load-robust signal for kernel work on a shared machine (criterion measures wall
 //! time). `cargo run --release -p rest-kernels --example conv_cpu [DENSITY]`.
 
 use rand::{Rng, SeedableRng};
@@ -94,6 +94,16 @@ fn main() {
         let bw = best_of(5, || {
             conv.grad_weight(&sm, &dyv, &xph, &mut grad).expect("gw")
         });
+        let mut col = vec![0.0f32; g.col_len()];
+        let mut dw = vec![0.0f32; g.w_len()];
+        let i2c = best_of(5, || rest_kernels::im2col(&x, &g, &mut col));
+        let dfwd = best_of(3, || rest_kernels::conv2d_fwd(&x, &w, &g, &mut out));
+        let dbin = best_of(3, || rest_kernels::conv2d_bwd_input(&w, &dy, &g, &mut dx));
+        let dbw = best_of(3, || rest_kernels::conv2d_bwd_weight(&x, &dy, &g, &mut dw));
+        println!(
+            "{name} dense: im2col {i2c:.2} ms, forward {dfwd:.2} ms, input_grad {dbin:.2} ms, \
+             weight_grad {dbw:.2} ms (CPU ms, 1 thread)"
+        );
         let macs = sm.nnz() as f64 * (g.n * g.oh() * g.ow()) as f64;
         println!(
             "{name} d={d}: pack {pack:.2} ms, forward {fwd:.2} ms ({:.1} GFLOP/s useful), \

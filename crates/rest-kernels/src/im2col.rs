@@ -162,6 +162,12 @@ fn im2col_row(x: &[f32], g: &Conv2dGeom, k: usize, n0: usize, n1: usize, row: &m
     let c = k / (g.kw * g.kh);
     let (x_lo, x_hi) = valid_range(ow, g.w, g.stride, j, g.pad);
     let (y_lo, y_hi) = valid_range(oh, g.h, g.stride, i, g.pad);
+    // Short rows: one vector gather per output row (zeros included).
+    let fast = if g.stride > 1 || ow < 16 {
+        crate::gather::RowGather::new(ow, g.w, g.stride, j, g.pad)
+    } else {
+        None
+    };
     for n in n0..n1 {
         let src = &x[(c * g.n + n) * plane..(c * g.n + n + 1) * plane];
         let dst_img = &mut row[(n - n0) * oh * ow..(n - n0 + 1) * oh * ow];
@@ -173,6 +179,10 @@ fn im2col_row(x: &[f32], g: &Conv2dGeom, k: usize, n0: usize, n1: usize, row: &m
             }
             let iy = oy * g.stride + i - g.pad;
             let src_row = &src[iy * g.w..(iy + 1) * g.w];
+            if let Some(plan) = &fast {
+                plan.apply(src_row, dst);
+                continue;
+            }
             dst[..x_lo].fill(0.0);
             dst[x_hi..].fill(0.0);
             if x_hi > x_lo {
@@ -230,11 +240,24 @@ pub(crate) fn col2im_channel(col: &[f32], g: &Conv2dGeom, c: usize, nimg: usize,
             let k = (c * g.kh + i) * g.kw + j;
             let row = &col[k * pt..(k + 1) * pt];
             let ix0 = x_lo * g.stride + j - g.pad;
+            // Short rows: one vector permute-and-add per row.
+            let fast = if g.stride > 1 || ow < 16 {
+                crate::gather::RowScatterAdd::new(ow, g.w, g.stride, j, g.pad)
+            } else {
+                None
+            };
             for n in 0..nimg {
                 let dimg = &mut dst[n * plane..(n + 1) * plane];
                 let src_img = &row[n * oh * ow..(n + 1) * oh * ow];
                 for oy in y_lo..y_hi {
                     let iy = oy * g.stride + i - g.pad;
+                    if let Some(plan) = &fast {
+                        plan.apply(
+                            &src_img[oy * ow..(oy + 1) * ow],
+                            &mut dimg[iy * g.w..(iy + 1) * g.w],
+                        );
+                        continue;
+                    }
                     let src = &src_img[oy * ow + x_lo..oy * ow + x_hi];
                     let drow = &mut dimg[iy * g.w..(iy + 1) * g.w];
                     if g.stride == 1 {

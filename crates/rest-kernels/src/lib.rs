@@ -13,6 +13,7 @@
 
 pub mod batchnorm;
 pub mod conv;
+pub mod gather;
 pub mod im2col;
 pub mod linear;
 pub mod pool;
