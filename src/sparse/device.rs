@@ -380,15 +380,19 @@ fn next_count(counts: &mut impl Iterator<Item = u32>) -> Result<usize> {
 
 /// Runs rounds of probes until every search is done: one device-to-host transfer of the
 /// round's counts (a few bytes per search) per round.
-fn run_searches(searches: &mut [Search]) -> Result<()> {
+/// Returns the number of rounds and of counts transferred.
+fn run_searches(searches: &mut [Search]) -> Result<(usize, usize)> {
+    let (mut rounds, mut values) = (0, 0);
     loop {
         let mut probes = Vec::new();
         for s in searches.iter_mut() {
             s.probes(&mut probes)?;
         }
         if probes.is_empty() {
-            return Ok(());
+            return Ok((rounds, values));
         }
+        rounds += 1;
+        values += probes.len();
         let counts = Tensor::stack(&probes, 0)?.to_vec1::<u32>()?;
         let mut it = counts.into_iter();
         for s in searches.iter_mut() {
@@ -543,6 +547,7 @@ pub fn update_on_device(
             probes.push(count(&v.death_cand)?);
         }
     }
+    let probe_count = probes.len();
     let counts = if probes.is_empty() {
         Vec::new()
     } else {
@@ -601,7 +606,7 @@ pub fn update_on_device(
             true,
         )?);
     }
-    run_searches(&mut searches)?;
+    let (rounds, values) = run_searches(&mut searches)?;
 
     // The outcome to the host in one transfer: per position 0 kept, 1 dropped, 2 regrown.
     let mut sel = Vec::with_capacity(views.len());
@@ -673,6 +678,13 @@ pub fn update_on_device(
         }
         masks[v.l] = v.on.sub(d)?.add(g)?.to_dtype(DType::F32)?.reshape(shape)?;
     }
+    tracing::debug!(
+        "sparse: device mask update at step {step}: {} probe rounds, {} bytes of counts and {} \
+         bytes of outcome to the host",
+        rounds + 1,
+        4 * (values + probe_count),
+        codes.len()
+    );
     let stats = engine.commit_update(step, rate, dropped, regrown);
     Ok(Some(DeviceUpdate {
         stats,
