@@ -687,24 +687,43 @@ impl SparseEngine {
         }
 
         // 4. Apply.
-        let mut grown = vec![0; nl];
         for l in 0..nl {
-            let (w, mask) = (&mut weights[l], &mut self.masks[l]);
-            for &i in &dropped[l] {
-                mask[i] = 0.0;
+            let w = &mut weights[l];
+            for &i in dropped[l].iter().chain(&regrown[l]) {
                 w[i] = 0.0;
-            }
-            for &i in &regrown[l] {
-                mask[i] = 1.0;
-                w[i] = 0.0;
-                self.fired[l][i] = true;
             }
             if let Some(m) = momentum.as_deref_mut() {
                 for &i in dropped[l].iter().chain(&regrown[l]) {
                     m[l][i] = 0.0;
                 }
             }
-            grown[l] = regrown[l].len();
+        }
+        Ok(self.commit_update(step, prune_rate, dropped, regrown))
+    }
+
+    /// Records an update whose positions are already chosen (by [`Self::update_with`] or by
+    /// the device update, `super::device`): clears the dropped and sets the regrown positions
+    /// of the masks, marks the regrown as fired, updates the counts and the history. The
+    /// caller guarantees that `dropped[l]` are active and `regrown[l]` inactive positions of
+    /// layer l (both ascending, no duplicates), and zeroes their weights and momentum.
+    pub(crate) fn commit_update(
+        &mut self,
+        step: usize,
+        prune_rate: f64,
+        dropped: Vec<Vec<usize>>,
+        regrown: Vec<Vec<usize>>,
+    ) -> UpdateStats {
+        let pruned: Vec<usize> = dropped.iter().map(Vec::len).collect();
+        let grown: Vec<usize> = regrown.iter().map(Vec::len).collect();
+        for l in 0..self.layers.len() {
+            let mask = &mut self.masks[l];
+            for &i in &dropped[l] {
+                mask[i] = 0.0;
+            }
+            for &i in &regrown[l] {
+                mask[i] = 1.0;
+                self.fired[l][i] = true;
+            }
             self.counts[l] = self.counts[l] - pruned[l] + grown[l];
         }
         tracing::debug!(
@@ -714,7 +733,7 @@ impl SparseEngine {
             grown.iter().sum::<usize>()
         );
         self.record(step, prune_rate, pruned.clone(), grown.clone());
-        Ok(UpdateStats {
+        UpdateStats {
             step,
             prune_rate,
             pruned,
@@ -722,7 +741,7 @@ impl SparseEngine {
             counts: self.counts.clone(),
             dropped_positions: dropped,
             regrown_positions: regrown,
-        })
+        }
     }
 
     fn check_inputs(

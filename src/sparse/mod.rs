@@ -2,16 +2,18 @@
 //! updates, the prune-rate schedule, ever-active masks and the update history) and nothing
 //! else. Models and the training loop ask it for masks.
 //!
-//! The module is pure host code on `f32` slices: on a mask-update step the training loop copies
+//! The engine is pure host code on `f32` slices: on a mask-update step the training loop copies
 //! the masked layers' weights, gradients (and momentum buffers, for the modes that read them)
 //! to host memory, calls [`SparseEngine::update_with`], copies them back and multiplies the new
-//! masks in.
+//! masks in. On a GPU (or with `REST_MASK_UPDATE=device`), [`device`] computes the same update
+//! with candle ops where the tensors live and brings back one byte per weight.
 //!
 //! - [`modes`]: the mode choices (init, death, growth, redistribution, schedule) and defaults.
 //! - [`erk`]: layer shapes, ERK / ER / uniform / uniform-plus densities, exact counts.
 //! - [`schedule`]: the cosine- or linearly-decayed prune rate.
 //! - [`engine`]: the masks and the update (RigL, SET, SNFS, ITOP), history and CSV report.
 
+pub mod device;
 pub mod engine;
 pub mod erk;
 pub mod flops;

@@ -21,6 +21,7 @@ use crate::data::{GroupDataset, Split};
 use crate::kernels::SparseWeight;
 use crate::models::{self, Model};
 use crate::nn::{Buffer, Param};
+use crate::sparse::device::{self as sparse_device, LayerTensors, UpdatePlace};
 use crate::sparse::flops::{FlopsTable, TrainFlops};
 use crate::sparse::{LayerShape, SparseConfig, SparseEngine, SparseInit, UpdateInputs};
 use crate::util;
@@ -767,6 +768,22 @@ fn run_stage(
         }
         None => Vec::new(),
     };
+    // Where mask updates run: on the device off the CPU (`REST_MASK_UPDATE` overrides).
+    let device_masks = match &engine {
+        Some(e) if sparse_device::update_place(&dev)? == UpdatePlace::Device => {
+            match sparse_device::host_only_reason(e.options()) {
+                Some(why) => {
+                    info!("mask updates run on the host: {why} has no device version");
+                    false
+                }
+                None => {
+                    info!("mask updates run on the device");
+                    true
+                }
+            }
+        }
+        _ => false,
+    };
 
     // Re-weighting: the method's per-sample weights, drawn by the sampler or used as loss
     // weights; GroupDRO shuffles and weights each batch's loss by its group weights q.
@@ -1066,44 +1083,85 @@ fn run_stage(
                     // `update_now` was decided before the forward pass (the sparse layers then
                     // produced the dense gradient this update needs).
                     if update_now {
-                        let mut w_host: Vec<Vec<f32>> = weights
-                            .iter()
-                            .map(|p| to_host(p.var.as_tensor()))
-                            .collect::<Result<_>>()?;
-                        let g_host: Vec<Vec<f32>> = weights
-                            .iter()
-                            .map(|p| host_or_zeros(grads.get(p.var.as_tensor()), p))
-                            .collect::<Result<_>>()?;
-                        // Momentum before masking: at inactive positions it holds this step's dense
-                        // gradient (what `--growth momentum` ranks); the engine zeroes the dropped
-                        // and regrown positions, so a regrown weight starts from zero momentum.
-                        let mut m_host: Vec<Vec<f32>> = weights
-                            .iter()
-                            .enumerate()
-                            .map(|(l, p)| host_or_zeros(opt.momentum_buffer(weight_index[l]), p))
-                            .collect::<Result<_>>()?;
-                        let stats = e.update_with(
-                            st.step,
-                            UpdateInputs {
-                                weights: &mut w_host,
-                                grads: &g_host,
-                                momentum: Some(&mut m_host),
-                            },
-                        )?;
-                        for (l, (p, (w, m))) in weights
-                            .iter()
-                            .zip(w_host.into_iter().zip(m_host))
-                            .enumerate()
-                        {
-                            p.var.set(&Tensor::from_vec(w, p.var.shape(), &dev)?)?;
-                            if opt.momentum_buffer(weight_index[l]).is_some() {
-                                opt.set_momentum_buffer(
-                                    weight_index[l],
-                                    Tensor::from_vec(m, p.var.shape(), &dev)?,
-                                )?;
+                        let on_device = if device_masks {
+                            let views: Vec<LayerTensors> = weights
+                                .iter()
+                                .zip(&masks)
+                                .enumerate()
+                                .map(|(l, (p, mask))| LayerTensors {
+                                    weight: p.var.as_tensor(),
+                                    grad: grads.get(p.var.as_tensor()),
+                                    momentum: (weight_index[l] != usize::MAX)
+                                        .then(|| opt.momentum_buffer(weight_index[l]))
+                                        .flatten(),
+                                    mask,
+                                })
+                                .collect();
+                            sparse_device::update_on_device(e, st.step, &views)?
+                        } else {
+                            None
+                        };
+                        // Without a device version (or on a non-finite value, which the host
+                        // path reports), the update runs on host copies.
+                        let stats = if let Some(u) = on_device {
+                            for (l, (p, (w, m))) in weights
+                                .iter()
+                                .zip(u.weights.into_iter().zip(u.momentum))
+                                .enumerate()
+                            {
+                                if let Some(w) = w {
+                                    p.var.set(&w)?;
+                                }
+                                if let Some(m) = m {
+                                    opt.set_momentum_buffer(weight_index[l], m)?;
+                                }
                             }
-                        }
-                        masks = mask_tensors(e, &weights, &dev)?;
+                            masks = u.masks;
+                            u.stats
+                        } else {
+                            let mut w_host: Vec<Vec<f32>> = weights
+                                .iter()
+                                .map(|p| to_host(p.var.as_tensor()))
+                                .collect::<Result<_>>()?;
+                            let g_host: Vec<Vec<f32>> = weights
+                                .iter()
+                                .map(|p| host_or_zeros(grads.get(p.var.as_tensor()), p))
+                                .collect::<Result<_>>()?;
+                            // Momentum before masking: at inactive positions it holds this step's
+                            // dense gradient (what `--growth momentum` ranks); the engine zeroes
+                            // the dropped and regrown positions, so a regrown weight starts from
+                            // zero momentum.
+                            let mut m_host: Vec<Vec<f32>> = weights
+                                .iter()
+                                .enumerate()
+                                .map(|(l, p)| {
+                                    host_or_zeros(opt.momentum_buffer(weight_index[l]), p)
+                                })
+                                .collect::<Result<_>>()?;
+                            let stats = e.update_with(
+                                st.step,
+                                UpdateInputs {
+                                    weights: &mut w_host,
+                                    grads: &g_host,
+                                    momentum: Some(&mut m_host),
+                                },
+                            )?;
+                            for (l, (p, (w, m))) in weights
+                                .iter()
+                                .zip(w_host.into_iter().zip(m_host))
+                                .enumerate()
+                            {
+                                p.var.set(&Tensor::from_vec(w, p.var.shape(), &dev)?)?;
+                                if opt.momentum_buffer(weight_index[l]).is_some() {
+                                    opt.set_momentum_buffer(
+                                        weight_index[l],
+                                        Tensor::from_vec(m, p.var.shape(), &dev)?,
+                                    )?;
+                                }
+                            }
+                            masks = mask_tensors(e, &weights, &dev)?;
+                            stats
+                        };
                         on_sparse = install_sparse_kernels(e, &weights, cfg.kernels)?;
                         flops_now = flops_table(model.as_ref(), input, Some(&*e));
                         st.mask_updates += 1;
