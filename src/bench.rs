@@ -55,12 +55,19 @@ pub struct BenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Reference timings to compare with: JSON lines as `shared/bench/torch_ref.py` prints
-    /// them (keys `model`, `mode`, `batch`, `hw`, `threads`, `median_ms`). Each record gets
-    /// `reference_ms` and `ratio_vs_reference` (reference median / ours: > 1 is faster than
-    /// the reference) from the line with the same model, mode, batch, image size and threads.
+    /// Reference timings to compare with: JSON lines as `shared/bench/torch_ref.py` (CPU) or
+    /// `tools/cuda/torch_gpu_ref.py` (GPU) print them (keys `model`, `mode`, `batch`, `hw`,
+    /// `threads`, `median_ms`, optional `device`). Each record gets `reference_ms` and
+    /// `ratio_vs_reference` (reference median / ours: > 1 is faster than the reference) from
+    /// the line with the same model, mode, batch, image size and device (and, on the CPU, the
+    /// same thread count).
     #[arg(long, value_name = "FILE")]
     pub reference: Option<std::path::PathBuf>,
+    /// Device to time on: `cpu` (rest's kernels), `cuda`, `cuda:N` (candle's CUDA backend;
+    /// builds with `--features cuda`) or `auto`. GPU timings synchronise the device after
+    /// each step, so they measure completed work.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
 }
 
 /// One reference timing (a line of `torch_ref.py`'s output).
@@ -72,6 +79,14 @@ pub struct ReferenceRecord {
     pub hw: usize,
     pub threads: usize,
     pub median_ms: f64,
+    /// `cpu` (the default: torch_ref.py prints none) or `cuda` (tools/cuda/torch_gpu_ref.py).
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+/// `cpu` or `cuda` (`cuda:1` -> `cuda`).
+fn device_kind(name: &str) -> &str {
+    name.split(':').next().unwrap_or(name)
 }
 
 /// Reads reference timings (JSON lines; blank lines and lines starting with `#` skipped).
@@ -122,12 +137,16 @@ pub fn read_reference(path: &std::path::Path) -> Result<Vec<ReferenceRecord>> {
 
 /// Fills `reference_ms` / `ratio_vs_reference` of `rec` from the last matching reference line.
 fn attach_reference(rec: &mut BenchRecord, refs: &[ReferenceRecord]) {
+    let kind = device_kind(&rec.device);
     let hit = refs.iter().rev().find(|r| {
+        let rkind = device_kind(r.device.as_deref().unwrap_or("cpu"));
         r.model == rec.model
             && r.mode == rec.mode
             && r.batch == rec.batch
             && r.hw == rec.hw
-            && r.threads == rec.threads
+            && rkind == kind
+            // CPU timings compare at equal thread counts; GPU ones whatever the host threads.
+            && (kind != "cpu" || r.threads == rec.threads)
     });
     if let Some(r) = hit {
         rec.reference_ms = Some(r.median_ms);
@@ -147,6 +166,8 @@ pub struct BenchRecord {
     pub batch: usize,
     pub hw: usize,
     pub threads: usize,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
     /// The `--kernels` mode, or `dense` at density 1.
     pub kernels: String,
     /// How many of the maskable weights run on sparse kernels.
@@ -403,7 +424,11 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
         Some(p) => read_reference(p)?,
         None => Vec::new(),
     };
-    let dev = Device::Cpu;
+    let dev = crate::device::open(args.device)?;
+    let device_name = match &dev {
+        Device::Cpu => "cpu".to_string(),
+        _ => args.device.to_string(),
+    };
     let threads = rayon::current_num_threads();
     let mut out = Vec::new();
     for &kind in &args.models {
@@ -429,10 +454,14 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                 let mut phases: [Vec<f64>; 3] = Default::default();
                 let (mut ms, cpu) = if m == 0 {
                     time_it(args.warmup, args.steps, || {
-                        train_step(&mut s, &x, &y, &mut phases)
+                        train_step(&mut s, &x, &y, &mut phases)?;
+                        Ok(dev.synchronize()?)
                     })?
                 } else {
-                    time_it(args.warmup, args.steps, || infer_step(&s, &x))?
+                    time_it(args.warmup, args.steps, || {
+                        infer_step(&s, &x)?;
+                        Ok(dev.synchronize()?)
+                    })?
                 };
                 let (median, min, max) = stats(&mut ms);
                 let median_cpu = cpu.map(|mut v| stats(&mut v).0);
@@ -453,6 +482,7 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                     batch,
                     hw: input.1,
                     threads,
+                    device: device_name.clone(),
                     kernels: kernels.clone(),
                     sparse_layers: s.on_sparse.iter().filter(|&&b| b).count(),
                     layers: s.on_sparse.len(),
@@ -713,6 +743,15 @@ mod tests {
             let err = validate(&a).expect_err("must fail").to_string();
             assert!(err.contains(flag), "{args:?}: {err}");
         }
+        assert!(parse(&["--device", "tpu"]).is_err());
+        if !crate::device::CUDA_BUILT {
+            let a = parse(&["--models", "mlp", "--device", "cuda"]).expect("parses");
+            let err = format!("{:#}", run(&a, |_| {}).expect_err("no CUDA in this build"));
+            assert!(
+                err.contains("--device cuda") && err.contains("--features cuda"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
@@ -740,6 +779,7 @@ mod tests {
             format!(
                 "# torch reference\nWarning: something\n\
                  {{\"framework\": \"pytorch\", \"model\": \"mlp\", \"batch\": 8, \"hw\": 28, \"mode\": \"train\", \"threads\": {threads}, \"median_ms\": 40.0}}\n\
+                 {{\"framework\": \"pytorch\", \"model\": \"mlp\", \"batch\": 8, \"hw\": 28, \"mode\": \"infer\", \"threads\": {threads}, \"device\": \"cuda\", \"median_ms\": 2.0}}\n\
                  {{\"framework\": \"pytorch\", \"model\": \"mlp\", \"batch\": 16, \"hw\": 28, \"mode\": \"infer\", \"threads\": {threads}, \"median_ms\": 1.0}}\n"
             ),
         )?;
@@ -770,7 +810,7 @@ mod tests {
         assert_eq!(train.reference_ms, Some(40.0));
         let want = round(40.0 / train.median_ms, 4);
         assert_eq!(train.ratio_vs_reference, Some(want));
-        // The infer line is for batch 16: no match.
+        // The infer lines are for batch 16 or the GPU: no match on the CPU.
         assert_eq!(infer.reference_ms, None);
         assert_eq!(infer.ratio_vs_reference, None);
         let t = table(&recs);
