@@ -91,26 +91,6 @@ unsafe fn gather<const G: u8>(x: &[f32], xi: usize, nb: usize, k: usize) -> Lane
     out
 }
 
-/// How far ahead (in features) the block kernels prefetch the input rows: the gathers read
-/// `nb` rows a cache line at a time, too many interleaved streams for the hardware
-/// prefetcher to hide the latency of an input that does not fit L2.
-const PREFETCH: usize = 96;
-
-/// Prefetches (into L1) the cache line holding `x[s·xi + k]` for the `nb` samples `s`.
-///
-/// # Safety
-/// `k < xi` and `x.len() == nb * xi`.
-#[inline(always)]
-unsafe fn prefetch_rows(x: &[f32], xi: usize, nb: usize, k: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for s in 0..nb {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(s * xi + k).cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (x, xi, nb, k);
-}
-
 /// `y[s][r] = Σ_k fan(k → r) · x[s][k]` for the samples of one block (`nb <= LANES` rows of
 /// `x`, `xi` features each; `y` has `nb` rows of `yo = acc.len()` features), and, when
 /// `pack` is not empty, the gathered inputs stored there (`[active input][LANES]`).
@@ -135,9 +115,6 @@ unsafe fn scatter_block<const G: u8>(
     let keep = !pack.is_empty();
     let mut j = 0;
     for k in 0..xi {
-        if k % 16 == 0 && k + PREFETCH < xi {
-            prefetch_rows(x, xi, nb, k + PREFETCH);
-        }
         let (lo, hi) = (fan.ptr[k], fan.ptr[k + 1]);
         if lo == hi {
             continue;
@@ -253,6 +230,13 @@ unsafe fn dispatch_blocks(
     scatter_blocks::<G_PORTABLE>(fan, x, xi, yo, active, ep, y, pack)
 }
 
+/// Whether work of about `flops` operations is worth handing to rayon: with one thread, or
+/// little work, the hand-over to the pool (a wake-up and a wait, from a thread outside it)
+/// costs more than it saves.
+fn parallel(flops: usize) -> bool {
+    flops >= SERIAL_FLOPS && rayon::current_num_threads() > 1
+}
+
 /// The instruction set for inputs of `xi` features (the AVX-512 gather takes 32-bit offsets).
 fn isa_for(xi: usize) -> Isa {
     match active_isa() {
@@ -277,11 +261,10 @@ fn scatter_rows(
 ) {
     let blocks = n.div_ceil(LANES);
     let active = fan.active();
-    let work = n * (active + 2 * fan.val.len() + yo);
-    let per_task = if work < SERIAL_FLOPS {
-        blocks
-    } else {
+    let per_task = if parallel(n * (active + 2 * fan.val.len() + yo)) {
         blocks.div_ceil(2 * rayon::current_num_threads()).max(1)
+    } else {
+        blocks
     };
     let isa = isa_for(xi);
     let run = |t: usize, yt: &mut [f32], pt: &mut [Lane]| {
@@ -473,10 +456,10 @@ pub fn pack_rows(
         // SAFETY: as in `scatter_rows`.
         unsafe { dispatch_pack(isa, fan.ptr, xb, i, nb, pb) };
     };
-    if n * active < SERIAL_FLOPS {
-        lanes.chunks_mut(active).enumerate().for_each(run);
-    } else {
+    if parallel(n * active) {
         lanes.par_chunks_mut(active).enumerate().for_each(run);
+    } else {
+        lanes.chunks_mut(active).enumerate().for_each(run);
     }
     Ok(())
 }
@@ -489,9 +472,6 @@ pub fn pack_rows(
 unsafe fn pack_block<const G: u8>(ptr: &[usize], x: &[f32], xi: usize, nb: usize, p: &mut [Lane]) {
     let mut j = 0;
     for k in 0..xi {
-        if k % 16 == 0 && k + PREFETCH < xi {
-            prefetch_rows(x, xi, nb, k + PREFETCH);
-        }
         if ptr[k] != ptr[k + 1] {
             p[j] = gather::<G>(x, xi, nb, k);
             j += 1;
@@ -572,12 +552,9 @@ pub fn sddmm_packed(
             }
         }
     };
-    let parallel = n * (active + 2 * w.nnz()) >= SERIAL_FLOPS;
-    if parallel {
-        dyt.par_chunks_mut(o).enumerate().for_each(fill);
-    } else {
-        dyt.chunks_mut(o).enumerate().for_each(fill);
-    }
+    // A few 10 kB: not worth a hand-over to the pool.
+    dyt.chunks_mut(o).enumerate().for_each(fill);
+    let parallel = parallel(n * (active + 2 * w.nnz()));
     // Tasks over ranges of active inputs, balanced by entries; each sums over all samples,
     // so no partial gradients are merged. Results come in the transposed entry order.
     let mut gt = vec![0.0f32; w.nnz()];
