@@ -5,20 +5,43 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rest_kernels::{linear_bwd_bias, linear_bwd_input, linear_bwd_weight, linear_fwd};
 
-use super::{any_tracked, cpu_slice, prepare, with_f32};
+use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
 
 #[derive(Clone, Copy)]
 struct LinearOp {
     n: usize,
     i: usize,
     o: usize,
+    /// `relu(x W^T + b)`: the backward pass masks the output gradient with `y > 0`.
+    relu: bool,
 }
 
 impl LinearOp {
     fn fwd(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> (CpuStorage, Shape) {
-        let mut y = vec![0.0f32; self.n * self.o];
+        let mut y = scratch::output(self.n * self.o);
         linear_fwd(x, w, b, self.n, self.i, self.o, &mut y);
+        if self.relu {
+            y.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
         (CpuStorage::F32(y), Shape::from((self.n, self.o)))
+    }
+
+    /// The gradient of the linear part: `grad` itself, or through the ReLU (zero where the
+    /// output `res` is not positive).
+    fn linear_grad(&self, res: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.relu {
+            return Ok(grad.clone());
+        }
+        let dy = with_f32(grad, "rest-linear", |g| {
+            with_f32(res, "rest-linear", |y| {
+                let mut dy = scratch::output(g.len());
+                for ((d, &gv), &yv) in dy.iter_mut().zip(g).zip(y) {
+                    *d = if yv > 0.0 { gv } else { 0.0 };
+                }
+                Ok(dy)
+            })
+        })?;
+        Tensor::from_vec(dy, grad.shape(), grad.device())
     }
 
     fn grads(
@@ -30,7 +53,7 @@ impl LinearOp {
         let (n, i, o) = (self.n, self.i, self.o);
         with_f32(grad, "rest-linear", |dy| {
             let dx = if x.track_op() {
-                let mut dx = vec![0.0f32; n * i];
+                let mut dx = scratch::output(n * i);
                 with_f32(w, "rest-linear", |ws| {
                     linear_bwd_input(dy, ws, n, i, o, &mut dx);
                     Ok(())
@@ -40,7 +63,7 @@ impl LinearOp {
                 None
             };
             let dw = if w.track_op() {
-                let mut dw = vec![0.0f32; o * i];
+                let mut dw = scratch::output(o * i);
                 with_f32(x, "rest-linear", |xs| {
                     linear_bwd_weight(dy, xs, n, i, o, &mut dw);
                     Ok(())
@@ -87,10 +110,11 @@ impl CustomOp2 for LinearOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        self.grads(x, w, grad)
+        let grad = self.linear_grad(res, grad)?;
+        self.grads(x, w, &grad)
     }
 }
 
@@ -120,19 +144,27 @@ impl CustomOp3 for LinearBiasOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.0.grads(x, w, grad)?;
-        Ok((dx, dw, self.0.bias_grad(b, grad)?))
+        let grad = self.0.linear_grad(res, grad)?;
+        let (dx, dw) = self.0.grads(x, w, &grad)?;
+        Ok((dx, dw, self.0.bias_grad(b, &grad)?))
     }
 }
 
 /// Fully-connected layer: `x` `[N, I]`, `w` `[O, I]` (PyTorch layout), optional `b` `[O]`;
 /// returns `x w^T + b` `[N, O]`, differentiable in all arguments.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_act(x, w, b, false)
+}
+
+/// [`linear`], followed by a ReLU in the same op when `relu`: `relu(x w^T + b)` (the ReLU's
+/// forward and backward run inside the op, not as separate candle ops).
+pub fn linear_act(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     if super::generic_path(x) {
-        return super::generic::linear(x, w, b);
+        let y = super::generic::linear(x, w, b)?;
+        return Ok(if relu { y.relu()? } else { y });
     }
     let x = prepare(x, 2, "linear input x [N, I]")?;
     let w = prepare(w, 2, "linear weight w [O, I]")?;
@@ -145,7 +177,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
             x.dims()
         );
     }
-    let op = LinearOp { n, i, o };
+    let op = LinearOp { n, i, o, relu };
     match b {
         None => Ok(if any_tracked(&[&x, &w]) {
             x.apply_op2(&w, op)?

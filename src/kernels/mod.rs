@@ -17,11 +17,13 @@ mod sparse;
 
 pub use conv::conv2d_cnhw;
 pub use fused::{conv_bn_relu_eval, conv_bn_relu_train};
-pub use linear::linear;
+pub use linear::{linear, linear_act};
 pub use norm::{batch_norm_cnhw_eval, batch_norm_cnhw_train};
 pub use pool::{global_avg_pool_cnhw, max_pool2d_cnhw};
 pub(crate) use scratch::output as output_buffer;
-pub use sparse::{sparse_conv2d_cnhw, sparse_linear, sparse_linear_bias, SparseWeight};
+pub use sparse::{
+    sparse_conv2d_cnhw, sparse_linear, sparse_linear_act, sparse_linear_bias, SparseWeight,
+};
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};

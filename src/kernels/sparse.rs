@@ -9,8 +9,8 @@
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rest_kernels::sparse::{
-    sddmm_into, sddmm_rows, spmm, spmm_rows, spmm_t, spmm_t_rows, transpose, SparseConv,
-    SparseMatrix,
+    packed_len, sddmm_into, sddmm_packed, sddmm_rows, spmm, spmm_rows_fused, spmm_t, spmm_t_rows,
+    transpose, SparseConv, SparseMatrix,
 };
 use rest_kernels::{conv2d_bwd_weight, linear_bwd_bias, linear_bwd_weight, Conv2dGeom};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -324,10 +324,25 @@ struct SparseLinearOp {
     i: usize,
     o: usize,
     weight: Arc<SparseWeight>,
+    /// `y = relu(x W^T + b)`: the backward pass masks the output gradient with `y > 0`.
+    relu: bool,
+    /// Whether the forward pass keeps its input packed for the weight gradient
+    /// ([`sddmm_packed`]): the batch-major path with a compact weight gradient.
+    keep_pack: bool,
+    /// The packed input (a pooled scratch buffer, returned after the backward pass or on drop).
+    pack: Mutex<Option<Vec<f32>>>,
+}
+
+impl Drop for SparseLinearOp {
+    fn drop(&mut self) {
+        if let Some(p) = self.pack.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            scratch::give(p);
+        }
+    }
 }
 
 impl SparseLinearOp {
-    /// `y = x W^T (+ b)`.
+    /// `y = x W^T (+ b)`, then ReLU if asked for.
     fn fwd(
         &self,
         x: &[f32],
@@ -339,8 +354,23 @@ impl SparseLinearOp {
         st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
         if rows_path(st.matrix.nnz(), i, o) {
             let mut y = scratch::output(n * o);
-            spmm_rows(&st.matrix, x, n, &mut y).map_err(kernel_err)?;
-            add_bias(&mut y, b);
+            let mut pack = if self.keep_pack {
+                scratch::take(packed_len(&st.matrix, n))
+            } else {
+                Vec::new()
+            };
+            spmm_rows_fused(&st.matrix, x, n, b, self.relu, &mut y, &mut pack)
+                .map_err(kernel_err)?;
+            if self.keep_pack {
+                let old = self
+                    .pack
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(pack);
+                if let Some(old) = old {
+                    scratch::give(old);
+                }
+            }
             return Ok((CpuStorage::F32(y), Shape::from((n, o))));
         }
         let mut xt = scratch::output(n * i);
@@ -350,50 +380,98 @@ impl SparseLinearOp {
         let mut y = scratch::output(n * o);
         transpose(&yt, o, n, &mut y).map_err(kernel_err)?;
         add_bias(&mut y, b);
+        if self.relu {
+            y.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
 
-    /// The input and weight gradients (see [`SparseWeight::set_compact_grad`] for the latter).
+    /// The input, weight and (with `bias`) bias gradients from the gradient of the op's output
+    /// `res` (see [`SparseWeight::set_compact_grad`] for the weight's).
     fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
+        bias: Option<&Tensor>,
+        res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, i, o) = (self.n, self.i, self.o);
-        let mut st = self.weight.lock();
-        if w.track_op() && st.compact_grad && !st.dense_grad {
-            let rows = rows_path(st.matrix.nnz(), i, o);
-            let (dx, vals) = with_f32(grad, self.name(), |dy| {
-                let mut vals = scratch::output(st.matrix.nnz());
-                let mut dx = None;
-                if rows {
-                    if x.track_op() {
-                        let mut d = scratch::output(n * i);
-                        spmm_t_rows(&st.matrix, dy, n, &mut d).map_err(kernel_err)?;
-                        dx = Some(Tensor::from_vec(d, (n, i), x.device())?);
-                    }
-                    with_f32(x, self.name(), |xs| {
-                        sddmm_rows(&st.matrix, dy, xs, n, &mut vals).map_err(kernel_err)
-                    })?;
-                } else {
-                    let mut dyt = scratch::output(o * n);
-                    transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
-                    if x.track_op() {
-                        let mut dxt = scratch::output(i * n);
-                        spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
-                        let mut d = scratch::output(n * i);
-                        transpose(&dxt, i, n, &mut d).map_err(kernel_err)?;
-                        dx = Some(Tensor::from_vec(d, (n, i), x.device())?);
-                    }
-                    with_f32(x, self.name(), |xs| {
-                        let mut xt = scratch::output(n * i);
-                        transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
-                        sddmm_into(&st.matrix, &dyt, &xt, n, &mut vals).map_err(kernel_err)
-                    })?;
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let pack = self.pack.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let out = with_f32(grad, self.name(), |g| {
+            if !self.relu {
+                return self.grads_from(x, w, bias, g, pack.as_deref());
+            }
+            // Through the ReLU: the gradient where the output is positive.
+            let mut dy = scratch::output(g.len());
+            with_f32(res, self.name(), |y| {
+                for ((d, &gv), &yv) in dy.iter_mut().zip(g).zip(y) {
+                    *d = if yv > 0.0 { gv } else { 0.0 };
                 }
-                Ok((dx, vals))
+                Ok(())
             })?;
+            let r = self.grads_from(x, w, bias, &dy, pack.as_deref());
+            scratch::give(dy);
+            r
+        });
+        if let Some(p) = pack {
+            scratch::give(p);
+        }
+        out
+    }
+
+    /// [`Self::grads`] from the gradient `dy` of the linear part (before any ReLU).
+    fn grads_from(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        dy: &[f32],
+        pack: Option<&[f32]>,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, i, o) = (self.n, self.i, self.o);
+        let db = match bias {
+            Some(b) if b.track_op() => {
+                let mut db = vec![0.0f32; o];
+                linear_bwd_bias(dy, n, o, &mut db);
+                Some(Tensor::from_vec(db, o, b.device())?)
+            }
+            _ => None,
+        };
+        let mut st = self.weight.lock();
+        let rows = rows_path(st.matrix.nnz(), i, o);
+        if w.track_op() && st.compact_grad && !st.dense_grad {
+            let mut vals = scratch::output(st.matrix.nnz());
+            let mut dx = None;
+            if rows {
+                if x.track_op() {
+                    let mut d = scratch::output(n * i);
+                    spmm_t_rows(&st.matrix, dy, n, &mut d).map_err(kernel_err)?;
+                    dx = Some(Tensor::from_vec(d, (n, i), x.device())?);
+                }
+                match pack {
+                    Some(p) if p.len() == packed_len(&st.matrix, n) => {
+                        sddmm_packed(&st.matrix, dy, p, n, &mut vals).map_err(kernel_err)?
+                    }
+                    _ => with_f32(x, self.name(), |xs| {
+                        sddmm_rows(&st.matrix, dy, xs, n, &mut vals).map_err(kernel_err)
+                    })?,
+                }
+            } else {
+                let mut dyt = scratch::output(o * n);
+                transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
+                if x.track_op() {
+                    let mut dxt = scratch::output(i * n);
+                    spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
+                    let mut d = scratch::output(n * i);
+                    transpose(&dxt, i, n, &mut d).map_err(kernel_err)?;
+                    dx = Some(Tensor::from_vec(d, (n, i), x.device())?);
+                }
+                with_f32(x, self.name(), |xs| {
+                    let mut xt = scratch::output(n * i);
+                    transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
+                    sddmm_into(&st.matrix, &dyt, &xt, n, &mut vals).map_err(kernel_err)
+                })?;
+            }
             // A layer applied more than once in a graph: the gradients add up.
             match &mut st.grad {
                 Some(acc) if acc.len() == vals.len() => {
@@ -401,47 +479,12 @@ impl SparseLinearOp {
                 }
                 g => *g = Some(vals),
             }
-            return Ok((dx, None));
+            return Ok((dx, None, db));
         }
-        if rows_path(st.matrix.nnz(), i, o) {
-            return with_f32(grad, self.name(), |dy| {
-                let dx = if x.track_op() {
-                    let mut dx = scratch::output(n * i);
-                    spmm_t_rows(&st.matrix, dy, n, &mut dx).map_err(kernel_err)?;
-                    Some(Tensor::from_vec(dx, (n, i), x.device())?)
-                } else {
-                    None
-                };
-                let dw = if w.track_op() {
-                    let mut dw = scratch::output(o * i);
-                    with_f32(x, self.name(), |xs| {
-                        if st.dense_grad {
-                            linear_bwd_weight(dy, xs, n, i, o, &mut dw);
-                        } else {
-                            let mut vals = scratch::take(st.matrix.nnz());
-                            sddmm_rows(&st.matrix, dy, xs, n, &mut vals).map_err(kernel_err)?;
-                            st.matrix
-                                .scatter_to_dense(&vals, &mut dw)
-                                .map_err(kernel_err)?;
-                            scratch::give(vals);
-                        }
-                        Ok(())
-                    })?;
-                    Some(Tensor::from_vec(dw, (o, i), w.device())?)
-                } else {
-                    None
-                };
-                Ok((dx, dw))
-            });
-        }
-        with_f32(grad, self.name(), |dy| {
-            let mut dyt = scratch::output(o * n);
-            transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
+        if rows {
             let dx = if x.track_op() {
-                let mut dxt = scratch::output(i * n);
-                spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
                 let mut dx = scratch::output(n * i);
-                transpose(&dxt, i, n, &mut dx).map_err(kernel_err)?;
+                spmm_t_rows(&st.matrix, dy, n, &mut dx).map_err(kernel_err)?;
                 Some(Tensor::from_vec(dx, (n, i), x.device())?)
             } else {
                 None
@@ -452,10 +495,12 @@ impl SparseLinearOp {
                     if st.dense_grad {
                         linear_bwd_weight(dy, xs, n, i, o, &mut dw);
                     } else {
-                        let mut xt = scratch::output(n * i);
-                        transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
-                        scatter_dense_grad(&st.matrix, &dyt, &xt, n, &mut dw)
+                        let mut vals = scratch::take(st.matrix.nnz());
+                        sddmm_rows(&st.matrix, dy, xs, n, &mut vals).map_err(kernel_err)?;
+                        st.matrix
+                            .scatter_to_dense(&vals, &mut dw)
                             .map_err(kernel_err)?;
+                        scratch::give(vals);
                     }
                     Ok(())
                 })?;
@@ -463,8 +508,36 @@ impl SparseLinearOp {
             } else {
                 None
             };
-            Ok((dx, dw))
-        })
+            return Ok((dx, dw, db));
+        }
+        let mut dyt = scratch::output(o * n);
+        transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
+        let dx = if x.track_op() {
+            let mut dxt = scratch::output(i * n);
+            spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
+            let mut dx = scratch::output(n * i);
+            transpose(&dxt, i, n, &mut dx).map_err(kernel_err)?;
+            Some(Tensor::from_vec(dx, (n, i), x.device())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let mut dw = scratch::output(o * i);
+            with_f32(x, self.name(), |xs| {
+                if st.dense_grad {
+                    linear_bwd_weight(dy, xs, n, i, o, &mut dw);
+                } else {
+                    let mut xt = scratch::output(n * i);
+                    transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
+                    scatter_dense_grad(&st.matrix, &dyt, &xt, n, &mut dw).map_err(kernel_err)?;
+                }
+                Ok(())
+            })?;
+            Some(Tensor::from_vec(dw, (o, i), w.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
     }
 }
 
@@ -500,15 +573,17 @@ impl CustomOp2 for SparseLinearOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        self.grads(x, w, grad)
+        let (dx, dw, _) = self.grads(x, w, None, res, grad)?;
+        Ok((dx, dw))
     }
 }
 
-/// The sparse linear layer with its bias added in the same op: saves candle's broadcast add
-/// and, in backward, its reduction over the batch.
+/// The sparse linear layer with its bias added (and optionally the ReLU applied) in the same
+/// op: saves candle's broadcast add, its ReLU and, in backward, the batch reduction and the
+/// ReLU's masking ops.
 struct SparseLinearBiasOp(SparseLinearOp);
 
 impl CustomOp3 for SparseLinearBiasOp {
@@ -537,21 +612,10 @@ impl CustomOp3 for SparseLinearBiasOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.0.grads(x, w, grad)?;
-        let db = if b.track_op() {
-            let mut db = vec![0.0f32; self.0.o];
-            with_f32(grad, self.name(), |dy| {
-                linear_bwd_bias(dy, self.0.n, self.0.o, &mut db);
-                Ok(())
-            })?;
-            Some(Tensor::from_vec(db, self.0.o, b.device())?)
-        } else {
-            None
-        };
-        Ok((dx, dw, db))
+        self.0.grads(x, w, Some(b), res, grad)
     }
 }
 
@@ -580,9 +644,26 @@ pub fn sparse_linear_bias(
     b: Option<&Tensor>,
     weight: &Arc<SparseWeight>,
 ) -> Result<Tensor> {
+    sparse_linear_act(x, w, b, false, true, weight)
+}
+
+/// [`sparse_linear_bias`], followed by a ReLU in the same op when `relu`:
+/// `relu(x W^T + b)`, the hidden layer of an MLP in one op (forward and backward). With
+/// `train`, a backward pass is expected: the forward pass then keeps its input packed at the
+/// active input features for the weight gradient (no second gather from the input); without
+/// it, the result and any gradients are the same, only slower to get.
+pub fn sparse_linear_act(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    relu: bool,
+    train: bool,
+    weight: &Arc<SparseWeight>,
+) -> Result<Tensor> {
     if super::generic_path(x) {
         let _ = weight;
-        return super::generic::linear(x, w, b);
+        let y = super::generic::linear(x, w, b)?;
+        return Ok(if relu { y.relu()? } else { y });
     }
     let x = prepare(x, 2, "sparse_linear input x [N, I]")?;
     let w = prepare(w, 2, "sparse_linear weight w [O, I]")?;
@@ -595,8 +676,8 @@ pub fn sparse_linear_bias(
             x.dims()
         );
     }
-    {
-        let st = weight.lock();
+    let keep_pack = {
+        let mut st = weight.lock();
         if st.matrix.rows() != o || st.matrix.cols() != i {
             bail!(
                 "sparse_linear: the sparse pattern is {}x{}, the weight is {o}x{i}",
@@ -604,17 +685,25 @@ pub fn sparse_linear_bias(
                 st.matrix.cols()
             );
         }
-    }
+        if w.track_op() {
+            // A new graph: a compact gradient not taken since the last one is stale.
+            st.grad = None;
+        }
+        train
+            && w.track_op()
+            && st.compact_grad
+            && !st.dense_grad
+            && rows_path(st.matrix.nnz(), i, o)
+    };
     let op = SparseLinearOp {
         n,
         i,
         o,
         weight: weight.clone(),
+        relu,
+        keep_pack,
+        pack: Mutex::new(None),
     };
-    if w.track_op() {
-        // A new graph: a compact gradient not taken since the last one is stale.
-        weight.lock().grad = None;
-    }
     let Some(b) = b else {
         return Ok(if any_tracked(&[&x, &w]) {
             x.apply_op2(&w, op)?

@@ -2,7 +2,8 @@
 //! classifier.
 
 use super::{LayerFlops, Model};
-use crate::nn::{Buffer, Linear, Param};
+use crate::kernels;
+use crate::nn::{slot_weight, Buffer, Linear, Param};
 use crate::util::Rng;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -36,14 +37,19 @@ impl Mlp {
 }
 
 impl Model for Mlp {
-    fn forward(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.flatten_from(1)?;
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h)?;
-            if i < last {
-                h = h.relu()?;
-            }
+            // Each layer with its ReLU is one op (forward and backward): at this size the
+            // per-op bookkeeping of separate bias, ReLU and mask ops costs as much as the
+            // products themselves.
+            let (w, b) = (l.weight.as_tensor(), l.bias.as_ref().map(|b| b.as_tensor()));
+            let relu = i < last;
+            h = match slot_weight(&l.slot) {
+                Some(sw) => kernels::sparse_linear_act(&h, w, b, relu, train, &sw)?,
+                None => kernels::linear_act(&h, w, b, relu)?,
+            };
         }
         Ok(h)
     }

@@ -69,6 +69,35 @@ impl Sgd {
             }
             let n = w.elem_count();
             let use_mom = self.momentum != 0.0;
+            if use_mom && w.device().is_cpu() && w.is_contiguous() {
+                if let Some(b) = buf
+                    .as_ref()
+                    .filter(|b| b.dims() == w.dims() && b.is_contiguous())
+                {
+                    // Momentum, then weight, updated in place: no new buffers each step.
+                    with_f32(g, "sgd", |gs| {
+                        let hyper = [lr, mom, wd];
+                        b.inplace_op2(
+                            w,
+                            &DenseUpdate {
+                                g: gs,
+                                hyper,
+                                part: Part::Momentum,
+                            },
+                        )?;
+                        w.inplace_op2(
+                            b,
+                            &DenseUpdate {
+                                g: gs,
+                                hyper,
+                                part: Part::Weight,
+                            },
+                        )
+                    })
+                    .with_context(|| format!("updating {}", p.name))?;
+                    continue;
+                }
+            }
             let old = if use_mom { buf.take() } else { None };
             let (new_w, new_buf) = with_f32(w, "sgd", |ws| {
                 with_f32(g, "sgd", |gs| {
@@ -118,8 +147,8 @@ impl Sgd {
         Ok(())
     }
 
-    /// The momentum buffer of parameter `index` (None before the first step). Steps on
-    /// compact gradients update it in place: copy it to keep this step's values.
+    /// The momentum buffer of parameter `index` (None before the first step). Steps update
+    /// it (and the weights) in place: copy it to keep this step's values.
     pub fn momentum_buffer(&self, index: usize) -> Option<&Tensor> {
         self.momentum_buf[index].as_ref()
     }
@@ -273,6 +302,62 @@ impl InplaceOp2 for CompactUpdate<'_> {
     }
 }
 
+/// The in-place SGD update of a dense parameter with a momentum buffer, in two passes with
+/// the arithmetic of [`sgd_pass`]: `Part::Momentum` on the buffer (source: the weight), then
+/// `Part::Weight` on the weight (source: the new buffer).
+struct DenseUpdate<'a> {
+    g: &'a [f32],
+    hyper: [f32; 3],
+    part: Part,
+}
+
+impl InplaceOp2 for DenseUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "rest-sgd-dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let src = match (src, src_l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
+        };
+        let dst = contiguous_mut(dst, dst_l)?;
+        if dst.len() != src.len() || dst.len() != self.g.len() {
+            candle_core::bail!("sgd: weight, momentum and gradient differ in size");
+        }
+        let [lr, mom, wd] = self.hyper;
+        const CHUNK: usize = 1 << 15;
+        let chunk = |(i, d): (usize, &mut [f32])| {
+            let r = i * CHUNK..i * CHUNK + d.len();
+            let (s, g) = (&src[r.clone()], &self.g[r]);
+            match self.part {
+                Part::Momentum => {
+                    for ((b, &wv), &gv) in d.iter_mut().zip(s).zip(g) {
+                        *b = *b * mom + if wd != 0.0 { gv + wv * wd } else { gv };
+                    }
+                }
+                _ => {
+                    for (w, &bv) in d.iter_mut().zip(s) {
+                        *w -= bv * lr;
+                    }
+                }
+            }
+        };
+        if dst.len() <= CHUNK {
+            chunk((0, dst));
+        } else {
+            dst.par_chunks_mut(CHUNK).enumerate().for_each(chunk);
+        }
+        Ok(())
+    }
+}
+
 /// One fused SGD pass: `g' = g + wd·w`, `b = mom·b + g'` (`b = g'` without an old buffer),
 /// `w' = w - lr·b`; `nb` is empty when momentum is off (then `b = g'`). Chunks of large
 /// parameters run in parallel; the result does not depend on the split.
@@ -332,6 +417,44 @@ mod tests {
     use super::*;
     use crate::nn::ParamKind;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn in_place_dense_steps_match_the_f32_formula_bit_for_bit() -> Result<()> {
+        // More elements than one parallel chunk; steps 2 and 3 update in place.
+        let n = 40_000;
+        let dev = Device::Cpu;
+        let w0: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let c: Vec<f32> = (0..n)
+            .map(|i| ((i * 11 % 23) as f32 - 11.0) * 0.07)
+            .collect();
+        let w = Var::from_vec(w0.clone(), n, &dev)?;
+        let ct = Tensor::from_vec(c.clone(), n, &dev)?;
+        let p = Param {
+            name: "w".into(),
+            var: w.clone(),
+            kind: ParamKind::Weight,
+            slot: None,
+        };
+        let (lr, mom, wd) = (0.1f32, 0.9f32, 0.01f32);
+        let mut opt = Sgd::new(vec![p], lr as f64, mom as f64, wd as f64);
+        let (mut ew, mut eb) = (w0, vec![0.0f32; n]);
+        for step in 0..3 {
+            let loss = (w.as_tensor() * &ct)?.sum_all()?;
+            opt.step(&loss.backward()?)?;
+            for i in 0..n {
+                let g = c[i] + ew[i] * wd;
+                eb[i] = if step == 0 { g } else { eb[i] * mom + g };
+                ew[i] -= eb[i] * lr;
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&w.as_tensor().to_vec1::<f32>()?), bits(&ew));
+        let b = opt.momentum_buffer(0).expect("momentum").to_vec1::<f32>()?;
+        assert_eq!(bits(&b), bits(&eb));
+        Ok(())
+    }
 
     #[test]
     fn matches_hand_computed_pytorch_sgd() -> Result<()> {

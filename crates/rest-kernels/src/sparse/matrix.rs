@@ -271,6 +271,11 @@ impl SparseMatrix {
         }
     }
 
+    /// For each entry of the transposed CSR, its index in the CSR order of [`Self::values`].
+    pub(crate) fn t_src(&self) -> &[u32] {
+        &self.t_src
+    }
+
     pub(crate) fn csr_t(&self) -> Csr<'_> {
         Csr {
             rows: self.cols,

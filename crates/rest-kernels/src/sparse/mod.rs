@@ -47,7 +47,9 @@ mod simd;
 pub use conv::SparseConv;
 pub use kernels::{sddmm, sddmm_into, spmm, spmm_t, transpose};
 pub use matrix::{MaskValue, SparseMatrix};
-pub use rows::{sddmm_rows, spmm_rows, spmm_t_rows};
+pub use rows::{
+    pack_rows, packed_len, sddmm_packed, sddmm_rows, spmm_rows, spmm_rows_fused, spmm_t_rows, LANES,
+};
 pub use simd::{active_isa, Isa};
 
 use std::fmt;

@@ -1,74 +1,367 @@
 //! Sparse linear-layer products on batch-major activations (`x[N][I]`, `y[N][O]`), with no
-//! transposes: each sample row is small enough to stay in L1, so every active weight costs one
-//! indexed load and one multiply-add per sample.
+//! transposes of the whole batch: samples are taken [`LANES`] at a time, and each block runs
+//! as a feature-major product on a small `[feature][LANES]` tile that stays in L1.
 //!
-//! The feature-major kernels ([`super::spmm`] on `xT[I][N]`) stream contiguous batch rows, but
-//! need the activations transposed on the way in and out; at the low densities of dynamic
-//! sparse training those transposes (`N·(I + O)` scattered accesses per product) cost far more
-//! than the `N·nnz` multiply-adds themselves. These kernels skip them, and also skip zero
-//! output gradients (most of them, behind a ReLU).
+//! For a block, every *input feature* `k` with active weights is gathered once (one value per
+//! sample of the block, one AVX-512 gather) and then scattered, one `LANES`-wide multiply-add
+//! per active weight of that input, into the `[O][LANES]` output tile; the tile is written out
+//! (with the bias and an optional ReLU) in the batch-major layout. A gathered input value is
+//! reused by every active weight of its feature, and the multiply-adds are full SIMD vectors
+//! whatever the density. The same kernel computes the input gradient (`dy W`: the pattern's
+//! rows play the inputs).
+//!
+//! The gathered inputs can be kept ([`spmm_rows_fused`]'s `pack`, laid out as
+//! `[block][active input][LANES]`): the weight gradient at the active weights
+//! ([`sddmm_packed`]) then reads them sequentially instead of gathering the (L2-sized) input
+//! again, with `LANES` partial sums per weight held in a register.
+//!
+//! Every output element is a sum in a fixed order (over inputs; for the weight gradient over
+//! the samples `s ≡ l (mod LANES)` per lane `l`, then a fixed tree over the lanes), independent
+//! of the number of threads, the task split and the instruction set: results are
+//! bit-reproducible.
 
 use rayon::prelude::*;
 
 use super::kernels::SERIAL_FLOPS;
+use super::simd::{active_isa, Isa};
 use super::{check_len, SparseError, SparseMatrix};
 
-/// Samples per parallel task.
-fn sample_block(n: usize, work_per_sample: usize) -> usize {
-    if n * work_per_sample < SERIAL_FLOPS {
-        return n.max(1);
+/// Samples per block: one AVX-512 vector (two AVX2 vectors) of `f32`.
+pub const LANES: usize = 16;
+
+/// One tile row: a value per sample of a block.
+type Lane = [f32; LANES];
+
+/// Gather flavours, a const parameter of the kernels (resolved at compile time).
+const G_PORTABLE: u8 = 0;
+const G_AVX2: u8 = 1;
+const G_AVX512: u8 = 2;
+
+/// A pattern seen from the side of the products' input: `ptr` has `inputs + 1` offsets, and
+/// input feature `k` feeds the outputs `out[ptr[k]..ptr[k + 1]]` with weights `val[..]`.
+#[derive(Clone, Copy)]
+struct Fanout<'a> {
+    ptr: &'a [usize],
+    out: &'a [u32],
+    val: &'a [f32],
+}
+
+impl Fanout<'_> {
+    /// Inputs with at least one active weight.
+    fn active(&self) -> usize {
+        self.ptr.windows(2).filter(|w| w[0] != w[1]).count()
     }
-    let tasks = 4 * rayon::current_num_threads();
-    n.div_ceil(tasks).max(1)
+}
+
+/// What happens to an output value on its way out of the tile.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    bias: Option<&'a [f32]>,
+    relu: bool,
+}
+
+/// `x[s·xi + k]` for the `nb` samples `s` of a block (`x` holds exactly those rows), zero in
+/// the lanes past `nb`.
+///
+/// # Safety
+/// `k < xi`, `x.len() == nb * xi`, `nb <= LANES`, `15 · xi` fits an `i32`; `G` is an
+/// instruction set available on this CPU and enabled in the caller.
+#[inline(always)]
+unsafe fn gather<const G: u8>(x: &[f32], xi: usize, nb: usize, k: usize) -> Lane {
+    let mut out = [0.0f32; LANES];
+    #[cfg(target_arch = "x86_64")]
+    if G == G_AVX512 {
+        use std::arch::x86_64::*;
+        let idx: [i32; LANES] = std::array::from_fn(|s| (s * xi) as i32);
+        let vi = _mm512_loadu_si512(idx.as_ptr().cast());
+        let p = x.as_ptr().add(k);
+        let v = if nb == LANES {
+            _mm512_i32gather_ps::<4>(vi, p.cast())
+        } else {
+            let m = ((1u32 << nb) - 1) as __mmask16;
+            _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, vi, p.cast())
+        };
+        _mm512_storeu_ps(out.as_mut_ptr(), v);
+        return out;
+    }
+    let _ = G;
+    for (s, v) in out.iter_mut().enumerate().take(nb) {
+        *v = *x.get_unchecked(s * xi + k);
+    }
+    out
+}
+
+/// `y[s][r] = Σ_k fan(k → r) · x[s][k]` for the samples of one block (`nb <= LANES` rows of
+/// `x`, `xi` features each; `y` has `nb` rows of `yo = acc.len()` features), and, when
+/// `pack` is not empty, the gathered inputs stored there (`[active input][LANES]`).
+///
+/// # Safety
+/// As [`gather`]; the entries of `fan` index inside `acc`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scatter_block<const G: u8>(
+    fan: Fanout<'_>,
+    x: &[f32],
+    xi: usize,
+    nb: usize,
+    acc: &mut [Lane],
+    ep: Epilogue<'_>,
+    y: &mut [f32],
+    pack: &mut [Lane],
+) {
+    let yo = acc.len();
+    debug_assert!(nb <= LANES && x.len() == nb * xi && y.len() == nb * yo);
+    acc.fill([0.0; LANES]);
+    let keep = !pack.is_empty();
+    let mut j = 0;
+    for k in 0..xi {
+        let (lo, hi) = (fan.ptr[k], fan.ptr[k + 1]);
+        if lo == hi {
+            continue;
+        }
+        let xk = gather::<G>(x, xi, nb, k);
+        if keep {
+            pack[j] = xk;
+        }
+        j += 1;
+        for (&r, &w) in fan.out[lo..hi].iter().zip(&fan.val[lo..hi]) {
+            let a = acc.get_unchecked_mut(r as usize);
+            for l in 0..LANES {
+                a[l] += w * xk[l];
+            }
+        }
+    }
+    for (s, yr) in y.chunks_exact_mut(yo).enumerate() {
+        for (r, (v, a)) in yr.iter_mut().zip(acc.iter()).enumerate() {
+            let mut t = a[s];
+            if let Some(b) = ep.bias {
+                t += b[r];
+            }
+            if ep.relu {
+                t = t.max(0.0);
+            }
+            *v = t;
+        }
+    }
+}
+
+/// [`scatter_block`] over consecutive blocks: `x` holds `y.len() / yo` samples.
+///
+/// # Safety
+/// As [`scatter_block`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scatter_blocks<const G: u8>(
+    fan: Fanout<'_>,
+    x: &[f32],
+    xi: usize,
+    yo: usize,
+    active: usize,
+    ep: Epilogue<'_>,
+    y: &mut [f32],
+    pack: &mut [Lane],
+) {
+    let mut acc = vec![[0.0f32; LANES]; yo];
+    for (b, yb) in y.chunks_mut(LANES * yo).enumerate() {
+        let nb = yb.len() / yo;
+        let xb = &x[b * LANES * xi..][..nb * xi];
+        let pb = if pack.is_empty() {
+            &mut []
+        } else {
+            &mut pack[b * active..(b + 1) * active]
+        };
+        scatter_block::<G>(fan, xb, xi, nb, &mut acc, ep, yb, pb);
+    }
+}
+
+/// [`scatter_blocks`] compiled for `isa`.
+///
+/// # Safety
+/// As [`scatter_block`], with `isa` available.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dispatch_blocks(
+    isa: Isa,
+    fan: Fanout<'_>,
+    x: &[f32],
+    xi: usize,
+    yo: usize,
+    active: usize,
+    ep: Epilogue<'_>,
+    y: &mut [f32],
+    pack: &mut [Lane],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx512(
+            f: Fanout<'_>,
+            x: &[f32],
+            xi: usize,
+            yo: usize,
+            act: usize,
+            e: Epilogue<'_>,
+            y: &mut [f32],
+            p: &mut [Lane],
+        ) {
+            scatter_blocks::<G_AVX512>(f, x, xi, yo, act, e, y, p)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2(
+            f: Fanout<'_>,
+            x: &[f32],
+            xi: usize,
+            yo: usize,
+            act: usize,
+            e: Epilogue<'_>,
+            y: &mut [f32],
+            p: &mut [Lane],
+        ) {
+            scatter_blocks::<G_AVX2>(f, x, xi, yo, act, e, y, p)
+        }
+        match isa {
+            Isa::Avx512 => return avx512(fan, x, xi, yo, active, ep, y, pack),
+            Isa::Avx2Fma => return avx2(fan, x, xi, yo, active, ep, y, pack),
+            Isa::Portable => {}
+        }
+    }
+    let _ = isa;
+    scatter_blocks::<G_PORTABLE>(fan, x, xi, yo, active, ep, y, pack)
+}
+
+/// Whether work of about `flops` operations is worth handing to rayon: with one thread, or
+/// little work, the hand-over to the pool (a wake-up and a wait, from a thread outside it)
+/// costs more than it saves.
+fn parallel(flops: usize) -> bool {
+    flops >= SERIAL_FLOPS && rayon::current_num_threads() > 1
+}
+
+/// The instruction set for inputs of `xi` features (the AVX-512 gather takes 32-bit offsets).
+fn isa_for(xi: usize) -> Isa {
+    match active_isa() {
+        Isa::Avx512 if (LANES * xi) > i32::MAX as usize => Isa::Avx2Fma,
+        isa => isa,
+    }
+}
+
+/// Runs [`scatter_block`] over the blocks of `x` (`[n][xi]`) into `y` (`[n][yo]`), in
+/// parallel over groups of blocks when the work is large enough; fills `pack` when it is not
+/// empty (`blocks · active` lanes).
+#[allow(clippy::too_many_arguments)]
+fn scatter_rows(
+    fan: Fanout<'_>,
+    x: &[f32],
+    xi: usize,
+    n: usize,
+    yo: usize,
+    ep: Epilogue<'_>,
+    y: &mut [f32],
+    pack: &mut [Lane],
+) {
+    let blocks = n.div_ceil(LANES);
+    let active = fan.active();
+    let per_task = if parallel(n * (active + 2 * fan.val.len() + yo)) {
+        blocks.div_ceil(2 * rayon::current_num_threads()).max(1)
+    } else {
+        blocks
+    };
+    let isa = isa_for(xi);
+    let run = |t: usize, yt: &mut [f32], pt: &mut [Lane]| {
+        let xt = &x[t * per_task * LANES * xi..][..yt.len() / yo * xi];
+        // SAFETY: `isa` is available (`active_isa`), its offsets fit (`isa_for`); the pattern
+        // indexes inside `[xi]` x `[yo]` (checked by the callers' shapes); `xt` holds the
+        // samples of `yt`.
+        unsafe { dispatch_blocks(isa, fan, xt, xi, yo, active, ep, yt, pt) };
+    };
+    if per_task >= blocks {
+        run(0, y, pack);
+    } else if pack.is_empty() {
+        y.par_chunks_mut(per_task * LANES * yo)
+            .enumerate()
+            .for_each(|(t, yt)| run(t, yt, &mut []));
+    } else {
+        y.par_chunks_mut(per_task * LANES * yo)
+            .zip(pack.par_chunks_mut(per_task * active))
+            .enumerate()
+            .for_each(|(t, (yt, pt))| run(t, yt, pt));
+    }
 }
 
 /// `y[n][o] = Σ_k W[o, k] · x[n][k]` (`x` is `[N][I]`, `y` is `[N][O]`, overwritten).
 pub fn spmm_rows(w: &SparseMatrix, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), SparseError> {
+    spmm_rows_fused(w, x, n, None, false, y, &mut [])
+}
+
+/// Length of the `pack` buffer of [`spmm_rows_fused`] (and [`sddmm_packed`]) for `n` samples:
+/// `⌈n / LANES⌉ · (inputs with active weights) · LANES`.
+pub fn packed_len(w: &SparseMatrix, n: usize) -> usize {
+    n.div_ceil(LANES) * fanout_t(w).active() * LANES
+}
+
+fn fanout_t(w: &SparseMatrix) -> Fanout<'_> {
+    let t = w.csr_t();
+    Fanout {
+        ptr: t.row_ptr,
+        out: t.col_idx,
+        val: t.values,
+    }
+}
+
+/// [`spmm_rows`] with the bias `b` (`O` entries) added to every output row and, with
+/// `relu`, `max(·, 0)` applied, in the same pass: `y = relu(x Wᵀ + b)`. The bias is added
+/// to the finished sum (one rounding, as a separate broadcast add would).
+///
+/// `pack` is empty, or [`packed_len`] long: it then receives the inputs at the active input
+/// features, for [`sddmm_packed`].
+pub fn spmm_rows_fused(
+    w: &SparseMatrix,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+    pack: &mut [f32],
+) -> Result<(), SparseError> {
     let (o, i) = (w.rows(), w.cols());
     check_len("spmm_rows", "x", "[N][I] with I = W.cols()", x.len(), n, i)?;
     check_len("spmm_rows", "y", "[N][O] with O = W.rows()", y.len(), n, o)?;
+    if let Some(b) = bias {
+        if b.len() != o {
+            return Err(SparseError::new(format!(
+                "sparse spmm_rows: bias has {} elements, expected O = W.rows() = {o}",
+                b.len()
+            )));
+        }
+    }
+    let pack = lanes_mut(pack, w, n, "spmm_rows")?;
     if o == 0 || n == 0 {
         return Ok(());
     }
-    let (rp, ci, v) = (w.row_ptr(), w.col_idx(), w.values());
-    let block = sample_block(n, 2 * w.nnz() + o);
-    let run = |(b, yb): (usize, &mut [f32])| {
-        let x = &x[b * block * i..];
-        let done = (yb.len() / o) & !3;
-        // Four samples at a time: each stored weight and index is loaded once for the four
-        // gathers, and the four sums are independent chains.
-        let mut quads = yb.chunks_exact_mut(4 * o);
-        // The activations are read in index order, not streamed: ask for the next four
-        // samples' rows (from L3, they rarely fit L2) a few lines per output row ahead.
-        let lines_per_row = (4 * i * 4).div_ceil(64).div_ceil(o.max(1));
-        for (q, yq) in quads.by_ref().enumerate() {
-            let xq = &x[4 * q * i..][..4 * i];
-            let next = x.get(4 * (q + 1) * i..).unwrap_or(&[]);
-            let next = &next[..next.len().min(4 * i)];
-            let (y01, y23) = yq.split_at_mut(2 * o);
-            let (y0, y1) = y01.split_at_mut(o);
-            let (y2, y3) = y23.split_at_mut(o);
-            for r in 0..o {
-                prefetch_lines(next, r * lines_per_row, lines_per_row);
-                let (lo, hi) = (rp[r], rp[r + 1]);
-                let d = dot_gather4(&v[lo..hi], &ci[lo..hi], xq, i);
-                (y0[r], y1[r], y2[r], y3[r]) = (d[0], d[1], d[2], d[3]);
-            }
-        }
-        for (s, yr) in quads.into_remainder().chunks_exact_mut(o).enumerate() {
-            let xr = &x[(done + s) * i..][..i];
-            for (r, yv) in yr.iter_mut().enumerate() {
-                let (lo, hi) = (rp[r], rp[r + 1]);
-                *yv = dot_gather(&v[lo..hi], &ci[lo..hi], xr);
-            }
-        }
-    };
-    if block >= n {
-        run((0, y));
-    } else {
-        y.par_chunks_mut(block * o).enumerate().for_each(run);
-    }
+    scatter_rows(fanout_t(w), x, i, n, o, Epilogue { bias, relu }, y, pack);
     Ok(())
+}
+
+/// `pack` as lanes, checking that it is empty or [`packed_len`] long.
+fn lanes_mut<'a>(
+    pack: &'a mut [f32],
+    w: &SparseMatrix,
+    n: usize,
+    op: &str,
+) -> Result<&'a mut [Lane], SparseError> {
+    if pack.is_empty() {
+        return Ok(&mut []);
+    }
+    let want = packed_len(w, n);
+    if pack.len() != want {
+        return Err(SparseError::new(format!(
+            "sparse {op}: pack has {} elements, expected packed_len = {want}",
+            pack.len()
+        )));
+    }
+    let (lanes, rest) = pack.as_chunks_mut::<LANES>();
+    debug_assert!(rest.is_empty());
+    Ok(lanes)
 }
 
 /// `dx[n][k] = Σ_o W[o, k] · dy[n][o]` (`dy` is `[N][O]`, `dx` is `[N][I]`, overwritten).
@@ -98,27 +391,16 @@ pub fn spmm_t_rows(
     if i == 0 || n == 0 {
         return Ok(());
     }
-    let (rp, ci, v) = (w.row_ptr(), w.col_idx(), w.values());
-    let block = sample_block(n, 2 * w.nnz() + i);
-    let run = |(b, xb): (usize, &mut [f32])| {
-        for (s, dxr) in xb.chunks_exact_mut(i).enumerate() {
-            dxr.fill(0.0);
-            let dyr = &dy[(b * block + s) * o..][..o];
-            for (r, &d) in dyr.iter().enumerate() {
-                if d == 0.0 {
-                    continue;
-                }
-                for (&k, &wv) in ci[rp[r]..rp[r + 1]].iter().zip(&v[rp[r]..rp[r + 1]]) {
-                    dxr[k as usize] += wv * d;
-                }
-            }
-        }
+    let fan = Fanout {
+        ptr: w.row_ptr(),
+        out: w.col_idx(),
+        val: w.values(),
     };
-    if block >= n {
-        run((0, dx));
-    } else {
-        dx.par_chunks_mut(block * i).enumerate().for_each(run);
-    }
+    let ep = Epilogue {
+        bias: None,
+        relu: false,
+    };
+    scatter_rows(fan, dy, o, n, i, ep, dx, &mut []);
     Ok(())
 }
 
@@ -131,7 +413,102 @@ pub fn sddmm_rows(
     n: usize,
     grad: &mut [f32],
 ) -> Result<(), SparseError> {
-    let (o, i) = (w.rows(), w.cols());
+    check_len(
+        "sddmm_rows",
+        "x",
+        "[N][I] with I = W.cols()",
+        x.len(),
+        n,
+        w.cols(),
+    )?;
+    let mut pack = vec![0.0f32; packed_len(w, n)];
+    pack_rows(w, x, n, &mut pack)?;
+    sddmm_packed(w, dy, &pack, n, grad)
+}
+
+/// Fills `pack` ([`packed_len`] long) with the inputs `x` (`[N][I]`) at the active input
+/// features, as [`spmm_rows_fused`] does on the way.
+pub fn pack_rows(
+    w: &SparseMatrix,
+    x: &[f32],
+    n: usize,
+    pack: &mut [f32],
+) -> Result<(), SparseError> {
+    let i = w.cols();
+    check_len("pack_rows", "x", "[N][I] with I = W.cols()", x.len(), n, i)?;
+    if packed_len(w, n) != pack.len() {
+        return Err(SparseError::new(format!(
+            "sparse pack_rows: pack has {} elements, expected packed_len = {}",
+            pack.len(),
+            packed_len(w, n)
+        )));
+    }
+    let fan = fanout_t(w);
+    let active = fan.active();
+    if active == 0 || n == 0 {
+        return Ok(());
+    }
+    let isa = isa_for(i);
+    let (lanes, _) = pack.as_chunks_mut::<LANES>();
+    let run = |(b, pb): (usize, &mut [Lane])| {
+        let nb = (n - b * LANES).min(LANES);
+        let xb = &x[b * LANES * i..][..nb * i];
+        // SAFETY: as in `scatter_rows`.
+        unsafe { dispatch_pack(isa, fan.ptr, xb, i, nb, pb) };
+    };
+    if parallel(n * active) {
+        lanes.par_chunks_mut(active).enumerate().for_each(run);
+    } else {
+        lanes.chunks_mut(active).enumerate().for_each(run);
+    }
+    Ok(())
+}
+
+/// Gathers the active inputs (`ptr[k] != ptr[k + 1]`) of one block into `pack`.
+///
+/// # Safety
+/// As [`gather`].
+#[inline(always)]
+unsafe fn pack_block<const G: u8>(ptr: &[usize], x: &[f32], xi: usize, nb: usize, p: &mut [Lane]) {
+    let mut j = 0;
+    for k in 0..xi {
+        if ptr[k] != ptr[k + 1] {
+            p[j] = gather::<G>(x, xi, nb, k);
+            j += 1;
+        }
+    }
+}
+
+/// [`pack_block`] compiled for `isa`.
+///
+/// # Safety
+/// As [`gather`], with `isa` available.
+unsafe fn dispatch_pack(isa: Isa, ptr: &[usize], x: &[f32], xi: usize, nb: usize, p: &mut [Lane]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(ptr: &[usize], x: &[f32], xi: usize, nb: usize, p: &mut [Lane]) {
+            pack_block::<G_AVX512>(ptr, x, xi, nb, p)
+        }
+        if isa == Isa::Avx512 {
+            return avx512(ptr, x, xi, nb, p);
+        }
+    }
+    let _ = isa;
+    pack_block::<G_PORTABLE>(ptr, x, xi, nb, p)
+}
+
+/// The weight gradient at the active weights from the packed inputs (see
+/// [`spmm_rows_fused`]'s `pack`): `grad[e] = Σ_n dy[n][o_e] · x[n][k_e]`, aligned with
+/// `w.values()` (overwritten). Same result as [`sddmm_rows`] on the unpacked inputs.
+pub fn sddmm_packed(
+    w: &SparseMatrix,
+    dy: &[f32],
+    pack: &[f32],
+    n: usize,
+    grad: &mut [f32],
+) -> Result<(), SparseError> {
+    let o = w.rows();
     check_len(
         "sddmm_rows",
         "dy",
@@ -140,7 +517,6 @@ pub fn sddmm_rows(
         n,
         o,
     )?;
-    check_len("sddmm_rows", "x", "[N][I] with I = W.cols()", x.len(), n, i)?;
     if grad.len() != w.nnz() {
         return Err(SparseError::new(format!(
             "sparse sddmm_rows: grad has {} elements, expected nnz = {}",
@@ -148,104 +524,177 @@ pub fn sddmm_rows(
             w.nnz()
         )));
     }
-    let (rp, ci) = (w.row_ptr(), w.col_idx());
-    // Accumulates samples `range` into `g`.
-    let acc = |range: std::ops::Range<usize>, g: &mut [f32]| {
-        for s in range {
-            let (xr, dyr) = (&x[s * i..][..i], &dy[s * o..][..o]);
-            for (r, &d) in dyr.iter().enumerate() {
-                if d == 0.0 {
-                    continue;
-                }
-                let (lo, hi) = (rp[r], rp[r + 1]);
-                for (gv, &k) in g[lo..hi].iter_mut().zip(&ci[lo..hi]) {
-                    *gv += d * xr[k as usize];
-                }
+    if pack.len() != packed_len(w, n) {
+        return Err(SparseError::new(format!(
+            "sparse sddmm_packed: pack has {} elements, expected packed_len = {}",
+            pack.len(),
+            packed_len(w, n)
+        )));
+    }
+    if grad.is_empty() {
+        return Ok(());
+    }
+    if n == 0 {
+        grad.fill(0.0);
+        return Ok(());
+    }
+    let fan = fanout_t(w);
+    let active = fan.active();
+    let blocks = n.div_ceil(LANES);
+    let (xp, _) = pack.as_chunks::<LANES>();
+    // The output gradient as `[block][O][LANES]`, zero past the last sample.
+    let mut dyt = vec![[0.0f32; LANES]; blocks * o];
+    let fill = |(b, db): (usize, &mut [Lane])| {
+        let nb = (n - b * LANES).min(LANES);
+        for (s, row) in dy[b * LANES * o..][..nb * o].chunks_exact(o).enumerate() {
+            for (d, &v) in db.iter_mut().zip(row) {
+                d[s] = v;
             }
         }
     };
-    grad.fill(0.0);
-    let block = sample_block(n, 2 * w.nnz() + o);
-    if block >= n {
-        acc(0..n, grad);
-        return Ok(());
-    }
-    // Per-task partial gradients (nnz each), summed in a fixed order (deterministic).
-    let parts: Vec<Vec<f32>> = (0..n.div_ceil(block))
-        .into_par_iter()
-        .map(|b| {
-            let mut g = vec![0.0f32; grad.len()];
-            acc(b * block..((b + 1) * block).min(n), &mut g);
-            g
-        })
+    // A few 10 kB: not worth a hand-over to the pool.
+    dyt.chunks_mut(o).enumerate().for_each(fill);
+    let parallel = parallel(n * (active + 2 * w.nnz()));
+    // Tasks over ranges of active inputs, balanced by entries; each sums over all samples,
+    // so no partial gradients are merged. Results come in the transposed entry order.
+    let mut gt = vec![0.0f32; w.nnz()];
+    let cols: Vec<usize> = (0..fan.ptr.len() - 1)
+        .filter(|&k| fan.ptr[k] != fan.ptr[k + 1])
         .collect();
+    let tasks = if parallel {
+        2 * rayon::current_num_threads()
+    } else {
+        1
+    };
+    let chunk = cols.len().div_ceil(tasks).max(1);
+    let isa = active_isa();
+    let run = |(t, cs): (usize, &[usize])| -> Vec<f32> {
+        let j0 = t * chunk;
+        let mut out = Vec::with_capacity(fan.ptr[cs[cs.len() - 1] + 1] - fan.ptr[cs[0]]);
+        // SAFETY: `isa` is available; the pattern indexes inside `[I]` x `[O]`.
+        unsafe { dispatch_grad(isa, fan, cs, j0, active, xp, &dyt, o, blocks, &mut out) };
+        out
+    };
+    let parts: Vec<Vec<f32>> = if tasks == 1 || cols.len() <= chunk {
+        cols.chunks(chunk).enumerate().map(run).collect()
+    } else {
+        cols.par_chunks(chunk).enumerate().map(run).collect()
+    };
+    let mut at = 0;
     for p in &parts {
-        for (a, &b) in grad.iter_mut().zip(p) {
-            *a += b;
-        }
+        gt[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
+    for (&v, &s) in gt.iter().zip(w.t_src()) {
+        grad[s as usize] = v;
     }
     Ok(())
 }
 
-/// Prefetches (into L1) cache lines `first..first + count` of `x`, those that exist.
-#[inline]
-fn prefetch_lines(x: &[f32], first: usize, count: usize) {
+/// The lanes of `a` summed as a fixed balanced tree.
+#[inline(always)]
+fn lane_sum(a: &Lane) -> f32 {
+    let mut h = *a;
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            h[l] += h[l + w];
+        }
+    }
+    h[0]
+}
+
+/// The weight gradients of the active inputs `cols` (packed indices from `j0`), in
+/// transposed entry order, appended to `out`.
+///
+/// # Safety
+/// The entries of `fan` index inside `dyt`'s `o` lanes per block; `xp` has `blocks · active`
+/// lanes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grad_cols(
+    fan: Fanout<'_>,
+    cols: &[usize],
+    j0: usize,
+    active: usize,
+    xp: &[Lane],
+    dyt: &[Lane],
+    o: usize,
+    blocks: usize,
+    out: &mut Vec<f32>,
+) {
+    for (jj, &k) in cols.iter().enumerate() {
+        let j = j0 + jj;
+        for &r in &fan.out[fan.ptr[k]..fan.ptr[k + 1]] {
+            let mut acc = [0.0f32; LANES];
+            for b in 0..blocks {
+                let xv = xp.get_unchecked(b * active + j);
+                let dv = dyt.get_unchecked(b * o + r as usize);
+                for l in 0..LANES {
+                    acc[l] += dv[l] * xv[l];
+                }
+            }
+            out.push(lane_sum(&acc));
+        }
+    }
+}
+
+/// [`grad_cols`] compiled for `isa`.
+///
+/// # Safety
+/// As [`grad_cols`], with `isa` available.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dispatch_grad(
+    isa: Isa,
+    fan: Fanout<'_>,
+    cols: &[usize],
+    j0: usize,
+    active: usize,
+    xp: &[Lane],
+    dyt: &[Lane],
+    o: usize,
+    blocks: usize,
+    out: &mut Vec<f32>,
+) {
     #[cfg(target_arch = "x86_64")]
-    for l in first..first + count {
-        if let Some(p) = x.get(16 * l) {
-            // SAFETY: a prefetch of a valid address; it neither reads nor writes memory.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    (p as *const f32).cast(),
-                )
-            };
-        } else {
-            break;
+    {
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx512(
+            f: Fanout<'_>,
+            c: &[usize],
+            j0: usize,
+            a: usize,
+            xp: &[Lane],
+            d: &[Lane],
+            o: usize,
+            b: usize,
+            out: &mut Vec<f32>,
+        ) {
+            grad_cols(f, c, j0, a, xp, d, o, b, out)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2(
+            f: Fanout<'_>,
+            c: &[usize],
+            j0: usize,
+            a: usize,
+            xp: &[Lane],
+            d: &[Lane],
+            o: usize,
+            b: usize,
+            out: &mut Vec<f32>,
+        ) {
+            grad_cols(f, c, j0, a, xp, d, o, b, out)
+        }
+        match isa {
+            Isa::Avx512 => return avx512(fan, cols, j0, active, xp, dyt, o, blocks, out),
+            Isa::Avx2Fma => return avx2(fan, cols, j0, active, xp, dyt, o, blocks, out),
+            Isa::Portable => {}
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (x, first, count);
-}
-
-/// `Σ_j v[j] · x_s[k[j]]` for the four consecutive rows `x_s = x[s·i..(s+1)·i]` of `x`
-/// (`4·i` long), each with two partial sums (even and odd `j`).
-#[inline]
-fn dot_gather4(v: &[f32], k: &[u32], x: &[f32], i: usize) -> [f32; 4] {
-    assert!(x.len() >= 4 * i && k.iter().all(|&c| (c as usize) < i));
-    let mut s = [[0.0f32; 4]; 2];
-    for (j, (&vv, &kk)) in v.iter().zip(k).enumerate() {
-        let c = kk as usize;
-        let acc = &mut s[j & 1];
-        // SAFETY: `c < i` and `x.len() >= 4 i` (asserted above), so `c + 3 i < x.len()`.
-        unsafe {
-            acc[0] += vv * *x.get_unchecked(c);
-            acc[1] += vv * *x.get_unchecked(c + i);
-            acc[2] += vv * *x.get_unchecked(c + 2 * i);
-            acc[3] += vv * *x.get_unchecked(c + 3 * i);
-        }
-    }
-    [
-        s[0][0] + s[1][0],
-        s[0][1] + s[1][1],
-        s[0][2] + s[1][2],
-        s[0][3] + s[1][3],
-    ]
-}
-
-/// `Σ_j v[j] · x[k[j]]`, four independent partial sums.
-#[inline]
-fn dot_gather(v: &[f32], k: &[u32], x: &[f32]) -> f32 {
-    let mut s = [0.0f32; 4];
-    let (vc, kc) = (v.chunks_exact(4), k.chunks_exact(4));
-    let (vr, kr) = (vc.remainder(), kc.remainder());
-    for (v4, k4) in vc.zip(kc) {
-        for l in 0..4 {
-            s[l] += v4[l] * x[k4[l] as usize];
-        }
-    }
-    let mut t = (s[0] + s[1]) + (s[2] + s[3]);
-    for (&vv, &kk) in vr.iter().zip(kr) {
-        t += vv * x[kk as usize];
-    }
-    t
+    let _ = isa;
+    grad_cols(fan, cols, j0, active, xp, dyt, o, blocks, out)
 }
