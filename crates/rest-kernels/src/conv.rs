@@ -38,10 +38,13 @@ impl Tiles {
         let mut per = (TILE_FLOATS / g.k().max(1) / cols_per_img).clamp(1, g.n.max(1));
         let mut count = g.n.div_ceil(per);
         let threads = rayon::current_num_threads();
-        if threads > 1 && count < 2 * threads && g.n >= 2 * threads {
-            // Too few cache-sized tiles to keep every thread busy (small feature maps, deep
-            // layers): smaller tiles, two per thread, rather than one GEMM split internally.
-            per = g.n.div_ceil(2 * threads);
+        if threads > 1 && g.n >= 2 * threads {
+            // At least two tiles per thread (deep layers have few cache-sized tiles; one GEMM
+            // split internally keeps the threads busy for less of the time), and a multiple
+            // of the thread count so every thread gets as many equal tiles (7 tiles on 2
+            // threads would leave one idle for a seventh of the layer).
+            let want = count.max(2 * threads).next_multiple_of(threads);
+            per = g.n.div_ceil(want);
             count = g.n.div_ceil(per);
         }
         Tiles {
@@ -78,6 +81,36 @@ fn scratch(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
         buf.resize(len, 0.0);
     }
     &mut buf[..len]
+}
+
+/// `dst` zero-filled, in parallel for large buffers.
+fn par_zero(dst: &mut [f32]) {
+    if dst.len() >= 1 << 16 {
+        dst.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
+    } else {
+        dst.fill(0.0);
+    }
+}
+
+/// `dst += partials[0] + partials[1] + ...`, each element summed in that order (parallel
+/// over blocks of elements, so the result does not depend on the split).
+fn add_in_order(dst: &mut [f32], partials: &[Vec<f32>]) {
+    const BLOCK: usize = 1 << 14;
+    let add = |(b, d): (usize, &mut [f32])| {
+        for p in partials {
+            for (x, y) in d.iter_mut().zip(&p[b * BLOCK..]) {
+                *x += *y;
+            }
+        }
+    };
+    if partials.is_empty() {
+        return;
+    }
+    if dst.len() >= 1 << 16 {
+        dst.par_chunks_mut(BLOCK).enumerate().for_each(add);
+    } else {
+        dst.chunks_mut(BLOCK).enumerate().for_each(add);
+    }
 }
 
 /// Whether this geometry needs an explicit im2col buffer (`false` for 1x1, stride 1, pad 0,
@@ -252,29 +285,35 @@ pub fn conv2d_bwd_weight(x: &[f32], dout: &[f32], g: &Conv2dGeom, dw: &mut [f32]
             );
         }
     };
-    dw.fill(0.0);
+    par_zero(dw);
     if tiles.parallel {
         // Fixed groups of consecutive tiles, each summed serially, then the groups in order:
         // the result depends only on the thread count, never on work stealing (rayon's
         // fold/reduce would split adaptively and change the summation order run to run).
+        // Group 0 sums straight into `dw`, the others into partial buffers.
         let groups = rayon::current_num_threads().clamp(1, tiles.count);
-        let partials: Vec<Vec<f32>> = (0..groups)
-            .into_par_iter()
-            .map(|gi| {
-                let (t0, t1) = (tiles.count * gi / groups, tiles.count * (gi + 1) / groups);
-                let (mut acc, mut buf) = (vec![0.0f32; g.w_len()], Vec::new());
-                for t in t0..t1 {
-                    let (n0, n1) = tiles.range(t);
-                    tile_into(n0, n1, false, &mut buf, &mut acc);
-                }
-                acc
-            })
-            .collect();
-        for p in &partials {
-            for (x, y) in dw.iter_mut().zip(p) {
-                *x += *y;
+        let group = |gi: usize, acc: &mut [f32]| {
+            let (t0, t1) = (tiles.count * gi / groups, tiles.count * (gi + 1) / groups);
+            let mut buf = Vec::new();
+            for t in t0..t1 {
+                let (n0, n1) = tiles.range(t);
+                tile_into(n0, n1, false, &mut buf, acc);
             }
-        }
+        };
+        let ((), partials) = rayon::join(
+            || group(0, dw),
+            || {
+                (1..groups)
+                    .into_par_iter()
+                    .map(|gi| {
+                        let mut acc = vec![0.0f32; g.w_len()];
+                        group(gi, &mut acc);
+                        acc
+                    })
+                    .collect::<Vec<_>>()
+            },
+        );
+        add_in_order(dw, &partials);
     } else {
         let mut buf = Vec::new();
         for t in 0..tiles.count {
@@ -372,15 +411,27 @@ fn class_plan(g: &Conv2dGeom) -> Option<Vec<TapClass>> {
 /// The columns of `w` `[OC][C*KH*KW]` at one class's taps: `[OC][C*TI*TJ]`, ordered as the
 /// rows of [`im2col_class`].
 fn class_weight(w: &[f32], g: &Conv2dGeom, cls: &TapClass) -> Vec<f32> {
-    let k = g.k();
-    let mut v = Vec::with_capacity(g.oc * g.c * cls.taps());
-    for oc in 0..g.oc {
+    let (k, kc) = (g.k(), g.c * cls.taps());
+    let mut v = vec![0.0f32; g.oc * kc];
+    let gather = |(oc, dst): (usize, &mut [f32])| {
+        let mut d = dst.iter_mut();
         for c in 0..g.c {
             for i in cls.ti.0..cls.ti.1 {
                 let row = oc * k + (c * g.kh + i) * g.kw;
-                v.extend_from_slice(&w[row + cls.tj.0..row + cls.tj.1]);
+                // The source first: `zip` then stops without taking a destination element.
+                for (s, d) in w[row + cls.tj.0..row + cls.tj.1].iter().zip(&mut d) {
+                    *d = *s;
+                }
             }
         }
+    };
+    if kc == 0 {
+        return v;
+    }
+    if v.len() >= 1 << 16 {
+        v.par_chunks_mut(kc).enumerate().for_each(gather);
+    } else {
+        v.chunks_mut(kc).enumerate().for_each(gather);
     }
     v
 }
@@ -624,23 +675,211 @@ fn bwd_weight_classes(
         }
         acc
     });
-    dw.fill(0.0);
-    let k = g.k();
-    for acc in &partials {
-        for (cls, a) in classes.iter().zip(acc) {
-            let nj = cls.tj.1 - cls.tj.0;
-            let mut it = a.chunks_exact(nj.max(1));
-            for oc in 0..g.oc {
+    // Per output channel (in parallel): zero, then the parts' class sums in order.
+    let row = |(oc, dst): (usize, &mut [f32])| {
+        dst.fill(0.0);
+        for acc in &partials {
+            for (cls, a) in classes.iter().zip(acc) {
+                let (kc, nj) = (g.c * cls.taps(), cls.tj.1 - cls.tj.0);
+                if kc == 0 {
+                    continue;
+                }
+                let mut src = a[oc * kc..(oc + 1) * kc].chunks_exact(nj);
                 for c in 0..g.c {
                     for i in cls.ti.0..cls.ti.1 {
-                        let Some(src) = it.next() else { continue };
-                        let row = oc * k + (c * g.kh + i) * g.kw;
-                        for (d, s) in dw[row + cls.tj.0..row + cls.tj.1].iter_mut().zip(src) {
+                        let (Some(s), at) = (src.next(), (c * g.kh + i) * g.kw) else {
+                            continue;
+                        };
+                        for (d, s) in dst[at + cls.tj.0..at + cls.tj.1].iter_mut().zip(s) {
                             *d += *s;
                         }
                     }
                 }
             }
+        }
+    };
+    let k = g.k().max(1);
+    if dw.len() >= 1 << 16 {
+        dw.par_chunks_mut(k).enumerate().for_each(row);
+    } else {
+        dw.chunks_mut(k).enumerate().for_each(row);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::im2col::im2col;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Direct convolution and both gradients by definition, in f64.
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        dout: &[f32],
+        g: &Conv2dGeom,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (oh, ow) = (g.oh(), g.ow());
+        let mut out = vec![0.0; g.out_len()];
+        let mut dx = vec![0.0; g.x_len()];
+        let mut dw = vec![0.0; g.w_len()];
+        for oc in 0..g.oc {
+            for n in 0..g.n {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let o = ((oc * g.n + n) * oh + oy) * ow + ox;
+                        for c in 0..g.c {
+                            for i in 0..g.kh {
+                                for j in 0..g.kw {
+                                    let iy = (oy * g.stride + i) as isize - g.pad as isize;
+                                    let ix = (ox * g.stride + j) as isize - g.pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi =
+                                        ((c * g.n + n) * g.h + iy as usize) * g.w + ix as usize;
+                                    let wi = ((oc * g.c + c) * g.kh + i) * g.kw + j;
+                                    out[o] += x[xi] as f64 * w[wi] as f64;
+                                    dx[xi] += dout[o] as f64 * w[wi] as f64;
+                                    dw[wi] += dout[o] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (out, dx, dw)
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{what}[{i}]: got {a}, want {b}"
+            );
+        }
+    }
+
+    fn geom(
+        c: usize,
+        n: usize,
+        h: usize,
+        oc: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Conv2dGeom {
+        Conv2dGeom {
+            c,
+            n,
+            h,
+            w: h,
+            oc,
+            kh: k,
+            kw: k,
+            stride,
+            pad,
+        }
+    }
+
+    #[test]
+    fn tap_classes_of_small_maps_are_counted_by_hand() {
+        // 3x3, padding 1 on a 1x1 map: one position, only the centre tap.
+        let g = geom(4, 2, 1, 3, 3, 1, 1);
+        let cl = tap_classes(&g);
+        assert_eq!(cl.len(), 1);
+        assert_eq!((cl[0].ti, cl[0].tj), ((1, 2), (1, 2)));
+        assert!((padding_share(&g, &cl) - 8.0 / 9.0).abs() < 1e-12);
+        assert!(class_plan(&g).is_some());
+        // Stride 2 from 2x2 to 1x1: taps 1..3 on both axes, 5 of 9 are padding.
+        let g = geom(4, 2, 2, 3, 3, 2, 1);
+        let cl = tap_classes(&g);
+        assert_eq!(cl.len(), 1);
+        assert_eq!((cl[0].ti, cl[0].tj), ((1, 3), (1, 3)));
+        assert!((padding_share(&g, &cl) - 5.0 / 9.0).abs() < 1e-12);
+        // 2x2 map, stride 1: rows 0 and 1 see taps 1..3 and 0..2, so 4 classes of one
+        // position with 4 taps each (5/9 padding): left to the plain lowering.
+        let g = geom(4, 2, 2, 3, 3, 1, 1);
+        let cl = tap_classes(&g);
+        assert_eq!(cl.len(), 4);
+        assert!(cl.iter().all(|c| c.positions() == 1 && c.taps() == 4));
+        assert!(class_plan(&g).is_none());
+        // 8x8, 3x3, padding 1: 3 row runs x 3 column runs; 1 - (22/24)^2 padding.
+        let g = geom(4, 2, 8, 3, 3, 1, 1);
+        let cl = tap_classes(&g);
+        assert_eq!(cl.len(), 9);
+        let want = 1.0 - (22.0f64 / 24.0).powi(2);
+        assert!((padding_share(&g, &cl) - want).abs() < 1e-12);
+        // Padding wider than the kernel reach: the outer positions see no tap at all.
+        let g = geom(1, 1, 1, 1, 2, 1, 2);
+        let cl = tap_classes(&g);
+        assert!(cl.iter().any(|c| c.taps() == 0));
+    }
+
+    /// The per-class and shifted-row lowerings (and the plain one) against the definition, at
+    /// 1 and 3 threads (parts and tiles split differently), and bitwise repeatable.
+    #[test]
+    fn lowerings_match_definition_at_any_thread_count() {
+        let geoms = [
+            geom(6, 7, 1, 5, 3, 1, 1),  // 1x1 map: centre tap only (class path)
+            geom(6, 7, 2, 5, 3, 2, 1),  // 2x2 -> 1x1, stride 2 (class path, 4 taps)
+            geom(5, 9, 2, 4, 3, 1, 1),  // 2x2 map: several classes, plain path
+            geom(5, 9, 6, 4, 3, 1, 1),  // shifted rows (stride 1, same size)
+            geom(3, 5, 9, 4, 5, 1, 2),  // shifted rows, 5x5 kernel
+            geom(3, 9, 11, 4, 7, 2, 3), // stem-like, stride 2
+            geom(1, 2, 1, 2, 2, 1, 2),  // positions with no valid tap
+        ];
+        for g in geoms {
+            let x = values(g.x_len(), 1);
+            let w = values(g.w_len(), 2);
+            let dout = values(g.out_len(), 3);
+            let (out_ref, dx_ref, dw_ref) = reference(&x, &w, &dout, &g);
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool");
+                let run = || {
+                    pool.install(|| {
+                        let mut out = vec![f32::NAN; g.out_len()];
+                        let mut dx = vec![f32::NAN; g.x_len()];
+                        let mut dw = vec![f32::NAN; g.w_len()];
+                        conv2d_fwd(&x, &w, &g, &mut out);
+                        conv2d_bwd_input(&w, &dout, &g, &mut dx);
+                        conv2d_bwd_weight(&x, &dout, &g, &mut dw);
+                        (out, dx, dw)
+                    })
+                };
+                let (out, dx, dw) = run();
+                let what = format!("{g:?} at {threads} threads");
+                assert_close(&out, &out_ref, &format!("out {what}"));
+                assert_close(&dx, &dx_ref, &format!("dx {what}"));
+                assert_close(&dw, &dw_ref, &format!("dw {what}"));
+                let again = run();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&again.2), bits(&dw), "dw repeatable, {what}");
+                assert_eq!(bits(&again.0), bits(&out), "out repeatable, {what}");
+            }
+            // The public im2col (shifted or not) agrees with the forward pass through a GEMM.
+            let mut col = vec![f32::NAN; g.col_len()];
+            im2col(&x, &g, &mut col);
+            let mut out = vec![0.0; g.out_len()];
+            conv2d_fwd_col(&col, &w, &g, &mut out);
+            assert_close(&out, &out_ref, &format!("im2col + gemm {g:?}"));
         }
     }
 }
