@@ -117,7 +117,11 @@ fn validate(args: &BenchArgs) -> Result<Vec<f64>> {
         bail!("--hw must be at least 1 (input height and width in pixels, e.g. --hw 128)");
     }
     if args.hw.is_some() {
-        if let Some(m) = args.models.iter().find(|m| !m.as_str().starts_with("resnet")) {
+        if let Some(m) = args
+            .models
+            .iter()
+            .find(|m| !m.as_str().starts_with("resnet"))
+        {
             bail!(
                 "--hw applies to ResNet models only; {} takes 28x28 images (drop --hw or \
                  --models {})",

@@ -818,6 +818,11 @@ mod tests {
         assert_eq!(cl.len(), 4);
         assert!(cl.iter().all(|c| c.positions() == 1 && c.taps() == 4));
         assert!(class_plan(&g).is_none());
+        assert!(crate::im2col::is_phased(&geom(3, 1, 12, 4, 7, 2, 3)));
+        assert!(crate::im2col::is_phased(&geom(3, 1, 9, 4, 3, 3, 1)));
+        assert!(!crate::im2col::is_phased(&geom(3, 1, 11, 4, 7, 2, 3)));
+        assert!(crate::im2col::is_shifted(&geom(3, 1, 5, 4, 5, 1, 2)));
+        assert!(!crate::im2col::is_shifted(&geom(3, 1, 5, 4, 3, 1, 0)));
         // 8x8, 3x3, padding 1: 3 row runs x 3 column runs; 1 - (22/24)^2 padding.
         let g = geom(4, 2, 8, 3, 3, 1, 1);
         let cl = tap_classes(&g);
@@ -840,7 +845,11 @@ mod tests {
             geom(5, 9, 2, 4, 3, 1, 1),  // 2x2 map: several classes, plain path
             geom(5, 9, 6, 4, 3, 1, 1),  // shifted rows (stride 1, same size)
             geom(3, 5, 9, 4, 5, 1, 2),  // shifted rows, 5x5 kernel
-            geom(3, 9, 11, 4, 7, 2, 3), // stem-like, stride 2
+            geom(3, 9, 11, 4, 7, 2, 3), // stem-like, stride 2, odd side: strided gathers
+            geom(3, 5, 12, 4, 7, 2, 3), // stem-like, even side: phases
+            geom(4, 5, 8, 3, 3, 2, 1),  // 3x3 stride 2 on 8x8: phases
+            geom(4, 5, 8, 3, 1, 2, 0),  // 1x1 stride-2 shortcut: one phase
+            geom(2, 3, 9, 3, 3, 3, 1),  // stride 3 on 9x9: 3x3 phases
             geom(1, 2, 1, 2, 2, 1, 2),  // positions with no valid tap
         ];
         for g in geoms {

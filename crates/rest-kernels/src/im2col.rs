@@ -147,8 +147,70 @@ pub(crate) fn im2col_images(x: &[f32], g: &Conv2dGeom, n0: usize, n1: usize, col
     if pt == 0 {
         return;
     }
+    if is_phased(g) {
+        im2col_phased(x, g, n0, n1, col);
+        return;
+    }
     for (k, row) in col.chunks_exact_mut(pt).enumerate() {
         im2col_row(x, g, k, n0, n1, row);
+    }
+}
+
+/// Whether `g` has stride `s >= 2`, input sides divisible by `s` and output `H/s x W/s` (the
+/// 7x7 stride-2 stem, 3x3 and 1x1 stride-2 convolutions on even sizes). Splitting the input
+/// into its `s x s` phases (`x[s*y + py][s*x + px]`), each of exactly the output's size, turns
+/// every column-matrix row into a shifted copy of one phase, as for [`is_shifted`], instead
+/// of a strided gather of a few floats per output row.
+pub(crate) fn is_phased(g: &Conv2dGeom) -> bool {
+    let s = g.stride;
+    s >= 2
+        && g.h.is_multiple_of(s)
+        && g.w.is_multiple_of(s)
+        && g.oh() == g.h / s
+        && g.ow() == g.w / s
+        && g.h * g.w > 0
+}
+
+/// For a phased geometry and the kernel offset `t` along an axis: the phase `t - pad` falls
+/// in and the shift within that phase (`floor((t - pad) / s)`).
+fn phase_of(t: usize, pad: usize, s: usize) -> (usize, isize) {
+    let a = t as isize - pad as isize;
+    (a.rem_euclid(s as isize) as usize, a.div_euclid(s as isize))
+}
+
+/// [`im2col_images`] for a phased geometry: the tile's input split into phases
+/// `[C][s][s][images][OH][OW]`, then one shifted copy per row.
+fn im2col_phased(x: &[f32], g: &Conv2dGeom, n0: usize, n1: usize, col: &mut [f32]) {
+    let (s, nimg) = (g.stride, n1 - n0);
+    let (oh, ow, plane) = (g.oh(), g.ow(), g.h * g.w);
+    let block = nimg * oh * ow;
+    // Only the phases some tap reads (a 1x1 stride-2 kernel reads one of four).
+    let used = |k: usize, p: usize| (0..k).any(|t| phase_of(t, g.pad, s).0 == p);
+    let rows: Vec<usize> = (0..s).filter(|&p| used(g.kh, p)).collect();
+    let cols: Vec<usize> = (0..s).filter(|&p| used(g.kw, p)).collect();
+    let mut ph = vec![0.0f32; g.c * s * s * block];
+    for c in 0..g.c {
+        for n in n0..n1 {
+            let img = &x[(c * g.n + n) * plane..(c * g.n + n + 1) * plane];
+            for &py in &rows {
+                for &px in &cols {
+                    let at = ((c * s + py) * s + px) * block + (n - n0) * oh * ow;
+                    let dst = &mut ph[at..at + oh * ow];
+                    for (y, d) in dst.chunks_exact_mut(ow).enumerate() {
+                        let src = &img[(y * s + py) * g.w + px..];
+                        for (d, v) in d.iter_mut().zip(src.iter().step_by(s)) {
+                            *d = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (k, row) in col.chunks_exact_mut(block).enumerate() {
+        let (i, j, c) = ((k / g.kw) % g.kh, k % g.kw, k / (g.kw * g.kh));
+        let ((py, ay), (px, ax)) = (phase_of(i, g.pad, s), phase_of(j, g.pad, s));
+        let at = ((c * s + py) * s + px) * block;
+        shifted_copy(&ph[at..at + block], ay, ax, oh, ow, row);
     }
 }
 
@@ -161,33 +223,52 @@ pub(crate) fn is_shifted(g: &Conv2dGeom) -> bool {
     g.stride == 1 && g.oh() == g.h && g.ow() == g.w && g.h * g.w > 0
 }
 
-/// For a shifted geometry (see [`is_shifted`]) and tap `(i, j)`: the offset from a row entry
-/// to its input pixel, and the range of row entries `q0..q1` (of `len`) whose shifted index
-/// stays inside the images; entries outside it are padding positions.
-fn shift_span(g: &Conv2dGeom, i: usize, j: usize, len: usize) -> (isize, usize, usize) {
-    let shift = (i as isize - g.pad as isize) * g.w as isize + (j as isize - g.pad as isize);
+/// For rows over whole `oh x ow` planes read with offset `(ay, ax)`: the flat offset from a
+/// row entry to its source, and the range of row entries `q0..q1` (of `len`) whose source
+/// index stays inside the planes; entries outside it are padding positions.
+fn shift_span(ay: isize, ax: isize, ow: usize, len: usize) -> (isize, usize, usize) {
+    let shift = ay * ow as isize + ax;
     let q0 = (-shift).clamp(0, len as isize) as usize;
     let q1 = (len as isize - shift).clamp(q0 as isize, len as isize) as usize;
     (shift, q0, q1)
 }
 
-/// Zeroes the entries of a shifted-geometry row (tap `(i, j)`, `nimg` whole images) whose
-/// input pixel lies in the padding.
-fn zero_padding_positions(g: &Conv2dGeom, i: usize, j: usize, nimg: usize, row: &mut [f32]) {
-    let plane = g.h * g.w;
-    let (x_lo, x_hi) = valid_range(g.ow(), g.w, 1, j, g.pad);
-    let (y_lo, y_hi) = valid_range(g.oh(), g.h, 1, i, g.pad);
-    for img in row.chunks_exact_mut(plane).take(nimg) {
-        img[..y_lo * g.w].fill(0.0);
-        img[y_hi * g.w..].fill(0.0);
+/// The positions `lo..hi` of `0..len` whose shifted coordinate `o + a` lies in `0..len`.
+fn shifted_valid(a: isize, len: usize) -> (usize, usize) {
+    let lo = (-a).clamp(0, len as isize) as usize;
+    let hi = (len as isize - a).clamp(lo as isize, len as isize) as usize;
+    (lo, hi)
+}
+
+/// Zeroes the entries of a row over whole `oh x ow` planes read with offset `(ay, ax)` whose
+/// source pixel `(oy + ay, ox + ax)` lies outside the plane (in the padding).
+fn zero_padding_positions(ay: isize, ax: isize, oh: usize, ow: usize, row: &mut [f32]) {
+    let (y_lo, y_hi) = shifted_valid(ay, oh);
+    let (x_lo, x_hi) = shifted_valid(ax, ow);
+    for img in row.chunks_exact_mut(oh * ow) {
+        img[..y_lo * ow].fill(0.0);
+        img[y_hi * ow..].fill(0.0);
         // Padding columns: a pad-wide strip down each side, stored element by element (a
         // `fill` per row would call `memset` for one or two floats).
-        for x in (0..x_lo).chain(x_hi..g.w) {
+        for x in (0..x_lo).chain(x_hi..ow) {
             for y in y_lo..y_hi {
-                img[y * g.w + x] = 0.0;
+                img[y * ow + x] = 0.0;
             }
         }
     }
+}
+
+/// `row[q] = src[q + ay * ow + ax]` over whole `oh x ow` planes (`src` and `row` the same
+/// length), zero where `(oy + ay, ox + ax)` leaves the plane.
+fn shifted_copy(src: &[f32], ay: isize, ax: isize, oh: usize, ow: usize, row: &mut [f32]) {
+    let (shift, q0, q1) = shift_span(ay, ax, ow, row.len());
+    row[..q0].fill(0.0);
+    row[q1..].fill(0.0);
+    if q1 > q0 {
+        let s0 = (q0 as isize + shift) as usize;
+        row[q0..q1].copy_from_slice(&src[s0..s0 + (q1 - q0)]);
+    }
+    zero_padding_positions(ay, ax, oh, ow, row);
 }
 
 /// Row `k` of the column matrix for images `n0..n1` (`row` has `(n1 - n0) * OH * OW` entries).
@@ -197,14 +278,8 @@ fn im2col_row(x: &[f32], g: &Conv2dGeom, k: usize, n0: usize, n1: usize, row: &m
         let (i, j, c) = ((k / g.kw) % g.kh, k % g.kw, k / (g.kw * g.kh));
         let plane = g.h * g.w;
         let src = &x[(c * g.n + n0) * plane..(c * g.n + n1) * plane];
-        let (shift, q0, q1) = shift_span(g, i, j, row.len());
-        row[..q0].fill(0.0);
-        row[q1..].fill(0.0);
-        if q1 > q0 {
-            let s0 = (q0 as isize + shift) as usize;
-            row[q0..q1].copy_from_slice(&src[s0..s0 + (q1 - q0)]);
-        }
-        zero_padding_positions(g, i, j, n1 - n0, row);
+        let (ay, ax) = (i as isize - g.pad as isize, j as isize - g.pad as isize);
+        shifted_copy(src, ay, ax, g.h, g.w, row);
         return;
     }
     let (oh, ow) = (g.oh(), g.ow());
@@ -281,9 +356,12 @@ pub(crate) fn col2im_channel_scratch(
         return;
     }
     for (t, row) in rows.chunks_exact_mut(pt).enumerate() {
-        let (i, j) = (t / g.kw, t % g.kw);
-        zero_padding_positions(g, i, j, nimg, row);
-        let (shift, q0, q1) = shift_span(g, i, j, pt);
+        let (ay, ax) = (
+            (t / g.kw) as isize - g.pad as isize,
+            (t % g.kw) as isize - g.pad as isize,
+        );
+        zero_padding_positions(ay, ax, g.h, g.w, row);
+        let (shift, q0, q1) = shift_span(ay, ax, g.w, pt);
         if q1 <= q0 {
             continue;
         }
