@@ -245,15 +245,24 @@ fn shifted_valid(a: isize, len: usize) -> (usize, usize) {
 fn zero_padding_positions(ay: isize, ax: isize, oh: usize, ow: usize, row: &mut [f32]) {
     let (y_lo, y_hi) = shifted_valid(ay, oh);
     let (x_lo, x_hi) = shifted_valid(ax, ow);
-    for img in row.chunks_exact_mut(oh * ow) {
-        img[..y_lo * ow].fill(0.0);
-        img[y_hi * ow..].fill(0.0);
-        // Padding columns: a pad-wide strip down each side, stored element by element (a
-        // `fill` per row would call `memset` for one or two floats).
-        for x in (0..x_lo).chain(x_hi..ow) {
-            for y in y_lo..y_hi {
-                img[y * ow + x] = 0.0;
-            }
+    let plane = oh * ow;
+    if plane == 0 || (y_lo == 0 && y_hi == oh && x_lo == 0 && x_hi == ow) {
+        return;
+    }
+    // The padding positions of one plane, listed once and stored to image by image: a few
+    // dozen scattered floats per plane on small maps, where a `fill` per border row or
+    // column would be a `memset` call for one to eight floats.
+    let mut at: Vec<u32> = Vec::with_capacity(plane - (y_hi - y_lo) * (x_hi - x_lo));
+    for y in 0..oh {
+        if y < y_lo || y >= y_hi {
+            at.extend((y * ow..(y + 1) * ow).map(|i| i as u32));
+        } else {
+            at.extend((0..x_lo).chain(x_hi..ow).map(|x| (y * ow + x) as u32));
+        }
+    }
+    for img in row.chunks_exact_mut(plane) {
+        for &i in &at {
+            img[i as usize] = 0.0;
         }
     }
 }
