@@ -19,7 +19,7 @@
 //! phases) fill each column-matrix row with one shifted copy. Where every output position
 //! sees the same subset of kernel taps (3x3 convolutions on 1x1 maps, stride 2 from 2x2 to
 //! 1x1: ResNet18's last stage on 32x32 images), only those taps are lowered and multiplied
-//! ([`TapClass`]), a 9x or 2.25x smaller GEMM.
+//! (`TapClass`), a 9x or 2.25x smaller GEMM.
 //!
 //! Every result depends only on the inputs and the thread count (weight-gradient partial
 //! sums are added in a fixed order), so training is bit-reproducible at a fixed thread count.
