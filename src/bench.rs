@@ -68,6 +68,9 @@ pub struct BenchArgs {
     /// each step, so they measure completed work.
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: crate::device::DeviceSpec,
+    /// Input height and width for ResNet models (default: 32); MLP and CNN take 28x28.
+    #[arg(long, value_name = "H")]
+    pub hw: Option<usize>,
 }
 
 /// One reference timing (a line of `torch_ref.py`'s output).
@@ -212,6 +215,23 @@ fn validate(args: &BenchArgs) -> Result<Vec<f64>> {
     }
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
+    }
+    if args.hw == Some(0) {
+        bail!("--hw must be at least 1 (input height and width in pixels, e.g. --hw 128)");
+    }
+    if args.hw.is_some() {
+        if let Some(m) = args
+            .models
+            .iter()
+            .find(|m| !m.as_str().starts_with("resnet"))
+        {
+            bail!(
+                "--hw applies to ResNet models only; {} takes 28x28 images (drop --hw or \
+                 --models {})",
+                m.as_str(),
+                m.as_str()
+            );
+        }
     }
     let mut ds = args.densities.clone();
     if ds.is_empty() {
@@ -432,7 +452,10 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
     let threads = rayon::current_num_threads();
     let mut out = Vec::new();
     for &kind in &args.models {
-        let (default_batch, input) = model_defaults(kind);
+        let (default_batch, mut input) = model_defaults(kind);
+        if let Some(hw) = args.hw {
+            input = (input.0, hw, hw);
+        }
         let batch = args.batch.unwrap_or(default_batch);
         let mut rng = util::rng(0, 4);
         let xs: Vec<f32> = (0..batch * input.0 * input.1 * input.2)
@@ -735,6 +758,9 @@ mod tests {
             (vec!["--densities", "1.5"], "--densities"),
             (vec!["--steps", "0"], "--steps"),
             (vec!["--batch", "0"], "--batch"),
+            (vec!["--models", "resnet18", "--hw", "0"], "--hw"),
+            // The default models (MLP, CNN) take 28x28 only.
+            (vec!["--hw", "64"], "--hw"),
         ] {
             let a = match parse(&args) {
                 Ok(a) => a,
@@ -752,6 +778,9 @@ mod tests {
                 "{err}"
             );
         }
+        let a = parse(&["--models", "resnet18,resnet10", "--hw", "64"]).expect("parses");
+        assert_eq!(a.hw, Some(64));
+        assert!(validate(&a).is_ok());
     }
 
     #[test]

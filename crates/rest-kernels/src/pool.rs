@@ -130,16 +130,15 @@ pub fn max_pool2d_fwd(x: &[f32], g: &MaxPool2dGeom, out: &mut [f32], idx: &mut [
                     let x1 = (ox * g.stride + g.k - g.pad).min(g.w);
                     let mut best = f32::NEG_INFINITY;
                     let mut arg = y0 * g.w + x0;
-                    'win: for iy in y0..y1 {
+                    // Branch-free selects (a data-dependent branch per element mispredicts
+                    // about half the time on activations): a larger value, or the first
+                    // NaN, which then stays (`v > NaN` is false).
+                    for iy in y0..y1 {
                         for ix in x0..x1 {
                             let v = src[iy * g.w + ix];
-                            if v > best || v.is_nan() {
-                                best = v;
-                                arg = iy * g.w + ix;
-                                if v.is_nan() {
-                                    break 'win;
-                                }
-                            }
+                            let take = v > best || (v.is_nan() && !best.is_nan());
+                            best = if take { v } else { best };
+                            arg = if take { iy * g.w + ix } else { arg };
                         }
                     }
                     o[oy * ow + ox] = best;
@@ -170,4 +169,61 @@ pub fn max_pool2d_bwd(dout: &[f32], idx: &[u32], g: &MaxPool2dGeom, dx: &mut [f3
             d[i as usize] += *v;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ties keep the first maximum in row-major window order; a NaN wins over any number and
+    /// the first NaN of a window is the one recorded; padding never wins.
+    #[test]
+    fn max_pool_ties_and_nan_follow_the_first_in_window_order() {
+        // One 3x3 plane, 2x2 windows at stride 1 (no padding): windows at (0,0), (0,1),
+        // (1,0), (1,1).
+        let g = MaxPool2dGeom {
+            c: 1,
+            n: 1,
+            h: 3,
+            w: 3,
+            k: 2,
+            stride: 1,
+            pad: 0,
+        };
+        let nan = f32::NAN;
+        #[rustfmt::skip]
+        let x = [
+            1.0, 5.0, 5.0,
+            5.0, nan, 2.0,
+            3.0, 4.0, nan,
+        ];
+        let (mut out, mut idx) = (vec![0.0; 4], vec![0u32; 4]);
+        max_pool2d_fwd(&x, &g, &mut out, &mut idx);
+        // Every window holds the NaN at index 4; window (1,1) also the one at index 8.
+        assert!(out.iter().all(|v| v.is_nan()));
+        assert_eq!(idx, [4, 4, 4, 4]);
+        #[rustfmt::skip]
+        let x = [
+            1.0, 5.0, 5.0,
+            5.0, 0.0, 2.0,
+            -3.0, -4.0, -1.0,
+        ];
+        max_pool2d_fwd(&x, &g, &mut out, &mut idx);
+        assert_eq!(out, [5.0, 5.0, 5.0, 2.0]);
+        // Window (0,0): 5 at index 1 before the 5 at index 3; window (0,1): index 1 before 2.
+        assert_eq!(idx, [1, 1, 3, 5]);
+        // 3x3 windows, stride 2, padding 1 over an all-negative plane: the padding is not a
+        // candidate (the maximum is -1, not 0).
+        let g = MaxPool2dGeom {
+            k: 3,
+            stride: 2,
+            pad: 1,
+            ..g
+        };
+        let x: Vec<f32> = (1..=9).map(|v| -(v as f32)).collect();
+        let (mut out, mut idx) = (vec![0.0; 4], vec![0u32; 4]);
+        max_pool2d_fwd(&x, &g, &mut out, &mut idx);
+        assert_eq!(out, [-1.0, -2.0, -4.0, -5.0]);
+        assert_eq!(idx, [0, 1, 3, 4]);
+    }
 }
