@@ -2,15 +2,15 @@
 //! replaces: output, batch statistics and every gradient must be identical (same kernels in
 //! the same order), on dense and sparse weights, with and without the dense weight gradient
 //! of mask-update steps, and with an input that tracks no gradient (the network's images).
-//! The inference op (`conv_bn_relu_eval`, running statistics) likewise against the separate
+//! The inference op (`conv_bn_eval`, running statistics) likewise against the separate
 //! convolution and evaluation-mode batch norm.
 
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{
-    batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_relu_eval,
-    conv_bn_relu_train, sparse_conv2d_cnhw, SparseWeight,
+    batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_eval, conv_bn_train,
+    sparse_conv2d_cnhw, SparseWeight,
 };
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ fn fused_conv_bn_relu_equals_the_separate_ops() {
         (4, 3, 7, 7, 9, 4, 2, 1, 1.0),
     ];
     for (case, &(c, n, h, w, oc, k, stride, pad, density)) in cases.iter().enumerate() {
-        for input_tracked in [true, false] {
+        for (input_tracked, relu) in [(true, true), (false, true), (true, false)] {
             for dense_grad in [false, true] {
                 let x = var(&mut r, &[c, n, h, w]);
                 let wt = var(&mut r, &[oc, c, k, k]);
@@ -76,10 +76,10 @@ fn fused_conv_bn_relu_equals_the_separate_ops() {
                 };
                 let what = format!(
                     "case {case} (density {density}, input tracked {input_tracked}, dense grad \
-                     {dense_grad})"
+                     {dense_grad}, relu {relu})"
                 );
 
-                let (yf, mf, vf) = conv_bn_relu_train(
+                let (yf, mf, vf) = conv_bn_train(
                     &xin,
                     wt.as_tensor(),
                     stride,
@@ -88,6 +88,7 @@ fn fused_conv_bn_relu_equals_the_separate_ops() {
                     gamma.as_tensor(),
                     beta.as_tensor(),
                     1e-5,
+                    relu,
                 )
                 .expect("fused");
                 let conv = match &sparse {
@@ -96,7 +97,7 @@ fn fused_conv_bn_relu_equals_the_separate_ops() {
                 }
                 .expect("conv");
                 let (ys, ms, vs) =
-                    batch_norm_cnhw_train(&conv, gamma.as_tensor(), beta.as_tensor(), 1e-5, true)
+                    batch_norm_cnhw_train(&conv, gamma.as_tensor(), beta.as_tensor(), 1e-5, relu)
                         .expect("bn");
                 same(&yf, &ys, &format!("{what}: output"));
                 same(&mf, &ms, &format!("{what}: mean"));
@@ -138,13 +139,13 @@ fn fused_op_rejects_mismatched_shapes() {
     let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &dev).expect("w");
     let g = Tensor::ones(4, candle_core::DType::F32, &dev).expect("g");
     let b5 = Tensor::zeros(5, candle_core::DType::F32, &dev).expect("b");
-    let e = conv_bn_relu_train(&x, &w, 1, 1, None, &g, &b5, 1e-5).unwrap_err();
+    let e = conv_bn_train(&x, &w, 1, 1, None, &g, &b5, 1e-5, true).unwrap_err();
     assert!(e.to_string().contains("beta"), "{e}");
     let w2 = Tensor::zeros((4, 2, 3, 3), candle_core::DType::F32, &dev).expect("w2");
-    let e = conv_bn_relu_train(&x, &w2, 1, 1, None, &g, &g, 1e-5).unwrap_err();
+    let e = conv_bn_train(&x, &w2, 1, 1, None, &g, &g, 1e-5, true).unwrap_err();
     assert!(e.to_string().contains("input channels"), "{e}");
     let sw = SparseWeight::new(&[0.0; 8], &[1.0; 8], 4, 2).expect("sparse");
-    let e = conv_bn_relu_train(&x, &w, 1, 1, Some(&sw), &g, &g, 1e-5).unwrap_err();
+    let e = conv_bn_train(&x, &w, 1, 1, Some(&sw), &g, &g, 1e-5, true).unwrap_err();
     assert!(e.to_string().contains("sparse pattern"), "{e}");
 }
 
@@ -182,9 +183,10 @@ fn fused_eval_equals_conv_then_eval_batch_norm() {
                 .collect();
             SparseWeight::new(&wv.expect("w"), &m, oc, c * k * k).expect("sparse")
         });
-        let what = format!("eval case {case} (density {density})");
+        let relu = case % 2 == 0;
+        let what = format!("eval case {case} (density {density}, relu {relu})");
         let (g, b) = (gamma.as_tensor(), beta.as_tensor());
-        let fused = conv_bn_relu_eval(
+        let fused = conv_bn_eval(
             x.as_tensor(),
             wt.as_tensor(),
             stride,
@@ -195,6 +197,7 @@ fn fused_eval_equals_conv_then_eval_batch_norm() {
             &rm,
             &rv,
             1e-5,
+            relu,
         )
         .expect("fused");
         let conv = match &sparse {
@@ -202,7 +205,7 @@ fn fused_eval_equals_conv_then_eval_batch_norm() {
             None => conv2d_cnhw(x.as_tensor(), wt.as_tensor(), stride, pad),
         }
         .expect("conv");
-        let sep = batch_norm_cnhw_eval(&conv, g, b, &rm, &rv, 1e-5, true).expect("bn");
+        let sep = batch_norm_cnhw_eval(&conv, g, b, &rm, &rv, 1e-5, relu).expect("bn");
         same(&fused, &sep, &format!("{what}: output"));
         let positive = sep
             .flatten_all()
@@ -215,6 +218,14 @@ fn fused_eval_equals_conv_then_eval_batch_norm() {
             positive > 0 && positive < sep.elem_count(),
             "{what}: ReLU not exercised"
         );
+        let negative = fused
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("v")
+            .iter()
+            .filter(|&&v| v < 0.0)
+            .count();
+        assert_eq!(negative == 0, relu, "{what}: {negative} negative outputs");
         // Not differentiable: a backward pass through it fails instead of dropping gradients.
         assert!(
             fused.sum_all().and_then(|t| t.backward()).is_err(),
@@ -226,9 +237,9 @@ fn fused_eval_equals_conv_then_eval_batch_norm() {
     let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, dev).expect("w");
     let one = Tensor::ones(4, candle_core::DType::F32, dev).expect("one");
     let neg = Tensor::new(&[1.0f32, -1.0, 1.0, 1.0], dev).expect("neg");
-    let e = conv_bn_relu_eval(&x, &w, 1, 1, None, &one, &one, &one, &neg, 1e-5).unwrap_err();
+    let e = conv_bn_eval(&x, &w, 1, 1, None, &one, &one, &one, &neg, 1e-5, true).unwrap_err();
     assert!(e.to_string().contains("running_var"), "{e}");
     let five = Tensor::ones(5, candle_core::DType::F32, dev).expect("five");
-    let e = conv_bn_relu_eval(&x, &w, 1, 1, None, &one, &five, &one, &one, 1e-5).unwrap_err();
+    let e = conv_bn_eval(&x, &w, 1, 1, None, &one, &five, &one, &one, 1e-5, true).unwrap_err();
     assert!(e.to_string().contains("beta"), "{e}");
 }

@@ -1,4 +1,4 @@
-//! Convolution + batch normalisation (batch statistics) + ReLU as one candle op, for
+//! Convolution + batch normalisation (batch statistics) + optional ReLU as one candle op, for
 //! training. The convolution's output never becomes a candle tensor: candle's autograd would
 //! otherwise allocate a zero gradient for it and add the batch-norm gradient into it (two
 //! extra passes over the largest activation of the network per layer and step), and the
@@ -29,6 +29,8 @@ struct ConvBnReluOp {
     geom: Conv2dGeom,
     sparse: Option<Arc<SparseWeight>>,
     eps: f32,
+    /// ReLU after the normalisation.
+    relu: bool,
     keep: bool,
     saved: Mutex<Option<Saved>>,
     /// The batch statistics, for the caller's running-statistics update.
@@ -74,7 +76,7 @@ impl CustomOp3 for ConvBnReluOp {
             }
         };
         let mut y = scratch::output(g.out_len());
-        let stats = batch_norm_train_fwd(&conv_out, gamma, beta, self.eps, true, &mut y);
+        let stats = batch_norm_train_fwd(&conv_out, gamma, beta, self.eps, self.relu, &mut y);
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats.clone());
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved {
@@ -111,7 +113,7 @@ impl CustomOp3 for ConvBnReluOp {
                         &gbs[..g.oc],
                         &saved.stats,
                         self.eps,
-                        Some(y),
+                        self.relu.then_some(y),
                         &mut dconv,
                     ))
                 })
@@ -156,12 +158,12 @@ impl CustomOp3 for ConvBnReluOp {
     }
 }
 
-/// Training-mode `relu(batch_norm(conv2d(x, w)))` on CNHW activations: `x` `[C, N, H, W]`,
-/// `w` `[OC, C, KH, KW]` (no bias; on the sparse kernels when `sparse` is given), batch
-/// statistics with `gamma`, `beta` `[OC]`. Returns the output `[OC, N, OH, OW]` and the batch
-/// mean and biased variance per channel (for the running statistics).
+/// Training-mode `batch_norm(conv2d(x, w))`, then ReLU when `relu`, on CNHW activations: `x`
+/// `[C, N, H, W]`, `w` `[OC, C, KH, KW]` (no bias; on the sparse kernels when `sparse` is
+/// given), batch statistics with `gamma`, `beta` `[OC]`. Returns the output `[OC, N, OH, OW]`
+/// and the batch mean and biased variance per channel (for the running statistics).
 #[allow(clippy::too_many_arguments)]
-pub fn conv_bn_relu_train(
+pub fn conv_bn_train(
     x: &Tensor,
     w: &Tensor,
     stride: usize,
@@ -170,9 +172,10 @@ pub fn conv_bn_relu_train(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    const F: &str = "conv_bn_relu_train";
-    let (x, w, geom) = super::prepare_conv("conv_bn_relu_train", x, w, stride, pad)?;
+    const F: &str = "conv_bn_train";
+    let (x, w, geom) = super::prepare_conv(F, x, w, stride, pad)?;
     let oc = geom.oc;
     for (t, what) in [(gamma, "gamma"), (beta, "beta")] {
         if t.dims() != [oc] {
@@ -186,13 +189,14 @@ pub fn conv_bn_relu_train(
         bail!("{F}: eps must be positive, got {eps}");
     }
     let gb = Tensor::cat(&[gamma, beta], 0)?;
-    let gb = prepare(&gb, 1, "conv_bn_relu_train gamma/beta")?;
+    let gb = prepare(&gb, 1, "conv_bn_train gamma/beta")?;
     let stats = Arc::new(Mutex::new(None));
     let tracked = any_tracked(&[&x, &w, &gb]);
     let op = ConvBnReluOp {
         geom,
         sparse: sparse.cloned(),
         eps: eps as f32,
+        relu,
         keep: tracked,
         saved: Mutex::new(None),
         stats: stats.clone(),
@@ -212,16 +216,17 @@ pub fn conv_bn_relu_train(
     Ok((y, mean, var))
 }
 
-/// Convolution + batch normalisation with running statistics + ReLU, for inference: the
+/// Convolution + batch normalisation with running statistics (+ ReLU), for inference: the
 /// normalisation is folded into a per-channel scale and shift applied to each image tile of a
 /// dense convolution as the GEMM leaves it (in place after a sparse one), so the largest
 /// activations are written once. No backward pass (a backward through it is an error, not a
-/// silent zero): training runs [`conv_bn_relu_train`].
+/// silent zero): training runs [`conv_bn_train`].
 struct ConvBnReluEvalOp {
     geom: Conv2dGeom,
     sparse: Option<Arc<SparseWeight>>,
     scale: Vec<f32>,
     shift: Vec<f32>,
+    relu: bool,
 }
 
 impl CustomOp2 for ConvBnReluEvalOp {
@@ -243,9 +248,9 @@ impl CustomOp2 for ConvBnReluEvalOp {
         match &self.sparse {
             Some(sw) => {
                 sparse_conv_forward(sw, g, x, w, &mut out, false)?;
-                channel_affine_inplace(&mut out, &self.scale, &self.shift, true);
+                channel_affine_inplace(&mut out, &self.scale, &self.shift, self.relu);
             }
-            None => conv2d_fwd_affine(x, w, g, &self.scale, &self.shift, true, &mut out),
+            None => conv2d_fwd_affine(x, w, g, &self.scale, &self.shift, self.relu, &mut out),
         }
         Ok((
             CpuStorage::F32(out),
@@ -254,12 +259,12 @@ impl CustomOp2 for ConvBnReluEvalOp {
     }
 }
 
-/// `relu(batch_norm_eval(conv(x)))` on CNHW `x` `[C, N, H, W]` with weight `w`
+/// `batch_norm_eval(conv(x))`, then ReLU when `relu`, on CNHW `x` `[C, N, H, W]` with weight `w`
 /// `[OC, C, KH, KW]` (dense, or `sparse`'s pattern), BatchNorm parameters `gamma`/`beta` and
 /// running statistics `[OC]`. Equal to `conv2d_cnhw` (or `sparse_conv2d_cnhw`) then
-/// `batch_norm_cnhw_eval(.., relu = true)`. Inference only: not differentiable.
+/// `batch_norm_cnhw_eval(.., relu)`. Inference only: not differentiable.
 #[allow(clippy::too_many_arguments)]
-pub fn conv_bn_relu_eval(
+pub fn conv_bn_eval(
     x: &Tensor,
     w: &Tensor,
     stride: usize,
@@ -270,9 +275,10 @@ pub fn conv_bn_relu_eval(
     running_mean: &Tensor,
     running_var: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<Tensor> {
-    const F: &str = "conv_bn_relu_eval";
-    let (x, w, geom) = super::prepare_conv("conv_bn_relu_eval", x, w, stride, pad)?;
+    const F: &str = "conv_bn_eval";
+    let (x, w, geom) = super::prepare_conv(F, x, w, stride, pad)?;
     let oc = geom.oc;
     let mut host = Vec::with_capacity(4);
     for (t, what) in [
@@ -312,6 +318,7 @@ pub fn conv_bn_relu_eval(
         sparse: sparse.cloned(),
         scale,
         shift,
+        relu,
     };
     Ok(if any_tracked(&[&x, &w]) {
         x.apply_op2(&w, op)?

@@ -16,7 +16,7 @@ mod scratch;
 mod sparse;
 
 pub use conv::conv2d_cnhw;
-pub use fused::{conv_bn_relu_eval, conv_bn_relu_train};
+pub use fused::{conv_bn_eval, conv_bn_train};
 pub use linear::{linear, linear_act};
 pub use norm::{batch_norm_cnhw_eval, batch_norm_cnhw_train};
 pub use pool::{global_avg_pool_cnhw, max_pool2d_cnhw};

@@ -198,14 +198,11 @@ impl ConvBn {
         })
     }
 
-    /// `bn(conv(x))`, then ReLU if `relu`. With ReLU the three run as one fused op
-    /// ([`crate::nn::conv_bn_relu`]: same values, but the convolution output never enters
-    /// candle's gradient accumulation, which would zero-fill and add a copy of it).
+    /// `bn(conv(x))`, then ReLU if `relu`, as one fused op ([`crate::nn::conv_bn`]: same
+    /// values, but the convolution output never enters candle's gradient accumulation, which
+    /// would zero-fill and add a copy of it).
     fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if relu {
-            return crate::nn::conv_bn_relu(&self.conv, &self.bn, x, train);
-        }
-        self.bn.forward(&self.conv.forward(x)?, train, relu)
+        crate::nn::conv_bn(&self.conv, &self.bn, x, train, relu)
     }
 
     fn out_channels(&self) -> usize {

@@ -26,20 +26,31 @@ pub fn slot_weight(slot: &SparseSlot) -> Option<Arc<SparseWeight>> {
     slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// `relu(bn(conv(x)))` on CNHW activations. For a convolution without bias on the CPU, one
-/// fused op runs the three: in training the convolution's output never passes through
-/// candle's gradient accumulation (see `kernels::conv_bn_relu_train`; the result, the
-/// gradients and the running statistics equal those of the separate layers); in evaluation
-/// the normalisation and ReLU are applied as the convolution writes its output
-/// (`kernels::conv_bn_relu_eval`, same values, not differentiable).
+/// `relu(bn(conv(x)))` on CNHW activations: [`conv_bn`] with the ReLU.
 pub fn conv_bn_relu(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
+    conv_bn(conv, bn, x, train, true)
+}
+
+/// `bn(conv(x))`, then ReLU when `relu`, on CNHW activations. For a convolution without bias
+/// on the CPU, one fused op runs them: in training the convolution's output never passes
+/// through candle's gradient accumulation (see `kernels::conv_bn_train`; the result, the
+/// gradients and the running statistics equal those of the separate layers); in evaluation
+/// the normalisation (and ReLU) are applied as the convolution writes its output
+/// (`kernels::conv_bn_eval`, same values, not differentiable).
+pub fn conv_bn(
+    conv: &Conv2d,
+    bn: &BatchNorm2d,
+    x: &Tensor,
+    train: bool,
+    relu: bool,
+) -> Result<Tensor> {
     if conv.bias.is_some() || crate::kernels::generic_path(x) {
-        return bn.forward(&conv.forward(x)?, train, true);
+        return bn.forward(&conv.forward(x)?, train, relu);
     }
     if !train {
         let lock = |m: &Mutex<Tensor>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (rm, rv) = (lock(&bn.running_mean), lock(&bn.running_var));
-        return crate::kernels::conv_bn_relu_eval(
+        return crate::kernels::conv_bn_eval(
             x,
             conv.weight.as_tensor(),
             conv.stride,
@@ -50,10 +61,11 @@ pub fn conv_bn_relu(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, train: bool) ->
             &rm,
             &rv,
             bn.eps,
+            relu,
         );
     }
     let sparse = slot_weight(&conv.slot);
-    let (y, mean, var) = crate::kernels::conv_bn_relu_train(
+    let (y, mean, var) = crate::kernels::conv_bn_train(
         x,
         conv.weight.as_tensor(),
         conv.stride,
@@ -62,6 +74,7 @@ pub fn conv_bn_relu(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, train: bool) ->
         bn.gamma.as_tensor(),
         bn.beta.as_tensor(),
         bn.eps,
+        relu,
     )?;
     bn.update_running(&mean, &var, y.elem_count() / y.dim(0)?)?;
     Ok(y)
