@@ -622,14 +622,17 @@ pub fn main(args: &BenchArgs) -> Result<()> {
     util::set_threads(args.threads)?;
     let json = args.json;
     let mut err = None;
-    let records = run(args, |r| {
-        if json {
-            match serde_json::to_string(r) {
-                Ok(line) => println!("{line}"),
-                Err(e) => err = Some(e),
+    let body = || {
+        run(args, |r| {
+            if json {
+                match serde_json::to_string(r) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => err = Some(e),
+                }
             }
-        }
-    })?;
+        })
+    };
+    let records = util::in_pool(body)?;
     if let Some(e) = err {
         return Err(e).context("writing a benchmark record as JSON");
     }

@@ -46,11 +46,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let cfg = rest::train::trainer::resume_config(dir)?;
                 // Same thread count as the original run, for bit-identical results.
                 rest::util::set_threads(args.threads.or(cfg.threads))?;
-                rest::train::trainer::resume(&cfg)?
+                rest::util::in_pool(|| rest::train::trainer::resume(&cfg))?
             } else {
                 let cfg = args.resolve()?;
                 rest::util::set_threads(cfg.threads)?;
-                rest::train::train(&cfg)?
+                rest::util::in_pool(|| rest::train::train(&cfg))?
             };
             println!("{}", rest::report::results_table(&out.summary));
             println!("run directory: {}", out.run_dir.display());
