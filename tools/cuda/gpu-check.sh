@@ -6,7 +6,7 @@
 #
 # Build here, carry the binary there:
 #   source .cuda/env.sh && CUDA_COMPUTE_CAP=90 cargo build --release --features cuda
-#   mkdir -p gpu && cp target/release/rest gpu/rest && strip gpu/rest
+#   mkdir -p gpu && cp target/release/rest gpu/rest && strip gpu/rest   # ~57 MiB: fits the 64 MiB carry
 # Run there, from the repository root:
 #   BIN=gpu/rest tools/cuda/gpu-check.sh [OUT]
 # Environment: BIN (default target/release/rest), DEVICE (default cuda; `cpu` runs the same
