@@ -1045,8 +1045,7 @@ fn run_stage(
                     set_dense_grad(&weights, true);
                 }
                 let logits = model.forward(&x, true)?;
-                let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-                let nll = logp.gather(&yt.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+                let nll = crate::kernels::softmax_nll(&logits, &yt)?;
                 let loss = match (dro.as_mut(), cfg.reweight_mode) {
                     (Some(d), _) => {
                         let l_host = nll.to_vec1::<f32>()?;
