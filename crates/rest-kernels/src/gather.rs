@@ -14,7 +14,6 @@ pub struct RowGather {
     keep: u16,
     len: usize,
     src_len: usize,
-    avx512: bool,
 }
 
 impl RowGather {
@@ -39,7 +38,6 @@ impl RowGather {
             keep,
             len,
             src_len,
-            avx512: true,
         })
     }
 
@@ -51,20 +49,14 @@ impl RowGather {
             "RowGather: row too short"
         );
         #[cfg(target_arch = "x86_64")]
-        if self.avx512 {
-            // SAFETY: `avx512` is only set when the CPU has AVX-512F (checked in `new`); the
-            // lengths were checked above, and the masked loads and store touch only
-            // `src[..src_len]` and `dst[..len]`.
-            unsafe { avx512::apply(self, src.as_ptr(), dst.as_mut_ptr()) };
-            return;
+        // SAFETY: plans exist only on CPUs with AVX-512F (checked in `new`); the lengths were
+        // checked above, and the masked loads and store touch only `src[..src_len]` and
+        // `dst[..len]`.
+        unsafe {
+            avx512::apply(self, src.as_ptr(), dst.as_mut_ptr())
         }
-        for (i, d) in dst[..self.len].iter_mut().enumerate() {
-            *d = if self.keep & (1 << i) != 0 {
-                src[self.idx[i] as usize]
-            } else {
-                0.0
-            };
-        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("RowGather plans are only built with AVX-512");
     }
 }
 
