@@ -396,14 +396,16 @@ fn setup(
 /// its phases (forward with the loss, backward, SGD step with the masks) to `phases`.
 fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor, phases: &mut [Vec<f64>; 3]) -> Result<()> {
     let t0 = Instant::now();
+    let tape = crate::kernels::tape::start();
     let logits = s.model.forward(x, true)?;
-    let loss = crate::kernels::softmax_nll(&logits, y)?.mean_all()?;
+    let rec = tape.finish(logits)?;
+    let loss = crate::kernels::softmax_nll(rec.head(), y)?.mean_all()?;
     let loss_v = loss.to_scalar::<f32>()?;
     if !loss_v.is_finite() {
         bail!("the benchmark loss became {loss_v}");
     }
     let t1 = Instant::now();
-    let grads = loss.backward()?;
+    let grads = rec.backward(&loss)?;
     let t2 = Instant::now();
     s.opt.step(&grads)?;
     if !s.masks.is_empty() {

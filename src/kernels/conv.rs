@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rest_kernels::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv2dGeom};
 
-use super::{any_tracked, cpu_slice, scratch, with_f32};
+use super::{cpu_slice, scratch, with_f32};
 
 /// The kernels re-lower cache-sized image tiles in the backward pass instead of keeping a
 /// full im2col buffer alive between forward and backward, so the op holds only its geometry.
@@ -78,11 +78,6 @@ pub fn conv2d_cnhw(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<
         return super::generic::conv2d_cnhw(x, w, stride, pad);
     }
     let (x, w, geom) = super::prepare_conv("conv2d_cnhw", x, w, stride, pad)?;
-    let tracked = any_tracked(&[&x, &w]);
     let op = Conv2dOp { geom };
-    Ok(if tracked {
-        x.apply_op2(&w, op)?
-    } else {
-        x.apply_op2_no_bwd(&w, &op)?
-    })
+    Ok(super::tape::op2(&x, &w, op)?)
 }

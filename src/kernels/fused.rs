@@ -201,11 +201,7 @@ pub fn conv_bn_train(
         saved: Mutex::new(None),
         stats: stats.clone(),
     };
-    let y = if tracked {
-        x.apply_op3(&w, &gb, op)?
-    } else {
-        x.apply_op3_no_bwd(&w, &gb, &op)?
-    };
+    let y = super::tape::op3(&x, &w, &gb, op)?;
     let stats = stats
         .lock()
         .map_err(|e| anyhow::anyhow!("{F}: {e}"))?
@@ -320,9 +316,5 @@ pub fn conv_bn_eval(
         shift,
         relu,
     };
-    Ok(if any_tracked(&[&x, &w]) {
-        x.apply_op2(&w, op)?
-    } else {
-        x.apply_op2_no_bwd(&w, &op)?
-    })
+    Ok(super::tape::op2(&x, &w, op)?)
 }

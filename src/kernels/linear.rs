@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rest_kernels::{linear_bwd_bias, linear_bwd_input, linear_bwd_weight, linear_fwd};
 
-use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
+use super::{cpu_slice, prepare, scratch, with_f32};
 
 #[derive(Clone, Copy)]
 struct LinearOp {
@@ -179,11 +179,7 @@ pub fn linear_act(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Res
     }
     let op = LinearOp { n, i, o, relu };
     match b {
-        None => Ok(if any_tracked(&[&x, &w]) {
-            x.apply_op2(&w, op)?
-        } else {
-            x.apply_op2_no_bwd(&w, &op)?
-        }),
+        None => Ok(super::tape::op2(&x, &w, op)?),
         Some(b) => {
             let b = prepare(b, 1, "linear bias b [O]")?;
             if b.dim(0)? != o {
@@ -194,11 +190,7 @@ pub fn linear_act(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Res
                 );
             }
             let op = LinearBiasOp(op);
-            Ok(if any_tracked(&[&x, &w, &b]) {
-                x.apply_op3(&w, &b, op)?
-            } else {
-                x.apply_op3_no_bwd(&w, &b, &op)?
-            })
+            Ok(super::tape::op3(&x, &w, &b, op)?)
         }
     }
 }

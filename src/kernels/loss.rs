@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 
-use super::{any_tracked, cpu_slice, generic_path, prepare, with_f32};
+use super::{cpu_slice, generic_path, prepare, with_f32};
 
 struct SoftmaxNllOp {
     targets: Vec<u32>,
@@ -96,9 +96,5 @@ pub fn softmax_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         targets: ys,
         classes: c,
     };
-    Ok(if any_tracked(&[&x]) {
-        x.apply_op1(op)?
-    } else {
-        x.apply_op1_no_bwd(&op)?
-    })
+    Ok(super::tape::op1(&x, op)?)
 }

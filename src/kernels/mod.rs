@@ -15,6 +15,7 @@ mod norm;
 mod pool;
 mod scratch;
 mod sparse;
+pub mod tape;
 
 pub use conv::conv2d_cnhw;
 pub use fused::{conv_bn_eval, conv_bn_train};

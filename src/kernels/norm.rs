@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use rest_kernels::{batch_norm_bwd, batch_norm_train_fwd, channel_affine, BnBatchStats};
 
-use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
+use super::{cpu_slice, prepare, scratch, with_f32};
 
 struct BnTrainOp {
     eps: f32,
@@ -133,11 +133,7 @@ pub fn batch_norm_cnhw_train(
         relu,
         stats: stats.clone(),
     };
-    let y = if any_tracked(&[&x, &p[0], &p[1]]) {
-        x.apply_op3(&p[0], &p[1], op)?
-    } else {
-        x.apply_op3_no_bwd(&p[0], &p[1], &op)?
-    };
+    let y = super::tape::op3(&x, &p[0], &p[1], op)?;
     let stats = stats
         .lock()
         .map_err(|e| anyhow::anyhow!("{F}: {e}"))?
@@ -295,9 +291,5 @@ pub fn batch_norm_cnhw_eval(
     }
     let invstd = var.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
     let op = BnEvalOp { relu, mean, invstd };
-    Ok(if any_tracked(&[&x, &p[0], &p[1]]) {
-        x.apply_op3(&p[0], &p[1], op)?
-    } else {
-        x.apply_op3_no_bwd(&p[0], &p[1], &op)?
-    })
+    Ok(super::tape::op3(&x, &p[0], &p[1], op)?)
 }

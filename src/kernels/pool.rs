@@ -48,11 +48,7 @@ pub fn global_avg_pool_cnhw(x: &Tensor) -> Result<Tensor> {
     let x = prepare(x, 4, "global_avg_pool_cnhw input x [C, N, H, W]")?;
     let (c, n, h, w) = x.dims4()?;
     let op = GlobalAvgPoolOp { c, n, hw: h * w };
-    Ok(if x.track_op() {
-        x.apply_op1(op)?
-    } else {
-        x.apply_op1_no_bwd(&op)?
-    })
+    Ok(super::tape::op1(&x, op)?)
 }
 
 struct MaxPoolOp {
@@ -117,9 +113,5 @@ pub fn max_pool2d_cnhw(x: &Tensor, k: usize, stride: usize, pad: usize) -> Resul
         geom,
         argmax: Mutex::new(None),
     };
-    Ok(if x.track_op() {
-        x.apply_op1(op)?
-    } else {
-        x.apply_op1_no_bwd(&op)?
-    })
+    Ok(super::tape::op1(&x, op)?)
 }

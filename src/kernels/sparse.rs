@@ -312,11 +312,7 @@ pub fn sparse_conv2d_cnhw(
         xph: Mutex::new(None),
         keep_input: tracked && w.track_op(),
     };
-    Ok(if tracked {
-        x.apply_op2(&w, op)?
-    } else {
-        x.apply_op2_no_bwd(&w, &op)?
-    })
+    Ok(super::tape::op2(&x, &w, op)?)
 }
 
 struct SparseLinearOp {
@@ -705,11 +701,7 @@ pub fn sparse_linear_act(
         pack: Mutex::new(None),
     };
     let Some(b) = b else {
-        return Ok(if any_tracked(&[&x, &w]) {
-            x.apply_op2(&w, op)?
-        } else {
-            x.apply_op2_no_bwd(&w, &op)?
-        });
+        return Ok(super::tape::op2(&x, &w, op)?);
     };
     let b = prepare(b, 1, "sparse_linear bias b [O]")?;
     if b.dim(0)? != o {
@@ -720,11 +712,7 @@ pub fn sparse_linear_act(
         );
     }
     let op = SparseLinearBiasOp(op);
-    Ok(if any_tracked(&[&x, &w, &b]) {
-        x.apply_op3(&w, &b, op)?
-    } else {
-        x.apply_op3_no_bwd(&w, &b, &op)?
-    })
+    Ok(super::tape::op3(&x, &w, &b, op)?)
 }
 
 /// The weight gradient at the active positions (SDDMM), scattered into a dense buffer that is

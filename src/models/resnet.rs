@@ -121,11 +121,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Ok((a + b)?.relu()?);
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
-    Ok(if a.track_op() || b.track_op() {
-        a.apply_op2(&b, AddRelu)?
-    } else {
-        a.apply_op2_no_bwd(&b, &AddRelu)?
-    })
+    Ok(crate::kernels::tape::op2(&a, &b, AddRelu)?)
 }
 
 /// A ResNet depth: its block type and the number of blocks per stage.

@@ -1044,8 +1044,18 @@ fn run_stage(
                 if update_now {
                     set_dense_grad(&weights, true);
                 }
+                // The forward pass is recorded; the backward pass replays it (see
+                // `kernels::tape`), or falls back to candle's for models it cannot run.
+                let tape = crate::kernels::tape::start();
                 let logits = model.forward(&x, true)?;
-                let nll = crate::kernels::softmax_nll(&logits, &yt)?;
+                let rec = tape.finish(logits)?;
+                if st.step == 0 {
+                    if let Some(why) = rec.fallback_reason() {
+                        tracing::debug!("backward pass on candle's autograd: {why}");
+                    }
+                }
+                let nll = crate::kernels::softmax_nll(rec.head(), &yt)?;
+                let batch_preds = rec.head().argmax(D::Minus1)?.to_vec1::<u32>()?;
                 let loss = match (dro.as_mut(), cfg.reweight_mode) {
                     (Some(d), _) => {
                         let l_host = nll.to_vec1::<f32>()?;
@@ -1072,7 +1082,7 @@ fn run_stage(
                         run_dir.display()
                     );
                 }
-                let grads = loss.backward()?;
+                let grads = rec.backward(&loss)?;
                 opt.step(&grads)?;
                 st.step += 1;
                 st.flops
@@ -1184,7 +1194,6 @@ fn run_stage(
 
                 pe.loss_sum += loss_v as f64 * idx.len() as f64;
                 pe.seen += idx.len();
-                let batch_preds = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
                 correct += batch_preds.iter().zip(&y).filter(|(p, l)| p == l).count();
                 pe.preds.extend(batch_preds);
                 pe.labels.extend_from_slice(&y);
