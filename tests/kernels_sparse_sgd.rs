@@ -1,4 +1,4 @@
-//! Compact weight gradients of sparse linear layers (`SparseWeight::set_compact_grad`) and the
+//! Compact weight gradients of sparse layers (`SparseWeight::set_compact_grad`) and the
 //! SGD steps that consume them in place: the gradient handed over equals candle's dense
 //! gradient at the active weights, and training with it gives bit for bit the weights and
 //! momentum of the dense-gradient path (with and without momentum and weight decay, on the
@@ -222,5 +222,82 @@ fn sparse_linear_bias_matches_matmul_plus_bias() {
         let bad = Tensor::zeros(o + 1, candle_core::DType::F32, dev).expect("zeros");
         let err = sparse_linear_bias(&x, &w, Some(&bad), &sw).expect_err("bias of the wrong size");
         assert!(err.to_string().contains("bias"), "{err}");
+    }
+}
+
+/// Trains a sparse 4x4 stride-2 convolution (CNHW, as in REST's CNN) for a few SGD steps with
+/// compact (`true`) or dense gradients; returns the final weight, the momentum and the mask.
+fn train_conv(compact: bool, momentum: f64, wd: f64) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>) {
+    let (c, oc, n, hw) = (5, 7, 3, 9);
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let mut init = rest::util::rng(4, 1);
+    let conv = rest::nn::Conv2d::new("conv", c, oc, 4, 2, 1, false, &mut init, &Device::Cpu)
+        .expect("conv");
+    let k = c * 16;
+    let mk = mask(&mut rng, oc * k, 0.2);
+    let wm = conv
+        .weight
+        .as_tensor()
+        .mul(&Tensor::from_slice(&mk, (oc, c, 4, 4), &Device::Cpu).expect("mask"))
+        .expect("mul");
+    conv.weight.set(&wm).expect("set");
+    let sw = SparseWeight::new(&flat(&wm), &mk, oc, k).expect("sparse weight");
+    sw.set_compact_grad(compact);
+    *conv.slot.lock().expect("slot") = Some(sw.clone());
+    let mut opt = Sgd::new(conv.params(), 0.05, momentum, wd);
+    let ohw = (hw + 2 - 4) / 2 + 1;
+    for step in 0..4 {
+        let x = Tensor::from_vec(
+            rand_vec(&mut rng, c * n * hw * hw),
+            (c, n, hw, hw),
+            &Device::Cpu,
+        )
+        .expect("x");
+        let r = Tensor::from_vec(
+            rand_vec(&mut rng, oc * n * ohw * ohw),
+            (oc, n, ohw, ohw),
+            &Device::Cpu,
+        )
+        .expect("r");
+        let y = conv.forward(&x).expect("forward");
+        let g = (&y * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        assert_eq!(
+            g.get(conv.weight.as_tensor()).is_none(),
+            compact,
+            "step {step}: a dense weight gradient exactly when not compact"
+        );
+        opt.step(&g).expect("step");
+    }
+    assert!(
+        sw.take_grad().is_none(),
+        "the optimizer took every compact gradient"
+    );
+    (
+        flat(conv.weight.as_tensor()),
+        opt.momentum_buffer(0).map(flat),
+        mk,
+    )
+}
+
+#[test]
+fn sparse_conv_sgd_on_compact_gradients_matches_the_dense_path_bit_for_bit() {
+    for (momentum, wd) in [(0.9, 5e-4), (0.0, 1e-3)] {
+        let (w_c, m_c, mk) = train_conv(true, momentum, wd);
+        let (w_d, m_d, _) = train_conv(false, momentum, wd);
+        let norm = |v: &[f32]| v.iter().map(|x| (x + 0.0).to_bits()).collect::<Vec<_>>();
+        assert_eq!(norm(&w_c), norm(&w_d), "momentum {momentum}: weights");
+        assert_eq!(
+            m_c.as_deref().map(norm),
+            m_d.as_deref().map(norm),
+            "momentum"
+        );
+        for (&w, &m) in w_c.iter().zip(&mk) {
+            if m == 0.0 {
+                assert_eq!(w, 0.0, "weights outside the pattern stay zero");
+            }
+        }
     }
 }

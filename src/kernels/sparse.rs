@@ -27,8 +27,8 @@ pub struct SparseWeight {
 struct State {
     matrix: SparseMatrix,
     dense_grad: bool,
-    /// Linear layers: keep the weight gradient compact (`grad`) instead of handing candle a
-    /// dense one (see [`SparseWeight::set_compact_grad`]).
+    /// Keep the weight gradient compact (`grad`) instead of handing candle a dense one (see
+    /// [`SparseWeight::set_compact_grad`]).
     compact_grad: bool,
     /// The compact weight gradient of the last backward pass (CSR order), until taken.
     grad: Option<Vec<f32>>,
@@ -80,7 +80,7 @@ impl SparseWeight {
         }))
     }
 
-    /// Linear layers only: with `on`, backward passes (other than dense-gradient ones, see
+    /// With `on`, backward passes (other than dense-gradient ones, see
     /// [`Self::set_dense_grad`]) give candle no weight gradient and keep the gradient at the
     /// active positions here instead, for the optimizer to [`Self::take_grad`]; nothing of
     /// the dense weight's size is built. Off (the default), the gradient is scattered into a
@@ -199,6 +199,10 @@ pub(super) fn sparse_conv_forward(
     keep_input: bool,
 ) -> candle_core::Result<Option<Vec<f32>>> {
     let mut st = weight.lock();
+    if keep_input {
+        // A new graph: a compact gradient not taken since the last one is stale.
+        st.grad = None;
+    }
     st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
     let plan = st.conv_plan(g)?;
     let mut xph = scratch::take(plan.phase_len());
@@ -236,39 +240,52 @@ pub(super) fn sparse_conv_backward(
     } else {
         None
     };
-    let dw = if w.track_op() {
+    let dw = if !w.track_op() {
+        None
+    } else if st.dense_grad {
+        // Mask-update steps: the dense gradient RigL's growth ranks.
         let mut dw = scratch::output(g.w_len());
-        if st.dense_grad {
-            // Mask-update steps: the dense gradient RigL's growth ranks.
-            with_f32(x, OP, |xs| {
-                conv2d_bwd_weight(xs, dout, g, &mut dw);
-                Ok(())
-            })?;
-        } else {
-            let xph = match xph.take() {
-                Some(b) => b,
-                None => {
-                    let mut b = scratch::take(plan.phase_len());
-                    with_f32(x, OP, |xs| plan.pack_input(xs, &mut b).map_err(kernel_err))?;
-                    b
-                }
-            };
-            if !x.track_op() {
-                // Else `backward_input` left the expanded gradient in `dyv`.
-                plan.expand_grad(dout, &mut dyv).map_err(kernel_err)?;
+        with_f32(x, OP, |xs| {
+            conv2d_bwd_weight(xs, dout, g, &mut dw);
+            Ok(())
+        })?;
+        Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+    } else {
+        let xph = match xph.take() {
+            Some(b) => b,
+            None => {
+                let mut b = scratch::take(plan.phase_len());
+                with_f32(x, OP, |xs| plan.pack_input(xs, &mut b).map_err(kernel_err))?;
+                b
             }
-            let mut vals = scratch::take(st.matrix.nnz());
-            plan.grad_weight(&st.matrix, &dyv, &xph, &mut vals)
-                .map_err(kernel_err)?;
+        };
+        if !x.track_op() {
+            // Else `backward_input` left the expanded gradient in `dyv`.
+            plan.expand_grad(dout, &mut dyv).map_err(kernel_err)?;
+        }
+        let mut vals = scratch::take(st.matrix.nnz());
+        plan.grad_weight(&st.matrix, &dyv, &xph, &mut vals)
+            .map_err(kernel_err)?;
+        scratch::give(xph);
+        if st.compact_grad {
+            // Kept at the active weights for the optimizer (`SparseWeight::take_grad`); a
+            // layer applied more than once in a graph adds up its gradients.
+            match &mut st.grad {
+                Some(acc) if acc.len() == vals.len() => {
+                    acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v);
+                    scratch::give(vals);
+                }
+                g => *g = Some(vals),
+            }
+            None
+        } else {
+            let mut dw = scratch::output(g.w_len());
             st.matrix
                 .scatter_to_dense(&vals, &mut dw)
                 .map_err(kernel_err)?;
             scratch::give(vals);
-            scratch::give(xph);
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?)
         }
-        Some(Tensor::from_vec(dw, w.shape(), w.device())?)
-    } else {
-        None
     };
     scratch::give(dyv);
     if let Some(b) = xph {

@@ -262,8 +262,8 @@ pub(crate) fn install_sparse_kernels(
             let cols = p.var.elem_count() / rows.max(1);
             let w = to_host(p.var.as_tensor())?;
             let sw = SparseWeight::new(&w, engine.mask(l), rows, cols)?;
-            // Linear layers hand our SGD their gradient compactly (`Sgd::step`).
-            sw.set_compact_grad(p.var.rank() == 2);
+            // The layer hands our SGD its gradient compactly (`Sgd::step`).
+            sw.set_compact_grad(true);
             Some(sw)
         } else {
             None
