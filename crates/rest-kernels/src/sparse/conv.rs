@@ -33,6 +33,7 @@ use rayon::prelude::*;
 
 use super::kernels::{split_cols, split_rows, SERIAL_FLOPS};
 use super::matrix::Csr;
+use super::phase::{self, Strided, ValidMask};
 use super::simd::{self, active_isa, Isa};
 use super::{SparseError, SparseMatrix};
 use crate::im2col::Conv2dGeom;
@@ -113,6 +114,10 @@ pub struct SparseConv {
     bwd_off: Vec<u32>,
     /// and the CSR index of `W` each entry takes its value from.
     bwd_src: Vec<u32>,
+    /// Which flat positions are valid outputs (the vector compaction and expansion).
+    valid: ValidMask,
+    /// Stride-`s` row moves between image rows and phase rows.
+    strided: Strided,
 }
 
 impl SparseConv {
@@ -180,6 +185,8 @@ impl SparseConv {
             bwd_row_ptr,
             bwd_off,
             bwd_src,
+            valid: ValidMask::new(lay.ph, lay.pw, g.oh(), g.ow()),
+            strided: Strided::new(s),
         })
     }
 
@@ -230,6 +237,7 @@ impl SparseConv {
         let lay = self.lay;
         let s = g.stride;
         let hw = g.h * g.w;
+        let vector = phase::vector_ok(self.isa);
         let plane = |(q, row): (usize, &mut [f32])| {
             let (c, ry, rx) = (q / (lay.sy * lay.sx), (q / lay.sx) % lay.sy, q % lay.sx);
             let pw = lay.pw;
@@ -252,7 +260,19 @@ impl SparseConv {
                     for d in &mut dst[hi..] {
                         *d = 0.0;
                     }
-                    if s == 1 {
+                    if vector {
+                        // SAFETY: AVX-512 is available (`vector_ok`); the input columns
+                        // s·px + rx - pad for px in lo..hi lie in the row (valid_range), so
+                        // `src[..s·(hi-lo-1) + 1]` is readable, and `dst[lo..hi]` is writable.
+                        unsafe {
+                            phase::gather(
+                                &self.strided,
+                                src.as_ptr(),
+                                dst[lo..].as_mut_ptr(),
+                                hi - lo,
+                            )
+                        }
+                    } else if s == 1 {
                         dst[lo..hi].copy_from_slice(&src[..hi - lo]);
                     } else {
                         for (d, v) in dst[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
@@ -293,8 +313,17 @@ impl SparseConv {
         let lay = self.lay;
         let (oh, ow) = (g.oh(), g.ow());
         let optr = OutPtr(out.as_mut_ptr());
+        let vector = phase::vector_ok(self.isa);
         // Output row `o`, virtual columns c0..c0 + tile.len(): keep the valid positions.
         let emit = |o: usize, c0: usize, tile: &[f32]| {
+            if vector {
+                let at = o * g.n * oh * ow + self.valid.valid_before(c0);
+                // SAFETY: AVX-512 is available (`vector_ok`); the valid positions of the
+                // tile are output elements at..at + count of row `o` (CNHW order is flat
+                // order), inside `out`; tasks own disjoint (row, column) blocks.
+                unsafe { phase::compress(&self.valid, c0, tile, optr.get().add(at)) };
+                return;
+            }
             for_row_runs(&lay, c0, tile.len(), oh, 0..ow, |n, oy, ox, t0, len| {
                 let dst = ((o * g.n + n) * oh + oy) * ow + ox;
                 // SAFETY: (o, n, oy, ox..ox + len) is inside `out` (oy < OH, ox + len <= OW);
@@ -343,6 +372,7 @@ impl SparseConv {
         let s = g.stride;
         let hw = g.h * g.w;
         let dptr = OutPtr(dx.as_mut_ptr());
+        let vector = phase::vector_ok(self.isa);
         let emit = |q: usize, c0: usize, tile: &[f32]| {
             let (c, ry, rx) = (q / (lay.sy * lay.sx), (q / lay.sx) % lay.sy, q % lay.sx);
             let (lo, hi) = crate::im2col::valid_range(lay.pw, g.w, s, rx, g.pad);
@@ -357,10 +387,15 @@ impl SparseConv {
                 // SAFETY: iy < h and the columns s·(a + i) + rx - pad < w (valid_range), c < C,
                 // n < N: inside `dx`. Each input pixel lies in exactly one phase plane and one
                 // flat position, and tasks own disjoint (plane, column) blocks.
+                // With `vector`, AVX-512 is available.
                 unsafe {
                     let d = dptr.get().add(base);
-                    for (i, &v) in tile[t0..t0 + len].iter().enumerate() {
-                        *d.add(s * i) = v;
+                    if vector {
+                        phase::scatter(&self.strided, tile[t0..t0 + len].as_ptr(), d, len);
+                    } else {
+                        for (i, &v) in tile[t0..t0 + len].iter().enumerate() {
+                            *d.add(s * i) = v;
+                        }
                     }
                 }
             });
@@ -377,10 +412,19 @@ impl SparseConv {
         len_check("expand_grad", "dyv", dyv.len(), self.grad_len())?;
         let lay = self.lay;
         let (oh, ow) = (g.oh(), g.ow());
+        let vector = phase::vector_ok(self.isa);
         let row = |(o, r): (usize, &mut [f32])| {
             r[..lay.front].fill(0.0);
             r[lay.front + lay.l..].fill(0.0);
             let v = &mut r[lay.front..lay.front + lay.l];
+            if vector {
+                let per = g.n * oh * ow;
+                let src = &dy[o * per..][..per];
+                // SAFETY: AVX-512 is available (`vector_ok`); the flat row `v` (N·PH·PW
+                // positions) has exactly N·OH·OW valid positions, the length of `src`.
+                unsafe { phase::expand(&self.valid, src.as_ptr(), v) };
+                return;
+            }
             for n in 0..g.n {
                 for py in 0..lay.ph {
                     let d = &mut v[(n * lay.ph + py) * lay.pw..(n * lay.ph + py + 1) * lay.pw];

@@ -1,0 +1,472 @@
+//! The layout passes of the polyphase convolution ([`super::conv`]) as whole-vector AVX-512
+//! moves: compacting a virtual output row to its valid positions (`compress`), the inverse
+//! expansion of an output gradient (`expand`), and the short strided row gathers and scatters
+//! between image rows and phase rows (permutes with masked loads and stores).
+//!
+//! # Idea
+//! In the flat layout `j = (n·PH + oy)·PW + ox` the valid outputs (`oy < OH`, `ox < OW`) are a
+//! pattern of period `P = PH·PW`, and in the CNHW output they are contiguous in `j` order. So a
+//! run of 16 virtual positions compacts with one `vcompressps` under the 16-bit validity mask
+//! of `j mod P` (read from a bitset of the period), followed by a masked store of `popcount`
+//! lanes; no per-row loop, however short the rows. The expansion is the same with
+//! `vexpandps`. A strided row `dst[i] = src[s·i]` (or `dst[s·i] = src[i]`) moves up to 16
+//! elements spanning at most 32 (16) source floats with one or two masked loads, one permute
+//! and one masked store.
+//!
+//! The helpers only move values, so results are bit for bit those of the scalar loops.
+
+use super::simd::Isa;
+
+/// Validity pattern of the flat layout (`oy < OH && ox < OW` at `j mod PH·PW`), as a bitset
+/// over one period extended by 16 wrapped positions, so any 16 consecutive positions read as
+/// one unaligned word.
+#[derive(Debug, Clone)]
+pub(super) struct ValidMask {
+    /// `PH·PW`.
+    period: usize,
+    /// `16 mod period`: how far the residue moves per vector.
+    step: usize,
+    pw: usize,
+    oh: usize,
+    ow: usize,
+    /// Bit `i` (little-endian) is the validity of position `i mod period`, for
+    /// `i < period + 16`; 4 spare bytes keep every 32-bit read in bounds.
+    bits: Vec<u8>,
+}
+
+impl ValidMask {
+    /// The pattern of planes `ph x pw` whose first `oh` rows and `ow` columns are valid.
+    pub(super) fn new(ph: usize, pw: usize, oh: usize, ow: usize) -> Self {
+        let period = (ph * pw).max(1);
+        let n_bits = period + 16;
+        let mut bits = vec![0u8; n_bits.div_ceil(8) + 4];
+        for i in 0..n_bits {
+            let r = i % period;
+            if r / pw.max(1) < oh && r % pw.max(1) < ow {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        ValidMask {
+            period,
+            step: 16 % period,
+            pw,
+            oh,
+            ow,
+            bits,
+        }
+    }
+
+    /// Validity of the 16 positions `r .. r + 16` for a residue `r < period` (bit `i` for
+    /// position `r + i`).
+    #[inline(always)]
+    fn mask16(&self, r: usize) -> u16 {
+        debug_assert!(r < self.period);
+        // SAFETY: `r < period`, so bytes `r / 8 .. r / 8 + 4` lie in `bits`, which has
+        // `(period + 16).div_ceil(8) + 4` bytes.
+        let word = unsafe { (self.bits.as_ptr().add(r >> 3) as *const u32).read_unaligned() };
+        (u32::from_le(word) >> (r & 7)) as u16
+    }
+
+    /// The number of valid positions before flat position `j` (the CNHW offset of the first
+    /// valid position at or after `j`, within one output channel).
+    pub(super) fn valid_before(&self, j: usize) -> usize {
+        let (n, rem) = (j / self.period, j % self.period);
+        let (py, px) = (rem / self.pw, rem % self.pw);
+        let row = if py < self.oh { px.min(self.ow) } else { 0 };
+        (n * self.oh + py.min(self.oh)) * self.ow + row
+    }
+}
+
+/// Strided row moves with stride `s`: precomputed permutes (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Strided {
+    s: usize,
+    /// Elements per gather vector: `s·(k-1) + 1 <= 32` source floats.
+    gather_k: usize,
+    /// Gather permute: lane `i` reads source lane `s·i`.
+    gather_idx: [i32; 16],
+    /// Elements per scatter vector: `s·(k-1) + 1 <= 16` destination floats.
+    scatter_k: usize,
+    /// Scatter permute: lane `s·i` takes element `i`,
+    scatter_idx: [i32; 16],
+    /// and the lanes `s·i` (for `i < scatter_k`).
+    scatter_keep: u16,
+}
+
+impl Strided {
+    /// Moves with stride `s >= 1`.
+    pub(super) fn new(s: usize) -> Self {
+        let s = s.max(1);
+        let gather_k = (31 / s + 1).min(16);
+        let scatter_k = (15 / s + 1).min(16);
+        let mut gather_idx = [0i32; 16];
+        for (i, v) in gather_idx.iter_mut().enumerate().take(gather_k) {
+            *v = (s * i) as i32;
+        }
+        let (mut scatter_idx, mut scatter_keep) = ([0i32; 16], 0u16);
+        for i in 0..scatter_k {
+            scatter_idx[s * i] = i as i32;
+            scatter_keep |= 1 << (s * i);
+        }
+        Strided {
+            s,
+            gather_k,
+            gather_idx,
+            scatter_k,
+            scatter_idx,
+            scatter_keep,
+        }
+    }
+}
+
+/// Whether the vector layout passes run with `isa` (AVX-512F, and POPCNT for the counts,
+/// which every AVX-512 CPU has).
+pub(super) fn vector_ok(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("popcnt")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
+/// Writes the valid positions of the virtual columns `c0 .. c0 + tile.len()` (values `tile`),
+/// in order, to `dst[..]`; returns how many were written. `dst` is the output row's start
+/// plus [`ValidMask::valid_before`]`(c0)`.
+///
+/// # Safety
+/// [`vector_ok`] must hold; `dst[..n]` must be writable, `n` the number of valid positions
+/// in the range, and not accessed by any other thread.
+#[inline]
+pub(super) unsafe fn compress(m: &ValidMask, c0: usize, tile: &[f32], dst: *mut f32) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::compress(m, c0 % m.period, tile.as_ptr(), tile.len(), dst)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, c0, tile, dst);
+        unreachable!("vector layout passes need AVX-512 (vector_ok)")
+    }
+}
+
+/// Fills `dst` (flat positions `0 .. dst.len()`) with the next values of `src` at the valid
+/// positions, in order, and zeros elsewhere; returns how many values were read.
+///
+/// # Safety
+/// [`vector_ok`] must hold; `src[..n]` must be readable, `n` the number of valid positions
+/// in `0 .. dst.len()`.
+#[inline]
+pub(super) unsafe fn expand(m: &ValidMask, src: *const f32, dst: &mut [f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::expand(m, src, dst.as_mut_ptr(), dst.len())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, src, dst);
+        unreachable!("vector layout passes need AVX-512 (vector_ok)")
+    }
+}
+
+/// `dst[i] = src[s·i]` for `i < len`.
+///
+/// # Safety
+/// [`vector_ok`] must hold; `src[..s·(len-1) + 1]` readable and `dst[..len]` writable (when
+/// `len > 0`), not overlapping.
+#[inline]
+pub(super) unsafe fn gather(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::gather(st, src, dst, len)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (st, src, dst, len);
+        unreachable!("vector layout passes need AVX-512 (vector_ok)")
+    }
+}
+
+/// `dst[s·i] = src[i]` for `i < len` (the other elements of `dst` are untouched).
+///
+/// # Safety
+/// [`vector_ok`] must hold; `src[..len]` readable and `dst[s·i]` writable for `i < len`, not
+/// overlapping, and no other thread accesses those `dst` elements.
+#[inline]
+pub(super) unsafe fn scatter(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::scatter(st, src, dst, len)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (st, src, dst, len);
+        unreachable!("vector layout passes need AVX-512 (vector_ok)")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Strided, ValidMask};
+
+    /// Lanes `0..n` (`n <= 16`, or all).
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    }
+
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub(super) unsafe fn compress(
+        m: &ValidMask,
+        mut r: usize,
+        src: *const f32,
+        len: usize,
+        mut dst: *mut f32,
+    ) -> usize {
+        let start = dst;
+        let mut i = 0;
+        while i < len {
+            let take = lanes(len - i);
+            let keep = m.mask16(r) & take;
+            let v = _mm512_maskz_compress_ps(keep, _mm512_maskz_loadu_ps(take, src.add(i)));
+            let cnt = keep.count_ones() as usize;
+            // Masked store of the packed lanes only (no `vcompressps` to memory, which is
+            // slow on some CPUs).
+            _mm512_mask_storeu_ps(dst, lanes(cnt), v);
+            dst = dst.add(cnt);
+            r += m.step;
+            if r >= m.period {
+                r -= m.period;
+            }
+            i += 16;
+        }
+        dst.offset_from(start) as usize
+    }
+
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub(super) unsafe fn expand(
+        m: &ValidMask,
+        mut src: *const f32,
+        dst: *mut f32,
+        len: usize,
+    ) -> usize {
+        let start = src;
+        let mut r = 0;
+        let mut i = 0;
+        while i < len {
+            let take = lanes(len - i);
+            let keep = m.mask16(r) & take;
+            let cnt = keep.count_ones() as usize;
+            let v = _mm512_maskz_expand_ps(keep, _mm512_maskz_loadu_ps(lanes(cnt), src));
+            _mm512_mask_storeu_ps(dst.add(i), take, v);
+            src = src.add(cnt);
+            r += m.step;
+            if r >= m.period {
+                r -= m.period;
+            }
+            i += 16;
+        }
+        src.offset_from(start) as usize
+    }
+
+    /// Masked copy of `len` floats.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn copy(src: *const f32, dst: *mut f32, len: usize) {
+        let mut i = 0;
+        while i < len {
+            let m = lanes(len - i);
+            _mm512_mask_storeu_ps(dst.add(i), m, _mm512_maskz_loadu_ps(m, src.add(i)));
+            i += 16;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gather(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
+        if st.s == 1 {
+            return copy(src, dst, len);
+        }
+        let idx = _mm512_loadu_si512(st.gather_idx.as_ptr() as *const _);
+        let mut i = 0;
+        while i < len {
+            let n = (len - i).min(st.gather_k);
+            let span = st.s * (n - 1) + 1;
+            let p = src.add(st.s * i);
+            let a = _mm512_maskz_loadu_ps(lanes(span), p);
+            let v = if span > 16 {
+                let b = _mm512_maskz_loadu_ps(lanes(span - 16), p.add(16));
+                _mm512_permutex2var_ps(a, idx, b)
+            } else {
+                _mm512_permutexvar_ps(idx, a)
+            };
+            _mm512_mask_storeu_ps(dst.add(i), lanes(n), v);
+            i += n;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scatter(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
+        if st.s == 1 {
+            return copy(src, dst, len);
+        }
+        let idx = _mm512_loadu_si512(st.scatter_idx.as_ptr() as *const _);
+        let mut i = 0;
+        while i < len {
+            let n = (len - i).min(st.scatter_k);
+            let v = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(lanes(n), src.add(i)));
+            let keep = st.scatter_keep & lanes(st.s * (n - 1) + 1);
+            _mm512_mask_storeu_ps(dst.add(st.s * i), keep, v);
+            i += n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on() -> bool {
+        vector_ok(Isa::Avx512)
+    }
+
+    fn vals(n: usize) -> Vec<f32> {
+        (0..n).map(|i| i as f32 * 0.5 + 1.0).collect()
+    }
+
+    /// Plane geometries `(ph, pw, oh, ow)` with odd sizes, periods below, at and above 16.
+    const PLANES: &[(usize, usize, usize, usize)] = &[
+        (1, 1, 1, 1),
+        (2, 2, 1, 1),
+        (4, 4, 3, 3),
+        (5, 3, 4, 2),
+        (3, 7, 3, 5),
+        (8, 8, 7, 7),
+        (9, 17, 6, 14),
+        (15, 15, 14, 14),
+        (2, 40, 1, 37),
+    ];
+
+    #[test]
+    fn valid_before_counts_the_valid_positions() {
+        for &(ph, pw, oh, ow) in PLANES {
+            let m = ValidMask::new(ph, pw, oh, ow);
+            let mut count = 0;
+            for j in 0..3 * ph * pw + 1 {
+                assert_eq!(m.valid_before(j), count, "{ph}x{pw} {oh}x{ow} j={j}");
+                let r = j % (ph * pw);
+                count += usize::from(r / pw < oh && r % pw < ow);
+            }
+        }
+    }
+
+    /// `compress` of every tile `c0 .. c0 + len` (starts anywhere, lengths across vector
+    /// boundaries) writes exactly the valid values, in order, at `valid_before(c0)`.
+    #[test]
+    fn compress_keeps_exactly_the_valid_positions() {
+        if !on() {
+            return;
+        }
+        let mut checked = 0;
+        for &(ph, pw, oh, ow) in PLANES {
+            let m = ValidMask::new(ph, pw, oh, ow);
+            let l = 3 * ph * pw;
+            let v = vals(l);
+            let valid = |j: usize| {
+                let r = j % (ph * pw);
+                r / pw < oh && r % pw < ow
+            };
+            let want: Vec<f32> = (0..l).filter(|&j| valid(j)).map(|j| v[j]).collect();
+            for c0 in 0..l {
+                for len in [0, 1, 5, 15, 16, 17, 31, 33, 48, 70].map(|n| n.min(l - c0)) {
+                    let mut out = vec![-9.0f32; want.len() + 16];
+                    let at = m.valid_before(c0);
+                    // SAFETY: AVX-512 checked; `out` has room for every valid position.
+                    let n = unsafe { compress(&m, c0, &v[c0..c0 + len], out.as_mut_ptr().add(at)) };
+                    let end = m.valid_before(c0 + len);
+                    assert_eq!(n, end - at, "{ph}x{pw} c0={c0} len={len}");
+                    assert_eq!(&out[at..end], &want[at..end], "{ph}x{pw} c0={c0} len={len}");
+                    assert!(out[..at].iter().chain(&out[end..]).all(|&x| x == -9.0));
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 1000, "{checked}");
+    }
+
+    /// `expand` is the scalar layout: the next value at each valid position, zero elsewhere.
+    #[test]
+    fn expand_is_the_inverse_of_compress() {
+        if !on() {
+            return;
+        }
+        for &(ph, pw, oh, ow) in PLANES {
+            let m = ValidMask::new(ph, pw, oh, ow);
+            for l in [0, 1, 7, ph * pw, 2 * ph * pw + 3, 5 * ph * pw] {
+                let src = vals(l + 16);
+                let mut want = vec![0.0f32; l];
+                let mut k = 0;
+                for (j, w) in want.iter_mut().enumerate() {
+                    let r = j % (ph * pw);
+                    if r / pw < oh && r % pw < ow {
+                        *w = src[k];
+                        k += 1;
+                    }
+                }
+                let mut dst = vec![f32::NAN; l + 4];
+                // SAFETY: AVX-512 checked; `src` holds more than `l` values.
+                let n = unsafe { expand(&m, src.as_ptr(), &mut dst[..l]) };
+                assert_eq!(n, k, "{ph}x{pw} l={l}");
+                assert_eq!(&dst[..l], &want[..], "{ph}x{pw} l={l}");
+                assert!(dst[l..].iter().all(|x| x.is_nan()));
+            }
+        }
+    }
+
+    #[test]
+    fn strided_gather_and_scatter_match_the_definition() {
+        if !on() {
+            return;
+        }
+        for s in 1..=7 {
+            let st = Strided::new(s);
+            for len in 0..=40 {
+                let span = if len == 0 { 0 } else { s * (len - 1) + 1 };
+                let src = vals(span);
+                let mut dst = vec![-1.0f32; len + 5];
+                // SAFETY: AVX-512 checked; `src` holds `span` floats, `dst` at least `len`.
+                unsafe { gather(&st, src.as_ptr(), dst.as_mut_ptr(), len) };
+                for i in 0..len {
+                    assert_eq!(dst[i], src[s * i], "gather s={s} len={len} i={i}");
+                }
+                assert!(
+                    dst[len..].iter().all(|&x| x == -1.0),
+                    "gather s={s} len={len}"
+                );
+
+                let src = vals(len);
+                let mut dst = vec![-1.0f32; span + 5];
+                // SAFETY: as above, `dst` holds `span` floats.
+                unsafe { scatter(&st, src.as_ptr(), dst.as_mut_ptr(), len) };
+                for (d, &x) in dst.iter().enumerate() {
+                    let want = if d % s == 0 && d / s < len {
+                        src[d / s]
+                    } else {
+                        -1.0
+                    };
+                    assert_eq!(x, want, "scatter s={s} len={len} d={d}");
+                }
+            }
+        }
+    }
+}
