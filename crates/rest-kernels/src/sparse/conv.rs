@@ -33,7 +33,7 @@ use rayon::prelude::*;
 
 use super::kernels::{split_cols, split_rows, SERIAL_FLOPS};
 use super::matrix::Csr;
-use super::phase::{self, Strided, ValidMask};
+use super::phase::{self, PackPlan, Strided, Unpack, ValidMask};
 use super::simd::{self, active_isa, Isa};
 use super::{SparseError, SparseMatrix};
 use crate::im2col::Conv2dGeom;
@@ -116,8 +116,10 @@ pub struct SparseConv {
     bwd_src: Vec<u32>,
     /// Which flat positions are valid outputs (the vector compaction and expansion).
     valid: ValidMask,
-    /// Stride-`s` row moves between image rows and phase rows.
+    /// Stride-`s` row moves from phase rows to image rows (input gradient),
     strided: Strided,
+    /// and from image rows to phase rows (packing the input).
+    pack: PackPlan,
 }
 
 impl SparseConv {
@@ -187,6 +189,7 @@ impl SparseConv {
             bwd_src,
             valid: ValidMask::new(lay.ph, lay.pw, g.oh(), g.ow()),
             strided: Strided::new(s),
+            pack: PackPlan::new((g.h, g.w), (lay.ph, lay.pw), lay.sx, s, g.pad),
         })
     }
 
@@ -237,7 +240,34 @@ impl SparseConv {
         let lay = self.lay;
         let s = g.stride;
         let hw = g.h * g.w;
-        let vector = phase::vector_ok(self.isa);
+        if phase::vector_ok(self.isa) {
+            // The `sx` planes of one (channel, row phase) together: each input row is loaded
+            // once for all its column phases.
+            let group = |(gi, planes): (usize, &mut [f32])| {
+                let (c, ry) = (gi / lay.sy, gi % lay.sy);
+                let x_c = &x[c * g.n * hw..][..g.n * hw];
+                // SAFETY: AVX-512 is available (`vector_ok`); `x_c` holds the channel's N
+                // images of h x w; `planes` is exactly the `sx` planes (c, ry, 0..sx), each
+                // `xs >= l = N·PH·PW` long, owned by this task.
+                unsafe {
+                    phase::pack_group(
+                        &self.pack,
+                        x_c.as_ptr(),
+                        g.n,
+                        ry,
+                        planes.as_mut_ptr(),
+                        lay.xs,
+                    )
+                }
+            };
+            let chunk = lay.xs * lay.sx;
+            if g.x_len() < SERIAL_FLOPS {
+                xph.chunks_exact_mut(chunk).enumerate().for_each(group);
+            } else {
+                xph.par_chunks_exact_mut(chunk).enumerate().for_each(group);
+            }
+            return Ok(());
+        }
         let plane = |(q, row): (usize, &mut [f32])| {
             let (c, ry, rx) = (q / (lay.sy * lay.sx), (q / lay.sx) % lay.sy, q % lay.sx);
             let pw = lay.pw;
@@ -260,19 +290,7 @@ impl SparseConv {
                     for d in &mut dst[hi..] {
                         *d = 0.0;
                     }
-                    if vector {
-                        // SAFETY: AVX-512 is available (`vector_ok`); the input columns
-                        // s·px + rx - pad for px in lo..hi lie in the row (valid_range), so
-                        // `src[..s·(hi-lo-1) + 1]` is readable, and `dst[lo..hi]` is writable.
-                        unsafe {
-                            phase::gather(
-                                &self.strided,
-                                src.as_ptr(),
-                                dst[lo..].as_mut_ptr(),
-                                hi - lo,
-                            )
-                        }
-                    } else if s == 1 {
+                    if s == 1 {
                         dst[lo..hi].copy_from_slice(&src[..hi - lo]);
                     } else {
                         for (d, v) in dst[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
@@ -378,6 +396,28 @@ impl SparseConv {
             let (lo, hi) = crate::im2col::valid_range(lay.pw, g.w, s, rx, g.pad);
             // Plane rows py whose input row s·py + ry - pad lies in 0..h.
             let (ylo, yhi) = crate::im2col::valid_range(lay.ph, g.h, s, ry, g.pad);
+            if vector {
+                let u = Unpack {
+                    ph: lay.ph,
+                    pw: lay.pw,
+                    h: g.h,
+                    w: g.w,
+                    pad: g.pad,
+                    ry,
+                    rx,
+                    rows: (ylo, yhi),
+                    cols: (lo, hi),
+                };
+                // SAFETY: AVX-512 is available (`vector_ok`); the channel's images
+                // `dx[(c·N)·hw ..][..N·hw]` lie in `dx`, the tile lies in the plane
+                // (c0 + len <= l = N·PH·PW); only this plane's pixels of this tile's columns
+                // are written (each input pixel lies in exactly one plane and position), and
+                // tasks own disjoint (plane, column) blocks.
+                unsafe {
+                    phase::unpack_tile(&self.strided, &u, c0, tile, dptr.get().add(c * g.n * hw))
+                };
+                return;
+            }
             for_row_runs(&lay, c0, tile.len(), yhi, lo..hi, |n, py, a, t0, len| {
                 if py < ylo {
                     return;
@@ -387,15 +427,10 @@ impl SparseConv {
                 // SAFETY: iy < h and the columns s·(a + i) + rx - pad < w (valid_range), c < C,
                 // n < N: inside `dx`. Each input pixel lies in exactly one phase plane and one
                 // flat position, and tasks own disjoint (plane, column) blocks.
-                // With `vector`, AVX-512 is available.
                 unsafe {
                     let d = dptr.get().add(base);
-                    if vector {
-                        phase::scatter(&self.strided, tile[t0..t0 + len].as_ptr(), d, len);
-                    } else {
-                        for (i, &v) in tile[t0..t0 + len].iter().enumerate() {
-                            *d.add(s * i) = v;
-                        }
+                    for (i, &v) in tile[t0..t0 + len].iter().enumerate() {
+                        *d.add(s * i) = v;
                     }
                 }
             });
@@ -687,21 +722,33 @@ mod tests {
     use crate::sparse::simd::available_isas;
 
     /// Every instruction set gives the same results as the scalar portable loops (which the
-    /// integration tests check against a naive convolution), on a geometry large enough for
-    /// parallel column blocks, row tails and masked vector tails.
+    /// integration tests check against a naive convolution), on geometries large enough for
+    /// parallel column blocks, row tails and masked vector tails; the layout passes (pack,
+    /// compaction, expansion, scatter to the input gradient) bit for bit.
     #[test]
     fn every_isa_agrees_with_the_portable_loops() {
-        let g = Conv2dGeom {
-            c: 7,
-            n: 5,
-            h: 13,
-            w: 11,
-            oc: 9,
-            kh: 4,
-            kw: 4,
-            stride: 2,
-            pad: 1,
+        let geom = |(c, n, h, w, oc, k, stride, pad)| Conv2dGeom {
+            c,
+            n,
+            h,
+            w,
+            oc,
+            kh: k,
+            kw: k,
+            stride,
+            pad,
         };
+        for g in [
+            (7, 5, 13, 11, 9, 4, 2, 1),
+            (3, 3, 9, 44, 5, 4, 2, 1),
+            (4, 3, 10, 19, 5, 7, 3, 3),
+            (3, 2, 9, 9, 4, 1, 2, 0),
+        ] {
+            agrees_with_the_portable_loops(geom(g));
+        }
+    }
+
+    fn agrees_with_the_portable_loops(g: Conv2dGeom) {
         let vals = |seed: u32, n: usize| -> Vec<f32> {
             (0..n as u32)
                 .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
@@ -714,24 +761,36 @@ mod tests {
         let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).unwrap();
         let run = |isa: Isa| {
             let conv = SparseConv::new(&sm, &g).unwrap().with_isa(isa);
-            let mut xph = vec![0.0; conv.phase_len()];
+            // Stale (NaN) buffers: every element must be written.
+            let mut xph = vec![f32::NAN; conv.phase_len()];
             conv.pack_input(&x, &mut xph).unwrap();
-            let mut out = vec![0.0; g.out_len()];
+            let mut out = vec![f32::NAN; g.out_len()];
             conv.forward(&sm, &xph, &mut out).unwrap();
-            let (mut dyv, mut dx) = (vec![0.0; conv.grad_len()], vec![0.0; g.x_len()]);
+            let (mut dyv, mut dx) = (vec![f32::NAN; conv.grad_len()], vec![f32::NAN; g.x_len()]);
             conv.backward_input(&sm, &dy, &mut dyv, &mut dx).unwrap();
             let mut grad = vec![0.0; sm.nnz()];
             conv.grad_weight(&sm, &dyv, &xph, &mut grad).unwrap();
-            [out, dx, grad]
+            // The layout alone: the products differ in the last bits between instruction
+            // sets, pure moves must not.
+            let mut dyv2 = vec![f32::NAN; conv.grad_len()];
+            conv.expand_grad(&dy, &mut dyv2).unwrap();
+            assert_eq!(dyv, dyv2, "{isa:?}");
+            [out, dx, grad, xph, dyv]
         };
         let want = run(Isa::Portable);
         for isa in available_isas() {
-            for (got, want) in run(isa).iter().zip(&want) {
+            let got = run(isa);
+            for (what, (got, want)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(got.len(), want.len());
                 for (a, b) in got.iter().zip(want) {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                        "{isa:?}: {a} vs {b}"
-                    );
+                    if what >= 3 {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{g:?} {isa:?} layout {what}");
+                    } else {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{g:?} {isa:?}: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }

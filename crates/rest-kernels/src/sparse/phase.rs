@@ -119,6 +119,128 @@ impl Strided {
     }
 }
 
+/// How the images of one channel become its phase planes: the `sx` column phases of one row
+/// phase `ry` are built together, from one load of each input row.
+#[derive(Debug, Clone)]
+pub(super) struct PackPlan {
+    s: usize,
+    pad: usize,
+    h: usize,
+    w: usize,
+    ph: usize,
+    pw: usize,
+    /// Per column phase `rx`: the phase columns `lo..hi` whose input column lies in `0..w`.
+    cols: Vec<(usize, usize)>,
+    /// When `w <= 32` and `pw <= 16`, per `rx`: the input column of each phase column and the
+    /// columns inside the row (one permute builds the whole phase row, zeros included).
+    row_perm: Option<Vec<([i32; 16], u16)>>,
+    strided: Strided,
+}
+
+impl PackPlan {
+    /// Planes `ph x pw` of `sx` column phases, from `h x w` images, stride `s`, padding `pad`.
+    pub(super) fn new(
+        (h, w): (usize, usize),
+        (ph, pw): (usize, usize),
+        sx: usize,
+        s: usize,
+        pad: usize,
+    ) -> Self {
+        let cols: Vec<(usize, usize)> = (0..sx)
+            .map(|rx| crate::im2col::valid_range(pw, w, s, rx, pad))
+            .collect();
+        let row_perm = (w <= 32 && pw <= 16).then(|| {
+            cols.iter()
+                .enumerate()
+                .map(|(rx, &(lo, hi))| {
+                    let (mut idx, mut keep) = ([0i32; 16], 0u16);
+                    for (px, v) in idx.iter_mut().enumerate().take(hi).skip(lo) {
+                        *v = (s * px + rx - pad) as i32;
+                        keep |= 1 << px;
+                    }
+                    (idx, keep)
+                })
+                .collect()
+        });
+        PackPlan {
+            s,
+            pad,
+            h,
+            w,
+            ph,
+            pw,
+            cols,
+            row_perm,
+            strided: Strided::new(s),
+        }
+    }
+}
+
+/// Fills the `sx` phase planes `(c, ry, 0..sx)` of one channel over the batch: plane `rx` at
+/// `dst + rx·xs`, positions `(n·PH + py)·PW + px` for `n < batch`, zeros at the positions
+/// whose input pixel lies in the padding, and zeros from `batch·PH·PW` to `xs`.
+///
+/// # Safety
+/// [`vector_ok`] must hold; `x_c[..batch·h·w]` (the channel's images) readable; `dst[..sx·xs]`
+/// writable and not accessed by other threads; `xs >= batch·PH·PW`.
+pub(super) unsafe fn pack_group(
+    p: &PackPlan,
+    x_c: *const f32,
+    batch: usize,
+    ry: usize,
+    dst: *mut f32,
+    xs: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::pack_group(p, x_c, batch, ry, dst, xs)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (p, x_c, batch, ry, dst, xs);
+        unreachable!("vector layout passes need AVX-512 (vector_ok)")
+    }
+}
+
+/// Where the plane `(c, ry, rx)` of the input gradient goes: rows `ylo..yhi` and columns
+/// `lo..hi` of its `ph x pw` planes are input pixels `(s·py + ry - pad, s·px + rx - pad)`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unpack {
+    pub(super) ph: usize,
+    pub(super) pw: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) pad: usize,
+    pub(super) ry: usize,
+    pub(super) rx: usize,
+    pub(super) rows: (usize, usize),
+    pub(super) cols: (usize, usize),
+}
+
+/// Writes the flat positions `c0 .. c0 + tile.len()` of one phase plane that are input pixels
+/// (see [`Unpack`]) into the channel's images `dx_c` (`[n][h][w]`); other pixels untouched.
+///
+/// # Safety
+/// [`vector_ok`] must hold; `st` is the plane's stride; `dx_c[..batch·h·w]` writable, where
+/// `batch·PH·PW >= c0 + tile.len()`, and no other thread accesses the pixels written.
+pub(super) unsafe fn unpack_tile(
+    st: &Strided,
+    u: &Unpack,
+    c0: usize,
+    tile: &[f32],
+    dx_c: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::unpack_tile(st, u, c0, tile, dx_c)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (st, u, c0, tile, dx_c);
+        unreachable!("vector layout passes need AVX-512 (vector_ok)")
+    }
+}
+
 /// Whether the vector layout passes run with `isa` (AVX-512F, and POPCNT for the counts,
 /// which every AVX-512 CPU has).
 pub(super) fn vector_ok(isa: Isa) -> bool {
@@ -179,8 +301,9 @@ pub(super) unsafe fn expand(m: &ValidMask, src: *const f32, dst: &mut [f32]) -> 
 /// # Safety
 /// [`vector_ok`] must hold; `src[..s·(len-1) + 1]` readable and `dst[..len]` writable (when
 /// `len > 0`), not overlapping.
+#[cfg(test)]
 #[inline]
-pub(super) unsafe fn gather(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
+unsafe fn gather(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         avx512::gather(st, src, dst, len)
@@ -197,8 +320,9 @@ pub(super) unsafe fn gather(st: &Strided, src: *const f32, dst: *mut f32, len: u
 /// # Safety
 /// [`vector_ok`] must hold; `src[..len]` readable and `dst[s·i]` writable for `i < len`, not
 /// overlapping, and no other thread accesses those `dst` elements.
+#[cfg(test)]
 #[inline]
-pub(super) unsafe fn scatter(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
+unsafe fn scatter(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         avx512::scatter(st, src, dst, len)
@@ -214,7 +338,7 @@ pub(super) unsafe fn scatter(st: &Strided, src: *const f32, dst: *mut f32, len: 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Strided, ValidMask};
+    use super::{PackPlan, Strided, Unpack, ValidMask};
 
     /// Lanes `0..n` (`n <= 16`, or all).
     #[inline(always)]
@@ -292,7 +416,108 @@ mod avx512 {
         }
     }
 
+    /// Zeros `dst[..len]`.
     #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn zero(dst: *mut f32, len: usize) {
+        let mut i = 0;
+        while i < len {
+            _mm512_mask_storeu_ps(dst.add(i), lanes(len - i), _mm512_setzero_ps());
+            i += 16;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_group(
+        p: &PackPlan,
+        x_c: *const f32,
+        batch: usize,
+        ry: usize,
+        dst: *mut f32,
+        xs: usize,
+    ) {
+        let (s, w, pw) = (p.s, p.w, p.pw);
+        let (ylo, yhi) = crate::im2col::valid_range(p.ph, p.h, s, ry, p.pad);
+        let block = p.ph * pw;
+        for n in 0..batch {
+            let img = x_c.add(n * p.h * w);
+            for py in 0..p.ph {
+                let at = n * block + py * pw;
+                if py < ylo || py >= yhi {
+                    for rx in 0..p.cols.len() {
+                        zero(dst.add(rx * xs + at), pw);
+                    }
+                    continue;
+                }
+                let row = img.add((s * py + ry - p.pad) * w);
+                if let Some(perm) = &p.row_perm {
+                    let a = _mm512_maskz_loadu_ps(lanes(w), row);
+                    let b = if w > 16 {
+                        _mm512_maskz_loadu_ps(lanes(w - 16), row.add(16))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    for (rx, (idx, keep)) in perm.iter().enumerate() {
+                        let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
+                        let v = _mm512_maskz_permutex2var_ps(*keep, a, idx, b);
+                        _mm512_mask_storeu_ps(dst.add(rx * xs + at), lanes(pw), v);
+                    }
+                } else {
+                    for (rx, &(lo, hi)) in p.cols.iter().enumerate() {
+                        let d = dst.add(rx * xs + at);
+                        if lo < hi {
+                            zero(d, lo);
+                            gather(&p.strided, row.add(s * lo + rx - p.pad), d.add(lo), hi - lo);
+                            zero(d.add(hi), pw - hi);
+                        } else {
+                            zero(d, pw);
+                        }
+                    }
+                }
+            }
+        }
+        for rx in 0..p.cols.len() {
+            zero(dst.add(rx * xs + batch * block), xs - batch * block);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn unpack_tile(
+        st: &Strided,
+        u: &Unpack,
+        c0: usize,
+        tile: &[f32],
+        dx_c: *mut f32,
+    ) {
+        let (ph, pw) = (u.ph, u.pw);
+        let ((ylo, yhi), (lo, hi)) = (u.rows, u.cols);
+        let end = c0 + tile.len();
+        let (mut n, rem) = (c0 / (ph * pw), c0 % (ph * pw));
+        let (mut py, mut px) = (rem / pw, rem % pw);
+        let mut j = c0;
+        while j < end {
+            let row_end = (j - px + pw).min(end);
+            if py >= ylo && py < yhi {
+                let (a, b) = (px.max(lo), (px + row_end - j).min(hi));
+                if a < b {
+                    let src = tile.as_ptr().add(j - c0 + a - px);
+                    let iy = st.s * py + u.ry - u.pad;
+                    let d = dx_c.add((n * u.h + iy) * u.w + st.s * a + u.rx - u.pad);
+                    scatter(st, src, d, b - a);
+                }
+            }
+            j = row_end;
+            px = 0;
+            py += 1;
+            if py == ph {
+                py = 0;
+                n += 1;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
     pub(super) unsafe fn gather(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
         if st.s == 1 {
             return copy(src, dst, len);
@@ -316,6 +541,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
+    #[inline]
     pub(super) unsafe fn scatter(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
         if st.s == 1 {
             return copy(src, dst, len);
