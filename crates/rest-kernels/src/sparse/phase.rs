@@ -20,6 +20,8 @@ use super::simd::Isa;
 /// Validity pattern of the flat layout (`oy < OH && ox < OW` at `j mod PH·PW`), as a bitset
 /// over one period extended by 16 wrapped positions, so any 16 consecutive positions read as
 /// one unaligned word.
+// Only the AVX-512 passes read the plans.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Debug, Clone)]
 pub(super) struct ValidMask {
     /// `PH·PW`.
@@ -58,6 +60,7 @@ impl ValidMask {
 
     /// Validity of the 16 positions `r .. r + 16` for a residue `r < period` (bit `i` for
     /// position `r + i`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     #[inline(always)]
     fn mask16(&self, r: usize) -> u16 {
         debug_assert!(r < self.period);
@@ -78,6 +81,8 @@ impl ValidMask {
 }
 
 /// Strided row moves with stride `s`: precomputed permutes (see the module doc).
+// Only the AVX-512 passes read the plans.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Strided {
     s: usize,
@@ -121,6 +126,8 @@ impl Strided {
 
 /// How the images of one channel become its phase planes: the `sx` column phases of one row
 /// phase `ry` are built together, from one load of each input row.
+// Only the AVX-512 passes read the plans.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Debug, Clone)]
 pub(super) struct PackPlan {
     s: usize,
@@ -193,6 +200,8 @@ pub(super) unsafe fn pack_group(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        // SAFETY: the caller's contract; rows are read only at `s·py + ry - pad < h` (rows
+        // `valid_range`), masked to `w` floats, and planes written only below `xs`.
         avx512::pack_group(p, x_c, batch, ry, dst, xs)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -204,6 +213,8 @@ pub(super) unsafe fn pack_group(
 
 /// Where the plane `(c, ry, rx)` of the input gradient goes: rows `ylo..yhi` and columns
 /// `lo..hi` of its `ph x pw` planes are input pixels `(s·py + ry - pad, s·px + rx - pad)`.
+// Only the AVX-512 passes read the plans.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Unpack {
     pub(super) ph: usize,
@@ -232,6 +243,8 @@ pub(super) unsafe fn unpack_tile(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        // SAFETY: the caller's contract; only pixels `(s·py + ry - pad, s·px + rx - pad)` of
+        // the rows and columns of `u` are written, which lie in the images.
         avx512::unpack_tile(st, u, c0, tile, dx_c)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -268,6 +281,8 @@ pub(super) fn vector_ok(isa: Isa) -> bool {
 pub(super) unsafe fn compress(m: &ValidMask, c0: usize, tile: &[f32], dst: *mut f32) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
+        // SAFETY: the caller's contract (AVX-512F and POPCNT present, `dst` room for the
+        // valid positions); the loads stay inside `tile`.
         avx512::compress(m, c0 % m.period, tile.as_ptr(), tile.len(), dst)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -287,6 +302,8 @@ pub(super) unsafe fn compress(m: &ValidMask, c0: usize, tile: &[f32], dst: *mut 
 pub(super) unsafe fn expand(m: &ValidMask, src: *const f32, dst: &mut [f32]) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
+        // SAFETY: the caller's contract (AVX-512F and POPCNT present, `src` holds the valid
+        // positions' values); the stores stay inside `dst`.
         avx512::expand(m, src, dst.as_mut_ptr(), dst.len())
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -306,6 +323,7 @@ pub(super) unsafe fn expand(m: &ValidMask, src: *const f32, dst: &mut [f32]) -> 
 unsafe fn gather(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
+        // SAFETY: the caller's contract.
         avx512::gather(st, src, dst, len)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -325,6 +343,7 @@ unsafe fn gather(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
 unsafe fn scatter(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
+        // SAFETY: the caller's contract.
         avx512::scatter(st, src, dst, len)
     }
     #[cfg(not(target_arch = "x86_64"))]
