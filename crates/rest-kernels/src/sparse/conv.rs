@@ -280,21 +280,19 @@ impl SparseConv {
             for n in 0..g.n {
                 let img = &x[(c * g.n + n) * hw..][..hw];
                 let out = &mut row[n * block..][..block];
-                out[..ylo * pw].fill(0.0);
-                out[yhi.max(ylo) * pw..].fill(0.0);
+                phase::zero_run(&mut out[..ylo * pw]);
+                phase::zero_run(&mut out[yhi.max(ylo) * pw..]);
                 for (py, dst) in (ylo..yhi).zip(out[ylo * pw..].chunks_exact_mut(pw)) {
                     let src = &img[(s * py + ry - g.pad) * g.w + s * lo + rx - g.pad..];
-                    for d in &mut dst[..lo] {
-                        *d = 0.0;
-                    }
-                    for d in &mut dst[hi..] {
-                        *d = 0.0;
-                    }
+                    phase::zero_run(&mut dst[..lo]);
+                    phase::zero_run(&mut dst[hi..]);
                     if s == 1 {
-                        dst[lo..hi].copy_from_slice(&src[..hi - lo]);
+                        phase::copy_run(&src[..hi - lo], &mut dst[lo..hi]);
                     } else {
-                        for (d, v) in dst[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
-                            *d = *v;
+                        // The last input column read, s·(hi-lo-1), lies in the row.
+                        let src = &src[..s * (hi - lo - 1) + 1];
+                        for (i, d) in dst[lo..hi].iter_mut().enumerate() {
+                            *d = src[s * i];
                         }
                     }
                 }
@@ -347,9 +345,8 @@ impl SparseConv {
                 // SAFETY: (o, n, oy, ox..ox + len) is inside `out` (oy < OH, ox + len <= OW);
                 // tasks own disjoint (row, column) blocks, and every virtual position maps to
                 // at most one output position.
-                unsafe {
-                    simd::copy_short(self.isa, tile.as_ptr().add(t0), optr.get().add(dst), len)
-                }
+                let dst = unsafe { std::slice::from_raw_parts_mut(optr.get().add(dst), len) };
+                phase::copy_run(&tile[t0..t0 + len], dst);
             });
         };
         run_offset_spmm(self.isa, &csr, xph, lay.l, lay.planes(g), &emit);
@@ -465,12 +462,10 @@ impl SparseConv {
                     let d = &mut v[(n * lay.ph + py) * lay.pw..(n * lay.ph + py + 1) * lay.pw];
                     if py < oh {
                         let src = &dy[((o * g.n + n) * oh + py) * ow..][..ow];
-                        // SAFETY: `isa` is available; `src` and `d` hold at least `ow` floats
-                        // and are distinct buffers.
-                        unsafe { simd::copy_short(self.isa, src.as_ptr(), d.as_mut_ptr(), ow) };
-                        d[ow..].fill(0.0);
+                        phase::copy_run(src, &mut d[..ow]);
+                        phase::zero_run(&mut d[ow..]);
                     } else {
-                        d.fill(0.0);
+                        phase::zero_run(d);
                     }
                 }
             }

@@ -14,6 +14,8 @@
 //! and one masked store.
 //!
 //! The helpers only move values, so results are bit for bit those of the scalar loops.
+//! Without AVX-512 the passes keep their row loops, with [`copy_run`] and [`zero_run`] for
+//! the runs of a few floats (where a `memcpy` / `memset` call costs more than the move).
 
 use super::simd::Isa;
 
@@ -251,6 +253,55 @@ pub(super) unsafe fn unpack_tile(
     {
         let _ = (st, u, c0, tile, dx_c);
         unreachable!("vector layout passes need AVX-512 (vector_ok)")
+    }
+}
+
+/// `dst.copy_from_slice(src)` for short runs without a library call: runs of up to 16
+/// floats are two overlapping fixed-size copies (which the compiler keeps inline), longer
+/// ones call `memcpy`.
+#[inline(always)]
+pub(super) fn copy_run(src: &[f32], dst: &mut [f32]) {
+    let n = src.len();
+    assert_eq!(dst.len(), n, "copy_run: lengths differ");
+    match n {
+        0 => {}
+        1..=3 => {
+            dst[0] = src[0];
+            dst[n / 2] = src[n / 2];
+            dst[n - 1] = src[n - 1];
+        }
+        4..=7 => {
+            dst[..4].copy_from_slice(&src[..4]);
+            dst[n - 4..].copy_from_slice(&src[n - 4..]);
+        }
+        8..=16 => {
+            dst[..8].copy_from_slice(&src[..8]);
+            dst[n - 8..].copy_from_slice(&src[n - 8..]);
+        }
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+/// `dst.fill(0.0)` for short runs without a library call (as [`copy_run`]).
+#[inline(always)]
+pub(super) fn zero_run(dst: &mut [f32]) {
+    let n = dst.len();
+    match n {
+        0 => {}
+        1..=3 => {
+            dst[0] = 0.0;
+            dst[n / 2] = 0.0;
+            dst[n - 1] = 0.0;
+        }
+        4..=7 => {
+            dst[..4].copy_from_slice(&[0.0; 4]);
+            dst[n - 4..].copy_from_slice(&[0.0; 4]);
+        }
+        8..=16 => {
+            dst[..8].copy_from_slice(&[0.0; 8]);
+            dst[n - 8..].copy_from_slice(&[0.0; 8]);
+        }
+        _ => dst.fill(0.0),
     }
 }
 
@@ -675,6 +726,20 @@ mod tests {
                 assert_eq!(&dst[..l], &want[..], "{ph}x{pw} l={l}");
                 assert!(dst[l..].iter().all(|x| x.is_nan()));
             }
+        }
+    }
+
+    #[test]
+    fn short_runs_copy_and_zero_exactly_their_range() {
+        for n in 0..40 {
+            let src = vals(n);
+            let mut dst = vec![-1.0f32; n + 4];
+            copy_run(&src, &mut dst[2..2 + n]);
+            assert_eq!(&dst[2..2 + n], &src[..], "copy {n}");
+            assert!(dst[..2].iter().chain(&dst[2 + n..]).all(|&x| x == -1.0));
+            zero_run(&mut dst[2..2 + n]);
+            assert!(dst[2..2 + n].iter().all(|&x| x == 0.0), "zero {n}");
+            assert!(dst[..2].iter().chain(&dst[2 + n..]).all(|&x| x == -1.0));
         }
     }
 
