@@ -28,6 +28,10 @@
 //!
 //! Nothing of size `K x P` is ever materialised: the phase buffer is about the size of the
 //! padded input, and all work scales with the number of active weights.
+//!
+//! The layout passes (packing, dropping the junk, expanding the gradient, copying phase rows
+//! back to pixels) move rows of a few floats each; with AVX-512 they run as whole-vector
+//! compress / expand / permute moves (module `phase`), otherwise as row loops.
 
 use rayon::prelude::*;
 
