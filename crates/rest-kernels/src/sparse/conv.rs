@@ -37,7 +37,7 @@ use rayon::prelude::*;
 
 use super::kernels::{split_cols, split_rows, SERIAL_FLOPS};
 use super::matrix::Csr;
-use super::phase::{self, PackPlan, Strided, Unpack, ValidMask};
+use super::phase::{self, PackPlan, RowsPlan, Strided, Unpack, ValidMask};
 use super::simd::{self, active_isa, Isa};
 use super::{SparseError, SparseMatrix};
 use crate::im2col::Conv2dGeom;
@@ -122,8 +122,10 @@ pub struct SparseConv {
     valid: ValidMask,
     /// Stride-`s` row moves from phase rows to image rows (input gradient),
     strided: Strided,
-    /// and from image rows to phase rows (packing the input).
+    /// and from image rows to phase rows (packing the input);
     pack: PackPlan,
+    /// whole image rows of the input gradient from its phase planes, where they fit.
+    rows: Option<RowsPlan>,
 }
 
 impl SparseConv {
@@ -194,6 +196,7 @@ impl SparseConv {
             valid: ValidMask::new(lay.ph, lay.pw, g.oh(), g.ow()),
             strided: Strided::new(s),
             pack: PackPlan::new((g.h, g.w), (lay.ph, lay.pw), lay.sx, s, g.pad),
+            rows: RowsPlan::new((g.h, g.w), (lay.ph, lay.pw), (lay.sy, lay.sx), s, g.pad),
         })
     }
 
@@ -353,7 +356,7 @@ impl SparseConv {
                 phase::copy_run(&tile[t0..t0 + len], dst);
             });
         };
-        run_offset_spmm(self.isa, &csr, xph, lay.l, lay.planes(g), &emit);
+        run_offset_spmm(self.isa, &csr, xph, lay.l, lay.planes(g), Sink::Emit(&emit));
         Ok(())
     }
 
@@ -390,8 +393,48 @@ impl SparseConv {
         };
         let s = g.stride;
         let hw = g.h * g.w;
-        let dptr = OutPtr(dx.as_mut_ptr());
         let vector = phase::vector_ok(self.isa);
+        if let (true, Some(rows)) = (vector, &self.rows) {
+            // The phase planes of the gradient into a scratch buffer, then whole image rows
+            // from them: full-row stores instead of one strided store per phase row.
+            let planes = lay.planes(g);
+            let mut run = |buf: &mut Vec<f32>| {
+                if buf.len() < planes * lay.l {
+                    buf.resize(planes * lay.l, 0.0);
+                }
+                let sink = Sink::Rows(OutPtr(buf.as_mut_ptr()), lay.l);
+                run_offset_spmm(self.isa, &csr, dyv, lay.l, g.oc, sink);
+                let buf = &buf[..planes * lay.l];
+                let per_c = lay.sy * lay.sx * lay.l;
+                let channel = |(c, dx_c): (usize, &mut [f32])| {
+                    // SAFETY: AVX-512 is available (`vector_ok`); the channel's planes
+                    // `buf[c·sy·sx·l ..][..sy·sx·l]` are in the buffer; `dx_c` is exactly the
+                    // channel's N images, owned by this task.
+                    unsafe {
+                        phase::unpack_rows(
+                            rows,
+                            buf[c * per_c..][..per_c].as_ptr(),
+                            lay.l,
+                            g.n,
+                            dx_c.as_mut_ptr(),
+                        )
+                    }
+                };
+                if g.x_len() < SERIAL_FLOPS {
+                    dx.chunks_exact_mut(g.n * hw).enumerate().for_each(channel);
+                } else {
+                    dx.par_chunks_exact_mut(g.n * hw)
+                        .enumerate()
+                        .for_each(channel);
+                }
+            };
+            PLANE_BUF.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut buf) => run(&mut buf),
+                Err(_) => run(&mut Vec::new()),
+            });
+            return Ok(());
+        }
+        let dptr = OutPtr(dx.as_mut_ptr());
         let emit = |q: usize, c0: usize, tile: &[f32]| {
             let (c, ry, rx) = (q / (lay.sy * lay.sx), (q / lay.sx) % lay.sy, q % lay.sx);
             let (lo, hi) = crate::im2col::valid_range(lay.pw, g.w, s, rx, g.pad);
@@ -436,7 +479,7 @@ impl SparseConv {
                 }
             });
         };
-        run_offset_spmm(self.isa, &csr, dyv, lay.l, g.oc, &emit);
+        run_offset_spmm(self.isa, &csr, dyv, lay.l, g.oc, Sink::Emit(&emit));
         Ok(())
     }
 
@@ -648,11 +691,23 @@ impl OutPtr {
 }
 
 thread_local! {
+    /// The input gradient's phase planes (`backward_input`), reused across calls: the size of
+    /// the largest layer's phase buffer, per calling thread.
+    static PLANE_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     static TILE_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `V[r][c] = Σ_e values[e] · x[col_idx[e] + c]` for `c < width`, handed to `emit(r, c0, tile)`
-/// one cache tile of one row at a time (`tile = V[r][c0 .. c0 + tile.len()]`). `slab_rows` is
+/// Where [`run_offset_spmm`] puts its rows.
+#[derive(Clone, Copy)]
+enum Sink<'a> {
+    /// `emit(r, c0, tile)` one cache tile of one row at a time (`tile = V[r][c0 ..][..len]`).
+    Emit(&'a (dyn Fn(usize, usize, &[f32]) + Sync)),
+    /// Straight into rows of this stride: `V[r][c]` at `ptr + r·stride + c` (the caller owns
+    /// `rows x stride` floats there, `width <= stride`).
+    Rows(OutPtr, usize),
+}
+
+/// `V[r][c] = Σ_e values[e] · x[col_idx[e] + c]` for `c < width`, into `sink`. `slab_rows` is
 /// how many distinct `x` rows the pattern touches (for the cache-tile width).
 fn run_offset_spmm(
     isa: Isa,
@@ -660,7 +715,7 @@ fn run_offset_spmm(
     x: &[f32],
     width: usize,
     slab_rows: usize,
-    emit: &(dyn Fn(usize, usize, &[f32]) + Sync),
+    sink: Sink<'_>,
 ) {
     if csr.rows == 0 || width == 0 {
         return;
@@ -683,22 +738,20 @@ fn run_offset_spmm(
             while c0 < col_bounds[ci + 1] {
                 let cw = (col_bounds[ci + 1] - c0).min(ctile);
                 for r in row_bounds[ri]..row_bounds[ri + 1] {
+                    let out = match sink {
+                        Sink::Emit(_) => buf.as_mut_ptr(),
+                        // SAFETY: row r, columns c0..c0 + cw of the caller's rows (r < rows,
+                        // c0 + cw <= width <= stride); tasks own disjoint blocks.
+                        Sink::Rows(ptr, stride) => unsafe { ptr.get().add(r * stride + c0) },
+                    };
                     // SAFETY: `isa` is available; every entry reads `x[off + c0 ..][..cw]`,
                     // which the callers guarantee lies in `x` (offsets are built so that
-                    // off + width <= x.len()); the tile buffer has `cw` writable elements.
-                    unsafe {
-                        simd::spmm_block(
-                            isa,
-                            csr,
-                            x[c0..].as_ptr(),
-                            1,
-                            r..r + 1,
-                            cw,
-                            buf.as_mut_ptr(),
-                            0,
-                        )
+                    // off + width <= x.len()); `out` has `cw` writable elements (the tile
+                    // buffer, or this task's block of the sink's rows).
+                    unsafe { simd::spmm_block(isa, csr, x[c0..].as_ptr(), 1, r..r + 1, cw, out, 0) }
+                    if let Sink::Emit(emit) = sink {
+                        emit(r, c0, &buf[..cw]);
                     }
-                    emit(r, c0, &buf[..cw]);
                 }
                 c0 += cw;
             }

@@ -213,6 +213,91 @@ pub(super) unsafe fn pack_group(
     }
 }
 
+/// How the phase planes of one channel's input gradient become its image rows (the inverse of
+/// [`PackPlan`]) when each image row is one or two vectors built from at most two phase rows
+/// (`sx <= 2`, `pw <= 16`, `w <= 32`): full-row stores instead of one strided store per
+/// phase row.
+// Only the AVX-512 passes read the plans.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[derive(Debug, Clone)]
+pub(super) struct RowsPlan {
+    s: usize,
+    pad: usize,
+    h: usize,
+    w: usize,
+    ph: usize,
+    pw: usize,
+    sy: usize,
+    sx: usize,
+    /// Per half row (columns `0..16`, `16..32`): the source lane of each column in the two
+    /// phase rows (`16·rx + px`), and the columns that lie in a stored phase position.
+    idx: [[i32; 16]; 2],
+    keep: [u16; 2],
+}
+
+impl RowsPlan {
+    /// The plan for `h x w` images, `ph x pw` planes, `sy x sx` phases, stride `s`, padding
+    /// `pad`; `None` when the rows do not fit (see the type).
+    pub(super) fn new(
+        (h, w): (usize, usize),
+        (ph, pw): (usize, usize),
+        (sy, sx): (usize, usize),
+        s: usize,
+        pad: usize,
+    ) -> Option<Self> {
+        if sx > 2 || pw > 16 || w > 32 {
+            return None;
+        }
+        let (mut idx, mut keep) = ([[0i32; 16]; 2], [0u16; 2]);
+        for ix in 0..w {
+            let (rx, px) = ((ix + pad) % s, (ix + pad) / s);
+            if rx < sx && px < pw {
+                idx[ix / 16][ix % 16] = (16 * rx + px) as i32;
+                keep[ix / 16] |= 1 << (ix % 16);
+            }
+        }
+        Some(RowsPlan {
+            s,
+            pad,
+            h,
+            w,
+            ph,
+            pw,
+            sy,
+            sx,
+            idx,
+            keep,
+        })
+    }
+}
+
+/// Writes all `batch` images (`h x w`) of one channel, `dx_c`, from the channel's `sy·sx`
+/// phase planes (plane `(ry, rx)` at `planes + (ry·sx + rx)·l`, position
+/// `(n·PH + py)·PW + px`); pixels in no stored phase position get zero.
+///
+/// # Safety
+/// [`vector_ok`] must hold; `planes[..sy·sx·l]` readable with `l >= batch·PH·PW`;
+/// `dx_c[..batch·h·w]` writable and not accessed by other threads.
+pub(super) unsafe fn unpack_rows(
+    p: &RowsPlan,
+    planes: *const f32,
+    l: usize,
+    batch: usize,
+    dx_c: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the caller's contract; phase rows are read at `py < PH`, `ry < sy`, masked
+        // to `PW` floats, image rows written masked to `w` floats.
+        avx512::unpack_rows(p, planes, l, batch, dx_c)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (p, planes, l, batch, dx_c);
+        unreachable!("vector layout passes need AVX-512 (vector_ok)")
+    }
+}
+
 /// Where the plane `(c, ry, rx)` of the input gradient goes: rows `ylo..yhi` and columns
 /// `lo..hi` of its `ph x pw` planes are input pixels `(s·py + ry - pad, s·px + rx - pad)`.
 // Only the AVX-512 passes read the plans.
@@ -408,7 +493,7 @@ unsafe fn scatter(st: &Strided, src: *const f32, dst: *mut f32, len: usize) {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{PackPlan, Strided, Unpack, ValidMask};
+    use super::{PackPlan, RowsPlan, Strided, Unpack, ValidMask};
 
     /// Lanes `0..n` (`n <= 16`, or all).
     #[inline(always)]
@@ -548,6 +633,43 @@ mod avx512 {
         }
         for rx in 0..p.cols.len() {
             zero(dst.add(rx * xs + batch * block), xs - batch * block);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn unpack_rows(
+        p: &RowsPlan,
+        planes: *const f32,
+        l: usize,
+        batch: usize,
+        dx_c: *mut f32,
+    ) {
+        let (w, pw) = (p.w, p.pw);
+        let idx0 = _mm512_loadu_si512(p.idx[0].as_ptr() as *const _);
+        let idx1 = _mm512_loadu_si512(p.idx[1].as_ptr() as *const _);
+        let (row_mask, head, tail) = (lanes(pw), lanes(w), lanes(w.saturating_sub(16)));
+        for n in 0..batch {
+            for iy in 0..p.h {
+                let d = dx_c.add((n * p.h + iy) * w);
+                let (ry, py) = ((iy + p.pad) % p.s, (iy + p.pad) / p.s);
+                if ry >= p.sy || py >= p.ph {
+                    zero(d, w);
+                    continue;
+                }
+                let src = planes.add(ry * p.sx * l + (n * p.ph + py) * pw);
+                let a = _mm512_maskz_loadu_ps(row_mask, src);
+                let b = if p.sx > 1 {
+                    _mm512_maskz_loadu_ps(row_mask, src.add(l))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let v = _mm512_maskz_permutex2var_ps(p.keep[0], a, idx0, b);
+                _mm512_mask_storeu_ps(d, head, v);
+                if w > 16 {
+                    let v = _mm512_maskz_permutex2var_ps(p.keep[1], a, idx1, b);
+                    _mm512_mask_storeu_ps(d.add(16), tail, v);
+                }
+            }
         }
     }
 
@@ -727,6 +849,120 @@ mod tests {
                 assert!(dst[l..].iter().all(|x| x.is_nan()));
             }
         }
+    }
+
+    /// `unpack_rows` writes every pixel: the value at its phase position, or zero where it has
+    /// none; on the layouts of kernels 1/2/3/4/7, strides 1-3, paddings 0-3, odd sizes.
+    #[test]
+    fn unpack_rows_matches_the_phase_definition() {
+        if !on() {
+            return;
+        }
+        let mut checked = 0;
+        for (h, w) in [(5, 5), (7, 9), (13, 11), (14, 14), (6, 32), (9, 17)] {
+            for k in [1, 2, 3, 4, 7] {
+                for s in 1..=3 {
+                    for pad in 0..=3 {
+                        if h + 2 * pad < k || w + 2 * pad < k {
+                            continue;
+                        }
+                        let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+                        let (ph, pw) = (oh + (k - 1) / s, ow + (k - 1) / s);
+                        let (sy, sx) = (s.min(k), s.min(k));
+                        let Some(plan) = RowsPlan::new((h, w), (ph, pw), (sy, sx), s, pad) else {
+                            continue;
+                        };
+                        for batch in [1, 3] {
+                            let l = batch * ph * pw + 5;
+                            let planes = vals(sy * sx * l);
+                            let mut dx = vec![f32::NAN; batch * h * w + 3];
+                            // SAFETY: AVX-512 checked; `planes` holds sy·sx planes of `l`,
+                            // `dx` the batch of images.
+                            unsafe {
+                                unpack_rows(&plan, planes.as_ptr(), l, batch, dx.as_mut_ptr())
+                            };
+                            for n in 0..batch {
+                                for iy in 0..h {
+                                    for ix in 0..w {
+                                        let (ry, py) = ((iy + pad) % s, (iy + pad) / s);
+                                        let (rx, px) = ((ix + pad) % s, (ix + pad) / s);
+                                        let want = if ry < sy && rx < sx && py < ph && px < pw {
+                                            planes[(ry * sx + rx) * l + (n * ph + py) * pw + px]
+                                        } else {
+                                            0.0
+                                        };
+                                        let got = dx[(n * h + iy) * w + ix];
+                                        assert_eq!(
+                                            got, want,
+                                            "{h}x{w} k{k} s{s} p{pad} n{n} ({iy}, {ix})"
+                                        );
+                                    }
+                                }
+                            }
+                            assert!(dx[batch * h * w..].iter().all(|x| x.is_nan()));
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 100, "{checked}");
+    }
+
+    /// `pack_group` fills every position of the `sx` planes of a row phase: the input pixel
+    /// `(s·py + ry - pad, s·px + rx - pad)` or zero, then zeros up to the row stride; rows of
+    /// one vector and wide rows (chunked gathers).
+    #[test]
+    fn pack_group_matches_the_phase_definition() {
+        if !on() {
+            return;
+        }
+        let mut checked = 0;
+        for (h, w) in [(5, 5), (7, 9), (14, 14), (6, 32), (4, 33), (5, 47)] {
+            for k in [1, 2, 3, 4, 7] {
+                for s in 1..=3 {
+                    for pad in 0..=3 {
+                        if h + 2 * pad < k || w + 2 * pad < k {
+                            continue;
+                        }
+                        let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+                        let (ph, pw) = (oh + (k - 1) / s, ow + (k - 1) / s);
+                        let (sy, sx) = (s.min(k), s.min(k));
+                        let plan = PackPlan::new((h, w), (ph, pw), sx, s, pad);
+                        let batch = 3;
+                        let xs = batch * ph * pw + 7;
+                        let x = vals(batch * h * w);
+                        for ry in 0..sy {
+                            let mut dst = vec![f32::NAN; sx * xs];
+                            // SAFETY: AVX-512 checked; `x` holds the batch, `dst` sx planes.
+                            unsafe {
+                                pack_group(&plan, x.as_ptr(), batch, ry, dst.as_mut_ptr(), xs)
+                            };
+                            for rx in 0..sx {
+                                for (j, &got) in dst[rx * xs..][..xs].iter().enumerate() {
+                                    let (n, py, px) = (j / (ph * pw), j / pw % ph, j % pw);
+                                    let (iy, ix) = (s * py + ry, s * px + rx);
+                                    let inside = n < batch
+                                        && (pad..h + pad).contains(&iy)
+                                        && (pad..w + pad).contains(&ix);
+                                    let want = if inside {
+                                        x[(n * h + iy - pad) * w + ix - pad]
+                                    } else {
+                                        0.0
+                                    };
+                                    assert_eq!(
+                                        got, want,
+                                        "{h}x{w} k{k} s{s} p{pad} ry{ry} rx{rx} j{j}"
+                                    );
+                                }
+                            }
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 200, "{checked}");
     }
 
     #[test]
