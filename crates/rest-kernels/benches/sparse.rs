@@ -7,7 +7,8 @@
 //!
 //! The `conv/...` groups time whole sparse convolutions of the CNN's layers (batch 256): the
 //! direct polyphase kernels of [`SparseConv`] (`direct`) against lowering with im2col and
-//! running the CSR products on the column matrix (`im2col`).
+//! running the CSR products on the column matrix (`im2col`); `direct/pack` and
+//! `direct/expand_grad` time the layout passes alone.
 //!
 //! Run: `cargo bench -p rest-kernels --bench sparse [-- <filter>]`.
 
@@ -133,7 +134,11 @@ fn bench(c: &mut Criterion) {
 fn bench_conv(c: &mut Criterion) {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // REST's CNN at batch 256: (name, C, H, OC), all 4x4 stride 2 padding 1.
-    for &(name, ch, hw, oc) in &[("conv2", 64, 14, 128), ("conv3", 128, 7, 256)] {
+    for &(name, ch, hw, oc) in &[
+        ("conv1", 3, 28, 64),
+        ("conv2", 64, 14, 128),
+        ("conv3", 128, 7, 256),
+    ] {
         let g = Conv2dGeom {
             c: ch,
             n: 256,
@@ -161,6 +166,14 @@ fn bench_conv(c: &mut Criterion) {
             grp.sample_size(10)
                 .warm_up_time(Duration::from_millis(300))
                 .measurement_time(Duration::from_millis(1500));
+            // The layout passes alone: the input into the phase buffer, the output gradient
+            // into the flat layout.
+            grp.bench_function("direct/pack", |b| {
+                b.iter(|| conv.pack_input(&x, &mut xph).expect("shape"))
+            });
+            grp.bench_function("direct/expand_grad", |b| {
+                b.iter(|| conv.expand_grad(&dy, &mut dyv).expect("shape"))
+            });
             grp.bench_function("direct/forward", |b| {
                 b.iter(|| {
                     conv.pack_input(&x, &mut xph).expect("shape");

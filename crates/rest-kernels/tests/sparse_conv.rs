@@ -190,6 +190,28 @@ fn matches_naive_convolution_over_geometries_and_densities() {
     }
 }
 
+/// The vector layout passes take other routes for rows wider than one or two vectors
+/// (`pw > 16` or `w > 32`), for strides whose rows need several permutes, and for kernels
+/// narrower than the stride (fewer phases than the stride).
+#[test]
+fn matches_naive_convolution_with_wide_rows_and_odd_strides() {
+    let geoms = [
+        geom(2, 3, 9, 40, 3, 4, 2, 1),  // w 40, phase rows of 21
+        geom(2, 2, 6, 20, 3, 3, 1, 1),  // w 20 but phase rows of 22
+        geom(2, 2, 7, 40, 3, 3, 3, 0),  // phase rows of 13 from rows of 40
+        geom(2, 1, 5, 37, 3, 3, 1, 2),  // batch 1, stride 1, padding 2, w 37
+        geom(2, 3, 8, 50, 3, 7, 3, 3),  // 7x7 stride 3 padding 3, w 50
+        geom(3, 3, 13, 17, 4, 5, 3, 0), // 5x5 stride 3, odd 3x5 output
+        geom(2, 1, 20, 20, 3, 1, 3, 0), // 1x1 stride 3: one phase of nine
+        geom(2, 3, 11, 35, 3, 2, 3, 1), // 2x2 stride 3: kernel narrower than the stride
+    ];
+    for (gi, g) in geoms.iter().enumerate() {
+        for (di, &d) in [0.05, 0.5, 1.0].iter().enumerate() {
+            check(*g, d, (1000 + gi * 10 + di) as u64);
+        }
+    }
+}
+
 #[test]
 fn rejects_a_mismatched_pattern_and_wrong_buffers() {
     let g = geom(2, 1, 6, 6, 3, 3, 1, 1);

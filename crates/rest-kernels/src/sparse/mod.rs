@@ -41,6 +41,7 @@
 mod conv;
 mod kernels;
 mod matrix;
+mod phase;
 mod rows;
 mod simd;
 

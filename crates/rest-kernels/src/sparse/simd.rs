@@ -148,20 +148,6 @@ pub(crate) unsafe fn sddmm_block(
     }
 }
 
-/// Copies `len` floats from `src` to `dst` (non-overlapping). For the short runs (a few
-/// floats) of the polyphase convolution, where a `memcpy` call costs more than the copy.
-///
-/// # Safety
-/// `isa` must be available; `src[..len]` readable, `dst[..len]` writable, not overlapping.
-#[inline]
-pub(crate) unsafe fn copy_short(isa: Isa, src: *const f32, dst: *mut f32, len: usize) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::copy_short(src, dst, len),
-        _ => std::ptr::copy_nonoverlapping(src, dst, len),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Portable loops (also compiled for AVX2 + FMA).
 
@@ -379,20 +365,6 @@ mod avx512 {
             0xFFFF
         } else {
             (1u16 << rem) - 1
-        }
-    }
-
-    /// Masked 16-lane loads and stores: no call, no overrun.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn copy_short(src: *const f32, dst: *mut f32, len: usize) {
-        let mut i = 0;
-        while i + 16 <= len {
-            _mm512_storeu_ps(dst.add(i), _mm512_loadu_ps(src.add(i)));
-            i += 16;
-        }
-        if i < len {
-            let m = tail_mask(len - i);
-            _mm512_mask_storeu_ps(dst.add(i), m, _mm512_maskz_loadu_ps(m, src.add(i)));
         }
     }
 
