@@ -31,7 +31,12 @@
 //!
 //! The layout passes (packing, dropping the junk, expanding the gradient, copying phase rows
 //! back to pixels) move rows of a few floats each; with AVX-512 they run as whole-vector
-//! compress / expand / permute moves (module `phase`), otherwise as row loops.
+//! compress / expand / permute moves (module `phase`), otherwise as row loops. Where the
+//! image rows are short (`w <= 32`, at most two column phases), the input gradient's phase
+//! planes go to a per-thread scratch buffer (the size of the phase buffer) and whole image
+//! rows are built from them. Layouts without junk skip the copies: a kernel no larger than
+//! the stride (e.g. 1x1) writes the output rows directly, and a stride-1 unpadded one the
+//! input gradient.
 
 use rayon::prelude::*;
 
@@ -336,6 +341,13 @@ impl SparseConv {
         let lay = self.lay;
         let (oh, ow) = (g.oh(), g.ow());
         let optr = OutPtr(out.as_mut_ptr());
+        if lay.front == 0 {
+            // No junk (kernel no larger than the stride, e.g. 1x1): the virtual rows are the
+            // CNHW output rows (PH = OH, PW = OW, row length l = N·OH·OW).
+            let sink = Sink::Rows(optr, lay.l);
+            run_offset_spmm(self.isa, &csr, xph, lay.l, lay.planes(g), sink);
+            return Ok(());
+        }
         let vector = phase::vector_ok(self.isa);
         // Output row `o`, virtual columns c0..c0 + tile.len(): keep the valid positions.
         let emit = |o: usize, c0: usize, tile: &[f32]| {
@@ -393,6 +405,12 @@ impl SparseConv {
         };
         let s = g.stride;
         let hw = g.h * g.w;
+        if s == 1 && g.pad == 0 {
+            // One phase, unpadded: the plane of channel c is its N images (PH = H, PW = W).
+            let sink = Sink::Rows(OutPtr(dx.as_mut_ptr()), lay.l);
+            run_offset_spmm(self.isa, &csr, dyv, lay.l, g.oc, sink);
+            return Ok(());
+        }
         let vector = phase::vector_ok(self.isa);
         if let (true, Some(rows)) = (vector, &self.rows) {
             // The phase planes of the gradient into a scratch buffer, then whole image rows
@@ -795,6 +813,8 @@ mod tests {
             (3, 3, 9, 44, 5, 4, 2, 1),
             (4, 3, 10, 19, 5, 7, 3, 3),
             (3, 2, 9, 9, 4, 1, 2, 0),
+            (5, 3, 7, 9, 6, 1, 1, 0),
+            (3, 2, 8, 10, 4, 3, 1, 0),
         ] {
             agrees_with_the_portable_loops(geom(g));
         }

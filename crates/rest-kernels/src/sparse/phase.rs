@@ -11,7 +11,9 @@
 //! lanes; no per-row loop, however short the rows. The expansion is the same with
 //! `vexpandps`. A strided row `dst[i] = src[s·i]` (or `dst[s·i] = src[i]`) moves up to 16
 //! elements spanning at most 32 (16) source floats with one or two masked loads, one permute
-//! and one masked store.
+//! and one masked store. Packing builds all column phases of an image row from one load of
+//! it (a permute each, zeros included); the input gradient, where rows fit, builds each image
+//! row from its (at most two) phase rows, so every store is a whole row.
 //!
 //! The helpers only move values, so results are bit for bit those of the scalar loops.
 //! Without AVX-512 the passes keep their row loops, with [`copy_run`] and [`zero_run`] for
