@@ -8,12 +8,14 @@
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rest_kernels::{
-    batch_norm_bwd, batch_norm_train_fwd, channel_affine_inplace, conv2d_bwd_input,
-    conv2d_bwd_weight, conv2d_fwd, conv2d_fwd_affine, BnBatchStats, Conv2dGeom,
+    batch_norm_bwd, batch_norm_train_fwd, conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd,
+    conv2d_fwd_affine, BnBatchStats, Conv2dGeom,
 };
 use std::sync::{Arc, Mutex};
 
-use super::sparse::{sparse_conv_backward, sparse_conv_forward, SparseWeight};
+use super::sparse::{
+    sparse_conv_backward, sparse_conv_forward, sparse_conv_forward_affine, SparseWeight,
+};
 use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
 
 /// What the forward pass keeps for the backward pass.
@@ -243,8 +245,8 @@ impl CustomOp2 for ConvBnReluEvalOp {
         let mut out = scratch::output(g.out_len());
         match &self.sparse {
             Some(sw) => {
-                sparse_conv_forward(sw, g, x, w, &mut out, false)?;
-                channel_affine_inplace(&mut out, &self.scale, &self.shift, self.relu);
+                let epilogue = Some((&self.scale[..], &self.shift[..], self.relu));
+                sparse_conv_forward_affine(sw, g, x, w, &mut out, false, epilogue)?;
             }
             None => conv2d_fwd_affine(x, w, g, &self.scale, &self.shift, self.relu, &mut out),
         }

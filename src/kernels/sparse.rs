@@ -198,6 +198,20 @@ pub(super) fn sparse_conv_forward(
     out: &mut [f32],
     keep_input: bool,
 ) -> candle_core::Result<Option<Vec<f32>>> {
+    sparse_conv_forward_affine(weight, g, x, w, out, keep_input, None)
+}
+
+/// [`sparse_conv_forward`] with a per-channel affine (+ ReLU) epilogue applied as the output
+/// is written (`SparseConv::forward_affine`): a folded inference BatchNorm.
+pub(super) fn sparse_conv_forward_affine(
+    weight: &SparseWeight,
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    keep_input: bool,
+    epilogue: Option<(&[f32], &[f32], bool)>,
+) -> candle_core::Result<Option<Vec<f32>>> {
     let mut st = weight.lock();
     if keep_input {
         // A new graph: a compact gradient not taken since the last one is stale.
@@ -207,7 +221,8 @@ pub(super) fn sparse_conv_forward(
     let plan = st.conv_plan(g)?;
     let mut xph = scratch::take(plan.phase_len());
     plan.pack_input(x, &mut xph).map_err(kernel_err)?;
-    plan.forward(&st.matrix, &xph, out).map_err(kernel_err)?;
+    plan.forward_affine(&st.matrix, &xph, out, epilogue)
+        .map_err(kernel_err)?;
     Ok(if keep_input {
         Some(xph)
     } else {

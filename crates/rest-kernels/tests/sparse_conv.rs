@@ -234,3 +234,49 @@ fn rejects_a_mismatched_pattern_and_wrong_buffers() {
     let e = conv.forward(&sparser, &xph, &mut out).unwrap_err();
     assert!(e.message().contains("rebuild"), "{}", e.message());
 }
+
+/// The forward pass with a folded-BatchNorm epilogue equals the plain forward followed by a
+/// separate per-channel affine (+ ReLU) pass, bit for bit, on layouts with and without junk
+/// positions (the emit path and the direct-row path) and with and without the ReLU.
+#[test]
+fn forward_affine_equals_forward_then_channel_affine() {
+    let mut r = ChaCha8Rng::seed_from_u64(31);
+    for g in [
+        geom(5, 3, 9, 11, 7, 4, 2, 1),
+        geom(4, 2, 8, 8, 6, 1, 2, 0),
+        geom(3, 4, 7, 7, 5, 3, 1, 1),
+    ] {
+        let w = randv(&mut r, g.w_len());
+        let m = mask(&mut r, g.oc, g.k(), 0.3);
+        let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).expect("pattern");
+        let conv = SparseConv::new(&sm, &g).expect("layout");
+        let x = randv(&mut r, g.x_len());
+        let mut xph = vec![0.0; conv.phase_len()];
+        conv.pack_input(&x, &mut xph).expect("pack");
+        let (scale, shift) = (randv(&mut r, g.oc), randv(&mut r, g.oc));
+        for relu in [false, true] {
+            let mut want = vec![0.0; g.out_len()];
+            conv.forward(&sm, &xph, &mut want).expect("forward");
+            rest_kernels::batchnorm::channel_affine_inplace(&mut want, &scale, &shift, relu);
+            let mut got = vec![f32::NAN; g.out_len()];
+            conv.forward_affine(&sm, &xph, &mut got, Some((&scale, &shift, relu)))
+                .expect("forward_affine");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{g:?} relu {relu}");
+            if relu {
+                assert!(got.iter().any(|&v| v == 0.0) && got.iter().any(|&v| v > 0.0));
+            }
+        }
+    }
+    let g = geom(2, 1, 6, 6, 3, 3, 1, 1);
+    let sm =
+        SparseMatrix::from_dense_masked(&vec![1.0; g.w_len()], &vec![true; g.w_len()], 3, g.k())
+            .expect("pattern");
+    let conv = SparseConv::new(&sm, &g).expect("layout");
+    let xph = vec![0.0; conv.phase_len()];
+    let mut out = vec![0.0; g.out_len()];
+    let err = conv
+        .forward_affine(&sm, &xph, &mut out, Some((&[1.0; 2], &[0.0; 3], false)))
+        .expect_err("a scale of the wrong length");
+    assert!(err.message().contains("scale"), "{}", err.message());
+}

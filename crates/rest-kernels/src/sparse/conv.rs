@@ -327,10 +327,33 @@ impl SparseConv {
         xph: &[f32],
         out: &mut [f32],
     ) -> Result<(), SparseError> {
+        self.forward_affine(w, xph, out, None)
+    }
+
+    /// [`Self::forward`], then `out = out · scale[o] + shift[o]` per output channel `o` and
+    /// ReLU when `relu` (a folded inference BatchNorm), applied to each tile's outputs as they
+    /// are written, while they are still in L1: `epilogue = Some((scale, shift, relu))`. The
+    /// same values (and rounding) as a separate pass after [`Self::forward`].
+    pub fn forward_affine(
+        &self,
+        w: &SparseMatrix,
+        xph: &[f32],
+        out: &mut [f32],
+        epilogue: Option<(&[f32], &[f32], bool)>,
+    ) -> Result<(), SparseError> {
         self.check_w("forward", w)?;
         let g = &self.geom;
         len_check("forward", "xph", xph.len(), self.phase_len())?;
         len_check("forward", "out", out.len(), g.out_len())?;
+        if let Some((scale, shift, _)) = epilogue {
+            len_check("forward_affine", "scale", scale.len(), g.oc)?;
+            len_check("forward_affine", "shift", shift.len(), g.oc)?;
+        }
+        let affine = |o: usize, y: &mut [f32]| {
+            if let Some((scale, shift, relu)) = epilogue {
+                crate::batchnorm::row_affine_inplace(y, scale[o], shift[o], relu);
+            }
+        };
         let csr = Csr {
             rows: g.oc,
             cols: self.phase_len(),
@@ -346,6 +369,9 @@ impl SparseConv {
             // CNHW output rows (PH = OH, PW = OW, row length l = N·OH·OW).
             let sink = Sink::Rows(optr, lay.l);
             run_offset_spmm(self.isa, &csr, xph, lay.l, lay.planes(g), sink);
+            if let Some((scale, shift, relu)) = epilogue {
+                crate::batchnorm::channel_affine_inplace(out, scale, shift, relu);
+            }
             return Ok(());
         }
         let vector = phase::vector_ok(self.isa);
@@ -356,7 +382,13 @@ impl SparseConv {
                 // SAFETY: AVX-512 is available (`vector_ok`); the valid positions of the
                 // tile are output elements at..at + count of row `o` (CNHW order is flat
                 // order), inside `out`; tasks own disjoint (row, column) blocks.
-                unsafe { phase::compress(&self.valid, c0, tile, optr.get().add(at)) };
+                let cnt = unsafe { phase::compress(&self.valid, c0, tile, optr.get().add(at)) };
+                if epilogue.is_some() {
+                    // SAFETY: the `cnt` elements just written, owned by this task (above).
+                    affine(o, unsafe {
+                        std::slice::from_raw_parts_mut(optr.get().add(at), cnt)
+                    });
+                }
                 return;
             }
             for_row_runs(&lay, c0, tile.len(), oh, 0..ow, |n, oy, ox, t0, len| {
@@ -366,6 +398,7 @@ impl SparseConv {
                 // at most one output position.
                 let dst = unsafe { std::slice::from_raw_parts_mut(optr.get().add(dst), len) };
                 phase::copy_run(&tile[t0..t0 + len], dst);
+                affine(o, dst);
             });
         };
         run_offset_spmm(self.isa, &csr, xph, lay.l, lay.planes(g), Sink::Emit(&emit));
