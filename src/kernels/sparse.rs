@@ -40,6 +40,18 @@ struct State {
 }
 
 impl State {
+    /// Keeps `vals` as the compact weight gradient; a layer applied more than once in a graph
+    /// adds up its gradients.
+    fn add_compact_grad(&mut self, vals: Vec<f32>) {
+        match &mut self.grad {
+            Some(acc) if acc.len() == vals.len() => {
+                acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v);
+                scratch::give(vals);
+            }
+            g => *g = Some(vals),
+        }
+    }
+
     fn conv_plan(&mut self, g: &Conv2dGeom) -> candle_core::Result<Arc<SparseConv>> {
         match &self.conv {
             Some(c) if c.geom() == g => Ok(c.clone()),
@@ -283,15 +295,8 @@ pub(super) fn sparse_conv_backward(
             .map_err(kernel_err)?;
         scratch::give(xph);
         if st.compact_grad {
-            // Kept at the active weights for the optimizer (`SparseWeight::take_grad`); a
-            // layer applied more than once in a graph adds up its gradients.
-            match &mut st.grad {
-                Some(acc) if acc.len() == vals.len() => {
-                    acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v);
-                    scratch::give(vals);
-                }
-                g => *g = Some(vals),
-            }
+            // Kept at the active weights for the optimizer (`SparseWeight::take_grad`).
+            st.add_compact_grad(vals);
             None
         } else {
             let mut dw = scratch::output(g.w_len());
@@ -500,13 +505,7 @@ impl SparseLinearOp {
                     sddmm_into(&st.matrix, &dyt, &xt, n, &mut vals).map_err(kernel_err)
                 })?;
             }
-            // A layer applied more than once in a graph: the gradients add up.
-            match &mut st.grad {
-                Some(acc) if acc.len() == vals.len() => {
-                    acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v)
-                }
-                g => *g = Some(vals),
-            }
+            st.add_compact_grad(vals);
             return Ok((dx, None, db));
         }
         if rows {

@@ -112,26 +112,31 @@ impl TapeGuard {
                 // hands its gradient to the tape.
                 let head = Var::from_tensor(&logits.detach())?.as_tensor().clone();
                 Ok(Recorded {
-                    taped: Some((state, logits.id())),
                     head,
-                    fallback: None,
+                    backward: Backward::Tape(state, logits.id()),
                 })
             }
             (_, reason) => Ok(Recorded {
-                taped: None,
                 head: logits,
-                fallback: reason,
+                backward: Backward::Candle(reason.unwrap_or_default()),
             }),
         }
     }
 }
 
+/// How a [`Recorded`] step runs its backward pass.
+enum Backward {
+    /// The tape, from the gradient of the logits (their id).
+    Tape(State, TensorId),
+    /// Candle's backward, for the reason given.
+    Candle(String),
+}
+
 /// A finished recording: compute the loss from [`Recorded::head`], then call
 /// [`Recorded::backward`].
 pub struct Recorded {
-    taped: Option<(State, TensorId)>,
     head: Tensor,
-    fallback: Option<String>,
+    backward: Backward,
 }
 
 impl Recorded {
@@ -143,14 +148,17 @@ impl Recorded {
 
     /// Why the backward pass falls back to candle's (`None` when the tape runs it).
     pub fn fallback_reason(&self) -> Option<&str> {
-        self.fallback.as_deref()
+        match &self.backward {
+            Backward::Tape(..) => None,
+            Backward::Candle(why) => Some(why),
+        }
     }
 
     /// The gradients of `loss` (computed from [`Self::head`]) with respect to every variable,
     /// as `loss.backward()` on the undetached graph would give them.
     pub fn backward(self, loss: &Tensor) -> candle_core::Result<GradStore> {
         let mut grads = loss.backward()?;
-        let Some((mut state, logits_id)) = self.taped else {
+        let Backward::Tape(mut state, logits_id) = self.backward else {
             return Ok(grads);
         };
         let Some(g) = grads.remove(&self.head) else {
