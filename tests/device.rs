@@ -6,13 +6,15 @@
 use std::path::Path;
 use std::process::Command;
 
-fn train(out: &Path, generic: bool) -> Vec<f64> {
+fn train(out: &Path, generic: bool, extra: &str) -> Vec<f64> {
     std::fs::create_dir_all(out).unwrap();
     let cfg = out.join("tiny.toml");
     std::fs::write(
         &cfg,
-        "epochs = 2\ntrain_size = 800\nvalid_size = 200\ntest_size = 200\n\
-         batch_size = 100\ndensity = 0.1\n",
+        format!(
+            "epochs = 2\ntrain_size = 800\nvalid_size = 200\ntest_size = 200\n\
+             batch_size = 100\ndensity = 0.1\n{extra}"
+        ),
     )
     .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rest"));
@@ -42,8 +44,8 @@ fn train(out: &Path, generic: bool) -> Vec<f64> {
 #[test]
 fn generic_ops_train_like_the_cpu_kernels() {
     let dir = tempfile::tempdir().unwrap();
-    let ours = train(&dir.path().join("cpu"), false);
-    let generic = train(&dir.path().join("generic"), true);
+    let ours = train(&dir.path().join("cpu"), false, "");
+    let generic = train(&dir.path().join("generic"), true, "");
     assert_eq!(ours.len(), 2);
     assert_eq!(generic.len(), 2);
     for (a, b) in ours.iter().zip(&generic) {
@@ -57,6 +59,24 @@ fn generic_ops_train_like_the_cpu_kernels() {
     )
     .unwrap();
     assert_eq!(summary["device"], "cpu");
+}
+
+/// A ResNet with the ImageNet stem (7x7 stride-2 conv, 3x3 stride-2 max pooling), residual
+/// joins and a linear head: every layer type of the GPU path, with its backward and the SGD
+/// step, two short epochs on each path.
+#[test]
+fn generic_ops_train_a_resnet_like_the_cpu_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "model = \"resnet10\"\nwidth = 8\nstem = \"imagenet\"\n";
+    let ours = train(&dir.path().join("cpu"), false, extra);
+    let generic = train(&dir.path().join("generic"), true, extra);
+    assert_eq!(ours.len(), 2);
+    for (a, b) in ours.iter().zip(&generic) {
+        assert!(
+            (a - b).abs() <= 2e-2 * a.abs().max(1e-3),
+            "train loss per epoch: CPU kernels {ours:?} vs generic ops {generic:?}"
+        );
+    }
 }
 
 #[test]

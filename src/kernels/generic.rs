@@ -133,8 +133,30 @@ pub fn max_pool2d_cnhw(x: &Tensor, k: usize, stride: usize, pad: usize) -> Resul
     } else {
         x.clone()
     };
-    // Pooling acts on the last two dimensions, whatever the first two hold.
-    Ok(x.max_pool2d_with_stride(k, stride)?)
+    // candle's own max pooling has a backward only for k == stride, so the window maximum is
+    // built from k*k strided views (index_select, whose backward is index_add) and candle's
+    // element-wise maximum (whose backward splits a tie evenly between the tied inputs).
+    let (_, _, hp, wp) = x.dims4()?;
+    if hp < k || wp < k {
+        bail!("max_pool2d_cnhw: window {k} larger than the padded input {hp}x{wp}");
+    }
+    let (oh, ow) = ((hp - k) / stride + 1, (wp - k) / stride + 1);
+    let taps = |offset: usize, count: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..count).map(|i| (offset + i * stride) as u32).collect();
+        Ok(Tensor::from_vec(idx, count, x.device())?)
+    };
+    let mut out: Option<Tensor> = None;
+    for di in 0..k {
+        let rows = x.index_select(&taps(di, oh)?, 2)?;
+        for dj in 0..k {
+            let v = rows.index_select(&taps(dj, ow)?, 3)?;
+            out = Some(match out {
+                None => v,
+                Some(o) => o.maximum(&v)?,
+            });
+        }
+    }
+    out.ok_or_else(|| anyhow::anyhow!("max_pool2d_cnhw: empty window"))
 }
 
 #[cfg(test)]
@@ -250,6 +272,34 @@ mod tests {
             let mb = crate::kernels::max_pool2d_cnhw(x.as_tensor(), k, s, p)?;
             assert_eq!(ma.dims(), mb.dims(), "maxpool k{k} s{s} p{p}");
             assert!(max_rel(&ma, &mb)? < 1e-6);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn max_pool_gradient_matches_the_cpu_kernel() -> Result<()> {
+        // Distinct random values (no ties): both route each output's gradient to its
+        // window's maximum.
+        for (shape, k, s, p) in [
+            ([3, 2, 9, 8], 3, 2, 1),
+            ([2, 3, 8, 8], 2, 2, 0),
+            ([2, 2, 7, 5], 3, 1, 1),
+            ([1, 2, 6, 6], 3, 2, 0),
+        ] {
+            let x = Var::from_tensor(&randn(&shape, 21)?)?;
+            let ya = max_pool2d_cnhw(x.as_tensor(), k, s, p)?;
+            let yb = crate::kernels::max_pool2d_cnhw(x.as_tensor(), k, s, p)?;
+            assert_eq!(ya.dims(), yb.dims(), "k{k} s{s} p{p}");
+            let c = randn(ya.dims(), 22)?;
+            let ga = (&ya * &c)?.sum_all()?.backward()?;
+            let gb = (&yb * &c)?.sum_all()?.backward()?;
+            let (ga, gb) = (
+                ga.get(x.as_tensor()).expect("grad a"),
+                gb.get(x.as_tensor()).expect("grad b"),
+            );
+            let diff = (ga - gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "k{k} s{s} p{p}: gradients differ by {diff}");
+            assert!(gb.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         }
         Ok(())
     }

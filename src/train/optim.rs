@@ -69,6 +69,18 @@ impl Sgd {
             }
             let n = w.elem_count();
             let use_mom = self.momentum != 0.0;
+            if crate::kernels::generic_path(w) {
+                // Off the CPU (CUDA), or with REST_KERNELS=candle: the same formula in
+                // candle's tensor ops, on the device.
+                let old = if use_mom { buf.take() } else { None };
+                let (new_w, new_buf) = tensor_step(w, g, old.as_ref(), use_mom, [lr, mom, wd])
+                    .with_context(|| format!("updating {}", p.name))?;
+                *buf = new_buf;
+                p.var
+                    .set(&new_w)
+                    .with_context(|| format!("updating {}", p.name))?;
+                continue;
+            }
             if use_mom && w.device().is_cpu() && w.is_contiguous() {
                 if let Some(b) = buf
                     .as_ref()
@@ -152,6 +164,37 @@ impl Sgd {
     pub fn momentum_buffer(&self, index: usize) -> Option<&Tensor> {
         self.momentum_buf[index].as_ref()
     }
+}
+
+/// One SGD update in candle's tensor ops (any device): returns the new weight and, with
+/// momentum, the new momentum buffer (`buf` is None on the first step). The arithmetic of
+/// [`sgd_pass`]; the results match it to rounding.
+fn tensor_step(
+    w: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    use_mom: bool,
+    [lr, mom, wd]: [f32; 3],
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    // Detached: candle's gradients carry the backward graph that made them (it reads the
+    // weights), and a momentum buffer built on them would keep every earlier step's graph,
+    // activations included, alive through the chain of buffers.
+    let (w, g) = (&w.detach(), g.detach());
+    let g = if wd != 0.0 {
+        (g + (w * f64::from(wd))?)?
+    } else {
+        g.clone()
+    };
+    let step = if use_mom {
+        match buf {
+            Some(b) => ((b * f64::from(mom))? + g)?,
+            None => g,
+        }
+    } else {
+        g
+    };
+    let new_w = (w - (&step * f64::from(lr))?)?;
+    Ok((new_w.detach(), use_mom.then(|| step.detach())))
 }
 
 /// The SGD update of a sparse layer's weight from its compact gradient (`g[e]` at dense
@@ -453,6 +496,52 @@ mod tests {
         assert_eq!(bits(&w.as_tensor().to_vec1::<f32>()?), bits(&ew));
         let b = opt.momentum_buffer(0).expect("momentum").to_vec1::<f32>()?;
         assert_eq!(bits(&b), bits(&eb));
+        Ok(())
+    }
+
+    #[test]
+    fn device_tensor_path_matches_the_fused_pass() -> Result<()> {
+        // The path CUDA parameters take (candle tensor ops) against the fused host pass, over
+        // three steps with and without momentum and weight decay.
+        let dev = Device::Cpu;
+        let n = 70_000; // above the fused pass's parallel chunk
+        let vals = |seed: u32| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        for (mom, wd) in [(0.9f32, 5e-4f32), (0.0, 0.0), (0.9, 0.0)] {
+            let (mut ws, mut bs) = (vals(1), None::<Vec<f32>>);
+            let mut wt = Tensor::from_vec(ws.clone(), n, &dev)?;
+            let mut bt = None::<Tensor>;
+            for step in 0..3u32 {
+                let gs = vals(7 + step);
+                let use_mom = mom != 0.0;
+                let mut nw = vec![0f32; n];
+                let mut nb = vec![0f32; if use_mom { n } else { 0 }];
+                sgd_pass(&mut nw, &mut nb, &ws, &gs, bs.as_deref(), [0.05, mom, wd]);
+                let g = Tensor::from_vec(gs, n, &dev)?;
+                let (tw, tb) = tensor_step(&wt, &g, bt.as_ref(), use_mom, [0.05, mom, wd])?;
+                for (a, b) in tw.to_vec1::<f32>()?.iter().zip(&nw) {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+                }
+                assert_eq!(tb.is_some(), use_mom);
+                if let Some(tb) = &tb {
+                    for (a, b) in tb.to_vec1::<f32>()?.iter().zip(&nb) {
+                        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+                    }
+                }
+                (ws, bs, wt, bt) = (nw, use_mom.then_some(nb), tw, tb);
+            }
+        }
+        // The results hold no autograd history, even from a tracked weight and gradient (a
+        // momentum buffer with history keeps every earlier step's graph alive).
+        let w = Var::from_vec(vec![1.0f32, -2.0], 2, &dev)?;
+        let g = (w.as_tensor() * 3.0)?;
+        let b = (w.as_tensor() * 0.5)?;
+        let (nw, nb) = tensor_step(w.as_tensor(), &g, Some(&b), true, [0.1, 0.9, 0.01])?;
+        assert!(!nw.track_op());
+        assert!(!nb.expect("momentum").track_op());
         Ok(())
     }
 

@@ -10,14 +10,20 @@
 # Run there, from the repository root:
 #   BIN=gpu/rest tools/cuda/gpu-check.sh [OUT]
 # Environment: BIN (default target/release/rest), DEVICE (default cuda; `cpu` runs the same
-# flow without a GPU, to test the script), EPOCHS (default 3), STEPS (timed steps per
-# measurement, default 50), WARMUP (default 10), PY (default python3).
+# flow without a GPU, to test the script), EPOCHS (default: the default run's), SEEDS (extra --seed
+# values to train beside the default run, e.g. "1 2", for the run-to-run spread), STEPS (timed steps per
+# measurement, default 50), WARMUP (default 10), PY (default python3), TORCH_REF (the
+# project's shared/bench/torch_ref.py, which holds the PyTorch models; by default looked up
+# beside the repository, or as gpu/torch_ref.py when carried with the binary), STAGE_TIMEOUT
+# (seconds per stage, default 300). Every stage runs even when an earlier one fails (a device
+# lease is too short to rerun for one failure); the exit status says whether any failed.
 # The binary needs CUDA 13's cuBLAS/cuRAND/NVRTC at run time; they are looked up in this
 # machine's Python packages (PyTorch's nvidia-* wheels) and in .cuda/ when present.
-set -euo pipefail
+set -uo pipefail
 BIN="${BIN:-target/release/rest}"
 DEVICE="${DEVICE:-cuda}"
-EPOCHS="${EPOCHS:-3}"
+EPOCHS="${EPOCHS-}"
+SEEDS="${SEEDS-}"
 STEPS="${STEPS:-50}"
 WARMUP="${WARMUP:-10}"
 PY="${PY:-python3}"
@@ -44,34 +50,86 @@ PYEOF
     [ -d .cuda/nvidia/cu13/lib ] && libs="$PWD/.cuda/nvidia/cu13/lib:$libs"
     export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
     nvidia-smi -L || true
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    ldd "$BIN" | grep "not found" || true
 fi
 "$BIN" --version
+
+TORCH_REF="${TORCH_REF:-}"
+[ -z "$TORCH_REF" ] && [ -f "$(dirname "$BIN")/torch_ref.py" ] && TORCH_REF="$(dirname "$BIN")/torch_ref.py"
+ref_args=()
+[ -n "$TORCH_REF" ] && ref_args=(--torch-ref "$TORCH_REF")
+STAGE_TIMEOUT="${STAGE_TIMEOUT:-300}"
+failed=()
+# stage NAME CMD...: runs CMD with a time limit, logs its status, and goes on whatever happens.
+stage() {
+    local name="$1"
+    shift
+    local t0=$SECONDS
+    timeout "$STAGE_TIMEOUT" "$@"
+    local rc=$?
+    echo "-- stage $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" -ne 0 ] && failed+=("$name")
+    return 0
+}
 
 echo "== speed: PyTorch on $DEVICE"
 : > "$OUT/torch.jsonl"
 for spec in "cnn" "cnn --infer" "resnet18" "resnet18 --infer" "resnet18 --hw 128"; do
     # shellcheck disable=SC2086
-    "$PY" "$here/torch_gpu_ref.py" $spec --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" | tee -a "$OUT/torch.jsonl"
+    stage "torch $spec" "$PY" "$here/torch_gpu_ref.py" $spec --device "$DEVICE" --steps "$STEPS" \
+        --warmup "$WARMUP" "${ref_args[@]}" > >(tee -a "$OUT/torch.jsonl")
 done
+ref=()
+[ -s "$OUT/torch.jsonl" ] && ref=(--reference "$OUT/torch.jsonl")
 
 echo "== speed: rest on $DEVICE"
-"$BIN" bench --device "$DEVICE" --models cnn,resnet18 --densities 1,0.05 --steps "$STEPS" --warmup "$WARMUP" \
-    --reference "$OUT/torch.jsonl" | tee "$OUT/bench.txt"
-"$BIN" bench --device "$DEVICE" --models cnn,resnet18 --densities 1,0.05 --steps "$STEPS" --warmup "$WARMUP" \
-    --reference "$OUT/torch.jsonl" --json > "$OUT/bench.jsonl"
+export RUST_BACKTRACE=1
+stage "rest bench" "$BIN" bench --device "$DEVICE" --models cnn,resnet18 --densities 1,0.05 \
+    --steps "$STEPS" --warmup "$WARMUP" "${ref[@]}" --json > >(tee "$OUT/bench.jsonl")
+stage "rest bench 128px" "$BIN" bench --device "$DEVICE" --models resnet18 --densities 1 --hw 128 \
+    --steps "$STEPS" --warmup "$WARMUP" "${ref[@]}" --json > >(tee -a "$OUT/bench.jsonl")
+sleep 1
 
-echo "== accuracy: the REST default run, $EPOCHS epochs, on $DEVICE and on the CPU"
-"$BIN" train --device "$DEVICE" --epochs "$EPOCHS" --out "$OUT/run-$DEVICE" > "$OUT/run-$DEVICE.log" 2>&1
-"$BIN" train --device cpu --epochs "$EPOCHS" --out "$OUT/run-cpu" > "$OUT/run-cpu.log" 2>&1
+epochs=()
+[ -n "$EPOCHS" ] && epochs=(--epochs "$EPOCHS")
+echo "== accuracy: the REST default run ${EPOCHS:+($EPOCHS epochs) }on $DEVICE and on the CPU"
+for dev in $(printf '%s\n' "$DEVICE" cpu | uniq); do
+    for seed in default $SEEDS; do
+        name="run-$dev" seed_args=()
+        [ "$seed" != default ] && name="run-$dev-s$seed" seed_args=(--seed "$seed")
+        stage "train $dev seed $seed" "$BIN" train --device "$dev" "${epochs[@]}" "${seed_args[@]}" \
+            --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+        tail -n 4 "$OUT/$name.log"
+    done
+done
 "$PY" - "$OUT" "$DEVICE" <<'PYEOF'
 import json, os, sys
 out, dev = sys.argv[1], sys.argv[2]
-for name in dict.fromkeys((dev, "cpu")):
-    s = json.load(open(os.path.join(out, "run-" + name, "summary.json")))
+print("%-9s %-6s %-8s %-10s %-10s %-8s" % ("model", "mode", "density", "rest ms", "torch ms", "ratio"))
+for line in open(os.path.join(out, "bench.jsonl")) if os.path.exists(os.path.join(out, "bench.jsonl")) else []:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    ref = r.get("reference_ms")
+    print("%-9s %-6s %-8s %-10s %-10s %-8s" % (
+        r.get("model"), r.get("mode"), r.get("density"), r.get("median_ms"), ref if ref else "-",
+        r.get("ratio_vs_reference", "-")))
+for name in sorted(d for d in os.listdir(out) if d.startswith("run-") and not d.endswith(".log")):
+    p = os.path.join(out, name, "summary.json")
+    if not os.path.exists(p):
+        print("%-14s no summary (see %s.log)" % (name, name))
+        continue
+    s = json.load(open(p))
     t = s["test"]
-    print("%-6s unbiased %.2f %%  aligned %.2f %%  conflicting %.2f %%  worst group %.2f %%  "
+    print("%-14s unbiased %.2f %%  aligned %.2f %%  conflicting %.2f %%  worst group %.2f %%  "
           "%.1f s wall, %.0f samples/s"
           % (name, 100 * t["unbiased"], 100 * t["aligned"], 100 * t["conflicting"],
              100 * t["worst_group"], s["wall_time_s"], s["train_samples_per_s"]))
 PYEOF
 echo "results in $OUT"
+if [ "${#failed[@]}" -ne 0 ]; then
+    echo "failed stages: ${failed[*]}" >&2
+    exit 1
+fi
