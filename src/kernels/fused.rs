@@ -14,7 +14,8 @@ use rest_kernels::{
 use std::sync::{Arc, Mutex};
 
 use super::sparse::{
-    sparse_conv_backward, sparse_conv_forward, sparse_conv_forward_affine, SparseWeight,
+    dense_then_sparse_conv_eval, sparse_conv_backward, sparse_conv_forward,
+    sparse_conv_forward_affine, SparseWeight,
 };
 use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
 
@@ -257,6 +258,162 @@ impl CustomOp2 for ConvBnReluEvalOp {
     }
 }
 
+/// Folds inference BatchNorm parameters (`[oc]` each) into a per-channel `(scale, shift)`:
+/// `scale = gamma / sqrt(var + eps)`, `shift = beta - mean·scale`, with the rounding of
+/// `batch_norm_cnhw_eval`.
+fn fold_bn(
+    op: &str,
+    oc: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut host = Vec::with_capacity(4);
+    for (t, what) in [
+        (gamma, "gamma"),
+        (beta, "beta"),
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+    ] {
+        if t.dims() != [oc] {
+            bail!("{op}: {what} has shape {:?}, expected [{oc}]", t.dims());
+        }
+        host.push(t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+    }
+    if eps.is_nan() || eps <= 0.0 {
+        bail!("{op}: eps must be positive, got {eps}");
+    }
+    if let Some(v) = host[3].iter().find(|v| v.is_nan() || **v < 0.0) {
+        bail!("{op}: running_var contains {v}; running variances must be non-negative");
+    }
+    let scale: Vec<f32> = host[0]
+        .iter()
+        .zip(&host[3])
+        .map(|(g, v)| g * (1.0 / (v + eps as f32).sqrt()))
+        .collect();
+    let shift = host[1]
+        .iter()
+        .zip(&scale)
+        .zip(&host[2])
+        .map(|((b, s), m)| b - m * s)
+        .collect();
+    Ok((scale, shift))
+}
+
+/// One convolution + inference BatchNorm (+ ReLU) layer: the arguments of [`conv_bn_eval`].
+pub struct EvalConvBn<'a> {
+    pub w: &'a Tensor,
+    pub stride: usize,
+    pub pad: usize,
+    pub sparse: Option<&'a Arc<SparseWeight>>,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub running_mean: &'a Tensor,
+    pub running_var: &'a Tensor,
+    pub eps: f64,
+    pub relu: bool,
+}
+
+impl EvalConvBn<'_> {
+    /// [`conv_bn_eval`] of this layer on `x`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        conv_bn_eval(
+            x,
+            self.w,
+            self.stride,
+            self.pad,
+            self.sparse,
+            self.gamma,
+            self.beta,
+            self.running_mean,
+            self.running_var,
+            self.eps,
+            self.relu,
+        )
+    }
+}
+
+/// Two consecutive inference conv+BN layers, `second.apply(first.apply(x))`, with the same
+/// values. When the first is dense and the second sparse (on the CPU), the first layer's
+/// output is packed into the second's input layout image tile by image tile, while in cache,
+/// instead of being written out as a CNHW tensor and packed afterwards (the CNN's
+/// conv1 -> conv2 at inference: a tenth of the time saved at density 0.05).
+pub fn conv_bn_eval_pair(x: &Tensor, first: &EvalConvBn, second: &EvalConvBn) -> Result<Tensor> {
+    const F: &str = "conv_bn_eval_pair";
+    let sw = match (first.sparse, second.sparse) {
+        (None, Some(sw)) if !super::generic_path(x) => sw,
+        _ => return second.apply(&first.apply(x)?),
+    };
+    let (x, w1, prev) = super::prepare_conv(F, x, first.w, first.stride, first.pad)?;
+    let w2 = prepare(second.w, 4, &format!("{F} second weight [OC, C, KH, KW]"))?;
+    let (oc, ic, kh, kw) = w2.dims4()?;
+    if ic != prev.oc {
+        bail!(
+            "{F}: the second weight {:?} expects {ic} input channels but the first layer \
+             gives {}",
+            w2.dims(),
+            prev.oc
+        );
+    }
+    let g = rest_kernels::Conv2dGeom {
+        c: prev.oc,
+        n: prev.n,
+        h: prev.oh(),
+        w: prev.ow(),
+        oc,
+        kh,
+        kw,
+        stride: second.stride,
+        pad: second.pad,
+    };
+    g.validate()
+        .map_err(|e| anyhow::anyhow!("{F}: second layer {:?}: {e}", w2.dims()))?;
+    sw.check_shape(oc, g.k(), F)?;
+    let first_bn = fold_bn(
+        F,
+        prev.oc,
+        first.gamma,
+        first.beta,
+        first.running_mean,
+        first.running_var,
+        first.eps,
+    )?;
+    let second_bn = fold_bn(
+        F,
+        oc,
+        second.gamma,
+        second.beta,
+        second.running_mean,
+        second.running_var,
+        second.eps,
+    )?;
+    let mut out = scratch::output(g.out_len());
+    with_f32(&x, F, |xs| {
+        with_f32(&w1, F, |w1s| {
+            with_f32(&w2, F, |w2s| {
+                dense_then_sparse_conv_eval(
+                    sw,
+                    &g,
+                    w2s,
+                    &prev,
+                    xs,
+                    w1s,
+                    (&first_bn.0, &first_bn.1, first.relu),
+                    (&second_bn.0, &second_bn.1, second.relu),
+                    &mut out,
+                )
+            })
+        })
+    })?;
+    Ok(Tensor::from_vec(
+        out,
+        (oc, g.n, g.oh(), g.ow()),
+        x.device(),
+    )?)
+}
+
 /// `batch_norm_eval(conv(x))`, then ReLU when `relu`, on CNHW `x` `[C, N, H, W]` with weight `w`
 /// `[OC, C, KH, KW]` (dense, or `sparse`'s pattern), BatchNorm parameters `gamma`/`beta` and
 /// running statistics `[OC]`. Equal to `conv2d_cnhw` (or `sparse_conv2d_cnhw`) then
@@ -278,39 +435,10 @@ pub fn conv_bn_eval(
     const F: &str = "conv_bn_eval";
     let (x, w, geom) = super::prepare_conv(F, x, w, stride, pad)?;
     let oc = geom.oc;
-    let mut host = Vec::with_capacity(4);
-    for (t, what) in [
-        (gamma, "gamma"),
-        (beta, "beta"),
-        (running_mean, "running_mean"),
-        (running_var, "running_var"),
-    ] {
-        if t.dims() != [oc] {
-            bail!("{F}: {what} has shape {:?}, expected [{oc}]", t.dims());
-        }
-        host.push(t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
-    }
     if let Some(sw) = sparse {
         sw.check_shape(oc, geom.k(), F)?;
     }
-    if eps.is_nan() || eps <= 0.0 {
-        bail!("{F}: eps must be positive, got {eps}");
-    }
-    if let Some(v) = host[3].iter().find(|v| v.is_nan() || **v < 0.0) {
-        bail!("{F}: running_var contains {v}; running variances must be non-negative");
-    }
-    // The same folding (and rounding) as `batch_norm_cnhw_eval`.
-    let scale: Vec<f32> = host[0]
-        .iter()
-        .zip(&host[3])
-        .map(|(g, v)| g * (1.0 / (v + eps as f32).sqrt()))
-        .collect();
-    let shift = host[1]
-        .iter()
-        .zip(&scale)
-        .zip(&host[2])
-        .map(|((b, s), m)| b - m * s)
-        .collect();
+    let (scale, shift) = fold_bn(F, oc, gamma, beta, running_mean, running_var, eps)?;
     let op = ConvBnReluEvalOp {
         geom,
         sparse: sparse.cloned(),

@@ -18,7 +18,7 @@ mod sparse;
 pub mod tape;
 
 pub use conv::conv2d_cnhw;
-pub use fused::{conv_bn_eval, conv_bn_train};
+pub use fused::{conv_bn_eval, conv_bn_eval_pair, conv_bn_train, EvalConvBn};
 pub use linear::{linear, linear_act};
 pub use loss::softmax_nll;
 pub use norm::{batch_norm_cnhw_eval, batch_norm_cnhw_train};

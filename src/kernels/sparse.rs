@@ -243,6 +243,36 @@ pub(super) fn sparse_conv_forward_affine(
     })
 }
 
+/// Inference of a dense convolution + folded BatchNorm (+ReLU) (`prev`, input `x`, weight
+/// `w1`, `first = (scale, shift, relu)`) feeding a sparse one with its own epilogue
+/// (`second`): the dense layer's image tiles are packed into the sparse layer's phase buffer
+/// while in cache (`SparseConv::pack_from_conv_affine`), so the intermediate activation is
+/// never written out. Writes the sparse layer's CNHW output into `out` (`g.out_len()`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dense_then_sparse_conv_eval(
+    weight: &SparseWeight,
+    g: &Conv2dGeom,
+    w2: &[f32],
+    prev: &Conv2dGeom,
+    x: &[f32],
+    w1: &[f32],
+    first: (&[f32], &[f32], bool),
+    second: (&[f32], &[f32], bool),
+    out: &mut [f32],
+) -> candle_core::Result<()> {
+    let mut st = weight.lock();
+    st.matrix.update_values_from_dense(w2).map_err(kernel_err)?;
+    let plan = st.conv_plan(g)?;
+    let mut xph = scratch::take(plan.phase_len());
+    let (scale, shift, relu) = first;
+    plan.pack_from_conv_affine(prev, x, w1, scale, shift, relu, &mut xph)
+        .map_err(kernel_err)?;
+    plan.forward_affine(&st.matrix, &xph, out, Some(second))
+        .map_err(kernel_err)?;
+    scratch::give(xph);
+    Ok(())
+}
+
 /// Gradients of a sparse convolution from the CNHW output gradient `dout`: the input's if
 /// `x` tracks gradients, the weight's (at the pattern, or dense on mask-update steps) if `w`
 /// does. `xph` is the polyphase input kept by the forward pass, if any (returned to the

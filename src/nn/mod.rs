@@ -80,6 +80,59 @@ pub fn conv_bn(
     Ok(y)
 }
 
+/// Whether [`conv_bn_relu_pair_eval`] fuses this pair: a dense convolution without bias
+/// followed by a sparse one without bias.
+pub fn fuses_at_inference(first: &Conv2d, second: &Conv2d) -> bool {
+    first.bias.is_none()
+        && second.bias.is_none()
+        && slot_weight(&first.slot).is_none()
+        && slot_weight(&second.slot).is_some()
+}
+
+/// Inference `relu(bn2(conv2(relu(bn1(conv1(x))))))` on CNHW activations, equal to two
+/// [`conv_bn_relu`] calls (`train = false`). When [`fuses_at_inference`] (and on the CPU),
+/// the first layer's output goes straight into the second's sparse input layout
+/// (`kernels::conv_bn_eval_pair`).
+pub fn conv_bn_relu_pair_eval(
+    (conv1, bn1): (&Conv2d, &BatchNorm2d),
+    (conv2, bn2): (&Conv2d, &BatchNorm2d),
+    x: &Tensor,
+) -> Result<Tensor> {
+    if !fuses_at_inference(conv1, conv2) || crate::kernels::generic_path(x) {
+        let h = conv_bn_relu(conv1, bn1, x, false)?;
+        return conv_bn_relu(conv2, bn2, &h, false);
+    }
+    let lock = |m: &Mutex<Tensor>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (rm1, rv1) = (lock(&bn1.running_mean), lock(&bn1.running_var));
+    let (rm2, rv2) = (lock(&bn2.running_mean), lock(&bn2.running_var));
+    let sw2 = slot_weight(&conv2.slot);
+    let first = crate::kernels::EvalConvBn {
+        w: conv1.weight.as_tensor(),
+        stride: conv1.stride,
+        pad: conv1.padding,
+        sparse: None,
+        gamma: bn1.gamma.as_tensor(),
+        beta: bn1.beta.as_tensor(),
+        running_mean: &rm1,
+        running_var: &rv1,
+        eps: bn1.eps,
+        relu: true,
+    };
+    let second = crate::kernels::EvalConvBn {
+        w: conv2.weight.as_tensor(),
+        stride: conv2.stride,
+        pad: conv2.padding,
+        sparse: sw2.as_ref(),
+        gamma: bn2.gamma.as_tensor(),
+        beta: bn2.beta.as_tensor(),
+        running_mean: &rm2,
+        running_var: &rv2,
+        eps: bn2.eps,
+        relu: true,
+    };
+    crate::kernels::conv_bn_eval_pair(x, &first, &second)
+}
+
 /// What a parameter is, which decides whether the sparse engine masks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamKind {

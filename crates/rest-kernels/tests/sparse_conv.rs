@@ -280,3 +280,61 @@ fn forward_affine_equals_forward_then_channel_affine() {
         .expect_err("a scale of the wrong length");
     assert!(err.message().contains("scale"), "{}", err.message());
 }
+
+/// Packing a dense convolution's output tile by tile (inference) fills the phase buffer
+/// exactly as the dense layer's CNHW output packed afterwards: the CNN's conv1 -> conv2 pair
+/// (several parallel tiles), odd sizes, a stride-1 pair, a 1x1 previous layer (the fallback
+/// path), with and without the ReLU; a mismatched pair is an error.
+#[test]
+fn pack_from_conv_affine_equals_conv_then_pack() {
+    let mut r = ChaCha8Rng::seed_from_u64(47);
+    for (prev, k, stride, pad) in [
+        (geom(3, 37, 28, 28, 16, 4, 2, 1), 4, 2, 1),
+        (geom(2, 5, 13, 11, 6, 3, 2, 1), 4, 2, 1),
+        (geom(3, 4, 9, 9, 5, 3, 1, 1), 3, 1, 1),
+        (geom(4, 3, 8, 8, 6, 1, 1, 0), 3, 2, 1),
+    ] {
+        let g = geom(prev.oc, prev.n, prev.oh(), prev.ow(), 7, k, stride, pad);
+        let w = randv(&mut r, g.w_len());
+        let m = mask(&mut r, g.oc, g.k(), 0.2);
+        let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).expect("pattern");
+        let conv = SparseConv::new(&sm, &g).expect("layout");
+        let x = randv(&mut r, prev.x_len());
+        let w1 = randv(&mut r, prev.w_len());
+        let (scale, shift) = (randv(&mut r, prev.oc), randv(&mut r, prev.oc));
+        for relu in [false, true] {
+            let mut y = vec![0.0; prev.out_len()];
+            rest_kernels::conv2d_fwd_affine(&x, &w1, &prev, &scale, &shift, relu, &mut y);
+            let mut want = vec![f32::NAN; conv.phase_len()];
+            conv.pack_input(&y, &mut want).expect("pack");
+            let mut got = vec![f32::NAN; conv.phase_len()];
+            conv.pack_from_conv_affine(&prev, &x, &w1, &scale, &shift, relu, &mut got)
+                .expect("fused pack");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{prev:?} -> {g:?} relu {relu}");
+        }
+    }
+    let prev = geom(3, 2, 8, 8, 4, 3, 1, 1);
+    let g = geom(5, 2, 8, 8, 3, 3, 1, 1);
+    let sm =
+        SparseMatrix::from_dense_masked(&vec![1.0; g.w_len()], &vec![true; g.w_len()], 3, g.k())
+            .expect("pattern");
+    let conv = SparseConv::new(&sm, &g).expect("layout");
+    let mut xph = vec![0.0; conv.phase_len()];
+    let err = conv
+        .pack_from_conv_affine(
+            &prev,
+            &vec![0.0; prev.x_len()],
+            &vec![0.0; prev.w_len()],
+            &[1.0; 4],
+            &[0.0; 4],
+            false,
+            &mut xph,
+        )
+        .expect_err("4 output channels into a 5-channel layer");
+    assert!(
+        err.message().contains("previous layer"),
+        "{}",
+        err.message()
+    );
+}

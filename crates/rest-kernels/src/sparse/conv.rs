@@ -244,6 +244,87 @@ impl SparseConv {
         Ok(())
     }
 
+    /// Fills the phase buffer `xph` (`phase_len()`, overwritten) with the packed output of a
+    /// dense convolution and per-channel affine (+ ReLU) that feeds this one: the same buffer
+    /// as [`crate::conv2d_fwd_affine`] into a CNHW tensor and then [`Self::pack_input`], but
+    /// each image tile of the dense layer is packed while it is in cache, so its CNHW output
+    /// is never written to memory and read back (inference: `prev` is the previous layer's
+    /// geometry, `x` its input, `w` its dense weight, `scale`/`shift` its folded BatchNorm).
+    /// Falls back to the two separate passes where the vector layout passes or the dense
+    /// layer's tile lowering do not apply.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack_from_conv_affine(
+        &self,
+        prev: &Conv2dGeom,
+        x: &[f32],
+        w: &[f32],
+        scale: &[f32],
+        shift: &[f32],
+        relu: bool,
+        xph: &mut [f32],
+    ) -> Result<(), SparseError> {
+        let g = &self.geom;
+        if (prev.oc, prev.n, prev.oh(), prev.ow()) != (g.c, g.n, g.h, g.w) {
+            return Err(SparseError::new(format!(
+                "pack_from_conv_affine: the previous layer's output [{}, {}, {}, {}] is not \
+                 this layer's input [{}, {}, {}, {}]",
+                prev.oc,
+                prev.n,
+                prev.oh(),
+                prev.ow(),
+                g.c,
+                g.n,
+                g.h,
+                g.w
+            )));
+        }
+        prev.validate()
+            .map_err(|e| SparseError::new(format!("pack_from_conv_affine: {e}")))?;
+        len_check("pack_from_conv_affine", "x", x.len(), prev.x_len())?;
+        len_check("pack_from_conv_affine", "w", w.len(), prev.w_len())?;
+        len_check("pack_from_conv_affine", "scale", scale.len(), prev.oc)?;
+        len_check("pack_from_conv_affine", "shift", shift.len(), prev.oc)?;
+        len_check("pack_from_conv_affine", "xph", xph.len(), self.phase_len())?;
+        if !phase::vector_ok(self.isa) || !crate::conv::tiles_lowering(prev) {
+            let mut y = vec![0f32; prev.out_len()];
+            crate::conv2d_fwd_affine(x, w, prev, scale, shift, relu, &mut y);
+            return self.pack_input(&y, xph);
+        }
+        let lay = self.lay;
+        let block = lay.ph * lay.pw;
+        let hw = g.h * g.w;
+        let dst = OutPtr(xph.as_mut_ptr());
+        crate::conv::conv2d_fwd_affine_tiles(x, w, prev, scale, shift, relu, |n0, n1, tile| {
+            let pt = (n1 - n0) * hw;
+            for c in 0..g.c {
+                for ry in 0..lay.sy {
+                    // SAFETY: AVX-512 is available (`vector_ok`); `tile` holds channel c of
+                    // images n0..n1 (`pt` floats); the planes (c, ry, 0..sx) start at
+                    // ((c·sy + ry)·sx)·xs, and this tile writes only its own images'
+                    // positions n0·PH·PW .. n1·PH·PW of each (below `l <= xs`), disjoint
+                    // from every other tile.
+                    unsafe {
+                        phase::pack_images(
+                            &self.pack,
+                            tile[c * pt..][..pt].as_ptr(),
+                            n1 - n0,
+                            ry,
+                            dst.get()
+                                .add((c * lay.sy + ry) * lay.sx * lay.xs + n0 * block),
+                            lay.xs,
+                            false,
+                        )
+                    }
+                }
+            }
+        });
+        // The planes' tails after the batch (shift room): zeros, as `pack_input` leaves them.
+        for plane in xph.chunks_exact_mut(lay.xs) {
+            plane[lay.l..].fill(0.0);
+        }
+        Ok(())
+    }
+
     /// Fills the phase buffer `xph` (`phase_len()`, overwritten) from the CNHW input `x`.
     pub fn pack_input(&self, x: &[f32], xph: &mut [f32]) -> Result<(), SparseError> {
         let g = &self.geom;
