@@ -44,9 +44,16 @@ struct Tiles {
 }
 
 impl Tiles {
+    /// Tiles whose column matrix (`k` floats per output position) fits [`TILE_FLOATS`].
     fn new(g: &Conv2dGeom) -> Self {
+        Self::sized(g, g.k())
+    }
+
+    /// Tiles holding `per_col` floats per output position in [`TILE_FLOATS`] (the column
+    /// matrix, plus the output tile where the tile keeps its own output).
+    fn sized(g: &Conv2dGeom, per_col: usize) -> Self {
         let cols_per_img = (g.oh() * g.ow()).max(1);
-        let mut per = (TILE_FLOATS / g.k().max(1) / cols_per_img).clamp(1, g.n.max(1));
+        let mut per = (TILE_FLOATS / per_col.max(1) / cols_per_img).clamp(1, g.n.max(1));
         let mut count = g.n.div_ceil(per);
         let threads = rayon::current_num_threads();
         if threads > 1 && g.n >= 2 * threads {
@@ -271,7 +278,8 @@ pub(crate) fn conv2d_fwd_affine_tiles(
         "conv2d_fwd_affine_tiles: scale/shift length"
     );
     let (k, ohow) = (g.k(), g.oh() * g.ow());
-    Tiles::new(g).run(|n0, n1, par, buf| {
+    // The tile's output stays with its column matrix in cache until `sink` has read it.
+    Tiles::sized(g, k + g.oc).run(|n0, n1, par, buf| {
         let pt = (n1 - n0) * ohow;
         let (col, out) = scratch(buf, (k + g.oc) * pt).split_at_mut(k * pt);
         im2col_images(x, g, n0, n1, col);
