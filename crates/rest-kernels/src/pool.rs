@@ -20,10 +20,22 @@ pub fn global_avg_pool_fwd(x: &[f32], c: usize, n: usize, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
-    let means: Vec<f32> = x
-        .par_chunks(hw)
-        .map(|plane| sum_lanes(plane) / hw as f32)
-        .collect();
+    // One task per channel (N planes), not per plane: the planes of deep layers are a few
+    // elements long.
+    let mut means = vec![0f32; n * c];
+    let channel = |(m, xc): (&mut [f32], &[f32])| {
+        for (v, plane) in m.iter_mut().zip(xc.chunks_exact(hw)) {
+            *v = sum_lanes(plane) / hw as f32;
+        }
+    };
+    if x.len() < 1 << 15 {
+        means.chunks_mut(n).zip(x.chunks(n * hw)).for_each(channel);
+    } else {
+        means
+            .par_chunks_mut(n)
+            .zip(x.par_chunks(n * hw))
+            .for_each(channel);
+    }
     for ch in 0..c {
         for b in 0..n {
             out[b * c + ch] = means[ch * n + b];

@@ -430,7 +430,15 @@ fn batch_norm_eval_and_running_stats_follow_pytorch() {
 #[test]
 fn global_avg_pool_matches_naive() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
-    for &(c, n, hw) in &[(1, 1, 1), (3, 2, 9), (7, 5, 49), (256, 4, 9)] {
+    // The last two take the parallel per-channel path (>= 2^15 inputs).
+    for &(c, n, hw) in &[
+        (1, 1, 1),
+        (3, 2, 9),
+        (7, 5, 49),
+        (256, 4, 9),
+        (256, 40, 9),
+        (5, 3, 4096),
+    ] {
         let x = rand_vec(&mut rng, c * n * hw);
         let mut out = vec![f32::NAN; n * c];
         global_avg_pool_fwd(&x, c, n, &mut out);
