@@ -25,8 +25,8 @@ const MAX_IDLE: usize = 8;
 
 static IDLE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
-/// A buffer of `len` elements with unspecified contents (a reused buffer keeps stale values;
-/// only a newly grown tail is zeroed). The caller must overwrite what it reads.
+/// A buffer of `len` elements with unspecified contents (a reused buffer keeps stale values,
+/// a grown one holds whatever the allocator gave). The caller must overwrite what it reads.
 pub fn take(len: usize) -> Vec<f32> {
     let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
     // Best fit: the smallest idle buffer that is large enough, else the largest one.
@@ -47,11 +47,16 @@ pub fn take(len: usize) -> Vec<f32> {
         None => Vec::new(),
     };
     drop(idle);
-    if buf.len() >= len {
-        buf.truncate(len);
-    } else {
-        buf.resize(len, 0.0);
+    if buf.capacity() < len {
+        // Too small: a fresh buffer, neither copied from the old one nor zero-filled.
+        return output(len);
     }
+    // SAFETY: within capacity; f32 has no invalid bit patterns, and the caller overwrites
+    // what it reads (this function's contract, as for `output`).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        buf.set_len(len)
+    };
     buf
 }
 
