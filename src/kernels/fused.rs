@@ -40,17 +40,6 @@ struct ConvBnReluOp {
     stats: Arc<Mutex<Option<BnBatchStats>>>,
 }
 
-impl Drop for ConvBnReluOp {
-    fn drop(&mut self) {
-        if let Some(s) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            scratch::give(s.conv_out);
-            if let Some(b) = s.xph {
-                scratch::give(b);
-            }
-        }
-    }
-}
-
 impl CustomOp3 for ConvBnReluOp {
     fn name(&self) -> &'static str {
         "rest-conv-bn-relu-cnhw"
@@ -70,7 +59,7 @@ impl CustomOp3 for ConvBnReluOp {
         let w = cpu_slice(s2, l2, self.name())?;
         let gb = cpu_slice(s3, l3, self.name())?;
         let (gamma, beta) = gb.split_at(g.oc);
-        let mut conv_out = scratch::take(g.out_len());
+        let mut conv_out = scratch::output(g.out_len());
         let xph = match &self.sparse {
             Some(sw) => sparse_conv_forward(sw, g, x, w, &mut conv_out, self.keep)?,
             None => {
@@ -88,7 +77,7 @@ impl CustomOp3 for ConvBnReluOp {
                 stats,
             });
         } else {
-            scratch::give(conv_out);
+            drop(conv_out);
         }
         Ok((CpuStorage::F32(y), Shape::from((g.oc, g.n, g.oh(), g.ow()))))
     }
@@ -106,7 +95,7 @@ impl CustomOp3 for ConvBnReluOp {
         let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             candle_core::bail!("{name}: backward before forward");
         };
-        let mut dconv = scratch::take(g.out_len());
+        let mut dconv = scratch::output(g.out_len());
         let (dgamma, dbeta) = with_f32(grad, name, |dy| {
             with_f32(res, name, |y| {
                 with_f32(gb, name, |gbs| {
@@ -122,7 +111,7 @@ impl CustomOp3 for ConvBnReluOp {
                 })
             })
         })?;
-        scratch::give(saved.conv_out);
+        drop(saved.conv_out);
         let (dx, dw) = match &self.sparse {
             Some(sw) => sparse_conv_backward(sw, g, x, w, &dconv, saved.xph)?,
             None => {
@@ -149,7 +138,7 @@ impl CustomOp3 for ConvBnReluOp {
                 (dx, dw)
             }
         };
-        scratch::give(dconv);
+        drop(dconv);
         let dgb = if gb.track_op() {
             let mut v = dgamma;
             v.extend_from_slice(&dbeta);

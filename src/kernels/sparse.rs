@@ -46,7 +46,6 @@ impl State {
         match &mut self.grad {
             Some(acc) if acc.len() == vals.len() => {
                 acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v);
-                scratch::give(vals);
             }
             g => *g = Some(vals),
         }
@@ -154,14 +153,6 @@ struct SparseConvOp {
     keep_input: bool,
 }
 
-impl Drop for SparseConvOp {
-    fn drop(&mut self) {
-        if let Some(c) = self.xph.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            scratch::give(c);
-        }
-    }
-}
-
 impl CustomOp2 for SparseConvOp {
     fn name(&self) -> &'static str {
         "rest-sparse-conv2d-cnhw"
@@ -231,16 +222,11 @@ pub(super) fn sparse_conv_forward_affine(
     }
     st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
     let plan = st.conv_plan(g)?;
-    let mut xph = scratch::take(plan.phase_len());
+    let mut xph = scratch::output(plan.phase_len());
     plan.pack_input(x, &mut xph).map_err(kernel_err)?;
     plan.forward_affine(&st.matrix, &xph, out, epilogue)
         .map_err(kernel_err)?;
-    Ok(if keep_input {
-        Some(xph)
-    } else {
-        scratch::give(xph);
-        None
-    })
+    Ok(keep_input.then_some(xph))
 }
 
 /// Inference of a dense convolution + folded BatchNorm (+ReLU) (`prev`, input `x`, weight
@@ -263,13 +249,12 @@ pub(super) fn dense_then_sparse_conv_eval(
     let mut st = weight.lock();
     st.matrix.update_values_from_dense(w2).map_err(kernel_err)?;
     let plan = st.conv_plan(g)?;
-    let mut xph = scratch::take(plan.phase_len());
+    let mut xph = scratch::output(plan.phase_len());
     let (scale, shift, relu) = first;
     plan.pack_from_conv_affine(prev, x, w1, scale, shift, relu, &mut xph)
         .map_err(kernel_err)?;
     plan.forward_affine(&st.matrix, &xph, out, Some(second))
         .map_err(kernel_err)?;
-    scratch::give(xph);
     Ok(())
 }
 
@@ -288,7 +273,7 @@ pub(super) fn sparse_conv_backward(
     const OP: &str = "rest-sparse-conv2d-cnhw";
     let mut st = weight.lock();
     let plan = st.conv_plan(g)?;
-    let mut dyv = scratch::take(plan.grad_len());
+    let mut dyv = scratch::output(plan.grad_len());
     let dx = if x.track_op() {
         let mut dx = scratch::output(g.x_len());
         plan.backward_input(&st.matrix, dout, &mut dyv, &mut dx)
@@ -311,7 +296,7 @@ pub(super) fn sparse_conv_backward(
         let xph = match xph.take() {
             Some(b) => b,
             None => {
-                let mut b = scratch::take(plan.phase_len());
+                let mut b = scratch::output(plan.phase_len());
                 with_f32(x, OP, |xs| plan.pack_input(xs, &mut b).map_err(kernel_err))?;
                 b
             }
@@ -320,10 +305,10 @@ pub(super) fn sparse_conv_backward(
             // Else `backward_input` left the expanded gradient in `dyv`.
             plan.expand_grad(dout, &mut dyv).map_err(kernel_err)?;
         }
-        let mut vals = scratch::take(st.matrix.nnz());
+        let mut vals = scratch::output(st.matrix.nnz());
         plan.grad_weight(&st.matrix, &dyv, &xph, &mut vals)
             .map_err(kernel_err)?;
-        scratch::give(xph);
+        drop(xph);
         if st.compact_grad {
             // Kept at the active weights for the optimizer (`SparseWeight::take_grad`).
             st.add_compact_grad(vals);
@@ -333,14 +318,9 @@ pub(super) fn sparse_conv_backward(
             st.matrix
                 .scatter_to_dense(&vals, &mut dw)
                 .map_err(kernel_err)?;
-            scratch::give(vals);
             Some(Tensor::from_vec(dw, w.shape(), w.device())?)
         }
     };
-    scratch::give(dyv);
-    if let Some(b) = xph {
-        scratch::give(b);
-    }
     Ok((dx, dw))
 }
 
@@ -396,14 +376,6 @@ struct SparseLinearOp {
     pack: Mutex<Option<Vec<f32>>>,
 }
 
-impl Drop for SparseLinearOp {
-    fn drop(&mut self) {
-        if let Some(p) = self.pack.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            scratch::give(p);
-        }
-    }
-}
-
 impl SparseLinearOp {
     /// `y = x W^T (+ b)`, then ReLU if asked for.
     fn fwd(
@@ -418,21 +390,14 @@ impl SparseLinearOp {
         if rows_path(st.matrix.nnz(), i, o) {
             let mut y = scratch::output(n * o);
             let mut pack = if self.keep_pack {
-                scratch::take(packed_len(&st.matrix, n))
+                scratch::output(packed_len(&st.matrix, n))
             } else {
                 Vec::new()
             };
             spmm_rows_fused(&st.matrix, x, n, b, self.relu, &mut y, &mut pack)
                 .map_err(kernel_err)?;
             if self.keep_pack {
-                let old = self
-                    .pack
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .replace(pack);
-                if let Some(old) = old {
-                    scratch::give(old);
-                }
+                *self.pack.lock().unwrap_or_else(|e| e.into_inner()) = Some(pack);
             }
             return Ok((CpuStorage::F32(y), Shape::from((n, o))));
         }
@@ -472,13 +437,8 @@ impl SparseLinearOp {
                 }
                 Ok(())
             })?;
-            let r = self.grads_from(x, w, bias, &dy, pack.as_deref());
-            scratch::give(dy);
-            r
+            self.grads_from(x, w, bias, &dy, pack.as_deref())
         });
-        if let Some(p) = pack {
-            scratch::give(p);
-        }
         out
     }
 
@@ -552,12 +512,11 @@ impl SparseLinearOp {
                     if st.dense_grad {
                         linear_bwd_weight(dy, xs, n, i, o, &mut dw);
                     } else {
-                        let mut vals = scratch::take(st.matrix.nnz());
+                        let mut vals = scratch::output(st.matrix.nnz());
                         sddmm_rows(&st.matrix, dy, xs, n, &mut vals).map_err(kernel_err)?;
                         st.matrix
                             .scatter_to_dense(&vals, &mut dw)
                             .map_err(kernel_err)?;
-                        scratch::give(vals);
                     }
                     Ok(())
                 })?;
