@@ -2,7 +2,7 @@
 //! training. The convolution's output never becomes a candle tensor: candle's autograd would
 //! otherwise allocate a zero gradient for it and add the batch-norm gradient into it (two
 //! extra passes over the largest activation of the network per layer and step), and the
-//! batch-norm input gradient goes straight from a pooled buffer into the convolution's
+//! batch-norm input gradient goes straight from a scratch buffer into the convolution's
 //! backward pass. Results are bit-identical to the unfused ops (same kernels, same order).
 
 use anyhow::{bail, Result};
@@ -21,9 +21,9 @@ use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
 
 /// What the forward pass keeps for the backward pass.
 struct Saved {
-    /// The convolution output (batch-norm input), a pooled buffer.
+    /// The convolution output (batch-norm input).
     conv_out: Vec<f32>,
-    /// The polyphase input of a sparse convolution, a pooled buffer.
+    /// The polyphase input of a sparse convolution.
     xph: Option<Vec<f32>>,
     stats: BnBatchStats,
 }

@@ -148,7 +148,7 @@ struct SparseConvOp {
     geom: Conv2dGeom,
     weight: Arc<SparseWeight>,
     /// The polyphase copy of the forward input, kept for the weight gradient when gradients
-    /// are tracked (a pooled scratch buffer, returned after the backward pass or on drop).
+    /// are tracked (freed after the backward pass, or with the op).
     xph: Mutex<Option<Vec<f32>>>,
     keep_input: bool,
 }
@@ -192,7 +192,7 @@ impl CustomOp2 for SparseConvOp {
 }
 
 /// Sparse convolution forward into `out` (CNHW, overwritten) with the current values of `w`;
-/// returns the polyphase input (a pooled buffer) when `keep_input`, for the weight gradient.
+/// returns the polyphase input when `keep_input`, for the weight gradient.
 pub(super) fn sparse_conv_forward(
     weight: &SparseWeight,
     g: &Conv2dGeom,
@@ -215,18 +215,9 @@ pub(super) fn sparse_conv_forward_affine(
     keep_input: bool,
     epilogue: Option<(&[f32], &[f32], bool)>,
 ) -> candle_core::Result<Option<Vec<f32>>> {
-    let mut st = weight.lock();
-    if keep_input {
-        // A new graph: a compact gradient not taken since the last one is stale.
-        st.grad = None;
-    }
-    st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
-    let plan = st.conv_plan(g)?;
-    let mut xph = scratch::output(plan.phase_len());
-    plan.pack_input(x, &mut xph).map_err(kernel_err)?;
-    plan.forward_affine(&st.matrix, &xph, out, epilogue)
-        .map_err(kernel_err)?;
-    Ok(keep_input.then_some(xph))
+    sparse_conv_forward_from(weight, g, w, out, keep_input, epilogue, |plan, xph| {
+        plan.pack_input(x, xph)
+    })
 }
 
 /// Inference of a dense convolution + folded BatchNorm (+ReLU) (`prev`, input `x`, weight
@@ -242,26 +233,44 @@ pub(super) fn dense_then_sparse_conv_eval(
     prev: &Conv2dGeom,
     x: &[f32],
     w1: &[f32],
-    first: (&[f32], &[f32], bool),
+    (scale, shift, relu): (&[f32], &[f32], bool),
     second: (&[f32], &[f32], bool),
     out: &mut [f32],
 ) -> candle_core::Result<()> {
+    sparse_conv_forward_from(weight, g, w2, out, false, Some(second), |plan, xph| {
+        plan.pack_from_conv_affine(prev, x, w1, scale, shift, relu, xph)
+    })?;
+    Ok(())
+}
+
+/// The sparse convolution forward with the current values of `w`, its phase buffer filled by
+/// `pack`; returns that buffer when `keep_input` (for the weight gradient).
+fn sparse_conv_forward_from(
+    weight: &SparseWeight,
+    g: &Conv2dGeom,
+    w: &[f32],
+    out: &mut [f32],
+    keep_input: bool,
+    epilogue: Option<(&[f32], &[f32], bool)>,
+    pack: impl FnOnce(&SparseConv, &mut [f32]) -> Result<(), rest_kernels::sparse::SparseError>,
+) -> candle_core::Result<Option<Vec<f32>>> {
     let mut st = weight.lock();
-    st.matrix.update_values_from_dense(w2).map_err(kernel_err)?;
+    if keep_input {
+        // A new graph: a compact gradient not taken since the last one is stale.
+        st.grad = None;
+    }
+    st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
     let plan = st.conv_plan(g)?;
     let mut xph = scratch::output(plan.phase_len());
-    let (scale, shift, relu) = first;
-    plan.pack_from_conv_affine(prev, x, w1, scale, shift, relu, &mut xph)
+    pack(&plan, &mut xph).map_err(kernel_err)?;
+    plan.forward_affine(&st.matrix, &xph, out, epilogue)
         .map_err(kernel_err)?;
-    plan.forward_affine(&st.matrix, &xph, out, Some(second))
-        .map_err(kernel_err)?;
-    Ok(())
+    Ok(keep_input.then_some(xph))
 }
 
 /// Gradients of a sparse convolution from the CNHW output gradient `dout`: the input's if
 /// `x` tracks gradients, the weight's (at the pattern, or dense on mask-update steps) if `w`
-/// does. `xph` is the polyphase input kept by the forward pass, if any (returned to the
-/// pool).
+/// does. `xph` is the polyphase input kept by the forward pass, if any.
 pub(super) fn sparse_conv_backward(
     weight: &SparseWeight,
     g: &Conv2dGeom,
@@ -372,7 +381,7 @@ struct SparseLinearOp {
     /// Whether the forward pass keeps its input packed for the weight gradient
     /// ([`sddmm_packed`]): the batch-major path with a compact weight gradient.
     keep_pack: bool,
-    /// The packed input (a pooled scratch buffer, returned after the backward pass or on drop).
+    /// The packed input (freed after the backward pass, or with the op).
     pack: Mutex<Option<Vec<f32>>>,
 }
 

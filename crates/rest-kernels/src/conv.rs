@@ -131,6 +131,42 @@ fn add_in_order(dst: &mut [f32], partials: &[Vec<f32>]) {
     }
 }
 
+/// The forward product of one image tile: lowers images `n0..n1` into `col` (`k x pt`
+/// floats) and writes `w x col` to the `oc` rows of `pt` floats at `dst`, row stride `dst_rs`.
+///
+/// # Safety
+/// `dst + r·dst_rs .. + pt` must be writable for every row `r < oc` and not accessed by
+/// anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_tile(
+    x: &[f32],
+    w: &[f32],
+    g: &Conv2dGeom,
+    (n0, n1): (usize, usize),
+    col: &mut [f32],
+    dst: *mut f32,
+    dst_rs: usize,
+    par: bool,
+) {
+    let (k, pt) = (g.k(), (n1 - n0) * g.oh() * g.ow());
+    im2col_images(x, g, n0, n1, col);
+    // SAFETY: the caller's contract for `dst`; `w`/`col` are reads of `oc x k` and `k x pt`
+    // elements.
+    unsafe {
+        gemm_ptr(
+            g.oc,
+            pt,
+            k,
+            dst,
+            dst_rs as isize,
+            false,
+            (w.as_ptr(), k as isize, 1),
+            (col.as_ptr(), pt as isize, 1),
+            par,
+        );
+    }
+}
+
 /// Whether this geometry needs an explicit im2col buffer (`false` for 1x1, stride 1, pad 0,
 /// where the input itself is the column matrix).
 pub fn needs_im2col(g: &Conv2dGeom) -> bool {
@@ -214,22 +250,9 @@ fn conv2d_fwd_epilogue(
     Tiles::new(g).run(|n0, n1, par, buf| {
         let pt = (n1 - n0) * ohow;
         let col = scratch(buf, k * pt);
-        im2col_images(x, g, n0, n1, col);
         // SAFETY: the tile writes columns n0*ohow..n1*ohow of each of the `oc` rows of `out`
-        // (row stride p), in bounds and disjoint from every other tile; `w`/`col` are reads.
-        unsafe {
-            gemm_ptr(
-                g.oc,
-                pt,
-                k,
-                outp.get().add(n0 * ohow),
-                p as isize,
-                false,
-                (w.as_ptr(), k as isize, 1),
-                (col.as_ptr(), pt as isize, 1),
-                par,
-            );
-        }
+        // (row stride p), in bounds and disjoint from every other tile.
+        unsafe { forward_tile(x, w, g, (n0, n1), col, outp.get().add(n0 * ohow), p, par) };
         if let Some((scale, shift, relu)) = affine {
             for oc in 0..g.oc {
                 // SAFETY: the same tile columns as the GEMM above wrote (this tile's own).
@@ -282,22 +305,8 @@ pub(crate) fn conv2d_fwd_affine_tiles(
     Tiles::sized(g, k + g.oc).run(|n0, n1, par, buf| {
         let pt = (n1 - n0) * ohow;
         let (col, out) = scratch(buf, (k + g.oc) * pt).split_at_mut(k * pt);
-        im2col_images(x, g, n0, n1, col);
-        // SAFETY: `out` is this tile's own `oc x pt` buffer (row stride pt); `w`/`col` are
-        // reads of `oc x k` and `k x pt` elements.
-        unsafe {
-            gemm_ptr(
-                g.oc,
-                pt,
-                k,
-                out.as_mut_ptr(),
-                pt as isize,
-                false,
-                (w.as_ptr(), k as isize, 1),
-                (col.as_ptr(), pt as isize, 1),
-                par,
-            );
-        }
+        // SAFETY: `out` is this tile's own `oc x pt` buffer (row stride pt).
+        unsafe { forward_tile(x, w, g, (n0, n1), col, out.as_mut_ptr(), pt, par) };
         for (oc, row) in out.chunks_exact_mut(pt).enumerate() {
             crate::batchnorm::row_affine_inplace(row, scale[oc], shift[oc], relu);
         }
