@@ -6,13 +6,15 @@
 #
 # Build here, carry the binary there:
 #   source .cuda/env.sh && CUDA_COMPUTE_CAP=90 cargo build --release --features cuda
-#   mkdir -p gpu && cp target/release/rest gpu/rest && strip gpu/rest   # ~57 MiB: fits the 64 MiB carry
+#   mkdir -p gpu && gzip -9 -c target/release/rest > gpu/rest.gz   # ~18 MiB (65 MiB unpacked)
+#   cp ../shared/bench/torch_ref.py gpu/                           # PyTorch's models
 # Run there, from the repository root:
-#   BIN=gpu/rest tools/cuda/gpu-check.sh [OUT]
+#   gunzip gpu/rest.gz && BIN=gpu/rest tools/cuda/gpu-check.sh [OUT]
 # Environment: BIN (default target/release/rest), DEVICE (default cuda; `cpu` runs the same
-# flow without a GPU, to test the script), EPOCHS (default: the default run's), SEEDS (extra --seed
-# values to train beside the default run, e.g. "1 2", for the run-to-run spread), STEPS (timed steps per
-# measurement, default 50), WARMUP (default 10), PY (default python3), TORCH_REF (the
+# flow without a GPU, to test the script), EPOCHS (default: the default run's), SEEDS (extra
+# --seed values to train beside the default run, e.g. "1 2", for the run-to-run spread),
+# STEPS (timed steps per measurement, default 50), WARMUP (default 10), PY (default python3),
+# TORCH_REF (the
 # project's shared/bench/torch_ref.py, which holds the PyTorch models; by default looked up
 # beside the repository, or as gpu/torch_ref.py when carried with the binary), STAGE_TIMEOUT
 # (seconds per stage, default 300). Every stage runs even when an earlier one fails (a device
