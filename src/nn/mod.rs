@@ -48,21 +48,8 @@ pub fn conv_bn(
         return bn.forward(&conv.forward(x)?, train, relu);
     }
     if !train {
-        let lock = |m: &Mutex<Tensor>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (rm, rv) = (lock(&bn.running_mean), lock(&bn.running_var));
-        return crate::kernels::conv_bn_eval(
-            x,
-            conv.weight.as_tensor(),
-            conv.stride,
-            conv.padding,
-            slot_weight(&conv.slot).as_ref(),
-            bn.gamma.as_tensor(),
-            bn.beta.as_tensor(),
-            &rm,
-            &rv,
-            bn.eps,
-            relu,
-        );
+        let state = EvalState::of(conv, bn);
+        return state.layer(conv, bn, relu).apply(x);
     }
     let sparse = slot_weight(&conv.slot);
     let (y, mean, var) = crate::kernels::conv_bn_train(
@@ -78,6 +65,46 @@ pub fn conv_bn(
     )?;
     bn.update_running(&mean, &var, y.elem_count() / y.dim(0)?)?;
     Ok(y)
+}
+
+/// What an inference conv+BN layer reads besides its parameters, taken once per call: the
+/// running statistics (behind their locks) and the conv's sparse pattern, if any.
+struct EvalState {
+    running_mean: Tensor,
+    running_var: Tensor,
+    sparse: Option<Arc<SparseWeight>>,
+}
+
+impl EvalState {
+    fn of(conv: &Conv2d, bn: &BatchNorm2d) -> Self {
+        let lock = |m: &Mutex<Tensor>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        EvalState {
+            running_mean: lock(&bn.running_mean),
+            running_var: lock(&bn.running_var),
+            sparse: slot_weight(&conv.slot),
+        }
+    }
+
+    /// The layer's arguments for `kernels::conv_bn_eval` / `conv_bn_eval_pair`.
+    fn layer<'a>(
+        &'a self,
+        conv: &'a Conv2d,
+        bn: &'a BatchNorm2d,
+        relu: bool,
+    ) -> crate::kernels::EvalConvBn<'a> {
+        crate::kernels::EvalConvBn {
+            w: conv.weight.as_tensor(),
+            stride: conv.stride,
+            pad: conv.padding,
+            sparse: self.sparse.as_ref(),
+            gamma: bn.gamma.as_tensor(),
+            beta: bn.beta.as_tensor(),
+            running_mean: &self.running_mean,
+            running_var: &self.running_var,
+            eps: bn.eps,
+            relu,
+        }
+    }
 }
 
 /// Whether [`conv_bn_relu_pair_eval`] fuses this pair: a dense convolution without bias
@@ -102,34 +129,8 @@ pub fn conv_bn_relu_pair_eval(
         let h = conv_bn_relu(conv1, bn1, x, false)?;
         return conv_bn_relu(conv2, bn2, &h, false);
     }
-    let lock = |m: &Mutex<Tensor>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let (rm1, rv1) = (lock(&bn1.running_mean), lock(&bn1.running_var));
-    let (rm2, rv2) = (lock(&bn2.running_mean), lock(&bn2.running_var));
-    let sw2 = slot_weight(&conv2.slot);
-    let first = crate::kernels::EvalConvBn {
-        w: conv1.weight.as_tensor(),
-        stride: conv1.stride,
-        pad: conv1.padding,
-        sparse: None,
-        gamma: bn1.gamma.as_tensor(),
-        beta: bn1.beta.as_tensor(),
-        running_mean: &rm1,
-        running_var: &rv1,
-        eps: bn1.eps,
-        relu: true,
-    };
-    let second = crate::kernels::EvalConvBn {
-        w: conv2.weight.as_tensor(),
-        stride: conv2.stride,
-        pad: conv2.padding,
-        sparse: sw2.as_ref(),
-        gamma: bn2.gamma.as_tensor(),
-        beta: bn2.beta.as_tensor(),
-        running_mean: &rm2,
-        running_var: &rv2,
-        eps: bn2.eps,
-        relu: true,
-    };
+    let (s1, s2) = (EvalState::of(conv1, bn1), EvalState::of(conv2, bn2));
+    let (first, second) = (s1.layer(conv1, bn1, true), s2.layer(conv2, bn2, true));
     crate::kernels::conv_bn_eval_pair(x, &first, &second)
 }
 
