@@ -396,7 +396,7 @@ fn setup(
 /// its phases (forward with the loss, backward, SGD step with the masks) to `phases`.
 fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor, phases: &mut [Vec<f64>; 3]) -> Result<()> {
     let t0 = Instant::now();
-    let tape = crate::kernels::tape::start();
+    let tape = crate::kernels::tape::start_lean();
     let logits = s.model.forward(x, true)?;
     let rec = tape.finish(logits)?;
     let loss = crate::kernels::softmax_nll(rec.head(), y)?.mean_all()?;

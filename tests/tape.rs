@@ -76,8 +76,12 @@ fn candle_grads(model: &dyn Model, x: &Tensor, y: &Tensor, l2: f64) -> Result<Gr
     Ok(loss_of(model, &logits, y, l2)?.backward()?)
 }
 
-fn tape_grads(model: &dyn Model, x: &Tensor, y: &Tensor, l2: f64) -> Result<GradStore> {
-    let guard = tape::start();
+fn tape_grads(model: &dyn Model, x: &Tensor, y: &Tensor, l2: f64, lean: bool) -> Result<GradStore> {
+    let guard = if lean {
+        tape::start_lean()
+    } else {
+        tape::start()
+    };
     let logits = model.forward(x, true)?;
     let rec = guard.finish(logits)?;
     assert_eq!(
@@ -128,13 +132,16 @@ fn check(kind: ModelKind, width: usize, input: (usize, usize, usize), density: O
     let (x, y) = inputs(6, input, 3).expect("inputs");
     for l2 in [0.0, 0.01] {
         let a = candle_grads(model.as_ref(), &x, &y, l2).expect("candle");
-        let b = tape_grads(model.as_ref(), &x, &y, l2).expect("tape");
-        assert_same(
-            model.as_ref(),
-            &b,
-            &a,
-            &format!("{kind:?} density {density:?} l2 {l2}"),
-        );
+        // Lean: graph-less outputs, stand-ins for what no backward reads (training's mode).
+        for lean in [false, true] {
+            let b = tape_grads(model.as_ref(), &x, &y, l2, lean).expect("tape");
+            assert_same(
+                model.as_ref(),
+                &b,
+                &a,
+                &format!("{kind:?} density {density:?} l2 {l2} lean {lean}"),
+            );
+        }
     }
 }
 
@@ -196,6 +203,35 @@ fn a_candle_op_between_recorded_ops_falls_back_to_candle() -> Result<()> {
             flat(want.get(v.as_tensor()).expect("grad"))
         );
     }
+    Ok(())
+}
+
+#[test]
+fn an_incomplete_lean_recording_is_an_error_not_a_silent_fallback() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let (x, w1, w2) = (
+        var(&mut rng, &[5, 7]),
+        var(&mut rng, &[6, 7]),
+        var(&mut rng, &[3, 6]),
+    );
+    // Lean outputs carry no graph, so candle's backward cannot stand in for the tape.
+    let guard = tape::start_lean();
+    let h = kernels::linear_act(x.as_tensor(), w1.as_tensor(), None, true)?;
+    let h = h.affine(2.0, 0.5)?;
+    let out = kernels::linear(&h, w2.as_tensor(), None)?;
+    let err = guard
+        .finish(out)
+        .err()
+        .expect("an incomplete lean recording must fail");
+    assert!(err.to_string().contains("REST_BACKWARD=candle"), "{err}");
+    // The same when the output itself comes from a candle op on a recorded output.
+    let guard = tape::start_lean();
+    let h = kernels::linear_act(x.as_tensor(), w1.as_tensor(), None, true)?;
+    assert!(guard.finish(h.affine(2.0, 0.0)?).is_err());
+    // Nothing recorded (candle ops only): candle's backward runs it.
+    let guard = tape::start_lean();
+    let rec = guard.finish(x.as_tensor().matmul(&w1.as_tensor().t()?)?)?;
+    assert!(rec.fallback_reason().is_some());
     Ok(())
 }
 

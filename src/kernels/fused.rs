@@ -17,6 +17,7 @@ use super::sparse::{
     dense_then_sparse_conv_eval, sparse_conv_backward, sparse_conv_forward,
     sparse_conv_forward_affine, SparseWeight,
 };
+use super::tape::Keep;
 use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
 
 /// What the forward pass keeps for the backward pass.
@@ -87,7 +88,7 @@ impl CustomOp3 for ConvBnReluOp {
         x: &Tensor,
         w: &Tensor,
         gb: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = &self.geom;
@@ -97,18 +98,17 @@ impl CustomOp3 for ConvBnReluOp {
         };
         let mut dconv = scratch::output(g.out_len());
         let (dgamma, dbeta) = with_f32(grad, name, |dy| {
-            with_f32(res, name, |y| {
-                with_f32(gb, name, |gbs| {
-                    Ok(batch_norm_bwd(
-                        &saved.conv_out,
-                        dy,
-                        &gbs[..g.oc],
-                        &saved.stats,
-                        self.eps,
-                        self.relu.then_some(y),
-                        &mut dconv,
-                    ))
-                })
+            with_f32(gb, name, |gbs| {
+                let (gamma, beta) = gbs.split_at(g.oc);
+                Ok(batch_norm_bwd(
+                    &saved.conv_out,
+                    dy,
+                    gamma,
+                    self.relu.then_some(beta),
+                    &saved.stats,
+                    self.eps,
+                    &mut dconv,
+                ))
             })
         })?;
         drop(saved.conv_out);
@@ -193,7 +193,9 @@ pub fn conv_bn_train(
         saved: Mutex::new(None),
         stats: stats.clone(),
     };
-    let y = super::tape::op3(&x, &w, &gb, op)?;
+    // The backward pass reads the arguments, not the output (the ReLU's mask is recomputed
+    // from the saved convolution output).
+    let y = super::tape::op3_keep(&x, &w, &gb, op, Keep::only(0b111, false))?;
     let stats = stats
         .lock()
         .map_err(|e| anyhow::anyhow!("{F}: {e}"))?

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use rest_kernels::{batch_norm_bwd, batch_norm_train_fwd, channel_affine, BnBatchStats};
 
+use super::tape::Keep;
 use super::{cpu_slice, prepare, scratch, with_f32};
 
 struct BnTrainOp {
@@ -50,7 +51,7 @@ impl CustomOp3 for BnTrainOp {
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let guard = self.stats.lock().map_err(lock_err)?;
@@ -63,11 +64,11 @@ impl CustomOp3 for BnTrainOp {
             with_f32(grad, name, |dy| {
                 with_f32(gamma, name, |g| {
                     if self.relu {
-                        with_f32(res, name, |y| {
-                            Ok(batch_norm_bwd(xs, dy, g, stats, self.eps, Some(y), &mut dx))
+                        with_f32(beta, name, |b| {
+                            Ok(batch_norm_bwd(xs, dy, g, Some(b), stats, self.eps, &mut dx))
                         })
                     } else {
-                        Ok(batch_norm_bwd(xs, dy, g, stats, self.eps, None, &mut dx))
+                        Ok(batch_norm_bwd(xs, dy, g, None, stats, self.eps, &mut dx))
                     }
                 })
             })
@@ -133,7 +134,8 @@ pub fn batch_norm_cnhw_train(
         relu,
         stats: stats.clone(),
     };
-    let y = super::tape::op3(&x, &p[0], &p[1], op)?;
+    // The backward pass reads the arguments, not the output (the ReLU's mask is recomputed).
+    let y = super::tape::op3_keep(&x, &p[0], &p[1], op, Keep::only(0b111, false))?;
     let stats = stats
         .lock()
         .map_err(|e| anyhow::anyhow!("{F}: {e}"))?

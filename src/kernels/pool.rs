@@ -9,6 +9,7 @@ use rest_kernels::{
     global_avg_pool_bwd, global_avg_pool_fwd, max_pool2d_bwd, max_pool2d_fwd, MaxPool2dGeom,
 };
 
+use super::tape::Keep;
 use super::{cpu_slice, prepare, with_f32};
 
 struct GlobalAvgPoolOp {
@@ -48,7 +49,8 @@ pub fn global_avg_pool_cnhw(x: &Tensor) -> Result<Tensor> {
     let x = prepare(x, 4, "global_avg_pool_cnhw input x [C, N, H, W]")?;
     let (c, n, h, w) = x.dims4()?;
     let op = GlobalAvgPoolOp { c, n, hw: h * w };
-    Ok(super::tape::op1(&x, op)?)
+    // The backward pass reads only the input's shape.
+    Ok(super::tape::op1_keep(&x, op, Keep::only(0, false))?)
 }
 
 struct MaxPoolOp {
@@ -113,5 +115,6 @@ pub fn max_pool2d_cnhw(x: &Tensor, k: usize, stride: usize, pad: usize) -> Resul
         geom,
         argmax: Mutex::new(None),
     };
-    Ok(super::tape::op1(&x, op)?)
+    // The backward pass reads only the input's shape (and its own argmax indices).
+    Ok(super::tape::op1_keep(&x, op, Keep::only(0, false))?)
 }

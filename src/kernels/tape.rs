@@ -17,6 +17,16 @@
 //! Inputs that candle ops computed from parameters only (e.g. `cat(gamma, beta)`) are fine:
 //! their gradients go back through candle in one small pass at the end.
 //!
+//! A *lean* recording ([`start_lean`], what training uses) also keeps memory down: each
+//! recorded op's output is a fresh graph-less tensor (a candle variable, so that later ops
+//! still see a tensor that takes part in autograd), so candle builds no graph over the
+//! activations and the tape holds the only references; and each entry keeps only the
+//! tensors its op's backward reads ([`Keep`]), the others replaced by shape-only stand-ins.
+//! An activation no backward needs (a residual branch's normalised output, the ResNet stem's
+//! output that only max pooling reads) is freed as soon as the next op has run. With no graph
+//! there is nothing to fall back to: a lean recording that is incomplete (a candle op between
+//! recorded ops) is an error, not a silent fallback; models are tested to be complete.
+//!
 //! Use:
 //! ```ignore
 //! let guard = tape::start();
@@ -27,7 +37,7 @@
 //! ```
 
 use candle_core::backprop::GradStore;
-use candle_core::{CustomOp1, CustomOp2, CustomOp3, Tensor, TensorId, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Storage, Tensor, TensorId, Var};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -42,10 +52,51 @@ enum OpRef {
     Three(Op3),
 }
 
-/// One recorded op: its arguments and its output.
+/// Which of its tensors an op's backward pass reads: the arguments (bit `i` for argument `i`)
+/// and the output. In a lean recording the others are kept as shape-only stand-ins (same
+/// shape, device, dtype and gradient tracking, one element of storage).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Keep {
+    args: u8,
+    out: bool,
+}
+
+impl Keep {
+    /// Every argument and the output.
+    pub(crate) const ALL: Keep = Keep {
+        args: u8::MAX,
+        out: true,
+    };
+
+    /// The arguments whose bits are set in `args`, and the output if `out`.
+    pub(crate) const fn only(args: u8, out: bool) -> Keep {
+        Keep { args, out }
+    }
+
+    fn arg(self, i: usize) -> bool {
+        self.args & (1 << i) != 0
+    }
+}
+
+/// Where the gradient of a recorded op's argument goes.
+enum Route {
+    /// Another recorded op's output (by id).
+    Output(TensorId),
+    /// A variable (a parameter): into the gradient store.
+    Variable(Tensor),
+    /// Computed by candle ops from parameters: the surrogate pass at the end.
+    Derived(Tensor),
+    /// No gradient (input data, constants).
+    None,
+}
+
+/// One recorded op: its arguments (stand-ins for those its backward does not read), where
+/// their gradients go, and its output.
 struct Entry {
     op: OpRef,
     args: Vec<Tensor>,
+    routes: Vec<Route>,
+    out_id: TensorId,
     out: Tensor,
 }
 
@@ -55,6 +106,11 @@ struct State {
     outputs: HashSet<TensorId>,
     /// Why the record cannot replace candle's backward (first reason found).
     broken: Option<String>,
+    /// Lean recording (see the module docs).
+    lean: bool,
+    /// Whether a lean output (a graph-less tensor) was made: candle's backward can then no
+    /// longer stand in.
+    lean_outputs: bool,
 }
 
 thread_local! {
@@ -67,12 +123,32 @@ thread_local! {
 /// With the environment variable `REST_BACKWARD=candle`, nothing is recorded and every step
 /// runs candle's backward (for comparisons).
 pub fn start() -> TapeGuard {
+    start_with(false)
+}
+
+/// [`start`], recording leanly (see the module docs): less memory, and an incomplete
+/// recording is an error from [`TapeGuard::finish`] instead of a fallback to candle.
+pub fn start_lean() -> TapeGuard {
+    start_with(true)
+}
+
+fn start_with(lean: bool) -> TapeGuard {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| {
         std::env::var("REST_BACKWARD").is_ok_and(|v| v.eq_ignore_ascii_case("candle"))
     });
-    ACTIVE.with(|a| *a.borrow_mut() = (!off).then(State::default));
+    ACTIVE.with(|a| {
+        *a.borrow_mut() = (!off).then(|| State {
+            lean,
+            ..State::default()
+        })
+    });
     TapeGuard { _private: () }
+}
+
+/// Whether this thread is recording leanly.
+fn is_lean() -> bool {
+    ACTIVE.with(|a| a.borrow().as_ref().is_some_and(|s| s.lean))
 }
 
 /// Whether this thread is recording.
@@ -96,6 +172,18 @@ impl TapeGuard {
     pub fn finish(self, logits: Tensor) -> candle_core::Result<Recorded> {
         let state = ACTIVE.with(|a| a.borrow_mut().take());
         drop(self);
+        if let Some(s) = &state {
+            if s.lean_outputs && (s.broken.is_some() || !s.outputs.contains(&logits.id())) {
+                candle_core::bail!(
+                    "internal error: the model's training forward pass is not fully recorded \
+                     on the tape ({}), and a lean recording cannot fall back to candle's \
+                     backward; set REST_BACKWARD=candle to train this model",
+                    s.broken
+                        .as_deref()
+                        .unwrap_or("the model output is not the output of a recorded op")
+                );
+            }
+        }
         let reason = match &state {
             None => Some(
                 "nothing was recorded (REST_BACKWARD=candle, or a nested recording)".to_string(),
@@ -169,7 +257,7 @@ impl Recorded {
         inner.insert(logits_id, g);
         let mut derived: Vec<(Tensor, Tensor)> = Vec::new();
         while let Some(e) = state.entries.pop() {
-            let Some(g) = inner.remove(&e.out.id()) else {
+            let Some(g) = inner.remove(&e.out_id) else {
                 continue;
             };
             let gs = match &e.op {
@@ -184,23 +272,26 @@ impl Recorded {
                 }
             };
             drop(g);
-            for (arg, g) in e.args.iter().zip(gs) {
+            let Entry { args, routes, .. } = e;
+            drop(args);
+            for (route, g) in routes.into_iter().zip(gs) {
                 let Some(g) = g else { continue };
-                if state.outputs.contains(&arg.id()) {
-                    accumulate_map(&mut inner, arg.id(), g)?;
-                } else if arg.is_variable() {
-                    let sum = match grads.remove(arg) {
-                        Some(prev) => prev.add(&g)?,
-                        None => g,
-                    };
-                    grads.insert(arg, sum);
-                } else if arg.track_op() {
-                    match derived.iter_mut().find(|(t, _)| t.id() == arg.id()) {
-                        Some((_, prev)) => *prev = prev.add(&g)?,
-                        None => derived.push((arg.clone(), g)),
+                match route {
+                    Route::Output(id) => accumulate_map(&mut inner, id, g)?,
+                    Route::Variable(v) => {
+                        let sum = match grads.remove(&v) {
+                            Some(prev) => prev.add(&g)?,
+                            None => g,
+                        };
+                        grads.insert(&v, sum);
                     }
+                    Route::Derived(t) => match derived.iter_mut().find(|(d, _)| d.id() == t.id()) {
+                        Some((_, prev)) => *prev = prev.add(&g)?,
+                        None => derived.push((t, g)),
+                    },
+                    // Untracked arguments (input images, constants) take no gradient.
+                    Route::None => {}
                 }
-                // Untracked arguments (input images, constants) take no gradient.
             }
         }
         if !derived.is_empty() {
@@ -235,12 +326,12 @@ fn accumulate_map(
     Ok(())
 }
 
-fn record(op: OpRef, args: &[&Tensor], out: &Tensor) {
+fn record(op: OpRef, args: &[&Tensor], out: &Tensor, keep: Keep) -> candle_core::Result<()> {
     ACTIVE.with(|a| {
         let mut a = a.borrow_mut();
-        let Some(st) = a.as_mut() else { return };
+        let Some(st) = a.as_mut() else { return Ok(()) };
         if st.broken.is_some() {
-            return;
+            return Ok(());
         }
         for arg in args {
             if arg.track_op() && !arg.is_variable() && !st.outputs.contains(&arg.id()) {
@@ -254,17 +345,93 @@ fn record(op: OpRef, args: &[&Tensor], out: &Tensor) {
                         "an input of op `{}` was computed by candle ops from a recorded output",
                         op_name(&op)
                     ));
-                    return;
+                    return Ok(());
                 }
             }
         }
+        let routes = args
+            .iter()
+            .map(|t| {
+                if st.outputs.contains(&t.id()) {
+                    Route::Output(t.id())
+                } else if t.is_variable() {
+                    Route::Variable((*t).clone())
+                } else if t.track_op() {
+                    Route::Derived((*t).clone())
+                } else {
+                    Route::None
+                }
+            })
+            .collect();
+        let lean = st.lean;
+        let kept = |t: &Tensor, read: bool| {
+            if read || !lean {
+                Ok(t.clone())
+            } else {
+                stand_in(t)
+            }
+        };
+        let args = args
+            .iter()
+            .enumerate()
+            .map(|(i, t)| kept(t, keep.arg(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         st.outputs.insert(out.id());
         st.entries.push(Entry {
             op,
-            args: args.iter().map(|t| (*t).clone()).collect(),
-            out: out.clone(),
+            args,
+            routes,
+            out_id: out.id(),
+            out: kept(out, keep.out)?,
         });
+        Ok(())
     })
+}
+
+/// A tensor with `t`'s shape, dtype, device and gradient tracking, holding one element (a
+/// broadcast zero): what an op's backward receives for a tensor it does not read.
+fn stand_in(t: &Tensor) -> candle_core::Result<Tensor> {
+    let z = Tensor::zeros((), t.dtype(), t.device())?;
+    let z = if t.track_op() {
+        Var::from_tensor(&z)?.as_tensor().clone()
+    } else {
+        z
+    };
+    z.broadcast_as(t.shape())
+}
+
+/// The output of a custom op computed on the CPU storages of its arguments, as a fresh
+/// variable without a graph (lean recording), or `None` when an argument is not on the CPU
+/// or the result is not `f32` (the op then runs through candle as usual).
+fn lean_forward(
+    args: &[&Tensor],
+    fwd: impl FnOnce(
+        &[(&CpuStorage, &candle_core::Layout)],
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)>,
+) -> candle_core::Result<Option<Tensor>> {
+    let guards: Vec<_> = args.iter().map(|t| t.storage_and_layout()).collect();
+    let mut cpu = Vec::with_capacity(args.len());
+    for (s, l) in &guards {
+        match &**s {
+            Storage::Cpu(c) => cpu.push((c, *l)),
+            _ => return Ok(None),
+        }
+    }
+    let (out, shape) = fwd(&cpu)?;
+    drop(cpu);
+    drop(guards);
+    match out {
+        CpuStorage::F32(v) => {
+            let y = Var::from_vec(v, shape, args[0].device())?;
+            ACTIVE.with(|a| {
+                if let Some(st) = a.borrow_mut().as_mut() {
+                    st.lean_outputs = true;
+                }
+            });
+            Ok(Some(y.as_tensor().clone()))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn op_name(op: &OpRef) -> &'static str {
@@ -280,19 +447,36 @@ fn tracked(ts: &[&Tensor]) -> bool {
 }
 
 /// `x.apply_op1(op)` when `x` tracks gradients (recorded on the tape if one is running),
-/// else without a backward pass.
+/// else without a backward pass. The op's backward reads every tensor.
 pub(crate) fn op1<C: CustomOp1 + Send + Sync + 'static>(
     x: &Tensor,
     op: C,
+) -> candle_core::Result<Tensor> {
+    op1_keep(x, op, Keep::ALL)
+}
+
+/// [`op1`] for an op whose backward reads only the tensors in `keep`.
+pub(crate) fn op1_keep<C: CustomOp1 + Send + Sync + 'static>(
+    x: &Tensor,
+    op: C,
+    keep: Keep,
 ) -> candle_core::Result<Tensor> {
     if !tracked(&[x]) {
         return x.apply_op1_no_bwd(&op);
     }
     let op: Op1 = Arc::new(Box::new(op));
-    let y = x.apply_op1_arc(op.clone())?;
-    if is_recording() {
-        record(OpRef::One(op), &[x], &y);
+    if !is_recording() {
+        return x.apply_op1_arc(op);
     }
+    let lean = match is_lean() {
+        true => lean_forward(&[x], |s| op.cpu_fwd(s[0].0, s[0].1))?,
+        false => None,
+    };
+    let y = match lean {
+        Some(y) => y,
+        None => x.apply_op1_arc(op.clone())?,
+    };
+    record(OpRef::One(op), &[x], &y, keep)?;
     Ok(y)
 }
 
@@ -302,14 +486,32 @@ pub(crate) fn op2<C: CustomOp2 + Send + Sync + 'static>(
     a: &Tensor,
     op: C,
 ) -> candle_core::Result<Tensor> {
+    op2_keep(x, a, op, Keep::ALL)
+}
+
+/// [`op2`] for an op whose backward reads only the tensors in `keep`.
+pub(crate) fn op2_keep<C: CustomOp2 + Send + Sync + 'static>(
+    x: &Tensor,
+    a: &Tensor,
+    op: C,
+    keep: Keep,
+) -> candle_core::Result<Tensor> {
     if !tracked(&[x, a]) {
         return x.apply_op2_no_bwd(a, &op);
     }
     let op: Op2 = Arc::new(Box::new(op));
-    let y = x.apply_op2_arc(a, op.clone())?;
-    if is_recording() {
-        record(OpRef::Two(op), &[x, a], &y);
+    if !is_recording() {
+        return x.apply_op2_arc(a, op);
     }
+    let lean = match is_lean() {
+        true => lean_forward(&[x, a], |s| op.cpu_fwd(s[0].0, s[0].1, s[1].0, s[1].1))?,
+        false => None,
+    };
+    let y = match lean {
+        Some(y) => y,
+        None => x.apply_op2_arc(a, op.clone())?,
+    };
+    record(OpRef::Two(op), &[x, a], &y, keep)?;
     Ok(y)
 }
 
@@ -320,13 +522,34 @@ pub(crate) fn op3<C: CustomOp3 + Send + Sync + 'static>(
     b: &Tensor,
     op: C,
 ) -> candle_core::Result<Tensor> {
+    op3_keep(x, a, b, op, Keep::ALL)
+}
+
+/// [`op3`] for an op whose backward reads only the tensors in `keep`.
+pub(crate) fn op3_keep<C: CustomOp3 + Send + Sync + 'static>(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    op: C,
+    keep: Keep,
+) -> candle_core::Result<Tensor> {
     if !tracked(&[x, a, b]) {
         return x.apply_op3_no_bwd(a, b, &op);
     }
     let op: Op3 = Arc::new(Box::new(op));
-    let y = x.apply_op3_arc(a, b, op.clone())?;
-    if is_recording() {
-        record(OpRef::Three(op), &[x, a, b], &y);
+    if !is_recording() {
+        return x.apply_op3_arc(a, b, op);
     }
+    let lean = match is_lean() {
+        true => lean_forward(&[x, a, b], |s| {
+            op.cpu_fwd(s[0].0, s[0].1, s[1].0, s[1].1, s[2].0, s[2].1)
+        })?,
+        false => None,
+    };
+    let y = match lean {
+        Some(y) => y,
+        None => x.apply_op3_arc(a, b, op.clone())?,
+    };
+    record(OpRef::Three(op), &[x, a, b], &y, keep)?;
     Ok(y)
 }

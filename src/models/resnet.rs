@@ -121,7 +121,9 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Ok((a + b)?.relu()?);
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
-    Ok(crate::kernels::tape::op2(&a, &b, AddRelu)?)
+    // The backward pass reads only the output (its ReLU mask).
+    let keep = crate::kernels::tape::Keep::only(0, true);
+    Ok(crate::kernels::tape::op2_keep(&a, &b, AddRelu, keep)?)
 }
 
 /// A ResNet depth: its block type and the number of blocks per stage.

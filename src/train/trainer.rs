@@ -1044,9 +1044,10 @@ fn run_stage(
                 if update_now {
                     set_dense_grad(&weights, true);
                 }
-                // The forward pass is recorded; the backward pass replays it (see
-                // `kernels::tape`), or falls back to candle's for models it cannot run.
-                let tape = crate::kernels::tape::start();
+                // The forward pass is recorded (leanly: only what each backward pass reads
+                // is kept); the backward pass replays it (see `kernels::tape`), or candle's
+                // runs it where nothing was recorded (the generic GPU path).
+                let tape = crate::kernels::tape::start_lean();
                 let logits = model.forward(&x, true)?;
                 let rec = tape.finish(logits)?;
                 if st.step == 0 {

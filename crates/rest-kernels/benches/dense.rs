@@ -72,7 +72,7 @@ fn conv(c: &mut Criterion) {
         let stats = batch_norm_train_fwd(&dout, &gamma, &beta, BN_EPS, true, &mut y);
         let mut dbn = vec![0.0; g.out_len()];
         grp.bench_function(BenchmarkId::new("bn_relu_bwd", name), |b| {
-            b.iter(|| batch_norm_bwd(&dout, &out, &gamma, &stats, BN_EPS, Some(&y), &mut dbn))
+            b.iter(|| batch_norm_bwd(&dout, &out, &gamma, Some(&beta), &stats, BN_EPS, &mut dbn))
         });
     }
     grp.finish();

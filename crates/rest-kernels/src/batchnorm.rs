@@ -56,43 +56,40 @@ simd_dispatch! {
     }
 }
 
-/// All ones where `y > 0`, zero elsewhere: ANDed with a value's bits it gates the value the way
+/// All ones where `t > 0`, zero elsewhere: ANDed with a value's bits it gates the value the way
 /// the ReLU's derivative does, without a branch (so the loops below vectorise).
 #[inline(always)]
-fn relu_gate(y: f32) -> u32 {
-    ((y > 0.0) as u32).wrapping_neg()
+fn relu_gate(t: f32) -> u32 {
+    ((t > 0.0) as u32).wrapping_neg()
 }
 
-/// `dy` gated by `y > 0`.
+/// `dy` gated by the fused ReLU: `relu = (a, b)` is the forward's affine map, and the ReLU
+/// passed the gradient where `x * a + b > 0`, computed here with the forward's rounding (so
+/// the mask is exactly the forward's `y > 0`, without keeping `y`).
 #[inline(always)]
-fn gated(dy: f32, y: f32) -> f32 {
-    f32::from_bits(dy.to_bits() & relu_gate(y))
+fn gated(dy: f32, x: f32, relu: (f32, f32)) -> f32 {
+    f32::from_bits(dy.to_bits() & relu_gate(x * relu.0 + relu.1))
 }
 
 simd_dispatch! {
-    /// `(sum g, sum g*(x-mean))` with `g = dy` masked by `y > 0` when `y` is given.
-    fn row_bwd_sums(x: &[f32], dy: &[f32], y: Option<&[f32]>, mean: f32) -> (f32, f32) {
+    /// `(sum g, sum g*(x-mean))` with `g = dy`, gated by the fused ReLU when `relu` is given.
+    fn row_bwd_sums(x: &[f32], dy: &[f32], relu: Option<(f32, f32)>, mean: f32) -> (f32, f32) {
         let mut s0 = [0.0f32; LANES];
         let mut s1 = [0.0f32; LANES];
         let n = x.len() / LANES * LANES;
         let (x, dy) = (&x[..x.len()], &dy[..x.len()]);
         let (mut t0, mut t1) = (0.0f32, 0.0f32);
-        match y {
-            Some(y) => {
-                let y = &y[..x.len()];
-                for ((xc, dc), yc) in x[..n]
-                    .chunks_exact(LANES)
-                    .zip(dy[..n].chunks_exact(LANES))
-                    .zip(y[..n].chunks_exact(LANES))
-                {
+        match relu {
+            Some(ab) => {
+                for (xc, dc) in x[..n].chunks_exact(LANES).zip(dy[..n].chunks_exact(LANES)) {
                     for l in 0..LANES {
-                        let g = gated(dc[l], yc[l]);
+                        let g = gated(dc[l], xc[l], ab);
                         s0[l] += g;
                         s1[l] += g * (xc[l] - mean);
                     }
                 }
                 for idx in n..x.len() {
-                    let g = gated(dy[idx], y[idx]);
+                    let g = gated(dy[idx], x[idx], ab);
                     t0 += g;
                     t1 += g * (x[idx] - mean);
                 }
@@ -119,16 +116,15 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// `dx = a*g + b1*(x - mean) + b0`, `g` = `dy` masked by `y > 0` when `y` is given.
-    fn row_bwd_dx(x: &[f32], dy: &[f32], y: Option<&[f32]>, coef: [f32; 4], dx: &mut [f32]) {
+    /// `dx = a*g + b1*(x - mean) + b0`, `g` = `dy` gated by the fused ReLU when `relu` is given.
+    fn row_bwd_dx(x: &[f32], dy: &[f32], relu: Option<(f32, f32)>, coef: [f32; 4], dx: &mut [f32]) {
         let [a, b0, b1, mean] = coef;
         let n = dx.len();
         let (x, dy) = (&x[..n], &dy[..n]);
-        match y {
-            Some(y) => {
-                let y = &y[..n];
+        match relu {
+            Some(ab) => {
                 for i in 0..n {
-                    dx[i] = a * gated(dy[i], y[i]) + b1 * (x[i] - mean) + b0;
+                    dx[i] = a * gated(dy[i], x[i], ab) + b1 * (x[i] - mean) + b0;
                 }
             }
             None => {
@@ -138,6 +134,12 @@ simd_dispatch! {
             }
         }
     }
+}
+
+/// The forward's affine map of channel `ch`: `y = x * a + b` (before the ReLU).
+fn forward_affine(gamma: f32, beta: f32, mean: f32, var: f32, eps: f32) -> (f32, f32) {
+    let a = gamma / (var + eps).sqrt();
+    (a, beta - mean * a)
 }
 
 fn row_len(x_len: usize, c: usize, what: &str) -> usize {
@@ -173,8 +175,8 @@ pub fn batch_norm_train_fwd(
             .enumerate()
             .map(|(ch, (yr, xr))| {
                 let (mean, var) = row_mean_var(xr);
-                let a = gamma[ch] / (var + eps).sqrt();
-                row_affine(xr, a, beta[ch] - mean * a, relu, yr);
+                let (a, b) = forward_affine(gamma[ch], beta[ch], mean, var, eps);
+                row_affine(xr, a, b, relu, yr);
                 (mean, var)
             })
             .collect()
@@ -253,16 +255,18 @@ pub fn batch_norm_eval(
     channel_affine(x, &scale, &shift, false, y);
 }
 
-/// Backward of [`batch_norm_train_fwd`]. `relu_out` is the forward output `y` when the forward
-/// fused a ReLU (its `y > 0` mask gates `dy`), `None` otherwise. Writes `dx` (overwritten) and
-/// returns `(dgamma, dbeta)`.
+/// Backward of [`batch_norm_train_fwd`]. `relu_beta` is the forward's `beta` when the forward
+/// fused a ReLU, `None` otherwise: the ReLU's mask (`y > 0`) is recomputed from `x`, `gamma`,
+/// `beta` and the statistics with the forward's arithmetic, so the forward output need not be
+/// kept. Writes `dx` (overwritten) and returns `(dgamma, dbeta)`.
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_bwd(
     x: &[f32],
     dy: &[f32],
     gamma: &[f32],
+    relu_beta: Option<&[f32]>,
     stats: &BnBatchStats,
     eps: f32,
-    relu_out: Option<&[f32]>,
     dx: &mut [f32],
 ) -> (Vec<f32>, Vec<f32>) {
     let c = gamma.len();
@@ -273,8 +277,8 @@ pub fn batch_norm_bwd(
         stats.mean.len() == c && stats.var.len() == c,
         "batch_norm_bwd: statistics length"
     );
-    if let Some(y) = relu_out {
-        assert_eq!(y.len(), x.len(), "batch_norm_bwd: relu output length");
+    if let Some(beta) = relu_beta {
+        assert_eq!(beta.len(), c, "batch_norm_bwd: beta length");
     }
     if m == 0 {
         return (vec![0.0; c], vec![0.0; c]);
@@ -285,15 +289,15 @@ pub fn batch_norm_bwd(
         .enumerate()
         .map(|(ch, dxr)| {
             let r = ch * m..(ch + 1) * m;
-            let (xr, dyr) = (&x[r.clone()], &dy[r.clone()]);
-            let yr = relu_out.map(|y| &y[r]);
-            let mean = stats.mean[ch];
-            let invstd = 1.0 / (stats.var[ch] + eps).sqrt();
-            let (sg, sgx) = row_bwd_sums(xr, dyr, yr, mean);
+            let (xr, dyr) = (&x[r.clone()], &dy[r]);
+            let (mean, var) = (stats.mean[ch], stats.var[ch]);
+            let relu = relu_beta.map(|b| forward_affine(gamma[ch], b[ch], mean, var, eps));
+            let invstd = 1.0 / (var + eps).sqrt();
+            let (sg, sgx) = row_bwd_sums(xr, dyr, relu, mean);
             let a = gamma[ch] * invstd;
             let b0 = -a * sg / mf;
             let b1 = -a * invstd * invstd * sgx / mf;
-            row_bwd_dx(xr, dyr, yr, [a, b0, b1, mean], dxr);
+            row_bwd_dx(xr, dyr, relu, [a, b0, b1, mean], dxr);
             (sgx * invstd, sg)
         })
         .collect();

@@ -387,11 +387,30 @@ fn batch_norm_train_forward_backward_match_textbook() {
             &x,
             &dy,
             &gamma,
+            relu.then_some(&beta[..]),
             &stats,
             BN_EPS,
-            relu.then_some(&y[..]),
             &mut dx,
         );
+        if relu {
+            // The ReLU's mask is recomputed from x: exactly the forward's `y > 0`, so the
+            // result equals the plain backward of `dy` gated by the kept output, bit for bit.
+            let gated: Vec<f32> = dy
+                .iter()
+                .zip(&y)
+                .map(|(&d, &yv)| if yv > 0.0 { d } else { 0.0 })
+                .collect();
+            let mut dx_g = vec![f32::NAN; c * m];
+            let (dg_g, db_g) = batch_norm_bwd(&x, &gated, &gamma, None, &stats, BN_EPS, &mut dx_g);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&dx),
+                bits(&dx_g),
+                "bn dx, mask from x vs from y (m={m})"
+            );
+            assert_eq!(bits(&dg), bits(&dg_g), "bn dgamma, mask from x vs from y");
+            assert_eq!(bits(&db), bits(&db_g), "bn dbeta, mask from x vs from y");
+        }
         if m > 1 {
             assert_close_floor(&dx, &dx_ref, 1.0, &format!("bn dx (m={m}, relu={relu})"));
         }
