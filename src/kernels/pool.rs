@@ -10,7 +10,7 @@ use rest_kernels::{
 };
 
 use super::tape::Keep;
-use super::{cpu_slice, prepare, with_f32};
+use super::{cpu_slice, prepare, scratch, with_f32};
 
 struct GlobalAvgPoolOp {
     c: usize,
@@ -66,7 +66,7 @@ impl CustomOp1 for MaxPoolOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = &self.geom;
         let x = cpu_slice(s, l, self.name())?;
-        let mut out = vec![0.0f32; g.out_len()];
+        let mut out = scratch::output(g.out_len());
         let mut idx = vec![0u32; g.out_len()];
         max_pool2d_fwd(x, g, &mut out, &mut idx);
         *self.argmax.lock().map_err(candle_core::Error::msg)? = Some(idx);
@@ -81,7 +81,7 @@ impl CustomOp1 for MaxPoolOp {
         let Some(idx) = guard.as_ref() else {
             candle_core::bail!("{}: backward before forward", self.name());
         };
-        let mut dx = vec![0.0f32; self.geom.x_len()];
+        let mut dx = scratch::output(self.geom.x_len());
         with_f32(grad, self.name(), |g| {
             max_pool2d_bwd(g, idx, &self.geom, &mut dx);
             Ok(())

@@ -1,6 +1,8 @@
 //! Criterion benchmarks of the dense kernels at the shapes of REST's Colored-MNIST CNN
 //! (batch 256, CNHW): the three 4x4 stride-2 convolutions (forward, input gradient, weight
-//! gradient), their batch norms, and the classifier / MLP linear layers.
+//! gradient), their batch norms, and the classifier / MLP linear layers; pooling at the shape
+//! of ResNet18's stem at 128 px (max pooling 3x3 stride 2 of 64 x 64 x 64 x 64) and of its
+//! last stage (global average pooling).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rest_kernels::*;
@@ -105,5 +107,36 @@ fn linear(c: &mut Criterion) {
     grp.finish();
 }
 
-criterion_group!(benches, conv, linear);
+fn pool(c: &mut Criterion) {
+    let mut grp = c.benchmark_group("pool");
+    grp.sample_size(20);
+    let g = MaxPool2dGeom {
+        c: 64,
+        n: 64,
+        h: 64,
+        w: 64,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let x = filled(g.x_len(), 11);
+    let (mut out, mut idx) = (vec![0.0; g.out_len()], vec![0u32; g.out_len()]);
+    grp.bench_function("max_pool_fwd_resnet18_stem_128px", |b| {
+        b.iter(|| max_pool2d_fwd(&x, &g, &mut out, &mut idx))
+    });
+    let dout = filled(g.out_len(), 12);
+    let mut dx = vec![0.0; g.x_len()];
+    grp.bench_function("max_pool_bwd_resnet18_stem_128px", |b| {
+        b.iter(|| max_pool2d_bwd(&dout, &idx, &g, &mut dx))
+    });
+    let (ch, n, hw) = (512, 64, 16);
+    let x = filled(ch * n * hw, 13);
+    let mut y = vec![0.0; ch * n];
+    grp.bench_function("global_avg_pool_fwd_512x64x4x4", |b| {
+        b.iter(|| global_avg_pool_fwd(&x, ch, n, &mut y))
+    });
+    grp.finish();
+}
+
+criterion_group!(benches, conv, linear, pool);
 criterion_main!(benches);

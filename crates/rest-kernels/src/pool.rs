@@ -134,30 +134,144 @@ pub fn max_pool2d_fwd(x: &[f32], g: &MaxPool2dGeom, out: &mut [f32], idx: &mut [
         .enumerate()
         .for_each(|(pl, (o, id))| {
             let src = &x[pl * plane..(pl + 1) * plane];
+            // Outputs whose window lies inside the row: `ox·s >= pad`, `ox·s + k - pad <= w`.
+            let ox_lo = g.pad.div_ceil(g.stride).min(ow);
+            let ox_hi = if g.w + g.pad >= g.k {
+                ((g.w + g.pad - g.k) / g.stride + 1).clamp(ox_lo, ow)
+            } else {
+                ox_lo
+            };
             for oy in 0..oh {
                 let y0 = (oy * g.stride).saturating_sub(g.pad);
                 let y1 = (oy * g.stride + g.k - g.pad).min(g.h);
-                for ox in 0..ow {
+                let (orow, irow) = (&mut o[oy * ow..][..ow], &mut id[oy * ow..][..ow]);
+                for ox in (0..ox_lo).chain(ox_hi..ow) {
                     let x0 = (ox * g.stride).saturating_sub(g.pad);
                     let x1 = (ox * g.stride + g.k - g.pad).min(g.w);
-                    let mut best = f32::NEG_INFINITY;
-                    let mut arg = y0 * g.w + x0;
-                    // Branch-free selects (a data-dependent branch per element mispredicts
-                    // about half the time on activations): a larger value, or the first
-                    // NaN, which then stays (`v > NaN` is false).
-                    for iy in y0..y1 {
-                        for ix in x0..x1 {
-                            let v = src[iy * g.w + ix];
-                            let take = v > best || (v.is_nan() && !best.is_nan());
-                            best = if take { v } else { best };
-                            arg = if take { iy * g.w + ix } else { arg };
+                    (orow[ox], irow[ox]) = window_max(src, g.w, y0..y1, x0, x1 - x0);
+                }
+                let inner = ox_lo..ox_hi;
+                let (o_in, i_in) = (&mut orow[inner.clone()], &mut irow[inner]);
+                let x_first = (ox_lo * g.stride).saturating_sub(g.pad);
+                // The window width as a constant where it is common (the loops unroll).
+                match g.k {
+                    2 => full_rows::<2>(src, g, y0..y1, x_first, o_in, i_in),
+                    3 => full_rows::<3>(src, g, y0..y1, x_first, o_in, i_in),
+                    _ => {
+                        for (j, (ov, iv)) in o_in.iter_mut().zip(i_in.iter_mut()).enumerate() {
+                            let x0 = x_first + j * g.stride;
+                            (*ov, *iv) = window_max(src, g.w, y0..y1, x0, g.k);
                         }
                     }
-                    o[oy * ow + ox] = best;
-                    id[oy * ow + ox] = arg as u32;
                 }
             }
         });
+}
+
+/// The maximum of `src` over rows `ys` and columns `x0..x0 + kw` (row length `w`) and its
+/// position `iy·w + ix`: the first maximum in row-major order, or the first NaN.
+#[inline(always)]
+fn window_max(
+    src: &[f32],
+    w: usize,
+    ys: std::ops::Range<usize>,
+    x0: usize,
+    kw: usize,
+) -> (f32, u32) {
+    let mut best = f32::NEG_INFINITY;
+    let mut arg = ys.start * w + x0;
+    for iy in ys {
+        let row = &src[iy * w + x0..][..kw];
+        for (dx, &v) in row.iter().enumerate() {
+            // Branch-free selects (a data-dependent branch per element mispredicts about half
+            // the time on activations): a larger value, or the first NaN, which then stays
+            // (`v > NaN` is false).
+            let take = v > best || (v.is_nan() && !best.is_nan());
+            best = if take { v } else { best };
+            arg = if take { iy * w + x0 + dx } else { arg };
+        }
+    }
+    (best, arg as u32)
+}
+
+/// [`window_max`] with a constant window width `K`, for consecutive outputs whose windows
+/// start at columns `x_first + j·stride` and lie inside the row. With AVX-512, 16 outputs at
+/// a time (one gather per window position; the scalar select chain of one window is a
+/// serial dependency, 16 windows side by side are not).
+#[inline(always)]
+fn full_rows<const K: usize>(
+    src: &[f32],
+    g: &MaxPool2dGeom,
+    ys: std::ops::Range<usize>,
+    x_first: usize,
+    out: &mut [f32],
+    idx: &mut [u32],
+) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && src.len() < i32::MAX as usize
+        && !ys.is_empty()
+    {
+        // SAFETY: AVX-512F is available; every window lies inside `src` (callers pass
+        // windows inside the rows `ys` of the plane), checked below per block.
+        done = unsafe { full_rows_avx512::<K>(src, g, ys.clone(), x_first, out, idx) };
+    }
+    for (j, (ov, iv)) in out.iter_mut().zip(idx.iter_mut()).enumerate().skip(done) {
+        (*ov, *iv) = window_max(src, g.w, ys.clone(), x_first + j * g.stride, K);
+    }
+}
+
+/// The blocks of 16 outputs of [`full_rows`]; returns how many outputs it wrote.
+///
+/// # Safety
+/// AVX-512F is available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn full_rows_avx512<const K: usize>(
+    src: &[f32],
+    g: &MaxPool2dGeom,
+    ys: std::ops::Range<usize>,
+    x_first: usize,
+    out: &mut [f32],
+    idx: &mut [u32],
+) -> usize {
+    use std::arch::x86_64::*;
+    const L: usize = 16;
+    let blocks = out.len().min(idx.len()) / L;
+    let s = g.stride;
+    // Lane l reads column x_first + (j0 + l)·s + dx.
+    let mut lane = [0i32; L];
+    for (l, v) in lane.iter_mut().enumerate() {
+        *v = (l * s) as i32;
+    }
+    let lane = _mm512_loadu_si512(lane.as_ptr().cast());
+    for b in 0..blocks {
+        let x0 = x_first + b * L * s;
+        // The last column the block reads, in the last row: inside `src`.
+        let last = (ys.end - 1) * g.w + x0 + (L - 1) * s + K - 1;
+        assert!(last < src.len(), "max pooling window outside the plane");
+        let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+        // As the scalar scan: the window's first position until a value is taken.
+        let mut arg = _mm512_add_epi32(lane, _mm512_set1_epi32((ys.start * g.w + x0) as i32));
+        for iy in ys.clone() {
+            for dx in 0..K {
+                let base = (iy * g.w + x0 + dx) as i32;
+                let at = _mm512_add_epi32(lane, _mm512_set1_epi32(base));
+                let v = _mm512_i32gather_ps::<4>(at, src.as_ptr().cast());
+                // A larger value, or the first NaN (which then stays: `v > NaN` is false).
+                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
+                let v_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                let b_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(best, best);
+                let take = gt | (v_nan & !b_nan);
+                best = _mm512_mask_blend_ps(take, best, v);
+                arg = _mm512_mask_blend_epi32(take, arg, at);
+            }
+        }
+        _mm512_storeu_ps(out.as_mut_ptr().add(b * L), best);
+        _mm512_storeu_si512(idx.as_mut_ptr().add(b * L).cast(), arg);
+    }
+    blocks * L
 }
 
 /// Max pooling backward: `dx` (overwritten) receives each `dout` entry at the argmax recorded
@@ -171,7 +285,7 @@ pub fn max_pool2d_bwd(dout: &[f32], idx: &[u32], g: &MaxPool2dGeom, dx: &mut [f3
         return;
     }
     dx.par_chunks_mut(plane).enumerate().for_each(|(pl, d)| {
-        d.fill(0.0);
+        d.fill(0.0); // `dx` may come uninitialised
         if oplane == 0 {
             return;
         }

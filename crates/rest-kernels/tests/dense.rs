@@ -549,6 +549,64 @@ fn max_pool_matches_window_scan() {
     }
 }
 
+/// Wide rows (the 16-output vector path), ties, NaNs and all-`-inf` windows: the first
+/// maximum in row-major window order, or the first NaN, exactly as a scalar scan finds it.
+#[test]
+fn max_pool_wide_rows_ties_and_nans_match_a_scalar_scan() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for (k, stride, pad, h, w) in [
+        (3, 2, 1, 9, 70),
+        (3, 2, 0, 7, 67),
+        (2, 2, 0, 6, 64),
+        (3, 1, 1, 5, 40),
+        (4, 3, 2, 8, 90),
+    ] {
+        let g = MaxPool2dGeom {
+            c: 2,
+            n: 2,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+        };
+        // Few distinct levels (many ties), some NaNs and some -inf.
+        let x: Vec<f32> = (0..g.x_len())
+            .map(|_| match rng.random_range(0..20) {
+                0 => f32::NAN,
+                1..=3 => f32::NEG_INFINITY,
+                v => (v % 4) as f32,
+            })
+            .collect();
+        let mut out = vec![0.0; g.out_len()];
+        let mut idx = vec![u32::MAX; g.out_len()];
+        max_pool2d_fwd(&x, &g, &mut out, &mut idx);
+        let (oh, ow, plane) = (g.oh(), g.ow(), g.h * g.w);
+        for pl in 0..g.c * g.n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let y0 = (oy * stride).saturating_sub(pad);
+                    let y1 = (oy * stride + k - pad).min(h);
+                    let x0 = (ox * stride).saturating_sub(pad);
+                    let x1 = (ox * stride + k - pad).min(w);
+                    let (mut best, mut arg) = (f32::NEG_INFINITY, y0 * w + x0);
+                    for iy in y0..y1 {
+                        for ix in x0..x1 {
+                            let v = x[pl * plane + iy * w + ix];
+                            if v > best || (v.is_nan() && !best.is_nan()) {
+                                (best, arg) = (v, iy * w + ix);
+                            }
+                        }
+                    }
+                    let o = pl * oh * ow + oy * ow + ox;
+                    assert_eq!(idx[o] as usize, arg, "argmax at {o}, {g:?}");
+                    assert_eq!(out[o].to_bits(), best.to_bits(), "max at {o}, {g:?}");
+                }
+            }
+        }
+    }
+}
+
 /// The parallel weight gradient sums its image tiles in a fixed order: repeated runs are
 /// bitwise identical (a resumed training run must equal an uninterrupted one).
 #[test]
