@@ -131,6 +131,11 @@ unsafe fn scatter_block<const G: u8>(
             }
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if G == G_AVX512 {
+        write_out_avx512(acc, nb, ep, y);
+        return;
+    }
     for (s, yr) in y.chunks_exact_mut(yo).enumerate() {
         for (r, (v, a)) in yr.iter_mut().zip(acc.iter()).enumerate() {
             let mut t = a[s];
@@ -141,6 +146,124 @@ unsafe fn scatter_block<const G: u8>(
                 t = t.max(0.0);
             }
             *v = t;
+        }
+    }
+}
+
+/// `out[c][i] = p[i · stride + c]` for `i < rows`, `c < cols` (both at most 16), zero
+/// elsewhere: a 16 x 16 transpose in registers (pairs of rows interleaved within 128-bit
+/// lanes, then pairs of pairs as 64-bit elements, then 128-bit lanes regrouped).
+///
+/// # Safety
+/// AVX-512F is available and enabled in the caller; `p[i · stride + c]` is readable for
+/// those `i`, `c`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose16(
+    p: *const f32,
+    stride: usize,
+    rows: usize,
+    cols: usize,
+) -> [std::arch::x86_64::__m512; LANES] {
+    use std::arch::x86_64::*;
+    let m = lane_mask(cols);
+    // Plain loops (no `array::from_fn`): closures do not inherit target features, and
+    // intrinsics inside them become calls.
+    let mut r = [_mm512_setzero_ps(); LANES];
+    for (i, v) in r.iter_mut().enumerate().take(rows) {
+        *v = _mm512_maskz_loadu_ps(m, p.add(i * stride));
+    }
+    let mut t = [_mm512_setzero_ps(); LANES];
+    for i in 0..LANES / 2 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4g + j] holds, in 128-bit lane q, element 4q + j of rows 4g..4g + 4.
+    let mut u = [_mm512_setzero_ps(); LANES];
+    for g in 0..LANES / 4 {
+        for h in 0..2 {
+            let a = _mm512_castps_pd(t[4 * g + h]);
+            let b = _mm512_castps_pd(t[4 * g + 2 + h]);
+            u[4 * g + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            u[4 * g + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        }
+    }
+    let mut out = [_mm512_setzero_ps(); LANES];
+    for j in 0..4 {
+        let x0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u[j], u[4 + j]);
+        let x1 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u[j], u[4 + j]);
+        let y0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u[8 + j], u[12 + j]);
+        let y1 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u[8 + j], u[12 + j]);
+        out[j] = _mm512_shuffle_f32x4::<0b10_00_10_00>(x0, y0);
+        out[4 + j] = _mm512_shuffle_f32x4::<0b11_01_11_01>(x0, y0);
+        out[8 + j] = _mm512_shuffle_f32x4::<0b10_00_10_00>(x1, y1);
+        out[12 + j] = _mm512_shuffle_f32x4::<0b11_01_11_01>(x1, y1);
+    }
+    out
+}
+
+/// The first `n` (at most 16) lanes of a vector.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lane_mask(n: usize) -> std::arch::x86_64::__mmask16 {
+    if n >= LANES {
+        !0
+    } else {
+        ((1u32 << n) - 1) as std::arch::x86_64::__mmask16
+    }
+}
+
+/// `dy` (`[N][O]`) as `[block][O][LANES]` lanes, zero past the last sample, 16 x 16 at a
+/// time with AVX-512.
+///
+/// # Safety
+/// AVX-512F is available; `dy.len() == n * o`, `dyt.len() == n.div_ceil(LANES) * o`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lanes_of_rows_avx512(dy: &[f32], n: usize, o: usize, dyt: &mut [Lane]) {
+    use std::arch::x86_64::*;
+    for (b, db) in dyt.chunks_exact_mut(o).enumerate() {
+        let nb = (n - b * LANES).min(LANES);
+        let base = dy.as_ptr().add(b * LANES * o);
+        for r0 in (0..o).step_by(LANES) {
+            let w = LANES.min(o - r0);
+            let t = transpose16(base.add(r0), o, nb, w);
+            for (d, v) in db[r0..r0 + w].iter_mut().zip(t) {
+                _mm512_storeu_ps(d.as_mut_ptr(), v);
+            }
+        }
+    }
+}
+
+/// The epilogue of [`scatter_block`] with AVX-512: the `[O][LANES]` tile transposed 16
+/// outputs at a time into the `nb` sample rows of `y`, bias added and ReLU applied on whole
+/// vectors (the same operations in the same order as the scalar loop).
+///
+/// # Safety
+/// AVX-512F is available; `y.len() == nb * acc.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn write_out_avx512(acc: &[Lane], nb: usize, ep: Epilogue<'_>, y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let yo = acc.len();
+    debug_assert_eq!(y.len(), nb * yo);
+    for r0 in (0..yo).step_by(LANES) {
+        let w = LANES.min(yo - r0);
+        let m = lane_mask(w);
+        let t = transpose16(acc[r0..].as_ptr().cast(), LANES, w, LANES);
+        let bias = ep
+            .bias
+            .map(|b| _mm512_maskz_loadu_ps(m, b.as_ptr().add(r0)));
+        for (s, &v) in t.iter().enumerate().take(nb) {
+            let mut v = v;
+            if let Some(b) = bias {
+                v = _mm512_add_ps(v, b);
+            }
+            if ep.relu {
+                // `max(v, 0)` returns 0 for a NaN `v`, as `f32::max` does.
+                v = _mm512_max_ps(v, _mm512_setzero_ps());
+            }
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(s * yo + r0), m, v);
         }
     }
 }
@@ -548,18 +671,30 @@ pub fn sddmm_packed(
     let active = fan.active();
     let blocks = n.div_ceil(LANES);
     let (xp, _) = pack.as_chunks::<LANES>();
-    // The output gradient as `[block][O][LANES]`, zero past the last sample.
+    // The output gradient as `[block][O][LANES]`, zero past the last sample. A few 10 kB:
+    // not worth a hand-over to the pool.
     let mut dyt = vec![[0.0f32; LANES]; blocks * o];
-    let fill = |(b, db): (usize, &mut [Lane])| {
-        let nb = (n - b * LANES).min(LANES);
-        for (s, row) in dy[b * LANES * o..][..nb * o].chunks_exact(o).enumerate() {
-            for (d, &v) in db.iter_mut().zip(row) {
-                d[s] = v;
-            }
-        }
+    #[cfg(target_arch = "x86_64")]
+    let transposed = if active_isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F is available; the lengths were checked above.
+        unsafe { lanes_of_rows_avx512(&dy[..n * o], n, o, &mut dyt) };
+        true
+    } else {
+        false
     };
-    // A few 10 kB: not worth a hand-over to the pool.
-    dyt.chunks_mut(o).enumerate().for_each(fill);
+    #[cfg(not(target_arch = "x86_64"))]
+    let transposed = false;
+    if !transposed {
+        let fill = |(b, db): (usize, &mut [Lane])| {
+            let nb = (n - b * LANES).min(LANES);
+            for (s, row) in dy[b * LANES * o..][..nb * o].chunks_exact(o).enumerate() {
+                for (d, &v) in db.iter_mut().zip(row) {
+                    d[s] = v;
+                }
+            }
+        };
+        dyt.chunks_mut(o).enumerate().for_each(fill);
+    }
     let parallel = parallel(n * (active + 2 * w.nnz()));
     // Tasks over ranges of active inputs, balanced by entries; each sums over all samples,
     // so no partial gradients are merged. Results come in the transposed entry order.
