@@ -326,10 +326,19 @@ fn accumulate_map(
     Ok(())
 }
 
-fn record(op: OpRef, args: &[&Tensor], out: &Tensor, keep: Keep) -> candle_core::Result<()> {
+/// Records `op` (arguments `args`, output `out`) on this thread's tape; `lean_out` says that
+/// `out` is a graph-less lean output.
+fn record(
+    op: OpRef,
+    args: &[&Tensor],
+    out: &Tensor,
+    keep: Keep,
+    lean_out: bool,
+) -> candle_core::Result<()> {
     ACTIVE.with(|a| {
         let mut a = a.borrow_mut();
         let Some(st) = a.as_mut() else { return Ok(()) };
+        st.lean_outputs |= lean_out;
         if st.broken.is_some() {
             return Ok(());
         }
@@ -421,17 +430,38 @@ fn lean_forward(
     drop(cpu);
     drop(guards);
     match out {
-        CpuStorage::F32(v) => {
-            let y = Var::from_vec(v, shape, args[0].device())?;
-            ACTIVE.with(|a| {
-                if let Some(st) = a.borrow_mut().as_mut() {
-                    st.lean_outputs = true;
-                }
-            });
-            Ok(Some(y.as_tensor().clone()))
-        }
+        CpuStorage::F32(v) => Ok(Some(
+            Var::from_vec(v, shape, args[0].device())?
+                .as_tensor()
+                .clone(),
+        )),
         _ => Ok(None),
     }
+}
+
+/// Runs a tracked custom op while recording: leanly through `cpu_fwd` when the recording is
+/// lean and the arguments are on the CPU, else through candle (`candle_fwd`, which builds
+/// the graph); then records it.
+fn apply_recorded(
+    op: OpRef,
+    args: &[&Tensor],
+    keep: Keep,
+    cpu_fwd: impl FnOnce(
+        &[(&CpuStorage, &candle_core::Layout)],
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)>,
+    candle_fwd: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let lean = match is_lean() {
+        true => lean_forward(args, cpu_fwd)?,
+        false => None,
+    };
+    let lean_out = lean.is_some();
+    let y = match lean {
+        Some(y) => y,
+        None => candle_fwd()?,
+    };
+    record(op, args, &y, keep, lean_out)?;
+    Ok(y)
 }
 
 fn op_name(op: &OpRef) -> &'static str {
@@ -468,16 +498,13 @@ pub(crate) fn op1_keep<C: CustomOp1 + Send + Sync + 'static>(
     if !is_recording() {
         return x.apply_op1_arc(op);
     }
-    let lean = match is_lean() {
-        true => lean_forward(&[x], |s| op.cpu_fwd(s[0].0, s[0].1))?,
-        false => None,
-    };
-    let y = match lean {
-        Some(y) => y,
-        None => x.apply_op1_arc(op.clone())?,
-    };
-    record(OpRef::One(op), &[x], &y, keep)?;
-    Ok(y)
+    apply_recorded(
+        OpRef::One(op.clone()),
+        &[x],
+        keep,
+        |s| op.cpu_fwd(s[0].0, s[0].1),
+        || x.apply_op1_arc(op.clone()),
+    )
 }
 
 /// [`op1`] for two-argument ops.
@@ -503,16 +530,13 @@ pub(crate) fn op2_keep<C: CustomOp2 + Send + Sync + 'static>(
     if !is_recording() {
         return x.apply_op2_arc(a, op);
     }
-    let lean = match is_lean() {
-        true => lean_forward(&[x, a], |s| op.cpu_fwd(s[0].0, s[0].1, s[1].0, s[1].1))?,
-        false => None,
-    };
-    let y = match lean {
-        Some(y) => y,
-        None => x.apply_op2_arc(a, op.clone())?,
-    };
-    record(OpRef::Two(op), &[x, a], &y, keep)?;
-    Ok(y)
+    apply_recorded(
+        OpRef::Two(op.clone()),
+        &[x, a],
+        keep,
+        |s| op.cpu_fwd(s[0].0, s[0].1, s[1].0, s[1].1),
+        || x.apply_op2_arc(a, op.clone()),
+    )
 }
 
 /// [`op1`] for three-argument ops.
@@ -540,16 +564,11 @@ pub(crate) fn op3_keep<C: CustomOp3 + Send + Sync + 'static>(
     if !is_recording() {
         return x.apply_op3_arc(a, b, op);
     }
-    let lean = match is_lean() {
-        true => lean_forward(&[x, a, b], |s| {
-            op.cpu_fwd(s[0].0, s[0].1, s[1].0, s[1].1, s[2].0, s[2].1)
-        })?,
-        false => None,
-    };
-    let y = match lean {
-        Some(y) => y,
-        None => x.apply_op3_arc(a, b, op.clone())?,
-    };
-    record(OpRef::Three(op), &[x, a, b], &y, keep)?;
-    Ok(y)
+    apply_recorded(
+        OpRef::Three(op.clone()),
+        &[x, a, b],
+        keep,
+        |s| op.cpu_fwd(s[0].0, s[0].1, s[1].0, s[1].1, s[2].0, s[2].1),
+        || x.apply_op3_arc(a, b, op.clone()),
+    )
 }

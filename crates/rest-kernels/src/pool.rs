@@ -153,17 +153,7 @@ pub fn max_pool2d_fwd(x: &[f32], g: &MaxPool2dGeom, out: &mut [f32], idx: &mut [
                 let inner = ox_lo..ox_hi;
                 let (o_in, i_in) = (&mut orow[inner.clone()], &mut irow[inner]);
                 let x_first = (ox_lo * g.stride).saturating_sub(g.pad);
-                // The window width as a constant where it is common (the loops unroll).
-                match g.k {
-                    2 => full_rows::<2>(src, g, y0..y1, x_first, o_in, i_in),
-                    3 => full_rows::<3>(src, g, y0..y1, x_first, o_in, i_in),
-                    _ => {
-                        for (j, (ov, iv)) in o_in.iter_mut().zip(i_in.iter_mut()).enumerate() {
-                            let x0 = x_first + j * g.stride;
-                            (*ov, *iv) = window_max(src, g.w, y0..y1, x0, g.k);
-                        }
-                    }
-                }
+                full_rows(src, g, y0..y1, x_first, o_in, i_in);
             }
         });
 }
@@ -194,12 +184,12 @@ fn window_max(
     (best, arg as u32)
 }
 
-/// [`window_max`] with a constant window width `K`, for consecutive outputs whose windows
+/// [`window_max`] over whole windows (`g.k` wide), for consecutive outputs whose windows
 /// start at columns `x_first + j·stride` and lie inside the row. With AVX-512, 16 outputs at
 /// a time (one gather per window position; the scalar select chain of one window is a
 /// serial dependency, 16 windows side by side are not).
 #[inline(always)]
-fn full_rows<const K: usize>(
+fn full_rows(
     src: &[f32],
     g: &MaxPool2dGeom,
     ys: std::ops::Range<usize>,
@@ -215,10 +205,10 @@ fn full_rows<const K: usize>(
     {
         // SAFETY: AVX-512F is available; every window lies inside `src` (callers pass
         // windows inside the rows `ys` of the plane), checked below per block.
-        done = unsafe { full_rows_avx512::<K>(src, g, ys.clone(), x_first, out, idx) };
+        done = unsafe { full_rows_avx512(src, g, ys.clone(), x_first, out, idx) };
     }
     for (j, (ov, iv)) in out.iter_mut().zip(idx.iter_mut()).enumerate().skip(done) {
-        (*ov, *iv) = window_max(src, g.w, ys.clone(), x_first + j * g.stride, K);
+        (*ov, *iv) = window_max(src, g.w, ys.clone(), x_first + j * g.stride, g.k);
     }
 }
 
@@ -228,7 +218,7 @@ fn full_rows<const K: usize>(
 /// AVX-512F is available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn full_rows_avx512<const K: usize>(
+unsafe fn full_rows_avx512(
     src: &[f32],
     g: &MaxPool2dGeom,
     ys: std::ops::Range<usize>,
@@ -249,13 +239,13 @@ unsafe fn full_rows_avx512<const K: usize>(
     for b in 0..blocks {
         let x0 = x_first + b * L * s;
         // The last column the block reads, in the last row: inside `src`.
-        let last = (ys.end - 1) * g.w + x0 + (L - 1) * s + K - 1;
+        let last = (ys.end - 1) * g.w + x0 + (L - 1) * s + g.k - 1;
         assert!(last < src.len(), "max pooling window outside the plane");
         let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
         // As the scalar scan: the window's first position until a value is taken.
         let mut arg = _mm512_add_epi32(lane, _mm512_set1_epi32((ys.start * g.w + x0) as i32));
         for iy in ys.clone() {
-            for dx in 0..K {
+            for dx in 0..g.k {
                 let base = (iy * g.w + x0 + dx) as i32;
                 let at = _mm512_add_epi32(lane, _mm512_set1_epi32(base));
                 let v = _mm512_i32gather_ps::<4>(at, src.as_ptr().cast());

@@ -213,8 +213,27 @@ fn lane_mask(n: usize) -> std::arch::x86_64::__mmask16 {
     }
 }
 
-/// `dy` (`[N][O]`) as `[block][O][LANES]` lanes, zero past the last sample, 16 x 16 at a
-/// time with AVX-512.
+/// `dy` (`[N][O]`) as `[block][O][LANES]` lanes (`dyt`, zero-filled by the caller, stays
+/// zero past the last sample); 16 x 16 at a time with AVX-512.
+fn lanes_of_rows(dy: &[f32], n: usize, o: usize, dyt: &mut [Lane]) {
+    debug_assert!(dy.len() == n * o && dyt.len() == n.div_ceil(LANES) * o);
+    #[cfg(target_arch = "x86_64")]
+    if active_isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F is available; the lengths are as asserted.
+        unsafe { lanes_of_rows_avx512(dy, n, o, dyt) };
+        return;
+    }
+    for (b, db) in dyt.chunks_mut(o).enumerate() {
+        let nb = (n - b * LANES).min(LANES);
+        for (s, row) in dy[b * LANES * o..][..nb * o].chunks_exact(o).enumerate() {
+            for (d, &v) in db.iter_mut().zip(row) {
+                d[s] = v;
+            }
+        }
+    }
+}
+
+/// [`lanes_of_rows`] with AVX-512.
 ///
 /// # Safety
 /// AVX-512F is available; `dy.len() == n * o`, `dyt.len() == n.div_ceil(LANES) * o`.
@@ -674,27 +693,7 @@ pub fn sddmm_packed(
     // The output gradient as `[block][O][LANES]`, zero past the last sample. A few 10 kB:
     // not worth a hand-over to the pool.
     let mut dyt = vec![[0.0f32; LANES]; blocks * o];
-    #[cfg(target_arch = "x86_64")]
-    let transposed = if active_isa() == Isa::Avx512 {
-        // SAFETY: AVX-512F is available; the lengths were checked above.
-        unsafe { lanes_of_rows_avx512(&dy[..n * o], n, o, &mut dyt) };
-        true
-    } else {
-        false
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let transposed = false;
-    if !transposed {
-        let fill = |(b, db): (usize, &mut [Lane])| {
-            let nb = (n - b * LANES).min(LANES);
-            for (s, row) in dy[b * LANES * o..][..nb * o].chunks_exact(o).enumerate() {
-                for (d, &v) in db.iter_mut().zip(row) {
-                    d[s] = v;
-                }
-            }
-        };
-        dyt.chunks_mut(o).enumerate().for_each(fill);
-    }
+    lanes_of_rows(&dy[..n * o], n, o, &mut dyt);
     let parallel = parallel(n * (active + 2 * w.nnz()));
     // Tasks over ranges of active inputs, balanced by entries; each sums over all samples,
     // so no partial gradients are merged. Results come in the transposed entry order.
