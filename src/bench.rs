@@ -458,13 +458,14 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
         let xs: Vec<f32> = (0..batch * input.0 * input.1 * input.2)
             .map(|_| rand::Rng::random::<f32>(&mut rng))
             .collect();
-        let x = Tensor::from_vec(xs, (batch, input.0, input.1, input.2), &dev)?;
         let ys: Vec<u32> = (0..batch).map(|i| (i % NUM_CLASSES) as u32).collect();
         let y = Tensor::from_vec(ys, batch, &dev)?;
         let mut dense_ms: [Option<f64>; 2] = [None, None];
         for &density in &densities {
             let mut s = setup(kind, input, density, args.kernels, &dev)
                 .with_context(|| format!("setting up {} at density {density}", kind.as_str()))?;
+            // The batch in the layout the data loader would deliver to this model.
+            let x = s.model.input_layout().tensor(&xs, batch, input, &dev)?;
             let kernels = if density < 1.0 {
                 format!("{:?}", args.kernels).to_lowercase()
             } else {

@@ -10,7 +10,9 @@ use rand::RngCore;
 use rest::config::{DatasetKind, TrainConfig};
 use rest::data::dfa::{load, load_sized, DfaOptions};
 use rest::data::loader::{BatchSource, EpochBatches, Prefetcher, PREFETCH_DEPTH};
-use rest::data::transform::{Aug, AugKey, Normalize, Transform, CIFAR_MEAN, CIFAR_STD};
+use rest::data::transform::{
+    Aug, AugKey, BatchLayout, Normalize, Transform, CIFAR_MEAN, CIFAR_STD,
+};
 use rest::data::Split;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -265,6 +267,54 @@ fn all_batches(plan: EpochBatches, start: usize, prefetch: bool) -> Result<Vec<V
     })
 }
 
+/// `nchw` (`[n][f]`) transposed to `[f][n]`.
+fn transposed(nchw: &[f32], n: usize) -> Vec<u32> {
+    let f = nchw.len() / n.max(1);
+    (0..f * n)
+        .map(|k| nchw[(k % n) * f + k / n].to_bits())
+        .collect()
+}
+
+#[test]
+fn feature_major_gather_is_the_transposed_nchw_gather() -> Result<()> {
+    // Unaugmented batches (the vectorised path for whole blocks of 16 samples, the scalar one
+    // for the rest), with and without normalisation, images whose byte count is not a
+    // multiple of 4 (5x5x3), and augmented ones (the blockwise path).
+    let no_aug = Transform {
+        crop_padding: 0,
+        flip: false,
+        normalize: cifar_train().normalize,
+    };
+    for (h, w) in [(28, 28), (5, 5), (8, 8)] {
+        let s = random_split(60, h, w, 4);
+        for n in [1, 16, 37, 48] {
+            let idx: Vec<usize> = (0..n).map(|k| (k * 13 + 5) % 60).collect();
+            let key = AugKey {
+                seed: 2,
+                epoch: 1,
+                first_pos: 32,
+            };
+            for (t, key) in [
+                (Transform::identity(), None),
+                (no_aug, Some(key)),
+                (cifar_train(), None),
+                (cifar_train(), Some(key)),
+            ] {
+                let (mut a, mut b) = (Vec::new(), vec![f32::NAN; 3]);
+                t.gather_as(&s, &idx, key, BatchLayout::Nchw, &mut a)?;
+                t.gather_as(&s, &idx, key, BatchLayout::FeatureMajor, &mut b)?;
+                let got: Vec<u32> = b.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, transposed(&a, n), "{h}x{w}, n = {n}, {t:?}, {key:?}");
+                // A recycled buffer of the right size (garbage inside) gives the same.
+                b.iter_mut().for_each(|v| *v = f32::NAN);
+                t.gather_as(&s, &idx, key, BatchLayout::FeatureMajor, &mut b)?;
+                assert_eq!(b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), got);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn prefetched_batches_are_bit_identical_to_inline_ones_and_reuse_buffers() -> Result<()> {
     let s = random_split(40, 8, 8, 2);
@@ -277,12 +327,37 @@ fn prefetched_batches_are_bit_identical_to_inline_ones_and_reuse_buffers() -> Re
         transform: cifar_train(),
         seed: 5,
         epoch: 2,
+        layout: BatchLayout::Nchw,
     };
     assert_eq!(plan.len(), 8);
     let inline = all_batches(plan, 0, false)?;
     assert_eq!(inline.len(), 8);
     assert_eq!(inline[7].len(), 5 * 8 * 8 * 3, "short last batch");
     assert_eq!(all_batches(plan, 0, true)?, inline);
+    // Feature-major batches: the same values, each feature's run over the batch contiguous,
+    // and the same tensor once viewed as [N, C, H, W].
+    let fm_plan = EpochBatches {
+        layout: BatchLayout::FeatureMajor,
+        ..plan
+    };
+    let fm = all_batches(fm_plan, 0, true)?;
+    assert_eq!(fm, all_batches(fm_plan, 0, false)?);
+    let sz = 8 * 8 * 3;
+    for (k, (a, b)) in inline.iter().zip(&fm).enumerate() {
+        let n = a.len() / sz;
+        for s in 0..n {
+            for f in 0..sz {
+                assert_eq!(a[s * sz + f], b[f * n + s], "batch {k}");
+            }
+        }
+        let dev = candle_core::Device::Cpu;
+        let floats = |v: &[u32]| v.iter().map(|&u| f32::from_bits(u)).collect::<Vec<_>>();
+        let ta = BatchLayout::Nchw.tensor(&floats(a), n, (3, 8, 8), &dev)?;
+        let tb = BatchLayout::FeatureMajor.tensor(&floats(b), n, (3, 8, 8), &dev)?;
+        assert_eq!(tb.dims(), ta.dims());
+        let diff = (ta - tb)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "batch {k}: tensors differ");
+    }
     // A resumed epoch (from batch 3) gets the same batches 3.. as the full epoch.
     assert_eq!(all_batches(plan, 3, true)?, inline[3..].to_vec());
     assert_eq!(all_batches(plan, 3, false)?, inline[3..].to_vec());
@@ -340,6 +415,7 @@ fn prefetcher_propagates_errors_and_stops_when_dropped() -> Result<()> {
         transform: cifar_train(),
         seed: 1,
         epoch: 1,
+        layout: BatchLayout::Nchw,
     };
     for prefetch in [true, false] {
         std::thread::scope(|scope| -> Result<()> {

@@ -7,7 +7,7 @@
 //! paths produce bit-identical batches (the transform's randomness depends only on the
 //! sample's position in the epoch).
 
-use super::transform::{AugKey, Transform};
+use super::transform::{AugKey, BatchLayout, Transform};
 use super::Split;
 use anyhow::{anyhow, bail, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,6 +29,8 @@ pub struct EpochBatches<'a> {
     pub transform: Transform,
     pub seed: u64,
     pub epoch: usize,
+    /// The memory layout the model takes its batches in (`Model::input_layout`).
+    pub layout: BatchLayout,
 }
 
 impl EpochBatches<'_> {
@@ -49,7 +51,8 @@ impl EpochBatches<'_> {
         &self.order[a..b]
     }
 
-    /// Gathers batch `k` into `buf` (`f32` NCHW, reusing its allocation).
+    /// Gathers batch `k` into `buf` (`f32`, laid out as `self.layout`, reusing its
+    /// allocation).
     pub fn fill(&self, k: usize, buf: &mut Vec<f32>) -> Result<()> {
         let key = AugKey {
             seed: self.seed,
@@ -57,11 +60,11 @@ impl EpochBatches<'_> {
             first_pos: k * self.batch_size.max(1),
         };
         self.transform
-            .gather(self.split, self.indices(k), Some(key), buf)
+            .gather_as(self.split, self.indices(k), Some(key), self.layout, buf)
     }
 }
 
-/// A prepared batch: its number in the epoch and its `f32` NCHW values.
+/// A prepared batch: its number in the epoch and its `f32` values (in the plan's layout).
 #[derive(Debug)]
 pub struct Batch {
     pub index: usize,

@@ -239,6 +239,19 @@ impl Transform {
         key: Option<AugKey>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        self.gather_as(split, idx, key, BatchLayout::Nchw, out)
+    }
+
+    /// [`Self::gather`] into the memory layout `layout` (the same values; see
+    /// [`BatchLayout`]).
+    pub fn gather_as(
+        &self,
+        split: &Split,
+        idx: &[usize],
+        key: Option<AugKey>,
+        layout: BatchLayout,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let (h, w, c) = (split.height, split.width, split.channels);
         let sz = split.image_size();
         if let Some(&bad) = idx.iter().find(|&&i| i >= split.len()) {
@@ -248,9 +261,7 @@ impl Transform {
             );
         }
         let lut = self.lut(c)?;
-        out.clear();
-        out.resize(idx.len() * sz, 0.0);
-        for (b, &i) in idx.iter().enumerate() {
+        let one = |b: usize, i: usize, dst: &mut [f32]| {
             let aug = match key {
                 Some(k) => self.draw(k.seed, k.epoch, k.first_pos + b),
                 None => Aug::default(),
@@ -261,10 +272,225 @@ impl Transform {
                 &split.images[i * sz..(i + 1) * sz],
                 (h, w, c),
                 aug,
-                &mut out[b * sz..(b + 1) * sz],
+                dst,
             );
+        };
+        // Every path below writes every element, so a recycled buffer of the right size is
+        // not cleared first.
+        if out.len() != idx.len() * sz {
+            out.clear();
+            out.resize(idx.len() * sz, 0.0);
+        }
+        match layout {
+            BatchLayout::Nchw => {
+                for (b, &i) in idx.iter().enumerate() {
+                    one(b, i, &mut out[b * sz..(b + 1) * sz]);
+                }
+            }
+            BatchLayout::FeatureMajor if key.is_none() || !self.is_random() => {
+                // No augmentation: each feature's run is read straight from the images.
+                let (n, hw) = (idx.len(), h * w);
+                #[allow(unused_mut)]
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if split.images.len() <= i32::MAX as usize
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                {
+                    let full = n / FM_BLOCK * FM_BLOCK;
+                    let starts: Vec<i32> = idx[..full].iter().map(|&i| (i * sz) as i32).collect();
+                    // SAFETY: AVX-512F is available; every sample index is inside the split
+                    // (checked above), so image `k` spans `starts[k]..starts[k] + sz` of
+                    // `split.images`, whose length fits an i32 offset; `out` holds `sz` runs
+                    // of `n >= starts.len()` values (a multiple of 16).
+                    unsafe {
+                        fm_avx512::gather(
+                            &split.images,
+                            &starts,
+                            (hw, c),
+                            self.normalize.as_ref(),
+                            &lut,
+                            out,
+                            n,
+                        )
+                    };
+                    done = full;
+                }
+                // The rest a block at a time (its images stay in L1 meanwhile).
+                for (blk, chunk) in idx[done..].chunks(FM_BLOCK).enumerate() {
+                    let b0 = done + blk * FM_BLOCK;
+                    let imgs: Vec<&[u8]> = chunk
+                        .iter()
+                        .map(|&i| &split.images[i * sz..(i + 1) * sz])
+                        .collect();
+                    for px in 0..hw {
+                        for (ch, t) in lut.iter().enumerate() {
+                            let (f, off) = (ch * hw + px, px * c + ch);
+                            let run = &mut out[f * n + b0..f * n + b0 + chunk.len()];
+                            for (v, img) in run.iter_mut().zip(&imgs) {
+                                *v = t[img[off] as usize];
+                            }
+                        }
+                    }
+                }
+            }
+            BatchLayout::FeatureMajor => {
+                // Blocks of samples are transformed into a small NCHW buffer and written out
+                // a feature at a time: each feature's block of values is one contiguous run.
+                let n = idx.len();
+                let mut tmp = vec![0.0f32; FM_BLOCK * sz];
+                for (blk, chunk) in idx.chunks(FM_BLOCK).enumerate() {
+                    let b0 = blk * FM_BLOCK;
+                    for (k, &i) in chunk.iter().enumerate() {
+                        one(b0 + k, i, &mut tmp[k * sz..(k + 1) * sz]);
+                    }
+                    let m = chunk.len();
+                    for (f, run) in out.chunks_exact_mut(n).enumerate() {
+                        for (k, v) in run[b0..b0 + m].iter_mut().enumerate() {
+                            *v = tmp[k * sz + f];
+                        }
+                    }
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// Samples per block of the feature-major gather.
+const FM_BLOCK: usize = 16;
+
+/// The feature-major gather of unaugmented samples with AVX-512, 16 samples at a time: one
+/// 32-bit gather reads 4 consecutive bytes of 16 images, i.e. 4 features of 16 samples; each
+/// feature's 16 values are computed with the table's arithmetic (`byte * (1/255)`, then
+/// `(x - mean) / std` when normalising: the same IEEE operations, so bit-identical to
+/// [`Transform::lut`]) and stored as one 64-byte run. Features are the outer loop, so each
+/// feature's run over the batch is written out whole, in order.
+#[cfg(target_arch = "x86_64")]
+mod fm_avx512 {
+    use super::{Normalize, FM_BLOCK};
+    use std::arch::x86_64::*;
+
+    /// The value of byte `v` (the low 8 bits of each lane): scaled, then normalised with
+    /// `(mean, std)` when given.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn value(v: __m512i, scale: __m512, norm: Option<(__m512, __m512)>) -> __m512 {
+        let x = _mm512_mul_ps(_mm512_cvtepi32_ps(v), scale);
+        match norm {
+            Some((m, s)) => _mm512_div_ps(_mm512_sub_ps(x, m), s),
+            None => x,
+        }
+    }
+
+    /// Writes samples `0..starts.len()` (a multiple of 16) of every feature run of `out`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; image `k` must span `starts[k]..starts[k] + hw * c` of
+    /// `images`; `out` must hold `hw * c` runs of `n >= starts.len()` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gather(
+        images: &[u8],
+        starts: &[i32],
+        (hw, c): (usize, usize),
+        normalize: Option<&Normalize>,
+        lut: &[[f32; 256]],
+        out: &mut [f32],
+        n: usize,
+    ) {
+        let sz = hw * c;
+        debug_assert!(starts.len().is_multiple_of(FM_BLOCK) && starts.len() <= n);
+        debug_assert!(out.len() >= sz * n);
+        let bases: Vec<__m512i> = starts
+            .chunks_exact(FM_BLOCK)
+            .map(|s| _mm512_loadu_si512(s.as_ptr().cast()))
+            .collect();
+        let scale = _mm512_set1_ps(1.0f32 / 255.0);
+        let byte = _mm512_set1_epi32(0xFF);
+        let norm: Vec<(__m512, __m512)> = (0..c)
+            .map(|ch| match normalize {
+                Some(nm) => (_mm512_set1_ps(nm.mean[ch]), _mm512_set1_ps(nm.std[ch])),
+                None => (_mm512_setzero_ps(), _mm512_set1_ps(1.0)),
+            })
+            .collect();
+        let dst = out.as_mut_ptr();
+        let src = images.as_ptr();
+        let has_norm = normalize.is_some();
+        let mut o = 0;
+        while o + 4 <= sz {
+            // The 4 features of bytes o..o+4 (pixel, channel): their output runs.
+            let runs: [usize; 4] = std::array::from_fn(|j| {
+                let (px, ch) = ((o + j) / c, (o + j) % c);
+                (ch * hw + px) * n
+            });
+            let chans: [usize; 4] = std::array::from_fn(|j| (o + j) % c);
+            let off = _mm512_set1_epi32(o as i32);
+            for (b, &base) in bases.iter().enumerate() {
+                let words = _mm512_i32gather_epi32::<1>(_mm512_add_epi32(base, off), src.cast());
+                for j in 0..4 {
+                    let v = match j {
+                        0 => _mm512_and_si512(words, byte),
+                        1 => _mm512_and_si512(_mm512_srli_epi32::<8>(words), byte),
+                        2 => _mm512_and_si512(_mm512_srli_epi32::<16>(words), byte),
+                        _ => _mm512_srli_epi32::<24>(words),
+                    };
+                    let nm = if has_norm { Some(norm[chans[j]]) } else { None };
+                    _mm512_storeu_ps(dst.add(runs[j] + b * FM_BLOCK), value(v, scale, nm));
+                }
+            }
+            o += 4;
+        }
+        for ob in o..sz {
+            let (px, ch) = (ob / c, ob % c);
+            for (k, &st) in starts.iter().enumerate() {
+                *dst.add((ch * hw + px) * n + k) = lut[ch][images[st as usize + ob] as usize];
+            }
+        }
+    }
+}
+
+/// The memory layout of a batch's `f32` values; the tensor is `[N, C, H, W]` either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchLayout {
+    /// Row-major NCHW: each sample's values contiguous.
+    #[default]
+    Nchw,
+    /// `[C][H][W][N]`: each feature's values over the batch contiguous, the layout of the
+    /// feature-major layers (`kernels::linear_fm`) the MLP runs on. The tensor is the
+    /// permuted view of that buffer (strides `(1, H·W·N, W·N, N)`).
+    FeatureMajor,
+}
+
+impl BatchLayout {
+    /// [`Self::tensor`] taking the buffer over (no copy on the CPU).
+    pub fn tensor_from_vec(
+        self,
+        data: Vec<f32>,
+        n: usize,
+        (c, h, w): (usize, usize, usize),
+        dev: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
+        Ok(match self {
+            BatchLayout::Nchw => candle_core::Tensor::from_vec(data, (n, c, h, w), dev)?,
+            BatchLayout::FeatureMajor => {
+                candle_core::Tensor::from_vec(data, (c, h, w, n), dev)?.permute((3, 0, 1, 2))?
+            }
+        })
+    }
+
+    /// The `[n, c, h, w]` tensor over `data` laid out as `self` (copied onto `dev`).
+    pub fn tensor(
+        self,
+        data: &[f32],
+        n: usize,
+        (c, h, w): (usize, usize, usize),
+        dev: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
+        Ok(match self {
+            BatchLayout::Nchw => candle_core::Tensor::from_slice(data, (n, c, h, w), dev)?,
+            BatchLayout::FeatureMajor => {
+                candle_core::Tensor::from_slice(data, (c, h, w, n), dev)?.permute((3, 0, 1, 2))?
+            }
+        })
     }
 }
 

@@ -24,14 +24,14 @@ pub struct SparseWeight {
 }
 
 #[derive(Debug)]
-struct State {
-    matrix: SparseMatrix,
-    dense_grad: bool,
+pub(super) struct State {
+    pub(super) matrix: SparseMatrix,
+    pub(super) dense_grad: bool,
     /// Keep the weight gradient compact (`grad`) instead of handing candle a dense one (see
     /// [`SparseWeight::set_compact_grad`]).
-    compact_grad: bool,
+    pub(super) compact_grad: bool,
     /// The compact weight gradient of the last backward pass (CSR order), until taken.
-    grad: Option<Vec<f32>>,
+    pub(super) grad: Option<Vec<f32>>,
     /// Row-major dense index of every stored value (CSR order).
     flat: Arc<[usize]>,
     /// The pattern laid out for the last convolution geometry (rebuilt when the batch or
@@ -42,7 +42,7 @@ struct State {
 impl State {
     /// Keeps `vals` as the compact weight gradient; a layer applied more than once in a graph
     /// adds up its gradients.
-    fn add_compact_grad(&mut self, vals: Vec<f32>) {
+    pub(super) fn add_compact_grad(&mut self, vals: Vec<f32>) {
         match &mut self.grad {
             Some(acc) if acc.len() == vals.len() => {
                 acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v);
@@ -133,14 +133,14 @@ impl SparseWeight {
         Ok(())
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock only means another thread panicked mid-op; the CSR data is still
         // structurally valid, so keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-fn kernel_err(e: rest_kernels::sparse::SparseError) -> candle_core::Error {
+pub(super) fn kernel_err(e: rest_kernels::sparse::SparseError) -> candle_core::Error {
     candle_core::Error::Msg(e.message().to_string())
 }
 

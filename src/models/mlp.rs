@@ -1,7 +1,10 @@
 //! LfF's MLP for Colored MNIST: flatten, 3 hidden layers of 100 units with ReLU, linear
-//! classifier.
+//! classifier. On the CPU it runs feature-major (`kernels::linear_fm`): it asks the loader
+//! for feature-major batches, its activations stay `[features, N]` from layer to layer, and
+//! the classifier hands out batch-major logits.
 
 use super::{LayerFlops, Model};
+use crate::data::transform::BatchLayout;
 use crate::kernels;
 use crate::nn::{slot_weight, Buffer, Linear, Param};
 use crate::util::Rng;
@@ -38,8 +41,18 @@ impl Mlp {
 
 impl Model for Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = x.flatten_from(1)?;
         let last = self.layers.len() - 1;
+        if !kernels::generic_path(x) {
+            // Each layer with its ReLU is one op (forward and backward), feature-major.
+            let mut h = kernels::feature_major(x)?;
+            for (i, l) in self.layers.iter().enumerate() {
+                let (w, b) = (l.weight.as_tensor(), l.bias.as_ref().map(|b| b.as_tensor()));
+                let sw = slot_weight(&l.slot);
+                h = kernels::linear_fm(&h, w, b, i < last, i == last, sw.as_ref())?;
+            }
+            return Ok(h);
+        }
+        let mut h = x.flatten_from(1)?;
         for (i, l) in self.layers.iter().enumerate() {
             // Each layer with its ReLU is one op (forward and backward): at this size the
             // per-op bookkeeping of separate bias, ReLU and mask ops costs as much as the
@@ -69,6 +82,13 @@ impl Model for Mlp {
                 }
             })
             .collect()
+    }
+
+    fn input_layout(&self) -> BatchLayout {
+        match self.layers[0].weight.as_tensor() {
+            w if kernels::generic_path(w) => BatchLayout::Nchw,
+            _ => BatchLayout::FeatureMajor,
+        }
     }
 
     fn params(&self) -> Vec<Param> {

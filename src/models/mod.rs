@@ -7,6 +7,7 @@ pub mod mlp;
 pub mod resnet;
 
 use crate::config::{ModelKind, Stem, TrainConfig};
+use crate::data::transform::BatchLayout;
 use crate::nn::{Buffer, Param, ParamKind};
 use crate::util::Rng;
 use anyhow::{bail, Result};
@@ -27,7 +28,7 @@ pub struct LayerFlops {
     pub other: f64,
 }
 
-/// A classifier taking NCHW `f32` images in [0, 1] and returning logits [N, classes].
+/// A classifier taking `[N, C, H, W]` `f32` images and returning logits [N, classes].
 pub trait Model: Send + Sync {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor>;
     /// Every trainable parameter, in a fixed order.
@@ -39,6 +40,12 @@ pub trait Model: Send + Sync {
 
     /// Per-layer FLOPs of one forward pass for one sample of `input = (c, h, w)`.
     fn layer_flops(&self, input: (usize, usize, usize)) -> Vec<LayerFlops>;
+
+    /// The memory layout in which the model runs fastest on its batches (the data loader
+    /// prepares them so; [`Model::forward`] takes any layout).
+    fn input_layout(&self) -> BatchLayout {
+        BatchLayout::Nchw
+    }
 
     /// The maskable conv/linear weights, in order.
     fn weights(&self) -> Vec<Param> {

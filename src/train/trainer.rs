@@ -16,7 +16,7 @@ use super::select::{SelectRule, Selector};
 use crate::config::{ReweightMode, TrainConfig};
 use crate::data::loader::{BatchSource, EpochBatches};
 use crate::data::sampler::{shuffled, WeightedSampler};
-use crate::data::transform::Transform;
+use crate::data::transform::{BatchLayout, Transform};
 use crate::data::{GroupDataset, Split};
 use crate::kernels::SparseWeight;
 use crate::models::{self, Model};
@@ -139,15 +139,18 @@ fn batch_tensor(
     split: &Split,
     idx: &[usize],
     tf: &Transform,
+    layout: BatchLayout,
     buf: &mut Vec<f32>,
     dev: &Device,
 ) -> Result<Tensor> {
-    tf.gather(split, idx, None, buf)?;
-    Ok(Tensor::from_slice(
-        buf,
-        (idx.len(), split.channels, split.height, split.width),
+    tf.gather_as(split, idx, None, layout, buf)?;
+    // The tensor takes the buffer over (a copy would cost as much as the gather).
+    layout.tensor_from_vec(
+        std::mem::take(buf),
+        idx.len(),
+        (split.channels, split.height, split.width),
         dev,
-    )?)
+    )
 }
 
 /// Evaluates `model` on a whole split in inference mode, with the run's evaluation
@@ -175,7 +178,7 @@ pub fn predict(
     let mut buf = Vec::new();
     let all: Vec<usize> = (0..split.len()).collect();
     for chunk in all.chunks(1000) {
-        let x = batch_tensor(split, chunk, tf, &mut buf, dev)?;
+        let x = batch_tensor(split, chunk, tf, model.input_layout(), &mut buf, dev)?;
         let logits = model.forward(&x, false)?;
         let y: Vec<u32> = chunk.iter().map(|&i| split.labels[i]).collect();
         let yt = Tensor::new(y.as_slice(), dev)?;
@@ -394,7 +397,7 @@ fn init_scores(
     let tf = Transform::eval_for(cfg);
     let mut total: Vec<Vec<f32>> = w0.iter().map(|w| vec![0.0; w.len()]).collect();
     for idx in order.chunks(cfg.batch_size).take(SCORE_BATCHES) {
-        let x = batch_tensor(train, idx, &tf, &mut buf, dev)?;
+        let x = batch_tensor(train, idx, &tf, model.input_layout(), &mut buf, dev)?;
         let y: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
         let y = Tensor::new(y.as_slice(), dev)?;
         let g0 = grads_at(&x, &y)?;
@@ -1001,6 +1004,7 @@ fn run_stage(
             .zip(&pe.labels)
             .filter(|(p, l)| p == l)
             .count();
+        let layout = model.input_layout();
         let plan = EpochBatches {
             split: &ds.train,
             order: &order,
@@ -1008,6 +1012,7 @@ fn run_stage(
             transform: train_tf,
             seed: cfg.seed,
             epoch,
+            layout,
         };
         let shape = (ds.train.channels, ds.train.height, ds.train.width);
         // Time the step spent waiting for its batch (with prefetching, ~0 when the worker
@@ -1033,9 +1038,7 @@ fn run_stage(
                         batch.index
                     );
                 }
-                let x =
-                    Tensor::from_slice(&batch.data, (idx.len(), shape.0, shape.1, shape.2), &dev)?;
-                source.recycle(batch.data);
+                let x = layout.tensor_from_vec(batch.data, idx.len(), shape, &dev)?;
                 let y: Vec<u32> = idx.iter().map(|&i| ds.train.labels[i]).collect();
                 let yt = Tensor::new(y.as_slice(), &dev)?;
                 let update_now = engine
@@ -1377,8 +1380,13 @@ fn run_stage(
     Ok((TrainOutcome { run_dir, summary }, train_preds))
 }
 
+/// Seconds of an epoch spent waiting for data below which [`report_data_wait`] only logs.
+const DATA_WAIT_WARN_S: f64 = 0.5;
+
 /// Logs (debug) how long the epoch's steps waited for their batches, and warns when data
-/// loading held training up by more than 10 % despite prefetching.
+/// loading held training up by more than 10 % despite prefetching, and by at least
+/// [`DATA_WAIT_WARN_S`] (tiny models on small images wait a few percent of a very short
+/// epoch: nothing worth acting on).
 fn report_data_wait(epoch: usize, steps: usize, wait_s: f64, loop_s: f64, prefetch: bool) {
     if steps == 0 {
         return;
@@ -1390,7 +1398,7 @@ fn report_data_wait(epoch: usize, steps: usize, wait_s: f64, loop_s: f64, prefet
         share * 100.0,
         loop_s * 1e3 / steps as f64
     );
-    if prefetch && share > 0.1 && steps >= 10 {
+    if prefetch && share > 0.1 && wait_s >= DATA_WAIT_WARN_S && steps >= 10 {
         tracing::warn!(
             "epoch {epoch}: training waited for data {:.0} % of the time: the data pipeline \
              is the bottleneck (large images, few cores); a smaller --image-size or \
