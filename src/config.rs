@@ -81,10 +81,10 @@ pub enum KernelMode {
 pub const AUTO_SPARSE_MAX_DENSITY: f64 = 0.3;
 
 /// Layer density at or below which `--kernels auto` runs a linear layer on the sparse
-/// kernels. Measured with LfF's MLP (batch 256, 2 threads), training step all-sparse vs
-/// all-dense: 0.75 vs 3.00 ms at overall density 0.02, 2.25 vs 3.06 ms at 0.05 (layers at
-/// 0.045-0.087), 2.79 vs 2.86 ms at 0.1 (layers at 0.09-0.17), 3.64 vs 3.10 ms at 0.2.
-pub const AUTO_SPARSE_LINEAR_MAX_DENSITY: f64 = 0.1;
+/// kernels. Measured with LfF's MLP on its feature-major kernels (batch 256, 2 threads),
+/// training step all-sparse vs all-dense at overall density 0.07: 0.71 vs 2.23 ms; 0.1: 1.18
+/// vs 2.13; 0.2: 1.55 vs 2.08; 0.3: 2.00 vs 2.22; 0.4: 2.54 vs 2.27; 0.5: 2.65 vs 2.11.
+pub const AUTO_SPARSE_LINEAR_MAX_DENSITY: f64 = 0.3;
 
 impl KernelMode {
     /// Whether a layer of `density` runs on the sparse kernels (`conv`: a convolution, else

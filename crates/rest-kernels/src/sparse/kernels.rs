@@ -9,6 +9,12 @@ use super::{check_len, SparseError, SparseMatrix};
 
 /// Below this many useful flops a product runs on the calling thread (rayon would cost more).
 pub(crate) const SERIAL_FLOPS: usize = 1 << 18;
+/// [`SERIAL_FLOPS`] for the feature-major products (`spmm`, `spmmᵀ`, SDDMM): these stream
+/// whole rows of `x` at L2 speed, so a product of ~2 MFLOP takes ~50-100 us on one core,
+/// about what waking a sleeping rayon worker costs. Measured with `rest bench --models mlp`
+/// (2 threads): the MLP's first layer at density 0.01 (1.1 MFLOP) serial, step 0.30 -> 0.25
+/// ms; at 0.05 (5.4 MFLOP) parallel, as before.
+const PRODUCT_SERIAL_FLOPS: usize = 1 << 21;
 /// Column granule of the spmm blocks (the AVX-512 register-tile width).
 const SPMM_COL_GRANULE: usize = 128;
 /// Bytes of `x` one spmm cache tile may span (`K * ctile * 4`), so the slab stays in L2.
@@ -236,7 +242,11 @@ pub(crate) fn run_spmm(isa: Isa, csr: &Csr<'_>, x: &[f32], p: usize, out: &mut [
     }
     let threads = rayon::current_num_threads();
     let flops = 2 * csr.nnz() * p;
-    let target = if flops < SERIAL_FLOPS { 1 } else { 4 * threads };
+    let target = if flops < PRODUCT_SERIAL_FLOPS {
+        1
+    } else {
+        4 * threads
+    };
     let col_bounds = split_cols(p, target, SPMM_COL_GRANULE);
     let n_col = col_bounds.len() - 1;
     let row_bounds = split_rows(csr.row_ptr, target.div_ceil(n_col));
@@ -287,7 +297,7 @@ pub(crate) fn run_sddmm(
     }
     let threads = rayon::current_num_threads();
     let flops = 2 * csr.nnz() * p;
-    let serial = flops < SERIAL_FLOPS;
+    let serial = flops < PRODUCT_SERIAL_FLOPS;
     let tile = cache_tile(csr.cols, SDDMM_SLAB_BYTES, 16).max(256);
     // One block: rows `rows`, columns `cols`, written to `out` (that row range's entries).
     let block = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, out: &mut [f32]| {
