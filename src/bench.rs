@@ -338,6 +338,8 @@ fn time_it(
 /// A model set up for training at `density` as `rest train` sets it up.
 struct Setup {
     model: Box<dyn Model>,
+    /// `model.weights()`, as the trainer keeps them for the run.
+    weights: Vec<crate::nn::Param>,
     opt: Sgd,
     masks: Vec<Tensor>,
     on_sparse: Vec<bool>,
@@ -385,6 +387,7 @@ fn setup(
     };
     Ok(Setup {
         model,
+        weights,
         opt,
         masks,
         on_sparse,
@@ -409,9 +412,8 @@ fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor, phases: &mut [Vec<f64>; 3])
     let t2 = Instant::now();
     s.opt.step(&grads)?;
     if !s.masks.is_empty() {
-        let weights = s.model.weights();
         apply_masks(
-            &weights,
+            &s.weights,
             &s.masks,
             &s.on_sparse,
             false,

@@ -12,6 +12,9 @@ use super::{cpu_slice, generic_path, prepare, with_f32};
 struct SoftmaxNllOp {
     targets: Vec<u32>,
     classes: usize,
+    /// Each row's log-sum-exp, from the forward pass for the backward one (the same values
+    /// recomputed there otherwise).
+    lse: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 /// `(logsumexp, softmax)` helpers over one row, in f32 with the row maximum subtracted.
@@ -29,12 +32,15 @@ impl CustomOp1 for SoftmaxNllOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_slice(s, l, self.name())?;
         let c = self.classes;
+        let lse: Vec<f32> = x.chunks_exact(c).map(row_lse).collect();
         let nll: Vec<f32> = x
             .chunks_exact(c)
             .zip(&self.targets)
-            .map(|(row, &y)| row_lse(row) - row[y as usize])
+            .zip(&lse)
+            .map(|((row, &y), &l)| l - row[y as usize])
             .collect();
         let n = nll.len();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
@@ -45,16 +51,21 @@ impl CustomOp1 for SoftmaxNllOp {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let c = self.classes;
+        let saved = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
         let dx = with_f32(arg, self.name(), |x| {
             with_f32(grad, self.name(), |g| {
+                let lse = match saved {
+                    Some(l) if l.len() * c == x.len() => l,
+                    _ => x.chunks_exact(c).map(row_lse).collect(),
+                };
                 let mut dx = vec![0.0f32; x.len()];
-                for (((row, drow), &y), &gi) in x
+                for ((((row, drow), &y), &gi), &lse) in x
                     .chunks_exact(c)
                     .zip(dx.chunks_exact_mut(c))
                     .zip(&self.targets)
                     .zip(g)
+                    .zip(&lse)
                 {
-                    let lse = row_lse(row);
                     for (d, &v) in drow.iter_mut().zip(row) {
                         *d = gi * (v - lse).exp();
                     }
@@ -95,6 +106,7 @@ pub fn softmax_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let op = SoftmaxNllOp {
         targets: ys,
         classes: c,
+        lse: std::sync::Mutex::new(None),
     };
     Ok(super::tape::op1(&x, op)?)
 }
