@@ -482,15 +482,10 @@ impl BatchLayout {
         self,
         data: &[f32],
         n: usize,
-        (c, h, w): (usize, usize, usize),
+        chw: (usize, usize, usize),
         dev: &candle_core::Device,
     ) -> Result<candle_core::Tensor> {
-        Ok(match self {
-            BatchLayout::Nchw => candle_core::Tensor::from_slice(data, (n, c, h, w), dev)?,
-            BatchLayout::FeatureMajor => {
-                candle_core::Tensor::from_slice(data, (c, h, w, n), dev)?.permute((3, 0, 1, 2))?
-            }
-        })
+        self.tensor_from_vec(data.to_vec(), n, chw, dev)
     }
 }
 

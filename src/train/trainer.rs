@@ -134,19 +134,20 @@ fn restore(
     Ok(())
 }
 
-/// Gathers a batch into an NCHW tensor through the non-random part of `tf` (evaluation).
+/// Gathers a batch into an `[N, C, H, W]` tensor laid out as `layout`, through the
+/// non-random part of `tf` (evaluation). The tensor takes the gathered buffer over (a copy
+/// would cost as much as the gather).
 fn batch_tensor(
     split: &Split,
     idx: &[usize],
     tf: &Transform,
     layout: BatchLayout,
-    buf: &mut Vec<f32>,
     dev: &Device,
 ) -> Result<Tensor> {
-    tf.gather_as(split, idx, None, layout, buf)?;
-    // The tensor takes the buffer over (a copy would cost as much as the gather).
+    let mut buf = Vec::new();
+    tf.gather_as(split, idx, None, layout, &mut buf)?;
     layout.tensor_from_vec(
-        std::mem::take(buf),
+        buf,
         idx.len(),
         (split.channels, split.height, split.width),
         dev,
@@ -175,10 +176,9 @@ pub fn predict(
 ) -> Result<(Vec<u32>, f64)> {
     let mut preds = Vec::with_capacity(split.len());
     let mut loss_sum = 0.0f64;
-    let mut buf = Vec::new();
     let all: Vec<usize> = (0..split.len()).collect();
     for chunk in all.chunks(1000) {
-        let x = batch_tensor(split, chunk, tf, model.input_layout(), &mut buf, dev)?;
+        let x = batch_tensor(split, chunk, tf, model.input_layout(), dev)?;
         let logits = model.forward(&x, false)?;
         let y: Vec<u32> = chunk.iter().map(|&i| split.labels[i]).collect();
         let yt = Tensor::new(y.as_slice(), dev)?;
@@ -393,11 +393,10 @@ fn init_scores(
     };
     let mut rng = util::rng(cfg.seed, 4);
     let order = shuffled(train.len(), &mut rng);
-    let mut buf = Vec::new();
     let tf = Transform::eval_for(cfg);
     let mut total: Vec<Vec<f32>> = w0.iter().map(|w| vec![0.0; w.len()]).collect();
     for idx in order.chunks(cfg.batch_size).take(SCORE_BATCHES) {
-        let x = batch_tensor(train, idx, &tf, model.input_layout(), &mut buf, dev)?;
+        let x = batch_tensor(train, idx, &tf, model.input_layout(), dev)?;
         let y: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
         let y = Tensor::new(y.as_slice(), dev)?;
         let g0 = grads_at(&x, &y)?;
@@ -1038,6 +1037,8 @@ fn run_stage(
                         batch.index
                     );
                 }
+                // The tensor takes the batch's buffer over (no copy; the worker allocates the
+                // next one, which costs less than copying this one on the training thread).
                 let x = layout.tensor_from_vec(batch.data, idx.len(), shape, &dev)?;
                 let y: Vec<u32> = idx.iter().map(|&i| ds.train.labels[i]).collect();
                 let yt = Tensor::new(y.as_slice(), &dev)?;
