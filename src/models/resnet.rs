@@ -69,7 +69,8 @@ impl CustomOp2 for AddRelu {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let mut out = vec![0.0f32; a.len()];
+        // Every element is written by `zip_map`.
+        let mut out = crate::kernels::output_buffer(a.len());
         zip_map(&mut out, a, b, |a, b| {
             let s = a + b;
             // Keeps NaN (like `Tensor::relu`), unlike `f32::max`.
@@ -90,7 +91,8 @@ impl CustomOp2 for AddRelu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (res, grad) = (res.contiguous()?, grad.contiguous()?);
-        let mut dx = vec![0.0f32; res.elem_count()];
+        // Every element is written by `zip_map`.
+        let mut dx = crate::kernels::output_buffer(res.elem_count());
         {
             let (rs, rl) = res.storage_and_layout();
             let (gs, gl) = grad.storage_and_layout();
