@@ -10,10 +10,10 @@
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-use rest_kernels::sparse::{sddmm_into, spmm, spmm_t};
+use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, transpose};
 use rest_kernels::{
     bias_act_fm, linear_bwd_bias_fm, linear_bwd_input_fm, linear_bwd_weight_fm, linear_fwd_fm,
-    output_grad_fm, transpose_small,
+    output_grad_fm,
 };
 use std::sync::Arc;
 
@@ -65,7 +65,7 @@ impl LinearFmOp {
         bias_act_fm(&mut y, n, b, self.relu);
         if self.out_batch_major {
             let mut t = scratch::output(o * n);
-            transpose_small(&y, o, n, &mut t);
+            transpose(&y, o, n, &mut t).map_err(kernel_err)?;
             y = t;
         }
         Ok((CpuStorage::F32(y), self.out_shape()))

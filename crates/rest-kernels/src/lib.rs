@@ -32,7 +32,6 @@ pub use im2col::{col2im, im2col, Conv2dGeom};
 pub use linear::{
     bias_act_fm, linear_bwd_bias, linear_bwd_bias_fm, linear_bwd_input, linear_bwd_input_fm,
     linear_bwd_weight, linear_bwd_weight_fm, linear_fwd, linear_fwd_fm, output_grad_fm,
-    transpose_small,
 };
 pub use pool::{
     global_avg_pool_bwd, global_avg_pool_fwd, max_pool2d_bwd, max_pool2d_fwd, MaxPool2dGeom,

@@ -198,15 +198,3 @@ pub fn output_grad_fm(
         }
     }
 }
-
-/// `dst[C][R] = src[R][C]` for small matrices (single-threaded; e.g. a classifier's `[O][N]`
-/// output into the `[N][O]` logits).
-pub fn transpose_small(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    assert_eq!(src.len(), rows * cols, "transpose_small: src length");
-    assert_eq!(dst.len(), rows * cols, "transpose_small: dst length");
-    for r in 0..rows {
-        for c in 0..cols {
-            dst[c * rows + r] = src[r * cols + c];
-        }
-    }
-}

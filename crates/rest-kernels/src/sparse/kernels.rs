@@ -15,6 +15,9 @@ pub(crate) const SERIAL_FLOPS: usize = 1 << 18;
 /// (2 threads): the MLP's first layer at density 0.01 (1.1 MFLOP) serial, step 0.30 -> 0.25
 /// ms; at 0.05 (5.4 MFLOP) parallel, as before.
 const PRODUCT_SERIAL_FLOPS: usize = 1 << 21;
+/// Elements below which [`transpose`] runs on the calling thread (e.g. a classifier's
+/// `[classes][N]` output: waking rayon would cost more than the copy).
+const SERIAL_TRANSPOSE: usize = 1 << 16;
 /// Column granule of the spmm blocks (the AVX-512 register-tile width).
 const SPMM_COL_GRANULE: usize = 128;
 /// Bytes of `x` one spmm cache tile may span (`K * ctile * 4`), so the slab stays in L2.
@@ -130,21 +133,24 @@ pub fn transpose(
     }
     const B: usize = 32;
     // Each task owns B consecutive rows of `dst` (= B columns of `src`).
-    dst.par_chunks_mut(B * rows)
-        .enumerate()
-        .for_each(|(bi, dblock)| {
-            let c0 = bi * B;
-            let nc = dblock.len() / rows;
-            for r0 in (0..rows).step_by(B) {
-                let r1 = (r0 + B).min(rows);
-                for dc in 0..nc {
-                    let drow = &mut dblock[dc * rows..(dc + 1) * rows];
-                    for r in r0..r1 {
-                        drow[r] = src[r * cols + c0 + dc];
-                    }
+    let block = |(bi, dblock): (usize, &mut [f32])| {
+        let c0 = bi * B;
+        let nc = dblock.len() / rows;
+        for r0 in (0..rows).step_by(B) {
+            let r1 = (r0 + B).min(rows);
+            for dc in 0..nc {
+                let drow = &mut dblock[dc * rows..(dc + 1) * rows];
+                for r in r0..r1 {
+                    drow[r] = src[r * cols + c0 + dc];
                 }
             }
-        });
+        }
+    };
+    if rows * cols < SERIAL_TRANSPOSE {
+        dst.chunks_mut(B * rows).enumerate().for_each(block);
+    } else {
+        dst.par_chunks_mut(B * rows).enumerate().for_each(block);
+    }
     Ok(())
 }
 
