@@ -212,7 +212,7 @@ fn full_rows(
     }
 }
 
-/// The blocks of 16 outputs of [`full_rows`]; returns how many outputs it wrote.
+/// The blocks of 16 outputs of [`full_rows`]; returns how many leading outputs it wrote.
 ///
 /// # Safety
 /// AVX-512F is available.
@@ -228,7 +228,13 @@ unsafe fn full_rows_avx512(
 ) -> usize {
     use std::arch::x86_64::*;
     const L: usize = 16;
-    let blocks = out.len().min(idx.len()) / L;
+    let len = out.len().min(idx.len());
+    let blocks = len / L;
+    // A partial last block is run as the last 16 outputs (recomputing a few already
+    // written: each output depends only on its window), not left to the scalar scan.
+    let starts = (0..blocks)
+        .map(|b| b * L)
+        .chain((len > blocks * L && blocks > 0).then_some(len - L));
     let s = g.stride;
     // Lane l reads column x_first + (j0 + l)·s + dx.
     let mut lane = [0i32; L];
@@ -236,8 +242,19 @@ unsafe fn full_rows_avx512(
         *v = (l * s) as i32;
     }
     let lane = _mm512_loadu_si512(lane.as_ptr().cast());
-    for b in 0..blocks {
-        let x0 = x_first + b * L * s;
+    // Stride 2: lanes read every other column of a 31-column span, i.e. the even elements of
+    // two vectors (one two-source permute instead of a gather; the second vector's last
+    // element, one past the span, is masked off).
+    let mut even = [0i32; L];
+    for (l, v) in even.iter_mut().enumerate() {
+        *v = (2 * l) as i32;
+    }
+    let even = _mm512_loadu_si512(even.as_ptr().cast());
+    let p = src.as_ptr();
+    let mut done = blocks * L;
+    for j0 in starts {
+        done = done.max(j0 + L);
+        let x0 = x_first + j0 * s;
         // The last column the block reads, in the last row: inside `src`.
         let last = (ys.end - 1) * g.w + x0 + (L - 1) * s + g.k - 1;
         assert!(last < src.len(), "max pooling window outside the plane");
@@ -248,7 +265,16 @@ unsafe fn full_rows_avx512(
             for dx in 0..g.k {
                 let base = (iy * g.w + x0 + dx) as i32;
                 let at = _mm512_add_epi32(lane, _mm512_set1_epi32(base));
-                let v = _mm512_i32gather_ps::<4>(at, src.as_ptr().cast());
+                // Lane l: src[base + l·s] (inside the window span checked above).
+                let v = match s {
+                    1 => _mm512_loadu_ps(p.add(base as usize)),
+                    2 => _mm512_permutex2var_ps(
+                        _mm512_loadu_ps(p.add(base as usize)),
+                        even,
+                        _mm512_maskz_loadu_ps(0x7FFF, p.add(base as usize + L)),
+                    ),
+                    _ => _mm512_i32gather_ps::<4>(at, p.cast()),
+                };
                 // A larger value, or the first NaN (which then stays: `v > NaN` is false).
                 let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
                 let v_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
@@ -258,10 +284,10 @@ unsafe fn full_rows_avx512(
                 arg = _mm512_mask_blend_epi32(take, arg, at);
             }
         }
-        _mm512_storeu_ps(out.as_mut_ptr().add(b * L), best);
-        _mm512_storeu_si512(idx.as_mut_ptr().add(b * L).cast(), arg);
+        _mm512_storeu_ps(out.as_mut_ptr().add(j0), best);
+        _mm512_storeu_si512(idx.as_mut_ptr().add(j0).cast(), arg);
     }
-    blocks * L
+    done
 }
 
 /// Max pooling backward: `dx` (overwritten) receives each `dout` entry at the argmax recorded
