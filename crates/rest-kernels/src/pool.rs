@@ -36,11 +36,9 @@ pub fn global_avg_pool_fwd(x: &[f32], c: usize, n: usize, out: &mut [f32]) {
             .zip(x.par_chunks(n * hw))
             .for_each(channel);
     }
-    for ch in 0..c {
-        for b in 0..n {
-            out[b * c + ch] = means[ch * n + b];
-        }
-    }
+    // [C][N] -> [N][C], cache-blocked.
+    crate::sparse::transpose(&means, c, n, out)
+        .expect("global_avg_pool_fwd: lengths checked above");
 }
 
 /// Backward of [`global_avg_pool_fwd`]: `dx[c][n][h][w] = dout[n][c] / (H*W)` (`dx`, of
