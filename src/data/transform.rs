@@ -287,13 +287,14 @@ impl Transform {
                     one(b, i, &mut out[b * sz..(b + 1) * sz]);
                 }
             }
-            BatchLayout::FeatureMajor if key.is_none() || !self.is_random() => {
-                // No augmentation: each feature's run is read straight from the images.
-                let (n, hw) = (idx.len(), h * w);
+            BatchLayout::FeatureMajor => {
+                let n = idx.len();
                 #[allow(unused_mut)]
                 let mut done = 0;
+                // Unaugmented whole blocks of 16 samples: read straight from the images.
                 #[cfg(target_arch = "x86_64")]
-                if split.images.len() <= i32::MAX as usize
+                if (key.is_none() || !self.is_random())
+                    && split.images.len() <= i32::MAX as usize
                     && std::arch::is_x86_feature_detected!("avx512f")
                 {
                     let full = n / FM_BLOCK * FM_BLOCK;
@@ -306,7 +307,7 @@ impl Transform {
                         fm_avx512::gather(
                             &split.images,
                             &starts,
-                            (hw, c),
+                            (h * w, c),
                             self.normalize.as_ref(),
                             &lut,
                             out,
@@ -315,31 +316,11 @@ impl Transform {
                     };
                     done = full;
                 }
-                // The rest a block at a time (its images stay in L1 meanwhile).
+                // The rest a block at a time: transformed into a small NCHW buffer and written
+                // out a feature at a time (each feature's block of values one contiguous run).
+                let mut tmp = vec![0.0f32; FM_BLOCK * sz];
                 for (blk, chunk) in idx[done..].chunks(FM_BLOCK).enumerate() {
                     let b0 = done + blk * FM_BLOCK;
-                    let imgs: Vec<&[u8]> = chunk
-                        .iter()
-                        .map(|&i| &split.images[i * sz..(i + 1) * sz])
-                        .collect();
-                    for px in 0..hw {
-                        for (ch, t) in lut.iter().enumerate() {
-                            let (f, off) = (ch * hw + px, px * c + ch);
-                            let run = &mut out[f * n + b0..f * n + b0 + chunk.len()];
-                            for (v, img) in run.iter_mut().zip(&imgs) {
-                                *v = t[img[off] as usize];
-                            }
-                        }
-                    }
-                }
-            }
-            BatchLayout::FeatureMajor => {
-                // Blocks of samples are transformed into a small NCHW buffer and written out
-                // a feature at a time: each feature's block of values is one contiguous run.
-                let n = idx.len();
-                let mut tmp = vec![0.0f32; FM_BLOCK * sz];
-                for (blk, chunk) in idx.chunks(FM_BLOCK).enumerate() {
-                    let b0 = blk * FM_BLOCK;
                     for (k, &i) in chunk.iter().enumerate() {
                         one(b0 + k, i, &mut tmp[k * sz..(k + 1) * sz]);
                     }
@@ -406,15 +387,14 @@ mod fm_avx512 {
             .collect();
         let scale = _mm512_set1_ps(1.0f32 / 255.0);
         let byte = _mm512_set1_epi32(0xFF);
-        let norm: Vec<(__m512, __m512)> = (0..c)
-            .map(|ch| match normalize {
-                Some(nm) => (_mm512_set1_ps(nm.mean[ch]), _mm512_set1_ps(nm.std[ch])),
-                None => (_mm512_setzero_ps(), _mm512_set1_ps(1.0)),
-            })
-            .collect();
+        // Per channel `(mean, std)` when normalising.
+        let norm: Option<Vec<(__m512, __m512)>> = normalize.map(|nm| {
+            (0..c)
+                .map(|ch| (_mm512_set1_ps(nm.mean[ch]), _mm512_set1_ps(nm.std[ch])))
+                .collect()
+        });
         let dst = out.as_mut_ptr();
         let src = images.as_ptr();
-        let has_norm = normalize.is_some();
         let mut o = 0;
         while o + 4 <= sz {
             // The 4 features of bytes o..o+4 (pixel, channel): their output runs.
@@ -433,7 +413,7 @@ mod fm_avx512 {
                         2 => _mm512_and_si512(_mm512_srli_epi32::<16>(words), byte),
                         _ => _mm512_srli_epi32::<24>(words),
                     };
-                    let nm = if has_norm { Some(norm[chans[j]]) } else { None };
+                    let nm = norm.as_ref().map(|t| t[chans[j]]);
                     _mm512_storeu_ps(dst.add(runs[j] + b * FM_BLOCK), value(v, scale, nm));
                 }
             }

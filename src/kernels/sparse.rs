@@ -644,10 +644,11 @@ impl CustomOp3 for SparseLinearBiasOp {
     }
 }
 
-/// Whether a sparse linear layer runs the batch-major kernels (`spmm_rows`, ...) rather
-/// than transposing its activations for the feature-major ones: their `N·nnz` indexed
-/// multiply-adds beat the transposes (`N·(I + O)` scattered moves each way) up to about
-/// `nnz = 4 (I + O)` (measured with `rest bench --models mlp`).
+/// Whether a sparse linear layer on batch-major activations (the classifier heads after
+/// pooling; the MLP runs feature-major, see `linear_fm`) runs the batch-major kernels
+/// (`spmm_rows`, ...) rather than transposing its activations for the feature-major ones:
+/// their `N·nnz` indexed multiply-adds beat the transposes (`N·(I + O)` scattered moves each
+/// way) up to about `nnz = 4 (I + O)` (measured on the MLP's layers when it ran batch-major).
 fn rows_path(nnz: usize, i: usize, o: usize) -> bool {
     nnz <= ROWS_PATH_NNZ_PER_DIM * (i + o)
 }

@@ -249,9 +249,7 @@ unsafe fn full_rows_avx512(
     }
     let even = _mm512_loadu_si512(even.as_ptr().cast());
     let p = src.as_ptr();
-    let mut done = blocks * L;
     for j0 in starts {
-        done = done.max(j0 + L);
         let x0 = x_first + j0 * s;
         // The last column the block reads, in the last row: inside `src`.
         let last = (ys.end - 1) * g.w + x0 + (L - 1) * s + g.k - 1;
@@ -285,7 +283,12 @@ unsafe fn full_rows_avx512(
         _mm512_storeu_ps(out.as_mut_ptr().add(j0), best);
         _mm512_storeu_si512(idx.as_mut_ptr().add(j0).cast(), arg);
     }
-    done
+    // Every output when there was a whole block (the partial one then ran overlapped).
+    if blocks > 0 {
+        len
+    } else {
+        0
+    }
 }
 
 /// Max pooling backward: `dx` (overwritten) receives each `dout` entry at the argmax recorded
