@@ -4,14 +4,17 @@
 //! of mask-update steps, and with an input that tracks no gradient (the network's images).
 //! The inference op (`conv_bn_eval`, running statistics) likewise against the separate
 //! convolution and evaluation-mode batch norm, and the inference pair (`conv_bn_eval_pair`,
-//! a dense layer packed straight into a sparse one's input layout) against two single ops.
+//! a dense layer packed straight into a sparse one's input layout) against two single ops,
+//! and the batch-innermost inference stack (`conv_bn_stack_pool_eval`) against the layers one
+//! by one and the global average pool.
 
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{
     batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_eval, conv_bn_eval_pair,
-    conv_bn_train, sparse_conv2d_cnhw, EvalConvBn, SparseWeight,
+    conv_bn_stack_pool_eval, conv_bn_train, global_avg_pool_cnhw, sparse_conv2d_cnhw,
+    stack_applies, EvalConvBn, SparseWeight,
 };
 use std::sync::Arc;
 
@@ -333,4 +336,106 @@ fn eval_pair_equals_two_single_layers() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("input channels"), "{e}");
+}
+
+#[test]
+fn eval_stack_equals_the_layers_then_the_pool() {
+    if !rest_kernels::sparse::Isa::Avx512.is_available() {
+        eprintln!("skipped: the inference stack runs on AVX-512 CPUs only");
+        return;
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(9);
+    let dev = &Device::Cpu;
+    // (input (c, n, h, w), layers (oc, k, stride, pad, sparse)): REST's CNN (3x3 pooled map:
+    // bit for bit) with a dense and a sparse first layer and a batch that is not a multiple
+    // of 16, and stride-1 / 1x1 layers with a larger pooled map (summed in another order).
+    type Case = (
+        (usize, usize, usize, usize),
+        Vec<(usize, usize, usize, usize, bool)>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            (3, 37, 28, 28),
+            vec![
+                (16, 4, 2, 1, false),
+                (24, 4, 2, 1, true),
+                (32, 4, 2, 1, true),
+            ],
+        ),
+        (
+            (3, 16, 28, 28),
+            vec![
+                (16, 4, 2, 1, true),
+                (24, 4, 2, 1, true),
+                (32, 4, 2, 1, true),
+            ],
+        ),
+        (
+            (2, 5, 13, 11),
+            vec![(6, 3, 1, 1, false), (5, 1, 2, 0, true), (7, 3, 1, 1, true)],
+        ),
+    ];
+    for (case, ((c, n, h, w), specs)) in cases.into_iter().enumerate() {
+        let xv = rand_vec(&mut r, n * c * h * w);
+        let x = Tensor::from_vec(xv, (n, c, h, w), dev).expect("x");
+        let mut layers = Vec::new();
+        let mut ic = c;
+        for &(oc, k, s, p, sparse) in &specs {
+            let wv = rand_vec(&mut r, oc * ic * k * k);
+            let m: Vec<f32> = (0..wv.len())
+                .map(|_| f32::from(r.random_bool(0.15)))
+                .collect();
+            let sw = sparse.then(|| SparseWeight::new(&wv, &m, oc, ic * k * k).expect("sw"));
+            let wm: Vec<f32> = match sparse {
+                true => wv.iter().zip(&m).map(|(a, b)| a * b).collect(),
+                false => wv,
+            };
+            let wt = Tensor::from_vec(wm, (oc, ic, k, k), dev).expect("w");
+            layers.push((wt, (s, p), sw, bn_params(&mut r, oc)));
+            ic = oc;
+        }
+        let args: Vec<EvalConvBn> = layers
+            .iter()
+            .map(|(w, sp, sw, bn)| eval_layer(w, *sp, sw.as_ref(), bn, true))
+            .collect();
+        let mut h_ = x
+            .permute((1, 0, 2, 3))
+            .and_then(|t| t.contiguous())
+            .expect("cnhw");
+        for a in &args {
+            h_ = a.apply(&h_).expect("layer");
+        }
+        let want = global_avg_pool_cnhw(&h_).expect("pool");
+        let pooled_hw = h_.dim(2).expect("h") * h_.dim(3).expect("w");
+        // NCHW, and the feature-major view ([C][H][W][N] memory) of the same images.
+        let fm = x
+            .permute((1, 2, 3, 0))
+            .and_then(|t| t.contiguous())
+            .and_then(|t| t.permute((3, 0, 1, 2)))
+            .expect("feature-major");
+        for input in [&x, &fm] {
+            assert!(stack_applies(input, &args), "case {case}");
+            let got = conv_bn_stack_pool_eval(input, &args).expect("stack");
+            assert_eq!(got.dims(), want.dims(), "case {case}");
+            if pooled_hw < 16 {
+                same(&got, &want, &format!("stack case {case}"));
+            } else {
+                let diff = (&got - &want)
+                    .and_then(|d| d.abs())
+                    .and_then(|d| d.max_all())
+                    .and_then(|d| d.to_scalar::<f32>())
+                    .expect("diff");
+                assert!(diff < 1e-4, "stack case {case}: max difference {diff}");
+            }
+        }
+        // A dense layer after the first: not this path.
+        let dense_later: Vec<EvalConvBn> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, (w, sp, sw, bn))| {
+                eval_layer(w, *sp, sw.as_ref().filter(|_| i != 1), bn, true)
+            })
+            .collect();
+        assert!(!stack_applies(&x, &dense_later), "case {case}");
+    }
 }

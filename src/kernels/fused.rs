@@ -252,7 +252,7 @@ impl CustomOp2 for ConvBnReluEvalOp {
 /// Folds inference BatchNorm parameters (`[oc]` each) into a per-channel `(scale, shift)`:
 /// `scale = gamma / sqrt(var + eps)`, `shift = beta - mean·scale`, with the rounding of
 /// `batch_norm_cnhw_eval`.
-fn fold_bn(
+pub(super) fn fold_bn(
     op: &str,
     oc: usize,
     gamma: &Tensor,

@@ -16,6 +16,7 @@ mod norm;
 mod pool;
 mod scratch;
 mod sparse;
+mod stack;
 pub mod tape;
 
 pub use conv::conv2d_cnhw;
@@ -29,6 +30,7 @@ pub(crate) use scratch::output as output_buffer;
 pub use sparse::{
     sparse_conv2d_cnhw, sparse_linear, sparse_linear_act, sparse_linear_bias, SparseWeight,
 };
+pub use stack::{conv_bn_stack_pool_eval, stack_applies};
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};

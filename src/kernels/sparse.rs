@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rest_kernels::sparse::{
     packed_len, sddmm_into, sddmm_packed, sddmm_rows, spmm, spmm_rows_fused, spmm_t, spmm_t_rows,
-    transpose, SparseConv, SparseMatrix,
+    transpose, ChwnConv, SparseConv, SparseMatrix,
 };
 use rest_kernels::{conv2d_bwd_weight, linear_bwd_bias, linear_bwd_weight, Conv2dGeom};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,6 +37,8 @@ pub(super) struct State {
     /// The pattern laid out for the last convolution geometry (rebuilt when the batch or
     /// image size changes; the pattern itself never changes within a `SparseWeight`).
     conv: Option<Arc<SparseConv>>,
+    /// The pattern laid out for batch-innermost inference (`kernels::stack`), per geometry.
+    chwn: Option<Arc<ChwnConv>>,
 }
 
 impl State {
@@ -48,6 +50,23 @@ impl State {
                 acc.iter_mut().zip(&vals).for_each(|(a, v)| *a += v);
             }
             g => *g = Some(vals),
+        }
+    }
+
+    /// The pattern laid out for batch-innermost inference with geometry `g` (its batch size
+    /// does not matter), cached like [`Self::conv_plan`].
+    pub(super) fn chwn_plan(&mut self, g: &Conv2dGeom) -> candle_core::Result<Arc<ChwnConv>> {
+        let key = Conv2dGeom {
+            n: rest_kernels::sparse::STACK_LANES,
+            ..*g
+        };
+        match &self.chwn {
+            Some(c) if *c.geom() == key => Ok(c.clone()),
+            _ => {
+                let c = Arc::new(ChwnConv::new(&self.matrix, g).map_err(kernel_err)?);
+                self.chwn = Some(c.clone());
+                Ok(c)
+            }
         }
     }
 
@@ -87,6 +106,7 @@ impl SparseWeight {
                 grad: None,
                 flat,
                 conv: None,
+                chwn: None,
             }),
         }))
     }

@@ -48,6 +48,14 @@ impl Cnn {
 
 impl Model for Cnn {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            // Inference in one batch-innermost pass where it applies (sparse layers after the
+            // first, AVX-512): straight from the NCHW images to the pooled features.
+            let pairs: Vec<_> = self.convs.iter().zip(&self.bns).collect();
+            if let Some(pooled) = crate::nn::conv_bn_relu_stack_pool_eval(&pairs, x)? {
+                return self.fc.forward(&pooled);
+            }
+        }
         // NCHW images -> CNHW, the layout of every conv/BN/pool kernel.
         let mut h = x.permute((1, 0, 2, 3))?.contiguous()?;
         let mut i = 0;

@@ -134,6 +134,34 @@ pub fn conv_bn_relu_pair_eval(
     crate::kernels::conv_bn_eval_pair(x, &first, &second)
 }
 
+/// Inference `global_avg_pool(relu(bn_k(conv_k(... relu(bn_1(conv_1(x)))))))` `[N, C_k]` on
+/// NCHW images `x` (any strides), in one batch-innermost pass over groups of 16 images
+/// (`kernels::conv_bn_stack_pool_eval`: valid outputs only, each layer writing into the next
+/// one's input layout, activations kept in cache) when it applies: on the CPU with AVX-512,
+/// convolutions without bias, every one after the first sparse. `None` otherwise (the caller
+/// runs the layers one by one); the same values either way.
+pub fn conv_bn_relu_stack_pool_eval(
+    layers: &[(&Conv2d, &BatchNorm2d)],
+    x: &Tensor,
+) -> Result<Option<Tensor>> {
+    if layers.iter().any(|(conv, _)| conv.bias.is_some()) {
+        return Ok(None);
+    }
+    let states: Vec<EvalState> = layers
+        .iter()
+        .map(|(conv, bn)| EvalState::of(conv, bn))
+        .collect();
+    let args: Vec<_> = layers
+        .iter()
+        .zip(&states)
+        .map(|((conv, bn), s)| s.layer(conv, bn, true))
+        .collect();
+    if !crate::kernels::stack_applies(x, &args) {
+        return Ok(None);
+    }
+    crate::kernels::conv_bn_stack_pool_eval(x, &args).map(Some)
+}
+
 /// What a parameter is, which decides whether the sparse engine masks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamKind {

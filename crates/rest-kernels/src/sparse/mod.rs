@@ -38,6 +38,7 @@
 //! CNN's middle conv (128 x 1024 x 12544) at density 0.01 ran spmm / spmm_t / sddmm about
 //! 21x / 9x / 16x faster than `gemm`, and about 5x / 7.5x / 3.4x at density 0.05.
 
+mod chwn;
 mod conv;
 mod kernels;
 mod matrix;
@@ -45,6 +46,7 @@ mod phase;
 mod rows;
 mod simd;
 
+pub use chwn::{conv_stack_pool, ChwnConv, StackLayer, LANES as STACK_LANES};
 pub use conv::SparseConv;
 pub use kernels::{sddmm, sddmm_into, spmm, spmm_t, transpose};
 pub use matrix::{MaskValue, SparseMatrix};

@@ -1,0 +1,145 @@
+//! Inference of a stack of conv + BatchNorm (+ ReLU) layers and the global average pool that
+//! ends it, in one pass per group of 16 images with the batch innermost
+//! (`rest_kernels::sparse::conv_stack_pool`): only valid output positions are computed, each
+//! layer writes straight into the next one's input layout, and a group's activations stay in
+//! the core's cache through the whole stack. The CNN's inference path on AVX-512 CPUs when its
+//! convolutions after the first are sparse; the same values as the layer-by-layer ops.
+
+use anyhow::{bail, Result};
+use candle_core::{Storage, Tensor};
+use rest_kernels::sparse::{active_isa, conv_stack_pool, ChwnConv, Isa, SparseMatrix, StackLayer};
+use rest_kernels::Conv2dGeom;
+use std::sync::Arc;
+
+use super::fused::{fold_bn, EvalConvBn};
+use super::sparse::kernel_err;
+
+/// Whether [`conv_bn_stack_pool_eval`] runs these layers on `x` (else the caller runs them
+/// layer by layer): on the CPU with AVX-512, every layer after the first sparse (a dense
+/// first layer runs as a fully dense pattern), no pattern shared between layers.
+pub fn stack_applies(x: &Tensor, layers: &[EvalConvBn]) -> bool {
+    let shared = layers.iter().enumerate().any(|(i, a)| {
+        layers[i + 1..].iter().any(|b| match (a.sparse, b.sparse) {
+            (Some(p), Some(q)) => Arc::ptr_eq(p, q),
+            _ => false,
+        })
+    });
+    !layers.is_empty()
+        && !super::generic_path(x)
+        && active_isa() == Isa::Avx512
+        && x.dtype() == candle_core::DType::F32
+        && x.rank() == 4
+        && layers[1..].iter().all(|l| l.sparse.is_some())
+        && !shared
+}
+
+/// `global_avg_pool(layer_k(... layer_1(x)))` `[N, OC_k]` for NCHW images `x` `[N, C, H, W]`
+/// (any strides, e.g. the feature-major batch layout), each layer a convolution with its
+/// inference BatchNorm (+ ReLU). Requires [`stack_applies`]. Not differentiable.
+pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tensor> {
+    const F: &str = "conv_bn_stack_pool_eval";
+    if !stack_applies(x, layers) {
+        bail!(
+            "{F}: needs an f32 [N, C, H, W] CPU tensor, AVX-512 and sparse layers after the first"
+        );
+    }
+    let (n, mut c, mut h, mut w) = x.dims4()?;
+    let weights: Vec<Tensor> = layers
+        .iter()
+        .map(|l| super::prepare(l.w, 4, &format!("{F} weight [OC, C, KH, KW]")))
+        .collect::<Result<_>>()?;
+    let mut geoms = Vec::with_capacity(layers.len());
+    let mut folded = Vec::with_capacity(layers.len());
+    for (i, (l, wt)) in layers.iter().zip(&weights).enumerate() {
+        let (oc, ic, kh, kw) = wt.dims4()?;
+        if ic != c {
+            bail!(
+                "{F}: layer {i}'s weight {:?} expects {ic} input channels, its input has {c}",
+                wt.dims()
+            );
+        }
+        let g = Conv2dGeom {
+            c,
+            n,
+            h,
+            w,
+            oc,
+            kh,
+            kw,
+            stride: l.stride,
+            pad: l.pad,
+        };
+        g.validate()
+            .map_err(|e| anyhow::anyhow!("{F}: layer {i} {:?}: {e}", wt.dims()))?;
+        if let Some(sw) = l.sparse {
+            sw.check_shape(oc, g.k(), F)?;
+        }
+        let bn = (l.gamma, l.beta, l.running_mean, l.running_var, l.eps);
+        folded.push(fold_bn(F, oc, bn.0, bn.1, bn.2, bn.3, bn.4)?);
+        (c, h, w) = (oc, g.oh(), g.ow());
+        geoms.push(g);
+    }
+    // The weights' host data (borrowed, not copied).
+    let storages: Vec<_> = weights.iter().map(|t| t.storage_and_layout()).collect();
+    let mut wdata = Vec::with_capacity(storages.len());
+    for (s, l) in &storages {
+        match &**s {
+            Storage::Cpu(cpu) => wdata.push(super::cpu_slice(cpu, l, F)?),
+            _ => bail!("{F}: expected CPU weights"),
+        }
+    }
+    // Sparse layers: current values into their patterns (held locked for the call); a dense
+    // (first) layer: a fully dense pattern.
+    let mut states = Vec::new();
+    let mut dense = Vec::new();
+    let mut plans = Vec::with_capacity(layers.len());
+    for ((l, g), wd) in layers.iter().zip(&geoms).zip(&wdata) {
+        match l.sparse {
+            Some(sw) => {
+                let mut st = sw.lock();
+                st.matrix.update_values_from_dense(wd).map_err(kernel_err)?;
+                plans.push(st.chwn_plan(g)?);
+                states.push(st);
+            }
+            None => {
+                let all = vec![true; wd.len()];
+                let m =
+                    SparseMatrix::from_dense_masked(wd, &all, g.oc, g.k()).map_err(kernel_err)?;
+                plans.push(Arc::new(ChwnConv::new(&m, g).map_err(kernel_err)?));
+                dense.push(m);
+            }
+        }
+    }
+    let (mut si, mut di) = (0, 0);
+    let mut stack = Vec::with_capacity(layers.len());
+    for ((l, plan), (scale, shift)) in layers.iter().zip(&plans).zip(&folded) {
+        let w = if l.sparse.is_some() {
+            si += 1;
+            &states[si - 1].matrix
+        } else {
+            di += 1;
+            &dense[di - 1]
+        };
+        stack.push(StackLayer {
+            conv: plan,
+            w,
+            scale,
+            shift,
+            relu: l.relu,
+        });
+    }
+    let mut pooled = vec![0f32; n * c];
+    let (xs, xl) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*xs else {
+        bail!("{F}: expected a CPU input");
+    };
+    let data = match cpu {
+        candle_core::CpuStorage::F32(v) => &v[xl.start_offset()..],
+        _ => bail!("{F}: expected an f32 input"),
+    };
+    let st = xl.stride();
+    conv_stack_pool(&stack, data, n, [st[0], st[1], st[2], st[3]], &mut pooled)
+        .map_err(kernel_err)?;
+    drop(states);
+    Ok(Tensor::from_vec(pooled, (n, c), x.device())?)
+}
