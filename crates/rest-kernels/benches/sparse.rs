@@ -10,6 +10,11 @@
 //! running the CSR products on the column matrix (`im2col`); `direct/pack` and
 //! `direct/expand_grad` time the layout passes alone.
 //!
+//! The `stack/...` groups time the CNN's whole inference (three conv + BN + ReLU layers and
+//! the global average pool, batch 256, dense conv1): the batch-innermost pass per 16 images
+//! (`conv_stack_pool`, `stack`) against the layer-by-layer CNHW kernels (`layers`: dense
+//! conv1, then pack + polyphase forward per sparse layer, then the pool).
+//!
 //! Run: `cargo bench -p rest-kernels --bench sparse [-- <filter>]`.
 
 use std::time::Duration;
@@ -17,7 +22,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, SparseConv, SparseMatrix};
+use rest_kernels::sparse::{
+    conv_stack_pool, sddmm_into, spmm, spmm_t, ChwnConv, SparseConv, SparseMatrix, StackLayer,
+};
 use rest_kernels::{col2im, im2col, Conv2dGeom};
 
 /// `(name, R, K, P)`: the product is `out[R][P] = W[R][K] x[K][P]`.
@@ -217,5 +224,108 @@ fn bench_conv(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, bench_conv);
+/// The CNN's inference (conv1 dense, conv2/conv3 sparse): one batch-innermost pass vs the
+/// layers one by one.
+fn bench_stack(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let n = 256;
+    let geoms: Vec<Conv2dGeom> = [(3, 28, 64), (64, 14, 128), (128, 7, 256)]
+        .iter()
+        .map(|&(ch, hw, oc)| Conv2dGeom {
+            c: ch,
+            n,
+            h: hw,
+            w: hw,
+            oc,
+            kh: 4,
+            kw: 4,
+            stride: 2,
+            pad: 1,
+        })
+        .collect();
+    let x = random(&mut rng, n * 3 * 28 * 28);
+    let mut x_cnhw = vec![0.0f32; x.len()];
+    for i in 0..n {
+        for ch in 0..3 {
+            x_cnhw[(ch * n + i) * 784..][..784].copy_from_slice(&x[(i * 3 + ch) * 784..][..784]);
+        }
+    }
+    let affine: Vec<(Vec<f32>, Vec<f32>)> = geoms
+        .iter()
+        .map(|g| (random(&mut rng, g.oc), random(&mut rng, g.oc)))
+        .collect();
+    let w1 = random(&mut rng, geoms[0].w_len());
+    for &d in &[0.05, 0.01] {
+        let mats: Vec<SparseMatrix> = geoms
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let w = random(&mut rng, g.w_len());
+                let p = if i == 0 { 1.0 } else { d };
+                let mask: Vec<bool> = (0..g.w_len()).map(|_| rng.random_bool(p)).collect();
+                SparseMatrix::from_dense_masked(&w, &mask, g.oc, g.k()).expect("shape")
+            })
+            .collect();
+        let chwn: Vec<ChwnConv> = mats
+            .iter()
+            .zip(&geoms)
+            .map(|(m, g)| ChwnConv::new(m, g).expect("geometry"))
+            .collect();
+        let stack: Vec<StackLayer> = chwn
+            .iter()
+            .zip(&mats)
+            .zip(&affine)
+            .map(|((conv, w), (scale, shift))| StackLayer {
+                conv,
+                w,
+                scale,
+                shift,
+                relu: true,
+            })
+            .collect();
+        let convs: Vec<SparseConv> = mats[1..]
+            .iter()
+            .zip(&geoms[1..])
+            .map(|(m, g)| SparseConv::new(m, g).expect("geometry"))
+            .collect();
+        let mut pooled = vec![0.0f32; n * 256];
+        let mut grp = c.benchmark_group(format!("stack/cnn/d{d}"));
+        grp.sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_millis(1500));
+        grp.bench_function("stack", |b| {
+            b.iter(|| {
+                conv_stack_pool(&stack, &x, n, [3 * 784, 784, 28, 1], &mut pooled).expect("shape")
+            })
+        });
+        grp.bench_function("layers", |b| {
+            b.iter(|| {
+                let g = &geoms[0];
+                let mut h = vec![0.0f32; g.out_len()];
+                rest_kernels::conv2d_fwd_affine(
+                    &x_cnhw,
+                    &w1,
+                    g,
+                    &affine[0].0,
+                    &affine[0].1,
+                    true,
+                    &mut h,
+                );
+                for (i, conv) in convs.iter().enumerate() {
+                    let mut xph = vec![0.0f32; conv.phase_len()];
+                    conv.pack_input(&h, &mut xph).expect("shape");
+                    let (scale, shift) = &affine[i + 1];
+                    let mut out = vec![0.0f32; geoms[i + 1].out_len()];
+                    conv.forward_affine(&mats[i + 1], &xph, &mut out, Some((scale, shift, true)))
+                        .expect("shape");
+                    h = out;
+                }
+                rest_kernels::global_avg_pool_fwd(&h, 256, n, &mut pooled);
+            })
+        });
+        grp.finish();
+    }
+}
+
+criterion_group!(benches, bench, bench_conv, bench_stack);
 criterion_main!(benches);
