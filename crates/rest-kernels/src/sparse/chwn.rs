@@ -233,6 +233,13 @@ impl ChwnConv {
                 block[z as usize..][..LANES].fill(0.0);
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && self.nnz == self.geom.oc * self.geom.k() {
+            // SAFETY: AVX-512 is available; the layer is fully dense, and `out` holds OC
+            // blocks of `row_stride` floats (as for the sparse rows below).
+            unsafe { self.forward_dense(layer, map, xph, out) };
+            return;
+        }
         for t in map.tiles.windows(2) {
             let (xo, oo) = (&map.xo[t[0]..t[1]], &map.oo[t[0]..t[1]]);
             for (o, block) in out.chunks_exact_mut(map.row_stride).enumerate() {
@@ -251,6 +258,79 @@ impl ChwnConv {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+impl ChwnConv {
+    /// [`Self::forward`] of a fully dense layer (e.g. a first convolution with few input
+    /// channels): [`DENSE_ROWS`] output channels x up to [`DENSE_TILE`] positions per
+    /// register tile, so each loaded input vector feeds several channels. Every output is
+    /// the same chain of FMAs over the columns in order as the one-row kernel's (same bits).
+    ///
+    /// # Safety
+    /// AVX-512F available; the pattern is fully dense; `xph` and `out` sized as for
+    /// [`Self::forward`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn forward_dense(
+        &self,
+        layer: &StackLayer<'_>,
+        map: &OutMap,
+        xph: &[f32],
+        out: &mut [f32],
+    ) {
+        let (oc, k) = (self.geom.oc, self.geom.k());
+        // A full row lists every column in order, so row 0's offsets are every row's.
+        let off = &self.fwd_off[..k];
+        let vals = layer.w.values();
+        let n = map.xo.len();
+        let tiles = n.div_ceil(DENSE_TILE).max(1);
+        for ti in 0..tiles {
+            let (a, b) = (n * ti / tiles, n * (ti + 1) / tiles);
+            let mut o = 0;
+            while o < oc {
+                let r = (oc - o).min(DENSE_ROWS);
+                let d = avx512::DenseTile {
+                    vals: &vals[o * k..(o + r) * k],
+                    k,
+                    off,
+                    xo: &map.xo[a..b],
+                    oo: &map.oo[a..b],
+                    scale: &layer.scale[o..o + r],
+                    shift: &layer.shift[o..o + r],
+                    relu: layer.relu,
+                    row_stride: map.row_stride,
+                };
+                let (x, y) = (xph.as_ptr(), out.as_mut_ptr().add(o * map.row_stride));
+                macro_rules! tile {
+                    ($r:literal) => {
+                        match b - a {
+                            6 => avx512::dense_tile::<$r, 6>(&d, x, y),
+                            5 => avx512::dense_tile::<$r, 5>(&d, x, y),
+                            4 => avx512::dense_tile::<$r, 4>(&d, x, y),
+                            3 => avx512::dense_tile::<$r, 3>(&d, x, y),
+                            2 => avx512::dense_tile::<$r, 2>(&d, x, y),
+                            1 => avx512::dense_tile::<$r, 1>(&d, x, y),
+                            _ => {}
+                        }
+                    };
+                }
+                match r {
+                    4 => tile!(4),
+                    3 => tile!(3),
+                    2 => tile!(2),
+                    _ => tile!(1),
+                }
+                o += r;
+            }
+        }
+    }
+}
+
+/// Output channels per register tile of a dense layer.
+#[cfg(target_arch = "x86_64")]
+const DENSE_ROWS: usize = 4;
+/// Positions per register tile of a dense layer (`DENSE_ROWS x DENSE_TILE` accumulators).
+#[cfg(target_arch = "x86_64")]
+const DENSE_TILE: usize = 6;
 
 /// Where one layer's output positions go (see [`ChwnConv::out_phases`]).
 #[derive(Debug, Clone)]
@@ -516,6 +596,66 @@ mod avx512 {
                 y = _mm512_max_ps(y, z);
             }
             _mm512_storeu_ps(out.add(o as usize), y);
+        }
+    }
+
+    /// `R` output channels x `T` positions of a fully dense layer.
+    pub(super) struct DenseTile<'a> {
+        /// The `R` rows' weights, row-major `[R][k]`.
+        pub vals: &'a [f32],
+        pub k: usize,
+        /// Column offsets into the phase buffer (the same for every row).
+        pub off: &'a [u32],
+        pub xo: &'a [u32],
+        pub oo: &'a [u32],
+        pub scale: &'a [f32],
+        pub shift: &'a [f32],
+        pub relu: bool,
+        /// Floats between consecutive output channels' blocks.
+        pub row_stride: usize,
+    }
+
+    /// One register tile of a dense layer: per column, `T` vector loads and `R` broadcasts
+    /// feed `R·T` FMAs; then the affine and ReLU, stored at row `r`'s block + `oo[t]`.
+    ///
+    /// # Safety
+    /// AVX-512F available; `d.vals` holds `R·k` values; `x + off + xo + 16` readable and
+    /// `out + r·row_stride + oo + 16` writable for every column, position and row.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dense_tile<const R: usize, const T: usize>(
+        d: &DenseTile<'_>,
+        x: *const f32,
+        out: *mut f32,
+    ) {
+        let mut xo = [0usize; T];
+        for (dst, &s) in xo.iter_mut().zip(d.xo) {
+            *dst = s as usize;
+        }
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let w = d.vals.as_ptr();
+        for (j, &k) in d.off.iter().enumerate() {
+            let xr = x.add(k as usize);
+            let mut wv = [_mm512_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_set1_ps(*w.add(r * d.k + j));
+            }
+            for t in 0..T {
+                let xv = _mm512_loadu_ps(xr.add(xo[t]));
+                for r in 0..R {
+                    acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                }
+            }
+        }
+        let z = _mm512_setzero_ps();
+        for (r, row) in acc.iter().enumerate() {
+            let (s, b) = (_mm512_set1_ps(d.scale[r]), _mm512_set1_ps(d.shift[r]));
+            for (a, &o) in row.iter().zip(d.oo) {
+                let mut y = _mm512_add_ps(_mm512_mul_ps(*a, s), b);
+                if d.relu {
+                    y = _mm512_max_ps(y, z);
+                }
+                _mm512_storeu_ps(out.add(r * d.row_stride + o as usize), y);
+            }
         }
     }
 
