@@ -5,6 +5,11 @@ use clap::Parser;
 use rest::cli::{Cli, Command, DataCommand, MakeCommand};
 use std::process::ExitCode;
 
+// mimalloc v2 rather than v3: v3 places each allocation above 512 KiB in its own page within
+// 32 MiB arena chunks, and our activations are exactly 2^k MiB (16 MiB for a ResNet18 layer1
+// tensor at 128 px, batch 64), so with the page header two never share a chunk and the holes
+// fragment: the ResNet18 benchmark at 128 px peaked at 743-806 MiB with v3 (varying from run
+// to run with the threads' allocation order), 703 MiB with v2 every run, at the same speed.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
