@@ -2,12 +2,14 @@
 //! ends it, in one pass per group of 16 images with the batch innermost
 //! (`rest_kernels::sparse::conv_stack_pool`): only valid output positions are computed, each
 //! layer writes straight into the next one's input layout, and a group's activations stay in
-//! the core's cache through the whole stack. The CNN's inference path on AVX-512 CPUs when its
-//! convolutions after the first are sparse; the same values as the layer-by-layer ops.
+//! the core's cache through the whole stack. Sparse layers run their patterns, dense ones a
+//! register-tiled dense kernel (4 channels x 6 positions per tile). The CNN's inference path on
+//! AVX-512 CPUs; the same values as the layer-by-layer ops (bit for bit for sparse layers and
+//! short dense ones; long dense rows are summed in another order than the blocked GEMM's).
 
 use anyhow::{bail, Result};
 use candle_core::{Storage, Tensor};
-use rest_kernels::sparse::{active_isa, conv_stack_pool, ChwnConv, Isa, SparseMatrix, StackLayer};
+use rest_kernels::sparse::{active_isa, conv_stack_pool, ChwnConv, Isa, StackLayer, StackWeights};
 use rest_kernels::Conv2dGeom;
 use std::sync::Arc;
 
@@ -15,8 +17,7 @@ use super::fused::{fold_bn, EvalConvBn};
 use super::sparse::kernel_err;
 
 /// Whether [`conv_bn_stack_pool_eval`] runs these layers on `x` (else the caller runs them
-/// layer by layer): on the CPU with AVX-512, every layer after the first sparse (a dense
-/// first layer runs as a fully dense pattern), no pattern shared between layers.
+/// layer by layer): f32 images on the CPU with AVX-512, no pattern shared between layers.
 pub fn stack_applies(x: &Tensor, layers: &[EvalConvBn]) -> bool {
     let shared = layers.iter().enumerate().any(|(i, a)| {
         layers[i + 1..].iter().any(|b| match (a.sparse, b.sparse) {
@@ -29,7 +30,6 @@ pub fn stack_applies(x: &Tensor, layers: &[EvalConvBn]) -> bool {
         && active_isa() == Isa::Avx512
         && x.dtype() == candle_core::DType::F32
         && x.rank() == 4
-        && layers[1..].iter().all(|l| l.sparse.is_some())
         && !shared
 }
 
@@ -88,37 +88,38 @@ pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tens
             _ => bail!("{F}: expected CPU weights"),
         }
     }
-    // Sparse layers: current values into their patterns (held locked for the call); a dense
-    // (first) layer: a fully dense pattern.
+    // Sparse layers: current values into their patterns (held locked for the call); dense
+    // layers run from their weight tensors.
     let mut states = Vec::new();
-    let mut dense = Vec::new();
     let mut plans = Vec::with_capacity(layers.len());
-    for ((l, g), wd) in layers.iter().zip(&geoms).zip(&wdata) {
+    for (l, g) in layers.iter().zip(&geoms) {
         match l.sparse {
             Some(sw) => {
                 let mut st = sw.lock();
-                st.matrix.update_values_from_dense(wd).map_err(kernel_err)?;
                 plans.push(st.chwn_plan(g)?);
                 states.push(st);
             }
-            None => {
-                let all = vec![true; wd.len()];
-                let m =
-                    SparseMatrix::from_dense_masked(wd, &all, g.oc, g.k()).map_err(kernel_err)?;
-                plans.push(Arc::new(ChwnConv::new(&m, g).map_err(kernel_err)?));
-                dense.push(m);
-            }
+            None => plans.push(Arc::new(ChwnConv::dense(g).map_err(kernel_err)?)),
         }
     }
-    let (mut si, mut di) = (0, 0);
+    let mut si = 0;
+    for (l, wd) in layers.iter().zip(&wdata) {
+        if l.sparse.is_some() {
+            states[si]
+                .matrix
+                .update_values_from_dense(wd)
+                .map_err(kernel_err)?;
+            si += 1;
+        }
+    }
+    let mut si = 0;
     let mut stack = Vec::with_capacity(layers.len());
-    for ((l, plan), (scale, shift)) in layers.iter().zip(&plans).zip(&folded) {
+    for (((l, plan), (scale, shift)), wd) in layers.iter().zip(&plans).zip(&folded).zip(&wdata) {
         let w = if l.sparse.is_some() {
             si += 1;
-            &states[si - 1].matrix
+            StackWeights::Sparse(&states[si - 1].matrix)
         } else {
-            di += 1;
-            &dense[di - 1]
+            StackWeights::Dense(wd)
         };
         stack.push(StackLayer {
             conv: plan,

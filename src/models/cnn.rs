@@ -49,8 +49,8 @@ impl Cnn {
 impl Model for Cnn {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train {
-            // Inference in one batch-innermost pass where it applies (sparse layers after the
-            // first, AVX-512): straight from the NCHW images to the pooled features.
+            // Inference in one batch-innermost pass where it applies (AVX-512 CPUs): straight
+            // from the images (any layout) to the pooled features.
             let pairs: Vec<_> = self.convs.iter().zip(&self.bns).collect();
             if let Some(pooled) = crate::nn::conv_bn_relu_stack_pool_eval(&pairs, x)? {
                 return self.fc.forward(&pooled);

@@ -138,8 +138,7 @@ pub fn conv_bn_relu_pair_eval(
 /// NCHW images `x` (any strides), in one batch-innermost pass over groups of 16 images
 /// (`kernels::conv_bn_stack_pool_eval`: valid outputs only, each layer writing into the next
 /// one's input layout, activations kept in cache) when it applies: on the CPU with AVX-512,
-/// convolutions without bias, every one after the first sparse. `None` otherwise (the caller
-/// runs the layers one by one); the same values either way.
+/// convolutions without bias. `None` otherwise (the caller runs the layers one by one).
 pub fn conv_bn_relu_stack_pool_eval(
     layers: &[(&Conv2d, &BatchNorm2d)],
     x: &Tensor,

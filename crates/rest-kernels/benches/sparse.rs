@@ -24,6 +24,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rest_kernels::sparse::{
     conv_stack_pool, sddmm_into, spmm, spmm_t, ChwnConv, SparseConv, SparseMatrix, StackLayer,
+    StackWeights,
 };
 use rest_kernels::{col2im, im2col, Conv2dGeom};
 
@@ -277,7 +278,7 @@ fn bench_stack(c: &mut Criterion) {
             .zip(&affine)
             .map(|((conv, w), (scale, shift))| StackLayer {
                 conv,
-                w,
+                w: StackWeights::Sparse(w),
                 scale,
                 shift,
                 relu: true,

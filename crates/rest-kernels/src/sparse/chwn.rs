@@ -53,6 +53,8 @@ pub struct ChwnConv {
     /// Floats per phase plane: `PH·PW·LANES`.
     plane: usize,
     nnz: usize,
+    /// Laid out for a dense weight ([`Self::dense`]): `fwd_off` lists every column once.
+    dense: bool,
     /// Per CSR entry of `W` (same order): `plane_index·PL + shift·LANES`.
     fwd_off: Vec<u32>,
 }
@@ -61,9 +63,6 @@ impl ChwnConv {
     /// Lays out the pattern of `w` (`[OC][C·KH·KW]`, PyTorch order) for convolutions of
     /// geometry `g` (its batch size is ignored: the layout is per group of [`LANES`]).
     pub fn new(w: &SparseMatrix, g: &Conv2dGeom) -> Result<Self, SparseError> {
-        let g = Conv2dGeom { n: LANES, ..*g };
-        g.validate()
-            .map_err(|e| SparseError::new(format!("batch-innermost conv: {e}")))?;
         if w.rows() != g.oc || w.cols() != g.k() {
             return Err(SparseError::new(format!(
                 "batch-innermost conv: the pattern is {}x{}, the geometry needs OC x C·KH·KW \
@@ -74,6 +73,20 @@ impl ChwnConv {
                 g.k()
             )));
         }
+        Self::build(g, w.col_idx(), w.nnz(), false)
+    }
+
+    /// Lays out a dense weight (`[OC][C·KH·KW]`, every weight active) for geometry `g`: run
+    /// with [`StackWeights::Dense`], without building a CSR.
+    pub fn dense(g: &Conv2dGeom) -> Result<Self, SparseError> {
+        let cols: Vec<u32> = (0..g.k() as u32).collect();
+        Self::build(g, &cols, g.oc * g.k(), true)
+    }
+
+    fn build(g: &Conv2dGeom, cols: &[u32], nnz: usize, dense: bool) -> Result<Self, SparseError> {
+        let g = Conv2dGeom { n: LANES, ..*g };
+        g.validate()
+            .map_err(|e| SparseError::new(format!("batch-innermost conv: {e}")))?;
         let s = g.stride;
         let (sy, sx) = (s.min(g.kh), s.min(g.kw));
         let (ph, pw) = (g.oh() + (g.kh - 1) / s, g.ow() + (g.kw - 1) / s);
@@ -88,8 +101,7 @@ impl ChwnConv {
             )));
         }
         let khw = g.kh * g.kw;
-        let fwd_off = w
-            .col_idx()
+        let fwd_off = cols
             .iter()
             .map(|&k| {
                 let k = k as usize;
@@ -105,7 +117,8 @@ impl ChwnConv {
             ph,
             pw,
             plane,
-            nnz: w.nnz(),
+            nnz,
+            dense,
             fwd_off,
         })
     }
@@ -227,26 +240,39 @@ impl ChwnConv {
         xph: &[f32],
         out: &mut [f32],
     ) {
-        let (row_ptr, vals) = (layer.w.row_ptr(), layer.w.values());
         for block in out.chunks_exact_mut(map.row_stride) {
             for &z in &map.zeros {
                 block[z as usize..][..LANES].fill(0.0);
             }
         }
+        let k = self.geom.k();
+        // Row-major `[OC][K]` values where every weight is active.
+        let dense = match layer.w {
+            StackWeights::Dense(d) => Some(d),
+            StackWeights::Sparse(m) if self.nnz == self.geom.oc * k => Some(m.values()),
+            StackWeights::Sparse(_) => None,
+        };
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 && self.nnz == self.geom.oc * self.geom.k() {
-            // SAFETY: AVX-512 is available; the layer is fully dense, and `out` holds OC
-            // blocks of `row_stride` floats (as for the sparse rows below).
-            unsafe { self.forward_dense(layer, map, xph, out) };
+        if let (Isa::Avx512, Some(vals)) = (isa, dense) {
+            // SAFETY: AVX-512 is available; `vals` holds OC x K weights, `out` OC blocks of
+            // `row_stride` floats (as for the rows below).
+            unsafe { self.forward_dense(vals, layer, map, xph, out) };
             return;
         }
         for t in map.tiles.windows(2) {
             let (xo, oo) = (&map.xo[t[0]..t[1]], &map.oo[t[0]..t[1]]);
             for (o, block) in out.chunks_exact_mut(map.row_stride).enumerate() {
-                let (s, e) = (row_ptr[o], row_ptr[o + 1]);
+                let (off, vals) = match (dense, layer.w) {
+                    (Some(d), _) => (&self.fwd_off[..k], &d[o * k..(o + 1) * k]),
+                    (None, StackWeights::Sparse(m)) => {
+                        let (s, e) = (m.row_ptr()[o], m.row_ptr()[o + 1]);
+                        (&self.fwd_off[s..e], &m.values()[s..e])
+                    }
+                    (None, StackWeights::Dense(_)) => unreachable!("dense weights set `dense`"),
+                };
                 let row = RowTile {
-                    off: &self.fwd_off[s..e],
-                    vals: &vals[s..e],
+                    off,
+                    vals,
                     xo,
                     oo,
                     scale: layer.scale[o],
@@ -272,6 +298,7 @@ impl ChwnConv {
     #[target_feature(enable = "avx512f")]
     unsafe fn forward_dense(
         &self,
+        vals: &[f32],
         layer: &StackLayer<'_>,
         map: &OutMap,
         xph: &[f32],
@@ -280,7 +307,6 @@ impl ChwnConv {
         let (oc, k) = (self.geom.oc, self.geom.k());
         // A full row lists every column in order, so row 0's offsets are every row's.
         let off = &self.fwd_off[..k];
-        let vals = layer.w.values();
         let n = map.xo.len();
         let tiles = n.div_ceil(DENSE_TILE).max(1);
         for ti in 0..tiles {
@@ -347,12 +373,21 @@ struct OutMap {
     zeros: Vec<u32>,
 }
 
+/// A stack layer's current weight values.
+#[derive(Debug, Clone, Copy)]
+pub enum StackWeights<'a> {
+    /// The values of the pattern the layer's [`ChwnConv::new`] was built for.
+    Sparse(&'a SparseMatrix),
+    /// A dense row-major `[OC][C·KH·KW]` weight (layout from [`ChwnConv::dense`]).
+    Dense(&'a [f32]),
+}
+
 /// One layer of [`conv_stack_pool`]: its laid-out pattern, current weight values and folded
 /// BatchNorm (`y = conv·scale + shift`, then ReLU when `relu`).
 #[derive(Debug, Clone, Copy)]
 pub struct StackLayer<'a> {
     pub conv: &'a ChwnConv,
-    pub w: &'a SparseMatrix,
+    pub w: StackWeights<'a>,
     pub scale: &'a [f32],
     pub shift: &'a [f32],
     pub relu: bool,
@@ -387,13 +422,23 @@ fn conv_stack_pool_isa(
     };
     for (i, l) in layers.iter().enumerate() {
         let g = l.conv.geom();
-        if l.w.nnz() != l.conv.nnz || l.w.rows() != g.oc || l.w.cols() != g.k() {
+        let fits = match l.w {
+            StackWeights::Sparse(m) => {
+                !l.conv.dense && m.nnz() == l.conv.nnz && m.rows() == g.oc && m.cols() == g.k()
+            }
+            StackWeights::Dense(d) => l.conv.dense && d.len() == g.oc * g.k(),
+        };
+        if !fits {
+            let (what, nnz) = match l.w {
+                StackWeights::Sparse(m) => {
+                    (format!("a {}x{} pattern", m.rows(), m.cols()), m.nnz())
+                }
+                StackWeights::Dense(d) => ("a dense weight".to_string(), d.len()),
+            };
             return err(format!(
-                "layer {i}: the weight ({}x{}, nnz {}) is not the pattern its layout was \
-                 built for ({}x{}, nnz {})",
-                l.w.rows(),
-                l.w.cols(),
-                l.w.nnz(),
+                "layer {i}: the weight ({what}, {nnz} values) is not what its layout was built \
+                 for ({} {}x{}, {} values)",
+                if l.conv.dense { "dense" } else { "pattern" },
                 g.oc,
                 g.k(),
                 l.conv.nnz
@@ -743,13 +788,14 @@ mod tests {
                 37,
             ),
             (
-                vec![(6, 3, 1, 1, 0.5), (5, 1, 2, 0, 0.6), (7, 3, 2, 0, 0.3)],
+                vec![(6, 3, 1, 1, 0.5), (5, 1, 2, 0, 1.0), (7, 3, 2, 0, 0.3)],
                 (2, 11, 9),
                 16,
             ),
             (vec![(4, 7, 3, 3, 0.4)], (3, 10, 13), 5),
         ];
-        for (layers, (c, h, w), n) in cases {
+        for (ci, (layers, (c, h, w), n)) in cases.into_iter().enumerate() {
+            let first_case = ci == 0;
             let mut geoms = Vec::new();
             let (mut ch, mut hh, mut ww) = (c, h, w);
             for &(oc, k, s, pad, _) in &layers {
@@ -796,18 +842,30 @@ mod tests {
             let oc = geoms.last().unwrap().oc;
             let mut want = vec![0.0; n * oc];
             crate::global_avg_pool_fwd(&cur, oc, n, &mut want);
+            // Fully dense layers run from their dense weight (`ChwnConv::dense`), except the
+            // first layer of the first case, which runs its full pattern.
+            let dense_w: Vec<Vec<f32>> = mats.iter().map(|m| m.to_dense()).collect();
+            let as_dense = |i: usize| layers[i].4 == 1.0 && !(first_case && i == 0);
             let convs: Vec<ChwnConv> = geoms
                 .iter()
                 .zip(&mats)
-                .map(|(g, m)| ChwnConv::new(m, g).unwrap())
+                .enumerate()
+                .map(|(i, (g, m))| match as_dense(i) {
+                    true => ChwnConv::dense(g).unwrap(),
+                    false => ChwnConv::new(m, g).unwrap(),
+                })
                 .collect();
             let stack: Vec<StackLayer> = convs
                 .iter()
                 .zip(&mats)
                 .zip(&affines)
-                .map(|((conv, w), (scale, shift))| StackLayer {
+                .enumerate()
+                .map(|(i, ((conv, w), (scale, shift)))| StackLayer {
                     conv,
-                    w,
+                    w: match as_dense(i) {
+                        true => StackWeights::Dense(&dense_w[i]),
+                        false => StackWeights::Sparse(w),
+                    },
                     scale,
                     shift,
                     relu: true,
@@ -864,14 +922,14 @@ mod tests {
         let ones = [1.0f32; 8];
         let l1 = StackLayer {
             conv: &c1,
-            w: &w1,
+            w: StackWeights::Sparse(&w1),
             scale: &ones[..4],
             shift: &ones[..4],
             relu: true,
         };
         let l2 = StackLayer {
             conv: &c2,
-            w: &w2,
+            w: StackWeights::Sparse(&w2),
             scale: &ones[..2],
             shift: &ones[..2],
             relu: true,
@@ -887,8 +945,26 @@ mod tests {
         assert!(e.message().contains("pooled"), "{}", e.message());
         let e = conv_stack_pool(&[l1], &x, 4, [192, 64, 8, 1], &mut pooled);
         assert!(e.is_ok());
-        let wrong = StackLayer { w: &w2, ..l1 };
+        let wrong = StackLayer {
+            w: StackWeights::Sparse(&w2),
+            ..l1
+        };
         let e = conv_stack_pool(&[wrong], &x, 4, [192, 64, 8, 1], &mut pooled).unwrap_err();
-        assert!(e.message().contains("not the pattern"), "{}", e.message());
+        assert!(
+            e.message().contains("not what its layout"),
+            "{}",
+            e.message()
+        );
+        let short = [0.0f32; 5];
+        let wrong = StackLayer {
+            w: StackWeights::Dense(&short),
+            ..l1
+        };
+        let e = conv_stack_pool(&[wrong], &x, 4, [192, 64, 8, 1], &mut pooled).unwrap_err();
+        assert!(
+            e.message().contains("not what its layout"),
+            "{}",
+            e.message()
+        );
     }
 }
