@@ -3,16 +3,14 @@
 //! the same order), on dense and sparse weights, with and without the dense weight gradient
 //! of mask-update steps, and with an input that tracks no gradient (the network's images).
 //! The inference op (`conv_bn_eval`, running statistics) likewise against the separate
-//! convolution and evaluation-mode batch norm, and the inference pair (`conv_bn_eval_pair`,
-//! a dense layer packed straight into a sparse one's input layout) against two single ops,
-//! and the batch-innermost inference stack (`conv_bn_stack_pool_eval`) against the layers one
-//! by one and the global average pool.
+//! convolution and evaluation-mode batch norm, and the batch-innermost inference stack
+//! (`conv_bn_stack_pool_eval`) against the layers one by one and the global average pool.
 
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{
-    batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_eval, conv_bn_eval_pair,
+    batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_eval,
     conv_bn_stack_pool_eval, conv_bn_train, global_avg_pool_cnhw, sparse_conv2d_cnhw,
     stack_applies, EvalConvBn, SparseWeight,
 };
@@ -260,7 +258,7 @@ fn bn_params(r: &mut ChaCha8Rng, oc: usize) -> [Tensor; 4] {
     ]
 }
 
-/// One inference layer of [`eval_pair_equals_two_single_layers`].
+/// One inference layer of [`eval_stack_equals_the_layers_then_the_pool`].
 fn eval_layer<'a>(
     w: &'a Tensor,
     (stride, pad): (usize, usize),
@@ -280,62 +278,6 @@ fn eval_layer<'a>(
         eps: 1e-5,
         relu,
     }
-}
-
-#[test]
-fn eval_pair_equals_two_single_layers() {
-    let mut r = ChaCha8Rng::seed_from_u64(8);
-    let dev = &Device::Cpu;
-    // ((c, n, h, w), (c1, k1, s1, p1), (c2, k2, s2, p2), first sparse, second sparse): the
-    // CNN's conv1 -> conv2 (several image tiles), odd sizes, and the pairs that do not fuse.
-    let cases = [
-        ((3, 19, 28, 28), (16, 4, 2, 1), (12, 4, 2, 1), false, true),
-        ((2, 3, 11, 9), (5, 3, 1, 1), (4, 3, 2, 1), false, true),
-        ((2, 3, 11, 9), (5, 3, 1, 1), (4, 3, 2, 1), true, true),
-        ((2, 3, 11, 9), (5, 3, 1, 1), (4, 3, 2, 1), false, false),
-    ];
-    for (case, &((c, n, h, w), (c1, k1, s1, p1), (c2, k2, s2, p2), sp1, sp2)) in
-        cases.iter().enumerate()
-    {
-        let x = Tensor::from_vec(rand_vec(&mut r, c * n * h * w), (c, n, h, w), dev).expect("x");
-        let mut layer = |ic: usize, oc: usize, k: usize, sparse: bool| {
-            let wv = rand_vec(&mut r, oc * ic * k * k);
-            let m: Vec<f32> = (0..wv.len())
-                .map(|_| f32::from(r.random_bool(0.1)))
-                .collect();
-            let sw = sparse.then(|| SparseWeight::new(&wv, &m, oc, ic * k * k).expect("sw"));
-            // Masked weights, as training keeps them.
-            let wm: Vec<f32> = match sparse {
-                true => wv.iter().zip(&m).map(|(a, b)| a * b).collect(),
-                false => wv,
-            };
-            let wt = Tensor::from_vec(wm, (oc, ic, k, k), dev).expect("w");
-            (wt, sw, bn_params(&mut r, oc))
-        };
-        let (w1, sw1, bn1) = layer(c, c1, k1, sp1);
-        let (w2, sw2, bn2) = layer(c1, c2, k2, sp2);
-        let first = eval_layer(&w1, (s1, p1), sw1.as_ref(), &bn1, true);
-        let second = eval_layer(&w2, (s2, p2), sw2.as_ref(), &bn2, case % 2 == 0);
-        let pair = conv_bn_eval_pair(&x, &first, &second).expect("pair");
-        let sep = second
-            .apply(&first.apply(&x).expect("first"))
-            .expect("second");
-        assert_eq!(pair.dims(), sep.dims(), "case {case}");
-        same(&pair, &sep, &format!("eval pair case {case}"));
-    }
-    // A second layer whose input channels do not match the first's output.
-    let x = Tensor::zeros((3, 2, 8, 8), candle_core::DType::F32, dev).expect("x");
-    let w1 = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, dev).expect("w1");
-    let w2 = Tensor::zeros((2, 5, 3, 3), candle_core::DType::F32, dev).expect("w2");
-    let sw = SparseWeight::new(&[0.0; 90], &[1.0; 90], 2, 45).expect("sw");
-    let (bn1, bn2) = (bn_params(&mut r, 4), bn_params(&mut r, 2));
-    let e = conv_bn_eval_pair(
-        &x,
-        &eval_layer(&w1, (1, 1), None, &bn1, true),
-        &eval_layer(&w2, (1, 1), Some(&sw), &bn2, true),
-    )
-    .unwrap_err();
-    assert!(e.to_string().contains("input channels"), "{e}");
 }
 
 #[test]

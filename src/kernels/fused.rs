@@ -14,8 +14,7 @@ use rest_kernels::{
 use std::sync::{Arc, Mutex};
 
 use super::sparse::{
-    dense_then_sparse_conv_eval, sparse_conv_backward, sparse_conv_forward,
-    sparse_conv_forward_affine, SparseWeight,
+    sparse_conv_backward, sparse_conv_forward, sparse_conv_forward_affine, SparseWeight,
 };
 use super::tape::Keep;
 use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
@@ -324,85 +323,6 @@ impl EvalConvBn<'_> {
             self.relu,
         )
     }
-}
-
-/// Two consecutive inference conv+BN layers, `second.apply(first.apply(x))`, with the same
-/// values. When the first is dense and the second sparse (on the CPU), the first layer's
-/// output is packed into the second's input layout image tile by image tile, while in cache,
-/// instead of being written out as a CNHW tensor and packed afterwards (the CNN's
-/// conv1 -> conv2 at inference: a tenth of the time saved at density 0.05).
-pub fn conv_bn_eval_pair(x: &Tensor, first: &EvalConvBn, second: &EvalConvBn) -> Result<Tensor> {
-    const F: &str = "conv_bn_eval_pair";
-    let sw = match (first.sparse, second.sparse) {
-        (None, Some(sw)) if !super::generic_path(x) => sw,
-        _ => return second.apply(&first.apply(x)?),
-    };
-    let (x, w1, prev) = super::prepare_conv(F, x, first.w, first.stride, first.pad)?;
-    let w2 = prepare(second.w, 4, &format!("{F} second weight [OC, C, KH, KW]"))?;
-    let (oc, ic, kh, kw) = w2.dims4()?;
-    if ic != prev.oc {
-        bail!(
-            "{F}: the second weight {:?} expects {ic} input channels but the first layer \
-             gives {}",
-            w2.dims(),
-            prev.oc
-        );
-    }
-    let g = rest_kernels::Conv2dGeom {
-        c: prev.oc,
-        n: prev.n,
-        h: prev.oh(),
-        w: prev.ow(),
-        oc,
-        kh,
-        kw,
-        stride: second.stride,
-        pad: second.pad,
-    };
-    g.validate()
-        .map_err(|e| anyhow::anyhow!("{F}: second layer {:?}: {e}", w2.dims()))?;
-    sw.check_shape(oc, g.k(), F)?;
-    let first_bn = fold_bn(
-        F,
-        prev.oc,
-        first.gamma,
-        first.beta,
-        first.running_mean,
-        first.running_var,
-        first.eps,
-    )?;
-    let second_bn = fold_bn(
-        F,
-        oc,
-        second.gamma,
-        second.beta,
-        second.running_mean,
-        second.running_var,
-        second.eps,
-    )?;
-    let mut out = scratch::output(g.out_len());
-    with_f32(&x, F, |xs| {
-        with_f32(&w1, F, |w1s| {
-            with_f32(&w2, F, |w2s| {
-                dense_then_sparse_conv_eval(
-                    sw,
-                    &g,
-                    w2s,
-                    &prev,
-                    xs,
-                    w1s,
-                    (&first_bn.0, &first_bn.1, first.relu),
-                    (&second_bn.0, &second_bn.1, second.relu),
-                    &mut out,
-                )
-            })
-        })
-    })?;
-    Ok(Tensor::from_vec(
-        out,
-        (oc, g.n, g.oh(), g.ow()),
-        x.device(),
-    )?)
 }
 
 /// `batch_norm_eval(conv(x))`, then ReLU when `relu`, on CNHW `x` `[C, N, H, W]` with weight `w`

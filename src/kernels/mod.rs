@@ -20,7 +20,7 @@ mod stack;
 pub mod tape;
 
 pub use conv::conv2d_cnhw;
-pub use fused::{conv_bn_eval, conv_bn_eval_pair, conv_bn_train, EvalConvBn};
+pub use fused::{conv_bn_eval, conv_bn_train, EvalConvBn};
 pub use linear::{linear, linear_act};
 pub use linear_fm::{feature_major, linear_fm};
 pub use loss::softmax_nll;

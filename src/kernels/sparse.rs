@@ -225,7 +225,8 @@ pub(super) fn sparse_conv_forward(
 }
 
 /// [`sparse_conv_forward`] with a per-channel affine (+ ReLU) epilogue applied as the output
-/// is written (`SparseConv::forward_affine`): a folded inference BatchNorm.
+/// is written (`SparseConv::forward_affine`): a folded inference BatchNorm. Returns the phase
+/// buffer of the input when `keep_input` (for the weight gradient).
 pub(super) fn sparse_conv_forward_affine(
     weight: &SparseWeight,
     g: &Conv2dGeom,
@@ -235,45 +236,6 @@ pub(super) fn sparse_conv_forward_affine(
     keep_input: bool,
     epilogue: Option<(&[f32], &[f32], bool)>,
 ) -> candle_core::Result<Option<Vec<f32>>> {
-    sparse_conv_forward_from(weight, g, w, out, keep_input, epilogue, |plan, xph| {
-        plan.pack_input(x, xph)
-    })
-}
-
-/// Inference of a dense convolution + folded BatchNorm (+ReLU) (`prev`, input `x`, weight
-/// `w1`, `first = (scale, shift, relu)`) feeding a sparse one with its own epilogue
-/// (`second`): the dense layer's image tiles are packed into the sparse layer's phase buffer
-/// while in cache (`SparseConv::pack_from_conv_affine`), so the intermediate activation is
-/// never written out. Writes the sparse layer's CNHW output into `out` (`g.out_len()`).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn dense_then_sparse_conv_eval(
-    weight: &SparseWeight,
-    g: &Conv2dGeom,
-    w2: &[f32],
-    prev: &Conv2dGeom,
-    x: &[f32],
-    w1: &[f32],
-    (scale, shift, relu): (&[f32], &[f32], bool),
-    second: (&[f32], &[f32], bool),
-    out: &mut [f32],
-) -> candle_core::Result<()> {
-    sparse_conv_forward_from(weight, g, w2, out, false, Some(second), |plan, xph| {
-        plan.pack_from_conv_affine(prev, x, w1, scale, shift, relu, xph)
-    })?;
-    Ok(())
-}
-
-/// The sparse convolution forward with the current values of `w`, its phase buffer filled by
-/// `pack`; returns that buffer when `keep_input` (for the weight gradient).
-fn sparse_conv_forward_from(
-    weight: &SparseWeight,
-    g: &Conv2dGeom,
-    w: &[f32],
-    out: &mut [f32],
-    keep_input: bool,
-    epilogue: Option<(&[f32], &[f32], bool)>,
-    pack: impl FnOnce(&SparseConv, &mut [f32]) -> Result<(), rest_kernels::sparse::SparseError>,
-) -> candle_core::Result<Option<Vec<f32>>> {
     let mut st = weight.lock();
     if keep_input {
         // A new graph: a compact gradient not taken since the last one is stale.
@@ -282,7 +244,7 @@ fn sparse_conv_forward_from(
     st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
     let plan = st.conv_plan(g)?;
     let mut xph = scratch::output(plan.phase_len());
-    pack(&plan, &mut xph).map_err(kernel_err)?;
+    plan.pack_input(x, &mut xph).map_err(kernel_err)?;
     plan.forward_affine(&st.matrix, &xph, out, epilogue)
         .map_err(kernel_err)?;
     Ok(keep_input.then_some(xph))

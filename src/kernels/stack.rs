@@ -39,9 +39,7 @@ pub fn stack_applies(x: &Tensor, layers: &[EvalConvBn]) -> bool {
 pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tensor> {
     const F: &str = "conv_bn_stack_pool_eval";
     if !stack_applies(x, layers) {
-        bail!(
-            "{F}: needs an f32 [N, C, H, W] CPU tensor, AVX-512 and sparse layers after the first"
-        );
+        bail!("{F}: needs an f32 [N, C, H, W] CPU tensor, AVX-512 and a pattern per layer");
     }
     let (n, mut c, mut h, mut w) = x.dims4()?;
     let weights: Vec<Tensor> = layers

@@ -58,21 +58,8 @@ impl Model for Cnn {
         }
         // NCHW images -> CNHW, the layout of every conv/BN/pool kernel.
         let mut h = x.permute((1, 0, 2, 3))?.contiguous()?;
-        let mut i = 0;
-        while i < self.convs.len() {
-            let (conv, bn) = (&self.convs[i], &self.bns[i]);
-            // Inference: a dense layer feeding a sparse one writes straight into its input
-            // layout (the same values).
-            if let (false, Some(next)) = (train, self.convs.get(i + 1)) {
-                if crate::nn::fuses_at_inference(conv, next) {
-                    let pair = ((conv, bn), (next, &self.bns[i + 1]));
-                    h = crate::nn::conv_bn_relu_pair_eval(pair.0, pair.1, &h)?;
-                    i += 2;
-                    continue;
-                }
-            }
+        for (conv, bn) in self.convs.iter().zip(&self.bns) {
             h = crate::nn::conv_bn_relu(conv, bn, &h, train)?;
-            i += 1;
         }
         let pooled = crate::kernels::global_avg_pool_cnhw(&h)?;
         self.fc.forward(&pooled)

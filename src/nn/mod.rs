@@ -85,7 +85,7 @@ impl EvalState {
         }
     }
 
-    /// The layer's arguments for `kernels::conv_bn_eval` / `conv_bn_eval_pair`.
+    /// The layer's arguments for `kernels::conv_bn_eval` / `conv_bn_stack_pool_eval`.
     fn layer<'a>(
         &'a self,
         conv: &'a Conv2d,
@@ -105,33 +105,6 @@ impl EvalState {
             relu,
         }
     }
-}
-
-/// Whether [`conv_bn_relu_pair_eval`] fuses this pair: a dense convolution without bias
-/// followed by a sparse one without bias.
-pub fn fuses_at_inference(first: &Conv2d, second: &Conv2d) -> bool {
-    first.bias.is_none()
-        && second.bias.is_none()
-        && slot_weight(&first.slot).is_none()
-        && slot_weight(&second.slot).is_some()
-}
-
-/// Inference `relu(bn2(conv2(relu(bn1(conv1(x))))))` on CNHW activations, equal to two
-/// [`conv_bn_relu`] calls (`train = false`). When [`fuses_at_inference`] (and on the CPU),
-/// the first layer's output goes straight into the second's sparse input layout
-/// (`kernels::conv_bn_eval_pair`).
-pub fn conv_bn_relu_pair_eval(
-    (conv1, bn1): (&Conv2d, &BatchNorm2d),
-    (conv2, bn2): (&Conv2d, &BatchNorm2d),
-    x: &Tensor,
-) -> Result<Tensor> {
-    if !fuses_at_inference(conv1, conv2) || crate::kernels::generic_path(x) {
-        let h = conv_bn_relu(conv1, bn1, x, false)?;
-        return conv_bn_relu(conv2, bn2, &h, false);
-    }
-    let (s1, s2) = (EvalState::of(conv1, bn1), EvalState::of(conv2, bn2));
-    let (first, second) = (s1.layer(conv1, bn1, true), s2.layer(conv2, bn2, true));
-    crate::kernels::conv_bn_eval_pair(x, &first, &second)
 }
 
 /// Inference `global_avg_pool(relu(bn_k(conv_k(... relu(bn_1(conv_1(x)))))))` `[N, C_k]` on

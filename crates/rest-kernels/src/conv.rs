@@ -265,55 +265,6 @@ fn conv2d_fwd_epilogue(
     });
 }
 
-/// Whether [`conv2d_fwd_affine_tiles`] lowers this geometry: convolutions lowered by im2col
-/// image tiles (not a 1x1 stride-1 kernel, whose input is its column matrix, nor the tap
-/// classes of tiny maps).
-pub(crate) fn tiles_lowering(g: &Conv2dGeom) -> bool {
-    needs_im2col(g) && class_plan(g).is_none()
-}
-
-/// The image tiles of [`conv2d_fwd_affine`] handed to `sink(n0, n1, tile)` instead of written
-/// into a CNHW buffer: `tile` holds the affine-mapped (and ReLU'd) outputs of images `n0..n1`
-/// as `[OC][(n1 - n0)·OH·OW]`, while they are in cache. The same values as
-/// [`conv2d_fwd_affine`], bit for bit. Tiles run in parallel; `sink` gets each image once.
-///
-/// # Panics
-/// If `!tiles_lowering(g)` or a length does not match `g`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn conv2d_fwd_affine_tiles(
-    x: &[f32],
-    w: &[f32],
-    g: &Conv2dGeom,
-    scale: &[f32],
-    shift: &[f32],
-    relu: bool,
-    sink: impl Fn(usize, usize, &[f32]) + Sync,
-) {
-    check(g);
-    assert!(
-        tiles_lowering(g),
-        "conv2d_fwd_affine_tiles: {g:?} is not tile-lowered"
-    );
-    assert_eq!(x.len(), g.x_len(), "conv2d_fwd_affine_tiles: x length");
-    assert_eq!(w.len(), g.w_len(), "conv2d_fwd_affine_tiles: weight length");
-    assert!(
-        scale.len() == g.oc && shift.len() == g.oc,
-        "conv2d_fwd_affine_tiles: scale/shift length"
-    );
-    let (k, ohow) = (g.k(), g.oh() * g.ow());
-    // The tile's output stays with its column matrix in cache until `sink` has read it.
-    Tiles::sized(g, k + g.oc).run(|n0, n1, par, buf| {
-        let pt = (n1 - n0) * ohow;
-        let (col, out) = scratch(buf, (k + g.oc) * pt).split_at_mut(k * pt);
-        // SAFETY: `out` is this tile's own `oc x pt` buffer (row stride pt).
-        unsafe { forward_tile(x, w, g, (n0, n1), col, out.as_mut_ptr(), pt, par) };
-        for (oc, row) in out.chunks_exact_mut(pt).enumerate() {
-            crate::batchnorm::row_affine_inplace(row, scale[oc], shift[oc], relu);
-        }
-        sink(n0, n1, out);
-    });
-}
-
 /// Weight gradient from a column matrix: `dw[OC][K] = dout[OC][P] x col[K][P]^T`
 /// (overwritten).
 pub fn conv2d_bwd_weight_col(col: &[f32], dout: &[f32], g: &Conv2dGeom, dw: &mut [f32]) {

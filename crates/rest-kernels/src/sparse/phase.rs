@@ -202,36 +202,15 @@ pub(super) unsafe fn pack_group(
     dst: *mut f32,
     xs: usize,
 ) {
-    // SAFETY: the caller's contract (the plane tails lie below `xs`).
-    pack_images(p, x_c, batch, ry, dst, xs, true)
-}
-
-/// [`pack_group`] for a run of `batch` images whose planes start at `dst` (plane `rx` at
-/// `dst + rx·xs`, image `i` at `i·PH·PW`), e.g. one tile of a batch with `dst` offset to its
-/// first image; the planes' tails after the batch are zeroed only when `tail`.
-///
-/// # Safety
-/// As [`pack_group`]; with `!tail`, `dst[rx·xs ..][.. batch·PH·PW]` must be writable for every
-/// plane `rx < sx` (and `xs` may be any plane stride).
-pub(super) unsafe fn pack_images(
-    p: &PackPlan,
-    x_c: *const f32,
-    batch: usize,
-    ry: usize,
-    dst: *mut f32,
-    xs: usize,
-    tail: bool,
-) {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: the caller's contract; rows are read only at `s·py + ry - pad < h` (rows
-        // `valid_range`), masked to `w` floats, and planes written only below `xs` (or the
-        // batch's extent without the tail).
-        avx512::pack_group(p, x_c, batch, ry, dst, xs, tail)
+        // `valid_range`), masked to `w` floats, and planes written only below `xs`.
+        avx512::pack_group(p, x_c, batch, ry, dst, xs)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (p, x_c, batch, ry, dst, xs, tail);
+        let _ = (p, x_c, batch, ry, dst, xs);
         unreachable!("vector layout passes need AVX-512 (vector_ok)")
     }
 }
@@ -613,7 +592,6 @@ mod avx512 {
         ry: usize,
         dst: *mut f32,
         xs: usize,
-        tail: bool,
     ) {
         let (s, w, pw) = (p.s, p.w, p.pw);
         let (ylo, yhi) = crate::im2col::valid_range(p.ph, p.h, s, ry, p.pad);
@@ -655,10 +633,8 @@ mod avx512 {
                 }
             }
         }
-        if tail {
-            for rx in 0..p.cols.len() {
-                zero(dst.add(rx * xs + batch * block), xs - batch * block);
-            }
+        for rx in 0..p.cols.len() {
+            zero(dst.add(rx * xs + batch * block), xs - batch * block);
         }
     }
 
