@@ -405,3 +405,29 @@ fn eval_stack_equals_the_layers_then_the_pool() {
         );
     }
 }
+
+/// Images too large for one group's activations to stay in cache run layer by layer: REST's
+/// CNN at 128x128 (about 35 MiB per group), not at 28x28 or 32x32.
+#[test]
+fn large_images_run_layer_by_layer() {
+    if !rest_kernels::sparse::Isa::Avx512.is_available() {
+        return;
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(10);
+    let dev = &Device::Cpu;
+    let specs = [(3, 64), (64, 128), (128, 256)];
+    let ws: Vec<Tensor> = specs
+        .iter()
+        .map(|&(ic, oc)| Tensor::zeros((oc, ic, 4, 4), candle_core::DType::F32, dev).expect("w"))
+        .collect();
+    let bns: Vec<[Tensor; 4]> = specs.iter().map(|&(_, oc)| bn_params(&mut r, oc)).collect();
+    let args: Vec<EvalConvBn> = ws
+        .iter()
+        .zip(&bns)
+        .map(|(w, bn)| eval_layer(w, (2, 1), None, bn, true))
+        .collect();
+    for (hw, applies) in [(28, true), (32, true), (128, false)] {
+        let x = Tensor::zeros((2, 3, hw, hw), candle_core::DType::F32, dev).expect("x");
+        assert_eq!(stack_applies(&x, &args), applies, "{hw}x{hw}");
+    }
+}

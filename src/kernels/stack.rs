@@ -9,7 +9,9 @@
 
 use anyhow::{bail, Result};
 use candle_core::{Storage, Tensor};
-use rest_kernels::sparse::{active_isa, conv_stack_pool, ChwnConv, Isa, StackLayer, StackWeights};
+use rest_kernels::sparse::{
+    active_isa, conv_stack_pool, stack_group_len, ChwnConv, Isa, StackLayer, StackWeights,
+};
 use rest_kernels::Conv2dGeom;
 use std::sync::Arc;
 
@@ -17,20 +19,62 @@ use super::fused::{fold_bn, EvalConvBn};
 use super::sparse::kernel_err;
 
 /// Whether [`conv_bn_stack_pool_eval`] runs these layers on `x` (else the caller runs them
-/// layer by layer): f32 images on the CPU with AVX-512, no pattern shared between layers.
+/// layer by layer): f32 images on the CPU with AVX-512, no pattern shared between layers, a
+/// group's activations within [`MAX_GROUP_FLOATS`], and not turned off with the environment
+/// variable `REST_STACK=off` (for comparisons).
 pub fn stack_applies(x: &Tensor, layers: &[EvalConvBn]) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF
+        .get_or_init(|| std::env::var("REST_STACK").is_ok_and(|v| v.eq_ignore_ascii_case("off")));
     let shared = layers.iter().enumerate().any(|(i, a)| {
         layers[i + 1..].iter().any(|b| match (a.sparse, b.sparse) {
             (Some(p), Some(q)) => Arc::ptr_eq(p, q),
             _ => false,
         })
     });
-    !layers.is_empty()
+    !off && !layers.is_empty()
         && !super::generic_path(x)
         && active_isa() == Isa::Avx512
         && x.dtype() == candle_core::DType::F32
         && x.rank() == 4
         && !shared
+        && group_fits(x, layers)
+}
+
+/// Floats a group's activations may take (16 MiB): larger images (e.g. the CNN at 128 px,
+/// ~35 MiB per group) would not stay in cache anyway, and every worker thread keeps a buffer
+/// of this size; they run layer by layer.
+const MAX_GROUP_FLOATS: usize = 1 << 22;
+
+/// Whether one group's activations of these layers on `x` stay within [`MAX_GROUP_FLOATS`]
+/// (false for shapes that do not chain: the layer-by-layer path reports those).
+fn group_fits(x: &Tensor, layers: &[EvalConvBn]) -> bool {
+    let Ok((n, mut c, mut h, mut w)) = x.dims4() else {
+        return false;
+    };
+    let mut geoms = Vec::with_capacity(layers.len());
+    for l in layers {
+        let Ok((oc, ic, kh, kw)) = l.w.dims4() else {
+            return false;
+        };
+        let g = Conv2dGeom {
+            c,
+            n,
+            h,
+            w,
+            oc,
+            kh,
+            kw,
+            stride: l.stride,
+            pad: l.pad,
+        };
+        if ic != c || g.validate().is_err() {
+            return false;
+        }
+        (c, h, w) = (oc, g.oh(), g.ow());
+        geoms.push(g);
+    }
+    stack_group_len(&geoms) <= MAX_GROUP_FLOATS
 }
 
 /// `global_avg_pool(layer_k(... layer_1(x)))` `[N, OC_k]` for NCHW images `x` `[N, C, H, W]`

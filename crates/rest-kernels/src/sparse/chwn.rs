@@ -88,8 +88,7 @@ impl ChwnConv {
         g.validate()
             .map_err(|e| SparseError::new(format!("batch-innermost conv: {e}")))?;
         let s = g.stride;
-        let (sy, sx) = (s.min(g.kh), s.min(g.kw));
-        let (ph, pw) = (g.oh() + (g.kh - 1) / s, g.ow() + (g.kw - 1) / s);
+        let (sy, sx, ph, pw) = phase_dims(&g);
         let plane = ph * pw * LANES;
         if (g.c * sy * sx)
             .checked_mul(plane)
@@ -357,6 +356,31 @@ const DENSE_ROWS: usize = 4;
 /// Positions per register tile of a dense layer (`DENSE_ROWS x DENSE_TILE` accumulators).
 #[cfg(target_arch = "x86_64")]
 const DENSE_TILE: usize = 6;
+
+/// Stride phases per axis and phase-plane size `(sy, sx, PH, PW)` of a layer's input.
+fn phase_dims(g: &Conv2dGeom) -> (usize, usize, usize, usize) {
+    let s = g.stride;
+    (
+        s.min(g.kh),
+        s.min(g.kw),
+        g.oh() + (g.kh - 1) / s,
+        g.ow() + (g.kw - 1) / s,
+    )
+}
+
+/// Floats of one group's activations in [`conv_stack_pool`] for a stack of these (valid,
+/// chained) geometries: every layer's phase buffer and the last layer's output. Each thread
+/// that runs groups keeps a buffer of this size.
+pub fn stack_group_len(geoms: &[Conv2dGeom]) -> usize {
+    let phases: usize = geoms
+        .iter()
+        .map(|g| {
+            let (sy, sx, ph, pw) = phase_dims(g);
+            g.c * sy * sx * ph * pw * LANES
+        })
+        .sum();
+    phases + geoms.last().map_or(0, |g| g.oc * g.oh() * g.ow() * LANES)
+}
 
 /// Where one layer's output positions go (see [`ChwnConv::out_phases`]).
 #[derive(Debug, Clone)]
@@ -895,6 +919,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn group_len_counts_every_buffer() {
+        // REST's CNN at 28 px: conv1's 12 planes of 15x15, conv2's 256 of 8x8, conv3's 512 of
+        // 4x4, the 256 x 3x3 output; 16 lanes each.
+        let gs = [
+            geom(3, 1, (28, 28), 64, 4, 2, 1),
+            geom(64, 1, (14, 14), 128, 4, 2, 1),
+            geom(128, 1, (7, 7), 256, 4, 2, 1),
+        ];
+        let want = (12 * 225 + 256 * 64 + 512 * 16 + 256 * 9) * LANES;
+        assert_eq!(stack_group_len(&gs), want);
+        let m = |g: &Conv2dGeom| {
+            SparseMatrix::from_dense_masked(
+                &vec![1.0; g.w_len()],
+                &vec![true; g.w_len()],
+                g.oc,
+                g.k(),
+            )
+            .unwrap()
+        };
+        let phases: usize = gs
+            .iter()
+            .map(|g| ChwnConv::new(&m(g), g).unwrap().phase_len())
+            .sum();
+        assert_eq!(phases + 256 * 9 * LANES, want);
     }
 
     #[test]

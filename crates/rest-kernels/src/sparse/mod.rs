@@ -46,7 +46,9 @@ mod phase;
 mod rows;
 mod simd;
 
-pub use chwn::{conv_stack_pool, ChwnConv, StackLayer, StackWeights, LANES as STACK_LANES};
+pub use chwn::{
+    conv_stack_pool, stack_group_len, ChwnConv, StackLayer, StackWeights, LANES as STACK_LANES,
+};
 pub use conv::SparseConv;
 pub use kernels::{sddmm, sddmm_into, spmm, spmm_t, transpose};
 pub use matrix::{MaskValue, SparseMatrix};
