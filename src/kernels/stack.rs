@@ -49,55 +49,20 @@ const MAX_GROUP_FLOATS: usize = 1 << 22;
 /// Whether one group's activations of these layers on `x` stay within [`MAX_GROUP_FLOATS`]
 /// (false for shapes that do not chain: the layer-by-layer path reports those).
 fn group_fits(x: &Tensor, layers: &[EvalConvBn]) -> bool {
-    let Ok((n, mut c, mut h, mut w)) = x.dims4() else {
-        return false;
-    };
-    let mut geoms = Vec::with_capacity(layers.len());
-    for l in layers {
-        let Ok((oc, ic, kh, kw)) = l.w.dims4() else {
-            return false;
-        };
-        let g = Conv2dGeom {
-            c,
-            n,
-            h,
-            w,
-            oc,
-            kh,
-            kw,
-            stride: l.stride,
-            pad: l.pad,
-        };
-        if ic != c || g.validate().is_err() {
-            return false;
-        }
-        (c, h, w) = (oc, g.oh(), g.ow());
-        geoms.push(g);
-    }
-    stack_group_len(&geoms) <= MAX_GROUP_FLOATS
+    chain_geoms("", x, layers).is_ok_and(|geoms| stack_group_len(&geoms) <= MAX_GROUP_FLOATS)
 }
 
-/// `global_avg_pool(layer_k(... layer_1(x)))` `[N, OC_k]` for NCHW images `x` `[N, C, H, W]`
-/// (any strides, e.g. the feature-major batch layout), each layer a convolution with its
-/// inference BatchNorm (+ ReLU). Requires [`stack_applies`]. Not differentiable.
-pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tensor> {
-    const F: &str = "conv_bn_stack_pool_eval";
-    if !stack_applies(x, layers) {
-        bail!("{F}: needs an f32 [N, C, H, W] CPU tensor, AVX-512 and a pattern per layer");
-    }
+/// The geometry of each layer on `x` `[N, C, H, W]`, each taking the previous one's output;
+/// errors (naming `op`) where the channels do not chain or a kernel does not fit.
+fn chain_geoms(op: &str, x: &Tensor, layers: &[EvalConvBn]) -> Result<Vec<Conv2dGeom>> {
     let (n, mut c, mut h, mut w) = x.dims4()?;
-    let weights: Vec<Tensor> = layers
-        .iter()
-        .map(|l| super::prepare(l.w, 4, &format!("{F} weight [OC, C, KH, KW]")))
-        .collect::<Result<_>>()?;
     let mut geoms = Vec::with_capacity(layers.len());
-    let mut folded = Vec::with_capacity(layers.len());
-    for (i, (l, wt)) in layers.iter().zip(&weights).enumerate() {
-        let (oc, ic, kh, kw) = wt.dims4()?;
+    for (i, l) in layers.iter().enumerate() {
+        let (oc, ic, kh, kw) = l.w.dims4()?;
         if ic != c {
             bail!(
-                "{F}: layer {i}'s weight {:?} expects {ic} input channels, its input has {c}",
-                wt.dims()
+                "{op}: layer {i}'s weight {:?} expects {ic} input channels, its input has {c}",
+                l.w.dims()
             );
         }
         let g = Conv2dGeom {
@@ -112,14 +77,33 @@ pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tens
             pad: l.pad,
         };
         g.validate()
-            .map_err(|e| anyhow::anyhow!("{F}: layer {i} {:?}: {e}", wt.dims()))?;
-        if let Some(sw) = l.sparse {
-            sw.check_shape(oc, g.k(), F)?;
-        }
-        let bn = (l.gamma, l.beta, l.running_mean, l.running_var, l.eps);
-        folded.push(fold_bn(F, oc, bn.0, bn.1, bn.2, bn.3, bn.4)?);
+            .map_err(|e| anyhow::anyhow!("{op}: layer {i} {:?}: {e}", l.w.dims()))?;
         (c, h, w) = (oc, g.oh(), g.ow());
         geoms.push(g);
+    }
+    Ok(geoms)
+}
+
+/// `global_avg_pool(layer_k(... layer_1(x)))` `[N, OC_k]` for NCHW images `x` `[N, C, H, W]`
+/// (any strides, e.g. the feature-major batch layout), each layer a convolution with its
+/// inference BatchNorm (+ ReLU). Requires [`stack_applies`]. Not differentiable.
+pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tensor> {
+    const F: &str = "conv_bn_stack_pool_eval";
+    if !stack_applies(x, layers) {
+        bail!("{F}: needs an f32 [N, C, H, W] CPU tensor, AVX-512 and a pattern per layer");
+    }
+    let geoms = chain_geoms(F, x, layers)?;
+    let weights: Vec<Tensor> = layers
+        .iter()
+        .map(|l| super::prepare(l.w, 4, &format!("{F} weight [OC, C, KH, KW]")))
+        .collect::<Result<_>>()?;
+    let mut folded = Vec::with_capacity(layers.len());
+    for (l, g) in layers.iter().zip(&geoms) {
+        if let Some(sw) = l.sparse {
+            sw.check_shape(g.oc, g.k(), F)?;
+        }
+        let bn = (l.gamma, l.beta, l.running_mean, l.running_var, l.eps);
+        folded.push(fold_bn(F, g.oc, bn.0, bn.1, bn.2, bn.3, bn.4)?);
     }
     // The weights' host data (borrowed, not copied).
     let storages: Vec<_> = weights.iter().map(|t| t.storage_and_layout()).collect();
@@ -134,34 +118,24 @@ pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tens
     // layers run from their weight tensors.
     let mut states = Vec::new();
     let mut plans = Vec::with_capacity(layers.len());
-    for (l, g) in layers.iter().zip(&geoms) {
+    for ((l, g), wd) in layers.iter().zip(&geoms).zip(&wdata) {
         match l.sparse {
             Some(sw) => {
                 let mut st = sw.lock();
+                st.matrix.update_values_from_dense(wd).map_err(kernel_err)?;
                 plans.push(st.chwn_plan(g)?);
                 states.push(st);
             }
             None => plans.push(Arc::new(ChwnConv::dense(g).map_err(kernel_err)?)),
         }
     }
-    let mut si = 0;
-    for (l, wd) in layers.iter().zip(&wdata) {
-        if l.sparse.is_some() {
-            states[si]
-                .matrix
-                .update_values_from_dense(wd)
-                .map_err(kernel_err)?;
-            si += 1;
-        }
-    }
-    let mut si = 0;
+    let mut sparse = states.iter();
     let mut stack = Vec::with_capacity(layers.len());
     for (((l, plan), (scale, shift)), wd) in layers.iter().zip(&plans).zip(&folded).zip(&wdata) {
-        let w = if l.sparse.is_some() {
-            si += 1;
-            StackWeights::Sparse(&states[si - 1].matrix)
-        } else {
-            StackWeights::Dense(wd)
+        // One locked state per sparse layer, in order.
+        let w = match l.sparse.and_then(|_| sparse.next()) {
+            Some(st) => StackWeights::Sparse(&st.matrix),
+            None => StackWeights::Dense(wd),
         };
         stack.push(StackLayer {
             conv: plan,
@@ -171,6 +145,7 @@ pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tens
             relu: l.relu,
         });
     }
+    let (n, c) = (x.dim(0)?, geoms.last().map_or(0, |g| g.oc));
     let mut pooled = vec![0f32; n * c];
     let (xs, xl) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*xs else {
