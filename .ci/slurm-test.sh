@@ -2,7 +2,8 @@
 # End-to-end test of `rest sweep --backend slurm` on a real single-node Slurm started here:
 # munged, slurmctld and slurmd on localhost with their config, state and logs in a temporary
 # directory; a 4-run sweep (1 epoch, small splits) is submitted as a job array and followed
-# with `rest sweep --status` until done. Needs root (daemons) and, if Slurm is missing, apt.
+# with `rest sweep --status` until done, while a local sweep over the same directory runs
+# beside it (each run must be trained exactly once). Needs root (daemons) and, if Slurm is missing, apt.
 # Everything started here is stopped, and the temporary directory removed, on exit.
 #
 #   .ci/slurm-test.sh            # uses target/release/rest (built if missing)
@@ -115,7 +116,7 @@ fi
 cat >"$T/sweep.toml" <<EOF
 [base]
 epochs = 1
-train_size = 500
+train_size = 3000
 valid_size = 200
 test_size = 200
 [grid]
@@ -127,14 +128,23 @@ EOF
     --partition test --time 10:00
 
 start=$(date +%s)
+LOCAL=
 while :; do
     status=$("$REST_BIN" sweep --status --out "$T/out")
-    first=$(echo "$status" | head -n 1)
+    # (no `| head`: with pipefail, echo's SIGPIPE when head exits early would end the script)
+    first=${status%%$'\n'*}
     echo "$first"
+    # Once the array has started, a local sweep over the same directory runs beside it: the
+    # runs are claimed one by one, so each is trained exactly once, by a Slurm task or by
+    # the local sweep.
+    if [ -z "$LOCAL" ] && [[ $first != *" 0 done, 0 running"* ]]; then
+        "$REST_BIN" sweep "$T/sweep.toml" --out "$T/out" --jobs 1 --threads 1 >"$T/local.log" 2>&1 &
+        LOCAL=$!
+    fi
     case "$first" in
         "4 runs: 4 done,"*) break ;;
     esac
-    if echo "$first" | grep -Eq ' [1-9][0-9]* failed'; then
+    if [[ $first =~ \ [1-9][0-9]*\ failed ]]; then
         echo "$status" >&2
         echo "error: a run failed" >&2
         exit 1
@@ -145,9 +155,29 @@ while :; do
         echo "error: the sweep did not finish in $TIMEOUT s" >&2
         exit 1
     fi
-    sleep 3
+    sleep 1
 done
 echo "$status"
+if [ -z "$LOCAL" ]; then
+    echo "error: the local sweep never started" >&2
+    exit 1
+fi
+if ! wait "$LOCAL"; then
+    cat "$T/local.log" >&2
+    echo "error: the local sweep beside the array failed" >&2
+    exit 1
+fi
+cat "$T/local.log"
+for log in "$T"/out/*/train.log; do
+    c=$(grep -c '^=== rest sweep:' "$log" || true)
+    if [ "$c" != 1 ]; then
+        cat "$log" >&2
+        echo "error: $log shows $c trainings of its run (expected 1)" >&2
+        exit 1
+    fi
+done
+by_slurm=$(grep -l '^=== rest sweep:.*slurm task' "$T"/out/*/train.log | wc -l || true)
+echo "each run trained once: $by_slurm by Slurm tasks, $((4 - by_slurm)) by the local sweep"
 
 n=$(find "$T/out" -mindepth 2 -maxdepth 2 -name summary.json | wc -l)
 if [ "$n" != 4 ]; then

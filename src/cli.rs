@@ -442,9 +442,18 @@ pub struct TrainArgs {
     /// results are identical).
     #[arg(long, hide = true)]
     pub no_prefetch: bool,
-    /// Run directory (default runs/<timestamp>-<config>/).
+    /// Run directory (default runs/<timestamp>-<config>/). A directory that already holds a
+    /// run is refused (see --overwrite), as is one another process is training.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Replace the run that --out already holds (its config, metrics, summary, checkpoints,
+    /// weights and JTT stage 1 are deleted first; other files stay).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Train one run of a sweep (its directory, prepared by `rest sweep`): claims it, skips it
+    /// if done, resumes it if it has a checkpoint; exit code 75 if another process holds it.
+    #[arg(long, value_name = "RUN_DIR", hide = true, conflicts_with_all = ["resume", "overwrite"])]
+    pub sweep_task: Option<PathBuf>,
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,

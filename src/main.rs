@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -44,10 +44,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train(args) => {
-            let out = if let Some(dir) = &args.resume {
+            let out = if let Some(dir) = &args.sweep_task {
+                match sweep_task(dir, args.threads)? {
+                    Task::Trained(out) => *out,
+                    Task::Done => return Ok(ExitCode::SUCCESS),
+                    Task::Held => return Ok(ExitCode::from(rest::train::lock::EXIT_HELD)),
+                }
+            } else if let Some(dir) = &args.resume {
                 let cfg = rest::train::trainer::resume_config(dir)?;
                 // Same thread count as the original run, for bit-identical results.
                 rest::util::set_threads(args.threads.or(cfg.threads))?;
@@ -55,11 +61,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let cfg = args.resolve()?;
                 rest::util::set_threads(cfg.threads)?;
-                rest::util::in_pool(|| rest::train::train(&cfg))?
+                rest::util::in_pool(|| rest::train::trainer::train_with(&cfg, args.overwrite))?
             };
             println!("{}", rest::report::results_table(&out.summary));
             println!("run directory: {}", out.run_dir.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Flops(args) => {
             let t = rest::report::flops_for(
@@ -82,10 +88,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 println!("{}", t.render());
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(args) => rest::bench::main(&args),
-        Command::Sweep(args) => rest::sweep::main(&args),
+        Command::Bench(args) => rest::bench::main(&args).map(|()| ExitCode::SUCCESS),
+        Command::Sweep(args) => rest::sweep::main(&args).map(|()| ExitCode::SUCCESS),
         Command::Eval(a) => {
             let m = rest::infer::load(&a.checkpoint)?;
             let mut cfg = m.config.clone();
@@ -104,14 +110,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rest::infer::eval_table(&report),
                 out.display()
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Predict(a) => {
             let m = rest::infer::load(&a.checkpoint)?;
             for p in rest::infer::predict::predict(&m, &a.images, a.top_k)? {
                 println!("{}", serde_json::to_string(&p)?);
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Export(a) => {
             let s = rest::infer::export::export(&a.checkpoint, &a.out, a.f16)?;
@@ -122,7 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.dense_bytes,
                 s.ratio
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Report(a) => {
             let r = rest::report::write_report(&a.dir)?;
@@ -137,7 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for f in &r.files {
                 println!("{}", f.display());
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Data(DataCommand::Export(args)) => {
             let cfg = args.data.base_config()?;
@@ -147,7 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for f in files {
                 println!("{}", f.display());
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Data(DataCommand::Make(MakeCommand::ColoredMnist(args))) => {
             let r = rest::data::make::make_colored_mnist(&args.spec())?;
@@ -160,7 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("test: {} (colour-balanced)", r.test);
             println!("dataset: {}", args.out.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Data(DataCommand::Make(MakeCommand::CorruptedCifar10(args))) => {
             let r = rest::data::make_cifar::make_corrupted_cifar10(&args.spec())?;
@@ -173,7 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("test: {} (corruption-balanced)", r.test);
             println!("dataset: {}", args.out.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Data(DataCommand::Preview(args)) => {
             let l = rest::data::dfa::load(&rest::data::dfa::DfaOptions {
@@ -191,7 +197,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             rest::data::preview::write_preview(split, ds.num_classes, args.per_class, &args.out)?;
             println!("{}", args.out.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// What `rest train --sweep-task` did.
+enum Task {
+    Trained(Box<rest::train::TrainOutcome>),
+    /// Done already (by another process): nothing written, exit code 0.
+    Done,
+    /// Another process holds the run: nothing written, exit code 75.
+    Held,
+}
+
+/// `rest train --sweep-task DIR`: trains one prepared run of a sweep unless another process
+/// holds it or it is done. The header line goes to the run's log (this process's stderr)
+/// only once the run is ours, so a run's `train.log` holds exactly the attempts that trained
+/// it.
+fn sweep_task(dir: &std::path::Path, threads: Option<usize>) -> anyhow::Result<Task> {
+    use rest::train::trainer::{self, SweepTask};
+    let (lock, cfg, resume) = match trainer::claim_sweep_task(dir)? {
+        SweepTask::Held(_) => return Ok(Task::Held),
+        SweepTask::Done => return Ok(Task::Done),
+        SweepTask::Ready {
+            lock,
+            mut cfg,
+            resume,
+        } => {
+            // A new run records its thread count in its config.toml (a resumed one keeps its
+            // own), as `rest train --config ... --threads N` does.
+            if !resume && threads.is_some() {
+                cfg.threads = threads;
+            }
+            (lock, cfg, resume)
+        }
+    };
+    let slurm = match (
+        std::env::var("SLURM_ARRAY_JOB_ID"),
+        std::env::var("SLURM_ARRAY_TASK_ID"),
+    ) {
+        (Ok(j), Ok(t)) => format!(", slurm task {j}_{t}"),
+        _ => String::new(),
+    };
+    eprintln!(
+        "=== rest sweep: {} at {} on {} (pid {}{slurm}) ===",
+        if resume {
+            "resuming from the checkpoint"
+        } else {
+            "starting"
+        },
+        chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
+        gethostname::gethostname().to_string_lossy(),
+        std::process::id(),
+    );
+    rest::util::set_threads(threads.or(cfg.threads))?;
+    let out = rest::util::in_pool(|| trainer::run_sweep_task(lock, &cfg, resume))?;
+    Ok(Task::Trained(Box::new(out)))
 }

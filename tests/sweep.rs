@@ -198,7 +198,7 @@ fn a_failing_run_is_reported_with_its_error_and_the_sweep_fails() -> Result<()> 
 }
 
 /// Starts a sweep of two runs long enough to be interrupted; returns it once both runs
-/// have logged `marker` (and written their pid files).
+/// have logged `marker` (and their processes hold the runs' locks).
 fn start_long_sweep(tmp: &Path, marker: &str) -> Result<(Child, Vec<PathBuf>)> {
     let file = write_sweep(
         tmp,
@@ -227,14 +227,22 @@ fn start_long_sweep(tmp: &Path, marker: &str) -> Result<(Child, Vec<PathBuf>)> {
         .map(|d| out.join(d))
         .collect();
     wait_for(marker, Duration::from_secs(300), || {
-        runs.iter()
-            .all(|r| r.join("run.pid").exists() && read(&r.join("train.log")).contains(marker))
+        runs.iter().all(|r| {
+            read(&r.join("run.lock")).contains("pid=")
+                && read(&r.join("train.log")).contains(marker)
+        })
     })?;
     Ok((child, runs))
 }
 
+/// The pid of the process holding the run (from its lock file).
 fn pid_of(run: &Path) -> Result<u32> {
-    Ok(read(&run.join("run.pid")).trim().parse()?)
+    let text = read(&run.join("run.lock"));
+    let pid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .with_context(|| format!("no pid in {}/run.lock: {text}", run.display()))?;
+    Ok(pid.trim().parse()?)
 }
 
 #[test]
@@ -309,7 +317,7 @@ fn after_kill_9_the_rerun_waits_for_runs_in_flight_instead_of_restarting_them() 
         .output()?;
     let t = text(&again);
     assert!(again.status.success(), "{t}");
-    assert!(t.contains("2 still running from an earlier sweep"), "{t}");
+    assert!(t.contains("2 held by other processes (waited for)"), "{t}");
     for r in &runs {
         assert!(r.join("summary.json").exists());
         let log = read(&r.join("train.log"));
@@ -320,4 +328,65 @@ fn after_kill_9_the_rerun_waits_for_runs_in_flight_instead_of_restarting_them() 
         );
     }
     Ok(())
+}
+
+/// Two sweeps over one directory, the second started `delay` after the first: each run is
+/// trained once (one header in its log), both sweeps succeed, and the report is there.
+fn two_sweeps_over_one_directory(delay: Duration) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let file = write_sweep(tmp.path(), &format!("{TINY}[grid]\nseed = [1, 2, 3, 4]\n"))?;
+    let out = tmp.path().join("out");
+    let start = || {
+        Command::new(BIN)
+            .arg("sweep")
+            .arg(&file)
+            .arg("--out")
+            .arg(&out)
+            .args(["--jobs", "1", "--threads", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    let a = start()?;
+    std::thread::sleep(delay);
+    let b = start()?;
+    let (a, b) = (a.wait_with_output()?, b.wait_with_output()?);
+    assert!(a.status.success(), "first sweep: {}", text(&a));
+    assert!(b.status.success(), "second sweep: {}", text(&b));
+    for d in expected_dirs(&tiny_base(), &[1, 2, 3, 4])? {
+        let run = out.join(&d);
+        assert!(run.join("summary.json").exists(), "{d} not done");
+        let log = read(&run.join("train.log"));
+        assert_eq!(
+            log.matches("=== rest sweep:").count(),
+            1,
+            "{d} trained more than once:\n{log}\n--- first sweep:\n{}\n--- second sweep:\n{}",
+            text(&a),
+            text(&b)
+        );
+        assert_eq!(log.matches("run directory:").count(), 1, "{log}");
+    }
+    let results = read(&out.join("results.csv"));
+    assert_eq!(results.lines().count(), 5, "{results}");
+    assert!(out.join("report.md").exists());
+    // Both count every run done; the report was written by one and found current by the other.
+    for o in [&a, &b] {
+        assert!(text(o).contains("[4/4] done"), "{}", text(o));
+    }
+    let written = [&a, &b]
+        .iter()
+        .filter(|o| text(o).contains("report: 4 runs ->"))
+        .count();
+    assert!(written >= 1, "{}\n{}", text(&a), text(&b));
+    Ok(())
+}
+
+#[test]
+fn two_sweeps_started_together_train_each_run_once() -> Result<()> {
+    two_sweeps_over_one_directory(Duration::ZERO)
+}
+
+#[test]
+fn a_second_sweep_started_later_trains_only_what_is_left() -> Result<()> {
+    two_sweeps_over_one_directory(Duration::from_millis(2500))
 }

@@ -1,10 +1,12 @@
-//! The local backend: runs a sweep's runs as child processes (`rest train --config
-//! <run>/config.toml`, or `--resume <run>` from a checkpoint), `--jobs` at a time with the
-//! cores split between them, output to `<run>/train.log`; a progress bar over the runs, one
-//! line per finished run; Ctrl-C asks every child to checkpoint and stop.
+//! The local backend: runs a sweep's runs as child processes (`rest train --sweep-task
+//! <run>`, which claims the run, then starts or resumes it), `--jobs` at a time with the
+//! cores split between them, output to `<run>/train.log`; runs other processes hold are
+//! waited for; a progress bar over the runs, one line per finished run; Ctrl-C asks every
+//! child to checkpoint and stop.
 
-use super::status::{is_run_process, last_log_line};
-use super::{fmt_duration, Prepared, Run, EXIT_FILE, LOG_FILE, PID_FILE, SUMMARY_FILE};
+use super::status::last_log_line;
+use super::{fmt_duration, Prepared, Run, EXIT_FILE, LOG_FILE, SUMMARY_FILE};
+use crate::train::lock::{self, EXIT_HELD};
 use crate::util::write_atomic;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Options of the local runner.
 #[derive(Debug, Clone)]
@@ -31,17 +33,17 @@ pub fn threads_per_run(cores: usize, jobs: usize) -> usize {
     (cores / jobs.max(1)).max(1)
 }
 
-/// The arguments of `rest` that train (or continue) the run in `dir`.
-pub fn train_args(dir: &Path, resume: bool, threads: usize) -> Vec<String> {
-    let d = dir.to_string_lossy().into_owned();
-    let mut a = vec!["train".to_string()];
-    if resume {
-        a.extend(["--resume".into(), d]);
-    } else {
-        a.extend(["--config".into(), format!("{d}/config.toml")]);
-    }
-    a.extend(["--threads".into(), threads.to_string()]);
-    a
+/// The arguments of `rest` that train the run in `dir` as a sweep task: it claims the run
+/// (exit code 75 if another process holds it), skips it if done, and resumes it if it has a
+/// checkpoint.
+pub fn train_args(dir: &Path, threads: usize) -> Vec<String> {
+    vec![
+        "train".to_string(),
+        "--sweep-task".into(),
+        dir.to_string_lossy().into_owned(),
+        "--threads".into(),
+        threads.to_string(),
+    ]
 }
 
 /// Seconds until the sweep ends if every run takes `mean` seconds: the runs in flight (each
@@ -59,25 +61,19 @@ pub fn eta_seconds(mean: f64, elapsed: &[f64], queued: usize, jobs: usize) -> f6
     free.into_iter().fold(0.0, f64::max)
 }
 
-/// A run in flight: our child, or a process left by an earlier (killed) sweep.
-enum Proc {
-    Child(Child),
-    Adopted(u32),
-}
-
+/// A run in flight in a child of this sweep.
 struct Slot {
     idx: usize,
-    proc: Proc,
+    child: Child,
     started: Instant,
+    started_at: SystemTime,
 }
 
-impl Slot {
-    fn pid(&self) -> u32 {
-        match &self.proc {
-            Proc::Child(c) => c.id(),
-            Proc::Adopted(p) => *p,
-        }
-    }
+/// Whether the run's `summary.json` was written before `t`.
+fn finished_before(dir: &Path, t: SystemTime) -> bool {
+    std::fs::metadata(dir.join(SUMMARY_FILE))
+        .and_then(|m| m.modified())
+        .is_ok_and(|m| m < t)
 }
 
 /// Sends `sig` (`TERM` or `KILL`) to a process.
@@ -90,29 +86,18 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-fn start(dir: &Path, resume: bool, threads: usize, exe: &Path) -> Result<Child> {
-    let _ = std::fs::remove_file(dir.join(EXIT_FILE));
+/// Starts the sweep task of `dir`, its output appended to the run's log. The child writes
+/// the log's header itself once it holds the run, so a child that finds the run taken leaves
+/// the log untouched.
+fn start(dir: &Path, threads: usize, exe: &Path) -> Result<Child> {
     let log_path = dir.join(LOG_FILE);
-    let mut log = std::fs::OpenOptions::new()
+    let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
-    use std::io::Write as _;
-    let args = train_args(dir, resume, threads);
-    writeln!(
-        log,
-        "=== rest sweep: {} at {}: rest {} ===",
-        if resume {
-            "resuming from the checkpoint"
-        } else {
-            "starting"
-        },
-        chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
-        args.join(" ")
-    )?;
     let mut cmd = Command::new(exe);
-    cmd.args(&args)
+    cmd.args(train_args(dir, threads))
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -124,11 +109,8 @@ fn start(dir: &Path, resume: bool, threads: usize, exe: &Path) -> Result<Child> 
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {} for {}", exe.display(), dir.display()))?;
-    write_atomic(&dir.join(PID_FILE), child.id().to_string().as_bytes())?;
-    Ok(child)
+    cmd.spawn()
+        .with_context(|| format!("cannot start {} for {}", exe.display(), dir.display()))
 }
 
 /// The one-line result of a finished run: test worst-group and unbiased accuracy.
@@ -149,44 +131,41 @@ fn result_text(dir: &Path) -> String {
     )
 }
 
-/// Runs the runs that are not done; after the last, writes the report. Ctrl-C stops every
-/// run (they checkpoint) and returns an error saying how to continue.
+/// Runs the runs that are not done; after the last, writes the report. Runs that another
+/// process holds (another sweep over this directory, one left running by a killed sweep, a
+/// Slurm task) are not started again: the sweep moves on and waits for them, and takes over
+/// any whose holder stops before finishing. Ctrl-C stops every run of this sweep (they
+/// checkpoint) and returns an error saying how to continue.
 pub fn run_local(out: &Path, runs: &[Run], prepared: &[Prepared], o: &LocalOptions) -> Result<()> {
     let total = runs.len();
     let mut done = prepared
         .iter()
         .filter(|p| matches!(p, Prepared::Done))
         .count();
-    let mut queue: VecDeque<(usize, bool)> = VecDeque::new();
+    let mut queue: VecDeque<usize> = VecDeque::new();
     let mut slots: Vec<Slot> = Vec::new();
+    // Runs held by other processes, waited for.
+    let mut elsewhere: Vec<usize> = Vec::new();
     for (i, p) in prepared.iter().enumerate() {
         match p {
             Prepared::Done => {}
-            Prepared::ToRun { resume } => queue.push_back((i, *resume)),
-            Prepared::InFlight(pid) => slots.push(Slot {
-                idx: i,
-                proc: Proc::Adopted(*pid),
-                started: Instant::now(),
-            }),
+            Prepared::ToRun { .. } => queue.push_back(i),
+            Prepared::Claimed(_) => elsewhere.push(i),
         }
     }
-    let pending = queue.len() + slots.len();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let jobs = o.jobs.min(pending).max(1);
+    let jobs = o.jobs.min(queue.len() + elsewhere.len()).max(1);
     let threads = o.threads.unwrap_or_else(|| threads_per_run(cores, jobs));
     println!(
         "{total} runs: {done} done, {} to run{}; {jobs} at a time x {threads} thread{} \
          ({cores} cores), into {}",
         queue.len(),
-        if slots.is_empty() {
+        if elsewhere.is_empty() {
             String::new()
         } else {
-            format!(
-                ", {} still running from an earlier sweep (waited for)",
-                slots.len()
-            )
+            format!(", {} held by other processes (waited for)", elsewhere.len())
         },
         if threads == 1 { "" } else { "s" },
         out.display()
@@ -228,6 +207,7 @@ pub fn run_local(out: &Path, runs: &[Run], prepared: &[Prepared], o: &LocalOptio
     let mut stopped = 0usize;
     let mut stopping: Option<Instant> = None;
     let mut killed = false;
+    let mut last_poll = Instant::now();
     loop {
         let n_int = interrupts.load(Ordering::SeqCst);
         if n_int >= 1 && stopping.is_none() {
@@ -238,26 +218,27 @@ pub fn run_local(out: &Path, runs: &[Run], prepared: &[Prepared], o: &LocalOptio
                 slots.len()
             ));
             for s in &slots {
-                signal(s.pid(), "TERM");
+                signal(s.child.id(), "TERM");
             }
         }
         let too_slow = stopping.is_some_and(|t| t.elapsed() > Duration::from_secs(120));
         if (n_int >= 2 || too_slow) && !killed {
             killed = true;
             for s in &slots {
-                signal(s.pid(), "KILL");
+                signal(s.child.id(), "KILL");
             }
         }
         while stopping.is_none() && slots.len() < jobs {
-            let Some((i, resume)) = queue.pop_front() else {
+            let Some(i) = queue.pop_front() else {
                 break;
             };
             let dir = out.join(&runs[i].name);
-            match start(&dir, resume, threads, &o.exe) {
+            match start(&dir, threads, &o.exe) {
                 Ok(child) => slots.push(Slot {
                     idx: i,
-                    proc: Proc::Child(child),
+                    child,
                     started: Instant::now(),
+                    started_at: SystemTime::now(),
                 }),
                 Err(e) => {
                     failed.push(runs[i].name.clone());
@@ -269,29 +250,40 @@ pub fn run_local(out: &Path, runs: &[Run], prepared: &[Prepared], o: &LocalOptio
         let mut k = 0;
         while k < slots.len() {
             let dir = out.join(&runs[slots[k].idx].name);
-            let code: Option<Option<i32>> = match &mut slots[k].proc {
-                Proc::Child(c) => c
-                    .try_wait()
-                    .with_context(|| format!("cannot wait for the run {}", dir.display()))?
-                    .map(|st| st.code()),
-                Proc::Adopted(pid) => (!is_run_process(*pid, &dir)).then_some(None),
-            };
-            let Some(code) = code else {
+            let Some(status) = slots[k]
+                .child
+                .try_wait()
+                .with_context(|| format!("cannot wait for the run {}", dir.display()))?
+            else {
                 k += 1;
                 continue;
             };
             let slot = slots.swap_remove(k);
+            let code = status.code();
+            let name = &runs[slot.idx].name;
+            if code == Some(i32::from(EXIT_HELD)) {
+                // Another process claimed the run between our look and the child's claim.
+                elsewhere.push(slot.idx);
+                continue;
+            }
             // A run stopped by the sweep is "stopped", not "failed": no exit code.
-            if let (Proc::Child(_), Some(c), None) = (&slot.proc, code, stopping) {
+            if let (Some(c), None) = (code, stopping) {
                 write_atomic(&dir.join(EXIT_FILE), format!("{c}\n").as_bytes())?;
             }
-            let _ = std::fs::remove_file(dir.join(PID_FILE));
             let took = slot.started.elapsed().as_secs_f64();
-            let name = &runs[slot.idx].name;
             if dir.join(SUMMARY_FILE).exists() {
                 done += 1;
-                finished_times.push(took);
                 bar.set_position(done as u64);
+                // The child finds a run that another process finished meanwhile done, and
+                // exits at once.
+                if finished_before(&dir, slot.started_at) {
+                    say(format!(
+                        "[{done}/{total}] done    {name}  (by another process)  {}",
+                        result_text(&dir)
+                    ));
+                    continue;
+                }
+                finished_times.push(took);
                 say(format!(
                     "[{done}/{total}] done    {name}  {}  {}",
                     fmt_duration(took),
@@ -315,11 +307,42 @@ pub fn run_local(out: &Path, runs: &[Run], prepared: &[Prepared], o: &LocalOptio
                 ));
             }
         }
-        if slots.is_empty() && (queue.is_empty() || stopping.is_some()) {
+        // Runs held elsewhere: done when their holder finished them; taken over when it
+        // stopped without finishing (resumed from its checkpoint).
+        if stopping.is_none() && last_poll.elapsed() >= Duration::from_secs(1) {
+            last_poll = Instant::now();
+            let mut k = 0;
+            while k < elsewhere.len() {
+                let i = elsewhere[k];
+                let dir = out.join(&runs[i].name);
+                if lock::holder(&dir).is_some() {
+                    k += 1;
+                    continue;
+                }
+                elsewhere.swap_remove(k);
+                if dir.join(SUMMARY_FILE).exists() {
+                    done += 1;
+                    bar.set_position(done as u64);
+                    say(format!(
+                        "[{done}/{total}] done    {}  (by another process)  {}",
+                        runs[i].name,
+                        result_text(&dir)
+                    ));
+                } else {
+                    say(format!(
+                        "taking over    {} (the process that held it stopped before finishing)",
+                        runs[i].name
+                    ));
+                    queue.push_back(i);
+                }
+            }
+        }
+        let idle = slots.is_empty() && queue.is_empty();
+        if (idle && elsewhere.is_empty()) || (stopping.is_some() && slots.is_empty()) {
             break;
         }
         // ETA from the mean time of the runs finished so far.
-        let left = queue.len() + slots.len();
+        let left = queue.len() + slots.len() + elsewhere.len();
         let eta = if finished_times.is_empty() {
             "ETA ?".to_string()
         } else {
@@ -333,7 +356,15 @@ pub fn run_local(out: &Path, runs: &[Run], prepared: &[Prepared], o: &LocalOptio
                 fmt_duration(eta_seconds(mean, &elapsed, queue.len(), jobs))
             )
         };
-        bar.set_message(format!("{} running, {left} left, {eta}", slots.len()));
+        let others = if elsewhere.is_empty() {
+            String::new()
+        } else {
+            format!(", {} in other processes", elsewhere.len())
+        };
+        bar.set_message(format!(
+            "{} running{others}, {left} left, {eta}",
+            slots.len()
+        ));
         bar.tick();
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -391,18 +422,8 @@ mod tests {
     fn child_arguments() {
         let d = Path::new("/s/run-1");
         assert_eq!(
-            train_args(d, false, 1),
-            vec![
-                "train",
-                "--config",
-                "/s/run-1/config.toml",
-                "--threads",
-                "1"
-            ]
-        );
-        assert_eq!(
-            train_args(d, true, 2),
-            vec!["train", "--resume", "/s/run-1", "--threads", "2"]
+            train_args(d, 2),
+            vec!["train", "--sweep-task", "/s/run-1", "--threads", "2"]
         );
     }
 }

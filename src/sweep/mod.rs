@@ -25,8 +25,9 @@ pub const SUMMARY_FILE: &str = "summary.json";
 pub const MANIFEST_FILE: &str = "sweep.json";
 /// Exit status of a run's last attempt, written by the runner (local or the Slurm script).
 pub const EXIT_FILE: &str = "exit_code";
-/// Process id of a run started by the local runner.
-pub const PID_FILE: &str = "run.pid";
+/// The sweep directory's own lock: held while the manifest is updated and while the report
+/// is written, so that several sweeps over one directory do neither at the same time.
+pub const SWEEP_LOCK_FILE: &str = "sweep.lock";
 /// Output of a run's attempts (appended).
 pub const LOG_FILE: &str = "train.log";
 
@@ -346,18 +347,14 @@ impl SweepSpec {
 pub enum Prepared {
     /// `summary.json` exists for this config: skipped.
     Done,
-    /// Still running in a process of an earlier sweep (pid): waited for, not restarted.
-    InFlight(u32),
+    /// Held by another live process (an earlier sweep's run, another sweep over the same
+    /// directory, a Slurm task): waited for, not started again.
+    Claimed(crate::train::lock::Holder),
     /// To run: from scratch, or from its checkpoint (`true`).
     ToRun { resume: bool },
 }
 
-/// Whether the run directory holds a checkpoint `rest train --resume` continues from (JTT
-/// keeps its stage-1 checkpoint in `stage1/`).
-pub fn has_checkpoint(dir: &Path) -> bool {
-    use crate::train::checkpoint::STATE_FILE;
-    dir.join(STATE_FILE).exists() || dir.join("stage1").join(STATE_FILE).exists()
-}
+pub use crate::train::checkpoint::exists as has_checkpoint;
 
 /// Creates (or checks) the run directory of `run` under `out` and writes its `config.toml`
 /// (with `out` set to the directory) unless present; says whether it still has to run.
@@ -378,8 +375,8 @@ pub fn prepare_run(out: &Path, run: &Run) -> Result<Prepared> {
         if dir.join(SUMMARY_FILE).exists() {
             return Ok(Prepared::Done);
         }
-        if let Some(pid) = status::live_pid(&dir) {
-            return Ok(Prepared::InFlight(pid));
+        if let Some(h) = crate::train::lock::holder(&dir) {
+            return Ok(Prepared::Claimed(h));
         }
     } else {
         std::fs::create_dir_all(&dir).with_context(|| {
@@ -462,16 +459,48 @@ impl Manifest {
     }
 }
 
+/// Holds the sweep directory's lock (`SWEEP_LOCK_FILE`) while `f` runs, waiting for it.
+pub fn with_sweep_lock<R>(dir: &Path, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let _lock = crate::train::lock::lock_file_blocking(&dir.join(SWEEP_LOCK_FILE))?;
+    f()
+}
+
+/// Whether `report.md` is newer than every run's `summary.json` (another sweep over the
+/// same directory wrote it after the last run finished).
+fn report_is_current(dir: &Path) -> bool {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(report) = mtime(&dir.join("report.md")) else {
+        return false;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| mtime(&e.path().join(SUMMARY_FILE)))
+        .all(|t| t <= report)
+}
+
 /// Called once a sweep's runs are finished: writes the sweep report (`report.md`,
-/// `results.csv` and the plots) into the sweep directory.
+/// `results.csv` and the plots) into the sweep directory, unless another sweep over the same
+/// directory already wrote it with every result now there (the report is written once).
 pub fn after_sweep(dir: &Path) -> Result<()> {
-    let r = crate::report::write_report(dir)?;
-    println!(
-        "report: {} runs -> {}",
-        r.runs,
-        dir.join("report.md").display()
-    );
-    Ok(())
+    with_sweep_lock(dir, || {
+        if report_is_current(dir) {
+            println!(
+                "report: {} is up to date (written by another sweep over this directory)",
+                dir.join("report.md").display()
+            );
+            return Ok(());
+        }
+        let r = crate::report::write_report(dir)?;
+        println!(
+            "report: {} runs -> {}",
+            r.runs,
+            dir.join("report.md").display()
+        );
+        Ok(())
+    })
 }
 
 /// Formats seconds as `1h02m`, `3m05s` or `42s`.
@@ -598,13 +627,19 @@ pub fn main(args: &SweepArgs) -> Result<()> {
     let out = out
         .canonicalize()
         .with_context(|| format!("cannot resolve --out {}", out.display()))?;
-    let mut manifest = Manifest::load(&out)?;
-    manifest.add_runs(&runs);
-    manifest.save(&out)?;
-    let prepared = runs
-        .iter()
-        .map(|r| prepare_run(&out, r))
-        .collect::<Result<Vec<_>>>()?;
+    // Several sweeps may start over one directory at once: the manifest's read-modify-write
+    // and the run directories' creation happen under the sweep directory's lock; the runs
+    // themselves are claimed one by one by the processes that train them.
+    let prepared = with_sweep_lock(&out, || {
+        let mut manifest = Manifest::load(&out)?;
+        manifest.add_runs(&runs);
+        manifest.save(&out)?;
+        let prepared = runs
+            .iter()
+            .map(|r| prepare_run(&out, r))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(prepared)
+    })?;
     let exe = std::env::current_exe().context("cannot find the rest binary to start runs")?;
     match args.backend {
         Backend::Local => local::run_local(
@@ -631,15 +666,7 @@ pub fn main(args: &SweepArgs) -> Result<()> {
                         .unwrap_or_else(|| "sweep".into())
                 ),
             };
-            slurm::run_slurm(
-                &out,
-                &runs,
-                &prepared,
-                &opts,
-                &exe,
-                !args.no_submit,
-                &mut manifest,
-            )
+            slurm::run_slurm(&out, &runs, &prepared, &opts, &exe, !args.no_submit)
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The Slurm backend: one `sbatch` job array per sweep submission (task i trains run i with
-//! `rest train --config <run>/config.toml`, or `--resume <run>` when it has a checkpoint),
+//! `rest train --sweep-task <run>`, which claims the run, so a local sweep over the same
+//! directory and the array never train a run twice, and resumes it from its checkpoint),
 //! a dependent one-task job that writes the report, and the `squeue` reading behind
 //! `rest sweep --status`.
 
 use super::{Manifest, Prepared, Run, SlurmJob, EXIT_FILE, LOG_FILE, SUMMARY_FILE};
+use crate::train::lock::EXIT_HELD;
 use crate::util::write_atomic;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -105,15 +107,15 @@ if [ -f "$run/{SUMMARY_FILE}" ]; then
 fi
 threads="${{SLURM_CPUS_PER_TASK:-1}}"
 export NO_COLOR=1
-rm -f "$run/{EXIT_FILE}"
-echo "=== rest sweep: slurm task ${{SLURM_ARRAY_JOB_ID:-?}}_${{SLURM_ARRAY_TASK_ID}} on $(hostname) at $(date) ===" >>"$run/{LOG_FILE}"
-if [ -f "$run/checkpoint.json" ] || [ -f "$run/stage1/checkpoint.json" ]; then
-  "$REST" train --resume "$run" --threads "$threads" >>"$run/{LOG_FILE}" 2>&1
-else
-  "$REST" train --config "$run/config.toml" --threads "$threads" >>"$run/{LOG_FILE}" 2>&1
-fi
+# Claims the run (another process may hold it: a local sweep over the same directory),
+# resumes it from its checkpoint if it has one, and writes its own header into the log.
+"$REST" train --sweep-task "$run" --threads "$threads" >>"$run/{LOG_FILE}" 2>&1
 rc=$?
-echo "$rc" >"$run/{EXIT_FILE}.tmp" && mv -f "$run/{EXIT_FILE}.tmp" "$run/{EXIT_FILE}"
+if [ "$rc" = {EXIT_HELD} ]; then
+  echo "$run is held by another process (see $run/run.lock); nothing to do"
+  exit 0
+fi
+echo "$rc" >"$run/{EXIT_FILE}.tmp.$$" && mv -f "$run/{EXIT_FILE}.tmp.$$" "$run/{EXIT_FILE}"
 exit "$rc"
 "#
     );
@@ -194,7 +196,6 @@ pub fn run_slurm(
     o: &SlurmOptions,
     exe: &Path,
     submit: bool,
-    manifest: &mut Manifest,
 ) -> Result<()> {
     o.check()?;
     let todo: Vec<&Run> = runs
@@ -209,11 +210,12 @@ pub fn run_slurm(
         return super::after_sweep(out);
     }
     for (r, p) in runs.iter().zip(prepared) {
-        if let Prepared::InFlight(pid) = p {
-            bail!(
-                "run {} is still running locally (pid {pid}); wait for it or stop it before \
-                 submitting the sweep to Slurm",
-                r.name
+        if let Prepared::Claimed(h) = p {
+            println!(
+                "note: run {} is being trained by {}; its array task will find it done or \
+                 take it over if that process stops",
+                r.name,
+                h.short()
             );
         }
     }
@@ -264,12 +266,16 @@ pub fn run_slurm(
             None
         }
     };
-    manifest.slurm_jobs.push(SlurmJob {
+    let job_entry = SlurmJob {
         job_id: job.clone(),
         runs: todo.iter().map(|r| r.name.clone()).collect(),
         report_job_id: report_job,
-    });
-    manifest.save(out)?;
+    };
+    super::with_sweep_lock(out, || {
+        let mut manifest = Manifest::load(out)?;
+        manifest.slurm_jobs.push(job_entry);
+        manifest.save(out)
+    })?;
     println!(
         "submitted job array {job} ({} tasks); follow it with `rest sweep --status --out {}`",
         todo.len(),
@@ -321,14 +327,15 @@ mod tests {
             .position(|l| l.starts_with("set "))
             .unwrap_or(0);
         assert!(lines[first_cmd..].iter().all(|l| !l.starts_with("#SBATCH")));
-        assert!(s.contains(r#""$REST" train --config "$run/config.toml" --threads "$threads""#));
-        assert!(s.contains(r#""$REST" train --resume "$run""#));
+        assert!(s.contains(r#""$REST" train --sweep-task "$run" --threads "$threads""#));
+        assert!(s.contains(r#"if [ "$rc" = 75 ]"#));
         assert!(s.contains("exit_code"));
     }
 
     #[test]
-    fn script_runs_under_bash_and_picks_resume_or_config() -> Result<()> {
-        // Run the script's logic with a fake `rest` that records its arguments.
+    fn script_runs_under_bash_and_treats_held_runs_as_no_failure() -> Result<()> {
+        // Run the script's logic with a fake `rest` that records its arguments, fails with 3,
+        // or says (75) that another process holds run b.
         if Command::new("bash").arg("--version").output().is_err() {
             return Ok(());
         }
@@ -337,7 +344,8 @@ mod tests {
         let fake = t.join("fake-rest");
         std::fs::write(
             &fake,
-            "#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\nexit 3\n",
+            "#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\n\
+             case \"$3\" in */b) exit 75;; esac\nexit 3\n",
         )?;
         let chmod = Command::new("chmod").arg("+x").arg(&fake).status()?;
         assert!(chmod.success());
@@ -345,7 +353,6 @@ mod tests {
         for d in &dirs {
             std::fs::create_dir_all(d)?;
         }
-        std::fs::write(dirs[1].join("checkpoint.json"), "{}")?;
         std::fs::write(dirs[2].join(SUMMARY_FILE), "{}")?;
         let script = t.join("s.sbatch");
         std::fs::write(
@@ -361,15 +368,16 @@ mod tests {
                 .status()?;
             codes.push(st.code());
         }
-        assert_eq!(codes, vec![Some(3), Some(3), Some(0)]);
+        assert_eq!(codes, vec![Some(3), Some(0), Some(0)]);
         let calls = std::fs::read_to_string(t.join("calls"))?;
         let a = dirs[0].display();
         let b = dirs[1].display();
         assert_eq!(
             calls,
-            format!("train --config {a}/config.toml --threads 2\ntrain --resume {b} --threads 2\n")
+            format!("train --sweep-task {a} --threads 2\ntrain --sweep-task {b} --threads 2\n")
         );
         assert_eq!(std::fs::read_to_string(dirs[0].join(EXIT_FILE))?, "3\n");
+        assert!(!dirs[1].join(EXIT_FILE).exists());
         assert!(!dirs[2].join(EXIT_FILE).exists());
         Ok(())
     }

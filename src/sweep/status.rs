@@ -1,9 +1,8 @@
-//! What each run of a sweep is doing, from its directory alone (summary, exit code, the pid
-//! of a local run) and, for Slurm sweeps, `squeue`: done, running, queued, failed, stopped
-//! or not started. `rest sweep --status` prints it; the local runner uses the pid check to
-//! wait for, rather than restart, runs still in flight from a sweep that was killed.
+//! What each run of a sweep is doing, from its directory alone (summary, exit code, who
+//! holds its `run.lock`) and, for Slurm sweeps, `squeue`: done, running (and where), queued,
+//! failed, stopped or not started. `rest sweep --status` prints it.
 
-use super::{Manifest, EXIT_FILE, LOG_FILE, PID_FILE, SUMMARY_FILE};
+use super::{Manifest, EXIT_FILE, LOG_FILE, SUMMARY_FILE};
 use anyhow::Result;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -38,41 +37,6 @@ impl RunState {
     }
 }
 
-/// The command line of process `pid`, if it exists (`/proc` on Linux, else `ps`).
-fn cmdline(pid: u32) -> Option<String> {
-    let proc_root = Path::new("/proc");
-    if proc_root.join("self").exists() {
-        let raw = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).ok()?;
-        let s: String = String::from_utf8_lossy(&raw).replace('\0', " ");
-        return Some(s.trim().to_string()).filter(|s| !s.is_empty());
-    }
-    let out = std::process::Command::new("ps")
-        .args(["-p", &pid.to_string(), "-o", "command="])
-        .output()
-        .ok()?;
-    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Some(s).filter(|s| !s.is_empty())
-}
-
-/// Whether process `pid` is alive and is a `rest train` of `dir`.
-pub fn is_run_process(pid: u32, dir: &Path) -> bool {
-    let Some(c) = cmdline(pid) else {
-        return false;
-    };
-    let d = dir.to_string_lossy();
-    c.contains(" train ") && c.contains(d.as_ref())
-}
-
-/// The pid in the run's `run.pid` if that process is still training this run.
-pub fn live_pid(dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(dir.join(PID_FILE))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    is_run_process(pid, dir).then_some(pid)
-}
-
 /// The last non-empty line of the run's log (the error of a failed run), shortened.
 pub fn last_log_line(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join(LOG_FILE)).unwrap_or_default();
@@ -105,8 +69,8 @@ pub fn run_state(dir: &Path, slurm: Option<(&str, &str)>) -> RunState {
             _ => {}
         }
     }
-    if let Some(pid) = live_pid(dir) {
-        return RunState::Running(format!("pid {pid}"));
+    if let Some(h) = crate::train::lock::holder(dir) {
+        return RunState::Running(h.short());
     }
     if let Some(code) = std::fs::read_to_string(dir.join(EXIT_FILE))
         .ok()
@@ -233,9 +197,18 @@ mod tests {
         );
         // A finished squeue state falls back to the files.
         assert_eq!(run_state(d, Some(("FAILED", "7_1"))).label(), "failed");
-        // A pid file naming a process that is not this run is not "running".
-        std::fs::write(d.join(PID_FILE), std::process::id().to_string())?;
-        assert_eq!(live_pid(d), None);
+        // A run whose lock is held is running, wherever its holder is.
+        let crate::train::lock::Claim::Acquired(lock) = crate::train::lock::try_claim(d)? else {
+            panic!("the run directory must be free");
+        };
+        lock.announce()?;
+        let RunState::Running(w) = run_state(d, None) else {
+            panic!("a held run must be running");
+        };
+        assert!(w.starts_with(&format!("pid {}", std::process::id())), "{w}");
+        drop(lock);
+        // A lock file nobody holds (its holder exited, or was killed) is not "running".
+        assert_eq!(run_state(d, None).label(), "failed");
         std::fs::write(d.join(SUMMARY_FILE), "{}")?;
         assert_eq!(run_state(d, Some(("RUNNING", "7_1"))), RunState::Done);
         Ok(())

@@ -150,6 +150,12 @@ impl Loaded {
     }
 }
 
+/// Whether the run directory holds a checkpoint `rest train --resume` continues from (JTT
+/// keeps its stage-1 checkpoint in `stage1/`).
+pub fn exists(dir: &Path) -> bool {
+    dir.join(STATE_FILE).exists() || dir.join("stage1").join(STATE_FILE).exists()
+}
+
 /// Loads the checkpoint in `dir`, checking the format, the config hash and that the tensors
 /// belong to the state.
 pub fn load(dir: &Path, cfg: &TrainConfig, dev: &Device) -> Result<Loaded> {

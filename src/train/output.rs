@@ -1,7 +1,9 @@
-//! What a run leaves on disk: the run directory, the resolved `config.toml`, `metrics.csv`
-//! (one row per epoch and split), `summary.json` and `best.safetensors`. Every file is written
+//! What a run leaves on disk: the run directory (claimed for one process, never silently
+//! replaced), the resolved `config.toml`, `metrics.csv` (one row per epoch and split),
+//! `summary.json` and `best.safetensors`. Every file is written
 //! atomically (temporary file, fsync, rename), so a killed run never leaves a torn file.
 
+use super::lock::{self, Claim, RunLock};
 use super::metrics::GroupMetrics;
 use crate::config::TrainConfig;
 use crate::util::write_atomic;
@@ -12,16 +14,177 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// Creates the run directory (`cfg.out` or `runs/<timestamp>-<short-config>`) and writes the
-/// resolved config into it. Fails early, naming the path, if it is not writable.
-pub fn create_run_dir(cfg: &TrainConfig) -> Result<PathBuf> {
-    let dir = match &cfg.out {
-        Some(d) => d.clone(),
-        None => {
-            let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-            PathBuf::from("runs").join(format!("{stamp}-{}", cfg.short_name()))
-        }
+/// The files a run writes into its directory (`rest eval`'s `eval.json`, `rest report`'s
+/// curves and a sweep's log and exit code included): what `--overwrite` removes. Anything else
+/// in the directory is the user's and stays.
+pub const RUN_FILES: &[&str] = &[
+    "config.toml",
+    "data.json",
+    "metrics.csv",
+    "summary.json",
+    "best.safetensors",
+    "masks.csv",
+    "checkpoint.safetensors",
+    super::checkpoint::STATE_FILE,
+    "error_set.json",
+    "eval.json",
+    "curves.svg",
+    "curves.png",
+    "train.log",
+    "exit_code",
+];
+
+/// The sub-directory of a run (JTT's stage 1), also removed by `--overwrite`.
+pub const RUN_SUBDIRS: &[&str] = &["stage1"];
+
+/// What a directory holds of an earlier run: the files of `RUN_FILES`/`RUN_SUBDIRS` present,
+/// and whether that run finished or can be resumed. `None`: no run (new, empty, or only other
+/// files), so training may start there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExistingRun {
+    pub files: Vec<String>,
+    pub finished: bool,
+    pub resumable: bool,
+}
+
+/// The run `dir` holds, if any.
+pub fn existing_run(dir: &Path) -> Option<ExistingRun> {
+    let files: Vec<String> = RUN_FILES
+        .iter()
+        .chain(RUN_SUBDIRS)
+        .filter(|f| dir.join(f).exists())
+        .map(|f| f.to_string())
+        .collect();
+    // A sweep's log or exit code alone, or a report's curves, is not a run.
+    let run_marks = [
+        "config.toml",
+        "metrics.csv",
+        "summary.json",
+        "checkpoint.json",
+    ];
+    if !files
+        .iter()
+        .any(|f| run_marks.contains(&f.as_str()) || RUN_SUBDIRS.contains(&f.as_str()))
+    {
+        return None;
+    }
+    Some(ExistingRun {
+        finished: dir.join("summary.json").exists(),
+        resumable: super::checkpoint::exists(dir),
+        files,
+    })
+}
+
+/// The refusal to start a new run in `dir`, which holds `e`: what is there and the ways on.
+pub fn existing_run_error(dir: &Path, e: &ExistingRun) -> anyhow::Error {
+    let d = dir.display();
+    let state = if e.finished {
+        "a finished run"
+    } else if e.resumable {
+        "an unfinished run with a checkpoint"
+    } else {
+        "an unfinished run without a checkpoint"
     };
+    let resume = if !e.finished && e.resumable {
+        format!("continue it with `rest train --resume {d}`, ")
+    } else {
+        String::new()
+    };
+    anyhow::anyhow!(
+        "--out {d} already holds {state} ({}); {resume}choose another --out, or pass \
+         --overwrite to replace it",
+        e.files.join(", ")
+    )
+}
+
+/// Removes the files of the run in `dir` (`RUN_FILES`, `RUN_SUBDIRS`), for `--overwrite`;
+/// the caller holds the directory's lock, which stays.
+pub fn remove_run(dir: &Path) -> Result<()> {
+    for f in RUN_FILES {
+        let p = dir.join(f);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("--overwrite: cannot remove {}", p.display()))
+            }
+        }
+    }
+    for d in RUN_SUBDIRS {
+        let p = dir.join(d);
+        if p.exists() {
+            std::fs::remove_dir_all(&p)
+                .with_context(|| format!("--overwrite: cannot remove {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The generated run directory `runs/<timestamp>-<short-config>[-k]` for a run without
+/// `--out`.
+fn generated_dir(cfg: &TrainConfig, k: usize) -> PathBuf {
+    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
+    let name = format!("{stamp}-{}", cfg.short_name());
+    let name = if k > 1 { format!("{name}-{k}") } else { name };
+    PathBuf::from("runs").join(name)
+}
+
+/// Claims the directory a new run writes to (`cfg.out`, or a generated one that no run
+/// holds) for this process: refuses a directory another process holds, and one that holds a
+/// run unless `overwrite` (which removes that run's files). Returns the lock (held for the
+/// whole run) and the directory.
+pub fn claim_new_run(cfg: &TrainConfig, overwrite: bool) -> Result<(RunLock, PathBuf)> {
+    let Some(dir) = &cfg.out else {
+        for k in 1..1000 {
+            let dir = generated_dir(cfg, k);
+            if dir.exists() {
+                continue;
+            }
+            if let Claim::Acquired(l) = lock::try_claim(&dir)? {
+                if existing_run(&dir).is_none() {
+                    l.announce()?;
+                    return Ok((l, dir));
+                }
+            }
+        }
+        anyhow::bail!("cannot find a free run directory under runs/: give one with --out");
+    };
+    // Refuse a directory holding a run before touching anything in it (not even run.lock).
+    if let Some(e) = existing_run(dir).filter(|_| !overwrite) {
+        if let Some(h) = lock::holder(dir) {
+            return Err(lock::held_error(dir, "--out", &h));
+        }
+        return Err(existing_run_error(dir, &e));
+    }
+    let l = lock::claim(dir, "--out")?;
+    // Checked again under the lock: another process may have started a run meanwhile.
+    if let Some(e) = existing_run(dir) {
+        if !overwrite {
+            return Err(existing_run_error(dir, &e));
+        }
+        tracing::warn!(
+            "--overwrite: replacing {} in {}",
+            if e.finished {
+                "a finished run"
+            } else {
+                "an unfinished run"
+            },
+            dir.display()
+        );
+        remove_run(dir)?;
+    }
+    l.announce()?;
+    Ok((l, dir.clone()))
+}
+
+/// Creates the run directory `cfg.out` (set by `claim_new_run` for a whole run) and writes
+/// the resolved config into it. Fails early, naming the path, if it is not writable.
+pub fn create_run_dir(cfg: &TrainConfig) -> Result<PathBuf> {
+    let dir = cfg
+        .out
+        .clone()
+        .context("internal: the run directory was not chosen before training")?;
     std::fs::create_dir_all(&dir).with_context(|| {
         format!(
             "cannot create the output directory {} (--out): check the path and its permissions",
@@ -94,8 +257,10 @@ pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resul
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let tmp = crate::util::temp_file_in(dir, ".safetensors")?;
+    // candle's I/O error prints its cause and also returns it as its source, so `{:#}` would
+    // say "No space left on device" twice: keep its text only.
     candle_core::safetensors::save(tensors, tmp.path())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     tmp.as_file().sync_all()?;
     tmp.persist(path)
         .map_err(|e| e.error)

@@ -7,6 +7,7 @@
 //! for GroupDRO, each batch's loss weights; JTT runs the loop twice (stage 1 in `stage1/`).
 
 use super::checkpoint::{self, LoopState, PartialEpoch};
+use super::lock;
 use super::lr::ReduceLrOnPlateau;
 use super::methods::{self, GroupDro, JttReport, Method};
 use super::metrics::{group_metrics, GroupMetrics};
@@ -482,9 +483,74 @@ pub(crate) fn apply_masks(
     Ok(())
 }
 
-/// Runs a complete REST training run as configured; writes the run directory.
+/// Runs a complete REST training run as configured; writes the run directory, which must not
+/// hold a run already (see `train_with`).
 pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
-    run(cfg, false)
+    train_with(cfg, false)
+}
+
+/// `train`, claiming the run directory for this process for the whole run: a directory that
+/// another process holds is refused, and one that holds a run (finished or not) too unless
+/// `overwrite`, which replaces that run.
+pub fn train_with(cfg: &TrainConfig, overwrite: bool) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    let (_lock, dir) = output::claim_new_run(cfg, overwrite)?;
+    let cfg = TrainConfig {
+        out: Some(dir),
+        ..cfg.clone()
+    };
+    run(&cfg, false)
+}
+
+/// A sweep's run, as its task (`rest train --sweep-task DIR`, local or a Slurm array task)
+/// finds it once it tried to claim the directory.
+#[derive(Debug)]
+pub enum SweepTask {
+    /// Another process holds the run: it is trained elsewhere.
+    Held(lock::Holder),
+    /// `summary.json` exists: nothing to do.
+    Done,
+    /// Ours to train: from scratch or from its checkpoint (`resume`), holding the lock.
+    Ready {
+        lock: lock::RunLock,
+        cfg: Box<TrainConfig>,
+        resume: bool,
+    },
+}
+
+/// Claims the sweep run in `dir` (prepared with its `config.toml`) and says what is to be
+/// done with it. The decision to resume is taken here, under the lock, from what is on disk
+/// now (another sweep may have trained part of it since this sweep looked).
+pub fn claim_sweep_task(dir: &Path) -> Result<SweepTask> {
+    if !dir.join("config.toml").is_file() {
+        bail!(
+            "--sweep-task {}: not a sweep run directory (no config.toml)",
+            dir.display()
+        );
+    }
+    let lock = match lock::try_claim(dir)? {
+        lock::Claim::Held(h) => return Ok(SweepTask::Held(h)),
+        lock::Claim::Acquired(l) => l,
+    };
+    if dir.join("summary.json").exists() {
+        return Ok(SweepTask::Done);
+    }
+    let cfg = resume_config(dir)?;
+    lock.announce()?;
+    Ok(SweepTask::Ready {
+        lock,
+        cfg: Box::new(cfg),
+        resume: checkpoint::exists(dir),
+    })
+}
+
+/// Trains a claimed sweep run (`claim_sweep_task`'s `Ready`); the lock is held until it ends.
+pub fn run_sweep_task(
+    _lock: lock::RunLock,
+    cfg: &TrainConfig,
+    resume: bool,
+) -> Result<TrainOutcome> {
+    run(cfg, resume)
 }
 
 /// The configuration of the run in `run_dir` (its `config.toml`), for `resume`.
@@ -502,7 +568,14 @@ pub fn resume_config(run_dir: &Path) -> Result<TrainConfig> {
 
 /// Continues the run of `cfg` (from `resume_config`) from its last checkpoint; the result
 /// equals that of an uninterrupted run (bit-identical on the same machine and thread count).
+/// Refused while another process holds the run directory.
 pub fn resume(cfg: &TrainConfig) -> Result<TrainOutcome> {
+    let dir = cfg
+        .out
+        .clone()
+        .context("internal: resume needs the run directory (resume_config)")?;
+    let lock = lock::claim(&dir, "--resume")?;
+    lock.announce()?;
     run(cfg, true)
 }
 
@@ -617,7 +690,8 @@ fn run_jtt(
     };
     if error.is_empty() {
         tracing::warn!(
-            "JTT: the error set is empty (stage 1 fits every training sample); stage 2 is              plain ERM: lower --jtt-epochs"
+            "JTT: the error set is empty (stage 1 fits every training sample); stage 2 is \
+             plain ERM: lower --jtt-epochs"
         );
     }
     let conflicting: Vec<bool> = (0..n).map(|i| ds.train.is_conflicting(i)).collect();
