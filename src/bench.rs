@@ -1,17 +1,14 @@
 //! `rest bench`: the speed of one training step and of one inference batch per model and
 //! density, on random data, set up exactly as `rest train` sets up a run (ERK masks from the
-//! sparse engine, sparse kernels installed by the trainer's own functions, our SGD, masks
-//! applied after each step). Reports medians over timed iterations after warm-up, the speedup
+//! sparse engine, the trainer's masked-layer state `train::masked::MaskedLayers`, our SGD,
+//! masks applied after each step). Reports medians over timed iterations after warm-up, the speedup
 //! over our dense model, throughput and the peak RSS, as an aligned table or as JSON lines
 //! that join with `shared/bench/torch_ref.py`'s output.
 
 use crate::config::{KernelMode, ModelKind, TrainConfig};
 use crate::models::{self, Model};
-use crate::sparse::{LayerShape, SparseConfig, SparseEngine};
+use crate::train::masked::{engine_for_bench, MaskedLayers};
 use crate::train::optim::Sgd;
-use crate::train::trainer::{
-    apply_masks, install_sparse_kernels, mask_tensors, set_dense_grad, weight_indices,
-};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
@@ -335,15 +332,25 @@ fn time_it(
     Ok((ms, cpu))
 }
 
-/// A model set up for training at `density` as `rest train` sets it up.
+/// A model set up as the trainer sets up a run: optimizer and, below density 1, its masked
+/// layers (`train::masked::MaskedLayers`, as training builds them).
 struct Setup {
     model: Box<dyn Model>,
-    /// `model.weights()`, as the trainer keeps them for the run.
-    weights: Vec<crate::nn::Param>,
     opt: Sgd,
-    masks: Vec<Tensor>,
-    on_sparse: Vec<bool>,
-    weight_index: Vec<usize>,
+    layers: Option<MaskedLayers>,
+}
+
+impl Setup {
+    /// Per layer, whether it runs on the sparse kernels.
+    fn sparse_layers(&self) -> (usize, usize) {
+        match &self.layers {
+            Some(l) => (
+                l.kernel_choice().filter(|(_, s)| *s).count(),
+                l.weights.len(),
+            ),
+            None => (0, self.model.weights().len()),
+        }
+    }
 }
 
 fn setup(
@@ -356,43 +363,16 @@ fn setup(
     let cfg = TrainConfig::default();
     let mut init_rng = util::rng(cfg.seed, 1);
     let model = models::build(kind, input, NUM_CLASSES, &mut init_rng, dev)?;
-    let weights = model.weights();
     let opt = Sgd::new(model.params(), cfg.lr, cfg.momentum, cfg.weight_decay);
-    let weight_index = weight_indices(&opt, &weights);
-    let (masks, on_sparse) = if density < 1.0 {
-        let shapes = weights
-            .iter()
-            .map(|p| LayerShape::new(p.name.clone(), p.var.dims()))
-            .collect();
-        let scfg = SparseConfig {
-            density,
-            prune_rate: cfg.prune_rate,
-            final_prune_rate: cfg.final_prune_rate,
-            update_frequency: cfg.update_frequency,
-            // Long enough that the engine keeps the update frequency as configured.
-            total_steps: 100 * cfg.update_frequency,
-            erk_power_scale: cfg.erk_power_scale,
-        };
-        let engine = SparseEngine::new(shapes, scfg, &mut util::rng(cfg.seed, 2))
-            .with_context(|| format!("building the masks for density {density}"))?;
-        let masks = mask_tensors(&engine, &weights, dev)?;
-        for (p, mk) in weights.iter().zip(&masks) {
-            p.var.set(&p.var.as_tensor().mul(mk)?)?;
-        }
-        let on = install_sparse_kernels(&engine, &weights, kernels)?;
-        set_dense_grad(&weights, false);
-        (masks, on)
+    let layers = if density < 1.0 {
+        let weights = model.weights();
+        // Long enough that the engine keeps the update frequency as configured.
+        let engine = engine_for_bench(&weights, &cfg, density, 100 * cfg.update_frequency)?;
+        Some(MaskedLayers::new(engine, weights, &opt, kernels, dev)?)
     } else {
-        (Vec::new(), vec![false; weights.len()])
+        None
     };
-    Ok(Setup {
-        model,
-        weights,
-        opt,
-        masks,
-        on_sparse,
-        weight_index,
-    })
+    Ok(Setup { model, opt, layers })
 }
 
 /// One training step as the trainer runs it between mask updates; pushes the milliseconds of
@@ -411,15 +391,8 @@ fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor, phases: &mut [Vec<f64>; 3])
     let grads = rec.backward(&loss)?;
     let t2 = Instant::now();
     s.opt.step(&grads)?;
-    if !s.masks.is_empty() {
-        apply_masks(
-            &s.weights,
-            &s.masks,
-            &s.on_sparse,
-            false,
-            &mut s.opt,
-            &s.weight_index,
-        )?;
+    if let Some(l) = &s.layers {
+        l.apply(false, &mut s.opt)?;
     }
     black_box(loss_v);
     let t3 = Instant::now();
@@ -507,8 +480,8 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                     threads,
                     device: device_name.clone(),
                     kernels: kernels.clone(),
-                    sparse_layers: s.on_sparse.iter().filter(|&&b| b).count(),
-                    layers: s.on_sparse.len(),
+                    sparse_layers: s.sparse_layers().0,
+                    layers: s.sparse_layers().1,
                     median_ms: round(median, 3),
                     min_ms: round(min, 3),
                     max_ms: round(max, 3),

@@ -54,14 +54,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Task::Held => return Ok(ExitCode::from(rest::train::lock::EXIT_HELD)),
                 }
             } else if let Some(dir) = &args.resume {
-                let cfg = rest::train::trainer::resume_config(dir)?;
+                let cfg = rest::train::resume_config(dir)?;
                 // Same thread count as the original run, for bit-identical results.
                 rest::util::set_threads(args.threads.or(cfg.threads))?;
-                rest::util::in_pool(|| rest::train::trainer::resume(&cfg))?
+                rest::util::in_pool(|| rest::train::resume(&cfg))?
             } else {
                 let cfg = args.resolve()?;
                 rest::util::set_threads(cfg.threads)?;
-                rest::util::in_pool(|| rest::train::trainer::train_with(&cfg, args.overwrite))?
+                rest::util::in_pool(|| rest::train::train_with(&cfg, args.overwrite))?
             };
             println!("{}", rest::report::results_table(&out.summary));
             println!("run directory: {}", out.run_dir.display());
@@ -100,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.data_seed = a.data_seed.unwrap_or(cfg.data_seed);
             cfg.validate()?;
             let rest::infer::DataSource::Builtin = a.data;
-            let report = rest::infer::evaluate(&m, &rest::train::trainer::load_dataset(&cfg)?)?;
+            let report = rest::infer::evaluate(&m, &rest::data::load(&cfg)?)?;
             let out = a
                 .out
                 .unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
@@ -148,7 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Data(DataCommand::Export(args)) => {
             let cfg = args.data.base_config()?;
             cfg.validate()?;
-            let ds = rest::train::trainer::load_dataset(&cfg)?;
+            let ds = rest::data::load(&cfg)?;
             let files = rest::data::export::export_npy(&ds, &args.out)?;
             for f in files {
                 println!("{}", f.display());
@@ -216,7 +216,7 @@ enum Task {
 /// only once the run is ours, so a run's `train.log` holds exactly the attempts that trained
 /// it.
 fn sweep_task(dir: &std::path::Path, threads: Option<usize>) -> anyhow::Result<Task> {
-    use rest::train::trainer::{self, SweepTask};
+    use rest::train::{self as trainer, SweepTask};
     let (lock, cfg, resume) = match trainer::claim_sweep_task(dir)? {
         SweepTask::Held(_) => return Ok(Task::Held),
         SweepTask::Done => return Ok(Task::Done),

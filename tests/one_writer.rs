@@ -196,6 +196,6 @@ fn the_library_refuses_a_second_run_into_one_directory() -> Result<()> {
         .err()
         .context("a second run into the same directory was not refused")?;
     assert!(format!("{err:#}").contains("already holds a finished run"));
-    rest::train::trainer::train_with(&cfg, true)?;
+    rest::train::train_with(&cfg, true)?;
     Ok(())
 }

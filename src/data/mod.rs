@@ -20,6 +20,25 @@ pub mod transform;
 
 use anyhow::{bail, Result};
 
+/// Builds the dataset a config asks for: its `--data` folder (resized to the run's image
+/// size), or the built-in Colored MNIST.
+pub fn load(cfg: &crate::config::TrainConfig) -> anyhow::Result<GroupDataset> {
+    // A dataset folder (`--data`): the split sizes of the generator do not apply.
+    if let Some(opts) = dfa::DfaOptions::from_config(cfg) {
+        return Ok(dfa::load_sized(&opts, cfg.image_size_resolved())?.dataset);
+    }
+    let (digits, labels) = builtin::builtin_digits()?;
+    let spec = colored_mnist::ColoredMnistSpec {
+        conflict_pct: cfg.conflict_pct,
+        sigma: cfg.color_std,
+        seed: cfg.data_seed,
+        n_train: cfg.train_size,
+        n_valid: cfg.valid_size,
+        n_test: cfg.test_size,
+    };
+    colored_mnist::generate(&digits, &labels, &spec)
+}
+
 /// One split (train, validation or test) of a group-annotated image dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Split {

@@ -48,7 +48,7 @@ impl FromStr for DataSource {
 /// folder, what the run recorded in `run_dir/data.json`; a run without that file (trained
 /// before it existed) reads them from its data folder.
 pub fn data_shape(cfg: &TrainConfig, run_dir: &Path) -> Result<((usize, usize, usize), usize)> {
-    use crate::train::trainer::{DataInfo, DATA_INFO_FILE};
+    use crate::train::output::{DataInfo, DATA_INFO_FILE};
     if cfg.data.is_none() {
         return Ok(((3, 28, 28), crate::data::colored_mnist::NUM_CLASSES));
     }
@@ -73,7 +73,7 @@ pub fn data_shape(cfg: &TrainConfig, run_dir: &Path) -> Result<((usize, usize, u
         }
         return Ok(((c, h, w), info.classes));
     }
-    let ds = crate::train::trainer::load_dataset(cfg).with_context(|| {
+    let ds = crate::data::load(cfg).with_context(|| {
         format!(
             "{} is missing, so the input shape and classes must come from the run's data \
              folder, which cannot be loaded",
@@ -312,8 +312,8 @@ pub fn evaluate(m: &LoadedModel, ds: &GroupDataset) -> Result<EvalReport> {
         model: m.config.model.as_str().into(),
         density: m.density(),
         layers: m.layers.clone(),
-        valid: crate::train::trainer::evaluate(m.model.as_ref(), &ds.valid, &tf, &dev)?,
-        test: crate::train::trainer::evaluate(m.model.as_ref(), &ds.test, &tf, &dev)?,
+        valid: crate::train::eval::evaluate(m.model.as_ref(), &ds.valid, &tf, &dev)?,
+        test: crate::train::eval::evaluate(m.model.as_ref(), &ds.test, &tf, &dev)?,
     })
 }
 

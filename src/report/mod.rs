@@ -13,7 +13,7 @@ pub mod plots;
 pub mod tables;
 
 use crate::train::metrics::GroupMetrics;
-use crate::train::trainer::Summary;
+use crate::train::Summary;
 use anyhow::Result;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -246,7 +246,7 @@ pub fn flops_for(
         erk_power_scale,
     };
     let engine = SparseEngine::new(shapes, cfg, &mut crate::util::rng(0, 2))?;
-    Ok(crate::train::trainer::flops_table(
+    Ok(crate::train::masked::flops_table(
         m.as_ref(),
         input,
         Some(&engine),

@@ -84,6 +84,11 @@ pub fn group_metrics(pred: &[u32], labels: &[u32], bias: &[u32], loss: f64) -> G
     }
 }
 
+/// An optional metric with 3 decimals, or `-`, for the log.
+pub(crate) fn fmt_opt(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

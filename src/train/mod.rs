@@ -4,13 +4,24 @@
 //! the group-robustness methods (`methods`: ERM, JTT, GroupDRO, balanced sampling).
 
 pub mod checkpoint;
+pub mod eval;
 pub mod lock;
 pub mod lr;
+pub mod masked;
 pub mod methods;
 pub mod metrics;
+pub mod objective;
 pub mod optim;
 pub mod output;
+mod resume;
+pub mod run;
+mod scores;
 pub mod select;
+mod snapshot;
+pub mod summary;
 pub mod trainer;
 
-pub use trainer::{train, TrainOutcome};
+pub use run::{
+    claim_sweep_task, resume, resume_config, run_sweep_task, train, train_with, SweepTask,
+};
+pub use summary::{Summary, TrainOutcome};

@@ -267,3 +267,28 @@ pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resul
         .with_context(|| format!("cannot move the finished file to {}", path.display()))?;
     Ok(())
 }
+
+/// The input shape and class count of a run's data (`data.json` in the run directory), so
+/// that `rest eval`, `rest predict` and `rest export` rebuild the model without the data.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct DataInfo {
+    pub dataset: String,
+    /// `[channels, height, width]` of the model input.
+    pub input: [usize; 3],
+    pub classes: usize,
+}
+
+/// File name of [`DataInfo`] in a run directory.
+pub const DATA_INFO_FILE: &str = "data.json";
+
+pub fn write_data_info(run_dir: &Path, ds: &crate::data::GroupDataset) -> Result<()> {
+    let t = &ds.train;
+    write_json(
+        &run_dir.join(DATA_INFO_FILE),
+        &DataInfo {
+            dataset: ds.name.clone(),
+            input: [t.channels, t.height, t.width],
+            classes: ds.num_classes,
+        },
+    )
+}

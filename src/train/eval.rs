@@ -1,0 +1,65 @@
+//! Evaluation of a model on a whole split in inference mode: predictions, mean loss and the
+//! group metrics (`super::metrics`), through the run's evaluation transform.
+
+use super::metrics::{group_metrics, GroupMetrics};
+use crate::data::transform::{BatchLayout, Transform};
+use crate::data::Split;
+use crate::models::Model;
+use anyhow::Result;
+use candle_core::{Device, Tensor, D};
+
+/// Gathers a batch into an `[N, C, H, W]` tensor laid out as `layout`, through the
+/// non-random part of `tf` (evaluation). The tensor takes the gathered buffer over (a copy
+/// would cost as much as the gather).
+pub(crate) fn batch_tensor(
+    split: &Split,
+    idx: &[usize],
+    tf: &Transform,
+    layout: BatchLayout,
+    dev: &Device,
+) -> Result<Tensor> {
+    let mut buf = Vec::new();
+    tf.gather_as(split, idx, None, layout, &mut buf)?;
+    layout.tensor_from_vec(
+        buf,
+        idx.len(),
+        (split.channels, split.height, split.width),
+        dev,
+    )
+}
+
+/// Evaluates `model` on a whole split in inference mode, with the run's evaluation
+/// transform (`Transform::eval_for`: its normalisation, no augmentation).
+pub fn evaluate(
+    model: &dyn Model,
+    split: &Split,
+    tf: &Transform,
+    dev: &Device,
+) -> Result<GroupMetrics> {
+    let (preds, loss) = predict(model, split, tf, dev)?;
+    Ok(group_metrics(&preds, &split.labels, &split.bias, loss))
+}
+
+/// Predicted classes of every sample of a split (inference mode, the non-random part of
+/// `tf`) and the mean loss.
+pub fn predict(
+    model: &dyn Model,
+    split: &Split,
+    tf: &Transform,
+    dev: &Device,
+) -> Result<(Vec<u32>, f64)> {
+    let mut preds = Vec::with_capacity(split.len());
+    let mut loss_sum = 0.0f64;
+    let all: Vec<usize> = (0..split.len()).collect();
+    for chunk in all.chunks(1000) {
+        let x = batch_tensor(split, chunk, tf, model.input_layout(), dev)?;
+        let logits = model.forward(&x, false)?;
+        let y: Vec<u32> = chunk.iter().map(|&i| split.labels[i]).collect();
+        let yt = Tensor::new(y.as_slice(), dev)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let nll = logp.gather(&yt.unsqueeze(1)?, 1)?.neg()?;
+        loss_sum += nll.sum_all()?.to_scalar::<f32>()? as f64;
+        preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+    }
+    Ok((preds, loss_sum / split.len().max(1) as f64))
+}
