@@ -76,14 +76,13 @@ pub enum KernelMode {
     Sparse,
 }
 
-/// Layer density at or below which `--kernels auto` picks the sparse kernels (the measured
-/// crossover of the sparse and dense kernels on a 2-core AVX-512 machine is near 0.3).
+/// Layer density at or below which `--kernels auto` runs a convolution on the sparse
+/// kernels: the crossover of the sparse and dense training step, measured with
+/// `rest bench --kernels sparse|dense` at several densities (README, Speed).
 pub const AUTO_SPARSE_MAX_DENSITY: f64 = 0.3;
 
 /// Layer density at or below which `--kernels auto` runs a linear layer on the sparse
-/// kernels. Measured with LfF's MLP on its feature-major kernels (batch 256, 2 threads),
-/// training step all-sparse vs all-dense at overall density 0.07: 0.71 vs 2.23 ms; 0.1: 1.18
-/// vs 2.13; 0.2: 1.55 vs 2.08; 0.3: 2.00 vs 2.22; 0.4: 2.54 vs 2.27; 0.5: 2.65 vs 2.11.
+/// (feature-major) kernels, measured the same way with LfF's MLP.
 pub const AUTO_SPARSE_LINEAR_MAX_DENSITY: f64 = 0.3;
 
 impl KernelMode {
