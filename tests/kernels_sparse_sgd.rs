@@ -6,29 +6,15 @@
 //! Also the bias folded into the sparse op (`sparse_linear_bias`) against candle's matmul and
 //! broadcast add.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use common::{flat, rand_mask, rand_vec};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{sparse_linear, sparse_linear_bias, SparseWeight};
 use rest::nn::Linear;
 use rest::train::optim::Sgd;
-
-fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .expect("flatten")
-        .to_vec1()
-        .expect("to_vec1")
-}
-
-fn mask(rng: &mut ChaCha8Rng, n: usize, density: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| f32::from(rng.random_bool(density)))
-        .collect()
-}
 
 /// (n, in, out, density): the first two run the batch-major kernels, the last the
 /// feature-major ones (nnz > 4 (I + O)).
@@ -39,7 +25,7 @@ const CASES: [(usize, usize, usize, f64); 3] =
 fn compact_gradient_is_the_dense_gradient_at_the_active_weights() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for &(n, i, o, density) in &CASES {
-        let mk = mask(&mut rng, o * i, density);
+        let mk = rand_mask(&mut rng, o * i, density);
         let wv: Vec<f32> = rand_vec(&mut rng, o * i)
             .iter()
             .zip(&mk)
@@ -93,7 +79,7 @@ fn train(
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut init = rest::util::rng(3, 1);
     let lin = Linear::new("fc", i, o, true, &mut init, &Device::Cpu).expect("linear");
-    let mk = mask(&mut rng, o * i, density);
+    let mk = rand_mask(&mut rng, o * i, density);
     let wm = lin
         .weight
         .as_tensor()
@@ -167,7 +153,7 @@ fn sparse_linear_bias_matches_matmul_plus_bias() {
         }
     };
     for &(n, i, o, density) in &CASES {
-        let mk = mask(&mut rng, o * i, density);
+        let mk = rand_mask(&mut rng, o * i, density);
         let wv: Vec<f32> = rand_vec(&mut rng, o * i)
             .iter()
             .zip(&mk)
@@ -234,7 +220,7 @@ fn train_conv(compact: bool, momentum: f64, wd: f64) -> (Vec<f32>, Option<Vec<f3
     let conv = rest::nn::Conv2d::new("conv", c, oc, 4, 2, 1, false, &mut init, &Device::Cpu)
         .expect("conv");
     let k = c * 16;
-    let mk = mask(&mut rng, oc * k, 0.2);
+    let mk = rand_mask(&mut rng, oc * k, 0.2);
     let wm = conv
         .weight
         .as_tensor()

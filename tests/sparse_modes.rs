@@ -3,22 +3,18 @@
 //! for every death x growth x redistribution combination, ITOP's random-unfired growth, SET and
 //! threshold death on hand cases, the linear schedule, update_end, fix, and reporting.
 
+mod common;
+
 use clap::Parser as _;
+use common::{shapes, sparse_cfg as cfg};
 use rand::Rng as _;
 use rest::cli::{Cli, Command};
 use rest::sparse::{
     grasp_scores, init_densities, magnitude_scores, snip_scores, DeathMode, DecaySchedule,
-    DstOptions, GrowthMode, LayerShape, LinearDecay, Redistribution, SparseConfig, SparseEngine,
-    SparseInit, UpdateInputs,
+    DstOptions, GrowthMode, LayerShape, LinearDecay, Redistribution, SparseEngine, SparseInit,
+    UpdateInputs,
 };
 use rest::util::rng;
-
-fn shapes(list: &[&[usize]]) -> Vec<LayerShape> {
-    list.iter()
-        .enumerate()
-        .map(|(i, s)| LayerShape::new(format!("l{i}"), s))
-        .collect()
-}
 
 fn cnn() -> Vec<LayerShape> {
     shapes(&[
@@ -49,17 +45,6 @@ fn resnet18() -> Vec<LayerShape> {
 
 fn numel(s: &[usize]) -> f64 {
     s.iter().product::<usize>() as f64
-}
-
-fn cfg(density: f64, rate: f64, final_rate: f64, freq: usize, steps: usize) -> SparseConfig {
-    SparseConfig {
-        density,
-        prune_rate: rate,
-        final_prune_rate: final_rate,
-        update_frequency: freq,
-        total_steps: steps,
-        erk_power_scale: 1.0,
-    }
 }
 
 fn assert_close(got: &[f64], want: &[f64], what: &str) {
