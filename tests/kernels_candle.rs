@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use common::{assert_close, cnhw, rand_t, rand_t_in, var};
+use common::{assert_close, cnhw, loss_grads, rand_t, rand_t_in, var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::*;
@@ -30,8 +30,8 @@ fn conv2d_cnhw_matches_candle_conv2d_and_its_gradients() {
         let got = cnhw(&conv2d_cnhw(&cnhw(&x), &wt, stride, pad).unwrap());
         assert_close(&got, &want, &format!("conv fwd case {case}"));
         let r = rand_t(&mut rng, want.dims());
-        let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = loss_grads(&want, &r);
+        let gg = loss_grads(&got, &r);
         for (t, name) in [(x.as_tensor(), "dx"), (wt.as_tensor(), "dw")] {
             assert_close(
                 gg.get(t).expect("grad"),
@@ -98,8 +98,8 @@ fn batch_norm_train_matches_formula_and_gradients() {
         assert_close(&mean, &mu.flatten_all().unwrap(), "bn mean");
         assert_close(&bvar, &v.flatten_all().unwrap(), "bn var");
         let r = rand_t(&mut rng, &[c, n, h, w]);
-        let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = loss_grads(&want, &r);
+        let gg = loss_grads(&y, &r);
         for (t, name) in [
             (x.as_tensor(), "dx"),
             (gamma.as_tensor(), "dgamma"),
@@ -140,8 +140,8 @@ fn batch_norm_eval_matches_formula_and_gradients() {
         }
         assert_close(&y, &want, "bn eval y");
         let r = rand_t(&mut rng, &[c, n, h, w]);
-        let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = loss_grads(&want, &r);
+        let gg = loss_grads(&y, &r);
         for t in [x.as_tensor(), gamma.as_tensor(), beta.as_tensor()] {
             assert_close(gg.get(t).unwrap(), gw.get(t).unwrap(), "bn eval grad");
         }
@@ -157,8 +157,8 @@ fn global_avg_pool_matches_mean_and_gradient() {
     assert_eq!(got.dims(), &[4, 6]);
     assert_close(&got, &want, "gap fwd");
     let r = rand_t(&mut rng, &[4, 6]);
-    let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gg = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gw = loss_grads(&want, &r);
+    let gg = loss_grads(&got, &r);
     assert_close(gg.get(&x).unwrap(), gw.get(&x).unwrap(), "gap grad");
 }
 
@@ -179,7 +179,7 @@ fn max_pool_matches_candle_and_gradient() {
         );
         assert_close(&got, &want, "maxpool fwd");
         let r = rand_t(&mut rng, want.dims());
-        let gg = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gg = loss_grads(&got, &r);
         // candle's max-pool backward needs k == stride (and maps gradients wrongly when the
         // input size is not a multiple of k), so the reference gradient is a direct scan: each
         // output's r goes to the (unique: random inputs) maximum of its window.
@@ -236,8 +236,8 @@ fn linear_matches_matmul_and_gradients() {
         }
         assert_close(&got, &want, "linear fwd");
         let r = rand_t(&mut rng, &[n, o]);
-        let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = loss_grads(&want, &r);
+        let gg = loss_grads(&got, &r);
         let mut ts = vec![x.as_tensor(), w.as_tensor()];
         if bias {
             ts.push(b.as_tensor());

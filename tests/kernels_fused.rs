@@ -9,7 +9,7 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use common::{rand_mask, rand_vec, var};
+use common::{loss_grads, rand_mask, rand_vec, var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{
@@ -100,14 +100,8 @@ fn fused_conv_bn_relu_equals_the_separate_ops() {
                 let rt =
                     Tensor::from_vec(rand_vec(&mut r, yf.elem_count()), yf.dims(), &Device::Cpu)
                         .expect("r");
-                let gf = (&yf * &rt)
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.backward())
-                    .expect("fused backward");
-                let gs = (&ys * &rt)
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.backward())
-                    .expect("separate backward");
+                let gf = loss_grads(&yf, &rt);
+                let gs = loss_grads(&ys, &rt);
                 for (v, name) in [(&wt, "dw"), (&gamma, "dgamma"), (&beta, "dbeta")] {
                     let (a, b) = (gf.get(v.as_tensor()), gs.get(v.as_tensor()));
                     same(

@@ -8,18 +8,10 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use common::{assert_close, flat, rand_mask, rand_vec, var, RTOL};
+use common::{assert_close, flat, loss_grads, rand_mask, rand_vec, var, RTOL};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{feature_major, linear_act, linear_fm, sparse_linear_act, SparseWeight};
-
-/// `sum(f(x) * r)` and its gradients.
-fn loss_grads(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
-    (y * r)
-        .and_then(|t| t.sum_all())
-        .and_then(|t| t.backward())
-        .expect("backward")
-}
 
 #[test]
 fn sparse_linear_act_matches_candle_ops_on_the_masked_weight() {

@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use common::{assert_close, cnhw, flat, rand_mask, rand_t, rand_vec};
+use common::{assert_close, cnhw, flat, loss_grads, rand_mask, rand_t, rand_vec};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{sparse_conv2d_cnhw, sparse_linear, SparseWeight};
@@ -69,10 +69,7 @@ fn sparse_conv2d_matches_candle_conv2d_on_the_masked_weight() {
 
         let want = x.conv2d(&wm, pad, stride, 1, 1).expect("conv2d");
         let r = rand_t(&mut rng, want.dims());
-        let gref = (&want * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let gref = loss_grads(&want, &r);
         let (dx_ref, dw_ref) = (
             gref.get(&x).expect("dx").clone(),
             gref.get(&wm).expect("dw").clone(),
@@ -86,10 +83,7 @@ fn sparse_conv2d_matches_candle_conv2d_on_the_masked_weight() {
             // The permuted (non-contiguous) input exercises the contiguity handling.
             let got = cnhw(&sparse_conv2d_cnhw(&cnhw(&x), &wt, stride, pad, &sw).expect("op"));
             assert_close(&got, &want, &format!("{what}: forward"));
-            let g = (&got * &r)
-                .and_then(|t| t.sum_all())
-                .and_then(|t| t.backward())
-                .expect("backward");
+            let g = loss_grads(&got, &r);
             assert_close(g.get(&x).expect("dx"), &dx_ref, &format!("{what}: dx"));
             check_dw(
                 g.get(&wt).expect("dw"),
@@ -105,10 +99,7 @@ fn sparse_conv2d_matches_candle_conv2d_on_the_masked_weight() {
         sw.set_dense_grad(false);
         let xc = cnhw(x.as_tensor()).contiguous().expect("contiguous");
         let got = sparse_conv2d_cnhw(&xc, &wt, stride, pad, &sw).expect("op");
-        let g = (&cnhw(&got) * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let g = loss_grads(&cnhw(&got), &r);
         assert!(
             g.get(&xc).is_none(),
             "case {case}: constant input got a gradient"
@@ -161,10 +152,7 @@ fn sparse_linear_matches_matmul_on_the_masked_weight() {
 
         let want = x.matmul(&wm.t().expect("t")).expect("matmul");
         let r = rand_t(&mut rng, want.dims());
-        let gref = (&want * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let gref = loss_grads(&want, &r);
         let (dx_ref, dw_ref) = (
             gref.get(&x).expect("dx").clone(),
             gref.get(&wm).expect("dw").clone(),
@@ -176,10 +164,7 @@ fn sparse_linear_matches_matmul_on_the_masked_weight() {
             let what = format!("linear case {case} (density {density}, dense grad {dense})");
             let got = sparse_linear(&x, &wt, &sw).expect("op");
             assert_close(&got, &want, &format!("{what}: forward"));
-            let g = (&got * &r)
-                .and_then(|t| t.sum_all())
-                .and_then(|t| t.backward())
-                .expect("backward");
+            let g = loss_grads(&got, &r);
             assert_close(g.get(&x).expect("dx"), &dx_ref, &format!("{what}: dx"));
             check_dw(
                 g.get(&wt).expect("dw"),

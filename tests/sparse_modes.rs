@@ -120,31 +120,25 @@ fn opts_init(init: SparseInit, dense_first: bool) -> DstOptions {
 fn erk_and_er_densities_match_closed_form() {
     for (name, layers) in [("cnn", cnn()), ("mlp", mlp()), ("resnet", resnet18())] {
         for d in [0.01, 0.05, 0.2, 0.5] {
-            let raw: Vec<f64> = layers.iter().map(erk_raw).collect();
-            let want = capped_proportional(&layers, d, &raw, &[]);
-            let got = init_densities(&layers, d, 1.0, SparseInit::Erk, &[]).unwrap();
-            assert_close(&got, &want, &format!("{name} erk {d}"));
-            let e = SparseEngine::with_options(
-                layers.clone(),
-                cfg(d, 0.5, 0.0, 10, 1000),
-                opts_init(SparseInit::Erk, false),
-                &mut rng(1, 2),
-            )
-            .unwrap();
-            check_counts(&layers, d, &want, &e);
-
-            let raw: Vec<f64> = layers.iter().map(er_raw).collect();
-            let want = capped_proportional(&layers, d, &raw, &[]);
-            let got = init_densities(&layers, d, 1.0, SparseInit::Er, &[]).unwrap();
-            assert_close(&got, &want, &format!("{name} er {d}"));
-            let e = SparseEngine::with_options(
-                layers.clone(),
-                cfg(d, 0.5, 0.0, 10, 1000),
-                opts_init(SparseInit::Er, false),
-                &mut rng(1, 2),
-            )
-            .unwrap();
-            check_counts(&layers, d, &want, &e);
+            for (init, tag) in [(SparseInit::Erk, "erk"), (SparseInit::Er, "er")] {
+                let raw_of = if init == SparseInit::Erk {
+                    erk_raw
+                } else {
+                    er_raw
+                };
+                let raw: Vec<f64> = layers.iter().map(raw_of).collect();
+                let want = capped_proportional(&layers, d, &raw, &[]);
+                let got = init_densities(&layers, d, 1.0, init, &[]).unwrap();
+                assert_close(&got, &want, &format!("{name} {tag} {d}"));
+                let e = SparseEngine::with_options(
+                    layers.clone(),
+                    cfg(d, 0.5, 0.0, 10, 1000),
+                    opts_init(init, false),
+                    &mut rng(1, 2),
+                )
+                .unwrap();
+                check_counts(&layers, d, &want, &e);
+            }
         }
     }
     // CNN ERK at 0.05 by hand. Scores 75/3072, 200/131072, 392/524288, 266/2560; keep

@@ -283,6 +283,14 @@ pub fn cnhw(x: &Tensor) -> Tensor {
     x.permute((1, 0, 2, 3)).expect("permute")
 }
 
+/// The gradients of `sum(y * r)`.
+pub fn loss_grads(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+    (y * r)
+        .and_then(|t| t.sum_all())
+        .and_then(|t| t.backward())
+        .expect("backward")
+}
+
 /// `|a - b| <= RTOL * max(1, max|b|)` element-wise.
 pub fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes");
