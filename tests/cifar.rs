@@ -3,7 +3,9 @@
 //! ordering, statistics against their definitions) and the generator (exact LfF counts,
 //! layout loadable as `cifar10c`, pixels = corruption of the source, determinism).
 
-use anyhow::Result;
+mod common;
+
+use common::{err_text, files_under, ok, preview_sheet, read_json, rest_cmd};
 use rand::{Rng as _, SeedableRng};
 use rest::config::DatasetKind;
 use rest::data::cifar::{self, encode_batch, read_batch, read_cifar10, PIXELS, RECORD};
@@ -13,11 +15,7 @@ use rest::data::make::{make_attr_labels, RATIOS};
 use rest::data::make_cifar::{corrupt_image, make_corrupted_cifar10, CifarSpec};
 use rest::util;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-fn err_text<T: std::fmt::Debug>(r: Result<T>) -> String {
-    format!("{:#}", r.expect_err("expected an error"))
-}
+use std::path::Path;
 
 /// `n` random 32x32 RGB images and labels (labels cycle through 0-9 with a random start).
 fn random_images(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
@@ -309,22 +307,6 @@ fn photometric_corruptions_match_hand_computed_values() {
     assert!(s[3] == 200 && (185..=186).contains(&s[5]), "{s:?}");
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                out.extend(files_under(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// The source index of a generated file `<index>_<label>_<bias>.png`.
 fn index_of(p: &Path) -> usize {
     let stem = p.file_stem().and_then(|s| s.to_str()).expect("stem");
@@ -567,14 +549,6 @@ fn corruptions_handle_flat_extreme_and_tiny_images() {
     assert!(format!("{e}").contains("needs 12 bytes, got 10"));
 }
 
-fn rest_cmd(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_rest"))
-        .args(args)
-        .env("REST_LOG", "warn")
-        .output()
-        .expect("run rest")
-}
-
 #[test]
 fn cli_make_preview_and_train_on_corrupted_cifar10() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -595,8 +569,7 @@ fn cli_make_preview_and_train_on_corrupted_cifar10() {
         "--seed",
         "5",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stdout = ok(&o);
     assert!(
         stdout.contains("0.5pct") && stdout.contains("test: 40"),
         "{stdout}"
@@ -604,23 +577,8 @@ fn cli_make_preview_and_train_on_corrupted_cifar10() {
 
     // The sheet: 10 rows of 3 aligned + 3 conflicting 32-px cells (scale 1, 2-px frames and
     // gaps); the first cell of row c shows the first aligned file of class c.
-    let sheet = tmp.path().join("sheet.png");
-    let o = rest_cmd(&[
-        "data",
-        "preview",
-        &s(&data),
-        "--out",
-        &s(&sheet),
-        "--per-class",
-        "3",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let img = image::open(&sheet).expect("sheet").to_rgb8();
     let cell = 32 + 4;
-    assert_eq!(
-        (img.width(), img.height()),
-        (2 + 6 * (cell + 2), 2 + 10 * (cell + 2))
-    );
+    let img = preview_sheet(&data, &tmp.path().join("sheet.png"), cell);
     for c in [0u32, 4, 9] {
         let first = files_under(&data.join("5pct/align").join(c.to_string()))[0].clone();
         let px = decode(&first);
@@ -656,11 +614,8 @@ fn cli_make_preview_and_train_on_corrupted_cifar10() {
         "--out",
         &s(&run),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary"))
-            .expect("json");
-    assert!(summary.is_object());
+    ok(&o);
+    assert!(read_json(&run.join("summary.json")).is_object());
     let cfg = std::fs::read_to_string(run.join("config.toml")).expect("config");
     assert!(
         cfg.contains("resnet18") && cfg.contains("cifar10c"),

@@ -1,7 +1,9 @@
 //! Integration tests of the data layer: IDX reading, the built-in digits, the Colored MNIST
 //! generator, the weighted sampler and the `.npy` export.
 
-use anyhow::Result;
+mod common;
+
+use common::err_text;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use rest::data::builtin::builtin_digits;
@@ -46,10 +48,6 @@ fn digits() -> &'static (IdxImages, Vec<u8>) {
 fn gen(spec: &ColoredMnistSpec) -> GroupDataset {
     let (im, lb) = digits();
     generate(im, lb, spec).expect("valid spec generates")
-}
-
-fn err_text<T: std::fmt::Debug>(r: Result<T>) -> String {
-    format!("{:#}", r.expect_err("expected an error"))
 }
 
 /// Round half up of `num / den` for non-negative integers.

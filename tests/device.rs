@@ -3,42 +3,28 @@
 //! training run on it must follow the run on rest's CPU kernels step for step (same losses up
 //! to float rounding). Also: `--device` errors on a build without CUDA support.
 
+mod common;
+
+use common::{train_cmd, train_losses, BIN};
 use std::path::Path;
 use std::process::Command;
 
 fn train(out: &Path, generic: bool, extra: &str) -> Vec<f64> {
-    std::fs::create_dir_all(out).unwrap();
-    let cfg = out.join("tiny.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "epochs = 2\ntrain_size = 800\nvalid_size = 200\ntest_size = 200\n\
-             batch_size = 100\ndensity = 0.1\n{extra}"
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rest"));
-    cmd.args(["train", "--threads", "2", "--config"])
-        .arg(&cfg)
+    let toml = format!(
+        "epochs = 2\ntrain_size = 800\nvalid_size = 200\ntest_size = 200\n\
+         batch_size = 100\ndensity = 0.1\n{extra}"
+    );
+    let o = train_cmd(out, &toml, generic)
         .arg("--out")
-        .arg(out);
-    if generic {
-        cmd.env("REST_KERNELS", "candle");
-    } else {
-        cmd.env_remove("REST_KERNELS");
-    }
-    let o = cmd.output().expect("run rest");
+        .arg(out)
+        .output()
+        .expect("run rest");
     assert!(
         o.status.success(),
         "rest train failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let csv = std::fs::read_to_string(out.join("metrics.csv")).expect("metrics.csv");
-    csv.lines()
-        .skip(1)
-        .filter(|l| l.split(',').nth(1) == Some("train"))
-        .map(|l| l.split(',').nth(3).unwrap().parse().unwrap())
-        .collect()
+    train_losses(out)
 }
 
 #[test]
@@ -83,7 +69,7 @@ fn generic_ops_train_a_resnet_like_the_cpu_kernels() {
 fn device_flag_errors_name_the_flag() {
     let dir = tempfile::tempdir().unwrap();
     for (dev, want) in [("tpu", "--device tpu"), ("cuda:x", "integer")] {
-        let o = Command::new(env!("CARGO_BIN_EXE_rest"))
+        let o = Command::new(BIN)
             .args(["train", "--epochs", "1", "--device", dev, "--out"])
             .arg(dir.path().join("x"))
             .output()
@@ -93,7 +79,7 @@ fn device_flag_errors_name_the_flag() {
         assert!(err.contains(want), "{err}");
     }
     if !rest::device::CUDA_BUILT {
-        let o = Command::new(env!("CARGO_BIN_EXE_rest"))
+        let o = Command::new(BIN)
             .args(["train", "--epochs", "1", "--device", "cuda", "--out"])
             .arg(dir.path().join("y"))
             .output()

@@ -6,10 +6,13 @@
 //! non-finite values and host-only modes; and whole training runs (the GPU code path on the
 //! CPU, and rest's CPU kernels) that match the host-update runs exactly.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
+use common::{shapes, sparse_cfg, train_cmd, BIN};
 use rand::Rng as _;
 use rest::sparse::device::{host_only_reason, update_on_device, LayerTensors};
 use rest::sparse::{
@@ -18,22 +21,8 @@ use rest::sparse::{
 };
 use rest::util::{rng, Rng};
 
-fn shapes(list: &[&[usize]]) -> Vec<LayerShape> {
-    list.iter()
-        .enumerate()
-        .map(|(i, s)| LayerShape::new(format!("l{i}"), s))
-        .collect()
-}
-
 fn cfg(density: f64, rate: f64, steps: usize) -> SparseConfig {
-    SparseConfig {
-        density,
-        prune_rate: rate,
-        final_prune_rate: rate * 0.1,
-        update_frequency: 1,
-        total_steps: steps,
-        erk_power_scale: 1.0,
-    }
+    sparse_cfg(density, rate, rate * 0.1, 1, steps)
 }
 
 /// Values from a small set (multiples of 0.25 in [-1, 1], half of them zero): many ties.
@@ -436,27 +425,15 @@ fn non_finite_inputs_and_host_only_modes_fall_back_to_the_host() {
 
 /// Trains a tiny run; returns stderr.
 fn train(out: &Path, place: &str, generic: bool, extra: &[&str]) -> String {
-    std::fs::create_dir_all(out).unwrap();
-    let cfg = out.join("tiny.toml");
-    std::fs::write(
-        &cfg,
-        "epochs = 2\ntrain_size = 400\nvalid_size = 100\ntest_size = 100\n\
-         batch_size = 100\ndensity = 0.1\n",
-    )
-    .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rest"));
-    cmd.args(["train", "--threads", "2", "--config"])
-        .arg(&cfg)
+    let toml = "epochs = 2\ntrain_size = 400\nvalid_size = 100\ntest_size = 100\n\
+                batch_size = 100\ndensity = 0.1\n";
+    let o = train_cmd(out, toml, generic)
         .args(extra)
         .arg("--out")
         .arg(out)
-        .env("REST_MASK_UPDATE", place);
-    if generic {
-        cmd.env("REST_KERNELS", "candle");
-    } else {
-        cmd.env_remove("REST_KERNELS");
-    }
-    let o = cmd.output().expect("run rest");
+        .env("REST_MASK_UPDATE", place)
+        .output()
+        .expect("run rest");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "rest train failed: {err}");
     err
@@ -531,7 +508,7 @@ fn bad_mask_update_setting_is_an_error_naming_the_variable() {
         "epochs = 1\ntrain_size = 200\nvalid_size = 100\ntest_size = 100\n",
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_rest"))
+    let o = Command::new(BIN)
         .args(["train", "--config"])
         .arg(&cfg)
         .arg("--out")

@@ -2,14 +2,16 @@
 //! Colored MNIST generator (exact LfF counts, palettes, determinism) and the CLI end to end
 //! (`data make`, `train --data`, `data preview`).
 
+mod common;
+
 use anyhow::Result;
+use common::{ok, preview_sheet, read_json, rest_cmd, tree};
 use rest::config::DatasetKind;
 use rest::data::dfa::{load, DfaOptions};
 use rest::data::make::{
     make_attr_labels, make_colored_mnist, MakeSpec, MnistSource, Palette, DFA_PALETTE,
 };
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Writes a `w x h` RGB PNG whose pixels are all `v`.
 fn png(path: &Path, w: u32, h: u32, v: [u8; 3]) {
@@ -484,25 +486,6 @@ fn spec(src: &Path, out: PathBuf, palette: Palette, seed: u64) -> MakeSpec {
     }
 }
 
-/// All files under `dir`, relative, sorted, with their bytes.
-fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let rel = p.strip_prefix(dir).expect("prefix").to_path_buf();
-                out.push((rel, std::fs::read(&p).expect("read")));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn generator_writes_exact_counts_palette_and_is_deterministic() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -625,14 +608,6 @@ fn generator_writes_exact_counts_palette_and_is_deterministic() -> Result<()> {
     Ok(())
 }
 
-fn rest_cmd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_rest"))
-        .args(args)
-        .env("REST_LOG", "warn")
-        .output()
-        .expect("run rest")
-}
-
 #[test]
 fn cli_make_train_on_folder_and_preview() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -650,8 +625,7 @@ fn cli_make_train_on_folder_and_preview() -> Result<()> {
         "--severity",
         "3",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("5pct"));
+    assert!(ok(&o).contains("5pct"));
 
     let run = dir.path().join("run");
     let o = rest_cmd(&[
@@ -671,31 +645,13 @@ fn cli_make_train_on_folder_and_preview() -> Result<()> {
         "--out",
         &s(&run),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json"))?)?;
-    assert!(summary.is_object());
+    ok(&o);
+    assert!(read_json(&run.join("summary.json")).is_object());
     let cfg = std::fs::read_to_string(run.join("config.toml"))?;
     assert!(cfg.contains("data = ") && cfg.contains("cmnist"), "{cfg}");
 
-    let sheet = dir.path().join("sheet.png");
-    let o = rest_cmd(&[
-        "data",
-        "preview",
-        &s(&data),
-        "--out",
-        &s(&sheet),
-        "--per-class",
-        "3",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let img = image::open(&sheet)?.to_rgb8();
     // 10 class rows, 6 cells each; 28-px digits upscaled x2 plus 2-px frames and gaps.
-    let cell = 28 * 2 + 4;
-    assert_eq!(
-        (img.width(), img.height()),
-        (2 + 6 * (cell + 2), 2 + 10 * (cell + 2))
-    );
+    preview_sheet(&data, &dir.path().join("sheet.png"), 28 * 2 + 4);
 
     // Bad input: one-line errors naming the flag or path.
     let o = rest_cmd(&["train", "--data", &s(&dir.path().join("absent"))]);

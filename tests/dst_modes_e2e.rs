@@ -1,6 +1,9 @@
 //! Every death and growth mode, static sparse training, and the score-based inits train on
 //! the built-in data; `masks.csv` shows exact per-layer counts at every update.
 
+mod common;
+
+use common::tiny_config;
 use rest::config::TrainConfig;
 use rest::sparse::{DeathMode, GrowthMode, Redistribution, SparseInit};
 use std::collections::HashMap;
@@ -9,13 +12,10 @@ fn tiny(out: &std::path::Path) -> TrainConfig {
     TrainConfig {
         density: 0.1,
         epochs: 2,
-        batch_size: 64,
-        lr: 0.05,
         train_size: 640,
         valid_size: 100,
         test_size: 100,
-        out: Some(out.to_path_buf()),
-        ..Default::default()
+        ..tiny_config(out)
     }
 }
 

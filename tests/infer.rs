@@ -2,29 +2,15 @@
 //! reproduces the run's summary exactly (also from the sparse export), the export is small,
 //! predictions match the model, and bad inputs give one-line errors naming the file.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::{ok, read_json, rest_cmd, s, tiny_config};
 use rest::config::{ModelKind, TrainConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
-
-fn rest_cmd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rest"))
-        .env("REST_LOG", "warn")
-        .args(args)
-        .output()
-        .expect("run rest")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "rest failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// A one-line `error: ...` on stderr that contains `needle`, and no panic.
 fn one_line_error(o: &Output, needle: &str) {
@@ -37,17 +23,12 @@ fn one_line_error(o: &Output, needle: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-fn tiny_config(out: &Path) -> TrainConfig {
+fn tiny(out: &Path) -> TrainConfig {
     TrainConfig {
         train_size: 600,
-        valid_size: 200,
-        test_size: 300,
         epochs: 2,
-        batch_size: 64,
-        lr: 0.05,
         density: 0.05,
-        out: Some(out.to_path_buf()),
-        ..TrainConfig::default()
+        ..tiny_config(out)
     }
 }
 
@@ -57,17 +38,9 @@ fn run_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("infer-tests-run");
         let _ = std::fs::remove_dir_all(&dir);
-        rest::train::train(&tiny_config(&dir)).expect("tiny training run");
+        rest::train::train(&tiny(&dir)).expect("tiny training run");
         dir
     })
-}
-
-fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).expect("read json")).expect("parse json")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 #[test]
@@ -178,7 +151,7 @@ fn export_is_at_least_8x_smaller_than_dense_safetensors() -> anyhow::Result<()> 
 #[test]
 fn predict_on_a_png_matches_the_model() -> anyhow::Result<()> {
     let dir = run_dir();
-    let cfg = tiny_config(dir);
+    let cfg = tiny(dir);
     let ds = rest::data::load(&cfg)?;
     let (h, w) = (ds.test.height, ds.test.width);
     let i = 7;

@@ -2,40 +2,13 @@
 //! gradients (from `loss = sum(y * r)` with a random `r`) of convolution, batch norm (train and
 //! eval, with and without fused ReLU), pooling and linear layers, plus argument validation.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var, D};
-use rand::{Rng, SeedableRng};
+use common::{assert_close, cnhw, loss_grads, rand_t, rand_t_in, var};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::*;
-
-const RTOL: f32 = 1e-4;
-
-fn rand_t(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).expect("tensor")
-}
-
-fn var(rng: &mut ChaCha8Rng, dims: &[usize]) -> Var {
-    Var::from_tensor(&rand_t(rng, dims, -1.0, 1.0)).expect("var")
-}
-
-/// `|a - b| <= RTOL * max(1, max|b|)` element-wise.
-fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let bv: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    let scale = bv.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
-        assert!(
-            (x - y).abs() <= RTOL * scale,
-            "{what}: element {i}: {x} vs {y} (scale {scale})"
-        );
-    }
-}
-
-fn cnhw(x: &Tensor) -> Tensor {
-    x.permute((1, 0, 2, 3)).unwrap()
-}
 
 #[test]
 fn conv2d_cnhw_matches_candle_conv2d_and_its_gradients() {
@@ -56,9 +29,9 @@ fn conv2d_cnhw_matches_candle_conv2d_and_its_gradients() {
         // The permuted (non-contiguous) input exercises the contiguity handling.
         let got = cnhw(&conv2d_cnhw(&cnhw(&x), &wt, stride, pad).unwrap());
         assert_close(&got, &want, &format!("conv fwd case {case}"));
-        let r = rand_t(&mut rng, want.dims(), -1.0, 1.0);
-        let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let r = rand_t(&mut rng, want.dims());
+        let gw = loss_grads(&want, &r);
+        let gg = loss_grads(&got, &r);
         for (t, name) in [(x.as_tensor(), "dx"), (wt.as_tensor(), "dw")] {
             assert_close(
                 gg.get(t).expect("grad"),
@@ -68,7 +41,7 @@ fn conv2d_cnhw_matches_candle_conv2d_and_its_gradients() {
         }
     }
     // A constant input gets no gradient; the weight gradient is still right.
-    let x = rand_t(&mut rng, &[3, 2, 8, 8], -1.0, 1.0);
+    let x = rand_t(&mut rng, &[3, 2, 8, 8]);
     let wt = var(&mut rng, &[4, 3, 3, 3]);
     let y = conv2d_cnhw(&x, &wt, 1, 1).unwrap();
     let g = y.sum_all().unwrap().backward().unwrap();
@@ -98,7 +71,7 @@ fn batch_norm_train_matches_formula_and_gradients() {
     .iter()
     .enumerate()
     {
-        let x = Var::from_tensor(&rand_t(&mut rng, &[c, n, h, w], 1.0, 4.0)).unwrap();
+        let x = Var::from_tensor(&rand_t_in(&mut rng, &[c, n, h, w], 1.0, 4.0)).unwrap();
         let gamma = var(&mut rng, &[c]);
         let beta = var(&mut rng, &[c]);
         let eps = 1e-5;
@@ -124,9 +97,9 @@ fn batch_norm_train_matches_formula_and_gradients() {
         assert_close(&y, &want, &format!("bn y case {case}"));
         assert_close(&mean, &mu.flatten_all().unwrap(), "bn mean");
         assert_close(&bvar, &v.flatten_all().unwrap(), "bn var");
-        let r = rand_t(&mut rng, &[c, n, h, w], -1.0, 1.0);
-        let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let r = rand_t(&mut rng, &[c, n, h, w]);
+        let gw = loss_grads(&want, &r);
+        let gg = loss_grads(&y, &r);
         for (t, name) in [
             (x.as_tensor(), "dx"),
             (gamma.as_tensor(), "dgamma"),
@@ -149,8 +122,8 @@ fn batch_norm_eval_matches_formula_and_gradients() {
         let x = var(&mut rng, &[c, n, h, w]);
         let gamma = var(&mut rng, &[c]);
         let beta = var(&mut rng, &[c]);
-        let rm = rand_t(&mut rng, &[c], -0.5, 0.5);
-        let rv = rand_t(&mut rng, &[c], 0.5, 2.0);
+        let rm = rand_t_in(&mut rng, &[c], -0.5, 0.5);
+        let rv = rand_t_in(&mut rng, &[c], 0.5, 2.0);
         let y = batch_norm_cnhw_eval(&x, &gamma, &beta, &rm, &rv, 1e-5, relu).unwrap();
         let sd = (&rv + 1e-5).unwrap().sqrt().unwrap();
         let mut want = x
@@ -166,9 +139,9 @@ fn batch_norm_eval_matches_formula_and_gradients() {
             want = want.relu().unwrap();
         }
         assert_close(&y, &want, "bn eval y");
-        let r = rand_t(&mut rng, &[c, n, h, w], -1.0, 1.0);
-        let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let r = rand_t(&mut rng, &[c, n, h, w]);
+        let gw = loss_grads(&want, &r);
+        let gg = loss_grads(&y, &r);
         for t in [x.as_tensor(), gamma.as_tensor(), beta.as_tensor()] {
             assert_close(gg.get(t).unwrap(), gw.get(t).unwrap(), "bn eval grad");
         }
@@ -183,9 +156,9 @@ fn global_avg_pool_matches_mean_and_gradient() {
     let want = x.mean((2, 3)).unwrap().t().unwrap();
     assert_eq!(got.dims(), &[4, 6]);
     assert_close(&got, &want, "gap fwd");
-    let r = rand_t(&mut rng, &[4, 6], -1.0, 1.0);
-    let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gg = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let r = rand_t(&mut rng, &[4, 6]);
+    let gw = loss_grads(&want, &r);
+    let gg = loss_grads(&got, &r);
     assert_close(gg.get(&x).unwrap(), gw.get(&x).unwrap(), "gap grad");
 }
 
@@ -194,7 +167,7 @@ fn max_pool_matches_candle_and_gradient() {
     let mut rng = ChaCha8Rng::seed_from_u64(15);
     for &(k, stride, pad) in &[(3, 2, 1), (2, 2, 0), (3, 1, 1)] {
         // Positive inputs: candle's zero padding then never wins, matching -inf padding.
-        let x = Var::from_tensor(&rand_t(&mut rng, &[3, 2, 9, 10], 0.1, 1.0)).unwrap();
+        let x = Var::from_tensor(&rand_t_in(&mut rng, &[3, 2, 9, 10], 0.1, 1.0)).unwrap();
         let got = max_pool2d_cnhw(&cnhw(&x), k, stride, pad).unwrap();
         let want = cnhw(
             &x.pad_with_zeros(2, pad, pad)
@@ -205,8 +178,8 @@ fn max_pool_matches_candle_and_gradient() {
                 .unwrap(),
         );
         assert_close(&got, &want, "maxpool fwd");
-        let r = rand_t(&mut rng, want.dims(), -1.0, 1.0);
-        let gg = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let r = rand_t(&mut rng, want.dims());
+        let gg = loss_grads(&got, &r);
         // candle's max-pool backward needs k == stride (and maps gradients wrongly when the
         // input size is not a multiple of k), so the reference gradient is a direct scan: each
         // output's r goes to the (unique: random inputs) maximum of its window.
@@ -262,9 +235,9 @@ fn linear_matches_matmul_and_gradients() {
             want = want.broadcast_add(&b).unwrap();
         }
         assert_close(&got, &want, "linear fwd");
-        let r = rand_t(&mut rng, &[n, o], -1.0, 1.0);
-        let gw = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gg = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let r = rand_t(&mut rng, &[n, o]);
+        let gw = loss_grads(&want, &r);
+        let gg = loss_grads(&got, &r);
         let mut ts = vec![x.as_tensor(), w.as_tensor()];
         if bias {
             ts.push(b.as_tensor());

@@ -6,8 +6,11 @@
 //! convolution and evaluation-mode batch norm, and the batch-innermost inference stack
 //! (`conv_bn_stack_pool_eval`) against the layers one by one and the global average pool.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use common::{loss_grads, rand_mask, rand_vec, var};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{
     batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_eval,
@@ -15,15 +18,6 @@ use rest::kernels::{
     stack_applies, EvalConvBn, SparseWeight,
 };
 use std::sync::Arc;
-
-fn rand_vec(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
-}
-
-fn var(r: &mut ChaCha8Rng, dims: &[usize]) -> Var {
-    let n = dims.iter().product();
-    Var::from_vec(rand_vec(r, n), dims, &Device::Cpu).expect("var")
-}
 
 fn same(a: &Tensor, b: &Tensor, what: &str) {
     let (a, b) = (
@@ -63,9 +57,7 @@ fn fused_conv_bn_relu_equals_the_separate_ops() {
                         .as_tensor()
                         .flatten_all()
                         .and_then(|t| t.to_vec1::<f32>());
-                    let m: Vec<f32> = (0..oc * c * k * k)
-                        .map(|_| f32::from(r.random_bool(density)))
-                        .collect();
+                    let m = rand_mask(&mut r, oc * c * k * k, density);
                     let sw: Arc<SparseWeight> =
                         SparseWeight::new(&wv.expect("w"), &m, oc, c * k * k).expect("sparse");
                     sw.set_dense_grad(dense_grad);
@@ -108,14 +100,8 @@ fn fused_conv_bn_relu_equals_the_separate_ops() {
                 let rt =
                     Tensor::from_vec(rand_vec(&mut r, yf.elem_count()), yf.dims(), &Device::Cpu)
                         .expect("r");
-                let gf = (&yf * &rt)
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.backward())
-                    .expect("fused backward");
-                let gs = (&ys * &rt)
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.backward())
-                    .expect("separate backward");
+                let gf = loss_grads(&yf, &rt);
+                let gs = loss_grads(&ys, &rt);
                 for (v, name) in [(&wt, "dw"), (&gamma, "dgamma"), (&beta, "dbeta")] {
                     let (a, b) = (gf.get(v.as_tensor()), gs.get(v.as_tensor()));
                     same(
@@ -180,9 +166,7 @@ fn fused_eval_equals_conv_then_eval_batch_norm() {
                 .as_tensor()
                 .flatten_all()
                 .and_then(|t| t.to_vec1::<f32>());
-            let m: Vec<f32> = (0..oc * c * k * k)
-                .map(|_| f32::from(r.random_bool(density)))
-                .collect();
+            let m = rand_mask(&mut r, oc * c * k * k, density);
             SparseWeight::new(&wv.expect("w"), &m, oc, c * k * k).expect("sparse")
         });
         let relu = case % 2 == 0;
@@ -324,9 +308,7 @@ fn eval_stack_equals_the_layers_then_the_pool() {
         let mut ic = c;
         for &(oc, k, s, p, sparse) in &specs {
             let wv = rand_vec(&mut r, oc * ic * k * k);
-            let m: Vec<f32> = (0..wv.len())
-                .map(|_| f32::from(r.random_bool(0.15)))
-                .collect();
+            let m = rand_mask(&mut r, wv.len(), 0.15);
             let sw = sparse.then(|| SparseWeight::new(&wv, &m, oc, ic * k * k).expect("sw"));
             let wm: Vec<f32> = match sparse {
                 true => wv.iter().zip(&m).map(|(a, b)| a * b).collect(),

@@ -5,46 +5,13 @@
 //! feature-major `linear_fm` (dense and sparse, every gradient mode, both output layouts)
 //! against the same references, and the MLP on feature-major batches against NCHW ones.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use common::{assert_close, flat, loss_grads, rand_mask, rand_vec, var, RTOL};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{feature_major, linear_act, linear_fm, sparse_linear_act, SparseWeight};
-
-const RTOL: f32 = 1e-4;
-
-fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn var(rng: &mut ChaCha8Rng, dims: &[usize]) -> Var {
-    let n: usize = dims.iter().product();
-    Var::from_vec(rand_vec(rng, n), dims, &Device::Cpu).expect("var")
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().expect("flatten").to_vec1().expect("vec")
-}
-
-/// `|a - b| <= RTOL * max(1, max|b|)` element-wise.
-fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let (av, bv) = (flat(a), flat(b));
-    let scale = bv.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
-        assert!(
-            (x - y).abs() <= RTOL * scale,
-            "{what}: element {i}: {x} vs {y} (scale {scale})"
-        );
-    }
-}
-
-/// `sum(f(x) * r)` and its gradients.
-fn loss_grads(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
-    (y * r)
-        .and_then(|t| t.sum_all())
-        .and_then(|t| t.backward())
-        .expect("backward")
-}
 
 #[test]
 fn sparse_linear_act_matches_candle_ops_on_the_masked_weight() {
@@ -57,7 +24,7 @@ fn sparse_linear_act_matches_candle_ops_on_the_masked_weight() {
         (5, 7, 3, 0.5),
         (20, 30, 12, 0.9),
     ] {
-        let mk: Vec<f32> = (0..o * i).map(|_| f32::from(rng.random_bool(d))).collect();
+        let mk = rand_mask(&mut rng, o * i, d);
         let x = var(&mut rng, &[n, i]);
         let w = var(&mut rng, &[o, i]);
         let b = var(&mut rng, &[o]);
@@ -164,7 +131,7 @@ fn linear_fm_matches_candle_ops_dense_and_sparse() {
         (17, 50, 20, 1.0),
         (130, 64, 10, 0.3),
     ] {
-        let mut mk: Vec<f32> = (0..o * i).map(|_| f32::from(rng.random_bool(d))).collect();
+        let mut mk = rand_mask(&mut rng, o * i, d);
         if d < 1.0 && o >= 3 {
             mk[..i].fill(0.0); // an empty row
             mk[i..2 * i].fill(1.0); // a full one

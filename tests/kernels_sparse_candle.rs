@@ -5,58 +5,24 @@
 //! `SparseWeight::set_dense_grad(true)`. Densities 0.001-0.5, with empty and fully dense rows,
 //! odd shapes, stride 1 and 2, padding 0-2.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use common::{assert_close, cnhw, flat, loss_grads, rand_mask, rand_t, rand_vec};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{sparse_conv2d_cnhw, sparse_linear, SparseWeight};
 use std::sync::Arc;
 
-const RTOL: f32 = 1e-4;
-
-fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn rand_t(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
-    let n: usize = dims.iter().product();
-    Tensor::from_vec(rand_vec(rng, n), dims, &Device::Cpu).expect("tensor")
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .expect("flatten")
-        .to_vec1()
-        .expect("to_vec1")
-}
-
-/// `|a - b| <= RTOL * max(1, max|b|)` element-wise.
-fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let (av, bv) = (flat(a), flat(b));
-    let scale = bv.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
-        assert!(
-            (x - y).abs() <= RTOL * scale,
-            "{what}: element {i}: {x} vs {y} (scale {scale})"
-        );
-    }
-}
-
 /// A random 0/1 mask of `rows x cols` with each entry active with probability `density`;
 /// with 3 rows or more, row 0 is forced empty and row 1 fully dense.
 fn mask(rng: &mut ChaCha8Rng, rows: usize, cols: usize, density: f64) -> Vec<f32> {
-    let mut m: Vec<f32> = (0..rows * cols)
-        .map(|_| f32::from(rng.random_bool(density)))
-        .collect();
+    let mut m = rand_mask(rng, rows * cols, density);
     if rows >= 3 {
         m[..cols].fill(0.0);
         m[cols..2 * cols].fill(1.0);
     }
     m
-}
-
-fn cnhw(x: &Tensor) -> Tensor {
-    x.permute((1, 0, 2, 3)).expect("permute")
 }
 
 /// Checks the weight gradient `got` of the sparse op: exactly zero outside `mask` and equal to
@@ -103,10 +69,7 @@ fn sparse_conv2d_matches_candle_conv2d_on_the_masked_weight() {
 
         let want = x.conv2d(&wm, pad, stride, 1, 1).expect("conv2d");
         let r = rand_t(&mut rng, want.dims());
-        let gref = (&want * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let gref = loss_grads(&want, &r);
         let (dx_ref, dw_ref) = (
             gref.get(&x).expect("dx").clone(),
             gref.get(&wm).expect("dw").clone(),
@@ -120,10 +83,7 @@ fn sparse_conv2d_matches_candle_conv2d_on_the_masked_weight() {
             // The permuted (non-contiguous) input exercises the contiguity handling.
             let got = cnhw(&sparse_conv2d_cnhw(&cnhw(&x), &wt, stride, pad, &sw).expect("op"));
             assert_close(&got, &want, &format!("{what}: forward"));
-            let g = (&got * &r)
-                .and_then(|t| t.sum_all())
-                .and_then(|t| t.backward())
-                .expect("backward");
+            let g = loss_grads(&got, &r);
             assert_close(g.get(&x).expect("dx"), &dx_ref, &format!("{what}: dx"));
             check_dw(
                 g.get(&wt).expect("dw"),
@@ -139,10 +99,7 @@ fn sparse_conv2d_matches_candle_conv2d_on_the_masked_weight() {
         sw.set_dense_grad(false);
         let xc = cnhw(x.as_tensor()).contiguous().expect("contiguous");
         let got = sparse_conv2d_cnhw(&xc, &wt, stride, pad, &sw).expect("op");
-        let g = (&cnhw(&got) * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let g = loss_grads(&cnhw(&got), &r);
         assert!(
             g.get(&xc).is_none(),
             "case {case}: constant input got a gradient"
@@ -195,10 +152,7 @@ fn sparse_linear_matches_matmul_on_the_masked_weight() {
 
         let want = x.matmul(&wm.t().expect("t")).expect("matmul");
         let r = rand_t(&mut rng, want.dims());
-        let gref = (&want * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let gref = loss_grads(&want, &r);
         let (dx_ref, dw_ref) = (
             gref.get(&x).expect("dx").clone(),
             gref.get(&wm).expect("dw").clone(),
@@ -210,10 +164,7 @@ fn sparse_linear_matches_matmul_on_the_masked_weight() {
             let what = format!("linear case {case} (density {density}, dense grad {dense})");
             let got = sparse_linear(&x, &wt, &sw).expect("op");
             assert_close(&got, &want, &format!("{what}: forward"));
-            let g = (&got * &r)
-                .and_then(|t| t.sum_all())
-                .and_then(|t| t.backward())
-                .expect("backward");
+            let g = loss_grads(&got, &r);
             assert_close(g.get(&x).expect("dx"), &dx_ref, &format!("{what}: dx"));
             check_dw(
                 g.get(&wt).expect("dw"),

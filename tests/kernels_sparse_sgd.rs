@@ -6,54 +6,43 @@
 //! Also the bias folded into the sparse op (`sparse_linear_bias`) against candle's matmul and
 //! broadcast add.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use common::{flat, loss_grads, rand_mask, rand_vec};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{sparse_linear, sparse_linear_bias, SparseWeight};
 use rest::nn::Linear;
 use rest::train::optim::Sgd;
-
-fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .expect("flatten")
-        .to_vec1()
-        .expect("to_vec1")
-}
-
-fn mask(rng: &mut ChaCha8Rng, n: usize, density: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| f32::from(rng.random_bool(density)))
-        .collect()
-}
 
 /// (n, in, out, density): the first two run the batch-major kernels, the last the
 /// feature-major ones (nnz > 4 (I + O)).
 const CASES: [(usize, usize, usize, f64); 3] =
     [(32, 300, 20, 0.02), (7, 50, 9, 0.1), (24, 40, 30, 0.9)];
 
+/// A random mask of `n` weights with the given density, and random weights zero outside it.
+fn masked_weight(rng: &mut ChaCha8Rng, n: usize, density: f64) -> (Vec<f32>, Vec<f32>) {
+    let mk = rand_mask(rng, n, density);
+    let wv = rand_vec(rng, n)
+        .iter()
+        .zip(&mk)
+        .map(|(w, m)| w * m)
+        .collect();
+    (mk, wv)
+}
+
 #[test]
 fn compact_gradient_is_the_dense_gradient_at_the_active_weights() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for &(n, i, o, density) in &CASES {
-        let mk = mask(&mut rng, o * i, density);
-        let wv: Vec<f32> = rand_vec(&mut rng, o * i)
-            .iter()
-            .zip(&mk)
-            .map(|(w, m)| w * m)
-            .collect();
+        let (mk, wv) = masked_weight(&mut rng, o * i, density);
         let x = Tensor::from_vec(rand_vec(&mut rng, n * i), (n, i), &Device::Cpu).expect("x");
         let r = Tensor::from_vec(rand_vec(&mut rng, n * o), (n, o), &Device::Cpu).expect("r");
         let w = Var::from_vec(wv.clone(), (o, i), &Device::Cpu).expect("w");
         // Reference: candle's dense matmul gradient.
         let dense = x.matmul(&w.as_tensor().t().expect("t")).expect("matmul");
-        let g_ref = (&dense * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let g_ref = loss_grads(&dense, &r);
         let dw_ref = flat(g_ref.get(&w).expect("dw"));
 
         let sw = SparseWeight::new(&wv, &mk, o, i).expect("sparse weight");
@@ -61,10 +50,7 @@ fn compact_gradient_is_the_dense_gradient_at_the_active_weights() {
         // A stale gradient from a graph that was never stepped must not leak into the next.
         for _ in 0..2 {
             let y = sparse_linear(&x, w.as_tensor(), &sw).expect("op");
-            let g = (&y * &r)
-                .and_then(|t| t.sum_all())
-                .and_then(|t| t.backward())
-                .expect("backward");
+            let g = loss_grads(&y, &r);
             assert!(g.get(&w).is_none(), "no dense gradient in compact mode");
         }
         let (index, vals) = sw.take_grad().expect("compact gradient");
@@ -93,7 +79,7 @@ fn train(
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut init = rest::util::rng(3, 1);
     let lin = Linear::new("fc", i, o, true, &mut init, &Device::Cpu).expect("linear");
-    let mk = mask(&mut rng, o * i, density);
+    let mk = rand_mask(&mut rng, o * i, density);
     let wm = lin
         .weight
         .as_tensor()
@@ -109,10 +95,7 @@ fn train(
         let x = Tensor::from_vec(rand_vec(&mut rng, n * i), (n, i), &Device::Cpu).expect("x");
         let r = Tensor::from_vec(rand_vec(&mut rng, n * o), (n, o), &Device::Cpu).expect("r");
         let y = lin.forward(&x).expect("forward").relu().expect("relu");
-        let g = (&y * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let g = loss_grads(&y, &r);
         opt.step(&g).expect("step");
     }
     (
@@ -167,12 +150,7 @@ fn sparse_linear_bias_matches_matmul_plus_bias() {
         }
     };
     for &(n, i, o, density) in &CASES {
-        let mk = mask(&mut rng, o * i, density);
-        let wv: Vec<f32> = rand_vec(&mut rng, o * i)
-            .iter()
-            .zip(&mk)
-            .map(|(w, m)| w * m)
-            .collect();
+        let (mk, wv) = masked_weight(&mut rng, o * i, density);
         let dev = &Device::Cpu;
         let x = Var::from_vec(rand_vec(&mut rng, n * i), (n, i), dev).expect("x");
         let w = Var::from_vec(wv.clone(), (o, i), dev).expect("w");
@@ -182,18 +160,12 @@ fn sparse_linear_bias_matches_matmul_plus_bias() {
             .matmul(&w.as_tensor().t().expect("t"))
             .and_then(|t| t.broadcast_add(&b))
             .expect("reference");
-        let g_ref = (&want * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let g_ref = loss_grads(&want, &r);
         let sw = SparseWeight::new(&wv, &mk, o, i).expect("sparse weight");
         let got = sparse_linear_bias(&x, &w, Some(&b), &sw).expect("op");
         let what = format!("case {n}x{i}x{o}");
         close(&flat(&got), &flat(&want), &format!("{what}: forward"));
-        let g = (&got * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let g = loss_grads(&got, &r);
         for (t, name) in [(&x, "dx"), (&b, "db")] {
             close(
                 &flat(g.get(t).expect("grad")),
@@ -234,7 +206,7 @@ fn train_conv(compact: bool, momentum: f64, wd: f64) -> (Vec<f32>, Option<Vec<f3
     let conv = rest::nn::Conv2d::new("conv", c, oc, 4, 2, 1, false, &mut init, &Device::Cpu)
         .expect("conv");
     let k = c * 16;
-    let mk = mask(&mut rng, oc * k, 0.2);
+    let mk = rand_mask(&mut rng, oc * k, 0.2);
     let wm = conv
         .weight
         .as_tensor()
@@ -260,10 +232,7 @@ fn train_conv(compact: bool, momentum: f64, wd: f64) -> (Vec<f32>, Option<Vec<f3
         )
         .expect("r");
         let y = conv.forward(&x).expect("forward");
-        let g = (&y * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
+        let g = loss_grads(&y, &r);
         assert_eq!(
             g.get(conv.weight.as_tensor()).is_none(),
             compact,

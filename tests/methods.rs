@@ -2,6 +2,9 @@
 //! its precision/recall, balanced sampling frequencies, `--select` rules on a synthetic
 //! metrics log, and tiny end-to-end runs of jtt, group-dro and balanced.
 
+mod common;
+
+use common::{read_json, rest_bin, sigint_after, tiny_config};
 use rest::config::TrainConfig;
 use rest::data::sampler::WeightedSampler;
 use rest::data::Split;
@@ -309,19 +312,14 @@ fn tiny(out: &std::path::Path, method: Method) -> TrainConfig {
         density: 0.1,
         epochs: 2,
         jtt_epochs: 1,
-        batch_size: 64,
-        lr: 0.05,
         train_size: 600,
-        valid_size: 200,
         test_size: 200,
-        out: Some(out.to_path_buf()),
-        ..Default::default()
+        ..tiny_config(out)
     }
 }
 
 fn summary(dir: &std::path::Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(dir.join("summary.json")).expect("summary.json");
-    serde_json::from_str(&text).expect("valid JSON")
+    read_json(&dir.join("summary.json"))
 }
 
 #[test]
@@ -436,12 +434,6 @@ fn tiny_balanced_runs_complete() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Exact resume
 
-fn rest_bin() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rest"));
-    c.env("REST_LOG", "warn");
-    c
-}
-
 /// Runs `rest train` with `args` to the end in `out`.
 fn run_to_end(args: &[&str], out: &std::path::Path) {
     let o = rest_bin()
@@ -455,7 +447,6 @@ fn run_to_end(args: &[&str], out: &std::path::Path) {
 /// Starts `rest train` in `out`, sends SIGINT shortly after `marker` (relative to `out`)
 /// appears, then resumes the run if it was interrupted.
 fn run_interrupted(args: &[&str], out: &std::path::Path, marker: &str) {
-    use std::time::{Duration, Instant};
     let child = rest_bin()
         .args(["train", "--out", out.to_str().expect("utf-8 path")])
         .args(args)
@@ -463,14 +454,8 @@ fn run_interrupted(args: &[&str], out: &std::path::Path, marker: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("rest starts");
-    let t0 = Instant::now();
-    while !out.join(marker).exists() && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
+    let ms = std::time::Duration::from_millis;
+    let _ = sigint_after(&child, &out.join(marker), ms(20), ms(200));
     let o = child.wait_with_output().expect("rest ends");
     if !o.status.success() {
         let err = String::from_utf8_lossy(&o.stderr);

@@ -3,13 +3,14 @@
 //! training cannot be resumed or overwritten; after `kill -9` the run resumes at once (the
 //! lock died with its process).
 
+mod common;
+
 use anyhow::{Context, Result};
+use common::{text, tree, BIN};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_rest");
 
 /// A tiny run's options (`--config`), with `extra` TOML lines.
 fn tiny(dir: &Path, name: &str, extra: &str) -> Result<String> {
@@ -28,30 +29,12 @@ fn rest(args: &[&str]) -> Result<Output> {
     Ok(Command::new(BIN).args(args).output()?)
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
-    let mut m = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let rel = p.strip_prefix(dir)?.to_string_lossy().into_owned();
-                m.insert(rel, std::fs::read(&p)?);
-            }
-        }
-    }
-    Ok(m)
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    tree(dir)
+        .into_iter()
+        .map(|(rel, bytes)| (rel.to_string_lossy().into_owned(), bytes))
+        .collect()
 }
 
 #[test]
@@ -64,7 +47,7 @@ fn out_of_a_finished_run_is_refused_and_overwrite_replaces_it() -> Result<()> {
     let first = rest(&args)?;
     assert!(first.status.success(), "{}", text(&first));
     std::fs::write(run.join("notes.txt"), "mine")?;
-    let before = snapshot(&run)?;
+    let before = snapshot(&run);
     assert!(before.contains_key("summary.json") && before.contains_key("run.lock"));
 
     // The same command again, and one with other options: refused, nothing touched.
@@ -77,7 +60,7 @@ fn out_of_a_finished_run_is_refused_and_overwrite_replaces_it() -> Result<()> {
             t.contains("--overwrite") && t.contains("another --out"),
             "{t}"
         );
-        assert_eq!(snapshot(&run)?, before, "the refused run changed {r}");
+        assert_eq!(snapshot(&run), before, "the refused run changed {r}");
     }
 
     // --overwrite: a new run of 1 epoch replaces it; the user's file stays.

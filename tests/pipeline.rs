@@ -5,7 +5,10 @@
 //! (train, eval, predict, export) and on a Corrupted CIFAR-10 fixture (prefetch on and off
 //! give the same run).
 
+mod common;
+
 use anyhow::Result;
+use common::{ok, read_json, rest_bin, rest_cmd, s, sigint_after};
 use rand::RngCore;
 use rest::config::{DatasetKind, TrainConfig};
 use rest::data::dfa::{load, load_sized, DfaOptions};
@@ -15,7 +18,7 @@ use rest::data::transform::{
 };
 use rest::data::Split;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------
 // Transforms
@@ -507,31 +510,6 @@ fn fixture(root: &Path, kind: DatasetKind, n: usize, (w, h): (u32, u32), odd: Op
     }
 }
 
-fn rest_cmd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rest"))
-        .env("REST_LOG", "warn")
-        .args(args)
-        .output()
-        .expect("run rest")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "rest failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).expect("read json")).expect("json")
-}
-
 #[test]
 fn resize_on_load_is_cached_per_size_and_mixed_sizes_need_it() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -632,10 +610,10 @@ fn bffhq_fixture_trains_resnet18_at_128_pixels_and_evaluates_exactly() -> Result
         cfg.normalize_resolved().map(|n| n.mean),
         Some(rest::data::transform::IMAGENET_MEAN)
     );
-    let info = json(&run.join("data.json"));
+    let info = read_json(&run.join("data.json"));
     assert_eq!(info["input"], serde_json::json!([3, 128, 128]));
     assert_eq!(info["classes"], 2);
-    let summary = json(&run.join("summary.json"));
+    let summary = read_json(&run.join("summary.json"));
     assert_eq!(summary["test"]["n"], 8);
 
     // eval rebuilds the 128-pixel model and, normalising as in training, reproduces the
@@ -645,7 +623,7 @@ fn bffhq_fixture_trains_resnet18_at_128_pixels_and_evaluates_exactly() -> Result
         "--checkpoint",
         s(&run.join("best.safetensors")),
     ]));
-    let ev = json(&run.join("eval.json"));
+    let ev = read_json(&run.join("eval.json"));
     for split in ["valid", "test"] {
         assert_eq!(ev[split], summary[split], "{split}");
     }
@@ -738,7 +716,7 @@ fn cifar10c_fixture_trains_resnet18_with_identical_results_with_and_without_pref
         ok(&rest_cmd(&args));
         let cfg = TrainConfig::from_toml_file(&run.join("config.toml")).expect("config");
         assert_eq!(cfg.dataset, DatasetKind::Cifar10c);
-        json(&run.join("summary.json"))
+        read_json(&run.join("summary.json"))
     };
     let a = train("prefetch", &[]);
     let b = train("inline", &["--no-prefetch"]);
@@ -789,7 +767,7 @@ fn gather_time_per_batch() -> Result<()> {
 
 /// The test and validation figures and the metrics table of a finished run.
 fn outcome(run: &Path) -> (serde_json::Value, String) {
-    let s = json(&run.join("summary.json"));
+    let s = read_json(&run.join("summary.json"));
     (
         serde_json::json!({"valid": s["valid"], "test": s["test"], "epoch": s["selected_epoch"]}),
         std::fs::read_to_string(run.join("metrics.csv")).expect("metrics.csv"),
@@ -830,20 +808,13 @@ fn augmented_run_interrupted_and_resumed_equals_uninterrupted_run() -> Result<()
 
     // SIGINT once the first checkpoint exists (mid-epoch 2 or later), then resume.
     let cut = dir.path().join("cut");
-    let child = Command::new(env!("CARGO_BIN_EXE_rest"))
-        .env("REST_LOG", "warn")
+    let child = rest_bin()
         .args(args(&cut))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let t0 = std::time::Instant::now();
-    while !cut.join("checkpoint.json").exists() && t0.elapsed().as_secs() < 120 {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(150));
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()?;
+    let ms = Duration::from_millis;
+    sigint_after(&child, &cut.join("checkpoint.json"), ms(10), ms(150))?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);

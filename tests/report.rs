@@ -3,6 +3,9 @@
 //! rows and columns, report.md mean ± std and best-cell marks against hand-computed values,
 //! plots that decode and show text, single-run learning curves, and the error cases.
 
+mod common;
+
+use common::rest_bin;
 use rest::config::TrainConfig;
 use rest::report::collect::collect;
 use rest::report::curves::parse_metrics_csv;
@@ -11,7 +14,6 @@ use rest::report::tables::{stat, Grid};
 use rest::report::{write_report, ReportKind};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Writes a fake finished run: config.toml, summary.json (test unbiased accuracy `unb`,
 /// conflicting accuracy `conf`, training FLOPs fraction `tflops`) and a two-epoch metrics.csv.
@@ -410,8 +412,7 @@ fn errors_name_the_directory_or_file() {
     assert!(e.contains("metrics.csv line 2") && e.contains("abc"), "{e}");
 
     // The binary: one-line error, non-zero exit.
-    let o = Command::new(env!("CARGO_BIN_EXE_rest"))
-        .env("REST_LOG", "warn")
+    let o = rest_bin()
         .args(["report", empty.to_str().unwrap()])
         .output()
         .unwrap();

@@ -2,15 +2,12 @@
 //! resumed ends with the same metrics as an uninterrupted run with the same seed; damaged
 //! checkpoints give one-line errors.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn rest() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rest"));
-    c.env("REST_LOG", "warn");
-    c
-}
+use common::{read_json, rest_bin, sigint_after};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
 
 fn write_config(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("run.toml");
@@ -24,7 +21,7 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
 }
 
 fn run_to_end(cfg: &Path, out: &Path) {
-    let o = rest()
+    let o = rest_bin()
         .args([
             "train",
             "--config",
@@ -38,8 +35,7 @@ fn run_to_end(cfg: &Path, out: &Path) {
 }
 
 fn test_metrics(dir: &Path) -> serde_json::Value {
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let s = read_json(&dir.join("summary.json"));
     serde_json::json!({"test": s["test"], "valid": s["valid"], "epoch": s["selected_epoch"],
                        "flops": s["train_flops"], "updates": s["mask_updates"]})
 }
@@ -54,7 +50,7 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     // Interrupt a second run with SIGINT once its first checkpoint exists (mid-epoch 2 or
     // later), then resume it.
     let cut = tmp.path().join("cut");
-    let child = rest()
+    let child = rest_bin()
         .args([
             "train",
             "--config",
@@ -66,26 +62,18 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while !cut.join("checkpoint.json").exists() && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
+    let ms = Duration::from_millis;
+    let _ = sigint_after(&child, &cut.join("checkpoint.json"), ms(20), ms(300));
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         assert!(err.contains("--resume"), "{err}");
-        let state: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(cut.join("checkpoint.json")).unwrap())
-                .unwrap();
+        let state = read_json(&cut.join("checkpoint.json"));
         assert!(
             state["epochs_done"].as_u64().unwrap() < 4,
             "interrupted after the end?"
         );
-        let o = rest()
+        let o = rest_bin()
             .args(["train", "--resume", cut.to_str().unwrap()])
             .output()
             .unwrap();
@@ -100,7 +88,7 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     // Resuming from an end-of-epoch checkpoint (what `kill -9` leaves) is exact too: roll the
     // finished run back to its epoch-2 state by re-running 2 epochs... simpler: resume the
     // finished run, which has nothing left to do and must reproduce its own summary.
-    let o = rest()
+    let o = rest_bin()
         .args(["train", "--resume", full.to_str().unwrap()])
         .output()
         .unwrap();
@@ -111,7 +99,7 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     let ck = full.join("checkpoint.safetensors");
     let bytes = std::fs::read(&ck).unwrap();
     std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
-    let o = rest()
+    let o = rest_bin()
         .args(["train", "--resume", full.to_str().unwrap()])
         .output()
         .unwrap();
@@ -124,7 +112,7 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // Not a run directory.
-    let o = rest()
+    let o = rest_bin()
         .args(["train", "--resume", tmp.path().to_str().unwrap()])
         .output()
         .unwrap();

@@ -1,6 +1,9 @@
 //! Tests of the sparse module: ERK densities against hand-derived values, exact counts, the
 //! cosine schedule, and the RigL update against an independent sort-based reference.
 
+mod common;
+
+use common::sparse_cfg as cfg;
 use rand::Rng as _;
 use rest::sparse::{
     erk_densities, layer_counts, CosineDecay, LayerShape, SparseConfig, SparseEngine,
@@ -45,17 +48,6 @@ fn three_layers() -> Vec<LayerShape> {
         LayerShape::new("b", &[20, 10]),
         LayerShape::new("c", &[40, 20, 3, 3]),
     ]
-}
-
-fn cfg(density: f64, rate: f64, final_rate: f64, freq: usize, steps: usize) -> SparseConfig {
-    SparseConfig {
-        density,
-        prune_rate: rate,
-        final_prune_rate: final_rate,
-        update_frequency: freq,
-        total_steps: steps,
-        erk_power_scale: 1.0,
-    }
 }
 
 #[test]

@@ -3,22 +3,18 @@
 //! for every death x growth x redistribution combination, ITOP's random-unfired growth, SET and
 //! threshold death on hand cases, the linear schedule, update_end, fix, and reporting.
 
+mod common;
+
 use clap::Parser as _;
+use common::{shapes, sparse_cfg as cfg};
 use rand::Rng as _;
 use rest::cli::{Cli, Command};
 use rest::sparse::{
     grasp_scores, init_densities, magnitude_scores, snip_scores, DeathMode, DecaySchedule,
-    DstOptions, GrowthMode, LayerShape, LinearDecay, Redistribution, SparseConfig, SparseEngine,
-    SparseInit, UpdateInputs,
+    DstOptions, GrowthMode, LayerShape, LinearDecay, Redistribution, SparseEngine, SparseInit,
+    UpdateInputs,
 };
 use rest::util::rng;
-
-fn shapes(list: &[&[usize]]) -> Vec<LayerShape> {
-    list.iter()
-        .enumerate()
-        .map(|(i, s)| LayerShape::new(format!("l{i}"), s))
-        .collect()
-}
 
 fn cnn() -> Vec<LayerShape> {
     shapes(&[
@@ -49,17 +45,6 @@ fn resnet18() -> Vec<LayerShape> {
 
 fn numel(s: &[usize]) -> f64 {
     s.iter().product::<usize>() as f64
-}
-
-fn cfg(density: f64, rate: f64, final_rate: f64, freq: usize, steps: usize) -> SparseConfig {
-    SparseConfig {
-        density,
-        prune_rate: rate,
-        final_prune_rate: final_rate,
-        update_frequency: freq,
-        total_steps: steps,
-        erk_power_scale: 1.0,
-    }
 }
 
 fn assert_close(got: &[f64], want: &[f64], what: &str) {
@@ -135,31 +120,25 @@ fn opts_init(init: SparseInit, dense_first: bool) -> DstOptions {
 fn erk_and_er_densities_match_closed_form() {
     for (name, layers) in [("cnn", cnn()), ("mlp", mlp()), ("resnet", resnet18())] {
         for d in [0.01, 0.05, 0.2, 0.5] {
-            let raw: Vec<f64> = layers.iter().map(erk_raw).collect();
-            let want = capped_proportional(&layers, d, &raw, &[]);
-            let got = init_densities(&layers, d, 1.0, SparseInit::Erk, &[]).unwrap();
-            assert_close(&got, &want, &format!("{name} erk {d}"));
-            let e = SparseEngine::with_options(
-                layers.clone(),
-                cfg(d, 0.5, 0.0, 10, 1000),
-                opts_init(SparseInit::Erk, false),
-                &mut rng(1, 2),
-            )
-            .unwrap();
-            check_counts(&layers, d, &want, &e);
-
-            let raw: Vec<f64> = layers.iter().map(er_raw).collect();
-            let want = capped_proportional(&layers, d, &raw, &[]);
-            let got = init_densities(&layers, d, 1.0, SparseInit::Er, &[]).unwrap();
-            assert_close(&got, &want, &format!("{name} er {d}"));
-            let e = SparseEngine::with_options(
-                layers.clone(),
-                cfg(d, 0.5, 0.0, 10, 1000),
-                opts_init(SparseInit::Er, false),
-                &mut rng(1, 2),
-            )
-            .unwrap();
-            check_counts(&layers, d, &want, &e);
+            for (init, tag) in [(SparseInit::Erk, "erk"), (SparseInit::Er, "er")] {
+                let raw_of = if init == SparseInit::Erk {
+                    erk_raw
+                } else {
+                    er_raw
+                };
+                let raw: Vec<f64> = layers.iter().map(raw_of).collect();
+                let want = capped_proportional(&layers, d, &raw, &[]);
+                let got = init_densities(&layers, d, 1.0, init, &[]).unwrap();
+                assert_close(&got, &want, &format!("{name} {tag} {d}"));
+                let e = SparseEngine::with_options(
+                    layers.clone(),
+                    cfg(d, 0.5, 0.0, 10, 1000),
+                    opts_init(init, false),
+                    &mut rng(1, 2),
+                )
+                .unwrap();
+                check_counts(&layers, d, &want, &e);
+            }
         }
     }
     // CNN ERK at 0.05 by hand. Scores 75/3072, 200/131072, 392/524288, 266/2560; keep

@@ -1,14 +1,15 @@
 //! `rest sweep` end to end with the real binary on tiny runs: run directories named by the
 //! config hash, skip on rerun, restart or resume of unfinished runs, Ctrl-C and `kill -9`.
 
+mod common;
+
 use anyhow::{Context, Result};
+use common::{sigint, text, wait_until, BIN};
 use rest::config::TrainConfig;
 use rest::train::checkpoint::config_hash;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_rest");
+use std::time::Duration;
 
 /// Tiny runs: one epoch on 500 training images.
 const TINY: &str = "[base]\nepochs = 1\ntrain_size = 500\nvalid_size = 200\ntest_size = 200\n\
@@ -22,14 +23,6 @@ fn write_sweep(dir: &Path, text: &str) -> Result<PathBuf> {
 
 fn sweep(args: &[&str]) -> Result<Output> {
     Ok(Command::new(BIN).arg("sweep").args(args).output()?)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The run directory names, computed from the configs independently of the sweep code.
@@ -62,12 +55,9 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
-    let t = Instant::now();
-    while !f() {
-        anyhow::ensure!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) -> Result<()> {
+    let done = wait_until(timeout, Duration::from_millis(100), f);
+    anyhow::ensure!(done, "timed out waiting for {what}");
     Ok(())
 }
 
@@ -245,15 +235,27 @@ fn pid_of(run: &Path) -> Result<u32> {
     Ok(pid.trim().parse()?)
 }
 
+/// Runs the sweep of [`start_long_sweep`] again, to the end.
+fn rerun_long_sweep(tmp: &Path) -> Result<Output> {
+    Ok(Command::new(BIN)
+        .args([
+            "sweep",
+            tmp.join("sweep.toml").to_str().context("p")?,
+            "--jobs",
+            "2",
+        ])
+        .arg("--out")
+        .arg(tmp.join("out"))
+        .output()?)
+}
+
 #[test]
 fn ctrl_c_stops_every_run_with_a_checkpoint_and_the_rerun_resumes() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     // Interrupted in epoch 2 of 3 (the trainer's signal handler is surely installed).
     let (child, runs) = start_long_sweep(tmp.path(), "epoch 1/3")?;
     let pids: Vec<u32> = runs.iter().map(|r| pid_of(r)).collect::<Result<_>>()?;
-    let k = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()?;
+    let k = sigint(child.id())?;
     assert!(k.success());
     let o = child.wait_with_output()?;
     let t = text(&o);
@@ -279,16 +281,7 @@ fn ctrl_c_stops_every_run_with_a_checkpoint_and_the_rerun_resumes() -> Result<()
         "{st}"
     );
 
-    let again = Command::new(BIN)
-        .args([
-            "sweep",
-            tmp.path().join("sweep.toml").to_str().context("p")?,
-            "--jobs",
-            "2",
-        ])
-        .arg("--out")
-        .arg(tmp.path().join("out"))
-        .output()?;
+    let again = rerun_long_sweep(tmp.path())?;
     assert!(again.status.success(), "{}", text(&again));
     for r in &runs {
         assert!(r.join("summary.json").exists());
@@ -305,16 +298,7 @@ fn after_kill_9_the_rerun_waits_for_runs_in_flight_instead_of_restarting_them() 
     child.kill()?; // SIGKILL
     child.wait()?;
     assert!(pids.iter().all(|&p| alive(p)), "the runs outlive the sweep");
-    let again = Command::new(BIN)
-        .args([
-            "sweep",
-            tmp.path().join("sweep.toml").to_str().context("p")?,
-            "--jobs",
-            "2",
-        ])
-        .arg("--out")
-        .arg(tmp.path().join("out"))
-        .output()?;
+    let again = rerun_long_sweep(tmp.path())?;
     let t = text(&again);
     assert!(again.status.success(), "{t}");
     assert!(t.contains("2 held by other processes (waited for)"), "{t}");

@@ -3,9 +3,12 @@
 //! without parameters used again in the loss; the fallback to candle's backward when a candle
 //! op sits between recorded ops; inputs computed from parameters only.
 
+mod common;
+
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
+use common::flat;
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rest::config::{ModelKind, Stem};
@@ -91,12 +94,6 @@ fn tape_grads(model: &dyn Model, x: &Tensor, y: &Tensor, l2: f64, lean: bool) ->
     );
     let loss = loss_of(model, rec.head(), y, l2)?;
     Ok(rec.backward(&loss)?)
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .and_then(|t| t.to_vec1())
-        .expect("f32 tensor")
 }
 
 /// Every parameter has a gradient from both, and they agree (relative 1e-5; most are

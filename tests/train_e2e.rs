@@ -1,22 +1,19 @@
 //! End-to-end: a tiny REST run trains (its loss falls), writes every output, keeps masks
 //! exact; and the CLI turns bad input into a one-line error naming the flag or path.
 
+mod common;
+
 use candle_core::{DType, Device};
+use common::{read_json, rest_cmd_env_log, tiny_config, train_losses};
 use rest::config::{ModelKind, TrainConfig};
-use std::process::Command;
 
 fn tiny(out: &std::path::Path, model: ModelKind, density: f64) -> TrainConfig {
     TrainConfig {
         model,
         density,
         epochs: 4,
-        batch_size: 64,
-        lr: 0.05,
         train_size: 1200,
-        valid_size: 200,
-        test_size: 300,
-        out: Some(out.to_path_buf()),
-        ..Default::default()
+        ..tiny_config(out)
     }
 }
 
@@ -35,23 +32,18 @@ fn tiny_sparse_rest_run_learns_and_writes_outputs() -> anyhow::Result<()> {
     let out = rest::train::train(&cfg)?;
 
     // The training loss falls from the first to the last epoch.
-    let rows = csv_rows(dir.path());
-    let train_loss: Vec<f64> = rows
-        .iter()
-        .filter(|r| r[1] == "train")
-        .map(|r| r[3].parse().unwrap())
-        .collect();
+    let train_loss = train_losses(dir.path());
     assert_eq!(train_loss.len(), 4);
     assert!(
         train_loss[3] < 0.7 * train_loss[0],
         "training loss did not fall: {train_loss:?}"
     );
     // A test row for the selected epoch, and summary.json with fractions in [0, 1].
+    let rows = csv_rows(dir.path());
     assert!(rows
         .iter()
         .any(|r| r[1] == "test" && r[0] == out.summary.selected_epoch.to_string()));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json"))?)?;
+    let summary = read_json(&dir.path().join("summary.json"));
     for k in [
         "accuracy",
         "aligned",
@@ -112,21 +104,9 @@ fn dense_mlp_with_loss_weights_runs() -> anyhow::Result<()> {
     let out = rest::train::train(&cfg)?;
     assert_eq!(out.summary.mask_updates, 0);
     assert_eq!(out.summary.final_density, 1.0);
-    let rows = csv_rows(dir.path());
-    let l: Vec<f64> = rows
-        .iter()
-        .filter(|r| r[1] == "train")
-        .map(|r| r[3].parse().unwrap())
-        .collect();
+    let l = train_losses(dir.path());
     assert!(l[2] < l[0], "loss did not fall: {l:?}");
     Ok(())
-}
-
-fn rest_cmd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_rest"))
-        .args(args)
-        .output()
-        .expect("run rest")
 }
 
 #[test]
@@ -143,7 +123,7 @@ fn bad_flags_give_one_line_errors() {
         (vec!["train", "--conflict-pct", "120"], "--conflict-pct"),
         (vec!["train", "--epochs", "1", "--out", blocked], blocked),
     ] {
-        let o = rest_cmd(&args);
+        let o = rest_cmd_env_log(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{args:?} succeeded");
         assert!(err.contains(needle), "{args:?}: {err}");
@@ -160,7 +140,7 @@ fn bad_flags_give_one_line_errors() {
 
 #[test]
 fn flops_command_prints_erk_table() {
-    let o = rest_cmd(&["flops", "--model", "cnn", "--density", "0.05", "--json"]);
+    let o = rest_cmd_env_log(&["flops", "--model", "cnn", "--density", "0.05", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let layers = v["layers"].as_array().unwrap();
@@ -178,7 +158,7 @@ fn flops_command_prints_erk_table() {
 #[test]
 fn data_export_writes_npy() {
     let dir = tempfile::tempdir().unwrap();
-    let o = rest_cmd(&[
+    let o = rest_cmd_env_log(&[
         "data",
         "export",
         "--out",

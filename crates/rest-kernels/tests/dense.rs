@@ -2,16 +2,15 @@
 //! textbook batch-norm backward in f64, window-scanning pooling) over many seeded random
 //! shapes: odd sizes, strides 1/2, paddings 0-3, kernel sizes 1/3/4/7, batch 1.
 
+mod common;
+
+use common::rand_vec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use rest_kernels::*;
 
 const RTOL: f64 = 1e-4;
-
-fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
 
 /// Asserts `|got - want| <= RTOL * max(1e-3, max|want|)` element-wise.
 fn assert_close(got: &[f32], want: &[f64], what: &str) {

@@ -3,20 +3,15 @@
 //! from the dense masked weight, on batches that end in partial 16-sample blocks; and their
 //! bit-reproducibility across thread counts.
 
-use rand::{Rng, SeedableRng};
+mod common;
+
+use common::{mask, rand_vec};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest_kernels::sparse::{
     pack_rows, packed_len, sddmm_packed, sddmm_rows, spmm_rows, spmm_rows_fused, spmm_t_rows,
     SparseMatrix, LANES,
 };
-
-fn randn(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
-}
-
-fn mask(r: &mut ChaCha8Rng, rows: usize, cols: usize, density: f64) -> Vec<bool> {
-    (0..rows * cols).map(|_| r.random_bool(density)).collect()
-}
 
 /// `relu?(Σ_k w[o,k] m[o,k] x[s,k] + b[o])` in f64, and the sum of absolute terms (the
 /// rounding scale).
@@ -63,10 +58,10 @@ fn fused_forward_adds_bias_applies_relu_and_packs_the_active_inputs() {
         (20, 300, 40, 0.02),
         (5, 9, 33, 1.0),
     ] {
-        let w = randn(&mut r, o * i);
+        let w = rand_vec(&mut r, o * i);
         let m = mask(&mut r, o, i, d);
-        let b = randn(&mut r, o);
-        let x = randn(&mut r, n * i);
+        let b = rand_vec(&mut r, o);
+        let x = rand_vec(&mut r, n * i);
         let sm = SparseMatrix::from_dense_masked(&w, &m, o, i).unwrap();
         let active: Vec<usize> = (0..i).filter(|&k| (0..o).any(|q| m[q * i + k])).collect();
         assert_eq!(packed_len(&sm, n), n.div_ceil(LANES) * active.len() * LANES);
@@ -127,10 +122,10 @@ fn fused_forward_adds_bias_applies_relu_and_packs_the_active_inputs() {
 fn packed_weight_gradient_matches_reference_and_unpacked_form() {
     let mut r = ChaCha8Rng::seed_from_u64(5);
     for &(o, i, n, d) in &[(9, 11, 3, 0.4), (37, 53, 17, 0.1), (30, 400, 50, 0.03)] {
-        let w = randn(&mut r, o * i);
+        let w = rand_vec(&mut r, o * i);
         let m = mask(&mut r, o, i, d);
-        let x = randn(&mut r, n * i);
-        let mut dy = randn(&mut r, n * o);
+        let x = rand_vec(&mut r, n * i);
+        let mut dy = rand_vec(&mut r, n * o);
         dy.iter_mut().step_by(4).for_each(|v| *v = 0.0);
         let sm = SparseMatrix::from_dense_masked(&w, &m, o, i).unwrap();
         let mut pack = vec![0.0; packed_len(&sm, n)];
@@ -171,11 +166,11 @@ fn results_are_bit_identical_for_any_thread_count() {
     // Layer 1 of LfF's MLP at density 0.05, batch 1000: work above the kernels' parallel
     // threshold (parallel tasks) and a partial block.
     let (o, i, n) = (100, 2352, 1000);
-    let w = randn(&mut r, o * i);
+    let w = rand_vec(&mut r, o * i);
     let m = mask(&mut r, o, i, 0.05);
-    let b = randn(&mut r, o);
-    let x = randn(&mut r, n * i);
-    let dy = randn(&mut r, n * o);
+    let b = rand_vec(&mut r, o);
+    let x = rand_vec(&mut r, n * i);
+    let dy = rand_vec(&mut r, n * o);
     let sm = SparseMatrix::from_dense_masked(&w, &m, o, i).unwrap();
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()

@@ -1,7 +1,10 @@
 //! Sparse kernels against naive dense references with the mask applied.
 #![allow(clippy::needless_range_loop)] // index loops mirror the maths
 
-use rand::{Rng, SeedableRng};
+mod common;
+
+use common::{force_rows, rand_vec};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest_kernels::sparse::{
     sddmm, sddmm_into, sddmm_rows, spmm, spmm_rows, spmm_t, spmm_t_rows, transpose, SparseMatrix,
@@ -11,23 +14,16 @@ fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
 
-fn randn(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
-}
-
 /// Bernoulli(density) mask with row 0 empty and row 1 fully dense (when there are >= 3 rows),
 /// and the last column active only in row 1 (when there are >= 3 columns).
 fn mask(r: &mut ChaCha8Rng, rows: usize, cols: usize, density: f64) -> Vec<bool> {
-    let mut m: Vec<bool> = (0..rows * cols).map(|_| r.random_bool(density)).collect();
+    let mut m = common::mask(r, rows, cols, density);
     if cols >= 3 {
         for row in 0..rows {
             m[row * cols + cols - 1] = false;
         }
     }
-    if rows >= 3 {
-        m[..cols].fill(false);
-        m[cols..2 * cols].fill(true);
-    }
+    force_rows(&mut m, rows, cols);
     m
 }
 
@@ -86,9 +82,9 @@ fn spmm_matches_masked_dense_product() {
     let mut r = rng(1);
     for &(rows, k, p) in SHAPES {
         for &d in DENSITIES {
-            let w = randn(&mut r, rows * k);
+            let w = rand_vec(&mut r, rows * k);
             let m = mask(&mut r, rows, k, d);
-            let x = randn(&mut r, k * p);
+            let x = rand_vec(&mut r, k * p);
             let sm = SparseMatrix::from_dense_masked(&w, &m, rows, k).unwrap();
             let mut out = vec![f32::NAN; rows * p];
             spmm(&sm, &x, p, &mut out).unwrap();
@@ -110,9 +106,9 @@ fn spmm_t_matches_transposed_masked_product() {
     let mut r = rng(2);
     for &(rows, k, p) in SHAPES {
         for &d in DENSITIES {
-            let w = randn(&mut r, rows * k);
+            let w = rand_vec(&mut r, rows * k);
             let m = mask(&mut r, rows, k, d);
-            let dy = randn(&mut r, rows * p);
+            let dy = rand_vec(&mut r, rows * p);
             let sm = SparseMatrix::from_dense_masked(&w, &m, rows, k).unwrap();
             let mut dx = vec![f32::NAN; k * p];
             spmm_t(&sm, &dy, p, &mut dx).unwrap();
@@ -143,10 +139,10 @@ fn sddmm_gives_dense_gradient_at_active_positions() {
     let mut r = rng(3);
     for &(rows, k, p) in SHAPES {
         for &d in DENSITIES {
-            let w = randn(&mut r, rows * k);
+            let w = rand_vec(&mut r, rows * k);
             let m = mask(&mut r, rows, k, d);
-            let dy = randn(&mut r, rows * p);
-            let x = randn(&mut r, k * p);
+            let dy = rand_vec(&mut r, rows * p);
+            let x = rand_vec(&mut r, k * p);
             let sm = SparseMatrix::from_dense_masked(&w, &m, rows, k).unwrap();
             let g = sddmm(&sm, &dy, &x, p).unwrap();
             assert_eq!(g.len(), sm.nnz());
@@ -181,11 +177,11 @@ fn sddmm_gives_dense_gradient_at_active_positions() {
 fn sddmm_into_overwrites_buffer_and_checks_length() {
     let mut r = rng(4);
     let (rows, k, p) = (9, 11, 70);
-    let w = randn(&mut r, rows * k);
+    let w = rand_vec(&mut r, rows * k);
     let m = mask(&mut r, rows, k, 0.3);
     let sm = SparseMatrix::from_dense_masked(&w, &m, rows, k).unwrap();
-    let dy = randn(&mut r, rows * p);
-    let x = randn(&mut r, k * p);
+    let dy = rand_vec(&mut r, rows * p);
+    let x = rand_vec(&mut r, k * p);
     let fresh = sddmm(&sm, &dy, &x, p).unwrap();
     let mut buf = vec![123.0; sm.nnz()];
     sddmm_into(&sm, &dy, &x, p, &mut buf).unwrap();
@@ -224,12 +220,12 @@ fn csr_structure_of_hand_written_matrix() {
 fn value_updates_keep_pattern_and_reach_transpose() {
     let mut r = rng(5);
     let (rows, k, p) = (21, 34, 45);
-    let w0 = randn(&mut r, rows * k);
+    let w0 = rand_vec(&mut r, rows * k);
     let m = mask(&mut r, rows, k, 0.2);
     let mut sm = SparseMatrix::from_dense_masked(&w0, &m, rows, k).unwrap();
     let (row_ptr, col_idx) = (sm.row_ptr().to_vec(), sm.col_idx().to_vec());
 
-    let w1 = randn(&mut r, rows * k);
+    let w1 = rand_vec(&mut r, rows * k);
     sm.update_values_from_dense(&w1).unwrap();
     assert_eq!(sm.row_ptr(), row_ptr.as_slice());
     assert_eq!(sm.col_idx(), col_idx.as_slice());
@@ -239,7 +235,7 @@ fn value_updates_keep_pattern_and_reach_transpose() {
     );
 
     // set_values: doubling every value doubles Wᵀ dy.
-    let dy = randn(&mut r, rows * p);
+    let dy = rand_vec(&mut r, rows * p);
     let mut dx1 = vec![0.0; k * p];
     spmm_t(&sm, &dy, p, &mut dx1).unwrap();
     let doubled: Vec<f32> = sm.values().iter().map(|v| 2.0 * v).collect();
@@ -296,7 +292,7 @@ fn empty_pattern_and_empty_shapes() {
 fn transpose_swaps_indices() {
     let mut r = rng(6);
     for &(rows, cols) in &[(1, 1), (3, 70), (65, 33), (256, 100)] {
-        let a = randn(&mut r, rows * cols);
+        let a = rand_vec(&mut r, rows * cols);
         let mut t = vec![f32::NAN; rows * cols];
         transpose(&a, rows, cols, &mut t).unwrap();
         for i in 0..rows {
@@ -350,8 +346,8 @@ fn conv_direct(
 fn sparse_conv_via_im2col_matches_direct_convolution() {
     let mut r = rng(7);
     let (c, n, h, wd, oc, kh, kw, stride, pad) = (3, 2, 9, 8, 5, 4, 4, 2, 1);
-    let x = randn(&mut r, c * n * h * wd);
-    let w = randn(&mut r, oc * c * kh * kw);
+    let x = rand_vec(&mut r, c * n * h * wd);
+    let w = rand_vec(&mut r, oc * c * kh * kw);
     let k = c * kh * kw;
     let m = mask(&mut r, oc, k, 0.3);
     let wm: Vec<f32> = w
@@ -397,10 +393,10 @@ fn feature_major_linear_layer_forward_and_backward() {
     // y[N,O] = x[N,I] Wᵀ computed as yT = W xT; dx = dy W; dW = dyᵀ x at active positions.
     let mut r = rng(8);
     let (nb, i_dim, o_dim) = (19, 23, 11);
-    let x = randn(&mut r, nb * i_dim);
-    let w = randn(&mut r, o_dim * i_dim);
+    let x = rand_vec(&mut r, nb * i_dim);
+    let w = rand_vec(&mut r, o_dim * i_dim);
     let m = mask(&mut r, o_dim, i_dim, 0.4);
-    let dy = randn(&mut r, nb * o_dim);
+    let dy = rand_vec(&mut r, nb * o_dim);
     let sm = SparseMatrix::from_dense_masked(&w, &m, o_dim, i_dim).unwrap();
     let mut xt = vec![0.0; i_dim * nb];
     transpose(&x, nb, i_dim, &mut xt).unwrap();
@@ -456,10 +452,10 @@ fn batch_major_linear_kernels_match_references() {
             if n == 256 && d != 0.01 {
                 continue; // the large shape only checks the parallel sample blocks
             }
-            let w = randn(&mut r, o * i);
+            let w = rand_vec(&mut r, o * i);
             let m = mask(&mut r, o, i, d);
-            let x = randn(&mut r, n * i);
-            let mut dy = randn(&mut r, n * o);
+            let x = rand_vec(&mut r, n * i);
+            let mut dy = rand_vec(&mut r, n * o);
             for v in dy.iter_mut().step_by(3) {
                 *v = 0.0;
             }

@@ -4,22 +4,18 @@
 //! 0.001 to 1 (with an empty and a full output row).
 #![allow(clippy::needless_range_loop)] // index loops mirror the maths
 
-use rand::{Rng, SeedableRng};
+mod common;
+
+use common::{force_rows, rand_vec};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest_kernels::sparse::{SparseConv, SparseMatrix};
 use rest_kernels::Conv2dGeom;
 
-fn randv(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
-}
-
 /// Bernoulli(density) mask; with >= 3 rows, row 0 is empty and row 1 fully active.
 fn mask(r: &mut ChaCha8Rng, rows: usize, cols: usize, density: f64) -> Vec<bool> {
-    let mut m: Vec<bool> = (0..rows * cols).map(|_| r.random_bool(density)).collect();
-    if rows >= 3 {
-        m[..cols].fill(false);
-        m[cols..2 * cols].fill(true);
-    }
+    let mut m = common::mask(r, rows, cols, density);
+    force_rows(&mut m, rows, cols);
     m
 }
 
@@ -125,10 +121,10 @@ fn close(got: &[f32], want: &(Vec<f64>, Vec<f64>), what: &str) {
 fn check(g: Conv2dGeom, density: f64, seed: u64) {
     let tag = format!("{g:?} d={density}");
     let mut r = ChaCha8Rng::seed_from_u64(seed);
-    let w = randv(&mut r, g.w_len());
+    let w = rand_vec(&mut r, g.w_len());
     let m = mask(&mut r, g.oc, g.k(), density);
-    let x = randv(&mut r, g.x_len());
-    let dy = randv(&mut r, g.out_len());
+    let x = rand_vec(&mut r, g.x_len());
+    let dy = rand_vec(&mut r, g.out_len());
     let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).unwrap();
     let wd = sm.to_dense();
     let (out_ref, dx_ref, dw_ref) = reference(&g, &wd, &x, &dy);
@@ -246,14 +242,14 @@ fn forward_affine_equals_forward_then_channel_affine() {
         geom(4, 2, 8, 8, 6, 1, 2, 0),
         geom(3, 4, 7, 7, 5, 3, 1, 1),
     ] {
-        let w = randv(&mut r, g.w_len());
+        let w = rand_vec(&mut r, g.w_len());
         let m = mask(&mut r, g.oc, g.k(), 0.3);
         let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).expect("pattern");
         let conv = SparseConv::new(&sm, &g).expect("layout");
-        let x = randv(&mut r, g.x_len());
+        let x = rand_vec(&mut r, g.x_len());
         let mut xph = vec![0.0; conv.phase_len()];
         conv.pack_input(&x, &mut xph).expect("pack");
-        let (scale, shift) = (randv(&mut r, g.oc), randv(&mut r, g.oc));
+        let (scale, shift) = (rand_vec(&mut r, g.oc), rand_vec(&mut r, g.oc));
         for relu in [false, true] {
             let mut want = vec![0.0; g.out_len()];
             conv.forward(&sm, &xph, &mut want).expect("forward");
