@@ -1,6 +1,6 @@
 //! Candle autograd glue for the CPU kernels of `rest-kernels`: convolution, batch norm (+ fused
-//! ReLU), pooling and linear layers as candle custom ops on **CNHW** activations, each with a
-//! backward pass computed by the same kernels.
+//! ReLU), pooling, linear layers and the residual join as candle custom ops on **CNHW**
+//! activations, each with a backward pass computed by the same kernels.
 //!
 //! Tensors must be `f32` on the CPU device; non-contiguous inputs are made contiguous first.
 //! Backward passes return plain tensors (no second derivatives) and skip the gradients of

@@ -175,3 +175,134 @@ pub fn build(
     let spec = spec.into();
     (spec.kind.entry().build)(&spec, input, num_classes, rng, device)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build_cpu(kind: ModelKind, input: (usize, usize, usize)) -> Result<Box<dyn Model>> {
+        let spec = ModelSpec {
+            kind,
+            width: 4,
+            stem: Stem::Cifar,
+        };
+        build(spec, input, 10, &mut crate::util::rng(0, 1), &Device::Cpu)
+    }
+
+    /// The FLOPs tables of the layers' chained entries equal those of the hand-written
+    /// `layer_flops` before the layers knew their FLOPs (`rest flops --density 1 --json` of
+    /// that binary, in `testdata/flops-base.json`).
+    #[test]
+    fn flops_equal_the_hand_written_ones() -> Result<()> {
+        let cases: serde_json::Value =
+            serde_json::from_str(include_str!("testdata/flops-base.json"))?;
+        let cases = cases.as_array().expect("a list of cases");
+        assert_eq!(cases.len(), 7);
+        for case in cases {
+            let model: ModelKind = serde_json::from_value(case["model"].clone())?;
+            let input: (usize, usize, usize) = serde_json::from_value(case["input"].clone())?;
+            let table = crate::report::flops_for(model, 1.0, 1.0, input, 10)?;
+            assert_eq!(
+                serde_json::to_value(&table)?,
+                case["table"],
+                "{} at {input:?}",
+                model.as_str()
+            );
+        }
+        Ok(())
+    }
+
+    /// The spellings of `ModelKind` in flags, config files and `as_str` are the registered
+    /// ones (and those of config files written before the registry).
+    #[test]
+    fn model_kinds_keep_their_spellings() -> Result<()> {
+        let names: Vec<&str> = ModelKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["cnn", "mlp", "resnet10", "resnet18", "resnet50"]);
+        for &k in ModelKind::ALL {
+            let json = serde_json::to_string(&k)?;
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<ModelKind>(&json)?, k);
+            let parsed = <ModelKind as clap::ValueEnum>::from_str(k.as_str(), false)
+                .map_err(anyhow::Error::msg)?;
+            assert_eq!(parsed, k);
+        }
+        assert!(serde_json::from_str::<ModelKind>("\"resnet34\"").is_err());
+        Ok(())
+    }
+
+    /// Every registered model builds, and its layers account for all its parameters and
+    /// buffers under unique names, in the order the parameters were initialised.
+    #[test]
+    fn registered_models_build_with_unique_names() -> Result<()> {
+        for &k in ModelKind::ALL {
+            let e = k.entry();
+            let m = build_cpu(k, e.bench_input)?;
+            let params = m.params();
+            let mut names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+            let buffers = m.buffers()?;
+            names.extend(buffers.iter().map(|b| b.name.as_str()));
+            let n = names.len();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), n, "{}: duplicate names", k.as_str());
+            assert!(!m.weights().is_empty());
+            let flops = m.layer_flops(e.bench_input);
+            for w in m.weights() {
+                assert!(
+                    flops
+                        .iter()
+                        .any(|l| l.weight.as_ref().is_some_and(|(n, _)| *n == w.name)),
+                    "{}: no FLOPs entry for {}",
+                    k.as_str(),
+                    w.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `set_buffers` restores by name: the saved buffers in reverse order restore the same
+    /// state; a missing or an unknown one is an error naming it and changes nothing.
+    #[test]
+    fn buffers_are_restored_by_name() -> Result<()> {
+        let m = build_cpu(ModelKind::Cnn, (3, 12, 12))?;
+        let x = Tensor::rand(0f32, 1f32, (4, 3, 12, 12), &Device::Cpu)?;
+        let saved = m.buffers()?;
+        assert_eq!(saved.len(), 6);
+        assert_eq!(saved[0].name, "bn1.running_mean");
+        assert_eq!(saved[5].name, "bn3.running_var");
+        m.forward(&x, true)?; // moves the running statistics
+        let moved = m.buffers()?;
+        let mut reversed = saved.clone();
+        reversed.reverse();
+        m.set_buffers(&reversed)?;
+        for (a, b) in m.buffers()?.iter().zip(&saved) {
+            assert_eq!(a.name, b.name);
+            assert_eq!(a.tensor.to_vec1::<f32>()?, b.tensor.to_vec1::<f32>()?);
+        }
+
+        m.set_buffers(&moved)?;
+        let err = m.set_buffers(&saved[1..]).expect_err("a missing buffer");
+        assert!(err.to_string().contains("bn1.running_mean"), "{err}");
+        let mut unknown = saved.clone();
+        unknown[2].name = "bn9.running_mean".into();
+        let err = m.set_buffers(&unknown).expect_err("an unknown buffer");
+        assert!(err.to_string().contains("bn9.running_mean"), "{err}");
+        let mut extra = saved.clone();
+        extra.push(Buffer {
+            name: "bn4.running_var".into(),
+            tensor: saved[0].tensor.clone(),
+        });
+        let err = m.set_buffers(&extra).expect_err("an extra buffer");
+        assert!(err.to_string().contains("bn4.running_var"), "{err}");
+        // None of the failed calls changed anything.
+        for (a, b) in m.buffers()?.iter().zip(&moved) {
+            assert_eq!(a.tensor.to_vec1::<f32>()?, b.tensor.to_vec1::<f32>()?);
+        }
+        // Layers without buffers take none.
+        let fc =
+            crate::nn::Linear::new("fc", 3, 2, true, &mut crate::util::rng(0, 1), &Device::Cpu)?;
+        assert!(!fc.set_buffer("fc.running_mean", &saved[0].tensor)?);
+        Ok(())
+    }
+}

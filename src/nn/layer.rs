@@ -138,3 +138,124 @@ fn name_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
         n => format!("{}, ... {}", names[..3].join(", "), names[n - 1]),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{BatchNorm2d, Conv2d, ConvBn, GlobalAvgPool, Linear, MaxPool2d};
+    use candle_core::Device;
+
+    fn bns() -> Result<(BatchNorm2d, BatchNorm2d)> {
+        Ok((
+            BatchNorm2d::new("a", 2, &Device::Cpu)?,
+            BatchNorm2d::new("b", 3, &Device::Cpu)?,
+        ))
+    }
+
+    fn values(t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.to_vec1::<f32>()?)
+    }
+
+    #[test]
+    fn buffers_round_trip_by_name() -> Result<()> {
+        let (a, b) = bns()?;
+        let layers: [&dyn Layer; 2] = [&a, &b];
+        let names: Vec<String> = buffers_of(&layers)?.into_iter().map(|b| b.name).collect();
+        assert_eq!(
+            names,
+            [
+                "a.running_mean",
+                "a.running_var",
+                "b.running_mean",
+                "b.running_var"
+            ]
+        );
+        let given: Vec<Buffer> = names
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, n)| {
+                let len = if n.starts_with('a') { 2 } else { 3 };
+                Ok(Buffer {
+                    name: n.clone(),
+                    tensor: Tensor::full(i as f32, len, &Device::Cpu)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        restore_buffers(&layers, &given)?;
+        let back = buffers_of(&layers)?;
+        assert_eq!(values(&back[0].tensor)?, [3.0, 3.0]); // a.running_mean, given last
+        assert_eq!(values(&back[3].tensor)?, [0.0; 3]); // b.running_var, given first
+        Ok(())
+    }
+
+    #[test]
+    fn wrong_buffers_are_errors_naming_them() -> Result<()> {
+        let (a, b) = bns()?;
+        let layers: [&dyn Layer; 2] = [&a, &b];
+        let saved = buffers_of(&layers)?;
+        let msg = |given: &[Buffer]| match restore_buffers(&layers, given) {
+            Ok(()) => panic!(
+                "restored {:?}",
+                given.iter().map(|b| &b.name).collect::<Vec<_>>()
+            ),
+            Err(e) => e.to_string(),
+        };
+        assert!(msg(&saved[..3]).contains("missing buffer b.running_var"));
+        let mut unknown = saved.clone();
+        unknown[1].name = "a.running_varx".into();
+        assert!(msg(&unknown).contains("unknown buffer a.running_varx"));
+        let mut twice = saved.clone();
+        twice.push(saved[0].clone());
+        assert!(msg(&twice).contains("buffer a.running_mean is given twice"));
+        let mut misshapen = saved.clone();
+        misshapen[2].tensor = Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu)?;
+        assert!(msg(&misshapen).contains("buffer b.running_mean has shape [2]"));
+        // A failed restore changed nothing (b.running_var is still ones).
+        let mut partly = saved.clone();
+        partly[3].tensor = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu)?;
+        partly[0].name = "c.running_mean".into();
+        assert!(restore_buffers(&layers, &partly).is_err());
+        assert_eq!(values(&buffers_of(&layers)?[3].tensor)?, [1.0; 3]);
+        Ok(())
+    }
+
+    /// Chained layers compute the geometry (conv, pools, linear) and the per-element FLOPs.
+    #[test]
+    fn flops_chain_the_geometry() -> Result<()> {
+        let mut rng = crate::util::rng(0, 1);
+        let dev = Device::Cpu;
+        let conv = Conv2d::new("c", 3, 4, 3, 2, 1, true, &mut rng, &dev)?;
+        let cb = ConvBn::new("cb", "bn", 4, 6, 3, 1, true, &mut rng, &dev)?;
+        let mp = MaxPool2d::new("mp", 3, 2, 1);
+        let gap = GlobalAvgPool::new("gap");
+        let fc = Linear::new("fc", 6, 5, true, &mut rng, &dev)?.with_relu(true);
+        let layers: [&dyn Layer; 5] = [&conv, &cb, &mp, &gap, &fc];
+        let f = flops_of(&layers, (3, 9, 7));
+        let entry = |name: &str, weight: Option<(&str, usize)>, other: f64| LayerFlops {
+            name: name.into(),
+            weight: weight.map(|(n, p)| (n.to_string(), p)),
+            other,
+        };
+        assert_eq!(
+            f,
+            [
+                // 9x7 -> 5x4 (k3 s2 p1), bias 1 per output.
+                entry("c", Some(("c.weight", 20)), 80.0),
+                // Same size (k3 s1 p1): BN 2 + ReLU 1 per element.
+                entry("cb", Some(("cb.weight", 20)), 3.0 * 120.0),
+                // 5x4 -> 3x2, 9 per output.
+                entry("mp", None, 9.0 * 36.0),
+                entry("gap", None, 36.0),
+                // Bias and ReLU per output.
+                entry("fc", Some(("fc.weight", 1)), 10.0),
+            ]
+        );
+        let mut out = Vec::new();
+        assert_eq!(fc.flops((6, 1, 1), &mut out), (5, 1, 1));
+        let bn = BatchNorm2d::new("bn", 2, &dev)?;
+        assert_eq!(bn.flops((2, 3, 3), &mut out), (2, 3, 3));
+        assert_eq!(out[1].other, 36.0);
+        Ok(())
+    }
+}
