@@ -217,14 +217,11 @@ fn validate(args: &BenchArgs) -> Result<Vec<f64>> {
         bail!("--hw must be at least 1 (input height and width in pixels, e.g. --hw 128)");
     }
     if args.hw.is_some() {
-        if let Some(m) = args
-            .models
-            .iter()
-            .find(|m| !m.as_str().starts_with("resnet"))
-        {
+        if let Some(m) = args.models.iter().find(|m| !m.entry().any_size) {
+            let (_, h, w) = m.entry().bench_input;
             bail!(
-                "--hw applies to ResNet models only; {} takes 28x28 images (drop --hw or \
-                 --models {})",
+                "--hw applies to ResNet models only (those of any image size); {} takes \
+                 {h}x{w} images (drop --hw or --models {})",
                 m.as_str(),
                 m.as_str()
             );
@@ -244,14 +241,12 @@ fn validate(args: &BenchArgs) -> Result<Vec<f64>> {
     Ok(ds)
 }
 
-/// Default batch and input `(channels, height, width)` of a model: 256 Colored-MNIST images
-/// for the CNN and the MLP, 64 CIFAR-sized images for ResNets.
+/// Default batch and input `(channels, height, width)` of a model, from its registration
+/// (`models::ModelEntry`): 256 Colored-MNIST images for the CNN and the MLP, 64 CIFAR-sized
+/// images for ResNets.
 fn model_defaults(kind: ModelKind) -> (usize, (usize, usize, usize)) {
-    if kind.as_str().starts_with("resnet") {
-        (64, (3, 32, 32))
-    } else {
-        (256, (3, 28, 28))
-    }
+    let e = kind.entry();
+    (e.bench_batch, e.bench_input)
 }
 
 /// Peak resident set size of this process in MiB (`VmHWM` in `/proc/self/status`), if the

@@ -10,34 +10,9 @@ use crate::sparse::{DeathMode, DecaySchedule, DstOptions, GrowthMode, Redistribu
 use crate::train::methods::{GroupScheme, Method};
 use crate::train::select::SelectRule;
 
-/// Network architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum ModelKind {
-    /// REST's Colored-MNIST CNN: three stride-2 4x4 convolutions with BatchNorm, global
-    /// average pooling, linear classifier.
-    Cnn,
-    /// LfF's MLP: 3x28x28 -> 100 -> 100 -> 100 -> classes, ReLU.
-    Mlp,
-    /// ResNet-10 (BasicBlock, [1, 1, 1, 1]) of variable width (`width`).
-    Resnet10,
-    /// ResNet-18 (BasicBlock, [2, 2, 2, 2]) of variable width (`width`).
-    Resnet18,
-    /// ResNet-50 (Bottleneck, [3, 4, 6, 3]) of variable width (`width`).
-    Resnet50,
-}
-
-impl ModelKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelKind::Cnn => "cnn",
-            ModelKind::Mlp => "mlp",
-            ModelKind::Resnet10 => "resnet10",
-            ModelKind::Resnet18 => "resnet18",
-            ModelKind::Resnet50 => "resnet50",
-        }
-    }
-}
+/// Network architecture: declared with the model registry (`crate::models`), re-exported
+/// here for `crate::config::ModelKind` paths.
+pub use crate::models::ModelKind;
 
 /// The input stem of a ResNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -253,8 +253,18 @@ fn buffers_round_trip_and_drive_evaluation() -> Result<()> {
     let diff = (&eval2 - &eval0)?.abs()?.max_all()?.to_scalar::<f32>()?;
     assert_eq!(diff, 0.0);
     assert!(m.set_buffers(&saved[..22]).is_err());
+    // Buffers are restored by name: any order restores the same state, an unknown name is
+    // an error.
     let mut swapped = saved.clone();
     swapped.swap(0, 2);
+    m.forward(&x, true)?;
+    m.set_buffers(&swapped)?;
+    let eval3 = m.forward(&x, false)?;
+    assert_eq!(
+        (&eval3 - &eval0)?.abs()?.max_all()?.to_scalar::<f32>()?,
+        0.0
+    );
+    swapped[0].name = "bn9.running_mean".into();
     assert!(m.set_buffers(&swapped).is_err());
     Ok(())
 }

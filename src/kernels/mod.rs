@@ -1,6 +1,6 @@
 //! Candle autograd glue for the CPU kernels of `rest-kernels`: convolution, batch norm (+ fused
-//! ReLU), pooling and linear layers as candle custom ops on **CNHW** activations, each with a
-//! backward pass computed by the same kernels.
+//! ReLU), pooling, linear layers and the residual join as candle custom ops on **CNHW**
+//! activations, each with a backward pass computed by the same kernels.
 //!
 //! Tensors must be `f32` on the CPU device; non-contiguous inputs are made contiguous first.
 //! Backward passes return plain tensors (no second derivatives) and skip the gradients of
@@ -14,6 +14,7 @@ mod linear_fm;
 mod loss;
 mod norm;
 mod pool;
+mod residual;
 mod scratch;
 mod sparse;
 mod stack;
@@ -26,6 +27,7 @@ pub use linear_fm::{feature_major, linear_fm};
 pub use loss::softmax_nll;
 pub use norm::{batch_norm_cnhw_eval, batch_norm_cnhw_train};
 pub use pool::{global_avg_pool_cnhw, max_pool2d_cnhw};
+pub use residual::add_relu;
 pub(crate) use scratch::output as output_buffer;
 pub use sparse::{
     sparse_conv2d_cnhw, sparse_linear, sparse_linear_act, sparse_linear_bias, SparseWeight,

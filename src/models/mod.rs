@@ -1,45 +1,120 @@
-//! Models: the networks REST is evaluated with, built from `crate::nn` layers. A model
-//! exposes its parameters (with which of them are maskable conv/linear weights) and its
-//! buffers, so the optimizer, the sparse engine and checkpoints never need to know its shape.
+//! Models: the networks REST is evaluated with, built from `crate::nn` layers, and their
+//! registry. A model is its forward pass plus its list of layers ([`Model::layers`]), from
+//! which its parameters (with which of them are maskable conv/linear weights), its buffers
+//! (restored by name) and its FLOPs follow, so the optimizer, the sparse engine and
+//! checkpoints never need to know its shape. Adding a model is one file (with its
+//! `ModelEntry`) plus one entry in the `models!` list below (its `ModelKind` spelling).
 
 pub mod cnn;
 pub mod mlp;
 pub mod resnet;
 
-use crate::config::{ModelKind, Stem, TrainConfig};
+use crate::config::{Stem, TrainConfig};
 use crate::data::transform::BatchLayout;
-use crate::nn::{Buffer, Param, ParamKind};
+pub use crate::nn::LayerFlops;
+use crate::nn::{layer, Buffer, Layer, Param, ParamKind};
 use crate::util::Rng;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 
-/// The compute of one layer for one input sample, for FLOPs accounting (`crate::sparse::flops`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerFlops {
-    /// Layer name (for a conv/linear layer, its weight parameter is `<name>.weight`).
-    pub name: String,
-    /// For conv/linear layers: the weight parameter name and the number of output positions
-    /// per sample (OH*OW for a conv, 1 for a linear layer): the layer costs
-    /// 2 x nonzero weights x positions (a multiply-add is 2 FLOPs), plus its bias.
-    pub weight: Option<(String, usize)>,
-    /// FLOPs that do not depend on sparsity: bias (1 per output), BatchNorm (2 per element,
-    /// folded scale and shift), ReLU (1 per element), average pooling (1 per input
-    /// element), max pooling (k*k per output), residual additions (1 per element).
-    pub other: f64,
+/// Declares the registered models: `ModelKind` with one variant per model (its doc is the
+/// `--model` help; its name the clap/serde spelling and `as_str`) and each kind's
+/// [`ModelEntry`].
+macro_rules! models {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal => $entry:expr,)*) => {
+        /// Network architecture (`--model`), one per registered model.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+        pub enum ModelKind {
+            $($(#[$doc])* #[serde(rename = $name)] #[value(name = $name)] $variant,)*
+        }
+
+        impl ModelKind {
+            /// Every registered model, in registration order.
+            pub const ALL: &'static [ModelKind] = &[$(ModelKind::$variant),*];
+
+            /// The spelling in flags, config files and run names.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ModelKind::$variant => $name,)*
+                }
+            }
+
+            /// How to build this model, and its `rest bench` defaults.
+            pub fn entry(self) -> &'static ModelEntry {
+                match self {
+                    $(ModelKind::$variant => &$entry,)*
+                }
+            }
+        }
+    };
+}
+
+models! {
+    /// REST's Colored-MNIST CNN: three stride-2 4x4 convolutions with BatchNorm, global
+    /// average pooling, linear classifier.
+    Cnn = "cnn" => cnn::ENTRY,
+    /// LfF's MLP: 3x28x28 -> 100 -> 100 -> 100 -> classes, ReLU.
+    Mlp = "mlp" => mlp::ENTRY,
+    /// ResNet-10 (BasicBlock, [1, 1, 1, 1]) of variable width (`width`).
+    Resnet10 = "resnet10" => resnet::ENTRY,
+    /// ResNet-18 (BasicBlock, [2, 2, 2, 2]) of variable width (`width`).
+    Resnet18 = "resnet18" => resnet::ENTRY,
+    /// ResNet-50 (Bottleneck, [3, 4, 6, 3]) of variable width (`width`).
+    Resnet50 = "resnet50" => resnet::ENTRY,
+}
+
+/// Builds a freshly initialised model of a spec for images of `input = (c, h, w)` with
+/// `num_classes` outputs, drawing its initial weights from the RNG.
+pub type BuildFn = fn(
+    spec: &ModelSpec,
+    input: (usize, usize, usize),
+    num_classes: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Box<dyn Model>>;
+
+/// A registered model: its constructor and its `rest bench` defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelEntry {
+    pub build: BuildFn,
+    /// `rest bench`'s default batch size.
+    pub bench_batch: usize,
+    /// `rest bench`'s input `(channels, height, width)`.
+    pub bench_input: (usize, usize, usize),
+    /// Whether the model takes images of any size (`rest bench --hw`).
+    pub any_size: bool,
 }
 
 /// A classifier taking `[N, C, H, W]` `f32` images and returning logits [N, classes].
 pub trait Model: Send + Sync {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor>;
-    /// Every trainable parameter, in a fixed order.
-    fn params(&self) -> Vec<Param>;
-    /// Non-trainable state (BatchNorm running statistics), in a fixed order.
-    fn buffers(&self) -> Result<Vec<Buffer>>;
-    /// Restores buffers saved from `buffers()` (same names and order).
-    fn set_buffers(&self, buffers: &[Buffer]) -> Result<()>;
+
+    /// The layers, in initialisation order, each once; applied one after the other they
+    /// give the model's FLOPs (a layer with a branch, like a residual block, is one composite
+    /// layer). For bookkeeping only: the forward pass calls its layers directly.
+    fn layers(&self) -> Vec<&dyn Layer>;
+
+    /// Every trainable parameter, in a fixed order (the layers').
+    fn params(&self) -> Vec<Param> {
+        layer::params_of(&self.layers())
+    }
+
+    /// Non-trainable state (BatchNorm running statistics), in a fixed order (the layers').
+    fn buffers(&self) -> Result<Vec<Buffer>> {
+        layer::buffers_of(&self.layers())
+    }
+
+    /// Restores buffers saved from `buffers()`, by name, in any order: each of the model's
+    /// buffers must be given once, with its shape, and no other (else an error naming it).
+    fn set_buffers(&self, buffers: &[Buffer]) -> Result<()> {
+        layer::restore_buffers(&self.layers(), buffers)
+    }
 
     /// Per-layer FLOPs of one forward pass for one sample of `input = (c, h, w)`.
-    fn layer_flops(&self, input: (usize, usize, usize)) -> Vec<LayerFlops>;
+    fn layer_flops(&self, input: (usize, usize, usize)) -> Vec<LayerFlops> {
+        layer::flops_of(&self.layers(), input)
+    }
 
     /// The memory layout in which the model runs fastest on its batches (the data loader
     /// prepares them so; [`Model::forward`] takes any layout).
@@ -98,16 +173,136 @@ pub fn build(
         bail!("a classifier needs at least 2 classes, the dataset has {num_classes}");
     }
     let spec = spec.into();
-    Ok(match spec.kind {
-        ModelKind::Cnn => Box::new(cnn::Cnn::new(input.0, num_classes, rng, device)?),
-        ModelKind::Mlp => Box::new(mlp::Mlp::new(
-            input.0 * input.1 * input.2,
-            num_classes,
-            rng,
-            device,
-        )?),
-        ModelKind::Resnet10 | ModelKind::Resnet18 | ModelKind::Resnet50 => Box::new(
-            resnet::ResNet::from_spec(&spec, input, num_classes, rng, device)?,
-        ),
-    })
+    (spec.kind.entry().build)(&spec, input, num_classes, rng, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build_cpu(kind: ModelKind, input: (usize, usize, usize)) -> Result<Box<dyn Model>> {
+        let spec = ModelSpec {
+            kind,
+            width: 4,
+            stem: Stem::Cifar,
+        };
+        build(spec, input, 10, &mut crate::util::rng(0, 1), &Device::Cpu)
+    }
+
+    /// The FLOPs tables of the layers' chained entries equal those of the hand-written
+    /// `layer_flops` before the layers knew their FLOPs (`rest flops --density 1 --json` of
+    /// that binary, in `testdata/flops-base.json`).
+    #[test]
+    fn flops_equal_the_hand_written_ones() -> Result<()> {
+        let cases: serde_json::Value =
+            serde_json::from_str(include_str!("testdata/flops-base.json"))?;
+        let cases = cases.as_array().expect("a list of cases");
+        assert_eq!(cases.len(), 7);
+        for case in cases {
+            let model: ModelKind = serde_json::from_value(case["model"].clone())?;
+            let input: (usize, usize, usize) = serde_json::from_value(case["input"].clone())?;
+            let table = crate::report::flops_for(model, 1.0, 1.0, input, 10)?;
+            assert_eq!(
+                serde_json::to_value(&table)?,
+                case["table"],
+                "{} at {input:?}",
+                model.as_str()
+            );
+        }
+        Ok(())
+    }
+
+    /// The spellings of `ModelKind` in flags, config files and `as_str` are the registered
+    /// ones (and those of config files written before the registry).
+    #[test]
+    fn model_kinds_keep_their_spellings() -> Result<()> {
+        let names: Vec<&str> = ModelKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["cnn", "mlp", "resnet10", "resnet18", "resnet50"]);
+        for &k in ModelKind::ALL {
+            let json = serde_json::to_string(&k)?;
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<ModelKind>(&json)?, k);
+            let parsed = <ModelKind as clap::ValueEnum>::from_str(k.as_str(), false)
+                .map_err(anyhow::Error::msg)?;
+            assert_eq!(parsed, k);
+        }
+        assert!(serde_json::from_str::<ModelKind>("\"resnet34\"").is_err());
+        Ok(())
+    }
+
+    /// Every registered model builds, and its layers account for all its parameters and
+    /// buffers under unique names, in the order the parameters were initialised.
+    #[test]
+    fn registered_models_build_with_unique_names() -> Result<()> {
+        for &k in ModelKind::ALL {
+            let e = k.entry();
+            let m = build_cpu(k, e.bench_input)?;
+            let params = m.params();
+            let mut names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+            let buffers = m.buffers()?;
+            names.extend(buffers.iter().map(|b| b.name.as_str()));
+            let n = names.len();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), n, "{}: duplicate names", k.as_str());
+            assert!(!m.weights().is_empty());
+            let flops = m.layer_flops(e.bench_input);
+            for w in m.weights() {
+                assert!(
+                    flops
+                        .iter()
+                        .any(|l| l.weight.as_ref().is_some_and(|(n, _)| *n == w.name)),
+                    "{}: no FLOPs entry for {}",
+                    k.as_str(),
+                    w.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `set_buffers` restores by name: the saved buffers in reverse order restore the same
+    /// state; a missing or an unknown one is an error naming it and changes nothing.
+    #[test]
+    fn buffers_are_restored_by_name() -> Result<()> {
+        let m = build_cpu(ModelKind::Cnn, (3, 12, 12))?;
+        let x = Tensor::rand(0f32, 1f32, (4, 3, 12, 12), &Device::Cpu)?;
+        let saved = m.buffers()?;
+        assert_eq!(saved.len(), 6);
+        assert_eq!(saved[0].name, "bn1.running_mean");
+        assert_eq!(saved[5].name, "bn3.running_var");
+        m.forward(&x, true)?; // moves the running statistics
+        let moved = m.buffers()?;
+        let mut reversed = saved.clone();
+        reversed.reverse();
+        m.set_buffers(&reversed)?;
+        for (a, b) in m.buffers()?.iter().zip(&saved) {
+            assert_eq!(a.name, b.name);
+            assert_eq!(a.tensor.to_vec1::<f32>()?, b.tensor.to_vec1::<f32>()?);
+        }
+
+        m.set_buffers(&moved)?;
+        let err = m.set_buffers(&saved[1..]).expect_err("a missing buffer");
+        assert!(err.to_string().contains("bn1.running_mean"), "{err}");
+        let mut unknown = saved.clone();
+        unknown[2].name = "bn9.running_mean".into();
+        let err = m.set_buffers(&unknown).expect_err("an unknown buffer");
+        assert!(err.to_string().contains("bn9.running_mean"), "{err}");
+        let mut extra = saved.clone();
+        extra.push(Buffer {
+            name: "bn4.running_var".into(),
+            tensor: saved[0].tensor.clone(),
+        });
+        let err = m.set_buffers(&extra).expect_err("an extra buffer");
+        assert!(err.to_string().contains("bn4.running_var"), "{err}");
+        // None of the failed calls changed anything.
+        for (a, b) in m.buffers()?.iter().zip(&moved) {
+            assert_eq!(a.tensor.to_vec1::<f32>()?, b.tensor.to_vec1::<f32>()?);
+        }
+        // Layers without buffers take none.
+        let fc =
+            crate::nn::Linear::new("fc", 3, 2, true, &mut crate::util::rng(0, 1), &Device::Cpu)?;
+        assert!(!fc.set_buffer("fc.running_mean", &saved[0].tensor)?);
+        Ok(())
+    }
 }

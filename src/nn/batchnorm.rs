@@ -1,7 +1,9 @@
-//! 2-D batch normalisation on CNHW activations (optionally fused with ReLU), PyTorch semantics: in training, normalise with the batch mean
-//! and biased variance and update running statistics (momentum 0.1, unbiased variance); in
-//! evaluation, use the running statistics.
+//! 2-D batch normalisation on CNHW activations (optionally fused with ReLU), PyTorch
+//! semantics: in training, normalise with the batch mean and biased variance and update
+//! running statistics (momentum 0.1, unbiased variance); in evaluation, use the running
+//! statistics, the layer's buffers `<name>.running_mean` and `<name>.running_var`.
 
+use super::layer::{elems, Dims, Layer, LayerFlops};
 use super::{Buffer, Param, ParamKind};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -72,7 +74,19 @@ impl BatchNorm2d {
         Ok(())
     }
 
-    pub fn params(&self) -> Vec<Param> {
+    /// The running statistic that buffer `name` (`<layer>.running_mean|running_var`) is.
+    fn buffer(&self, name: &str) -> Option<&Mutex<Tensor>> {
+        match name.strip_prefix(self.name.as_str())?.strip_prefix('.')? {
+            "running_mean" => Some(&self.running_mean),
+            "running_var" => Some(&self.running_var),
+            _ => None,
+        }
+    }
+}
+
+impl Layer for BatchNorm2d {
+    /// The scale (`<name>.weight`) and the shift (`<name>.bias`), as PyTorch names them.
+    fn params(&self) -> Vec<Param> {
         vec![
             Param {
                 name: format!("{}.weight", self.name),
@@ -89,39 +103,40 @@ impl BatchNorm2d {
         ]
     }
 
-    pub fn buffers(&self) -> Result<Vec<Buffer>> {
-        let rm = self
-            .running_mean
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned lock"))?
-            .clone();
-        let rv = self
-            .running_var
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned lock"))?
-            .clone();
+    fn buffers(&self) -> Result<Vec<Buffer>> {
+        let get = |m: &Mutex<Tensor>| -> Result<Tensor> {
+            Ok(m.lock()
+                .map_err(|_| anyhow::anyhow!("poisoned lock"))?
+                .clone())
+        };
         Ok(vec![
             Buffer {
                 name: format!("{}.running_mean", self.name),
-                tensor: rm,
+                tensor: get(&self.running_mean)?,
             },
             Buffer {
                 name: format!("{}.running_var", self.name),
-                tensor: rv,
+                tensor: get(&self.running_var)?,
             },
         ])
     }
 
-    /// Restores running statistics (from a checkpoint or the best-epoch snapshot).
-    pub fn set_buffers(&self, mean: Tensor, var: Tensor) -> Result<()> {
-        *self
-            .running_mean
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned lock"))? = mean;
-        *self
-            .running_var
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned lock"))? = var;
-        Ok(())
+    /// Restores a running statistic (from a checkpoint or the best-epoch snapshot).
+    fn set_buffer(&self, name: &str, tensor: &Tensor) -> Result<bool> {
+        let Some(slot) = self.buffer(name) else {
+            return Ok(false);
+        };
+        *slot.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))? = tensor.clone();
+        Ok(true)
+    }
+
+    /// One entry: the folded scale and shift, 2 per element.
+    fn flops(&self, input: Dims, out: &mut Vec<LayerFlops>) -> Dims {
+        out.push(LayerFlops {
+            name: self.name.clone(),
+            weight: None,
+            other: 2.0 * elems(input),
+        });
+        input
     }
 }

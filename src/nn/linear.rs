@@ -1,6 +1,7 @@
-//! Fully connected layer: y = x W^T + b, weight [out, in] as in PyTorch; dense or sparse
-//! kernel depending on the layer's sparse slot.
+//! Fully connected layer: y = x W^T + b, weight [out, in] as in PyTorch, optionally followed
+//! by a ReLU in the same op; dense or sparse kernel depending on the layer's sparse slot.
 
+use super::layer::{Dims, Layer, LayerFlops};
 use super::{init, slot_weight, Param, SparseSlot};
 use crate::kernels;
 use crate::util::Rng;
@@ -13,6 +14,8 @@ pub struct Linear {
     pub weight: Var,
     pub bias: Option<Var>,
     pub slot: SparseSlot,
+    /// Whether a ReLU follows, fused into the layer's op ([`Linear::with_relu`]).
+    pub relu: bool,
 }
 
 impl Linear {
@@ -36,21 +39,55 @@ impl Linear {
             weight,
             bias,
             slot: Default::default(),
+            relu: false,
         })
     }
 
-    /// `x` is `[N, in]`; returns `[N, out]`.
+    /// The layer followed by a ReLU (`relu(x W^T + b)`), in the same op.
+    pub fn with_relu(mut self, relu: bool) -> Self {
+        self.relu = relu;
+        self
+    }
+
+    /// `x` is `[N, in]`; returns `[N, out]` (after the ReLU when `relu`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.as_tensor();
+        self.forward_t(x, true)
+    }
+
+    /// [`Linear::forward`]; without `train` (no backward pass expected) the sparse kernel
+    /// skips keeping its packed input for the weight gradient (same values).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (w, b) = (
+            self.weight.as_tensor(),
+            self.bias.as_ref().map(|b| b.as_tensor()),
+        );
         match slot_weight(&self.slot) {
-            Some(sw) => {
-                kernels::sparse_linear_bias(x, w, self.bias.as_ref().map(|b| b.as_tensor()), &sw)
-            }
-            None => kernels::linear(x, w, self.bias.as_ref().map(|b| b.as_tensor())),
+            Some(sw) => kernels::sparse_linear_act(x, w, b, self.relu, train, &sw),
+            None => kernels::linear_act(x, w, b, self.relu),
         }
     }
 
+    /// The weight and the optional bias (as [`Layer::params`], without the trait in scope).
     pub fn params(&self) -> Vec<Param> {
         super::weight_and_bias_params(&self.name, &self.weight, self.bias.as_ref(), &self.slot)
+    }
+}
+
+impl Layer for Linear {
+    fn params(&self) -> Vec<Param> {
+        Linear::params(self)
+    }
+
+    /// One entry: the weight at 1 position, the bias (1 per output) and the ReLU (1 per
+    /// output). The input is taken flattened.
+    fn flops(&self, _input: Dims, out: &mut Vec<LayerFlops>) -> Dims {
+        let n = self.weight.dims()[0];
+        let per_out = f64::from(u8::from(self.bias.is_some()) + u8::from(self.relu));
+        out.push(LayerFlops {
+            name: self.name.clone(),
+            weight: Some((format!("{}.weight", self.name), 1)),
+            other: per_out * n as f64,
+        });
+        (n, 1, 1)
     }
 }
