@@ -7,19 +7,22 @@
 //! arguments that do not track gradients (e.g. the input images of the first convolution).
 
 mod conv;
+mod conv_stack;
 mod fused;
 pub mod generic;
 mod linear;
 mod linear_fm;
+mod linear_op;
 mod loss;
 mod norm;
 mod pool;
 mod scratch;
+pub(crate) mod sgd;
 mod sparse;
-mod stack;
 pub mod tape;
 
 pub use conv::conv2d_cnhw;
+pub use conv_stack::{conv_stack_applies, conv_stack_pool_eval};
 pub use fused::{conv_bn_eval, conv_bn_train, EvalConvBn};
 pub use linear::{linear, linear_act};
 pub use linear_fm::{feature_major, linear_fm};
@@ -30,7 +33,6 @@ pub(crate) use scratch::output as output_buffer;
 pub use sparse::{
     sparse_conv2d_cnhw, sparse_linear, sparse_linear_act, sparse_linear_bias, SparseWeight,
 };
-pub use stack::{conv_bn_stack_pool_eval, stack_applies};
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};

@@ -85,7 +85,7 @@ impl EvalState {
         }
     }
 
-    /// The layer's arguments for `kernels::conv_bn_eval` / `conv_bn_stack_pool_eval`.
+    /// The layer's arguments for `kernels::conv_bn_eval` / `conv_stack_pool_eval`.
     fn layer<'a>(
         &'a self,
         conv: &'a Conv2d,
@@ -109,10 +109,10 @@ impl EvalState {
 
 /// Inference `global_avg_pool(relu(bn_k(conv_k(... relu(bn_1(conv_1(x)))))))` `[N, C_k]` on
 /// NCHW images `x` (any strides), in one batch-innermost pass over groups of 16 images
-/// (`kernels::conv_bn_stack_pool_eval`: valid outputs only, each layer writing into the next
+/// (the inference stack, `kernels::conv_stack_pool_eval`: valid outputs only, each layer writing into the next
 /// one's input layout, activations kept in cache) when it applies: on the CPU with AVX-512,
 /// convolutions without bias. `None` otherwise (the caller runs the layers one by one).
-pub fn conv_bn_relu_stack_pool_eval(
+pub fn conv_stack_pool_eval(
     layers: &[(&Conv2d, &BatchNorm2d)],
     x: &Tensor,
 ) -> Result<Option<Tensor>> {
@@ -128,10 +128,10 @@ pub fn conv_bn_relu_stack_pool_eval(
         .zip(&states)
         .map(|((conv, bn), s)| s.layer(conv, bn, true))
         .collect();
-    if !crate::kernels::stack_applies(x, &args) {
+    if !crate::kernels::conv_stack_applies(x, &args) {
         return Ok(None);
     }
-    crate::kernels::conv_bn_stack_pool_eval(x, &args).map(Some)
+    crate::kernels::conv_stack_pool_eval(x, &args).map(Some)
 }
 
 /// What a parameter is, which decides whether the sparse engine masks it.
