@@ -282,7 +282,7 @@ fn eval_layer<'a>(
 
 #[test]
 fn eval_stack_equals_the_layers_then_the_pool() {
-    if !rest_kernels::sparse::Isa::Avx512.is_available() {
+    if rest_kernels::isa::active() != rest_kernels::Isa::Avx512 {
         eprintln!("skipped: the inference stack runs on AVX-512 CPUs only");
         return;
     }
@@ -410,7 +410,7 @@ fn eval_stack_equals_the_layers_then_the_pool() {
 /// CNN at 128x128 (about 35 MiB per group), not at 28x28 or 32x32.
 #[test]
 fn large_images_run_layer_by_layer() {
-    if !rest_kernels::sparse::Isa::Avx512.is_available() {
+    if rest_kernels::isa::active() != rest_kernels::Isa::Avx512 {
         return;
     }
     let mut r = ChaCha8Rng::seed_from_u64(10);

@@ -1,6 +1,8 @@
 //! Candle autograd glue for the CPU kernels of `rest-kernels`: convolution, batch norm (+ fused
 //! ReLU), pooling and linear layers as candle custom ops on **CNHW** activations, each with a
-//! backward pass computed by the same kernels.
+//! backward pass computed by the same kernels. Tensors off the CPU (CUDA) take the generic
+//! path of [`generic`] (candle's tensor ops), the home of GPU kernels; [`generic_path`] is the
+//! one dispatch point. The instruction set of the CPU kernels is `rest_kernels::isa`'s.
 //!
 //! Tensors must be `f32` on the CPU device; non-contiguous inputs are made contiguous first.
 //! Backward passes return plain tensors (no second derivatives) and skip the gradients of

@@ -1,6 +1,7 @@
-//! Inference of a stack of convolutions (+ folded BatchNorm and ReLU) and a global average
-//! pool, run depth-first on groups of 16 images with the batch innermost: every activation
-//! is `[C][H][W][16]`, one 16-lane vector per pixel of the group's 16 images.
+//! The inference stack: inference of a stack of convolutions, dense or sparse (+ folded
+//! BatchNorm and ReLU), and a global average pool, run depth-first on groups of 16 images
+//! with the batch innermost: every activation is `[C][H][W][16]`, one 16-lane vector per
+//! pixel of the group's 16 images.
 //!
 //! # Why
 //! The polyphase sparse convolution of [`crate::sparse::SparseConv`] spans the whole batch with one

@@ -11,10 +11,9 @@ use crate::isa::{self, Isa};
 /// Below this many useful flops a product runs on the calling thread (rayon would cost more).
 pub(crate) const SERIAL_FLOPS: usize = 1 << 18;
 /// [`SERIAL_FLOPS`] for the feature-major products (`spmm`, `spmmᵀ`, SDDMM): these stream
-/// whole rows of `x` at L2 speed, so a product of ~2 MFLOP takes ~50-100 us on one core,
-/// about what waking a sleeping rayon worker costs. Measured with `rest bench --models mlp`
-/// (2 threads): the MLP's first layer at density 0.01 (1.1 MFLOP) serial, step 0.30 -> 0.25
-/// ms; at 0.05 (5.4 MFLOP) parallel, as before.
+/// whole rows of `x` at L2 speed, so a product of a few MFLOP takes about as long on one core
+/// as waking a sleeping rayon worker costs (chosen with `rest bench --models mlp` at 2
+/// threads: the MLP's first layer runs serial at density 0.01, parallel at 0.05).
 const PRODUCT_SERIAL_FLOPS: usize = 1 << 21;
 /// Column granule of the spmm blocks (the AVX-512 register-tile width).
 const SPMM_COL_GRANULE: usize = 128;

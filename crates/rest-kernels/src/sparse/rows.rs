@@ -376,7 +376,7 @@ unsafe fn dispatch_blocks(
 /// thread. They stream their input once and are bound by memory bandwidth, which a second
 /// core on the same machine barely adds to, while the hand-over costs a wake-up and a wait:
 /// the MLP's first layer at batch 256 (1.5 M at density 0.01, 6 M at 0.05) trained faster
-/// serial at 2 threads (step 0.48 vs 0.56 ms at 0.01, 1.65 vs 1.70 ms at 0.05).
+/// serial at 2 threads.
 const PARALLEL_WORK: usize = 64 * SERIAL_FLOPS;
 
 /// Whether work of about `work` operations is worth handing to rayon: with one thread, or
