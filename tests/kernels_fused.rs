@@ -4,7 +4,7 @@
 //! of mask-update steps, and with an input that tracks no gradient (the network's images).
 //! The inference op (`conv_bn_eval`, running statistics) likewise against the separate
 //! convolution and evaluation-mode batch norm, and the batch-innermost inference stack
-//! (`conv_bn_stack_pool_eval`) against the layers one by one and the global average pool.
+//! (`conv_stack_pool_eval`) against the layers one by one and the global average pool.
 
 mod common;
 
@@ -13,9 +13,9 @@ use common::{loss_grads, rand_mask, rand_vec, var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{
-    batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_eval,
-    conv_bn_stack_pool_eval, conv_bn_train, global_avg_pool_cnhw, sparse_conv2d_cnhw,
-    stack_applies, EvalConvBn, SparseWeight,
+    batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_eval, conv_bn_train,
+    conv_stack_applies, conv_stack_pool_eval, global_avg_pool_cnhw, sparse_conv2d_cnhw, EvalConvBn,
+    SparseWeight,
 };
 use std::sync::Arc;
 
@@ -266,7 +266,7 @@ fn eval_layer<'a>(
 
 #[test]
 fn eval_stack_equals_the_layers_then_the_pool() {
-    if !rest_kernels::sparse::Isa::Avx512.is_available() {
+    if rest_kernels::isa::active() != rest_kernels::Isa::Avx512 {
         eprintln!("skipped: the inference stack runs on AVX-512 CPUs only");
         return;
     }
@@ -338,8 +338,8 @@ fn eval_stack_equals_the_layers_then_the_pool() {
             .and_then(|t| t.permute((3, 0, 1, 2)))
             .expect("feature-major");
         for input in [&x, &fm] {
-            assert!(stack_applies(input, &args), "case {case}");
-            let got = conv_bn_stack_pool_eval(input, &args).expect("stack");
+            assert!(conv_stack_applies(input, &args), "case {case}");
+            let got = conv_stack_pool_eval(input, &args).expect("stack");
             assert_eq!(got.dims(), want.dims(), "case {case}");
             if pooled_hw < 16 {
                 same(&got, &want, &format!("stack case {case}"));
@@ -361,7 +361,7 @@ fn eval_stack_equals_the_layers_then_the_pool() {
                 eval_layer(w, *sp, sw.as_ref().filter(|_| i != 1), bn, true)
             })
             .collect();
-        assert!(stack_applies(&x, &dense_later), "case {case}");
+        assert!(conv_stack_applies(&x, &dense_later), "case {case}");
         let mut h_ = x
             .permute((1, 0, 2, 3))
             .and_then(|t| t.contiguous())
@@ -370,7 +370,7 @@ fn eval_stack_equals_the_layers_then_the_pool() {
             h_ = a.apply(&h_).expect("layer");
         }
         let want = global_avg_pool_cnhw(&h_).expect("pool");
-        let got = conv_bn_stack_pool_eval(&x, &dense_later).expect("stack");
+        let got = conv_stack_pool_eval(&x, &dense_later).expect("stack");
         let diff = (&got - &want)
             .and_then(|d| d.abs())
             .and_then(|d| d.max_all())
@@ -392,7 +392,7 @@ fn eval_stack_equals_the_layers_then_the_pool() {
 /// CNN at 128x128 (about 35 MiB per group), not at 28x28 or 32x32.
 #[test]
 fn large_images_run_layer_by_layer() {
-    if !rest_kernels::sparse::Isa::Avx512.is_available() {
+    if rest_kernels::isa::active() != rest_kernels::Isa::Avx512 {
         return;
     }
     let mut r = ChaCha8Rng::seed_from_u64(10);
@@ -410,6 +410,6 @@ fn large_images_run_layer_by_layer() {
         .collect();
     for (hw, applies) in [(28, true), (32, true), (128, false)] {
         let x = Tensor::zeros((2, 3, hw, hw), candle_core::DType::F32, dev).expect("x");
-        assert_eq!(stack_applies(&x, &args), applies, "{hw}x{hw}");
+        assert_eq!(conv_stack_applies(&x, &args), applies, "{hw}x{hw}");
     }
 }

@@ -289,33 +289,25 @@ impl Transform {
             }
             BatchLayout::FeatureMajor => {
                 let n = idx.len();
-                #[allow(unused_mut)]
-                let mut done = 0;
-                // Unaugmented whole blocks of 16 samples: read straight from the images.
-                #[cfg(target_arch = "x86_64")]
-                if (key.is_none() || !self.is_random())
-                    && split.images.len() <= i32::MAX as usize
-                    && std::arch::is_x86_feature_detected!("avx512f")
-                {
-                    let full = n / FM_BLOCK * FM_BLOCK;
-                    let starts: Vec<i32> = idx[..full].iter().map(|&i| (i * sz) as i32).collect();
-                    // SAFETY: AVX-512F is available; every sample index is inside the split
-                    // (checked above), so image `k` spans `starts[k]..starts[k] + sz` of
-                    // `split.images`, whose length fits an i32 offset; `out` holds `sz` runs
-                    // of `n >= starts.len()` values (a multiple of 16).
-                    unsafe {
-                        fm_avx512::gather(
-                            &split.images,
-                            &starts,
-                            (h * w, c),
-                            self.normalize.as_ref(),
-                            &lut,
-                            out,
-                            n,
-                        )
-                    };
-                    done = full;
-                }
+                // Unaugmented whole blocks of 16 samples: read straight from the images (with
+                // AVX-512; `done` = 0 without).
+                let done = if key.is_none() || !self.is_random() {
+                    let norm = self
+                        .normalize
+                        .as_ref()
+                        .map(|nm| (&nm.mean[..], &nm.std[..]));
+                    rest_kernels::layout::bytes_to_feature_major(
+                        &split.images,
+                        idx,
+                        (h * w, c),
+                        norm,
+                        &lut,
+                        out,
+                        n,
+                    )
+                } else {
+                    0
+                };
                 // The rest a block at a time: transformed into a small NCHW buffer and written
                 // out a feature at a time (each feature's block of values one contiguous run).
                 let mut tmp = vec![0.0f32; FM_BLOCK * sz];
@@ -338,95 +330,7 @@ impl Transform {
 }
 
 /// Samples per block of the feature-major gather.
-const FM_BLOCK: usize = 16;
-
-/// The feature-major gather of unaugmented samples with AVX-512, 16 samples at a time: one
-/// 32-bit gather reads 4 consecutive bytes of 16 images, i.e. 4 features of 16 samples; each
-/// feature's 16 values are computed with the table's arithmetic (`byte * (1/255)`, then
-/// `(x - mean) / std` when normalising: the same IEEE operations, so bit-identical to
-/// [`Transform::lut`]) and stored as one 64-byte run. Features are the outer loop, so each
-/// feature's run over the batch is written out whole, in order.
-#[cfg(target_arch = "x86_64")]
-mod fm_avx512 {
-    use super::{Normalize, FM_BLOCK};
-    use std::arch::x86_64::*;
-
-    /// The value of byte `v` (the low 8 bits of each lane): scaled, then normalised with
-    /// `(mean, std)` when given.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn value(v: __m512i, scale: __m512, norm: Option<(__m512, __m512)>) -> __m512 {
-        let x = _mm512_mul_ps(_mm512_cvtepi32_ps(v), scale);
-        match norm {
-            Some((m, s)) => _mm512_div_ps(_mm512_sub_ps(x, m), s),
-            None => x,
-        }
-    }
-
-    /// Writes samples `0..starts.len()` (a multiple of 16) of every feature run of `out`.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; image `k` must span `starts[k]..starts[k] + hw * c` of
-    /// `images`; `out` must hold `hw * c` runs of `n >= starts.len()` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gather(
-        images: &[u8],
-        starts: &[i32],
-        (hw, c): (usize, usize),
-        normalize: Option<&Normalize>,
-        lut: &[[f32; 256]],
-        out: &mut [f32],
-        n: usize,
-    ) {
-        let sz = hw * c;
-        debug_assert!(starts.len().is_multiple_of(FM_BLOCK) && starts.len() <= n);
-        debug_assert!(out.len() >= sz * n);
-        let bases: Vec<__m512i> = starts
-            .chunks_exact(FM_BLOCK)
-            .map(|s| _mm512_loadu_si512(s.as_ptr().cast()))
-            .collect();
-        let scale = _mm512_set1_ps(1.0f32 / 255.0);
-        let byte = _mm512_set1_epi32(0xFF);
-        // Per channel `(mean, std)` when normalising.
-        let norm: Option<Vec<(__m512, __m512)>> = normalize.map(|nm| {
-            (0..c)
-                .map(|ch| (_mm512_set1_ps(nm.mean[ch]), _mm512_set1_ps(nm.std[ch])))
-                .collect()
-        });
-        let dst = out.as_mut_ptr();
-        let src = images.as_ptr();
-        let mut o = 0;
-        while o + 4 <= sz {
-            // The 4 features of bytes o..o+4 (pixel, channel): their output runs.
-            let runs: [usize; 4] = std::array::from_fn(|j| {
-                let (px, ch) = ((o + j) / c, (o + j) % c);
-                (ch * hw + px) * n
-            });
-            let chans: [usize; 4] = std::array::from_fn(|j| (o + j) % c);
-            let off = _mm512_set1_epi32(o as i32);
-            for (b, &base) in bases.iter().enumerate() {
-                let words = _mm512_i32gather_epi32::<1>(_mm512_add_epi32(base, off), src.cast());
-                for j in 0..4 {
-                    let v = match j {
-                        0 => _mm512_and_si512(words, byte),
-                        1 => _mm512_and_si512(_mm512_srli_epi32::<8>(words), byte),
-                        2 => _mm512_and_si512(_mm512_srli_epi32::<16>(words), byte),
-                        _ => _mm512_srli_epi32::<24>(words),
-                    };
-                    let nm = norm.as_ref().map(|t| t[chans[j]]);
-                    _mm512_storeu_ps(dst.add(runs[j] + b * FM_BLOCK), value(v, scale, nm));
-                }
-            }
-            o += 4;
-        }
-        for ob in o..sz {
-            let (px, ch) = (ob / c, ob % c);
-            for (k, &st) in starts.iter().enumerate() {
-                *dst.add((ch * hw + px) * n + k) = lut[ch][images[st as usize + ob] as usize];
-            }
-        }
-    }
-}
+const FM_BLOCK: usize = rest_kernels::layout::FEATURE_MAJOR_BLOCK;
 
 /// The memory layout of a batch's `f32` values; the tensor is `[N, C, H, W]` either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

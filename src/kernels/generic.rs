@@ -1,7 +1,15 @@
-//! The layer ops of `rest::kernels` built from candle's own tensor ops, so they run on any
-//! candle device (CUDA above all) with candle's autograd. They take and return the same CNHW
-//! layouts and shapes as the CPU custom ops, which dispatch here for tensors that are not on
-//! the CPU. On the CPU they serve as an independent reference for the custom ops (tests).
+//! The generic and GPU path: the layer ops of `rest::kernels` built from candle's own tensor
+//! ops, so they run on any candle device (CUDA above all) with candle's autograd. They take
+//! and return the same CNHW layouts and shapes as the CPU custom ops, which dispatch here
+//! (`kernels::generic_path`) for tensors that are not on the CPU, or everywhere with
+//! `REST_KERNELS=candle`. On the CPU they serve as an independent reference for the custom
+//! ops (tests).
+//!
+//! This is where GPU kernels go: a layer that needs its own GPU kernel gets a candle custom
+//! op implementing `cuda_fwd` (and its backward) next to these functions, called from the
+//! same dispatch point in place of the tensor-op version; the CPU kernels stay in
+//! `rest-kernels`, wrapped by the other modules of `kernels` (see ARCHITECTURE.md, "Adding a
+//! GPU kernel").
 //!
 //! Sparse layers have no compact form here: the trainer keeps masked weights at zero, so the
 //! dense product is the sparse one, and its gradient is the dense gradient that RigL's growth

@@ -2,10 +2,12 @@
 //! (no transposed copies of `W` or `dy`, unlike the generic `matmul` path).
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Shape, Tensor};
 use rest_kernels::{linear_bwd_bias, linear_bwd_input, linear_bwd_weight, linear_fwd};
 
-use super::{cpu_slice, prepare, scratch, with_f32};
+use super::linear_op::{self, Grads, LinearKernel};
+use super::tape::Keep;
+use super::{prepare, scratch, with_f32};
 
 #[derive(Clone, Copy)]
 struct LinearOp {
@@ -17,7 +19,7 @@ struct LinearOp {
 }
 
 impl LinearOp {
-    fn fwd(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> (CpuStorage, Shape) {
+    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> (CpuStorage, Shape) {
         let mut y = scratch::output(self.n * self.o);
         linear_fwd(x, w, b, self.n, self.i, self.o, &mut y);
         if self.relu {
@@ -44,7 +46,7 @@ impl LinearOp {
         Tensor::from_vec(dy, grad.shape(), grad.device())
     }
 
-    fn grads(
+    fn xw_grads(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -89,67 +91,33 @@ impl LinearOp {
     }
 }
 
-impl CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "rest-linear"
-    }
-    fn cpu_fwd(
+impl LinearKernel for LinearOp {
+    const NAMES: [&'static str; 2] = ["rest-linear", "rest-linear-bias"];
+
+    fn fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok(self.fwd(
-            cpu_slice(s1, l1, self.name())?,
-            cpu_slice(s2, l2, self.name())?,
-            None,
-        ))
+        Ok(self.forward(x, w, b))
     }
-    fn bwd(
+
+    fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
+        b: Option<&Tensor>,
         res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Grads> {
         let grad = self.linear_grad(res, grad)?;
-        self.grads(x, w, &grad)
-    }
-}
-
-struct LinearBiasOp(LinearOp);
-
-impl CustomOp3 for LinearBiasOp {
-    fn name(&self) -> &'static str {
-        "rest-linear-bias"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok(self.0.fwd(
-            cpu_slice(s1, l1, self.name())?,
-            cpu_slice(s2, l2, self.name())?,
-            Some(cpu_slice(s3, l3, self.name())?),
-        ))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = self.0.linear_grad(res, grad)?;
-        let (dx, dw) = self.0.grads(x, w, &grad)?;
-        Ok((dx, dw, self.0.bias_grad(b, &grad)?))
+        let (dx, dw) = self.xw_grads(x, w, &grad)?;
+        let db = match b {
+            Some(b) => self.bias_grad(b, &grad)?,
+            None => None,
+        };
+        Ok((dx, dw, db))
     }
 }
 
@@ -178,19 +146,5 @@ pub fn linear_act(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Res
         );
     }
     let op = LinearOp { n, i, o, relu };
-    match b {
-        None => Ok(super::tape::op2(&x, &w, op)?),
-        Some(b) => {
-            let b = prepare(b, 1, "linear bias b [O]")?;
-            if b.dim(0)? != o {
-                bail!(
-                    "linear: bias has {} entries but weight {:?} has {o} outputs",
-                    b.dim(0)?,
-                    w.dims()
-                );
-            }
-            let op = LinearBiasOp(op);
-            Ok(super::tape::op3(&x, &w, &b, op)?)
-        }
-    }
+    linear_op::apply(&x, &w, b, o, op, "linear", Keep::ALL)
 }

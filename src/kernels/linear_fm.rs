@@ -9,17 +9,18 @@
 //! the logits the loss takes).
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, transpose};
+use candle_core::{CpuStorage, Shape, Tensor};
+use rest_kernels::sparse::{sddmm_into, spmm, spmm_t};
 use rest_kernels::{
     bias_act_fm, linear_bwd_bias_fm, linear_bwd_input_fm, linear_bwd_weight_fm, linear_fwd_fm,
-    output_grad_fm,
+    output_grad_fm, transpose,
 };
 use std::sync::Arc;
 
+use super::linear_op::{self, Grads, LinearKernel};
 use super::sparse::{kernel_err, SparseWeight};
 use super::tape::Keep;
-use super::{cpu_slice, prepare, scratch, with_f32};
+use super::{prepare, scratch, with_f32};
 
 const NAME: &str = "rest-linear-fm";
 
@@ -35,8 +36,6 @@ struct LinearFmOp {
     sparse: Option<Arc<SparseWeight>>,
 }
 
-type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-
 impl LinearFmOp {
     fn out_shape(&self) -> Shape {
         if self.out_batch_major {
@@ -46,7 +45,7 @@ impl LinearFmOp {
         }
     }
 
-    fn fwd(
+    fn forward(
         &self,
         x: &[f32],
         w: &[f32],
@@ -65,7 +64,7 @@ impl LinearFmOp {
         bias_act_fm(&mut y, n, b, self.relu);
         if self.out_batch_major {
             let mut t = scratch::output(o * n);
-            transpose(&y, o, n, &mut t).map_err(kernel_err)?;
+            transpose(&y, o, n, &mut t);
             y = t;
         }
         Ok((CpuStorage::F32(y), self.out_shape()))
@@ -75,7 +74,7 @@ impl LinearFmOp {
     /// A sparse layer's weight gradient is the compact one (kept in its [`SparseWeight`]),
     /// or the dense one on mask-update steps, or the active positions scattered into a
     /// dense tensor (see [`SparseWeight::set_compact_grad`]).
-    fn grads(
+    fn all_grads(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -162,66 +161,27 @@ impl LinearFmOp {
     }
 }
 
-impl CustomOp2 for LinearFmOp {
-    fn name(&self) -> &'static str {
-        NAME
-    }
+impl LinearKernel for LinearFmOp {
+    const NAMES: [&'static str; 2] = [NAME, NAME];
 
-    fn cpu_fwd(
+    fn fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd(cpu_slice(s1, l1, NAME)?, cpu_slice(s2, l2, NAME)?, None)
+        self.forward(x, w, b)
     }
 
-    fn bwd(
+    fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.grads(x, w, None, res, grad)?;
-        Ok((dx, dw))
-    }
-}
-
-/// [`LinearFmOp`] with its bias.
-struct LinearFmBiasOp(LinearFmOp);
-
-impl CustomOp3 for LinearFmBiasOp {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.0.fwd(
-            cpu_slice(s1, l1, NAME)?,
-            cpu_slice(s2, l2, NAME)?,
-            Some(cpu_slice(s3, l3, NAME)?),
-        )
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
+        b: Option<&Tensor>,
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Grads> {
-        self.0.grads(x, w, Some(b), res, grad)
+        self.all_grads(x, w, b, res, grad)
     }
 }
 
@@ -292,18 +252,5 @@ pub fn linear_fm(
     // gradient; a sparse layer reads its CSR values) and, through the ReLU, the output.
     let w_bit = if sparse.is_some() { 0 } else { 0b010 };
     let keep = Keep::only(0b001 | w_bit, relu);
-    match b {
-        None => Ok(super::tape::op2_keep(&x, &w, op, keep)?),
-        Some(b) => {
-            let b = prepare(b, 1, "feature-major linear bias b [O]")?;
-            if b.dim(0)? != o {
-                bail!(
-                    "feature-major linear: bias has {} entries but weight {:?} has {o} outputs",
-                    b.dim(0)?,
-                    w.dims()
-                );
-            }
-            Ok(super::tape::op3_keep(&x, &w, &b, LinearFmBiasOp(op), keep)?)
-        }
-    }
+    linear_op::apply(&x, &w, b, o, op, "feature-major linear", keep)
 }

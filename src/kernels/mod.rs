@@ -1,26 +1,32 @@
 //! Candle autograd glue for the CPU kernels of `rest-kernels`: convolution, batch norm (+ fused
 //! ReLU), pooling, linear layers and the residual join as candle custom ops on **CNHW**
-//! activations, each with a backward pass computed by the same kernels.
+//! activations, each with a backward pass computed by the same kernels. Tensors off the CPU
+//! (CUDA) take the generic path of [`generic`] (candle's tensor ops), the home of GPU kernels;
+//! [`generic_path`] is the one dispatch point. The instruction set of the CPU kernels is
+//! `rest_kernels::isa`'s.
 //!
 //! Tensors must be `f32` on the CPU device; non-contiguous inputs are made contiguous first.
 //! Backward passes return plain tensors (no second derivatives) and skip the gradients of
 //! arguments that do not track gradients (e.g. the input images of the first convolution).
 
 mod conv;
+mod conv_stack;
 mod fused;
 pub mod generic;
 mod linear;
 mod linear_fm;
+mod linear_op;
 mod loss;
 mod norm;
 mod pool;
 mod residual;
 mod scratch;
+pub(crate) mod sgd;
 mod sparse;
-mod stack;
 pub mod tape;
 
 pub use conv::conv2d_cnhw;
+pub use conv_stack::{conv_stack_applies, conv_stack_pool_eval};
 pub use fused::{conv_bn_eval, conv_bn_train, EvalConvBn};
 pub use linear::{linear, linear_act};
 pub use linear_fm::{feature_major, linear_fm};
@@ -32,7 +38,6 @@ pub(crate) use scratch::output as output_buffer;
 pub use sparse::{
     sparse_conv2d_cnhw, sparse_linear, sparse_linear_act, sparse_linear_bias, SparseWeight,
 };
-pub use stack::{conv_bn_stack_pool_eval, stack_applies};
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};

@@ -2,8 +2,7 @@
 //! fill (tens of MB per layer at batch 256). They are not pooled here: the allocator keeps
 //! freed memory mapped (`main.rs` sets mimalloc's purge delay) and reuses it for the next
 //! allocation, so a fresh buffer costs no page faults after the first step, and a pool of
-//! idle buffers only added to the peak (ResNet18 at 128 px: 925 -> 855 MiB without it, the
-//! same step time).
+//! idle buffers only added to the peak memory (at the same step time).
 
 /// A new `len`-element buffer for a kernel output that the kernel overwrites completely
 /// (every kernel in `rest-kernels` does unless its doc says it accumulates). Skips the zero

@@ -7,14 +7,18 @@
 //! the dense weight tensor at every forward pass (O(nnz)).
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rest_kernels::sparse::{
     packed_len, sddmm_into, sddmm_packed, sddmm_rows, spmm, spmm_rows_fused, spmm_t, spmm_t_rows,
-    transpose, ChwnConv, SparseConv, SparseMatrix,
+    SparseConv, SparseMatrix,
 };
-use rest_kernels::{conv2d_bwd_weight, linear_bwd_bias, linear_bwd_weight, Conv2dGeom};
+use rest_kernels::{
+    conv2d_bwd_weight, linear_bwd_bias, linear_bwd_weight, transpose, Conv2dGeom, ConvStackPlan,
+};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::linear_op::{self, Grads, LinearKernel};
+use super::tape::Keep;
 use super::{any_tracked, cpu_slice, prepare, scratch, with_f32};
 
 /// The compact weight of one layer, shared by the layer and the ops it creates.
@@ -37,8 +41,8 @@ pub(super) struct State {
     /// The pattern laid out for the last convolution geometry (rebuilt when the batch or
     /// image size changes; the pattern itself never changes within a `SparseWeight`).
     conv: Option<Arc<SparseConv>>,
-    /// The pattern laid out for batch-innermost inference (`kernels::stack`), per geometry.
-    chwn: Option<Arc<ChwnConv>>,
+    /// The pattern laid out for the inference stack (`kernels::conv_stack`), per geometry.
+    conv_stack: Option<Arc<ConvStackPlan>>,
 }
 
 impl State {
@@ -53,18 +57,21 @@ impl State {
         }
     }
 
-    /// The pattern laid out for batch-innermost inference with geometry `g` (its batch size
-    /// does not matter), cached like [`Self::conv_plan`].
-    pub(super) fn chwn_plan(&mut self, g: &Conv2dGeom) -> candle_core::Result<Arc<ChwnConv>> {
+    /// The pattern laid out for the inference stack with geometry `g` (its batch size does
+    /// not matter), cached like [`Self::conv_plan`].
+    pub(super) fn conv_stack_plan(
+        &mut self,
+        g: &Conv2dGeom,
+    ) -> candle_core::Result<Arc<ConvStackPlan>> {
         let key = Conv2dGeom {
-            n: rest_kernels::sparse::STACK_LANES,
+            n: rest_kernels::conv_stack::LANES,
             ..*g
         };
-        match &self.chwn {
+        match &self.conv_stack {
             Some(c) if *c.geom() == key => Ok(c.clone()),
             _ => {
-                let c = Arc::new(ChwnConv::new(&self.matrix, g).map_err(kernel_err)?);
-                self.chwn = Some(c.clone());
+                let c = Arc::new(ConvStackPlan::new(&self.matrix, g).map_err(kernel_err)?);
+                self.conv_stack = Some(c.clone());
                 Ok(c)
             }
         }
@@ -106,7 +113,7 @@ impl SparseWeight {
                 grad: None,
                 flat,
                 conv: None,
-                chwn: None,
+                conv_stack: None,
             }),
         }))
     }
@@ -353,6 +360,9 @@ pub fn sparse_conv2d_cnhw(
     Ok(super::tape::op2(&x, &w, op)?)
 }
 
+/// The name of the sparse linear op (without bias).
+const SPARSE_LINEAR: &str = "rest-sparse-linear";
+
 struct SparseLinearOp {
     n: usize,
     i: usize,
@@ -369,7 +379,7 @@ struct SparseLinearOp {
 
 impl SparseLinearOp {
     /// `y = x W^T (+ b)`, then ReLU if asked for.
-    fn fwd(
+    fn forward(
         &self,
         x: &[f32],
         w: &[f32],
@@ -393,11 +403,11 @@ impl SparseLinearOp {
             return Ok((CpuStorage::F32(y), Shape::from((n, o))));
         }
         let mut xt = scratch::output(n * i);
-        transpose(x, n, i, &mut xt).map_err(kernel_err)?;
+        transpose(x, n, i, &mut xt);
         let mut yt = scratch::output(o * n);
         spmm(&st.matrix, &xt, n, &mut yt).map_err(kernel_err)?;
         let mut y = scratch::output(n * o);
-        transpose(&yt, o, n, &mut y).map_err(kernel_err)?;
+        transpose(&yt, o, n, &mut y);
         add_bias(&mut y, b);
         if self.relu {
             y.iter_mut().for_each(|v| *v = v.max(0.0));
@@ -407,7 +417,7 @@ impl SparseLinearOp {
 
     /// The input, weight and (with `bias`) bias gradients from the gradient of the op's output
     /// `res` (see [`SparseWeight::set_compact_grad`] for the weight's).
-    fn grads(
+    fn all_grads(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -416,13 +426,13 @@ impl SparseLinearOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let pack = self.pack.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let out = with_f32(grad, self.name(), |g| {
+        let out = with_f32(grad, SPARSE_LINEAR, |g| {
             if !self.relu {
                 return self.grads_from(x, w, bias, g, pack.as_deref());
             }
             // Through the ReLU: the gradient where the output is positive.
             let mut dy = scratch::output(g.len());
-            with_f32(res, self.name(), |y| {
+            with_f32(res, SPARSE_LINEAR, |y| {
                 for ((d, &gv), &yv) in dy.iter_mut().zip(g).zip(y) {
                     *d = if yv > 0.0 { gv } else { 0.0 };
                 }
@@ -433,7 +443,7 @@ impl SparseLinearOp {
         out
     }
 
-    /// [`Self::grads`] from the gradient `dy` of the linear part (before any ReLU).
+    /// [`Self::all_grads`] from the gradient `dy` of the linear part (before any ReLU).
     fn grads_from(
         &self,
         x: &Tensor,
@@ -466,23 +476,23 @@ impl SparseLinearOp {
                     Some(p) if p.len() == packed_len(&st.matrix, n) => {
                         sddmm_packed(&st.matrix, dy, p, n, &mut vals).map_err(kernel_err)?
                     }
-                    _ => with_f32(x, self.name(), |xs| {
+                    _ => with_f32(x, SPARSE_LINEAR, |xs| {
                         sddmm_rows(&st.matrix, dy, xs, n, &mut vals).map_err(kernel_err)
                     })?,
                 }
             } else {
                 let mut dyt = scratch::output(o * n);
-                transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
+                transpose(dy, n, o, &mut dyt);
                 if x.track_op() {
                     let mut dxt = scratch::output(i * n);
                     spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
                     let mut d = scratch::output(n * i);
-                    transpose(&dxt, i, n, &mut d).map_err(kernel_err)?;
+                    transpose(&dxt, i, n, &mut d);
                     dx = Some(Tensor::from_vec(d, (n, i), x.device())?);
                 }
-                with_f32(x, self.name(), |xs| {
+                with_f32(x, SPARSE_LINEAR, |xs| {
                     let mut xt = scratch::output(n * i);
-                    transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
+                    transpose(xs, n, i, &mut xt);
                     sddmm_into(&st.matrix, &dyt, &xt, n, &mut vals).map_err(kernel_err)
                 })?;
             }
@@ -499,7 +509,7 @@ impl SparseLinearOp {
             };
             let dw = if w.track_op() {
                 let mut dw = scratch::output(o * i);
-                with_f32(x, self.name(), |xs| {
+                with_f32(x, SPARSE_LINEAR, |xs| {
                     if st.dense_grad {
                         linear_bwd_weight(dy, xs, n, i, o, &mut dw);
                     } else {
@@ -518,24 +528,24 @@ impl SparseLinearOp {
             return Ok((dx, dw, db));
         }
         let mut dyt = scratch::output(o * n);
-        transpose(dy, n, o, &mut dyt).map_err(kernel_err)?;
+        transpose(dy, n, o, &mut dyt);
         let dx = if x.track_op() {
             let mut dxt = scratch::output(i * n);
             spmm_t(&st.matrix, &dyt, n, &mut dxt).map_err(kernel_err)?;
             let mut dx = scratch::output(n * i);
-            transpose(&dxt, i, n, &mut dx).map_err(kernel_err)?;
+            transpose(&dxt, i, n, &mut dx);
             Some(Tensor::from_vec(dx, (n, i), x.device())?)
         } else {
             None
         };
         let dw = if w.track_op() {
             let mut dw = scratch::output(o * i);
-            with_f32(x, self.name(), |xs| {
+            with_f32(x, SPARSE_LINEAR, |xs| {
                 if st.dense_grad {
                     linear_bwd_weight(dy, xs, n, i, o, &mut dw);
                 } else {
                     let mut xt = scratch::output(n * i);
-                    transpose(xs, n, i, &mut xt).map_err(kernel_err)?;
+                    transpose(xs, n, i, &mut xt);
                     scatter_dense_grad(&st.matrix, &dyt, &xt, n, &mut dw).map_err(kernel_err)?;
                 }
                 Ok(())
@@ -557,72 +567,27 @@ fn add_bias(y: &mut [f32], b: Option<&[f32]>) {
     }
 }
 
-impl CustomOp2 for SparseLinearOp {
-    fn name(&self) -> &'static str {
-        "rest-sparse-linear"
-    }
+impl LinearKernel for SparseLinearOp {
+    const NAMES: [&'static str; 2] = [SPARSE_LINEAR, "rest-sparse-linear-bias"];
 
-    fn cpu_fwd(
+    fn fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd(
-            cpu_slice(s1, l1, self.name())?,
-            cpu_slice(s2, l2, self.name())?,
-            None,
-        )
+        self.forward(x, w, b)
     }
 
-    fn bwd(
+    fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
+        b: Option<&Tensor>,
         res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.grads(x, w, None, res, grad)?;
-        Ok((dx, dw))
-    }
-}
-
-/// The sparse linear layer with its bias added (and optionally the ReLU applied) in the same
-/// op: saves candle's broadcast add, its ReLU and, in backward, the batch reduction and the
-/// ReLU's masking ops.
-struct SparseLinearBiasOp(SparseLinearOp);
-
-impl CustomOp3 for SparseLinearBiasOp {
-    fn name(&self) -> &'static str {
-        "rest-sparse-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.0.fwd(
-            cpu_slice(s1, l1, self.name())?,
-            cpu_slice(s2, l2, self.name())?,
-            Some(cpu_slice(s3, l3, self.name())?),
-        )
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.0.grads(x, w, Some(b), res, grad)
+    ) -> candle_core::Result<Grads> {
+        self.all_grads(x, w, b, res, grad)
     }
 }
 
@@ -712,19 +677,7 @@ pub fn sparse_linear_act(
         keep_pack,
         pack: Mutex::new(None),
     };
-    let Some(b) = b else {
-        return Ok(super::tape::op2(&x, &w, op)?);
-    };
-    let b = prepare(b, 1, "sparse_linear bias b [O]")?;
-    if b.dim(0)? != o {
-        bail!(
-            "sparse_linear: bias has {} entries but weight {:?} has {o} outputs",
-            b.dim(0)?,
-            w.dims()
-        );
-    }
-    let op = SparseLinearBiasOp(op);
-    Ok(super::tape::op3(&x, &w, &b, op)?)
+    linear_op::apply(&x, &w, b, o, op, "sparse_linear", Keep::ALL)
 }
 
 /// The weight gradient at the active positions (SDDMM), scattered into a dense buffer that is

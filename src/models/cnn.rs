@@ -61,7 +61,7 @@ impl Model for Cnn {
             // Inference in one batch-innermost pass where it applies (AVX-512 CPUs): straight
             // from the images (any layout) to the pooled features.
             let pairs: Vec<_> = self.convs.iter().map(|l| (&l.conv, &l.bn)).collect();
-            if let Some(pooled) = crate::nn::conv_bn_relu_stack_pool_eval(&pairs, x)? {
+            if let Some(pooled) = crate::nn::conv_stack_pool_eval(&pairs, x)? {
                 return self.fc.forward(&pooled);
             }
         }

@@ -1,7 +1,7 @@
 //! A bias-free convolution followed by BatchNorm (and optionally ReLU), the unit of the CNN
 //! and the ResNets (`ConvBn`), and the fused ops that run such layers: conv+BN(+ReLU) in one op
 //! for training or inference (`conv_bn`), and a whole conv+BN+ReLU stack with its global
-//! average pool at inference (`conv_bn_relu_stack_pool_eval`).
+//! average pool at inference (`conv_stack_pool_eval`).
 
 use super::layer::{elems, Dims, Layer, LayerFlops};
 use super::{slot_weight, BatchNorm2d, Buffer, Conv2d, Param};
@@ -168,7 +168,7 @@ impl EvalState {
         }
     }
 
-    /// The layer's arguments for `kernels::conv_bn_eval` / `conv_bn_stack_pool_eval`.
+    /// The layer's arguments for `kernels::conv_bn_eval` / `conv_stack_pool_eval`.
     fn layer<'a>(
         &'a self,
         conv: &'a Conv2d,
@@ -192,10 +192,10 @@ impl EvalState {
 
 /// Inference `global_avg_pool(relu(bn_k(conv_k(... relu(bn_1(conv_1(x)))))))` `[N, C_k]` on
 /// NCHW images `x` (any strides), in one batch-innermost pass over groups of 16 images
-/// (`kernels::conv_bn_stack_pool_eval`: valid outputs only, each layer writing into the next
+/// (`kernels::conv_stack_pool_eval`: valid outputs only, each layer writing into the next
 /// one's input layout, activations kept in cache) when it applies: on the CPU with AVX-512,
 /// convolutions without bias. `None` otherwise (the caller runs the layers one by one).
-pub fn conv_bn_relu_stack_pool_eval(
+pub fn conv_stack_pool_eval(
     layers: &[(&Conv2d, &BatchNorm2d)],
     x: &Tensor,
 ) -> Result<Option<Tensor>> {
@@ -211,8 +211,8 @@ pub fn conv_bn_relu_stack_pool_eval(
         .zip(&states)
         .map(|((conv, bn), s)| s.layer(conv, bn, true))
         .collect();
-    if !crate::kernels::stack_applies(x, &args) {
+    if !crate::kernels::conv_stack_applies(x, &args) {
         return Ok(None);
     }
-    crate::kernels::conv_bn_stack_pool_eval(x, &args).map(Some)
+    crate::kernels::conv_stack_pool_eval(x, &args).map(Some)
 }

@@ -15,7 +15,7 @@ pub mod pool;
 
 pub use batchnorm::BatchNorm2d;
 pub use conv2d::Conv2d;
-pub use conv_bn::{conv_bn, conv_bn_relu, conv_bn_relu_stack_pool_eval, ConvBn};
+pub use conv_bn::{conv_bn, conv_bn_relu, conv_stack_pool_eval, ConvBn};
 pub use layer::{Dims, Layer, LayerFlops};
 pub use linear::Linear;
 pub use pool::{GlobalAvgPool, MaxPool2d};

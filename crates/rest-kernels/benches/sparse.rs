@@ -11,8 +11,8 @@
 //! `direct/expand_grad` time the layout passes alone.
 //!
 //! The `stack/...` groups time the CNN's whole inference (three conv + BN + ReLU layers and
-//! the global average pool, batch 256, dense conv1): the batch-innermost pass per 16 images
-//! (`conv_stack_pool`, `stack`) against the layer-by-layer CNHW kernels (`layers`: dense
+//! the global average pool, batch 256, dense conv1): the inference stack, one batch-innermost
+//! pass per 16 images (`rest_kernels::conv_stack_pool`, `stack`) against the layer-by-layer CNHW kernels (`layers`: dense
 //! conv1, then pack + polyphase forward per sparse layer, then the pool).
 //!
 //! Run: `cargo bench -p rest-kernels --bench sparse [-- <filter>]`.
@@ -22,11 +22,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rest_kernels::sparse::{
-    conv_stack_pool, sddmm_into, spmm, spmm_t, ChwnConv, SparseConv, SparseMatrix, StackLayer,
-    StackWeights,
+use rest_kernels::sparse::{sddmm_into, spmm, spmm_t, SparseConv, SparseMatrix};
+use rest_kernels::{
+    col2im, conv_stack_pool, im2col, Conv2dGeom, ConvStackLayer, ConvStackPlan, ConvStackWeights,
 };
-use rest_kernels::{col2im, im2col, Conv2dGeom};
 
 /// `(name, R, K, P)`: the product is `out[R][P] = W[R][K] x[K][P]`.
 const SHAPES: &[(&str, usize, usize, usize)] = &[
@@ -267,18 +266,18 @@ fn bench_stack(c: &mut Criterion) {
                 SparseMatrix::from_dense_masked(&w, &mask, g.oc, g.k()).expect("shape")
             })
             .collect();
-        let chwn: Vec<ChwnConv> = mats
+        let plans: Vec<ConvStackPlan> = mats
             .iter()
             .zip(&geoms)
-            .map(|(m, g)| ChwnConv::new(m, g).expect("geometry"))
+            .map(|(m, g)| ConvStackPlan::new(m, g).expect("geometry"))
             .collect();
-        let stack: Vec<StackLayer> = chwn
+        let stack: Vec<ConvStackLayer> = plans
             .iter()
             .zip(&mats)
             .zip(&affine)
-            .map(|((conv, w), (scale, shift))| StackLayer {
+            .map(|((conv, w), (scale, shift))| ConvStackLayer {
                 conv,
-                w: StackWeights::Sparse(w),
+                w: ConvStackWeights::Sparse(w),
                 scale,
                 shift,
                 relu: true,

@@ -436,9 +436,9 @@ const CLASS_MIN_PADDING: f64 = 0.25;
 
 /// The tap classes of `g` if lowering per class pays (see [`TapClass`]), else `None`.
 ///
-/// Measured at ResNet18's shapes (batch 64, one thread, CPU time): with a single class (every
-/// output position sees the same taps: 3x3 convolutions on 1x1 maps, or stride 2 from 2x2 to
-/// 1x1) the GEMMs shrink 9x or 2.25x and the layer runs 2-3x faster. With several classes
+/// At ResNet18's shapes: with a single class (every output position sees the same taps: 3x3
+/// convolutions on 1x1 maps, or stride 2 from 2x2 to 1x1) the GEMMs shrink 9x or 2.25x and
+/// the layer runs correspondingly faster. With several classes
 /// (2x2 or 4x4 maps, 56 % or 31 % padding) the per-class GEMMs are too narrow and the
 /// weight gathers too many: no faster than the plain lowering, so those keep it.
 fn class_plan(g: &Conv2dGeom) -> Option<Vec<TapClass>> {

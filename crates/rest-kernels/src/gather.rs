@@ -19,7 +19,7 @@ pub struct RowGather {
 impl RowGather {
     /// A gather of `len` outputs `dst[i] = src[stride·i + off - pad]` from source rows of
     /// `src_len` floats; `None` when the rows are too long for one vector (`len > 16` or
-    /// `src_len > 32`) or the CPU lacks AVX-512 (callers keep their scalar loop then).
+    /// `src_len > 32`) or the active instruction set is not AVX-512 (callers keep their scalar loop then).
     pub fn new(len: usize, src_len: usize, stride: usize, off: usize, pad: usize) -> Option<Self> {
         if len > 16 || src_len > 32 || !has_avx512() {
             return None;
@@ -49,8 +49,8 @@ impl RowGather {
             "RowGather: row too short"
         );
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: plans exist only on CPUs with AVX-512F (checked in `new`); the lengths were
-        // checked above, and the masked loads and store touch only `src[..src_len]` and
+        // SAFETY: plans exist only on CPUs with AVX-512F (`new` checks the active level, which
+        // is available); the lengths were checked above, and the masked loads and store touch only `src[..src_len]` and
         // `dst[..len]`.
         unsafe {
             avx512::apply(self, src.as_ptr(), dst.as_mut_ptr())
@@ -75,7 +75,7 @@ pub struct RowScatterAdd {
 }
 
 impl RowScatterAdd {
-    /// `None` when `len > 16`, `dst_len > 32` or the CPU lacks AVX-512.
+    /// `None` when `len > 16`, `dst_len > 32` or the active instruction set is not AVX-512.
     pub fn new(len: usize, dst_len: usize, stride: usize, off: usize, pad: usize) -> Option<Self> {
         if len > 16 || dst_len > 32 || stride == 0 || !has_avx512() {
             return None;
@@ -116,15 +116,9 @@ impl RowScatterAdd {
     }
 }
 
+/// Whether plans are built: the active instruction set is AVX-512 ([`crate::isa`]).
 fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    cfg!(target_arch = "x86_64") && crate::isa::active() == crate::isa::Isa::Avx512
 }
 
 #[cfg(target_arch = "x86_64")]

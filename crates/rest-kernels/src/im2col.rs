@@ -256,7 +256,7 @@ fn zero_padding_positions(ay: isize, ax: isize, oh: usize, ow: usize, row: &mut 
     // The padding positions of one plane, listed once per (offset, plane) and thread, and
     // stored to image by image: a few dozen scattered floats per plane, where a `fill` per
     // border row or column would be a `memset` call for one to eight floats. (Listing them
-    // for every row cost a fifth of ResNet18's step at 128 px, one image per tile.)
+    // for every row took a large share of ResNet18's step at 128 px, one image per tile.)
     thread_local! {
         static LISTS: RefCell<Vec<PaddingList>> = const { RefCell::new(Vec::new()) };
     }

@@ -7,14 +7,23 @@
 //! per-channel batch-norm statistics run over one contiguous row. Weights keep PyTorch's
 //! `[OC, IC, KH, KW]` layout.
 //!
+//! Modules are named by what they compute: `conv`/`im2col`/`gather` (dense convolution),
+//! `linear`, `batchnorm`, `pool`, `sparse` (CSR products and the sparse convolution),
+//! `conv_stack` (the batch-innermost inference of a conv stack, dense or sparse layers),
+//! `layout` (transposes and layout gathers), `isa` (the one instruction-set choice every
+//! kernel follows).
+//!
 //! Conventions: every kernel overwrites its output unless its doc says it accumulates
 //! (`col2im`, `max_pool2d_bwd`, ...). Slice lengths are checked with `assert!`: a mismatch is a
 //! bug in the caller, never a user-input error (callers validate user shapes first).
 
 pub mod batchnorm;
 pub mod conv;
+pub mod conv_stack;
 pub mod gather;
 pub mod im2col;
+pub mod isa;
+pub mod layout;
 pub mod linear;
 pub mod pool;
 pub mod sparse;
@@ -28,7 +37,12 @@ pub use conv::{
     conv2d_bwd_input, conv2d_bwd_weight, conv2d_bwd_weight_col, conv2d_fwd, conv2d_fwd_affine,
     conv2d_fwd_col, needs_im2col,
 };
+pub use conv_stack::{
+    conv_stack_group_len, conv_stack_pool, ConvStackLayer, ConvStackPlan, ConvStackWeights,
+};
 pub use im2col::{col2im, im2col, Conv2dGeom};
+pub use isa::Isa;
+pub use layout::transpose;
 pub use linear::{
     bias_act_fm, linear_bwd_bias, linear_bwd_bias_fm, linear_bwd_input, linear_bwd_input_fm,
     linear_bwd_weight, linear_bwd_weight_fm, linear_fwd, linear_fwd_fm, output_grad_fm,

@@ -37,8 +37,7 @@ pub fn global_avg_pool_fwd(x: &[f32], c: usize, n: usize, out: &mut [f32]) {
             .for_each(channel);
     }
     // [C][N] -> [N][C], cache-blocked.
-    crate::sparse::transpose(&means, c, n, out)
-        .expect("global_avg_pool_fwd: lengths checked above");
+    crate::layout::transpose(&means, c, n, out);
 }
 
 /// Backward of [`global_avg_pool_fwd`]: `dx[c][n][h][w] = dout[n][c] / (H*W)` (`dx`, of
@@ -197,11 +196,11 @@ fn full_rows(
 ) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
+    if crate::isa::active() == crate::isa::Isa::Avx512
         && src.len() < i32::MAX as usize
         && !ys.is_empty()
     {
-        // SAFETY: AVX-512F is available; every window lies inside `src` (callers pass
+        // SAFETY: AVX-512F is available (the active level); every window lies inside `src` (callers pass
         // windows inside the rows `ys` of the plane), checked below per block.
         done = unsafe { full_rows_avx512(src, g, ys.clone(), x_first, out, idx) };
     }

@@ -1,8 +1,8 @@
 //! Shared plumbing for the dense kernels: GEMM wrapper with a size-based choice of
-//! parallelism, and run-time CPU-feature dispatch so that hot element-wise loops are compiled
-//! for AVX-512 / AVX2+FMA when the machine has them (`#[target_feature]` does not propagate
-//! into closures, so bodies are `#[inline(always)]` generics instantiated inside
-//! feature-enabled wrappers).
+//! parallelism, and the dispatch macro that compiles hot element-wise loops for AVX-512 /
+//! AVX2+FMA and runs the variant of the active level ([`crate::isa`]); `#[target_feature]`
+//! does not propagate into closures, so bodies are `#[inline(always)]` generics instantiated
+//! inside feature-enabled wrappers.
 
 /// Products with fewer multiply-adds than this run single-threaded: spawning rayon work costs
 /// more than it saves.
@@ -141,7 +141,7 @@ impl SendPtr {
 }
 
 /// Defines `pub(crate) fn $name(args) -> ret` that runs `$body` compiled for AVX-512F, or
-/// AVX2+FMA, or the baseline target, chosen once per call by CPU-feature detection.
+/// AVX2+FMA, or the baseline target, as [`crate::isa::active`] says (read once per call).
 macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -154,15 +154,13 @@ macro_rules! simd_dispatch {
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the features `avx512` was compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU supports the features `avx2` was compiled for.
-                    return unsafe { avx2($($arg),*) };
+                match $crate::isa::active() {
+                    // SAFETY: the active level is available: the CPU supports the features
+                    // `avx512` was compiled for.
+                    $crate::isa::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above, for `avx2`.
+                    $crate::isa::Isa::Avx2Fma => return unsafe { avx2($($arg),*) },
+                    $crate::isa::Isa::Portable => {}
                 }
             }
             body($($arg),*)

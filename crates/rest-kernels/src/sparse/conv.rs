@@ -43,9 +43,10 @@ use rayon::prelude::*;
 use super::kernels::{split_cols, split_rows, SERIAL_FLOPS};
 use super::matrix::Csr;
 use super::phase::{self, PackPlan, RowsPlan, Strided, Unpack, ValidMask};
-use super::simd::{self, active_isa, Isa};
+use super::simd;
 use super::{SparseError, SparseMatrix};
 use crate::im2col::Conv2dGeom;
+use crate::isa::{self, Isa};
 
 /// Column granule of the tasks (the AVX-512 register-tile width of the spmm).
 const GRANULE: usize = 128;
@@ -192,7 +193,7 @@ impl SparseConv {
         Ok(SparseConv {
             geom: *g,
             lay,
-            isa: active_isa(),
+            isa: isa::active(),
             nnz: w.nnz(),
             fwd_off,
             bwd_row_ptr,
@@ -822,7 +823,6 @@ fn run_offset_spmm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sparse::simd::available_isas;
 
     /// Every instruction set gives the same results as the scalar portable loops (which the
     /// integration tests check against a naive convolution), on geometries large enough for
@@ -883,7 +883,7 @@ mod tests {
             [out, dx, grad, xph, dyv]
         };
         let want = run(Isa::Portable);
-        for isa in available_isas() {
+        for isa in Isa::available() {
             let got = run(isa);
             for (what, (got, want)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(got.len(), want.len());

@@ -4,20 +4,17 @@
 use rayon::prelude::*;
 
 use super::matrix::Csr;
-use super::simd::{self, active_isa, Isa};
+use super::simd;
 use super::{check_len, SparseError, SparseMatrix};
+use crate::isa::{self, Isa};
 
 /// Below this many useful flops a product runs on the calling thread (rayon would cost more).
 pub(crate) const SERIAL_FLOPS: usize = 1 << 18;
 /// [`SERIAL_FLOPS`] for the feature-major products (`spmm`, `spmmᵀ`, SDDMM): these stream
-/// whole rows of `x` at L2 speed, so a product of ~2 MFLOP takes ~50-100 us on one core,
-/// about what waking a sleeping rayon worker costs. Measured with `rest bench --models mlp`
-/// (2 threads): the MLP's first layer at density 0.01 (1.1 MFLOP) serial, step 0.30 -> 0.25
-/// ms; at 0.05 (5.4 MFLOP) parallel, as before.
+/// whole rows of `x` at L2 speed, so a product of a few MFLOP takes about as long on one core
+/// as waking a sleeping rayon worker costs (chosen with `rest bench --models mlp` at 2
+/// threads: the MLP's first layer runs serial at density 0.01, parallel at 0.05).
 const PRODUCT_SERIAL_FLOPS: usize = 1 << 21;
-/// Elements below which [`transpose`] runs on the calling thread (e.g. a classifier's
-/// `[classes][N]` output: waking rayon would cost more than the copy).
-const SERIAL_TRANSPOSE: usize = 1 << 16;
 /// Column granule of the spmm blocks (the AVX-512 register-tile width).
 const SPMM_COL_GRANULE: usize = 128;
 /// Bytes of `x` one spmm cache tile may span (`K * ctile * 4`), so the slab stays in L2.
@@ -47,7 +44,7 @@ pub fn spmm(w: &SparseMatrix, x: &[f32], p: usize, out: &mut [f32]) -> Result<()
         w.rows(),
         p,
     )?;
-    run_spmm(active_isa(), &w.csr(), x, p, out);
+    run_spmm(isa::active(), &w.csr(), x, p, out);
     Ok(())
 }
 
@@ -70,7 +67,7 @@ pub fn spmm_t(w: &SparseMatrix, dy: &[f32], p: usize, dx: &mut [f32]) -> Result<
         w.cols(),
         p,
     )?;
-    run_spmm(active_isa(), &w.csr_t(), dy, p, dx);
+    run_spmm(isa::active(), &w.csr_t(), dy, p, dx);
     Ok(())
 }
 
@@ -114,43 +111,7 @@ pub fn sddmm_into(
             w.nnz()
         )));
     }
-    run_sddmm(active_isa(), &w.csr(), dy, x, p, grad);
-    Ok(())
-}
-
-/// Transposes the row-major `[rows][cols]` matrix `src` into `dst` (`[cols][rows]`), e.g. a
-/// batch-major linear input `[N][I]` into the feature-major `[I][N]` the sparse kernels use.
-pub fn transpose(
-    src: &[f32],
-    rows: usize,
-    cols: usize,
-    dst: &mut [f32],
-) -> Result<(), SparseError> {
-    check_len("transpose", "src", "[rows][cols]", src.len(), rows, cols)?;
-    check_len("transpose", "dst", "[cols][rows]", dst.len(), cols, rows)?;
-    if rows == 0 || cols == 0 {
-        return Ok(());
-    }
-    const B: usize = 32;
-    // Each task owns B consecutive rows of `dst` (= B columns of `src`).
-    let block = |(bi, dblock): (usize, &mut [f32])| {
-        let c0 = bi * B;
-        let nc = dblock.len() / rows;
-        for r0 in (0..rows).step_by(B) {
-            let r1 = (r0 + B).min(rows);
-            for dc in 0..nc {
-                let drow = &mut dblock[dc * rows..(dc + 1) * rows];
-                for r in r0..r1 {
-                    drow[r] = src[r * cols + c0 + dc];
-                }
-            }
-        }
-    };
-    if rows * cols < SERIAL_TRANSPOSE {
-        dst.chunks_mut(B * rows).enumerate().for_each(block);
-    } else {
-        dst.par_chunks_mut(B * rows).enumerate().for_each(block);
-    }
+    run_sddmm(isa::active(), &w.csr(), dy, x, p, grad);
     Ok(())
 }
 
@@ -383,7 +344,6 @@ pub(crate) fn run_sddmm(
 #[allow(clippy::needless_range_loop)] // index loops mirror the maths
 mod tests {
     use super::*;
-    use crate::sparse::simd::available_isas;
 
     /// Deterministic pseudo-random values in [-1, 1) (xorshift), independent of the kernels.
     fn values(seed: u64, n: usize) -> Vec<f32> {
@@ -440,7 +400,7 @@ mod tests {
             (70, 33, 515),
             (17, 600, 2100),
         ];
-        for isa in available_isas() {
+        for isa in Isa::available() {
             for (si, &(rows, k, p)) in shapes.iter().enumerate() {
                 for &d in &[0.02f32, 0.3, 1.0] {
                     let sm = matrix(si as u64 * 10, rows, k, d);

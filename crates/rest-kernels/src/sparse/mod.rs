@@ -19,13 +19,13 @@
 //!   that `yT[O][N] = W xT` is the same product with `P = N` (the batch). This is the fast
 //!   choice: every nonzero then streams a contiguous batch row with vector FMAs, whereas the
 //!   `[N][I]` layout would need a gather per nonzero per sample. Stacked sparse linear layers
-//!   stay feature-major end to end; use [`transpose`] only at the boundaries.
+//!   stay feature-major end to end; use [`crate::layout::transpose`] only at the boundaries.
 //!
 //! # Speed
 //! The kernels are parallel with rayon (over column blocks, which keeps one pass over `x`,
 //! or over nnz-balanced row blocks when `P` is short) and dispatch at run time to AVX-512,
-//! AVX2+FMA or portable inner loops (see [`Isa`]); the environment variable
-//! `REST_SPARSE_ISA=avx512|avx2|portable` forces a lower level for debugging or timing.
+//! AVX2+FMA or portable inner loops, as [`crate::isa`] says (`REST_ISA=avx512|avx2|portable`
+//! forces a lower level for debugging or timing).
 //! Columns are swept in cache tiles whose `x` slab (`K` rows x tile width) fits in L2; when
 //! `K` is large and each `x` row is reused (`nnz >= 2K`), the slab is first copied into a
 //! contiguous per-thread buffer (rows of a long `[K][P]` matrix are a page apart each, which
@@ -34,11 +34,8 @@
 //! Results do not depend on scheduling; they can differ in the last bits between instruction
 //! sets and between machines with different thread counts (`sddmm` sums column blocks).
 //!
-//! `benches/sparse.rs` compares against dense GEMM; on a contended 2-core AVX-512 Xeon, the
-//! CNN's middle conv (128 x 1024 x 12544) at density 0.01 ran spmm / spmm_t / sddmm about
-//! 21x / 9x / 16x faster than `gemm`, and about 5x / 7.5x / 3.4x at density 0.05.
+//! `benches/sparse.rs` compares them against dense GEMM (timings: README, Speed).
 
-mod chwn;
 mod conv;
 mod kernels;
 mod matrix;
@@ -46,16 +43,12 @@ mod phase;
 mod rows;
 mod simd;
 
-pub use chwn::{
-    conv_stack_pool, stack_group_len, ChwnConv, StackLayer, StackWeights, LANES as STACK_LANES,
-};
 pub use conv::SparseConv;
-pub use kernels::{sddmm, sddmm_into, spmm, spmm_t, transpose};
+pub use kernels::{sddmm, sddmm_into, spmm, spmm_t};
 pub use matrix::{MaskValue, SparseMatrix};
 pub use rows::{
     pack_rows, packed_len, sddmm_packed, sddmm_rows, spmm_rows, spmm_rows_fused, spmm_t_rows, LANES,
 };
-pub use simd::{active_isa, Isa};
 
 use std::fmt;
 

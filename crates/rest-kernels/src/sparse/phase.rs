@@ -19,7 +19,7 @@
 //! Without AVX-512 the passes keep their row loops, with [`copy_run`] and [`zero_run`] for
 //! the runs of a few floats (where a `memcpy` / `memset` call costs more than the move).
 
-use super::simd::Isa;
+use crate::isa::Isa;
 
 /// Validity pattern of the flat layout (`oy < OH && ox < OW` at `j mod PH·PW`), as a bitset
 /// over one period extended by 16 wrapped positions, so any 16 consecutive positions read as
@@ -392,20 +392,10 @@ pub(super) fn zero_run(dst: &mut [f32]) {
     }
 }
 
-/// Whether the vector layout passes run with `isa` (AVX-512F, and POPCNT for the counts,
-/// which every AVX-512 CPU has).
+/// Whether the vector layout passes run with `isa` (an available [`Isa::Avx512`], which
+/// includes POPCNT for the counts).
 pub(super) fn vector_ok(isa: Isa) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        isa == Isa::Avx512
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("popcnt")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = isa;
-        false
-    }
+    cfg!(target_arch = "x86_64") && isa == Isa::Avx512
 }
 
 /// Writes the valid positions of the virtual columns `c0 .. c0 + tile.len()` (values `tile`),
@@ -757,7 +747,7 @@ mod tests {
     use super::*;
 
     fn on() -> bool {
-        vector_ok(Isa::Avx512)
+        Isa::Avx512.is_available()
     }
 
     fn vals(n: usize) -> Vec<f32> {

@@ -23,8 +23,8 @@
 use rayon::prelude::*;
 
 use super::kernels::SERIAL_FLOPS;
-use super::simd::{active_isa, Isa};
 use super::{check_len, SparseError, SparseMatrix};
+use crate::isa::{self, Isa};
 
 /// Samples per block: one AVX-512 vector (two AVX2 vectors) of `f32`.
 pub const LANES: usize = 16;
@@ -218,7 +218,7 @@ fn lane_mask(n: usize) -> std::arch::x86_64::__mmask16 {
 fn lanes_of_rows(dy: &[f32], n: usize, o: usize, dyt: &mut [Lane]) {
     debug_assert!(dy.len() == n * o && dyt.len() == n.div_ceil(LANES) * o);
     #[cfg(target_arch = "x86_64")]
-    if active_isa() == Isa::Avx512 {
+    if isa::active() == Isa::Avx512 {
         // SAFETY: AVX-512F is available; the lengths are as asserted.
         unsafe { lanes_of_rows_avx512(dy, n, o, dyt) };
         return;
@@ -376,7 +376,7 @@ unsafe fn dispatch_blocks(
 /// thread. They stream their input once and are bound by memory bandwidth, which a second
 /// core on the same machine barely adds to, while the hand-over costs a wake-up and a wait:
 /// the MLP's first layer at batch 256 (1.5 M at density 0.01, 6 M at 0.05) trained faster
-/// serial at 2 threads (step 0.48 vs 0.56 ms at 0.01, 1.65 vs 1.70 ms at 0.05).
+/// serial at 2 threads.
 const PARALLEL_WORK: usize = 64 * SERIAL_FLOPS;
 
 /// Whether work of about `work` operations is worth handing to rayon: with one thread, or
@@ -387,7 +387,7 @@ fn parallel(work: usize) -> bool {
 
 /// The instruction set for inputs of `xi` features (the AVX-512 gather takes 32-bit offsets).
 fn isa_for(xi: usize) -> Isa {
-    match active_isa() {
+    match isa::active() {
         Isa::Avx512 if (LANES * xi) > i32::MAX as usize => Isa::Avx2Fma,
         isa => isa,
     }
@@ -417,7 +417,7 @@ fn scatter_rows(
     let isa = isa_for(xi);
     let run = |t: usize, yt: &mut [f32], pt: &mut [Lane]| {
         let xt = &x[t * per_task * LANES * xi..][..yt.len() / yo * xi];
-        // SAFETY: `isa` is available (`active_isa`), its offsets fit (`isa_for`); the pattern
+        // SAFETY: `isa` is available (`isa::active`), its offsets fit (`isa_for`); the pattern
         // indexes inside `[xi]` x `[yo]` (checked by the callers' shapes); `xt` holds the
         // samples of `yt`.
         unsafe { dispatch_blocks(isa, fan, xt, xi, yo, active, ep, yt, pt) };
@@ -707,7 +707,7 @@ pub fn sddmm_packed(
         1
     };
     let chunk = cols.len().div_ceil(tasks).max(1);
-    let isa = active_isa();
+    let isa = isa::active();
     let run = |(t, cs): (usize, &[usize])| -> Vec<f32> {
         let j0 = t * chunk;
         let mut out = Vec::with_capacity(fan.ptr[cs[cs.len() - 1] + 1] - fan.ptr[cs[0]]);

@@ -1,4 +1,4 @@
-//! Run-time instruction-set dispatch and the inner loops of the sparse kernels.
+//! The inner loops of the sparse kernels, one per instruction set ([`crate::isa`] picks it).
 //!
 //! Each kernel works on a *block* (a row range x a column range) and is compiled three times:
 //! with AVX-512 intrinsics, as plain Rust under `#[target_feature(enable = "avx2,fma")]`, and
@@ -6,83 +6,9 @@
 //! loop lives inside the feature-enabled function and the rayon closures only call it.
 
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use super::matrix::Csr;
-
-/// The instruction set the sparse inner loops run with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    /// AVX-512F intrinsics (16-lane FMA, masked tails).
-    Avx512,
-    /// Auto-vectorised loops compiled for AVX2 + FMA.
-    Avx2Fma,
-    /// Portable Rust (whatever the compilation target allows).
-    Portable,
-}
-
-impl Isa {
-    /// Whether this CPU can run the instruction set.
-    pub fn is_available(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
-    /// The best instruction set this CPU supports.
-    pub fn best() -> Isa {
-        [Isa::Avx512, Isa::Avx2Fma]
-            .into_iter()
-            .find(|i| i.is_available())
-            .unwrap_or(Isa::Portable)
-    }
-
-    /// Short lower-case name (`avx512`, `avx2`, `portable`), as accepted by `REST_SPARSE_ISA`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Avx512 => "avx512",
-            Isa::Avx2Fma => "avx2",
-            Isa::Portable => "portable",
-        }
-    }
-
-    /// Preference order: a forced level is honoured only if it is not above the best one.
-    fn rank(self) -> u8 {
-        match self {
-            Isa::Avx512 => 2,
-            Isa::Avx2Fma => 1,
-            Isa::Portable => 0,
-        }
-    }
-}
-
-/// The instruction set the kernels use: [`Isa::best`], or a lower one named by the
-/// environment variable `REST_SPARSE_ISA` (`avx512`, `avx2`, `portable`; unknown or
-/// unsupported values are ignored). Read once per process.
-pub fn active_isa() -> Isa {
-    static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        let best = Isa::best();
-        let forced = std::env::var("REST_SPARSE_ISA").ok().and_then(|v| {
-            [Isa::Avx512, Isa::Avx2Fma, Isa::Portable]
-                .into_iter()
-                .find(|i| i.name().eq_ignore_ascii_case(v.trim()))
-        });
-        match forced {
-            Some(f) if f.rank() <= best.rank() && f.is_available() => f,
-            _ => best,
-        }
-    })
-}
+use crate::isa::Isa;
 
 /// `out[r·os + c] = Σ_j W[r, k_j] · x[k_j·xs + c]` for `r ∈ rows`, `c < width`.
 ///
@@ -509,12 +435,4 @@ mod avx512 {
             *out.add(g) += _mm512_reduce_add_ps(*a);
         }
     }
-}
-
-#[cfg(test)]
-pub(crate) fn available_isas() -> Vec<Isa> {
-    [Isa::Avx512, Isa::Avx2Fma, Isa::Portable]
-        .into_iter()
-        .filter(|i| i.is_available())
-        .collect()
 }

@@ -1,6 +1,6 @@
-//! Inference of a stack of conv + BatchNorm (+ ReLU) layers and the global average pool that
-//! ends it, in one pass per group of 16 images with the batch innermost
-//! (`rest_kernels::sparse::conv_stack_pool`): only valid output positions are computed, each
+//! The inference stack: inference of a stack of conv + BatchNorm (+ ReLU) layers and the
+//! global average pool that ends it, in one pass per group of 16 images with the batch
+//! innermost (`rest_kernels::conv_stack`): only valid output positions are computed, each
 //! layer writes straight into the next one's input layout, and a group's activations stay in
 //! the core's cache through the whole stack. Sparse layers run their patterns, dense ones a
 //! register-tiled dense kernel (4 channels x 6 positions per tile). The CNN's inference path on
@@ -9,20 +9,20 @@
 
 use anyhow::{bail, Result};
 use candle_core::{Storage, Tensor};
-use rest_kernels::sparse::{
-    active_isa, conv_stack_pool, stack_group_len, ChwnConv, Isa, StackLayer, StackWeights,
+use rest_kernels::{
+    conv_stack_group_len, conv_stack_pool, isa, Conv2dGeom, ConvStackLayer, ConvStackPlan,
+    ConvStackWeights, Isa,
 };
-use rest_kernels::Conv2dGeom;
 use std::sync::Arc;
 
 use super::fused::{fold_bn, EvalConvBn};
 use super::sparse::kernel_err;
 
-/// Whether [`conv_bn_stack_pool_eval`] runs these layers on `x` (else the caller runs them
+/// Whether [`conv_stack_pool_eval`] runs these layers on `x` (else the caller runs them
 /// layer by layer): f32 images on the CPU with AVX-512, no pattern shared between layers, a
 /// group's activations within [`MAX_GROUP_FLOATS`], and not turned off with the environment
 /// variable `REST_STACK=off` (for comparisons).
-pub fn stack_applies(x: &Tensor, layers: &[EvalConvBn]) -> bool {
+pub fn conv_stack_applies(x: &Tensor, layers: &[EvalConvBn]) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF
         .get_or_init(|| std::env::var("REST_STACK").is_ok_and(|v| v.eq_ignore_ascii_case("off")));
@@ -34,7 +34,7 @@ pub fn stack_applies(x: &Tensor, layers: &[EvalConvBn]) -> bool {
     });
     !off && !layers.is_empty()
         && !super::generic_path(x)
-        && active_isa() == Isa::Avx512
+        && isa::active() == Isa::Avx512
         && x.dtype() == candle_core::DType::F32
         && x.rank() == 4
         && !shared
@@ -49,7 +49,7 @@ const MAX_GROUP_FLOATS: usize = 1 << 22;
 /// Whether one group's activations of these layers on `x` stay within [`MAX_GROUP_FLOATS`]
 /// (false for shapes that do not chain: the layer-by-layer path reports those).
 fn group_fits(x: &Tensor, layers: &[EvalConvBn]) -> bool {
-    chain_geoms("", x, layers).is_ok_and(|geoms| stack_group_len(&geoms) <= MAX_GROUP_FLOATS)
+    chain_geoms("", x, layers).is_ok_and(|geoms| conv_stack_group_len(&geoms) <= MAX_GROUP_FLOATS)
 }
 
 /// The geometry of each layer on `x` `[N, C, H, W]`, each taking the previous one's output;
@@ -86,10 +86,10 @@ fn chain_geoms(op: &str, x: &Tensor, layers: &[EvalConvBn]) -> Result<Vec<Conv2d
 
 /// `global_avg_pool(layer_k(... layer_1(x)))` `[N, OC_k]` for NCHW images `x` `[N, C, H, W]`
 /// (any strides, e.g. the feature-major batch layout), each layer a convolution with its
-/// inference BatchNorm (+ ReLU). Requires [`stack_applies`]. Not differentiable.
-pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tensor> {
-    const F: &str = "conv_bn_stack_pool_eval";
-    if !stack_applies(x, layers) {
+/// inference BatchNorm (+ ReLU). Requires [`conv_stack_applies`]. Not differentiable.
+pub fn conv_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tensor> {
+    const F: &str = "conv_stack_pool_eval";
+    if !conv_stack_applies(x, layers) {
         bail!("{F}: needs an f32 [N, C, H, W] CPU tensor, AVX-512 and a pattern per layer");
     }
     let geoms = chain_geoms(F, x, layers)?;
@@ -123,10 +123,10 @@ pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tens
             Some(sw) => {
                 let mut st = sw.lock();
                 st.matrix.update_values_from_dense(wd).map_err(kernel_err)?;
-                plans.push(st.chwn_plan(g)?);
+                plans.push(st.conv_stack_plan(g)?);
                 states.push(st);
             }
-            None => plans.push(Arc::new(ChwnConv::dense(g).map_err(kernel_err)?)),
+            None => plans.push(Arc::new(ConvStackPlan::dense(g).map_err(kernel_err)?)),
         }
     }
     let mut sparse = states.iter();
@@ -134,10 +134,10 @@ pub fn conv_bn_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tens
     for (((l, plan), (scale, shift)), wd) in layers.iter().zip(&plans).zip(&folded).zip(&wdata) {
         // One locked state per sparse layer, in order.
         let w = match l.sparse.and_then(|_| sparse.next()) {
-            Some(st) => StackWeights::Sparse(&st.matrix),
-            None => StackWeights::Dense(wd),
+            Some(st) => ConvStackWeights::Sparse(&st.matrix),
+            None => ConvStackWeights::Dense(wd),
         };
-        stack.push(StackLayer {
+        stack.push(ConvStackLayer {
             conv: plan,
             w,
             scale,

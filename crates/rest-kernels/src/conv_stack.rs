@@ -1,9 +1,10 @@
-//! Inference of a stack of convolutions (+ folded BatchNorm and ReLU) and a global average
-//! pool, run depth-first on groups of 16 images with the batch innermost: every activation
-//! is `[C][H][W][16]`, one 16-lane vector per pixel of the group's 16 images.
+//! The inference stack: inference of a stack of convolutions, dense or sparse (+ folded
+//! BatchNorm and ReLU), and a global average pool, run depth-first on groups of 16 images
+//! with the batch innermost: every activation is `[C][H][W][16]`, one 16-lane vector per
+//! pixel of the group's 16 images.
 //!
 //! # Why
-//! The polyphase sparse convolution of [`super::SparseConv`] spans the whole batch with one
+//! The polyphase sparse convolution of [`crate::sparse::SparseConv`] spans the whole batch with one
 //! flat index `(n·PH + oy)·PW + ox`, so the positions a stride or the kernel overhang make
 //! invalid (`oy >= OH` or `ox >= OW`) are computed and dropped: a 3x3 output runs as 4x4
 //! (1.78x the work), a 7x7 as 8x8. With the batch innermost a vector never mixes positions,
@@ -14,7 +15,7 @@
 //! whole-batch layout streams tens of MB per layer through L3.
 //!
 //! # Layout
-//! A layer's input is split into its `sy x sx` stride phases (as in [`super::SparseConv`]):
+//! A layer's input is split into its `sy x sx` stride phases (as in [`crate::sparse::SparseConv`]):
 //! plane `(c, ry, rx)` holds the padded pixels `(s·py + ry, s·px + rx)` at
 //! `((c·sy + ry)·sx + rx)·PL + (py·PW + px)·16 + lane` (`PL = PH·PW·16`). A weight
 //! `W[o, c, ky, kx]` then adds `w · plane(c, ky % s, kx % s)[pos + (ky/s)·PW + kx/s]` to output
@@ -22,15 +23,15 @@
 //! Outputs are computed a tile of up to [`TILE`] positions at a time (one accumulator each),
 //! with the affine and ReLU applied in registers before the store.
 //!
-//! The results equal [`super::SparseConv::forward_affine`] followed by
+//! The results equal [`crate::sparse::SparseConv::forward_affine`] followed by
 //! [`crate::global_avg_pool_fwd`] bit for bit where the pooled map has fewer than 16
 //! positions (same products in the same order; the pool sums positions in order).
 
 use rayon::prelude::*;
 
-use super::simd::{active_isa, Isa};
-use super::{SparseError, SparseMatrix};
 use crate::im2col::Conv2dGeom;
+use crate::isa::{self, Isa};
+use crate::sparse::{SparseError, SparseMatrix};
 
 /// Images per group: the vector width.
 pub const LANES: usize = 16;
@@ -43,7 +44,7 @@ const UNUSED: u32 = u32::MAX;
 /// and image size; the values come from the [`SparseMatrix`] at every call). A dense layer
 /// runs through the same code with a fully dense pattern.
 #[derive(Debug, Clone)]
-pub struct ChwnConv {
+pub struct ConvStackPlan {
     /// The geometry, with `n = LANES`.
     geom: Conv2dGeom,
     sy: usize,
@@ -59,7 +60,7 @@ pub struct ChwnConv {
     fwd_off: Vec<u32>,
 }
 
-impl ChwnConv {
+impl ConvStackPlan {
     /// Lays out the pattern of `w` (`[OC][C·KH·KW]`, PyTorch order) for convolutions of
     /// geometry `g` (its batch size is ignored: the layout is per group of [`LANES`]).
     pub fn new(w: &SparseMatrix, g: &Conv2dGeom) -> Result<Self, SparseError> {
@@ -77,7 +78,7 @@ impl ChwnConv {
     }
 
     /// Lays out a dense weight (`[OC][C·KH·KW]`, every weight active) for geometry `g`: run
-    /// with [`StackWeights::Dense`], without building a CSR.
+    /// with [`ConvStackWeights::Dense`], without building a CSR.
     pub fn dense(g: &Conv2dGeom) -> Result<Self, SparseError> {
         let cols: Vec<u32> = (0..g.k() as u32).collect();
         Self::build(g, &cols, g.oc * g.k(), true)
@@ -109,7 +110,7 @@ impl ChwnConv {
                 (p * plane + ((ky / s) * pw + kx / s) * LANES) as u32
             })
             .collect();
-        Ok(ChwnConv {
+        Ok(ConvStackPlan {
             geom: g,
             sy,
             sx,
@@ -142,7 +143,7 @@ impl ChwnConv {
     /// The output map writing straight into `next`'s phase buffer: each output position to
     /// the slot of the phase plane that reads it, padding slots zeroed, positions that no
     /// slot holds (pixels a stride skips) not computed.
-    fn out_phases(&self, next: &ChwnConv) -> Result<OutMap, SparseError> {
+    fn out_phases(&self, next: &ConvStackPlan) -> Result<OutMap, SparseError> {
         let (g, n) = (&self.geom, &next.geom);
         if (n.c, n.h, n.w) != (g.oc, g.oh(), g.ow()) {
             return Err(SparseError::new(format!(
@@ -234,7 +235,7 @@ impl ChwnConv {
     fn forward(
         &self,
         isa: Isa,
-        layer: &StackLayer<'_>,
+        layer: &ConvStackLayer<'_>,
         map: &OutMap,
         xph: &[f32],
         out: &mut [f32],
@@ -247,9 +248,9 @@ impl ChwnConv {
         let k = self.geom.k();
         // Row-major `[OC][K]` values where every weight is active.
         let dense = match layer.w {
-            StackWeights::Dense(d) => Some(d),
-            StackWeights::Sparse(m) if self.nnz == self.geom.oc * k => Some(m.values()),
-            StackWeights::Sparse(_) => None,
+            ConvStackWeights::Dense(d) => Some(d),
+            ConvStackWeights::Sparse(m) if self.nnz == self.geom.oc * k => Some(m.values()),
+            ConvStackWeights::Sparse(_) => None,
         };
         #[cfg(target_arch = "x86_64")]
         if let (Isa::Avx512, Some(vals)) = (isa, dense) {
@@ -263,11 +264,11 @@ impl ChwnConv {
             for (o, block) in out.chunks_exact_mut(map.row_stride).enumerate() {
                 let (off, vals) = match (dense, layer.w) {
                     (Some(d), _) => (&self.fwd_off[..k], &d[o * k..(o + 1) * k]),
-                    (None, StackWeights::Sparse(m)) => {
+                    (None, ConvStackWeights::Sparse(m)) => {
                         let (s, e) = (m.row_ptr()[o], m.row_ptr()[o + 1]);
                         (&self.fwd_off[s..e], &m.values()[s..e])
                     }
-                    (None, StackWeights::Dense(_)) => unreachable!("dense weights set `dense`"),
+                    (None, ConvStackWeights::Dense(_)) => unreachable!("dense weights set `dense`"),
                 };
                 let row = RowTile {
                     off,
@@ -285,7 +286,7 @@ impl ChwnConv {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl ChwnConv {
+impl ConvStackPlan {
     /// [`Self::forward`] of a fully dense layer (e.g. a first convolution with few input
     /// channels): [`DENSE_ROWS`] output channels x up to [`DENSE_TILE`] positions per
     /// register tile, so each loaded input vector feeds several channels. Every output is
@@ -298,7 +299,7 @@ impl ChwnConv {
     unsafe fn forward_dense(
         &self,
         vals: &[f32],
-        layer: &StackLayer<'_>,
+        layer: &ConvStackLayer<'_>,
         map: &OutMap,
         xph: &[f32],
         out: &mut [f32],
@@ -371,7 +372,7 @@ fn phase_dims(g: &Conv2dGeom) -> (usize, usize, usize, usize) {
 /// Floats of one group's activations in [`conv_stack_pool`] for a stack of these (valid,
 /// chained) geometries: every layer's phase buffer and the last layer's output. Each thread
 /// that runs groups keeps a buffer of this size.
-pub fn stack_group_len(geoms: &[Conv2dGeom]) -> usize {
+pub fn conv_stack_group_len(geoms: &[Conv2dGeom]) -> usize {
     let phases: usize = geoms
         .iter()
         .map(|g| {
@@ -382,7 +383,7 @@ pub fn stack_group_len(geoms: &[Conv2dGeom]) -> usize {
     phases + geoms.last().map_or(0, |g| g.oc * g.oh() * g.ow() * LANES)
 }
 
-/// Where one layer's output positions go (see [`ChwnConv::out_phases`]).
+/// Where one layer's output positions go (see [`ConvStackPlan::out_phases`]).
 #[derive(Debug, Clone)]
 struct OutMap {
     /// Per computed position: its offset in the layer's phase planes,
@@ -399,19 +400,19 @@ struct OutMap {
 
 /// A stack layer's current weight values.
 #[derive(Debug, Clone, Copy)]
-pub enum StackWeights<'a> {
-    /// The values of the pattern the layer's [`ChwnConv::new`] was built for.
+pub enum ConvStackWeights<'a> {
+    /// The values of the pattern the layer's [`ConvStackPlan::new`] was built for.
     Sparse(&'a SparseMatrix),
-    /// A dense row-major `[OC][C·KH·KW]` weight (layout from [`ChwnConv::dense`]).
+    /// A dense row-major `[OC][C·KH·KW]` weight (layout from [`ConvStackPlan::dense`]).
     Dense(&'a [f32]),
 }
 
 /// One layer of [`conv_stack_pool`]: its laid-out pattern, current weight values and folded
 /// BatchNorm (`y = conv·scale + shift`, then ReLU when `relu`).
 #[derive(Debug, Clone, Copy)]
-pub struct StackLayer<'a> {
-    pub conv: &'a ChwnConv,
-    pub w: StackWeights<'a>,
+pub struct ConvStackLayer<'a> {
+    pub conv: &'a ConvStackPlan,
+    pub w: ConvStackWeights<'a>,
     pub scale: &'a [f32],
     pub shift: &'a [f32],
     pub relu: bool,
@@ -423,18 +424,18 @@ pub struct StackLayer<'a> {
 /// x·strides[3]` (NCHW, CNHW or the feature-major `[C][H][W][N]` alike). Groups of
 /// [`LANES`] images run in parallel, each through the whole stack.
 pub fn conv_stack_pool(
-    layers: &[StackLayer<'_>],
+    layers: &[ConvStackLayer<'_>],
     x: &[f32],
     n: usize,
     strides: [usize; 4],
     pooled: &mut [f32],
 ) -> Result<(), SparseError> {
-    conv_stack_pool_isa(active_isa(), layers, x, n, strides, pooled)
+    conv_stack_pool_isa(isa::active(), layers, x, n, strides, pooled)
 }
 
 fn conv_stack_pool_isa(
     isa: Isa,
-    layers: &[StackLayer<'_>],
+    layers: &[ConvStackLayer<'_>],
     x: &[f32],
     n: usize,
     st: [usize; 4],
@@ -447,17 +448,17 @@ fn conv_stack_pool_isa(
     for (i, l) in layers.iter().enumerate() {
         let g = l.conv.geom();
         let fits = match l.w {
-            StackWeights::Sparse(m) => {
+            ConvStackWeights::Sparse(m) => {
                 !l.conv.dense && m.nnz() == l.conv.nnz && m.rows() == g.oc && m.cols() == g.k()
             }
-            StackWeights::Dense(d) => l.conv.dense && d.len() == g.oc * g.k(),
+            ConvStackWeights::Dense(d) => l.conv.dense && d.len() == g.oc * g.k(),
         };
         if !fits {
             let (what, nnz) = match l.w {
-                StackWeights::Sparse(m) => {
+                ConvStackWeights::Sparse(m) => {
                     (format!("a {}x{} pattern", m.rows(), m.cols()), m.nnz())
                 }
-                StackWeights::Dense(d) => ("a dense weight".to_string(), d.len()),
+                ConvStackWeights::Dense(d) => ("a dense weight".to_string(), d.len()),
             };
             return err(format!(
                 "layer {i}: the weight ({what}, {nnz} values) is not what its layout was built \
@@ -866,29 +867,29 @@ mod tests {
             let oc = geoms.last().unwrap().oc;
             let mut want = vec![0.0; n * oc];
             crate::global_avg_pool_fwd(&cur, oc, n, &mut want);
-            // Fully dense layers run from their dense weight (`ChwnConv::dense`), except the
+            // Fully dense layers run from their dense weight (`ConvStackPlan::dense`), except the
             // first layer of the first case, which runs its full pattern.
             let dense_w: Vec<Vec<f32>> = mats.iter().map(|m| m.to_dense()).collect();
             let as_dense = |i: usize| layers[i].4 == 1.0 && !(first_case && i == 0);
-            let convs: Vec<ChwnConv> = geoms
+            let convs: Vec<ConvStackPlan> = geoms
                 .iter()
                 .zip(&mats)
                 .enumerate()
                 .map(|(i, (g, m))| match as_dense(i) {
-                    true => ChwnConv::dense(g).unwrap(),
-                    false => ChwnConv::new(m, g).unwrap(),
+                    true => ConvStackPlan::dense(g).unwrap(),
+                    false => ConvStackPlan::new(m, g).unwrap(),
                 })
                 .collect();
-            let stack: Vec<StackLayer> = convs
+            let stack: Vec<ConvStackLayer> = convs
                 .iter()
                 .zip(&mats)
                 .zip(&affines)
                 .enumerate()
-                .map(|(i, ((conv, w), (scale, shift)))| StackLayer {
+                .map(|(i, ((conv, w), (scale, shift)))| ConvStackLayer {
                     conv,
                     w: match as_dense(i) {
-                        true => StackWeights::Dense(&dense_w[i]),
-                        false => StackWeights::Sparse(w),
+                        true => ConvStackWeights::Dense(&dense_w[i]),
+                        false => ConvStackWeights::Sparse(w),
                     },
                     scale,
                     shift,
@@ -904,7 +905,7 @@ mod tests {
             }
             let nchw = [c * h * w, h * w, w, 1];
             let chwn = [1, h * w * n, w * n, n];
-            for isa in crate::sparse::simd::available_isas() {
+            for isa in Isa::available() {
                 for (input, st) in [(&x, nchw), (&fm, chwn)] {
                     let mut got = vec![f32::NAN; n * oc];
                     conv_stack_pool_isa(isa, &stack, input, n, st, &mut got).unwrap();
@@ -931,7 +932,7 @@ mod tests {
             geom(128, 1, (7, 7), 256, 4, 2, 1),
         ];
         let want = (12 * 225 + 256 * 64 + 512 * 16 + 256 * 9) * LANES;
-        assert_eq!(stack_group_len(&gs), want);
+        assert_eq!(conv_stack_group_len(&gs), want);
         let m = |g: &Conv2dGeom| {
             SparseMatrix::from_dense_masked(
                 &vec![1.0; g.w_len()],
@@ -943,7 +944,7 @@ mod tests {
         };
         let phases: usize = gs
             .iter()
-            .map(|g| ChwnConv::new(&m(g), g).unwrap().phase_len())
+            .map(|g| ConvStackPlan::new(&m(g), g).unwrap().phase_len())
             .sum();
         assert_eq!(phases + 256 * 9 * LANES, want);
     }
@@ -967,20 +968,20 @@ mod tests {
         )
         .unwrap();
         let (c1, c2) = (
-            ChwnConv::new(&w1, &g1).unwrap(),
-            ChwnConv::new(&w2, &g2).unwrap(),
+            ConvStackPlan::new(&w1, &g1).unwrap(),
+            ConvStackPlan::new(&w2, &g2).unwrap(),
         );
         let ones = [1.0f32; 8];
-        let l1 = StackLayer {
+        let l1 = ConvStackLayer {
             conv: &c1,
-            w: StackWeights::Sparse(&w1),
+            w: ConvStackWeights::Sparse(&w1),
             scale: &ones[..4],
             shift: &ones[..4],
             relu: true,
         };
-        let l2 = StackLayer {
+        let l2 = ConvStackLayer {
             conv: &c2,
-            w: StackWeights::Sparse(&w2),
+            w: ConvStackWeights::Sparse(&w2),
             scale: &ones[..2],
             shift: &ones[..2],
             relu: true,
@@ -996,8 +997,8 @@ mod tests {
         assert!(e.message().contains("pooled"), "{}", e.message());
         let e = conv_stack_pool(&[l1], &x, 4, [192, 64, 8, 1], &mut pooled);
         assert!(e.is_ok());
-        let wrong = StackLayer {
-            w: StackWeights::Sparse(&w2),
+        let wrong = ConvStackLayer {
+            w: ConvStackWeights::Sparse(&w2),
             ..l1
         };
         let e = conv_stack_pool(&[wrong], &x, 4, [192, 64, 8, 1], &mut pooled).unwrap_err();
@@ -1007,8 +1008,8 @@ mod tests {
             e.message()
         );
         let short = [0.0f32; 5];
-        let wrong = StackLayer {
-            w: StackWeights::Dense(&short),
+        let wrong = ConvStackLayer {
+            w: ConvStackWeights::Dense(&short),
             ..l1
         };
         let e = conv_stack_pool(&[wrong], &x, 4, [192, 64, 8, 1], &mut pooled).unwrap_err();

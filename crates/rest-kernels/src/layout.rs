@@ -1,0 +1,244 @@
+//! Memory-layout conversions shared by dense and sparse code: the blocked matrix transpose
+//! (batch-major `[N][I]` <-> feature-major `[I][N]`), and the feature-major gather of `u8`
+//! images into the `f32` `[C][H][W][N]` batch layout the MLP runs on.
+
+use rayon::prelude::*;
+
+/// Elements below which [`transpose`] runs on the calling thread (e.g. a classifier's
+/// `[classes][N]` output: waking rayon would cost more than the copy).
+const SERIAL_TRANSPOSE: usize = 1 << 16;
+
+/// Transposes the row-major `[rows][cols]` matrix `src` into `dst` (`[cols][rows]`), e.g. a
+/// batch-major linear input `[N][I]` into the feature-major `[I][N]`.
+pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    assert_eq!(src.len(), rows * cols, "transpose: src is not [rows][cols]");
+    assert_eq!(dst.len(), rows * cols, "transpose: dst is not [cols][rows]");
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    const B: usize = 32;
+    // Each task owns B consecutive rows of `dst` (= B columns of `src`).
+    let block = |(bi, dblock): (usize, &mut [f32])| {
+        let c0 = bi * B;
+        let nc = dblock.len() / rows;
+        for r0 in (0..rows).step_by(B) {
+            let r1 = (r0 + B).min(rows);
+            for dc in 0..nc {
+                let drow = &mut dblock[dc * rows..(dc + 1) * rows];
+                for r in r0..r1 {
+                    drow[r] = src[r * cols + c0 + dc];
+                }
+            }
+        }
+    };
+    if rows * cols < SERIAL_TRANSPOSE {
+        dst.chunks_mut(B * rows).enumerate().for_each(block);
+    } else {
+        dst.par_chunks_mut(B * rows).enumerate().for_each(block);
+    }
+}
+
+/// Samples per block of [`bytes_to_feature_major`].
+pub const FEATURE_MAJOR_BLOCK: usize = 16;
+
+/// The feature-major gather of `u8` images: for sample `k < m` (`m` = `samples.len()` rounded
+/// down to a multiple of [`FEATURE_MAJOR_BLOCK`]), image `samples[k]` (the `hw·c` bytes
+/// `images[samples[k]·hw·c..]`, pixel-major HWC) is written to `out[(ch·hw + px)·n + k]` as
+/// `byte · (1/255)`, then `(x - mean[ch]) / std[ch]` with `normalize = Some((mean, std))`:
+/// the same IEEE operations as the per-channel table `lut` (`lut[ch][byte]`), which the last
+/// `hw·c mod 4` features use. Returns `m`; returns 0 (and writes nothing) unless the active
+/// instruction set is AVX-512 ([`crate::isa`]) and `images` fits 32-bit offsets: the caller
+/// converts the samples from the returned one on.
+///
+/// With AVX-512, 16 samples at a time: one 32-bit gather reads 4 consecutive bytes of 16
+/// images, i.e. 4 features of 16 samples, and each feature's 16 values are stored as one
+/// 64-byte run. Features are the outer loop, so each feature's run over the batch is written
+/// out whole, in order.
+#[allow(clippy::too_many_arguments)]
+pub fn bytes_to_feature_major(
+    images: &[u8],
+    samples: &[usize],
+    (hw, c): (usize, usize),
+    normalize: Option<(&[f32], &[f32])>,
+    lut: &[[f32; 256]],
+    out: &mut [f32],
+    n: usize,
+) -> usize {
+    let sz = hw * c;
+    let m = samples.len() / FEATURE_MAJOR_BLOCK * FEATURE_MAJOR_BLOCK;
+    if crate::isa::active() != crate::isa::Isa::Avx512
+        || !cfg!(target_arch = "x86_64")
+        || images.len() > i32::MAX as usize
+        || m == 0
+    {
+        return 0;
+    }
+    assert!(
+        n >= m && out.len() >= sz * n,
+        "bytes_to_feature_major: out too short"
+    );
+    assert!(
+        lut.len() >= c,
+        "bytes_to_feature_major: a table per channel"
+    );
+    if let Some((mean, std)) = normalize {
+        assert!(
+            mean.len() >= c && std.len() >= c,
+            "bytes_to_feature_major: mean/std per channel"
+        );
+    }
+    let starts: Vec<i32> = samples[..m]
+        .iter()
+        .map(|&i| {
+            assert!(
+                (i + 1) * sz <= images.len(),
+                "bytes_to_feature_major: sample {i} outside the images"
+            );
+            (i * sz) as i32
+        })
+        .collect();
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is available (the active level); image `k` spans
+    // `starts[k]..starts[k] + sz` of `images` (checked above), whose length fits an i32
+    // offset; `out` holds `sz` runs of `n >= m` values; `mean`, `std` and `lut` cover `c`
+    // channels.
+    unsafe {
+        avx512::bytes_to_feature_major(images, &starts, (hw, c), normalize, lut, out, n)
+    };
+    m
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::FEATURE_MAJOR_BLOCK;
+    use std::arch::x86_64::*;
+
+    /// The value of byte `v` (the low 8 bits of each lane): scaled, then normalised with
+    /// `(mean, std)` when given.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn value(v: __m512i, scale: __m512, norm: Option<(__m512, __m512)>) -> __m512 {
+        let x = _mm512_mul_ps(_mm512_cvtepi32_ps(v), scale);
+        match norm {
+            Some((m, s)) => _mm512_div_ps(_mm512_sub_ps(x, m), s),
+            None => x,
+        }
+    }
+
+    /// Writes samples `0..starts.len()` (a multiple of 16) of every feature run of `out`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; image `k` must span `starts[k]..starts[k] + hw * c` of
+    /// `images`; `out` must hold `hw * c` runs of `n >= starts.len()` values; `normalize` and
+    /// `lut` must cover `c` channels.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn bytes_to_feature_major(
+        images: &[u8],
+        starts: &[i32],
+        (hw, c): (usize, usize),
+        normalize: Option<(&[f32], &[f32])>,
+        lut: &[[f32; 256]],
+        out: &mut [f32],
+        n: usize,
+    ) {
+        let sz = hw * c;
+        debug_assert!(starts.len().is_multiple_of(FEATURE_MAJOR_BLOCK) && starts.len() <= n);
+        debug_assert!(out.len() >= sz * n);
+        let bases: Vec<__m512i> = starts
+            .chunks_exact(FEATURE_MAJOR_BLOCK)
+            .map(|s| _mm512_loadu_si512(s.as_ptr().cast()))
+            .collect();
+        let scale = _mm512_set1_ps(1.0f32 / 255.0);
+        let byte = _mm512_set1_epi32(0xFF);
+        // Per channel `(mean, std)` when normalising.
+        let norm: Option<Vec<(__m512, __m512)>> = normalize.map(|(mean, std)| {
+            (0..c)
+                .map(|ch| (_mm512_set1_ps(mean[ch]), _mm512_set1_ps(std[ch])))
+                .collect()
+        });
+        let dst = out.as_mut_ptr();
+        let src = images.as_ptr();
+        let mut o = 0;
+        while o + 4 <= sz {
+            // The 4 features of bytes o..o+4 (pixel, channel): their output runs.
+            let runs: [usize; 4] = std::array::from_fn(|j| {
+                let (px, ch) = ((o + j) / c, (o + j) % c);
+                (ch * hw + px) * n
+            });
+            let chans: [usize; 4] = std::array::from_fn(|j| (o + j) % c);
+            let off = _mm512_set1_epi32(o as i32);
+            for (b, &base) in bases.iter().enumerate() {
+                let words = _mm512_i32gather_epi32::<1>(_mm512_add_epi32(base, off), src.cast());
+                for j in 0..4 {
+                    let v = match j {
+                        0 => _mm512_and_si512(words, byte),
+                        1 => _mm512_and_si512(_mm512_srli_epi32::<8>(words), byte),
+                        2 => _mm512_and_si512(_mm512_srli_epi32::<16>(words), byte),
+                        _ => _mm512_srli_epi32::<24>(words),
+                    };
+                    let nm = norm.as_ref().map(|t| t[chans[j]]);
+                    _mm512_storeu_ps(
+                        dst.add(runs[j] + b * FEATURE_MAJOR_BLOCK),
+                        value(v, scale, nm),
+                    );
+                }
+            }
+            o += 4;
+        }
+        for ob in o..sz {
+            let (px, ch) = (ob / c, ob % c);
+            for (k, &st) in starts.iter().enumerate() {
+                *dst.add((ch * hw + px) * n + k) = lut[ch][images[st as usize + ob] as usize];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_swaps_indices() {
+        for (rows, cols) in [(1, 1), (3, 5), (33, 70), (300, 400)] {
+            let a: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+            let mut t = vec![0.0; rows * cols];
+            transpose(&a, rows, cols, &mut t);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], a[r * cols + c]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_to_feature_major_matches_the_tables() {
+        let (hw, c, count) = (7 * 5, 3, 40);
+        let images: Vec<u8> = (0..count * hw * c).map(|v| (v * 37 % 251) as u8).collect();
+        let (mean, std) = ([0.4f32, 0.5, 0.6], [0.2f32, 0.25, 0.3]);
+        for norm in [None, Some((&mean[..], &std[..]))] {
+            let lut: Vec<[f32; 256]> = (0..c)
+                .map(|ch| {
+                    std::array::from_fn(|b| {
+                        let x = b as f32 * (1.0f32 / 255.0);
+                        norm.map_or(x, |(m, s)| (x - m[ch]) / s[ch])
+                    })
+                })
+                .collect();
+            let samples: Vec<usize> = (0..35).map(|k| (k * 7) % count).collect();
+            let n = samples.len();
+            let mut out = vec![f32::NAN; hw * c * n];
+            let m = bytes_to_feature_major(&images, &samples, (hw, c), norm, &lut, &mut out, n);
+            assert!(m == 0 || m == 32, "{m}");
+            for (k, &i) in samples[..m].iter().enumerate() {
+                for px in 0..hw {
+                    for ch in 0..c {
+                        let want = lut[ch][images[(i * hw + px) * c + ch] as usize];
+                        assert_eq!(out[(ch * hw + px) * n + k].to_bits(), want.to_bits());
+                    }
+                }
+            }
+        }
+    }
+}
