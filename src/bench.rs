@@ -3,7 +3,7 @@
 //! sparse engine, the trainer's masked-layer state `train::masked::MaskedLayers`, our SGD,
 //! masks applied after each step). Reports medians over timed iterations after warm-up, the speedup
 //! over our dense model, throughput and the peak RSS, as an aligned table or as JSON lines
-//! that join with `shared/bench/torch_ref.py`'s output.
+//! that join with the output of the PyTorch reference `tools/reference/bench.py`.
 
 use crate::config::{KernelMode, ModelKind, TrainConfig};
 use crate::models::{self, Model};
@@ -52,8 +52,8 @@ pub struct BenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Reference timings to compare with: JSON lines as `shared/bench/torch_ref.py` (CPU) or
-    /// `tools/cuda/torch_gpu_ref.py` (GPU) print them (keys `model`, `mode`, `batch`, `hw`,
+    /// Reference timings to compare with: JSON lines as PyTorch's `tools/reference/bench.py`
+    /// (CPU or `--device cuda`) prints them (keys `model`, `mode`, `batch`, `hw`,
     /// `threads`, `median_ms`, optional `device`). Each record gets `reference_ms` and
     /// `ratio_vs_reference` (reference median / ours: > 1 is faster than the reference) from
     /// the line with the same model, mode, batch, image size and device (and, on the CPU, the
@@ -70,7 +70,7 @@ pub struct BenchArgs {
     pub hw: Option<usize>,
 }
 
-/// One reference timing (a line of `torch_ref.py`'s output).
+/// One reference timing (a line of `tools/reference/bench.py`'s output).
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct ReferenceRecord {
     pub model: String,
@@ -79,7 +79,7 @@ pub struct ReferenceRecord {
     pub hw: usize,
     pub threads: usize,
     pub median_ms: f64,
-    /// `cpu` (the default: torch_ref.py prints none) or `cuda` (tools/cuda/torch_gpu_ref.py).
+    /// `cpu` (the default, for lines without it) or `cuda`.
     #[serde(default)]
     pub device: Option<String>,
 }
@@ -93,7 +93,7 @@ fn device_kind(name: &str) -> &str {
 pub fn read_reference(path: &std::path::Path) -> Result<Vec<ReferenceRecord>> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
-            "cannot read the --reference file {} (JSON lines from torch_ref.py)",
+            "cannot read the --reference file {} (JSON lines from tools/reference/bench.py)",
             path.display()
         )
     })?;
@@ -103,7 +103,7 @@ pub fn read_reference(path: &std::path::Path) -> Result<Vec<ReferenceRecord>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        // torch_ref.py may be run with its stderr folded in: keep only JSON objects.
+        // The reference may be run with its stderr folded in: keep only JSON objects.
         if !line.starts_with('{') {
             continue;
         }
@@ -128,7 +128,7 @@ pub fn read_reference(path: &std::path::Path) -> Result<Vec<ReferenceRecord>> {
     if out.is_empty() {
         bail!(
             "the --reference file {} holds no timing lines (expected JSON lines from \
-             torch_ref.py)",
+             tools/reference/bench.py)",
             path.display()
         );
     }
@@ -772,7 +772,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("torch.jsonl");
         let threads = rayon::current_num_threads();
-        // What torch_ref.py prints, plus noise it may be mixed with: a non-matching batch, a
+        // What tools/reference/bench.py prints, plus noise it may be mixed with: a non-matching batch, a
         // non-JSON log line, a comment.
         std::fs::write(
             &path,

@@ -7,17 +7,14 @@
 # Build here, carry the binary there:
 #   source .cuda/env.sh && CUDA_COMPUTE_CAP=90 cargo build --release --features cuda
 #   mkdir -p gpu && gzip -9 -c target/release/rest > gpu/rest.gz   # ~18 MiB (65 MiB unpacked)
-#   cp ../shared/bench/torch_ref.py gpu/                           # PyTorch's models
 # Run there, from the repository root:
 #   gunzip gpu/rest.gz && BIN=gpu/rest tools/cuda/gpu-check.sh [OUT]
 # Environment: BIN (default target/release/rest), DEVICE (default cuda; `cpu` runs the same
 # flow without a GPU, to test the script), EPOCHS (default: the default run's), SEEDS (extra
 # --seed values to train beside the default run, e.g. "1 2", for the run-to-run spread),
-# STEPS (timed steps per measurement, default 50), WARMUP (default 10), PY (default python3),
-# TORCH_REF (the
-# project's shared/bench/torch_ref.py, which holds the PyTorch models; by default looked up
-# beside the repository, or as gpu/torch_ref.py when carried with the binary), STAGE_TIMEOUT
-# (seconds per stage, default 300). Every stage runs even when an earlier one fails (a device
+# STEPS (timed steps per measurement, default 50), WARMUP (default 10), PY (default python3,
+# with PyTorch; the models and timing loop are tools/reference/), STAGE_TIMEOUT (seconds per
+# stage, default 300). Every stage runs even when an earlier one fails (a device
 # lease is too short to rerun for one failure); the exit status says whether any failed.
 # The binary needs CUDA 13's cuBLAS/cuRAND/NVRTC at run time; they are looked up in this
 # machine's Python packages (PyTorch's nvidia-* wheels) and in .cuda/ when present.
@@ -57,10 +54,6 @@ PYEOF
 fi
 "$BIN" --version
 
-TORCH_REF="${TORCH_REF:-}"
-[ -z "$TORCH_REF" ] && [ -f "$(dirname "$BIN")/torch_ref.py" ] && TORCH_REF="$(dirname "$BIN")/torch_ref.py"
-ref_args=()
-[ -n "$TORCH_REF" ] && ref_args=(--torch-ref "$TORCH_REF")
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-300}"
 failed=()
 # stage NAME CMD...: runs CMD with a time limit, logs its status, and goes on whatever happens.
@@ -79,8 +72,8 @@ echo "== speed: PyTorch on $DEVICE"
 : > "$OUT/torch.jsonl"
 for spec in "cnn" "cnn --infer" "resnet18" "resnet18 --infer" "resnet18 --hw 128"; do
     # shellcheck disable=SC2086
-    stage "torch $spec" "$PY" "$here/torch_gpu_ref.py" $spec --device "$DEVICE" --steps "$STEPS" \
-        --warmup "$WARMUP" "${ref_args[@]}" > >(tee -a "$OUT/torch.jsonl")
+    stage "torch $spec" "$PY" "$here/../reference/bench.py" $spec --device "$DEVICE" \
+        --steps "$STEPS" --warmup "$WARMUP" > >(tee -a "$OUT/torch.jsonl")
 done
 ref=()
 [ -s "$OUT/torch.jsonl" ] && ref=(--reference "$OUT/torch.jsonl")
