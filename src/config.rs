@@ -7,22 +7,54 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::sparse::{DeathMode, DecaySchedule, DstOptions, GrowthMode, Redistribution, SparseInit};
-use crate::train::methods::{GroupScheme, Method};
-use crate::train::select::SelectRule;
 
 /// Network architecture: declared with the model registry (`crate::models`), re-exported
 /// here for `crate::config::ModelKind` paths.
-pub use crate::models::ModelKind;
+pub use crate::data::DatasetKind;
+pub use crate::models::{ModelKind, Stem};
 
-/// The input stem of a ResNet.
+/// The training method (`--method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// REST's re-weighting with oracle bias labels: conflicting samples x LAMBDA.
+    #[default]
+    Upweight,
+    /// Plain empirical risk minimisation (LAMBDA = 1 whatever --upweight says).
+    Erm,
+    /// Just Train Twice: an ERM model's misclassified training samples x LAMBDA.
+    Jtt,
+    /// GroupDRO: minimise the q-weighted sum of group losses, q updated online.
+    GroupDro,
+    /// Group-balanced sampling: every group equally likely.
+    Balanced,
+    /// Class-balanced sampling: every class equally likely.
+    ClassBalanced,
+}
+
+/// What a group is for GroupDRO and balanced sampling (`--groups`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupScheme {
+    /// One group per (label, bias) cell present in the training split.
+    #[default]
+    Cells,
+    /// Two groups: bias-aligned and bias-conflicting samples.
+    AlignedConflict,
+}
+
+/// The model-selection rule (`--select`); `train::select` scores epochs by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
-pub enum Stem {
-    /// torchvision's stem: 7x7 stride-2 conv + BatchNorm + ReLU + 3x3 stride-2 max pool
-    /// (REST's code).
-    Imagenet,
-    /// The CIFAR stem: 3x3 stride-1 conv + BatchNorm + ReLU, no max pool.
-    Cifar,
+pub enum SelectRule {
+    /// Best validation worst-group accuracy (needs validation bias labels).
+    ValWorstGroup,
+    /// Best validation unbiased accuracy: mean over (label, bias) cells (needs bias labels).
+    ValUnbiased,
+    /// Best validation accuracy (no bias labels needed).
+    ValAccuracy,
+    /// The last epoch.
+    Last,
 }
 
 /// How bias-conflicting samples are up-weighted.
@@ -69,34 +101,6 @@ impl KernelMode {
             KernelMode::Sparse => density < 1.0,
             KernelMode::Auto if conv => density <= AUTO_SPARSE_MAX_DENSITY,
             KernelMode::Auto => density <= AUTO_SPARSE_LINEAR_MAX_DENSITY,
-        }
-    }
-}
-
-/// Layout of a dataset folder (`--data`), in the layout of the DFA release (Lee et al., 2021).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum DatasetKind {
-    /// From the folder name (`cmnist`, `cifar10c`, `bffhq` in it), else `dfa`.
-    Auto,
-    /// Colored MNIST: `<pct>/valid/*` (flat), `test/<class>/*`.
-    Cmnist,
-    /// Corrupted CIFAR-10: `<pct>/valid/*/*`, `test/<class>/*`.
-    Cifar10c,
-    /// BFFHQ: `valid/*`, `test/*`.
-    Bffhq,
-    /// Any of the above: validation in `<pct>/valid` or `valid`, flat or one folder deep.
-    Dfa,
-}
-
-impl DatasetKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DatasetKind::Auto => "auto",
-            DatasetKind::Cmnist => "cmnist",
-            DatasetKind::Cifar10c => "cifar10c",
-            DatasetKind::Bffhq => "bffhq",
-            DatasetKind::Dfa => "dfa",
         }
     }
 }
@@ -378,6 +382,51 @@ impl TrainConfig {
         }
     }
 
+    /// The folder dataset's loading options, when `data` is set.
+    pub fn dfa_options(&self) -> Option<crate::data::dfa::DfaOptions> {
+        self.data.as_ref().map(|root| crate::data::dfa::DfaOptions {
+            root: root.clone(),
+            kind: self.dataset,
+            conflict_pct: self.conflict_pct,
+            skip_bad: self.skip_bad,
+            cache_dir: self.cache_dir.clone(),
+        })
+    }
+
+    /// Where the run's images come from: its `--data` folder (resized to the run's image
+    /// size), or Colored MNIST generated from the built-in digits.
+    pub fn data_source(&self) -> crate::data::DataSource {
+        match self.dfa_options() {
+            Some(opts) => crate::data::DataSource::Folder {
+                opts,
+                image_size: self.image_size_resolved(),
+            },
+            None => {
+                crate::data::DataSource::Builtin(crate::data::colored_mnist::ColoredMnistSpec {
+                    conflict_pct: self.conflict_pct,
+                    sigma: self.color_std,
+                    seed: self.data_seed,
+                    n_train: self.train_size,
+                    n_valid: self.valid_size,
+                    n_test: self.test_size,
+                })
+            }
+        }
+    }
+
+    /// The training transform of the run (`augment` and `normalize` resolved per dataset).
+    pub fn train_transform(&self) -> crate::data::transform::Transform {
+        crate::data::transform::Transform::for_run(
+            self.augment_resolved(),
+            self.normalize_resolved(),
+        )
+    }
+
+    /// The evaluation transform of the run: its normalisation, no augmentation.
+    pub fn eval_transform(&self) -> crate::data::transform::Transform {
+        self.train_transform().eval()
+    }
+
     /// Whether batches are prepared on a worker thread.
     pub fn prefetch_resolved(&self) -> bool {
         self.prefetch.unwrap_or(true)
@@ -580,6 +629,16 @@ pub fn fmt_num(x: f64) -> String {
     let s = format!("{x:.6}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
     s.to_string()
+}
+
+impl From<&TrainConfig> for crate::models::ModelSpec {
+    fn from(cfg: &TrainConfig) -> Self {
+        Self {
+            kind: cfg.model,
+            width: cfg.width,
+            stem: cfg.stem,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -108,7 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.data_seed = a.data_seed.unwrap_or(cfg.data_seed);
             cfg.validate()?;
             let rest::infer::DataSource::Builtin = a.data;
-            let report = rest::infer::evaluate(&m, &rest::data::load(&cfg)?)?;
+            let report = rest::infer::evaluate(&m, &rest::data::load(&cfg.data_source())?)?;
             let out = a
                 .out
                 .unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
@@ -156,7 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Data(DataCommand::Export(args)) => {
             let cfg = args.data.base_config()?;
             cfg.validate()?;
-            let ds = rest::data::load(&cfg)?;
+            let ds = rest::data::load(&cfg.data_source())?;
             let files = rest::data::export::export_npy(&ds, &args.out)?;
             for f in files {
                 println!("{}", f.display());

@@ -152,7 +152,7 @@ fn export_is_at_least_8x_smaller_than_dense_safetensors() -> anyhow::Result<()> 
 fn predict_on_a_png_matches_the_model() -> anyhow::Result<()> {
     let dir = run_dir();
     let cfg = tiny(dir);
-    let ds = rest::data::load(&cfg)?;
+    let ds = rest::data::load(&cfg.data_source())?;
     let (h, w) = (ds.test.height, ds.test.width);
     let i = 7;
     let px = ds.test.images[i * h * w * 3..(i + 1) * h * w * 3].to_vec();

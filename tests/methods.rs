@@ -346,7 +346,7 @@ fn tiny_jtt_run_writes_both_stages_and_a_correct_report() -> anyhow::Result<()> 
     assert_eq!(s["epochs"], 2);
 
     // The report agrees with the saved error set and the dataset's true conflicting set.
-    let ds = rest::data::load(&cfg)?;
+    let ds = rest::data::load(&cfg.data_source())?;
     let e = load_error_set(&dir.path().join("error_set.json"), ds.train.len())?;
     let hits = e.iter().filter(|&&i| ds.train.is_conflicting(i)).count();
     let jtt = out.summary.jtt.as_ref().expect("jtt report");
@@ -405,7 +405,7 @@ fn tiny_group_dro_run_writes_group_weights() -> anyhow::Result<()> {
     let s = summary(dir.path());
     assert_eq!(s["method"], "group-dro");
     assert_eq!(s["select_rule"], "val-worst-group");
-    let ds = rest::data::load(&cfg)?;
+    let ds = rest::data::load(&cfg.data_source())?;
     let (_, g) = group_ids(&ds.train.labels, &ds.train.bias, GroupScheme::Cells);
     let q = out.summary.dro_q.as_ref().expect("dro_q");
     assert_eq!(q.len(), g);

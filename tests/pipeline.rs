@@ -642,7 +642,9 @@ fn bffhq_fixture_trains_resnet18_at_128_pixels_and_evaluates_exactly() -> Result
     )?
     .dataset;
     let mut x = Vec::new();
-    Transform::eval_for(&m.config).gather(&ds.test, &[0], None, &mut x)?;
+    m.config
+        .eval_transform()
+        .gather(&ds.test, &[0], None, &mut x)?;
     let x = candle_core::Tensor::from_vec(x, (1, 3, 128, 128), &candle_core::Device::Cpu)?;
     let logits = m.model.forward(&x, false)?;
     let want = candle_nn::ops::softmax(&logits, 1)?.to_vec2::<f32>()?;
@@ -844,12 +846,12 @@ fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
         assert_eq!(c.image_size_resolved(), None);
         assert!(!c.augment_resolved());
         assert_eq!(c.normalize_resolved(), None);
-        assert_eq!(Transform::train_for(&c), Transform::identity());
+        assert_eq!(c.train_transform(), Transform::identity());
     }
     let cifar = cfg(Some(folder("cifar10c")));
     assert_eq!(cifar.data_kind(), Some(DatasetKind::Cifar10c));
     assert_eq!(
-        Transform::train_for(&cifar),
+        cifar.train_transform(),
         Transform {
             crop_padding: 4,
             flip: true,
@@ -859,8 +861,8 @@ fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
             }),
         }
     );
-    assert_eq!(Transform::eval_for(&cifar).crop_padding, 0);
-    assert!(!Transform::eval_for(&cifar).flip);
+    assert_eq!(cifar.eval_transform().crop_padding, 0);
+    assert!(!cifar.eval_transform().flip);
     let bffhq = cfg(Some(folder("bffhq")));
     assert_eq!(bffhq.image_size_resolved(), Some(128));
     assert_eq!(
@@ -878,13 +880,13 @@ fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
         ..bffhq.clone()
     };
     assert_eq!(c.image_size_resolved(), Some(224));
-    assert_eq!(Transform::train_for(&c), Transform::identity());
+    assert_eq!(c.train_transform(), Transform::identity());
     let c = TrainConfig {
         augment: Some(true),
         normalize: Some(true),
         ..cfg(Some(folder("cmnist")))
     };
-    let t = Transform::train_for(&c);
+    let t = c.train_transform();
     assert_eq!((t.crop_padding, t.flip), (4, true));
     assert_eq!(
         t.normalize.map(|n| n.mean),

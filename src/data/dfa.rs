@@ -14,8 +14,8 @@
 //! 128-pixel pipeline), and the decoded splits are cached in one versioned binary file keyed
 //! by the file list, sizes, modification times and the resize, so later runs skip decoding.
 
+use super::DatasetKind;
 use super::{GroupDataset, Split};
-use crate::config::{DatasetKind, TrainConfig};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -41,19 +41,6 @@ pub struct DfaOptions {
     pub skip_bad: bool,
     /// Folder of the cache file (default: `root`).
     pub cache_dir: Option<PathBuf>,
-}
-
-impl DfaOptions {
-    /// The options of a run whose `data` is set (`None` when it is not).
-    pub fn from_config(cfg: &TrainConfig) -> Option<Self> {
-        cfg.data.as_ref().map(|root| Self {
-            root: root.clone(),
-            kind: cfg.dataset,
-            conflict_pct: cfg.conflict_pct,
-            skip_bad: cfg.skip_bad,
-            cache_dir: cfg.cache_dir.clone(),
-        })
-    }
 }
 
 /// A loaded folder dataset and how it was loaded.

@@ -20,23 +20,57 @@ pub mod transform;
 
 use anyhow::{bail, Result};
 
-/// Builds the dataset a config asks for: its `--data` folder (resized to the run's image
-/// size), or the built-in Colored MNIST.
-pub fn load(cfg: &crate::config::TrainConfig) -> anyhow::Result<GroupDataset> {
-    // A dataset folder (`--data`): the split sizes of the generator do not apply.
-    if let Some(opts) = dfa::DfaOptions::from_config(cfg) {
-        return Ok(dfa::load_sized(&opts, cfg.image_size_resolved())?.dataset);
+/// Where a run's images come from (`TrainConfig::data_source`).
+#[derive(Debug, Clone)]
+pub enum DataSource {
+    /// Colored MNIST generated from the built-in digits.
+    Builtin(colored_mnist::ColoredMnistSpec),
+    /// A dataset folder, its images resized to `image_size` on load when given.
+    Folder {
+        opts: dfa::DfaOptions,
+        image_size: Option<usize>,
+    },
+}
+
+/// Builds the dataset of `source`.
+pub fn load(source: &DataSource) -> Result<GroupDataset> {
+    match source {
+        DataSource::Folder { opts, image_size } => Ok(dfa::load_sized(opts, *image_size)?.dataset),
+        DataSource::Builtin(spec) => {
+            let (digits, labels) = builtin::builtin_digits()?;
+            colored_mnist::generate(&digits, &labels, spec)
+        }
     }
-    let (digits, labels) = builtin::builtin_digits()?;
-    let spec = colored_mnist::ColoredMnistSpec {
-        conflict_pct: cfg.conflict_pct,
-        sigma: cfg.color_std,
-        seed: cfg.data_seed,
-        n_train: cfg.train_size,
-        n_valid: cfg.valid_size,
-        n_test: cfg.test_size,
-    };
-    colored_mnist::generate(&digits, &labels, &spec)
+}
+
+/// Layout of a dataset folder (`--data`), in the layout of the DFA release (Lee et al., 2021).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// From the folder name (`cmnist`, `cifar10c`, `bffhq` in it), else `dfa`.
+    Auto,
+    /// Colored MNIST: `<pct>/valid/*` (flat), `test/<class>/*`.
+    Cmnist,
+    /// Corrupted CIFAR-10: `<pct>/valid/*/*`, `test/<class>/*`.
+    Cifar10c,
+    /// BFFHQ: `valid/*`, `test/*`.
+    Bffhq,
+    /// Any of the above: validation in `<pct>/valid` or `valid`, flat or one folder deep.
+    Dfa,
+}
+
+impl DatasetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetKind::Auto => "auto",
+            DatasetKind::Cmnist => "cmnist",
+            DatasetKind::Cifar10c => "cifar10c",
+            DatasetKind::Bffhq => "bffhq",
+            DatasetKind::Dfa => "dfa",
+        }
+    }
 }
 
 /// One split (train, validation or test) of a group-annotated image dataset.

@@ -13,8 +13,8 @@
 //! order): each sample seeks to its own place in the epoch's augmentation stream, so a batch
 //! is the same whichever thread prepares it and a resumed run draws the same crops.
 
+use super::DatasetKind;
 use super::Split;
-use crate::config::{DatasetKind, TrainConfig};
 use crate::util;
 use anyhow::{bail, Result};
 use rand::RngCore;
@@ -100,19 +100,14 @@ impl Transform {
         Self::default()
     }
 
-    /// The training transform of a run (`augment` and `normalize` resolved per dataset).
-    pub fn train_for(cfg: &TrainConfig) -> Self {
-        let augment = cfg.augment_resolved();
+    /// A run's training transform: random crop (padding 4) and horizontal flip when
+    /// `augment`, and `normalize` (see `TrainConfig::train_transform`).
+    pub fn for_run(augment: bool, normalize: Option<Normalize>) -> Self {
         Transform {
             crop_padding: if augment { CROP_PADDING } else { 0 },
             flip: augment,
-            normalize: cfg.normalize_resolved(),
+            normalize,
         }
-    }
-
-    /// The evaluation transform of a run: its normalisation, no augmentation.
-    pub fn eval_for(cfg: &TrainConfig) -> Self {
-        Self::train_for(cfg).eval()
     }
 
     /// This transform without its random parts.

@@ -73,7 +73,7 @@ pub fn data_shape(cfg: &TrainConfig, run_dir: &Path) -> Result<((usize, usize, u
         }
         return Ok(((c, h, w), info.classes));
     }
-    let ds = crate::data::load(cfg).with_context(|| {
+    let ds = crate::data::load(&cfg.data_source()).with_context(|| {
         format!(
             "{} is missing, so the input shape and classes must come from the run's data \
              folder, which cannot be loaded",
@@ -304,7 +304,7 @@ pub fn evaluate(m: &LoadedModel, ds: &GroupDataset) -> Result<EvalReport> {
         );
     }
     let dev = Device::Cpu;
-    let tf = crate::data::transform::Transform::eval_for(&m.config);
+    let tf = m.config.eval_transform();
     Ok(EvalReport {
         checkpoint: m.path.display().to_string(),
         exported: m.exported,

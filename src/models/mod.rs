@@ -9,7 +9,6 @@ pub mod cnn;
 pub mod mlp;
 pub mod resnet;
 
-use crate::config::{Stem, TrainConfig};
 use crate::data::transform::BatchLayout;
 pub use crate::nn::LayerFlops;
 use crate::nn::{layer, Buffer, Layer, Param, ParamKind};
@@ -62,6 +61,17 @@ models! {
     Resnet18 = "resnet18" => resnet::ENTRY,
     /// ResNet-50 (Bottleneck, [3, 4, 6, 3]) of variable width (`width`).
     Resnet50 = "resnet50" => resnet::ENTRY,
+}
+
+/// The input stem of a ResNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stem {
+    /// torchvision's stem: 7x7 stride-2 conv + BatchNorm + ReLU + 3x3 stride-2 max pool
+    /// (REST's code).
+    Imagenet,
+    /// The CIFAR stem: 3x3 stride-1 conv + BatchNorm + ReLU, no max pool.
+    Cifar,
 }
 
 /// Builds a freshly initialised model of a spec for images of `input = (c, h, w)` with
@@ -133,7 +143,8 @@ pub trait Model: Send + Sync {
 
 /// What `build` constructs: the architecture and, for ResNets, its width and stem (ignored
 /// by the other models). A bare `ModelKind` converts with ResNet defaults (width 64,
-/// ImageNet stem); a `&TrainConfig` converts with its `model`, `width` and `stem`.
+/// ImageNet stem); a `&TrainConfig` converts with its `model`, `width` and `stem` (in
+/// `config`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelSpec {
     pub kind: ModelKind,
@@ -147,16 +158,6 @@ impl From<ModelKind> for ModelSpec {
             kind,
             width: 64,
             stem: Stem::Imagenet,
-        }
-    }
-}
-
-impl From<&TrainConfig> for ModelSpec {
-    fn from(cfg: &TrainConfig) -> Self {
-        Self {
-            kind: cfg.model,
-            width: cfg.width,
-            stem: cfg.stem,
         }
     }
 }

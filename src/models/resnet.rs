@@ -15,7 +15,7 @@
 //! instead re-draw conv weights with kaiming-normal (fan-out).
 
 use super::{Model, ModelEntry, ModelSpec};
-use crate::config::{ModelKind, Stem};
+use super::{ModelKind, Stem};
 use crate::nn::layer::{elems, Dims};
 use crate::nn::{Buffer, ConvBn, GlobalAvgPool, Layer, LayerFlops, Linear, MaxPool2d, Param};
 use crate::util::Rng;

@@ -5,7 +5,7 @@
 //! forward + 2 x backward on the sparse net (3 f_S), a mask-update step pays the dense weight
 //! gradient instead of the sparse one (2 f_S + f_D), and dense training costs 3 f_D per step.
 
-use crate::models::LayerFlops;
+use crate::nn::LayerFlops;
 use serde::Serialize;
 
 /// One layer's line of a FLOPs table (per sample).

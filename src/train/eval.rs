@@ -29,7 +29,7 @@ pub(crate) fn batch_tensor(
 }
 
 /// Evaluates `model` on a whole split in inference mode, with the run's evaluation
-/// transform (`Transform::eval_for`: its normalisation, no augmentation).
+/// transform (`TrainConfig::eval_transform`: its normalisation, no augmentation).
 pub fn evaluate(
     model: &dyn Model,
     split: &Split,

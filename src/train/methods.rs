@@ -12,24 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The training method (`--method`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// REST's re-weighting with oracle bias labels: conflicting samples x LAMBDA.
-    #[default]
-    Upweight,
-    /// Plain empirical risk minimisation (LAMBDA = 1 whatever --upweight says).
-    Erm,
-    /// Just Train Twice: an ERM model's misclassified training samples x LAMBDA.
-    Jtt,
-    /// GroupDRO: minimise the q-weighted sum of group losses, q updated online.
-    GroupDro,
-    /// Group-balanced sampling: every group equally likely.
-    Balanced,
-    /// Class-balanced sampling: every class equally likely.
-    ClassBalanced,
-}
+pub use crate::config::{GroupScheme, Method};
 
 impl Method {
     pub fn as_str(self) -> &'static str {
@@ -42,17 +25,6 @@ impl Method {
             Method::ClassBalanced => "class-balanced",
         }
     }
-}
-
-/// What a group is for GroupDRO and balanced sampling (`--groups`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum GroupScheme {
-    /// One group per (label, bias) cell present in the training split.
-    #[default]
-    Cells,
-    /// Two groups: bias-aligned and bias-conflicting samples.
-    AlignedConflict,
 }
 
 /// Group id of every sample and the number of groups. With `Cells`, the ids number the

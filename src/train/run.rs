@@ -131,7 +131,7 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         _ => cfg,
     };
     let start = Instant::now();
-    let ds = crate::data::load(cfg)?;
+    let ds = crate::data::load(&cfg.data_source())?;
     if cfg.method != Method::Jtt {
         let run_dir = cfg.out.clone().unwrap_or_default();
         let ctx = StageCtx {

@@ -5,7 +5,6 @@ use super::eval::batch_tensor;
 use super::masked::{host_or_zeros, to_host};
 use crate::config::TrainConfig;
 use crate::data::sampler::shuffled;
-use crate::data::transform::Transform;
 use crate::data::Split;
 use crate::models::Model;
 use crate::nn::Param;
@@ -46,7 +45,7 @@ pub(crate) fn init_scores(
     };
     let mut rng = util::rng(cfg.seed, 4);
     let order = shuffled(train.len(), &mut rng);
-    let tf = Transform::eval_for(cfg);
+    let tf = cfg.eval_transform();
     let mut total: Vec<Vec<f32>> = w0.iter().map(|w| vec![0.0; w.len()]).collect();
     for idx in order.chunks(cfg.batch_size).take(SCORE_BATCHES) {
         let x = batch_tensor(train, idx, &tf, model.input_layout(), dev)?;

@@ -163,7 +163,7 @@ impl<'a> Stage<'a> {
             best = r.best;
         }
 
-        let train_tf = Transform::train_for(cfg);
+        let train_tf = cfg.train_transform();
         let prefetch = cfg.prefetch_resolved();
         info!(
             "data pipeline: {}; batches prepared {}",
