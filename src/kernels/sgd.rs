@@ -83,6 +83,13 @@ fn contiguous_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<
     }
 }
 
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
+    }
+}
+
 impl InplaceOp1 for CompactUpdate<'_> {
     fn name(&self) -> &'static str {
         "rest-sgd-compact"
@@ -107,10 +114,7 @@ impl InplaceOp2 for CompactUpdate<'_> {
         src: &CpuStorage,
         src_l: &Layout,
     ) -> candle_core::Result<()> {
-        let src = match (src, src_l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
-        };
+        let src = contiguous(src, src_l)?;
         let dst = contiguous_mut(dst, dst_l)?;
         if dst.len() != src.len() {
             candle_core::bail!("sgd: weight and momentum differ in size");
@@ -141,10 +145,7 @@ impl InplaceOp2 for DenseUpdate<'_> {
         src: &CpuStorage,
         src_l: &Layout,
     ) -> candle_core::Result<()> {
-        let src = match (src, src_l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
-        };
+        let src = contiguous(src, src_l)?;
         let dst = contiguous_mut(dst, dst_l)?;
         if dst.len() != src.len() || dst.len() != self.g.len() {
             candle_core::bail!("sgd: weight, momentum and gradient differ in size");
