@@ -374,3 +374,49 @@ fn two_sweeps_started_together_train_each_run_once() -> Result<()> {
 fn a_second_sweep_started_later_trains_only_what_is_left() -> Result<()> {
     two_sweeps_over_one_directory(Duration::from_millis(2500))
 }
+
+/// The paper's experiments (`examples/paper/*.toml`) expand into the runs their README
+/// states, every run valid, wherever the user keeps the data folders they name.
+#[test]
+fn the_paper_sweep_files_expand_into_valid_runs() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for d in ["data/cmnist", "data/cifar10c", "data/bffhq"] {
+        std::fs::create_dir_all(tmp.path().join(d))?;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/paper");
+    let expected = [
+        ("cmnist-rest.toml", 108),
+        ("cmnist-baselines.toml", 24),
+        ("cifar10c-rest.toml", 84),
+        ("bffhq-rest.toml", 21),
+        ("cmnist-reduced-baselines.toml", 24),
+        ("cmnist-reduced-rest.toml", 36),
+        ("cmnist-reduced-jtt.toml", 12),
+    ];
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir)? {
+        if e?.path().extension().is_some_and(|x| x == "toml") {
+            seen += 1;
+        }
+    }
+    assert_eq!(
+        seen,
+        expected.len(),
+        "a paper sweep file without an expected run count"
+    );
+    for (file, runs) in expected {
+        let o = Command::new(BIN)
+            .current_dir(tmp.path())
+            .arg("sweep")
+            .arg(dir.join(file))
+            .args(["--dry-run", "--out", "out"])
+            .output()?;
+        let t = text(&o);
+        assert!(o.status.success(), "{file}: {t}");
+        assert!(
+            t.contains(&format!("{runs} runs (0 done, {runs} to run)")),
+            "{file}: {t}"
+        );
+    }
+    Ok(())
+}
