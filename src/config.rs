@@ -351,34 +351,32 @@ impl TrainConfig {
             .map(|d| crate::data::dfa::resolve_kind(d, self.dataset))
     }
 
-    /// The size images are resized to on load: `image_size`, else 128 for bffhq.
+    /// What the run's data layout implies where the run does not say (`DatasetKind::defaults`;
+    /// the built-in data: nothing).
+    fn layout_defaults(&self) -> crate::data::LayoutDefaults {
+        self.data_kind()
+            .map(DatasetKind::defaults)
+            .unwrap_or_default()
+    }
+
+    /// The size images are resized to on load: `image_size`, else the layout's default.
     pub fn image_size_resolved(&self) -> Option<usize> {
-        self.image_size.or(match self.data_kind() {
-            Some(DatasetKind::Bffhq) => Some(BFFHQ_IMAGE_SIZE),
-            _ => None,
-        })
+        self.image_size.or(self.layout_defaults().image_size)
     }
 
-    /// Whether training batches are augmented: `augment`, else on for cifar10c and bffhq.
+    /// Whether training batches are augmented: `augment`, else the layout's default.
     pub fn augment_resolved(&self) -> bool {
-        self.augment.unwrap_or(matches!(
-            self.data_kind(),
-            Some(DatasetKind::Cifar10c | DatasetKind::Bffhq)
-        ))
+        self.augment.unwrap_or(self.layout_defaults().augment)
     }
 
-    /// The normalisation of training and evaluation batches: `normalize` (with the
-    /// dataset's statistics; ImageNet's for a layout without its own), else the dataset's
-    /// default (cifar10c, bffhq).
+    /// The normalisation of training and evaluation batches: `normalize` (with the layout's
+    /// statistics; ImageNet's for a layout without its own), else the layout's default.
     pub fn normalize_resolved(&self) -> Option<crate::data::transform::Normalize> {
-        use crate::data::transform::Normalize;
-        let kind = self.data_kind();
+        let layout = self.layout_defaults().normalize;
         match self.normalize {
             Some(false) => None,
-            Some(true) => {
-                Normalize::for_kind(kind).or(Normalize::for_kind(Some(DatasetKind::Bffhq)))
-            }
-            None => Normalize::for_kind(kind),
+            Some(true) => layout.or(Some(crate::data::transform::Normalize::IMAGENET)),
+            None => layout,
         }
     }
 
@@ -618,8 +616,7 @@ impl TrainConfig {
     }
 }
 
-/// The default `image_size` of BFFHQ (REST's 128-pixel ResNet-18 pipeline; DFA uses 224).
-pub const BFFHQ_IMAGE_SIZE: usize = 128;
+pub use crate::data::BFFHQ_IMAGE_SIZE;
 /// Accepted `--image-size` range.
 pub const MIN_IMAGE_SIZE: usize = 8;
 pub const MAX_IMAGE_SIZE: usize = 1024;

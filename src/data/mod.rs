@@ -61,7 +61,37 @@ pub enum DatasetKind {
     Dfa,
 }
 
+/// The default `image_size` of BFFHQ (REST's 128-pixel ResNet-18 pipeline; DFA uses 224).
+pub const BFFHQ_IMAGE_SIZE: usize = 128;
+
+/// What a data layout implies where a run does not say: the size images are resized to on
+/// load, training augmentation (random crop with padding 4, horizontal flip) and the
+/// normalisation, as the reference code trains on that dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LayoutDefaults {
+    pub image_size: Option<usize>,
+    pub augment: bool,
+    pub normalize: Option<transform::Normalize>,
+}
+
 impl DatasetKind {
+    /// The layout's defaults (see [`LayoutDefaults`]).
+    pub fn defaults(self) -> LayoutDefaults {
+        match self {
+            DatasetKind::Cifar10c => LayoutDefaults {
+                image_size: None,
+                augment: true,
+                normalize: Some(transform::Normalize::CIFAR),
+            },
+            DatasetKind::Bffhq => LayoutDefaults {
+                image_size: Some(BFFHQ_IMAGE_SIZE),
+                augment: true,
+                normalize: Some(transform::Normalize::IMAGENET),
+            },
+            DatasetKind::Auto | DatasetKind::Cmnist | DatasetKind::Dfa => LayoutDefaults::default(),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DatasetKind::Auto => "auto",

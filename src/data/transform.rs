@@ -13,7 +13,6 @@
 //! order): each sample seeks to its own place in the epoch's augmentation stream, so a batch
 //! is the same whichever thread prepares it and a resumed run draws the same crops.
 
-use super::DatasetKind;
 use super::Split;
 use crate::util;
 use anyhow::{bail, Result};
@@ -42,20 +41,16 @@ pub struct Normalize {
 }
 
 impl Normalize {
-    /// The mean/std the reference code uses for a dataset layout (`None`: no normalisation).
-    pub fn for_kind(kind: Option<DatasetKind>) -> Option<Self> {
-        match kind {
-            Some(DatasetKind::Cifar10c) => Some(Normalize {
-                mean: CIFAR_MEAN,
-                std: CIFAR_STD,
-            }),
-            Some(DatasetKind::Bffhq) => Some(Normalize {
-                mean: IMAGENET_MEAN,
-                std: IMAGENET_STD,
-            }),
-            _ => None,
-        }
-    }
+    /// CIFAR-10's channel statistics (the reference code's for Corrupted CIFAR-10).
+    pub const CIFAR: Normalize = Normalize {
+        mean: CIFAR_MEAN,
+        std: CIFAR_STD,
+    };
+    /// ImageNet's channel statistics (the reference code's for BFFHQ).
+    pub const IMAGENET: Normalize = Normalize {
+        mean: IMAGENET_MEAN,
+        std: IMAGENET_STD,
+    };
 }
 
 /// What happens to an image when it is gathered into a batch.
