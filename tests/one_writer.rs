@@ -116,7 +116,7 @@ fn a_live_run_cannot_be_resumed_twice_and_kill_9_leaves_no_stale_lock() -> Resul
     std::fs::write(
         &c,
         "train_size = 3000\nvalid_size = 200\ntest_size = 200\nbatch_size = 50\n\
-         density = 1.0\nepochs = 4\nthreads = 1\n",
+         density = 1.0\nepochs = 6\nthreads = 1\n",
     )?;
     let c = c.to_str().context("path")?;
     let mut child = Command::new(BIN)
