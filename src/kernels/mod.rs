@@ -42,15 +42,40 @@ pub use sparse::{
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 
-/// Whether an op on `x` runs on the generic candle ops of [`generic`]: for tensors that are
-/// not on the CPU, or everywhere when the environment variable `REST_KERNELS=candle` is set
-/// (which runs the GPU code path on a CPU, for testing it without a GPU).
-pub fn generic_path(x: &Tensor) -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !x.device().is_cpu()
-        || *FORCED.get_or_init(|| {
+/// Which implementation of the layer ops a device's tensors take: rest's CPU kernels, or the
+/// generic candle ops of [`generic`] (the GPU path, also forced on the CPU with the environment
+/// variable `REST_KERNELS=candle`, to test it without a GPU). Chosen once per device; layers,
+/// the optimizer and the masked layers hold it from their construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    #[default]
+    Cpu,
+    Generic,
+}
+
+impl Backend {
+    /// The backend of tensors on `device`.
+    pub fn of(device: &candle_core::Device) -> Self {
+        static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let forced = *FORCED.get_or_init(|| {
             std::env::var("REST_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("candle"))
-        })
+        });
+        if !device.is_cpu() || forced {
+            Backend::Generic
+        } else {
+            Backend::Cpu
+        }
+    }
+
+    pub fn is_generic(self) -> bool {
+        self == Backend::Generic
+    }
+}
+
+/// Whether an op on `x` runs on the generic candle ops of [`generic`] (`Backend::of` its
+/// device): the one dispatch point of the public ops in this module.
+pub fn generic_path(x: &Tensor) -> bool {
+    Backend::of(x.device()).is_generic()
 }
 
 /// Checks that `t` is an `f32` tensor on the CPU with `rank` dimensions and returns a

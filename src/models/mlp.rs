@@ -55,7 +55,7 @@ impl Mlp {
 impl Model for Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let last = self.fcs.len() - 1;
-        if !kernels::generic_path(x) {
+        if !self.fcs[0].backend.is_generic() {
             // Each layer with its ReLU is one op (forward and backward), feature-major.
             let mut h = kernels::feature_major(x)?;
             for (i, l) in self.fcs.iter().enumerate() {
@@ -80,9 +80,9 @@ impl Model for Mlp {
     }
 
     fn input_layout(&self) -> BatchLayout {
-        match self.fcs[0].weight.as_tensor() {
-            w if kernels::generic_path(w) => BatchLayout::Nchw,
-            _ => BatchLayout::FeatureMajor,
+        match self.fcs[0].backend {
+            kernels::Backend::Generic => BatchLayout::Nchw,
+            kernels::Backend::Cpu => BatchLayout::FeatureMajor,
         }
     }
 }

@@ -16,6 +16,8 @@ pub struct Conv2d {
     pub stride: usize,
     pub padding: usize,
     pub slot: SparseSlot,
+    /// The kernels this layer runs on (its device's, chosen at construction).
+    pub backend: kernels::Backend,
 }
 
 impl Conv2d {
@@ -51,6 +53,7 @@ impl Conv2d {
             stride,
             padding,
             slot: Default::default(),
+            backend: kernels::Backend::of(device),
         })
     }
 

@@ -127,7 +127,7 @@ pub fn conv_bn(
     train: bool,
     relu: bool,
 ) -> Result<Tensor> {
-    if conv.bias.is_some() || crate::kernels::generic_path(x) {
+    if conv.bias.is_some() || conv.backend.is_generic() {
         return bn.forward(&conv.forward(x)?, train, relu);
     }
     if !train {

@@ -16,6 +16,8 @@ pub struct Linear {
     pub slot: SparseSlot,
     /// Whether a ReLU follows, fused into the layer's op ([`Linear::with_relu`]).
     pub relu: bool,
+    /// The kernels this layer runs on (its device's, chosen at construction).
+    pub backend: kernels::Backend,
 }
 
 impl Linear {
@@ -40,6 +42,7 @@ impl Linear {
             bias,
             slot: Default::default(),
             relu: false,
+            backend: kernels::Backend::of(device),
         })
     }
 

@@ -297,7 +297,7 @@ pub(crate) fn install_sparse_kernels(
     // rest's sparse kernels are CPU code: on a GPU every layer runs dense with its mask.
     let mode = if weights
         .iter()
-        .any(|p| crate::kernels::generic_path(p.var.as_tensor()))
+        .any(|p| crate::kernels::Backend::of(p.var.device()).is_generic())
     {
         KernelMode::Dense
     } else {

@@ -12,6 +12,8 @@ use candle_core::Tensor;
 
 pub struct Sgd {
     params: Vec<Param>,
+    /// Per parameter, the kernels its update runs on (its device's).
+    backends: Vec<crate::kernels::Backend>,
     momentum_buf: Vec<Option<Tensor>>,
     pub lr: f64,
     pub momentum: f64,
@@ -21,8 +23,13 @@ pub struct Sgd {
 impl Sgd {
     pub fn new(params: Vec<Param>, lr: f64, momentum: f64, weight_decay: f64) -> Self {
         let n = params.len();
+        let backends = params
+            .iter()
+            .map(|p| crate::kernels::Backend::of(p.var.device()))
+            .collect();
         Self {
             params,
+            backends,
             momentum_buf: vec![None; n],
             lr,
             momentum,
@@ -45,7 +52,8 @@ impl Sgd {
             self.momentum as f32,
             self.weight_decay as f32,
         );
-        for (p, buf) in self.params.iter().zip(self.momentum_buf.iter_mut()) {
+        let params = self.params.iter().zip(&self.backends);
+        for ((p, backend), buf) in params.zip(self.momentum_buf.iter_mut()) {
             let compact = p
                 .slot
                 .as_ref()
@@ -69,7 +77,7 @@ impl Sgd {
             }
             let n = w.elem_count();
             let use_mom = self.momentum != 0.0;
-            if crate::kernels::generic_path(w) {
+            if backend.is_generic() {
                 // Off the CPU (CUDA), or with REST_KERNELS=candle: the same formula in
                 // candle's tensor ops, on the device.
                 let old = if use_mom { buf.take() } else { None };
