@@ -2,6 +2,8 @@
 //! reference in `src/` (comments aside) points to a module of the same or a lower layer, so
 //! the modules form no import cycle and none imports from a layer above it.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -28,40 +30,31 @@ fn layer_of(module: &str) -> Option<usize> {
 fn references() -> BTreeMap<String, Vec<(String, String)>> {
     let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut stack = vec![src.clone()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read src") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                stack.push(p);
+    for (rel, bytes) in common::tree(&src) {
+        if rel.extension().is_none_or(|x| x != "rs") {
+            continue;
+        }
+        let first = rel.components().next().expect("component");
+        let module = first
+            .as_os_str()
+            .to_string_lossy()
+            .trim_end_matches(".rs")
+            .to_string();
+        let text = String::from_utf8_lossy(&bytes);
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for line in code.lines() {
+            let line = line.trim_start();
+            if line.starts_with("//") {
                 continue;
             }
-            if p.extension().is_none_or(|x| x != "rs") {
-                continue;
-            }
-            let rel = p.strip_prefix(&src).expect("under src").to_path_buf();
-            let first = rel.components().next().expect("component");
-            let module = first
-                .as_os_str()
-                .to_string_lossy()
-                .trim_end_matches(".rs")
-                .to_string();
-            let text = std::fs::read_to_string(&p).expect("read file");
-            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
-            for line in code.lines() {
-                let line = line.trim_start();
-                if line.starts_with("//") {
-                    continue;
-                }
-                for (i, _) in line.match_indices("crate::") {
-                    let name: String = line[i + 7..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                        .collect();
-                    out.entry(module.clone())
-                        .or_default()
-                        .push((name, rel.display().to_string()));
-                }
+            for (i, _) in line.match_indices("crate::") {
+                let name: String = line[i + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                out.entry(module.clone())
+                    .or_default()
+                    .push((name, rel.display().to_string()));
             }
         }
     }
