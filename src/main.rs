@@ -36,6 +36,9 @@ fn main() -> ExitCode {
         .with_ansi(log_colour())
         .with_writer(std::io::stderr)
         .init();
+    for w in rest::kernels::env_warnings() {
+        tracing::warn!("{w}");
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

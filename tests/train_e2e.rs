@@ -191,3 +191,27 @@ fn diverging_loss_stops_with_an_error_naming_epoch_and_step() {
         "{err}"
     );
 }
+
+/// Kernel environment variables with values `rest` does not understand are named in a
+/// warning, not silently ignored.
+#[test]
+fn unknown_kernel_environment_values_are_warned_about() {
+    let run = |var: &str, value: &str| {
+        let o = common::rest_bin()
+            .args(["flops", "--model", "cnn", "--density", "0.05"])
+            .env(var, value)
+            .output()
+            .expect("run rest");
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = run("REST_ISA", "avx9000");
+    assert!(
+        e.contains("REST_ISA=avx9000 is not an instruction set"),
+        "{e}"
+    );
+    let e = run("REST_KERNELS", "cuda");
+    assert!(e.contains("REST_KERNELS=cuda is not understood"), "{e}");
+    let e = run("REST_ISA", "portable");
+    assert!(!e.contains("WARN"), "{e}");
+}

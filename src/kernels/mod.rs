@@ -72,6 +72,37 @@ impl Backend {
     }
 }
 
+/// Warnings for kernel environment variables whose value is not understood (they would
+/// otherwise be ignored silently): `REST_ISA` / `REST_SPARSE_ISA` other than `avx512`, `avx2`,
+/// `portable` or above what this CPU runs, and `REST_KERNELS` other than `candle`.
+pub fn env_warnings() -> Vec<String> {
+    use rest_kernels::isa::Isa;
+    let mut out = Vec::new();
+    for var in ["REST_ISA", "REST_SPARSE_ISA"] {
+        if let Ok(v) = std::env::var(var) {
+            match Isa::from_name(&v) {
+                None => out.push(format!(
+                    "{var}={v} is not an instruction set (avx512, avx2 or portable): ignored"
+                )),
+                Some(i) if !i.is_available() => out.push(format!(
+                    "{var}={v}: this CPU cannot run {}; the kernels use {}",
+                    i.name(),
+                    rest_kernels::isa::active().name()
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    if let Ok(v) = std::env::var("REST_KERNELS") {
+        if !v.eq_ignore_ascii_case("candle") {
+            out.push(format!(
+                "REST_KERNELS={v} is not understood (only `candle`, the generic path): ignored"
+            ));
+        }
+    }
+    out
+}
+
 /// Whether an op on `x` runs on the generic candle ops of [`generic`] (`Backend::of` its
 /// device): the one dispatch point of the public ops in this module.
 pub fn generic_path(x: &Tensor) -> bool {
