@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// Input height and width for ResNet models (default: 32); MLP and CNN take 28x28.
     #[arg(long, value_name = "H")]
     pub hw: Option<usize>,
+    /// After timing each training step, run the steps again with every recorded op timed and
+    /// print (on stderr) where a step's time goes: per op and output shape (which tells the
+    /// layers apart), calls, forward and backward milliseconds per step, share of the step.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// One reference timing (a line of `tools/reference/bench.py`'s output).
@@ -456,6 +461,22 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                 };
                 let (median, min, max) = stats(&mut ms);
                 let median_cpu = cpu.map(|mut v| stats(&mut v).0);
+                if m == 0 && args.profile {
+                    let mut none: [Vec<f64>; 3] = Default::default();
+                    crate::kernels::profile::enable(true);
+                    let t = Instant::now();
+                    for _ in 0..args.steps {
+                        train_step(&mut s, &x, &y, &mut none)?;
+                        dev.synchronize()?;
+                    }
+                    let step_ms = t.elapsed().as_secs_f64() * 1e3 / args.steps as f64;
+                    crate::kernels::profile::enable(false);
+                    let rows = crate::kernels::profile::take();
+                    eprintln!(
+                        "{}",
+                        profile_table(kind.as_str(), density, step_ms, args.steps, &rows)
+                    );
+                }
                 // Phase medians over the timed steps only (the warm-up steps come first).
                 let mut phase = |i: usize| -> Option<f64> {
                     let v = &mut phases[i];
@@ -499,6 +520,51 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
         }
     }
     Ok(out)
+}
+
+/// The `--profile` breakdown of one model at one density: per recorded op and output shape,
+/// the mean calls, forward and backward milliseconds per step and their share of the
+/// profiled step (`step_ms`, which also holds the loss, the SGD step and the masks), heaviest
+/// first.
+pub fn profile_table(
+    model: &str,
+    density: f64,
+    step_ms: f64,
+    steps: usize,
+    rows: &[(String, crate::kernels::profile::OpTime)],
+) -> String {
+    use std::fmt::Write as _;
+    let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / steps.max(1) as f64;
+    let mut rows: Vec<_> = rows.iter().collect();
+    rows.sort_by(|a, b| {
+        let t = |r: &crate::kernels::profile::OpTime| r.forward + r.backward;
+        t(&b.1).cmp(&t(&a.1))
+    });
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(2).max(2);
+    let mut s = format!(
+        "profile: {model} at density {density}, {step_ms:.2} ms per step ({steps} steps)\n\
+         {:<width$}  calls    fwd ms    bwd ms  share\n",
+        "op"
+    );
+    let (mut fwd, mut bwd) = (0.0, 0.0);
+    for (k, t) in &rows {
+        let (f, b) = (per(t.forward), per(t.backward));
+        fwd += f;
+        bwd += b;
+        let _ = writeln!(
+            s,
+            "{k:<width$}  {:>5.1}  {f:>8.3}  {b:>8.3}  {:>4.1} %",
+            t.calls as f64 / steps.max(1) as f64,
+            100.0 * (f + b) / step_ms.max(1e-9)
+        );
+    }
+    let _ = write!(
+        s,
+        "{:<width$}         {fwd:>8.3}  {bwd:>8.3}  {:>4.1} % (the rest: loss, SGD, masks, glue)",
+        "recorded ops",
+        100.0 * (fwd + bwd) / step_ms.max(1e-9)
+    );
+    s
 }
 
 /// The human-readable table of `records`.
@@ -627,6 +693,42 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<BenchArgs> {
         Ok(Wrap::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))?.args)
+    }
+
+    #[test]
+    fn profile_counts_every_recorded_op_of_each_step() -> Result<()> {
+        // The CNN at density 1: per step, three conv+BN+ReLU ops, the pool and the classifier.
+        let dev = Device::Cpu;
+        let input = (3, 28, 28);
+        let mut s = setup(ModelKind::Cnn, input, 1.0, KernelMode::Auto, &dev)?;
+        let batch = 4;
+        let xs: Vec<f32> = (0..batch * 3 * 28 * 28)
+            .map(|i| (i % 7) as f32 / 7.0)
+            .collect();
+        let x = s.model.input_layout().tensor(&xs, batch, input, &dev)?;
+        let y = Tensor::from_vec(vec![0u32, 1, 2, 3], batch, &dev)?;
+        let mut phases: [Vec<f64>; 3] = Default::default();
+        crate::kernels::profile::enable(true);
+        for _ in 0..3 {
+            train_step(&mut s, &x, &y, &mut phases)?;
+        }
+        crate::kernels::profile::enable(false);
+        let rows = crate::kernels::profile::take();
+        let calls: usize = rows.iter().map(|(_, t)| t.calls).sum();
+        assert_eq!(calls, 3 * 5, "{rows:?}");
+        assert!(rows
+            .iter()
+            .all(|(_, t)| t.backward > std::time::Duration::ZERO));
+        assert!(rows
+            .iter()
+            .any(|(k, _)| k.starts_with("rest-conv-bn-relu-cnhw [64, 4, 14, 14]")));
+        let table = profile_table("cnn", 1.0, 1000.0, 3, &rows);
+        assert_eq!(table.lines().count(), 2 + rows.len() + 1, "{table}");
+        assert!(table.contains("recorded ops"), "{table}");
+        // Nothing is collected while profiling is off.
+        train_step(&mut s, &x, &y, &mut phases)?;
+        assert!(crate::kernels::profile::take().is_empty());
+        Ok(())
     }
 
     #[test]

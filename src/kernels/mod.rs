@@ -19,6 +19,7 @@ mod linear_op;
 mod loss;
 mod norm;
 mod pool;
+pub mod profile;
 mod residual;
 mod scratch;
 pub(crate) mod sgd;

@@ -260,6 +260,7 @@ impl Recorded {
             let Some(g) = inner.remove(&e.out_id) else {
                 continue;
             };
+            let t0 = super::profile::enabled().then(std::time::Instant::now);
             let gs = match &e.op {
                 OpRef::One(op) => vec![op.bwd(&e.args[0], &e.out, &g)?],
                 OpRef::Two(op) => {
@@ -272,6 +273,9 @@ impl Recorded {
                 }
             };
             drop(g);
+            if let Some(t0) = t0 {
+                super::profile::add_backward(op_name(&e.op), e.out.dims(), t0.elapsed());
+            }
             let Entry { args, routes, .. } = e;
             drop(args);
             for (route, g) in routes.into_iter().zip(gs) {
@@ -451,6 +455,7 @@ fn apply_recorded(
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)>,
     candle_fwd: impl FnOnce() -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
+    let t0 = super::profile::enabled().then(std::time::Instant::now);
     let lean = match is_lean() {
         true => lean_forward(args, cpu_fwd)?,
         false => None,
@@ -460,6 +465,9 @@ fn apply_recorded(
         Some(y) => y,
         None => candle_fwd()?,
     };
+    if let Some(t0) = t0 {
+        super::profile::add_forward(op_name(&op), y.dims(), t0.elapsed());
+    }
     record(op, args, &y, keep, lean_out)?;
     Ok(y)
 }
