@@ -351,6 +351,19 @@ impl TrainConfig {
             .map(|d| crate::data::dfa::resolve_kind(d, self.dataset))
     }
 
+    /// The config with `dataset = auto` resolved to the layout of its `data` folder, as a run
+    /// records it in its `config.toml` (so that eval, predict and resume do not depend on the
+    /// folder's name).
+    pub fn with_resolved_dataset(&self) -> TrainConfig {
+        match self.data_kind() {
+            Some(kind) if kind != self.dataset => TrainConfig {
+                dataset: kind,
+                ..self.clone()
+            },
+            _ => self.clone(),
+        }
+    }
+
     /// What the run's data layout implies where the run does not say (`DatasetKind::defaults`;
     /// the built-in data: nothing).
     fn layout_defaults(&self) -> crate::data::LayoutDefaults {

@@ -907,3 +907,27 @@ fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
     assert_eq!(back, c);
     Ok(())
 }
+
+/// A sweep over a folder dataset (`dataset = auto`, which a run records resolved) can be
+/// rerun: the finished run is recognised as the same configuration and skipped.
+#[test]
+fn a_sweep_over_a_folder_dataset_reruns_without_retraining() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("faces");
+    fixture(&data, DatasetKind::Dfa, 6, (20, 16), None);
+    let file = dir.path().join("sweep.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[base]\ndata = {:?}\nconflict_pct = 1\nepochs = 1\nbatch_size = 6\n[grid]\n\
+             seed = [1]\n",
+            data.to_string_lossy()
+        ),
+    )?;
+    let out = dir.path().join("out");
+    let first = ok(&rest_cmd(&["sweep", s(&file), "--out", s(&out)]));
+    assert!(first.contains("[1/1] done"), "{first}");
+    let again = ok(&rest_cmd(&["sweep", s(&file), "--out", s(&out)]));
+    assert!(again.contains("1 runs: 1 done, 0 to run"), "{again}");
+    Ok(())
+}

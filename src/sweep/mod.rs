@@ -364,7 +364,9 @@ pub fn prepare_run(out: &Path, run: &Run) -> Result<Prepared> {
     if cfg_path.exists() {
         let on_disk = TrainConfig::from_toml_file(&cfg_path)?;
         let h = config_hash(&on_disk)?;
-        if h != run.hash {
+        // A run that started records its data layout resolved (`dataset = auto` becomes the
+        // folder's layout): the same configuration.
+        if h != run.hash && h != config_hash(&run.cfg.with_resolved_dataset())? {
             bail!(
                 "{} holds a run of another configuration (hash {h}, expected {}); move that \
                  directory away or use another --out",

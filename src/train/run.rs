@@ -119,17 +119,8 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     // A folder's layout decides the default image size, augmentation and normalisation:
     // record it in the run's config.toml, so that eval, predict and resume do not depend on
     // the folder's name.
-    let resolved;
-    let cfg = match cfg.data_kind() {
-        Some(kind) if cfg.dataset != kind => {
-            resolved = TrainConfig {
-                dataset: kind,
-                ..cfg.clone()
-            };
-            &resolved
-        }
-        _ => cfg,
-    };
+    let resolved = cfg.with_resolved_dataset();
+    let cfg = &resolved;
     let start = Instant::now();
     let ds = crate::data::load(&cfg.data_source())?;
     if cfg.method != Method::Jtt {
