@@ -129,6 +129,13 @@ fn pool(c: &mut Criterion) {
     grp.bench_function("max_pool_bwd_resnet18_stem_128px", |b| {
         b.iter(|| max_pool2d_bwd(&dout, &idx, &g, &mut dx))
     });
+    // At 32 px the stem pool's output rows are 8 wide (the across-rows path).
+    let g32 = MaxPool2dGeom { h: 16, w: 16, ..g };
+    let x32 = filled(g32.x_len(), 14);
+    let (mut out32, mut idx32) = (vec![0.0; g32.out_len()], vec![0u32; g32.out_len()]);
+    grp.bench_function("max_pool_fwd_resnet18_stem_32px", |b| {
+        b.iter(|| max_pool2d_fwd(&x32, &g32, &mut out32, &mut idx32))
+    });
     let (ch, n, hw) = (512, 64, 16);
     let x = filled(ch * n * hw, 13);
     let mut y = vec![0.0; ch * n];

@@ -138,6 +138,17 @@ pub fn max_pool2d_fwd(x: &[f32], g: &MaxPool2dGeom, out: &mut [f32], idx: &mut [
             } else {
                 ox_lo
             };
+            // Rows whose windows lie inside the plane vertically: `oy·s >= pad`,
+            // `oy·s + k - pad <= h`.
+            let oy_lo = g.pad.div_ceil(g.stride).min(oh);
+            let oy_hi = if g.h + g.pad >= g.k {
+                ((g.h + g.pad - g.k) / g.stride + 1).clamp(oy_lo, oh)
+            } else {
+                oy_lo
+            };
+            // Short rows (fewer than 16 inner outputs, e.g. a ResNet stem's pool at 32 px):
+            // the inner outputs of the inner rows run 16 at a time across rows instead.
+            let across = across_rows_applies(ox_hi - ox_lo, oy_hi - oy_lo);
             for oy in 0..oh {
                 let y0 = (oy * g.stride).saturating_sub(g.pad);
                 let y1 = (oy * g.stride + g.k - g.pad).min(g.h);
@@ -147,12 +158,112 @@ pub fn max_pool2d_fwd(x: &[f32], g: &MaxPool2dGeom, out: &mut [f32], idx: &mut [
                     let x1 = (ox * g.stride + g.k - g.pad).min(g.w);
                     (orow[ox], irow[ox]) = window_max(src, g.w, y0..y1, x0, x1 - x0);
                 }
+                if across && (oy_lo..oy_hi).contains(&oy) {
+                    continue;
+                }
                 let inner = ox_lo..ox_hi;
                 let (o_in, i_in) = (&mut orow[inner.clone()], &mut irow[inner]);
                 let x_first = (ox_lo * g.stride).saturating_sub(g.pad);
                 full_rows(src, g, y0..y1, x_first, o_in, i_in);
             }
+            if across {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `across_rows_applies` checked that AVX-512F is the active level; the
+                // windows of rows oy_lo..oy_hi and columns ox_lo..ox_hi lie inside the plane.
+                unsafe {
+                    inner_across_rows_avx512(src, g, (oy_lo..oy_hi, ox_lo..ox_hi), o, id)
+                };
+            }
         });
+}
+
+/// Whether the inner outputs of a plane (`inner_w` per row, `inner_h` rows) run across rows
+/// ([`inner_across_rows_avx512`]): on AVX-512, when a row has fewer than 16 of them (so
+/// [`full_rows`] would scan them one by one) and there are at least 16 in all.
+fn across_rows_applies(inner_w: usize, inner_h: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        inner_w < 16 && inner_w * inner_h >= 16 && crate::isa::active() == crate::isa::Isa::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (inner_w, inner_h);
+        false
+    }
+}
+
+/// The outputs of rows `ys` and columns `xs` (windows inside the plane) of one plane, 16 at a
+/// time in row-major output order across rows: lane l gathers its window's k x k values at
+/// its own offset, in the scalar scan's order (first maximum in row-major window order, or
+/// the first NaN). A partial last block runs as the last 16 outputs (recomputing a few).
+///
+/// # Safety
+/// AVX-512F is available; every window of those outputs lies inside `src` (one plane), and
+/// there are at least 16 outputs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn inner_across_rows_avx512(
+    src: &[f32],
+    g: &MaxPool2dGeom,
+    (ys, xs): (std::ops::Range<usize>, std::ops::Range<usize>),
+    out: &mut [f32],
+    idx: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    const L: usize = 16;
+    let ow = g.ow();
+    // (output position, window start) of every output, in row-major order.
+    let cells: Vec<(usize, usize)> = ys
+        .flat_map(|oy| {
+            xs.clone().map(move |ox| {
+                let start = (oy * g.stride - g.pad) * g.w + (ox * g.stride - g.pad);
+                (oy * ow + ox, start)
+            })
+        })
+        .collect();
+    let n = cells.len();
+    assert!(
+        n >= L && src.len() < i32::MAX as usize,
+        "max pooling: the across-rows path needs 16 outputs in a plane under 2^31 values"
+    );
+    let last_start = cells[n - 1].1;
+    assert!(
+        last_start + (g.k - 1) * g.w + g.k - 1 < src.len(),
+        "max pooling window outside the plane"
+    );
+    let starts = (0..n / L)
+        .map(|b| b * L)
+        .chain((n % L != 0).then_some(n - L));
+    let p = src.as_ptr();
+    let (mut base, mut pos) = ([0i32; L], [0usize; L]);
+    for j0 in starts {
+        for l in 0..L {
+            (pos[l], base[l]) = (cells[j0 + l].0, cells[j0 + l].1 as i32);
+        }
+        let base_v = _mm512_loadu_si512(base.as_ptr().cast());
+        let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+        // As the scalar scan: the window's first position until a value is taken.
+        let mut arg = base_v;
+        for dy in 0..g.k {
+            for dx in 0..g.k {
+                let at = _mm512_add_epi32(base_v, _mm512_set1_epi32((dy * g.w + dx) as i32));
+                let v = _mm512_i32gather_ps::<4>(at, p.cast());
+                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
+                let v_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                let b_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(best, best);
+                let take = gt | (v_nan & !b_nan);
+                best = _mm512_mask_blend_ps(take, best, v);
+                arg = _mm512_mask_blend_epi32(take, arg, at);
+            }
+        }
+        let (mut b, mut a) = ([0f32; L], [0u32; L]);
+        _mm512_storeu_ps(b.as_mut_ptr(), best);
+        _mm512_storeu_si512(a.as_mut_ptr().cast(), arg);
+        for l in 0..L {
+            out[pos[l]] = b[l];
+            idx[pos[l]] = a[l];
+        }
+    }
 }
 
 /// The maximum of `src` over rows `ys` and columns `x0..x0 + kw` (row length `w`) and its

@@ -551,7 +551,7 @@ fn max_pool_matches_window_scan() {
 /// Wide rows (the 16-output vector path), ties, NaNs and all-`-inf` windows: the first
 /// maximum in row-major window order, or the first NaN, exactly as a scalar scan finds it.
 #[test]
-fn max_pool_wide_rows_ties_and_nans_match_a_scalar_scan() {
+fn max_pool_wide_and_short_rows_ties_and_nans_match_a_scalar_scan() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     for (k, stride, pad, h, w) in [
         (3, 2, 1, 9, 70),
@@ -559,6 +559,13 @@ fn max_pool_wide_rows_ties_and_nans_match_a_scalar_scan() {
         (2, 2, 0, 6, 64),
         (3, 1, 1, 5, 40),
         (4, 3, 2, 8, 90),
+        // Short rows: the inner outputs run 16 at a time across rows.
+        (3, 2, 1, 16, 16),
+        (3, 2, 1, 12, 10),
+        (2, 2, 0, 8, 8),
+        (3, 1, 1, 9, 7),
+        (4, 3, 2, 14, 11),
+        (3, 2, 1, 5, 5),
     ] {
         let g = MaxPool2dGeom {
             c: 2,
