@@ -233,7 +233,7 @@ unsafe fn inner_across_rows_avx512(
     );
     let starts = (0..n / L)
         .map(|b| b * L)
-        .chain((n % L != 0).then_some(n - L));
+        .chain((!n.is_multiple_of(L)).then_some(n - L));
     let p = src.as_ptr();
     let (mut base, mut pos) = ([0i32; L], [0usize; L]);
     for j0 in starts {
