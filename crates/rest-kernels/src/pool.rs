@@ -212,21 +212,19 @@ unsafe fn inner_across_rows_avx512(
     use std::arch::x86_64::*;
     const L: usize = 16;
     let ow = g.ow();
-    // (output position, window start) of every output, in row-major order.
-    let cells: Vec<(usize, usize)> = ys
-        .flat_map(|oy| {
-            xs.clone().map(move |ox| {
-                let start = (oy * g.stride - g.pad) * g.w + (ox * g.stride - g.pad);
-                (oy * ow + ox, start)
-            })
-        })
-        .collect();
-    let n = cells.len();
+    let (iw, n) = (xs.len(), xs.len() * ys.len());
+    // Output `c` (row-major over the block of rows and columns): its position in the plane's
+    // outputs and the start of its window.
+    let cell = |c: usize| {
+        let (oy, ox) = (ys.start + c / iw, xs.start + c % iw);
+        let start = (oy * g.stride - g.pad) * g.w + (ox * g.stride - g.pad);
+        (oy * ow + ox, start)
+    };
     assert!(
         n >= L && src.len() < i32::MAX as usize,
         "max pooling: the across-rows path needs 16 outputs in a plane under 2^31 values"
     );
-    let last_start = cells[n - 1].1;
+    let last_start = cell(n - 1).1;
     assert!(
         last_start + (g.k - 1) * g.w + g.k - 1 < src.len(),
         "max pooling window outside the plane"
@@ -238,7 +236,8 @@ unsafe fn inner_across_rows_avx512(
     let (mut base, mut pos) = ([0i32; L], [0usize; L]);
     for j0 in starts {
         for l in 0..L {
-            (pos[l], base[l]) = (cells[j0 + l].0, cells[j0 + l].1 as i32);
+            let (o, start) = cell(j0 + l);
+            (pos[l], base[l]) = (o, start as i32);
         }
         let base_v = _mm512_loadu_si512(base.as_ptr().cast());
         let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
