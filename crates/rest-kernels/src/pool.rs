@@ -247,12 +247,7 @@ unsafe fn inner_across_rows_avx512(
             for dx in 0..g.k {
                 let at = _mm512_add_epi32(base_v, _mm512_set1_epi32((dy * g.w + dx) as i32));
                 let v = _mm512_i32gather_ps::<4>(at, p.cast());
-                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
-                let v_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-                let b_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(best, best);
-                let take = gt | (v_nan & !b_nan);
-                best = _mm512_mask_blend_ps(take, best, v);
-                arg = _mm512_mask_blend_epi32(take, arg, at);
+                (best, arg) = take_max(best, arg, v, at);
             }
         }
         let (mut b, mut a) = ([0f32; L], [0u32; L]);
@@ -380,13 +375,7 @@ unsafe fn full_rows_avx512(
                     ),
                     _ => _mm512_i32gather_ps::<4>(at, p.cast()),
                 };
-                // A larger value, or the first NaN (which then stays: `v > NaN` is false).
-                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
-                let v_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-                let b_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(best, best);
-                let take = gt | (v_nan & !b_nan);
-                best = _mm512_mask_blend_ps(take, best, v);
-                arg = _mm512_mask_blend_epi32(take, arg, at);
+                (best, arg) = take_max(best, arg, v, at);
             }
         }
         _mm512_storeu_ps(out.as_mut_ptr().add(j0), best);
@@ -398,6 +387,31 @@ unsafe fn full_rows_avx512(
     } else {
         0
     }
+}
+
+/// One step of the 16-lane window scan: lanes where `v` is larger than `best`, or is the
+/// first NaN (which then stays: `v > NaN` is false), take `v` and its position `at`.
+///
+/// # Safety
+/// AVX-512F is available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn take_max(
+    best: std::arch::x86_64::__m512,
+    arg: std::arch::x86_64::__m512i,
+    v: std::arch::x86_64::__m512,
+    at: std::arch::x86_64::__m512i,
+) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512i) {
+    use std::arch::x86_64::*;
+    let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
+    let v_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    let b_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(best, best);
+    let take = gt | (v_nan & !b_nan);
+    (
+        _mm512_mask_blend_ps(take, best, v),
+        _mm512_mask_blend_epi32(take, arg, at),
+    )
 }
 
 /// Max pooling backward: `dx` (overwritten) receives each `dout` entry at the argmax recorded
