@@ -133,10 +133,6 @@ pub struct RunLock {
 }
 
 impl RunLock {
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Writes this process's pid, host, time and command into the lock file, for the messages
     /// of whoever finds the run taken. Called once the holder has decided to write the run
     /// (a claim that ends in a refusal leaves the file as it was). Written through the

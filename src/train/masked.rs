@@ -27,6 +27,8 @@ pub struct MaskedLayers {
     on_sparse: Vec<bool>,
     /// Per weight, its index among the optimizer's parameters (`usize::MAX` if not held).
     weight_index: Vec<usize>,
+    /// The kernel choice, `Dense` off the CPU (rest's sparse kernels are CPU code: on a GPU
+    /// every layer runs dense with its mask).
     kernels: KernelMode,
     /// Mask updates run on the device (`sparse::device`) rather than on host copies.
     on_device: bool,
@@ -64,6 +66,10 @@ impl MaskedLayers {
         kernels: KernelMode,
         dev: &Device,
     ) -> Result<Self> {
+        let kernels = match crate::kernels::Backend::of(dev) {
+            crate::kernels::Backend::Generic => KernelMode::Dense,
+            crate::kernels::Backend::Cpu => kernels,
+        };
         let masks = mask_tensors(&engine, &weights, dev)?;
         for (p, mk) in weights.iter().zip(&masks) {
             p.var.set(&p.var.as_tensor().mul(mk)?)?;
@@ -288,21 +294,12 @@ fn mask_tensors(engine: &SparseEngine, weights: &[Param], dev: &Device) -> Resul
 /// Puts the compact form of each masked weight into its layer's sparse slot when the kernel
 /// mode picks the sparse kernel for that layer's density (else clears the slot). Returns, per
 /// weight, whether it runs sparse.
-pub(crate) fn install_sparse_kernels(
+fn install_sparse_kernels(
     engine: &SparseEngine,
     weights: &[Param],
     mode: KernelMode,
 ) -> Result<Vec<bool>> {
     let densities = engine.densities();
-    // rest's sparse kernels are CPU code: on a GPU every layer runs dense with its mask.
-    let mode = if weights
-        .iter()
-        .any(|p| crate::kernels::Backend::of(p.var.device()).is_generic())
-    {
-        KernelMode::Dense
-    } else {
-        mode
-    };
     let mut on = Vec::with_capacity(weights.len());
     for (l, p) in weights.iter().enumerate() {
         let Some(slot) = &p.slot else {

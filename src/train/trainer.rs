@@ -327,7 +327,6 @@ impl<'a> Stage<'a> {
         let nll = crate::kernels::softmax_nll(rec.head(), &yt)?;
         let preds = rec.head().argmax(D::Minus1)?.to_vec1::<u32>()?;
         let loss = self.objective.loss(&nll, idx, &self.dev)?;
-        self.st.dro_q_bits = self.objective.dro_q_bits();
         let loss_v = loss.to_scalar::<f32>()?;
         if !loss_v.is_finite() {
             bail!(
@@ -426,7 +425,8 @@ impl<'a> Stage<'a> {
     }
 
     /// Writes a checkpoint of the whole loop state.
-    fn save_checkpoint(&self) -> Result<()> {
+    fn save_checkpoint(&mut self) -> Result<()> {
+        self.st.dro_q_bits = self.objective.dro_q_bits();
         let params = self.opt.params().to_vec();
         let tensors = checkpoint::CheckpointTensors {
             momentum: (0..params.len())
