@@ -5,10 +5,12 @@
 //! over our dense model, throughput and the peak RSS, as an aligned table or as JSON lines
 //! that join with the output of the PyTorch reference `tools/reference/bench.py`.
 
-use crate::config::{KernelMode, ModelKind, TrainConfig};
+use crate::kernels::KernelMode;
+use crate::models::ModelKind;
 use crate::models::{self, Model};
 use crate::train::masked::{engine_for_bench, MaskedLayers};
 use crate::train::optim::Sgd;
+use crate::train::TrainConfig;
 use crate::util;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
@@ -361,13 +363,18 @@ fn setup(
     dev: &Device,
 ) -> Result<Setup> {
     let cfg = TrainConfig::default();
-    let mut init_rng = util::rng(cfg.seed, 1);
+    let mut init_rng = util::rng(cfg.optim.seed, 1);
     let model = models::build(kind, input, NUM_CLASSES, &mut init_rng, dev)?;
-    let opt = Sgd::new(model.params(), cfg.lr, cfg.momentum, cfg.weight_decay);
+    let opt = Sgd::new(
+        model.params(),
+        cfg.optim.lr,
+        cfg.optim.momentum,
+        cfg.optim.weight_decay,
+    );
     let layers = if density < 1.0 {
         let weights = model.weights();
         // Long enough that the engine keeps the update frequency as configured.
-        let engine = engine_for_bench(&weights, &cfg, density, 100 * cfg.update_frequency)?;
+        let engine = engine_for_bench(&weights, &cfg, density, 100 * cfg.sparse.update_frequency)?;
         Some(MaskedLayers::new(engine, weights, &opt, kernels, dev)?)
     } else {
         None

@@ -1,10 +1,9 @@
 //! The command-line interface: clap definitions and the merge of `--config FILE` with flags
 //! into one `TrainConfig` (defaults < config file < flags). `main.rs` only dispatches.
 
-use crate::config::{DatasetKind, KernelMode, ModelKind, ReweightMode, Stem, TrainConfig};
-use crate::sparse::{DeathMode, DecaySchedule, GrowthMode, Redistribution, SparseInit};
-use crate::train::methods::{GroupScheme, Method};
-use crate::train::select::SelectRule;
+use crate::data::{DataOptions, DatasetKind};
+use crate::models::ModelKind;
+use crate::train::TrainConfig;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -270,296 +269,155 @@ pub struct PreviewArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
+/// Which flags were on the command line (clap ids), whatever struct holds them: flattened
+/// into an argument struct, it records the flags of that struct's (sub)command. The layers of
+/// options merge by it: defaults < `--config FILE` < the flags given.
+#[derive(Debug, Clone, Default)]
+pub struct GivenFlags(std::collections::BTreeSet<String>);
+
+impl GivenFlags {
+    pub fn contains(&self, id: &str) -> bool {
+        self.0.contains(id)
+    }
+}
+
+impl clap::FromArgMatches for GivenFlags {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let given = m
+            .ids()
+            .filter(|id| {
+                matches!(
+                    m.value_source(id.as_str()),
+                    Some(clap::parser::ValueSource::CommandLine)
+                )
+            })
+            .map(|id| id.to_string())
+            .collect();
+        Ok(GivenFlags(given))
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for GivenFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        cmd
+    }
+}
+
+/// `--config FILE`: the middle layer of a run's options.
+#[derive(Debug, Args, Default, Clone)]
+pub struct ConfigFileArg {
+    /// Read defaults from this TOML file (keys as in a run's config.toml, i.e. the long flags
+    /// with `_` for `-`); flags override.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigFileArg {
+    /// The file's config, or the defaults.
+    pub fn load(&self) -> Result<TrainConfig> {
+        match &self.config {
+            Some(p) => TrainConfig::from_toml_file(p),
+            None => Ok(TrainConfig::default()),
+        }
+    }
+}
+
+#[derive(Debug, Args, Clone)]
 #[command(allow_negative_numbers = true)]
 pub struct ExportArgs {
+    /// Which flags were given; first, because clap's derived parsers take each value out of
+    /// the matches as they read it.
+    #[command(flatten)]
+    pub given: GivenFlags,
     /// Directory to write the .npy files to.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     #[command(flatten)]
-    pub data: DataArgs,
+    pub config: ConfigFileArg,
+    #[command(flatten)]
+    pub data: DataOptions,
 }
 
-/// Flags that choose the dataset (shared by `train` and `data export`).
-#[derive(Debug, Args, Default, Clone)]
-pub struct DataArgs {
-    /// Read defaults from this TOML file (keys as in the run's config.toml); flags override.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Percentage of bias-conflicting training samples, in (0, 100) (paper: 0.5, 1, 2, 5).
-    #[arg(long, value_name = "PCT")]
-    pub conflict_pct: Option<f64>,
-    /// Std of the per-image colour noise (LfF severities 1-5: 0.05 0.02 0.01 0.005 0.002).
-    #[arg(long, value_name = "SIGMA")]
-    pub color_std: Option<f64>,
-    /// Seed of the dataset generator (fixed across training seeds by default).
-    #[arg(long, value_name = "N")]
-    pub data_seed: Option<u64>,
-    /// Train on a dataset folder in the DFA layout (PATH/<pct>pct/{align,conflict}/<class>/*,
-    /// valid, test; labels from file names `..._<label>_<bias>.png`), at --conflict-pct.
-    #[arg(long, value_name = "PATH")]
-    pub data: Option<PathBuf>,
-    /// Layout of --data: auto (from the folder name), cmnist, cifar10c, bffhq or dfa (any).
-    #[arg(long, value_enum)]
-    pub dataset: Option<DatasetKind>,
-    /// Skip unreadable or misnamed files in --data (and report how many) instead of failing.
-    #[arg(long)]
-    pub skip_bad: bool,
-    /// Folder for the decoded-image cache of --data (default: inside the --data folder).
-    #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Resize every image of --data to SxS pixels (bilinear) when loading; default: 128 for
-    /// bffhq (224 is DFA's choice), the images' own size otherwise.
-    #[arg(long, value_name = "S")]
-    pub image_size: Option<usize>,
+impl ExportArgs {
+    /// The config file (or defaults) with the data flags given applied.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let cfg = self
+            .config
+            .load()?
+            .with_overrides(&self.data, |k| self.given.contains(k))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
-#[derive(Debug, Args, Default, Clone)]
+#[derive(Debug, Args, Clone)]
 #[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
+    /// Which flags were given; first, because clap's derived parsers take each value out of
+    /// the matches as they read it.
     #[command(flatten)]
-    pub data: DataArgs,
-    /// Network: cnn (REST's Colored-MNIST CNN), mlp (LfF's 3x100 MLP), or resnet10,
-    /// resnet18, resnet50 (torchvision ResNets of variable width).
-    #[arg(long, value_enum)]
-    pub model: Option<ModelKind>,
-    /// ResNet width: channels of the first stage (stages w, 2w, 4w, 8w); default 64.
-    #[arg(long, value_name = "W")]
-    pub width: Option<usize>,
-    /// ResNet stem: imagenet (7x7 stride-2 conv + 3x3 max pool, default) or cifar (3x3
-    /// stride-1 conv, no max pool).
-    #[arg(long, value_enum)]
-    pub stem: Option<Stem>,
-    /// Overall density of conv/linear weights in (0, 1]; 1 = dense training.
-    #[arg(long, value_name = "D")]
-    pub density: Option<f64>,
-    /// Weight LAMBDA of bias-conflicting samples (1 = plain ERM). Default: paired with
-    /// --conflict-pct as in the paper (0.5->10, 1->30, 2->50, 5->80).
-    #[arg(long, value_name = "LAMBDA")]
-    pub upweight: Option<f64>,
-    /// Up-weight by weighted sampling (`sample`) or by per-sample loss weights (`loss`).
-    #[arg(long, value_enum)]
-    pub reweight_mode: Option<ReweightMode>,
-    /// Group-robustness method: upweight (oracle bias labels, LAMBDA), erm, jtt (Just Train
-    /// Twice), group-dro, balanced (every (label, bias) group equally likely) or
-    /// class-balanced.
-    #[arg(long, value_enum)]
-    pub method: Option<Method>,
-    /// Model selection on validation: val-worst-group (default when re-weighting),
-    /// val-unbiased, val-accuracy (default for erm and jtt) or last.
-    #[arg(long, value_enum)]
-    pub select: Option<SelectRule>,
-    /// JTT: epochs of the ERM identification model (stage 1; default 2).
-    #[arg(long, value_name = "N")]
-    pub jtt_epochs: Option<usize>,
-    /// JTT: up-weight this error set (an error_set.json) instead of running stage 1.
-    #[arg(long, value_name = "FILE")]
-    pub error_set: Option<PathBuf>,
-    /// GroupDRO step size eta of the group weights (default 0.01).
-    #[arg(long, value_name = "ETA")]
-    pub dro_step_size: Option<f64>,
-    /// GroupDRO generalisation adjustment C: group loss + C / sqrt(group size) (default 0).
-    #[arg(long, value_name = "C")]
-    pub dro_adjustment: Option<f64>,
-    /// Groups of group-dro and balanced: cells ((label, bias), default) or aligned-conflict.
-    #[arg(long, value_enum)]
-    pub groups: Option<GroupScheme>,
-    #[arg(long, value_name = "N")]
-    pub epochs: Option<usize>,
-    #[arg(long, value_name = "N")]
-    pub batch_size: Option<usize>,
-    /// Learning rate of SGD (momentum 0.9).
-    #[arg(long, value_name = "LR")]
-    pub lr: Option<f64>,
-    #[arg(long, value_name = "WD")]
-    pub weight_decay: Option<f64>,
-    #[arg(long, value_name = "M")]
-    pub momentum: Option<f64>,
-    /// Training seed (initialisation, masks, sampling).
-    #[arg(long, value_name = "N")]
-    pub seed: Option<u64>,
-    /// Steps between mask updates (paper: 1000; scaled down for short runs).
-    #[arg(long, value_name = "N")]
-    pub update_frequency: Option<usize>,
-    /// Initial fraction of active weights pruned and regrown at each update (cosine-decayed).
-    #[arg(long, value_name = "RATE")]
-    pub prune_rate: Option<f64>,
-    /// ERK power scale.
-    #[arg(long, value_name = "P")]
-    pub erk_power_scale: Option<f64>,
-    /// Kernels for sparse layers: auto (sparse at layer density <= 0.3), dense (masked dense
-    /// weights, like public DST code) or sparse.
-    #[arg(long, value_enum)]
-    pub kernels: Option<KernelMode>,
-    /// Continue the run in this directory from its last checkpoint (written every epoch and
-    /// on Ctrl-C); the run's own config.toml is used, other flags except --threads are
-    /// ignored.
-    #[arg(long, value_name = "RUN_DIR")]
-    pub resume: Option<PathBuf>,
-    /// Initial layer densities: erk, er, uniform, uniform-plus, or masks from scores: snip,
-    /// grasp, global-magnitude.
-    #[arg(long, value_enum)]
-    pub sparse_init: Option<SparseInit>,
-    /// Keep the first masked layer dense (the others rescaled so the density stays).
-    #[arg(long)]
-    pub dense_first_layer: bool,
-    /// Which weights a mask update drops: magnitude, set, threshold, taylor.
-    #[arg(long, value_enum)]
-    pub death: Option<DeathMode>,
-    /// |w| below which `--death threshold` drops a weight.
-    #[arg(long, value_name = "T")]
-    pub death_threshold: Option<f64>,
-    /// Which positions a mask update regrows: gradient, momentum, random, random-unfired.
-    #[arg(long, value_enum)]
-    pub growth: Option<GrowthMode>,
-    /// Split of the regrowth between layers: none, momentum, magnitude, nonzeros.
-    #[arg(long, value_enum)]
-    pub redistribution: Option<Redistribution>,
-    /// Prune-rate decay: cosine or linear.
-    #[arg(long, value_enum)]
-    pub decay_schedule: Option<DecaySchedule>,
-    /// Fraction of training after which masks freeze, in (0, 1].
-    #[arg(long, value_name = "F")]
-    pub update_end: Option<f64>,
-    /// Static sparse training: never update the masks.
-    #[arg(long)]
-    pub fix: bool,
+    pub given: GivenFlags,
+    #[command(flatten)]
+    pub config: ConfigFileArg,
+    /// Every option of a run, by section (`TrainConfig`).
+    #[command(flatten)]
+    pub cfg: TrainConfig,
     /// Augment training images: random crop with padding 4 and horizontal flip (default:
     /// on for cifar10c and bffhq, off for Colored MNIST).
-    #[arg(long, conflicts_with = "no_augment")]
+    #[arg(long, conflicts_with = "no_augment", help_heading = "Data")]
     pub augment: bool,
     /// Do not augment training images.
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub no_augment: bool,
     /// Normalise images by channel mean/std (default: CIFAR statistics for cifar10c,
     /// ImageNet's for bffhq, none for Colored MNIST).
-    #[arg(long, conflicts_with = "no_normalize")]
+    #[arg(long, conflicts_with = "no_normalize", help_heading = "Data")]
     pub normalize: bool,
     /// Do not normalise images (values stay in [0, 1]).
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub no_normalize: bool,
     /// Prepare batches on the training thread instead of a worker thread (for timing; the
     /// results are identical).
     #[arg(long, hide = true)]
     pub no_prefetch: bool,
-    /// Run directory (default runs/<timestamp>-<config>/). A directory that already holds a
-    /// run is refused (see --overwrite), as is one another process is training.
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint (written every epoch and
+    /// on Ctrl-C); the run's own config.toml is used, other flags except --threads are
+    /// ignored.
+    #[arg(long, value_name = "RUN_DIR", help_heading = "Run")]
+    pub resume: Option<PathBuf>,
     /// Replace the run that --out already holds (its config, metrics, summary, checkpoints,
     /// weights and JTT stage 1 are deleted first; other files stay).
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long, conflicts_with = "resume", help_heading = "Run")]
     pub overwrite: bool,
     /// Train one run of a sweep (its directory, prepared by `rest sweep`): claims it, skips it
     /// if done, resumes it if it has a checkpoint; exit code 75 if another process holds it.
     #[arg(long, value_name = "RUN_DIR", hide = true, conflicts_with_all = ["resume", "overwrite"])]
     pub sweep_task: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
-    /// Device: cpu (rest's dense and sparse CPU kernels), cuda, cuda:N, or auto (a GPU when
-    /// this build has CUDA support and one is present). CUDA needs a `--features cuda` build.
-    #[arg(long, value_name = "cpu|cuda[:N]|auto")]
-    pub device: Option<crate::device::DeviceSpec>,
-}
-
-impl DataArgs {
-    /// Loads `--config` (or defaults) and applies the data flags.
-    pub fn base_config(&self) -> Result<TrainConfig> {
-        let mut cfg = match &self.config {
-            Some(p) => TrainConfig::from_toml_file(p)?,
-            None => TrainConfig::default(),
-        };
-        if let Some(v) = self.conflict_pct {
-            cfg.conflict_pct = v;
-        }
-        if let Some(v) = self.color_std {
-            cfg.color_std = v;
-        }
-        if let Some(v) = self.data_seed {
-            cfg.data_seed = v;
-        }
-        if let Some(v) = &self.data {
-            cfg.data = Some(v.clone());
-        }
-        if let Some(v) = self.dataset {
-            cfg.dataset = v;
-        }
-        cfg.skip_bad |= self.skip_bad;
-        if let Some(v) = &self.cache_dir {
-            cfg.cache_dir = Some(v.clone());
-        }
-        if let Some(v) = self.image_size {
-            cfg.image_size = Some(v);
-        }
-        Ok(cfg)
-    }
 }
 
 impl TrainArgs {
-    /// The resolved, validated configuration.
+    /// The complete, validated configuration: defaults < `--config FILE` < the flags given.
     pub fn resolve(&self) -> Result<TrainConfig> {
-        let mut cfg = self.data.base_config()?;
-        macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = &self.$f { cfg.$f = v.clone(); } )* };
-        }
-        set!(
-            model,
-            width,
-            stem,
-            density,
-            reweight_mode,
-            method,
-            jtt_epochs,
-            dro_step_size,
-            dro_adjustment,
-            groups,
-            epochs,
-            batch_size,
-            lr,
-            weight_decay,
-            momentum,
-            seed,
-            update_frequency,
-            prune_rate,
-            erk_power_scale,
-            kernels,
-            sparse_init,
-            death,
-            death_threshold,
-            growth,
-            redistribution,
-            decay_schedule,
-            update_end
-        );
-        cfg.dense_first_layer |= self.dense_first_layer;
-        cfg.fix |= self.fix;
+        let mut cfg = self
+            .config
+            .load()?
+            .with_overrides(&self.cfg, |k| self.given.contains(k))?;
+        // The tri-state switches: a flag pair each, absent = the data layout's default.
         if self.augment || self.no_augment {
-            cfg.augment = Some(self.augment);
+            cfg.data.augment = Some(self.augment);
         }
         if self.normalize || self.no_normalize {
-            cfg.normalize = Some(self.normalize);
+            cfg.data.normalize = Some(self.normalize);
         }
         if self.no_prefetch {
-            cfg.prefetch = Some(false);
-        }
-        if let Some(u) = self.upweight {
-            cfg.upweight = Some(u);
-        }
-        if let Some(r) = self.select {
-            cfg.select = Some(r);
-        }
-        if let Some(f) = &self.error_set {
-            cfg.error_set = Some(f.clone());
-        }
-        if let Some(o) = &self.out {
-            cfg.out = Some(o.clone());
-        }
-        if let Some(d) = self.device {
-            cfg.device = Some(d);
-        }
-        if let Some(t) = self.threads {
-            cfg.threads = Some(t);
+            cfg.data.prefetch = Some(false);
         }
         cfg.validate()?;
         Ok(cfg)
@@ -569,6 +427,8 @@ impl TrainArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::Stem;
+    use crate::train::{GroupScheme, Method, SelectRule};
 
     fn parse(args: &[&str]) -> Result<TrainConfig> {
         let cli = Cli::try_parse_from(args)?;
@@ -591,23 +451,23 @@ mod tests {
             "--seed",
             "9",
         ])?;
-        assert_eq!(cfg.density, 0.2);
-        assert_eq!(cfg.epochs, 3);
-        assert_eq!(cfg.seed, 9);
-        assert_eq!(cfg.lr, TrainConfig::default().lr);
+        assert_eq!(cfg.sparse.density, 0.2);
+        assert_eq!(cfg.optim.epochs, 3);
+        assert_eq!(cfg.optim.seed, 9);
+        assert_eq!(cfg.optim.lr, TrainConfig::default().optim.lr);
         Ok(())
     }
 
     #[test]
     fn resnet_flags() -> Result<()> {
         let cfg = parse(&["rest", "train", "--model", "resnet18"])?;
-        assert_eq!(cfg.model, ModelKind::Resnet18);
-        assert_eq!((cfg.width, cfg.stem), (64, Stem::Imagenet));
+        assert_eq!(cfg.model.kind, ModelKind::Resnet18);
+        assert_eq!((cfg.model.width, cfg.model.stem), (64, Stem::Imagenet));
         let cfg = parse(&[
             "rest", "train", "--model", "resnet50", "--width", "16", "--stem", "cifar",
         ])?;
-        assert_eq!(cfg.model, ModelKind::Resnet50);
-        assert_eq!((cfg.width, cfg.stem), (16, Stem::Cifar));
+        assert_eq!(cfg.model.kind, ModelKind::Resnet50);
+        assert_eq!((cfg.model.width, cfg.model.stem), (16, Stem::Cifar));
         assert!(parse(&["rest", "train", "--stem", "tiny"]).is_err());
         Ok(())
     }
@@ -628,12 +488,15 @@ mod tests {
             "--select",
             "val-unbiased",
         ])?;
-        assert_eq!(cfg.method, Method::GroupDro);
-        assert_eq!((cfg.dro_step_size, cfg.dro_adjustment), (0.1, 2.0));
-        assert_eq!(cfg.groups, GroupScheme::AlignedConflict);
-        assert_eq!(cfg.select, Some(SelectRule::ValUnbiased));
+        assert_eq!(cfg.method.kind, Method::GroupDro);
+        assert_eq!(
+            (cfg.method.dro_step_size, cfg.method.dro_adjustment),
+            (0.1, 2.0)
+        );
+        assert_eq!(cfg.method.groups, GroupScheme::AlignedConflict);
+        assert_eq!(cfg.method.select, Some(SelectRule::ValUnbiased));
         let cfg = parse(&["rest", "train", "--method", "jtt", "--jtt-epochs", "3"])?;
-        assert_eq!((cfg.method, cfg.jtt_epochs), (Method::Jtt, 3));
+        assert_eq!((cfg.method.kind, cfg.method.jtt_epochs), (Method::Jtt, 3));
         assert!(parse(&["rest", "train", "--error-set", "e.json"])
             .expect_err("error set without jtt")
             .to_string()
@@ -657,10 +520,10 @@ mod tests {
             "--cache-dir",
             "/tmp/c",
         ])?;
-        assert_eq!(cfg.data.as_deref(), Some(dir.path()));
-        assert_eq!(cfg.dataset, DatasetKind::Cifar10c);
-        assert!(cfg.skip_bad);
-        assert_eq!(cfg.cache_dir, Some(PathBuf::from("/tmp/c")));
+        assert_eq!(cfg.data.data.as_deref(), Some(dir.path()));
+        assert_eq!(cfg.data.dataset, DatasetKind::Cifar10c);
+        assert!(cfg.data.skip_bad);
+        assert_eq!(cfg.data.cache_dir, Some(PathBuf::from("/tmp/c")));
         let back: TrainConfig = toml::from_str(&cfg.to_toml()?)?;
         assert_eq!(back, cfg);
         let err = parse(&["rest", "train", "--dataset", "bffhq"]).expect_err("no --data");
@@ -674,10 +537,10 @@ mod tests {
         let d = dir.path().to_str().unwrap_or("");
         let cfg = parse(&["rest", "train", "--data", d])?;
         assert_eq!(
-            (cfg.image_size, cfg.augment, cfg.normalize),
+            (cfg.data.image_size, cfg.data.augment, cfg.data.normalize),
             (None, None, None)
         );
-        assert_eq!(cfg.prefetch, None);
+        assert_eq!(cfg.data.prefetch, None);
         let cfg = parse(&[
             "rest",
             "train",
@@ -689,11 +552,17 @@ mod tests {
             "--normalize",
             "--no-prefetch",
         ])?;
-        assert_eq!(cfg.image_size, Some(224));
-        assert_eq!((cfg.augment, cfg.normalize), (Some(false), Some(true)));
-        assert_eq!(cfg.prefetch, Some(false));
+        assert_eq!(cfg.data.image_size, Some(224));
+        assert_eq!(
+            (cfg.data.augment, cfg.data.normalize),
+            (Some(false), Some(true))
+        );
+        assert_eq!(cfg.data.prefetch, Some(false));
         let cfg = parse(&["rest", "train", "--augment", "--no-normalize"])?;
-        assert_eq!((cfg.augment, cfg.normalize), (Some(true), Some(false)));
+        assert_eq!(
+            (cfg.data.augment, cfg.data.normalize),
+            (Some(true), Some(false))
+        );
         assert!(parse(&["rest", "train", "--augment", "--no-augment"]).is_err());
         let err = parse(&["rest", "train", "--image-size", "64"]).expect_err("no --data");
         assert!(err.to_string().contains("--image-size"), "{err}");

@@ -6,7 +6,6 @@
 
 pub mod bench;
 pub mod cli;
-pub mod config;
 pub mod data;
 pub mod device;
 pub mod infer;

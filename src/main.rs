@@ -59,7 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train(args) => {
             let out = if let Some(dir) = &args.sweep_task {
-                match sweep_task(dir, args.threads)? {
+                match sweep_task(dir, args.cfg.run.threads)? {
                     Task::Trained(out) => *out,
                     Task::Done => return Ok(ExitCode::SUCCESS),
                     Task::Held => return Ok(ExitCode::from(rest::train::lock::EXIT_HELD)),
@@ -67,11 +67,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else if let Some(dir) = &args.resume {
                 let cfg = rest::train::resume_config(dir)?;
                 // Same thread count as the original run, for bit-identical results.
-                rest::util::set_threads(args.threads.or(cfg.threads))?;
+                rest::util::set_threads(args.cfg.run.threads.or(cfg.run.threads))?;
                 rest::util::in_pool(|| rest::train::resume(&cfg))?
             } else {
                 let cfg = args.resolve()?;
-                rest::util::set_threads(cfg.threads)?;
+                rest::util::set_threads(cfg.run.threads)?;
                 rest::util::in_pool(|| rest::train::train_with(&cfg, args.overwrite))?
             };
             println!("{}", rest::report::results_table(&out.summary));
@@ -106,12 +106,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => {
             let m = rest::infer::load(&a.checkpoint)?;
             let mut cfg = m.config.clone();
-            cfg.conflict_pct = a.conflict_pct.unwrap_or(cfg.conflict_pct);
-            cfg.color_std = a.color_std.unwrap_or(cfg.color_std);
-            cfg.data_seed = a.data_seed.unwrap_or(cfg.data_seed);
+            cfg.data.conflict_pct = a.conflict_pct.unwrap_or(cfg.data.conflict_pct);
+            cfg.data.color_std = a.color_std.unwrap_or(cfg.data.color_std);
+            cfg.data.data_seed = a.data_seed.unwrap_or(cfg.data.data_seed);
             cfg.validate()?;
             let rest::infer::DataSource::Builtin = a.data;
-            let report = rest::infer::evaluate(&m, &rest::data::load(&cfg.data_source())?)?;
+            let report = rest::infer::evaluate(&m, &rest::data::load(&cfg.data.plan().source)?)?;
             let out = a
                 .out
                 .unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
@@ -157,9 +157,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Data(DataCommand::Export(args)) => {
-            let cfg = args.data.base_config()?;
-            cfg.validate()?;
-            let ds = rest::data::load(&cfg.data_source())?;
+            let cfg = args.resolve()?;
+            let ds = rest::data::load(&cfg.data.plan().source)?;
             let files = rest::data::export::export_npy(&ds, &args.out)?;
             for f in files {
                 println!("{}", f.display());
@@ -239,7 +238,7 @@ fn sweep_task(dir: &std::path::Path, threads: Option<usize>) -> anyhow::Result<T
             // A new run records its thread count in its config.toml (a resumed one keeps its
             // own), as `rest train --config ... --threads N` does.
             if !resume && threads.is_some() {
-                cfg.threads = threads;
+                cfg.run.threads = threads;
             }
             (lock, cfg, resume)
         }
@@ -262,7 +261,7 @@ fn sweep_task(dir: &std::path::Path, threads: Option<usize>) -> anyhow::Result<T
         gethostname::gethostname().to_string_lossy(),
         std::process::id(),
     );
-    rest::util::set_threads(threads.or(cfg.threads))?;
+    rest::util::set_threads(threads.or(cfg.run.threads))?;
     let out = rest::util::in_pool(|| trainer::run_sweep_task(lock, &cfg, resume))?;
     Ok(Task::Trained(Box::new(out)))
 }

@@ -81,3 +81,58 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The defaults of a clap argument section `T`: what an empty command line gives. Option
+/// sections (`DataOptions`, `SparseOptions`, ...) spell each default once, in their
+/// `#[arg(default_value_t = ...)]`, and take `Default` from here, so `--help`, config files
+/// and `T::default()` cannot disagree.
+pub fn args_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults"));
+    let parsed = cmd
+        .try_get_matches_from(["defaults"])
+        .and_then(|m| T::from_arg_matches(&m));
+    match parsed {
+        Ok(t) => t,
+        // Only reachable by a section whose flags require a value (a programming error).
+        Err(e) => panic!("the defaults of an option section do not parse: {e}"),
+    }
+}
+
+/// The keys a serde-derived struct `T` reads: the field list its derived `Deserialize` hands
+/// to `deserialize_struct` (after renames). Used to route config-file keys to their section
+/// and to name unknown ones.
+pub fn serde_fields<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error as _, Visitor};
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(Self::Error::custom("probed"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
+/// Formats a number without trailing zeros (`0.5`, `5`, `0.05`), as run names and tables show
+/// options.
+pub fn fmt_num(x: f64) -> String {
+    let s = format!("{x:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}

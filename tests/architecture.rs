@@ -14,7 +14,6 @@ const LAYERS: &[&[&str]] = &[
     &["nn", "data"],
     &["sparse"],
     &["models"],
-    &["config"],
     &["train"],
     &["report", "bench"],
     &["infer", "sweep"],

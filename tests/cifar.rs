@@ -7,12 +7,12 @@ mod common;
 
 use common::{err_text, files_under, ok, preview_sheet, read_json, rest_cmd};
 use rand::{Rng as _, SeedableRng};
-use rest::config::DatasetKind;
 use rest::data::cifar::{self, encode_batch, read_batch, read_cifar10, PIXELS, RECORD};
 use rest::data::corrupt::{Corruption, TYPE0, TYPE1};
 use rest::data::dfa::{load, parse_name, DfaOptions};
 use rest::data::make::{make_attr_labels, RATIOS};
 use rest::data::make_cifar::{corrupt_image, make_corrupted_cifar10, CifarSpec};
+use rest::data::DatasetKind;
 use rest::util;
 use std::collections::BTreeMap;
 use std::path::Path;

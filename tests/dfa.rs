@@ -6,11 +6,11 @@ mod common;
 
 use anyhow::Result;
 use common::{ok, preview_sheet, read_json, rest_cmd, tree};
-use rest::config::DatasetKind;
 use rest::data::dfa::{load, DfaOptions};
 use rest::data::make::{
     make_attr_labels, make_colored_mnist, MakeSpec, MnistSource, Palette, DFA_PALETTE,
 };
+use rest::data::DatasetKind;
 use std::path::{Path, PathBuf};
 
 /// Writes a `w x h` RGB PNG whose pixels are all `v`.

@@ -4,19 +4,18 @@
 mod common;
 
 use common::tiny_config;
-use rest::config::TrainConfig;
 use rest::sparse::{DeathMode, GrowthMode, Redistribution, SparseInit};
+use rest::train::TrainConfig;
 use std::collections::HashMap;
 
 fn tiny(out: &std::path::Path) -> TrainConfig {
-    TrainConfig {
-        density: 0.1,
-        epochs: 2,
-        train_size: 640,
-        valid_size: 100,
-        test_size: 100,
-        ..tiny_config(out)
-    }
+    let mut c = tiny_config(out);
+    c.sparse.density = 0.1;
+    c.optim.epochs = 2;
+    c.data.train_size = 640;
+    c.data.valid_size = 100;
+    c.data.test_size = 100;
+    c
 }
 
 /// Per layer, the nonzero counts at each row of masks.csv.
@@ -51,13 +50,11 @@ fn every_death_and_growth_mode_keeps_exact_counts() {
         GrowthMode::RandomUnfired,
     ] {
         let d = tmp.path().join(format!("g-{g:?}"));
-        cases.push((
-            format!("{g:?}"),
-            TrainConfig {
-                growth: g,
-                ..tiny(&d)
-            },
-        ));
+        cases.push((format!("{g:?}"), {
+            let mut c = tiny(&d);
+            c.sparse.growth = g;
+            c
+        }));
     }
     for death in [
         DeathMode::Magnitude,
@@ -66,17 +63,15 @@ fn every_death_and_growth_mode_keeps_exact_counts() {
         DeathMode::Taylor,
     ] {
         let d = tmp.path().join(format!("d-{death:?}"));
-        cases.push((
-            format!("{death:?}"),
-            TrainConfig {
-                death,
-                death_threshold: 0.05,
-                ..tiny(&d)
-            },
-        ));
+        cases.push((format!("{death:?}"), {
+            let mut c = tiny(&d);
+            c.sparse.death = death;
+            c.sparse.death_threshold = 0.05;
+            c
+        }));
     }
     for (name, cfg) in cases {
-        let dir = cfg.out.clone().unwrap();
+        let dir = cfg.run.out.clone().unwrap();
         let out = run(cfg);
         assert!(
             out.summary.mask_updates >= 10,
@@ -106,9 +101,10 @@ fn every_death_and_growth_mode_keeps_exact_counts() {
 fn redistribution_keeps_the_total_and_fix_never_updates() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("redis");
-    let out = run(TrainConfig {
-        redistribution: Redistribution::Magnitude,
-        ..tiny(&d)
+    let out = run({
+        let mut c = tiny(&d);
+        c.sparse.redistribution = Redistribution::Magnitude;
+        c
     });
     let c = counts(&d);
     let n_rows = c.values().next().unwrap().len();
@@ -120,9 +116,10 @@ fn redistribution_keeps_the_total_and_fix_never_updates() {
     assert!(out.summary.mask_updates >= 10);
 
     let d = tmp.path().join("fix");
-    let out = run(TrainConfig {
-        fix: true,
-        ..tiny(&d)
+    let out = run({
+        let mut c = tiny(&d);
+        c.sparse.fix = true;
+        c
     });
     assert_eq!(out.summary.mask_updates, 0);
     assert!((out.summary.itop_rate.unwrap() - out.summary.final_density).abs() < 1e-9);
@@ -138,10 +135,11 @@ fn score_based_inits_train() {
         SparseInit::UniformPlus,
     ] {
         let d = tmp.path().join(format!("{init:?}"));
-        let out = run(TrainConfig {
-            sparse_init: init,
-            epochs: 1,
-            ..tiny(&d)
+        let out = run({
+            let mut c = tiny(&d);
+            c.sparse.sparse_init = init;
+            c.optim.epochs = 1;
+            c
         });
         let total: usize = out.summary.layer_densities.iter().map(|l| l.nonzero).sum();
         let numel: usize = out

@@ -6,7 +6,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{ok, read_json, rest_cmd, s, tiny_config};
-use rest::config::{ModelKind, TrainConfig};
+use rest::models::ModelKind;
+use rest::train::TrainConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -24,12 +25,11 @@ fn one_line_error(o: &Output, needle: &str) {
 }
 
 fn tiny(out: &Path) -> TrainConfig {
-    TrainConfig {
-        train_size: 600,
-        epochs: 2,
-        density: 0.05,
-        ..tiny_config(out)
-    }
+    let mut c = tiny_config(out);
+    c.data.train_size = 600;
+    c.optim.epochs = 2;
+    c.sparse.density = 0.05;
+    c
 }
 
 /// The directory of one tiny trained CNN run (trained once per test binary).
@@ -152,7 +152,7 @@ fn export_is_at_least_8x_smaller_than_dense_safetensors() -> anyhow::Result<()> 
 fn predict_on_a_png_matches_the_model() -> anyhow::Result<()> {
     let dir = run_dir();
     let cfg = tiny(dir);
-    let ds = rest::data::load(&cfg.data_source())?;
+    let ds = rest::data::load(&cfg.data.plan().source)?;
     let (h, w) = (ds.test.height, ds.test.width);
     let i = 7;
     let px = ds.test.images[i * h * w * 3..(i + 1) * h * w * 3].to_vec();

@@ -265,7 +265,7 @@ fn mlp_on_feature_major_batches_matches_nchw_batches() {
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(44);
     let model = models::build(
-        rest::config::ModelKind::Mlp,
+        rest::models::ModelKind::Mlp,
         (3, 28, 28),
         10,
         &mut rest::util::rng(1, 1),

@@ -5,7 +5,6 @@
 mod common;
 
 use common::{read_json, rest_bin, sigint_after, tiny_config};
-use rest::config::TrainConfig;
 use rest::data::sampler::WeightedSampler;
 use rest::data::Split;
 use rest::train::methods::{
@@ -15,6 +14,7 @@ use rest::train::methods::{
 use rest::train::metrics::GroupMetrics;
 use rest::train::output::MetricsRow;
 use rest::train::select::{select_epoch, SelectRule};
+use rest::train::TrainConfig;
 use rest::util;
 
 // ---------------------------------------------------------------------------------------------
@@ -268,11 +268,12 @@ fn select_rules_pick_their_epoch_from_a_metrics_log() {
 
 #[test]
 fn default_select_rule_follows_the_method() {
-    let cfg = |method, upweight, select| TrainConfig {
-        method,
-        upweight,
-        select,
-        ..Default::default()
+    let cfg = |method, upweight, select| {
+        let mut c = TrainConfig::default();
+        c.method.kind = method;
+        c.method.upweight = upweight;
+        c.method.select = select;
+        c
     };
     for (c, want) in [
         (cfg(Method::Upweight, None, None), SelectRule::ValWorstGroup),
@@ -293,7 +294,7 @@ fn default_select_rule_follows_the_method() {
             SelectRule::Last,
         ),
     ] {
-        assert_eq!(c.select_rule().0, want, "{:?}", c.method);
+        assert_eq!(c.select_rule().0, want, "{:?}", c.method.kind);
     }
     // LAMBDA only applies to upweight and jtt.
     assert_eq!(cfg(Method::Erm, Some(50.0), None).effective_upweight(), 1.0);
@@ -307,15 +308,14 @@ fn default_select_rule_follows_the_method() {
 // End to end
 
 fn tiny(out: &std::path::Path, method: Method) -> TrainConfig {
-    TrainConfig {
-        method,
-        density: 0.1,
-        epochs: 2,
-        jtt_epochs: 1,
-        train_size: 600,
-        test_size: 200,
-        ..tiny_config(out)
-    }
+    let mut c = tiny_config(out);
+    c.method.kind = method;
+    c.sparse.density = 0.1;
+    c.optim.epochs = 2;
+    c.method.jtt_epochs = 1;
+    c.data.train_size = 600;
+    c.data.test_size = 200;
+    c
 }
 
 fn summary(dir: &std::path::Path) -> serde_json::Value {
@@ -346,7 +346,7 @@ fn tiny_jtt_run_writes_both_stages_and_a_correct_report() -> anyhow::Result<()> 
     assert_eq!(s["epochs"], 2);
 
     // The report agrees with the saved error set and the dataset's true conflicting set.
-    let ds = rest::data::load(&cfg.data_source())?;
+    let ds = rest::data::load(&cfg.data.plan().source)?;
     let e = load_error_set(&dir.path().join("error_set.json"), ds.train.len())?;
     let hits = e.iter().filter(|&&i| ds.train.is_conflicting(i)).count();
     let jtt = out.summary.jtt.as_ref().expect("jtt report");
@@ -362,10 +362,11 @@ fn tiny_jtt_run_writes_both_stages_and_a_correct_report() -> anyhow::Result<()> 
 
     // --error-set reuses the set: no stage 1, same report.
     let dir2 = tempfile::tempdir()?;
-    let cfg2 = TrainConfig {
-        error_set: Some(dir.path().join("error_set.json")),
-        out: Some(dir2.path().to_path_buf()),
-        ..cfg.clone()
+    let cfg2 = {
+        let mut c = cfg.clone();
+        c.method.error_set = Some(dir.path().join("error_set.json"));
+        c.run.out = Some(dir2.path().to_path_buf());
+        c
     };
     let out2 = rest::train::train(&cfg2)?;
     assert!(!dir2.path().join("stage1").exists());
@@ -405,7 +406,7 @@ fn tiny_group_dro_run_writes_group_weights() -> anyhow::Result<()> {
     let s = summary(dir.path());
     assert_eq!(s["method"], "group-dro");
     assert_eq!(s["select_rule"], "val-worst-group");
-    let ds = rest::data::load(&cfg.data_source())?;
+    let ds = rest::data::load(&cfg.data.plan().source)?;
     let (_, g) = group_ids(&ds.train.labels, &ds.train.bias, GroupScheme::Cells);
     let q = out.summary.dro_q.as_ref().expect("dro_q");
     assert_eq!(q.len(), g);

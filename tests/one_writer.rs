@@ -165,14 +165,15 @@ fn a_live_run_cannot_be_resumed_twice_and_kill_9_leaves_no_stale_lock() -> Resul
 #[test]
 fn the_library_refuses_a_second_run_into_one_directory() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let cfg = rest::config::TrainConfig {
-        epochs: 1,
-        train_size: 300,
-        valid_size: 100,
-        test_size: 100,
-        batch_size: 100,
-        out: Some(tmp.path().join("lib")),
-        ..Default::default()
+    let cfg = {
+        let mut c = rest::train::TrainConfig::default();
+        c.optim.epochs = 1;
+        c.data.train_size = 300;
+        c.data.valid_size = 100;
+        c.data.test_size = 100;
+        c.optim.batch_size = 100;
+        c.run.out = Some(tmp.path().join("lib"));
+        c
     };
     rest::train::train(&cfg)?;
     let err = rest::train::train(&cfg)

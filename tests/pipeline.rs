@@ -10,13 +10,14 @@ mod common;
 use anyhow::Result;
 use common::{ok, read_json, rest_bin, rest_cmd, s, sigint_after};
 use rand::RngCore;
-use rest::config::{DatasetKind, TrainConfig};
 use rest::data::dfa::{load, load_sized, DfaOptions};
 use rest::data::loader::{BatchSource, EpochBatches, Prefetcher, PREFETCH_DEPTH};
 use rest::data::transform::{
     Aug, AugKey, BatchLayout, Normalize, Transform, CIFAR_MEAN, CIFAR_STD,
 };
+use rest::data::DatasetKind;
 use rest::data::Split;
+use rest::train::TrainConfig;
 use std::path::Path;
 use std::time::Duration;
 
@@ -603,11 +604,11 @@ fn bffhq_fixture_trains_resnet18_at_128_pixels_and_evaluates_exactly() -> Result
         s(&run),
     ]));
     let cfg = TrainConfig::from_toml_file(&run.join("config.toml"))?;
-    assert_eq!(cfg.dataset, DatasetKind::Bffhq);
-    assert_eq!(cfg.image_size_resolved(), Some(128));
-    assert!(cfg.augment_resolved());
+    assert_eq!(cfg.data.dataset, DatasetKind::Bffhq);
+    assert_eq!(cfg.data.plan().image_size, Some(128));
+    assert!(cfg.data.plan().augment);
     assert_eq!(
-        cfg.normalize_resolved().map(|n| n.mean),
+        cfg.data.plan().normalize.map(|n| n.mean),
         Some(rest::data::transform::IMAGENET_MEAN)
     );
     let info = read_json(&run.join("data.json"));
@@ -643,7 +644,9 @@ fn bffhq_fixture_trains_resnet18_at_128_pixels_and_evaluates_exactly() -> Result
     .dataset;
     let mut x = Vec::new();
     m.config
-        .eval_transform()
+        .data
+        .plan()
+        .eval_transform
         .gather(&ds.test, &[0], None, &mut x)?;
     let x = candle_core::Tensor::from_vec(x, (1, 3, 128, 128), &candle_core::Device::Cpu)?;
     let logits = m.model.forward(&x, false)?;
@@ -717,7 +720,7 @@ fn cifar10c_fixture_trains_resnet18_with_identical_results_with_and_without_pref
         args.extend_from_slice(extra);
         ok(&rest_cmd(&args));
         let cfg = TrainConfig::from_toml_file(&run.join("config.toml")).expect("config");
-        assert_eq!(cfg.dataset, DatasetKind::Cifar10c);
+        assert_eq!(cfg.data.dataset, DatasetKind::Cifar10c);
         read_json(&run.join("summary.json"))
     };
     let a = train("prefetch", &[]);
@@ -837,21 +840,22 @@ fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
         std::fs::create_dir_all(&p).expect("mkdir");
         p
     };
-    let cfg = |data: Option<std::path::PathBuf>| TrainConfig {
-        data,
-        ..TrainConfig::default()
+    let cfg = |data: Option<std::path::PathBuf>| {
+        let mut c = TrainConfig::default();
+        c.data.data = data;
+        c
     };
     // Built-in data and Colored MNIST folders: no resize, no augmentation, no normalisation.
     for c in [cfg(None), cfg(Some(folder("cmnist")))] {
-        assert_eq!(c.image_size_resolved(), None);
-        assert!(!c.augment_resolved());
-        assert_eq!(c.normalize_resolved(), None);
-        assert_eq!(c.train_transform(), Transform::identity());
+        assert_eq!(c.data.plan().image_size, None);
+        assert!(!c.data.plan().augment);
+        assert_eq!(c.data.plan().normalize, None);
+        assert_eq!(c.data.plan().train_transform, Transform::identity());
     }
     let cifar = cfg(Some(folder("cifar10c")));
-    assert_eq!(cifar.data_kind(), Some(DatasetKind::Cifar10c));
+    assert_eq!(cifar.data.kind(), Some(DatasetKind::Cifar10c));
     assert_eq!(
-        cifar.train_transform(),
+        cifar.data.plan().train_transform,
         Transform {
             crop_padding: 4,
             flip: true,
@@ -861,32 +865,34 @@ fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
             }),
         }
     );
-    assert_eq!(cifar.eval_transform().crop_padding, 0);
-    assert!(!cifar.eval_transform().flip);
+    assert_eq!(cifar.data.plan().eval_transform.crop_padding, 0);
+    assert!(!cifar.data.plan().eval_transform.flip);
     let bffhq = cfg(Some(folder("bffhq")));
-    assert_eq!(bffhq.image_size_resolved(), Some(128));
+    assert_eq!(bffhq.data.plan().image_size, Some(128));
     assert_eq!(
-        bffhq.normalize_resolved().map(|n| (n.mean, n.std)),
+        bffhq.data.plan().normalize.map(|n| (n.mean, n.std)),
         Some((
             rest::data::transform::IMAGENET_MEAN,
             rest::data::transform::IMAGENET_STD
         ))
     );
     // Overrides.
-    let c = TrainConfig {
-        image_size: Some(224),
-        augment: Some(false),
-        normalize: Some(false),
-        ..bffhq.clone()
+    let c = {
+        let mut c = bffhq.clone();
+        c.data.image_size = Some(224);
+        c.data.augment = Some(false);
+        c.data.normalize = Some(false);
+        c
     };
-    assert_eq!(c.image_size_resolved(), Some(224));
-    assert_eq!(c.train_transform(), Transform::identity());
-    let c = TrainConfig {
-        augment: Some(true),
-        normalize: Some(true),
-        ..cfg(Some(folder("cmnist")))
+    assert_eq!(c.data.plan().image_size, Some(224));
+    assert_eq!(c.data.plan().train_transform, Transform::identity());
+    let c = {
+        let mut c = cfg(Some(folder("cmnist")));
+        c.data.augment = Some(true);
+        c.data.normalize = Some(true);
+        c
     };
-    let t = c.train_transform();
+    let t = c.data.plan().train_transform;
     assert_eq!((t.crop_padding, t.flip), (4, true));
     assert_eq!(
         t.normalize.map(|n| n.mean),
@@ -900,7 +906,7 @@ fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
     }
     let old: TrainConfig = toml::from_str("epochs = 3\ndataset = \"bffhq\"\n")?;
     assert_eq!(
-        (old.image_size, old.augment, old.normalize),
+        (old.data.image_size, old.data.augment, old.data.normalize),
         (None, None, None)
     );
     let back: TrainConfig = toml::from_str(&c.to_toml()?)?;

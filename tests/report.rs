@@ -6,12 +6,12 @@
 mod common;
 
 use common::rest_bin;
-use rest::config::TrainConfig;
 use rest::report::collect::collect;
 use rest::report::curves::parse_metrics_csv;
 use rest::report::plots::{linear_ticks, log_ticks, tick_label};
 use rest::report::tables::{stat, Grid};
 use rest::report::{write_report, ReportKind};
+use rest::train::TrainConfig;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -19,12 +19,13 @@ use std::path::{Path, PathBuf};
 /// conflicting accuracy `conf`, training FLOPs fraction `tflops`) and a two-epoch metrics.csv.
 fn fake_run(dir: &Path, pct: f64, density: f64, seed: u64, unb: f64, conf: f64, tflops: f64) {
     std::fs::create_dir_all(dir).unwrap();
-    let cfg = TrainConfig {
-        conflict_pct: pct,
-        density,
-        seed,
-        out: Some(dir.to_path_buf()),
-        ..TrainConfig::default()
+    let cfg = {
+        let mut c = TrainConfig::default();
+        c.data.conflict_pct = pct;
+        c.sparse.density = density;
+        c.optim.seed = seed;
+        c.run.out = Some(dir.to_path_buf());
+        c
     };
     std::fs::write(dir.join("config.toml"), cfg.to_toml().unwrap()).unwrap();
     let group = |acc: f64| {
@@ -326,13 +327,14 @@ fn other_varying_keys_become_row_columns() {
         let dir = root.join(format!("u{upweight}-lr{lr}"));
         let a = accs.next().unwrap();
         fake_run(&dir, 1.0, 0.05, 1, a, a, 0.1);
-        let cfg = TrainConfig {
-            conflict_pct: 1.0,
-            density: 0.05,
-            seed: 1,
-            upweight: Some(upweight),
-            lr,
-            ..TrainConfig::default()
+        let cfg = {
+            let mut c = TrainConfig::default();
+            c.data.conflict_pct = 1.0;
+            c.sparse.density = 0.05;
+            c.optim.seed = 1;
+            c.method.upweight = Some(upweight);
+            c.optim.lr = lr;
+            c
         };
         std::fs::write(dir.join("config.toml"), cfg.to_toml().unwrap()).unwrap();
     }

@@ -5,10 +5,11 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use rand::Rng as _;
-use rest::config::{ModelKind, Stem, TrainConfig};
 use rest::models::{self, Model, ModelSpec};
+use rest::models::{ModelKind, Stem};
 use rest::nn::ParamKind;
 use rest::train::optim::Sgd;
+use rest::train::TrainConfig;
 
 fn spec(kind: ModelKind, width: usize, stem: Stem) -> ModelSpec {
     ModelSpec { kind, width, stem }
@@ -325,19 +326,20 @@ fn layer_flops_of_resnet18_at_224() -> Result<()> {
 fn short_sparse_runs_on_28x28_digits_with_both_stems() -> Result<()> {
     for stem in [Stem::Imagenet, Stem::Cifar] {
         let dir = tempfile::tempdir()?;
-        let cfg = TrainConfig {
-            model: ModelKind::Resnet18,
-            width: 8,
-            stem,
-            density: 0.1,
-            epochs: 1,
-            batch_size: 64,
-            train_size: 256,
-            valid_size: 64,
-            test_size: 64,
-            update_frequency: 2,
-            out: Some(dir.path().to_path_buf()),
-            ..Default::default()
+        let cfg = {
+            let mut c = TrainConfig::default();
+            c.model.kind = ModelKind::Resnet18;
+            c.model.width = 8;
+            c.model.stem = stem;
+            c.sparse.density = 0.1;
+            c.optim.epochs = 1;
+            c.optim.batch_size = 64;
+            c.data.train_size = 256;
+            c.data.valid_size = 64;
+            c.data.test_size = 64;
+            c.sparse.update_frequency = 2;
+            c.run.out = Some(dir.path().to_path_buf());
+            c
         };
         let out = rest::train::train(&cfg)?;
         let s = &out.summary;
@@ -357,7 +359,7 @@ fn short_sparse_runs_on_28x28_digits_with_both_stems() -> Result<()> {
         assert!(s.test.accuracy.is_finite());
         // The resolved config records the ResNet settings.
         let back = TrainConfig::from_toml_file(&dir.path().join("config.toml"))?;
-        assert_eq!((back.width, back.stem), (8, stem));
+        assert_eq!((back.model.width, back.model.stem), (8, stem));
     }
     Ok(())
 }

@@ -921,7 +921,7 @@ fn masks_csv_and_fired_masks() {
 
 #[test]
 fn cli_flags_and_validation() {
-    let parse = |args: &[&str]| -> anyhow::Result<rest::config::TrainConfig> {
+    let parse = |args: &[&str]| -> anyhow::Result<rest::train::TrainConfig> {
         let cli = Cli::try_parse_from(args)?;
         match cli.command {
             Command::Train(t) => t.resolve(),
@@ -949,7 +949,7 @@ fn cli_flags_and_validation() {
         "0.01",
     ])
     .unwrap();
-    let o = c.dst_options();
+    let o = c.sparse.dst_options();
     assert_eq!(
         o,
         DstOptions {
@@ -965,7 +965,7 @@ fn cli_flags_and_validation() {
         }
     );
     assert_eq!(
-        parse(&["rest", "train"]).unwrap().dst_options(),
+        parse(&["rest", "train"]).unwrap().sparse.dst_options(),
         DstOptions::default()
     );
     for (args, flag) in [

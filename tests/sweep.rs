@@ -5,8 +5,8 @@ mod common;
 
 use anyhow::{Context, Result};
 use common::{sigint, text, wait_until, BIN};
-use rest::config::TrainConfig;
 use rest::train::checkpoint::config_hash;
+use rest::train::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -30,9 +30,10 @@ fn expected_dirs(base: &TrainConfig, seeds: &[u64]) -> Result<Vec<String>> {
     seeds
         .iter()
         .map(|&seed| {
-            let c = TrainConfig {
-                seed,
-                ..base.clone()
+            let c = {
+                let mut c = base.clone();
+                c.optim.seed = seed;
+                c
             };
             Ok(format!("{}-{}", c.short_name(), &config_hash(&c)?[..8]))
         })
@@ -40,15 +41,14 @@ fn expected_dirs(base: &TrainConfig, seeds: &[u64]) -> Result<Vec<String>> {
 }
 
 fn tiny_base() -> TrainConfig {
-    TrainConfig {
-        epochs: 1,
-        train_size: 500,
-        valid_size: 200,
-        test_size: 200,
-        batch_size: 100,
-        density: 0.1,
-        ..Default::default()
-    }
+    let mut c = TrainConfig::default();
+    c.optim.epochs = 1;
+    c.data.train_size = 500;
+    c.data.valid_size = 200;
+    c.data.test_size = 200;
+    c.optim.batch_size = 100;
+    c.sparse.density = 0.1;
+    c
 }
 
 fn read(p: &Path) -> String {
@@ -92,10 +92,10 @@ fn local_sweep_runs_skips_finished_runs_and_restarts_unfinished_ones() -> Result
     for r in &runs {
         assert!(r.join("summary.json").exists(), "{}", r.display());
         let cfg = TrainConfig::from_toml_file(&r.join("config.toml"))?;
-        assert_eq!(cfg.out.as_deref(), Some(r.as_path()));
+        assert_eq!(cfg.run.out.as_deref(), Some(r.as_path()));
         // The cores split between the 2 jobs.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(cfg.threads, Some((cores / 2).max(1)));
+        assert_eq!(cfg.run.threads, Some((cores / 2).max(1)));
     }
     assert!(text(&first).contains("[2/2] done"), "{}", text(&first));
     let logs: Vec<String> = runs.iter().map(|r| read(&r.join("train.log"))).collect();
@@ -195,14 +195,15 @@ fn start_long_sweep(tmp: &Path, marker: &str) -> Result<(Child, Vec<PathBuf>)> {
         "[base]\nepochs = 3\ntrain_size = 3000\nvalid_size = 200\ntest_size = 200\n\
          density = 1.0\nbatch_size = 50\n[grid]\nseed = [1, 2]\n",
     )?;
-    let base = TrainConfig {
-        epochs: 3,
-        train_size: 3000,
-        valid_size: 200,
-        test_size: 200,
-        density: 1.0,
-        batch_size: 50,
-        ..Default::default()
+    let base = {
+        let mut c = TrainConfig::default();
+        c.optim.epochs = 3;
+        c.data.train_size = 3000;
+        c.data.valid_size = 200;
+        c.data.test_size = 200;
+        c.sparse.density = 1.0;
+        c.optim.batch_size = 50;
+        c
     };
     let out = tmp.join("out");
     let child = Command::new(BIN)

@@ -11,9 +11,9 @@ use candle_core::{Device, Tensor, Var};
 use common::flat;
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rest::config::{ModelKind, Stem};
 use rest::kernels::{self, tape, SparseWeight};
 use rest::models::{self, Model, ModelSpec};
+use rest::models::{ModelKind, Stem};
 use rest::nn::ParamKind;
 
 fn build(kind: ModelKind, width: usize, input: (usize, usize, usize)) -> Result<Box<dyn Model>> {

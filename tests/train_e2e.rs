@@ -5,16 +5,16 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::{read_json, rest_cmd_env_log, tiny_config, train_losses};
-use rest::config::{ModelKind, TrainConfig};
+use rest::models::ModelKind;
+use rest::train::TrainConfig;
 
 fn tiny(out: &std::path::Path, model: ModelKind, density: f64) -> TrainConfig {
-    TrainConfig {
-        model,
-        density,
-        epochs: 4,
-        train_size: 1200,
-        ..tiny_config(out)
-    }
+    let mut c = tiny_config(out);
+    c.model.kind = model;
+    c.sparse.density = density;
+    c.optim.epochs = 4;
+    c.data.train_size = 1200;
+    c
 }
 
 fn csv_rows(dir: &std::path::Path) -> Vec<Vec<String>> {
@@ -99,8 +99,8 @@ fn tiny_sparse_rest_run_learns_and_writes_outputs() -> anyhow::Result<()> {
 fn dense_mlp_with_loss_weights_runs() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut cfg = tiny(dir.path(), ModelKind::Mlp, 1.0);
-    cfg.reweight_mode = rest::config::ReweightMode::Loss;
-    cfg.epochs = 3;
+    cfg.method.reweight_mode = rest::train::ReweightMode::Loss;
+    cfg.optim.epochs = 3;
     let out = rest::train::train(&cfg)?;
     assert_eq!(out.summary.mask_updates, 0);
     assert_eq!(out.summary.final_density, 1.0);
@@ -177,10 +177,11 @@ fn data_export_writes_npy() {
 #[test]
 fn diverging_loss_stops_with_an_error_naming_epoch_and_step() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig {
-        lr: 1e12,
-        epochs: 3,
-        ..tiny(dir.path(), ModelKind::Mlp, 1.0)
+    let cfg = {
+        let mut c = tiny(dir.path(), ModelKind::Mlp, 1.0);
+        c.optim.lr = 1e12;
+        c.optim.epochs = 3;
+        c
     };
     let err = match rest::train::train(&cfg) {
         Ok(_) => panic!("a learning rate of 1e12 must diverge"),

@@ -14,13 +14,16 @@ pub mod idx;
 pub mod loader;
 pub mod make;
 pub mod make_cifar;
+pub mod options;
 pub mod preview;
 pub mod sampler;
 pub mod transform;
 
 use anyhow::{bail, Result};
 
-/// Where a run's images come from (`TrainConfig::data_source`).
+pub use options::{DataOptions, DataPlan, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE};
+
+/// Where a run's images come from (`DataPlan::source`).
 #[derive(Debug, Clone)]
 pub enum DataSource {
     /// Colored MNIST generated from the built-in digits.

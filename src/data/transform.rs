@@ -96,7 +96,7 @@ impl Transform {
     }
 
     /// A run's training transform: random crop (padding 4) and horizontal flip when
-    /// `augment`, and `normalize` (see `TrainConfig::train_transform`).
+    /// `augment`, and `normalize` (see `DataOptions::plan`).
     pub fn for_run(augment: bool, normalize: Option<Normalize>) -> Self {
         Transform {
             crop_padding: if augment { CROP_PADDING } else { 0 },

@@ -14,7 +14,7 @@
 
 use super::st::{Dtype, RawTensor, StFile};
 use super::{LoadedModel, Weights};
-use crate::config::TrainConfig;
+use crate::train::TrainConfig;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;

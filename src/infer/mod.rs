@@ -8,12 +8,12 @@ pub mod export;
 pub mod predict;
 pub mod st;
 
-use crate::config::TrainConfig;
 use crate::data::GroupDataset;
 use crate::kernels::SparseWeight;
 use crate::models::{self, Model};
 use crate::nn::Buffer;
 use crate::train::metrics::GroupMetrics;
+use crate::train::TrainConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -49,7 +49,7 @@ impl FromStr for DataSource {
 /// before it existed) reads them from its data folder.
 pub fn data_shape(cfg: &TrainConfig, run_dir: &Path) -> Result<((usize, usize, usize), usize)> {
     use crate::train::output::{DataInfo, DATA_INFO_FILE};
-    if cfg.data.is_none() {
+    if cfg.data.data.is_none() {
         return Ok(((3, 28, 28), crate::data::colored_mnist::NUM_CLASSES));
     }
     let info_path = run_dir.join(DATA_INFO_FILE);
@@ -73,7 +73,7 @@ pub fn data_shape(cfg: &TrainConfig, run_dir: &Path) -> Result<((usize, usize, u
         }
         return Ok(((c, h, w), info.classes));
     }
-    let ds = crate::data::load(&cfg.data_source()).with_context(|| {
+    let ds = crate::data::load(&cfg.data.plan().source).with_context(|| {
         format!(
             "{} is missing, so the input shape and classes must come from the run's data \
              folder, which cannot be loaded",
@@ -192,9 +192,9 @@ pub(crate) fn build_model(
     path: &Path,
 ) -> Result<LoadedModel> {
     let dev = Device::Cpu;
-    let mut rng = crate::util::rng(config.seed, 1);
-    let model = models::build(&config, input, classes, &mut rng, &dev)?;
-    let kind = config.model.as_str();
+    let mut rng = crate::util::rng(config.optim.seed, 1);
+    let model = models::build(config.model, input, classes, &mut rng, &dev)?;
+    let kind = config.model.kind.as_str();
     let get = |name: &str, dims: &[usize]| -> Result<Tensor> {
         let (shape, v) = w.values.get(name).with_context(|| {
             format!("no tensor {name}, which a {kind} needs: was it written for another model than config.toml says?")
@@ -246,7 +246,7 @@ pub(crate) fn build_model(
         if let (Some(m), Some(slot)) = (mask, &p.slot) {
             let mt = Tensor::from_slice(m, p.var.dims(), &dev)?;
             p.var.set(&p.var.as_tensor().mul(&mt)?)?;
-            if config.kernels.sparse_for(density, p.var.rank() == 4) {
+            if config.sparse.kernels.sparse_for(density, p.var.rank() == 4) {
                 let rows = p.var.dims()[0];
                 let host = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
                 let sw = SparseWeight::new(&host, m, rows, n / rows.max(1))?;
@@ -304,12 +304,12 @@ pub fn evaluate(m: &LoadedModel, ds: &GroupDataset) -> Result<EvalReport> {
         );
     }
     let dev = Device::Cpu;
-    let tf = m.config.eval_transform();
+    let tf = m.config.data.plan().eval_transform;
     Ok(EvalReport {
         checkpoint: m.path.display().to_string(),
         exported: m.exported,
         dataset: ds.name.clone(),
-        model: m.config.model.as_str().into(),
+        model: m.config.model.kind.as_str().into(),
         density: m.density(),
         layers: m.layers.clone(),
         valid: crate::train::eval::evaluate(m.model.as_ref(), &ds.valid, &tf, &dev)?,

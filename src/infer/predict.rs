@@ -75,7 +75,8 @@ pub fn predict(m: &LoadedModel, images: &[impl AsRef<Path>], k: usize) -> Result
     let dev = Device::Cpu;
     let (c, h, w) = m.input;
     // A run that resized its data on load (`image_size`) saw bilinear resizes: do the same.
-    let filter = if m.config.image_size_resolved().is_some() {
+    let plan = m.config.data.plan();
+    let filter = if plan.image_size.is_some() {
         FilterType::Triangle
     } else {
         FilterType::Lanczos3
@@ -87,7 +88,7 @@ pub fn predict(m: &LoadedModel, images: &[impl AsRef<Path>], k: usize) -> Result
             buf.extend(load_image_with(p.as_ref(), m.input, filter)?);
         }
         // The run's normalisation, as in training and `rest eval`.
-        if let Some(n) = m.config.normalize_resolved() {
+        if let Some(n) = plan.normalize {
             if c != n.mean.len() {
                 bail!(
                     "the run normalises {} channels but the model takes {c}",

@@ -9,6 +9,7 @@
 //! Backward passes return plain tensors (no second derivatives) and skip the gradients of
 //! arguments that do not track gradients (e.g. the input images of the first convolution).
 
+mod choice;
 mod conv;
 mod conv_stack;
 mod fused;
@@ -26,6 +27,7 @@ pub(crate) mod sgd;
 mod sparse;
 pub mod tape;
 
+pub use choice::{KernelMode, AUTO_SPARSE_LINEAR_MAX_DENSITY, AUTO_SPARSE_MAX_DENSITY};
 pub use conv::conv2d_cnhw;
 pub use conv_stack::{conv_stack_applies, conv_stack_pool_eval};
 pub use fused::{conv_bn_eval, conv_bn_train, EvalConvBn};

@@ -141,23 +141,48 @@ pub trait Model: Send + Sync {
     }
 }
 
-/// What `build` constructs: the architecture and, for ResNets, its width and stem (ignored
-/// by the other models). A bare `ModelKind` converts with ResNet defaults (width 64,
-/// ImageNet stem); a `&TrainConfig` converts with its `model`, `width` and `stem` (in
-/// `config`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The model section of a run's options, and what `build` constructs: the architecture
+/// and, for ResNets, its width and stem (ignored by the other models). A bare `ModelKind`
+/// converts with the ResNet defaults (width 64, ImageNet stem).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+#[command(next_help_heading = "Model")]
 pub struct ModelSpec {
+    /// Network: cnn (REST's Colored-MNIST CNN), mlp (LfF's 3x100 MLP), or resnet10,
+    /// resnet18, resnet50 (torchvision ResNets of variable width).
+    #[arg(long = "model", id = "model", value_name = "MODEL", value_enum, default_value_t = ModelKind::Cnn)]
+    #[serde(rename = "model")]
     pub kind: ModelKind,
+    /// ResNet width: channels of the first stage (stages w, 2w, 4w, 8w); 64 is torchvision's.
+    #[arg(long, value_name = "W", default_value_t = 64)]
     pub width: usize,
+    /// ResNet stem: imagenet (7x7 stride-2 conv + 3x3 max pool) or cifar (3x3 stride-1 conv,
+    /// no max pool).
+    #[arg(long, value_enum, default_value_t = Stem::Imagenet)]
     pub stem: Stem,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        crate::util::args_defaults()
+    }
+}
+
+impl ModelSpec {
+    /// Checks the values; the error names the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.width < 1 {
+            bail!("--width must be at least 1 (64 = torchvision's ResNet)");
+        }
+        Ok(())
+    }
 }
 
 impl From<ModelKind> for ModelSpec {
     fn from(kind: ModelKind) -> Self {
         Self {
             kind,
-            width: 64,
-            stem: Stem::Imagenet,
+            ..Self::default()
         }
     }
 }

@@ -150,7 +150,7 @@ pub fn find_summaries(root: &Path) -> Result<Vec<PathBuf>> {
 fn toml_text(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => s.clone(),
-        toml::Value::Float(f) => crate::config::fmt_num(*f),
+        toml::Value::Float(f) => crate::util::fmt_num(*f),
         other => other.to_string(),
     }
 }

@@ -222,7 +222,7 @@ pub fn metrics_table(rows: &[(&str, &GroupMetrics)]) -> String {
 
 /// The FLOPs table of a freshly initialised `model` with ERK masks at `density`.
 pub fn flops_for(
-    model: crate::config::ModelKind,
+    model: crate::models::ModelKind,
     density: f64,
     erk_power_scale: f64,
     input: (usize, usize, usize),
@@ -261,8 +261,8 @@ pub fn results_table(s: &Summary) -> String {
         "\n{} | {} | density {} | lambda {} | selected epoch {} ({:?}) | {:.0} s",
         s.dataset,
         s.model,
-        crate::config::fmt_num(s.final_density),
-        crate::config::fmt_num(s.upweight),
+        crate::util::fmt_num(s.final_density),
+        crate::util::fmt_num(s.upweight),
         s.selected_epoch,
         s.select_rule,
         s.wall_time_s

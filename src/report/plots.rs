@@ -627,7 +627,7 @@ pub fn accuracy_figure(g: &Grid, x: XAxis) -> Figure {
                 if x == XAxis::Density && density(i) >= 1.0 {
                     dense = Some(pt);
                 } else {
-                    pts.push((pt, format!("d={}", crate::config::fmt_num(density(i)))));
+                    pts.push((pt, format!("d={}", crate::util::fmt_num(density(i)))));
                 }
             }
             pts.sort_by(|a, b| a.0.x.total_cmp(&b.0.x));

@@ -11,6 +11,7 @@
 //! - [`modes`]: the mode choices (init, death, growth, redistribution, schedule) and defaults.
 //! - [`erk`]: layer shapes, ERK / ER / uniform / uniform-plus densities, exact counts.
 //! - [`schedule`]: the cosine- or linearly-decayed prune rate.
+//! - [`options`]: the run's sparse-training section (`--density`, schedule, modes, kernels).
 //! - [`engine`]: the masks and the update (RigL, SET, SNFS, ITOP), history and CSV report.
 
 pub mod device;
@@ -18,6 +19,7 @@ pub mod engine;
 pub mod erk;
 pub mod flops;
 pub mod modes;
+pub mod options;
 mod redistribute;
 pub mod schedule;
 mod select;
@@ -30,4 +32,5 @@ pub use erk::{
     erk_densities, init_densities, layer_counts, LayerShape, UNIFORM_PLUS_MIN_CLASSIFIER,
 };
 pub use modes::{DeathMode, DecaySchedule, DstOptions, GrowthMode, Redistribution, SparseInit};
+pub use options::SparseOptions;
 pub use schedule::{CosineDecay, LinearDecay, PruneSchedule};

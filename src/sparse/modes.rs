@@ -115,18 +115,9 @@ pub struct DstOptions {
 }
 
 impl Default for DstOptions {
+    /// The defaults of the `--sparse-init`, `--death`, ... flags (`SparseOptions`).
     fn default() -> Self {
-        Self {
-            sparse_init: SparseInit::Erk,
-            dense_first_layer: false,
-            death: DeathMode::Magnitude,
-            death_threshold: 1e-3,
-            growth: GrowthMode::Gradient,
-            redistribution: Redistribution::None,
-            decay_schedule: DecaySchedule::Cosine,
-            update_end: 1.0,
-            fix: false,
-        }
+        super::SparseOptions::default().dst_options()
     }
 }
 

@@ -10,8 +10,8 @@ pub mod local;
 pub mod slurm;
 pub mod status;
 
-use crate::config::TrainConfig;
 use crate::train::checkpoint::config_hash;
+use crate::train::TrainConfig;
 use crate::util::write_atomic;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -387,10 +387,8 @@ pub fn prepare_run(out: &Path, run: &Run) -> Result<Prepared> {
                 dir.display()
             )
         })?;
-        let cfg = TrainConfig {
-            out: Some(dir.clone()),
-            ..run.cfg.clone()
-        };
+        let mut cfg = run.cfg.clone();
+        cfg.run.out = Some(dir.clone());
         write_atomic(&cfg_path, cfg.to_toml()?.as_bytes())?;
     }
     Ok(Prepared::ToRun {
@@ -693,13 +691,17 @@ mod tests {
         // Every (conflict_pct, lr, density, seed) combination once; zip keys stay paired.
         let mut combos = std::collections::BTreeSet::new();
         for r in &runs {
-            assert_eq!(r.cfg.epochs, 2);
-            let lr_for = if r.cfg.conflict_pct == 0.5 { 0.1 } else { 0.01 };
-            assert_eq!(r.cfg.lr, lr_for);
+            assert_eq!(r.cfg.optim.epochs, 2);
+            let lr_for = if r.cfg.data.conflict_pct == 0.5 {
+                0.1
+            } else {
+                0.01
+            };
+            assert_eq!(r.cfg.optim.lr, lr_for);
             combos.insert((
-                r.cfg.conflict_pct.to_bits(),
-                r.cfg.density.to_bits(),
-                r.cfg.seed,
+                r.cfg.data.conflict_pct.to_bits(),
+                r.cfg.sparse.density.to_bits(),
+                r.cfg.optim.seed,
             ));
             assert_eq!(r.hash, config_hash(&r.cfg)?);
             assert!(r.name.ends_with(&r.hash[..8]), "{}", r.name);
@@ -714,8 +716,8 @@ mod tests {
             runs[1].varying_text().split(' ').next_back(),
             Some("seed=42")
         );
-        assert_eq!(runs[2].cfg.density, 0.1);
-        assert_eq!(runs[6].cfg.conflict_pct, 1.0);
+        assert_eq!(runs[2].cfg.sparse.density, 0.1);
+        assert_eq!(runs[6].cfg.data.conflict_pct, 1.0);
         Ok(())
     }
 
@@ -733,7 +735,7 @@ mod tests {
     fn no_grid_is_one_run_of_the_base() -> Result<()> {
         let runs = spec("[base]\ndensity = 0.2\n")?.runs()?;
         assert_eq!(runs.len(), 1);
-        assert_eq!(runs[0].cfg.density, 0.2);
+        assert_eq!(runs[0].cfg.sparse.density, 0.2);
         assert_eq!(runs[0].varying_text(), "(base)");
         Ok(())
     }
@@ -743,7 +745,12 @@ mod tests {
         for (text, needles) in [
             (
                 "[grid]\ndensty = [0.1]\n",
-                vec!["s.toml", "densty", "unknown field"],
+                vec![
+                    "s.toml",
+                    "densty",
+                    "unknown option",
+                    "did you mean `density`",
+                ],
             ),
             ("[base]\nepoch = 3\n", vec!["s.toml", "[base]", "epoch"]),
             ("[grid]\ndensity = 0.1\n", vec!["density", "list"]),
@@ -785,7 +792,10 @@ mod tests {
             Prepared::ToRun { resume: false }
         );
         let cfg = TrainConfig::from_toml_file(&out.join(&runs[0].name).join("config.toml"))?;
-        assert_eq!(cfg.out.as_deref(), Some(out.join(&runs[0].name).as_path()));
+        assert_eq!(
+            cfg.run.out.as_deref(),
+            Some(out.join(&runs[0].name).as_path())
+        );
         assert_eq!(config_hash(&cfg)?, runs[0].hash);
         std::fs::write(out.join(&runs[0].name).join(SUMMARY_FILE), "{}")?;
         assert_eq!(prepare_run(out, &runs[0])?, Prepared::Done);

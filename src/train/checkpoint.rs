@@ -8,9 +8,9 @@
 use super::lr::ReduceLrOnPlateau;
 use super::output::{self, MetricsRow};
 use super::select::Selector;
-use crate::config::TrainConfig;
 use crate::nn::Param;
 use crate::sparse::flops::TrainFlops;
+use crate::train::TrainConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -63,9 +63,9 @@ pub struct PartialEpoch {
 /// output directory, thread count and device excluded), as 16 hex digits.
 pub fn config_hash(cfg: &TrainConfig) -> Result<String> {
     let mut c = cfg.clone();
-    c.out = None;
-    c.threads = None;
-    c.device = None;
+    c.run.out = None;
+    c.run.threads = None;
+    c.run.device = None;
     let text = c.to_toml()?;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {

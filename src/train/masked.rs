@@ -6,12 +6,13 @@
 //! gradients afterwards.
 
 use super::optim::Sgd;
-use crate::config::{KernelMode, TrainConfig};
+use crate::kernels::KernelMode;
 use crate::kernels::SparseWeight;
 use crate::nn::Param;
 use crate::sparse::device::{self as sparse_device, LayerTensors, UpdatePlace};
 use crate::sparse::flops::FlopsTable;
 use crate::sparse::{LayerShape, SparseConfig, SparseEngine, UpdateInputs, UpdateStats};
+use crate::train::TrainConfig;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
@@ -33,18 +34,6 @@ pub struct MaskedLayers {
     /// Mask updates run on the device (`sparse::device`) rather than on host copies.
     on_device: bool,
     dev: Device,
-}
-
-/// The engine's settings for `cfg` over a run of `total_steps` steps.
-pub fn sparse_config(cfg: &TrainConfig, total_steps: usize) -> SparseConfig {
-    SparseConfig {
-        density: cfg.density,
-        prune_rate: cfg.prune_rate,
-        final_prune_rate: cfg.final_prune_rate,
-        update_frequency: cfg.update_frequency,
-        total_steps,
-        erk_power_scale: cfg.erk_power_scale,
-    }
 }
 
 /// The engine's layer shapes for `weights`.
@@ -361,7 +350,7 @@ pub fn flops_table(
     })
 }
 
-/// Builds the engine for `weights` at `cfg.density` over `total_steps` with uniform/ERK-style
+/// Builds the engine for `weights` at `cfg.sparse.density` over `total_steps` with uniform/ERK-style
 /// initial masks (no score-based init), for `rest bench`.
 pub fn engine_for_bench(
     weights: &[Param],
@@ -371,12 +360,12 @@ pub fn engine_for_bench(
 ) -> Result<SparseEngine> {
     let scfg = SparseConfig {
         density,
-        ..sparse_config(cfg, total_steps)
+        ..cfg.sparse.engine_config(total_steps)
     };
     SparseEngine::new(
         layer_shapes(weights),
         scfg,
-        &mut crate::util::rng(cfg.seed, 2),
+        &mut crate::util::rng(cfg.optim.seed, 2),
     )
     .with_context(|| format!("building the masks for density {density}"))
 }

@@ -10,9 +10,176 @@ use crate::util::write_atomic;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-pub use crate::config::{GroupScheme, Method};
+use super::select::SelectRule;
+
+/// The training method (`--method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// REST's re-weighting with oracle bias labels: conflicting samples x LAMBDA.
+    #[default]
+    Upweight,
+    /// Plain empirical risk minimisation (LAMBDA = 1 whatever --upweight says).
+    Erm,
+    /// Just Train Twice: an ERM model's misclassified training samples x LAMBDA.
+    Jtt,
+    /// GroupDRO: minimise the q-weighted sum of group losses, q updated online.
+    GroupDro,
+    /// Group-balanced sampling: every group equally likely.
+    Balanced,
+    /// Class-balanced sampling: every class equally likely.
+    ClassBalanced,
+}
+
+/// What a group is for GroupDRO and balanced sampling (`--groups`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupScheme {
+    /// One group per (label, bias) cell present in the training split.
+    #[default]
+    Cells,
+    /// Two groups: bias-aligned and bias-conflicting samples.
+    AlignedConflict,
+}
+
+/// How bias-conflicting samples are up-weighted (`--reweight-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReweightMode {
+    /// Weighted sampling with replacement: a conflicting sample is LAMBDA times as likely to be
+    /// drawn; an epoch is N draws.
+    Sample,
+    /// Uniform shuffling; each sample's loss is weighted (LAMBDA for conflicting samples) and
+    /// the batch loss is normalised by the sum of weights.
+    Loss,
+}
+
+/// The method section of a run's options: which samples count how much, and how the
+/// reported epoch is chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+#[command(next_help_heading = "Method")]
+pub struct MethodOptions {
+    /// Weight LAMBDA of bias-conflicting samples (1 = plain ERM). Default: paired with
+    /// --conflict-pct as in the paper (0.5->10, 1->30, 2->50, 5->80).
+    #[arg(long, value_name = "LAMBDA")]
+    pub upweight: Option<f64>,
+    /// Up-weight by weighted sampling (`sample`) or by per-sample loss weights (`loss`).
+    #[arg(long, value_enum, default_value_t = ReweightMode::Sample)]
+    pub reweight_mode: ReweightMode,
+    /// Group-robustness method: upweight (oracle bias labels, LAMBDA), erm, jtt (Just Train
+    /// Twice), group-dro, balanced (every (label, bias) group equally likely) or
+    /// class-balanced.
+    #[arg(long = "method", id = "method", value_name = "METHOD", value_enum, default_value_t = Method::Upweight)]
+    #[serde(rename = "method")]
+    pub kind: Method,
+    /// Model selection on validation: val-worst-group (default when re-weighting),
+    /// val-unbiased, val-accuracy (default for erm and jtt) or last.
+    #[arg(long, value_enum)]
+    pub select: Option<SelectRule>,
+    /// JTT: epochs of the ERM identification model (stage 1).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub jtt_epochs: usize,
+    /// JTT: up-weight this error set (an error_set.json) instead of running stage 1.
+    #[arg(long, value_name = "FILE")]
+    pub error_set: Option<PathBuf>,
+    /// GroupDRO step size eta of the group weights.
+    #[arg(long, value_name = "ETA", default_value_t = 0.01)]
+    pub dro_step_size: f64,
+    /// GroupDRO generalisation adjustment C: group loss + C / sqrt(group size).
+    #[arg(long, value_name = "C", default_value_t = 0.0)]
+    pub dro_adjustment: f64,
+    /// Groups of group-dro and balanced: cells ((label, bias)) or aligned-conflict.
+    #[arg(long, value_enum, default_value_t = GroupScheme::Cells)]
+    pub groups: GroupScheme,
+}
+
+impl Default for MethodOptions {
+    fn default() -> Self {
+        crate::util::args_defaults()
+    }
+}
+
+/// The paper's pairing of conflicting ratio and up-weight: 0.5 % -> 10, 1 % -> 30,
+/// 2 % -> 50, 5 % -> 80. Other ratios take the weight of the nearest listed ratio (on a log
+/// scale).
+pub fn paired_upweight(conflict_pct: f64) -> f64 {
+    const PAIRS: [(f64, f64); 4] = [(0.5, 10.0), (1.0, 30.0), (2.0, 50.0), (5.0, 80.0)];
+    let mut best = PAIRS[0];
+    for p in PAIRS {
+        if (p.0.ln() - conflict_pct.ln()).abs() < (best.0.ln() - conflict_pct.ln()).abs() {
+            best = p;
+        }
+    }
+    best.1
+}
+
+impl MethodOptions {
+    /// The effective LAMBDA (of conflicting samples, or of JTT's error set) at a conflicting
+    /// ratio of `conflict_pct`; 1 for methods that do not up-weight by LAMBDA (erm,
+    /// group-dro, balanced, class-balanced).
+    pub fn lambda(&self, conflict_pct: f64) -> f64 {
+        match self.kind {
+            Method::Upweight | Method::Jtt => self
+                .upweight
+                .unwrap_or_else(|| paired_upweight(conflict_pct)),
+            _ => 1.0,
+        }
+    }
+
+    /// True when re-weighting of any kind is active (LAMBDA != 1, GroupDRO, balanced
+    /// sampling).
+    pub fn reweighting(&self, conflict_pct: f64) -> bool {
+        match self.kind {
+            Method::Upweight | Method::Jtt => (self.lambda(conflict_pct) - 1.0).abs() > 1e-12,
+            Method::Erm => false,
+            Method::GroupDro | Method::Balanced | Method::ClassBalanced => true,
+        }
+    }
+
+    /// The model-selection rule and, when defaulted, why: `--select` if given; else
+    /// val-accuracy when validation bias labels are treated as unavailable (JTT) or nothing
+    /// is re-weighted, and val-worst-group otherwise.
+    pub fn select_rule(&self, conflict_pct: f64) -> (SelectRule, &'static str) {
+        match self.select {
+            Some(r) => (r, "--select"),
+            None if self.kind == Method::Jtt => (
+                SelectRule::ValAccuracy,
+                "default for jtt: validation bias labels are treated as unavailable",
+            ),
+            None if self.reweighting(conflict_pct) => {
+                (SelectRule::ValWorstGroup, "default when re-weighting")
+            }
+            None => (SelectRule::ValAccuracy, "default without re-weighting"),
+        }
+    }
+
+    /// Checks every value; the error names the flag.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(u) = self.upweight {
+            if !(u.is_finite() && u > 0.0) {
+                bail!("--upweight must be a positive number (1 = no re-weighting), got {u}");
+            }
+        }
+        if self.jtt_epochs < 1 {
+            bail!("--jtt-epochs must be at least 1");
+        }
+        for (flag, v) in [
+            ("--dro-step-size", self.dro_step_size),
+            ("--dro-adjustment", self.dro_adjustment),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{flag} must be >= 0, got {v}");
+            }
+        }
+        if self.error_set.is_some() && self.kind != Method::Jtt {
+            bail!("--error-set is only used by --method jtt");
+        }
+        Ok(())
+    }
+}
 
 impl Method {
     pub fn as_str(self) -> &'static str {

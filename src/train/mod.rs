@@ -4,6 +4,7 @@
 //! the group-robustness methods (`methods`: ERM, JTT, GroupDRO, balanced sampling).
 
 pub mod checkpoint;
+pub mod config;
 pub mod eval;
 pub mod lock;
 pub mod lr;
@@ -21,7 +22,12 @@ mod snapshot;
 pub mod summary;
 pub mod trainer;
 
+pub use config::TrainConfig;
+pub use methods::{GroupScheme, Method, MethodOptions, ReweightMode};
+pub use optim::OptimOptions;
+pub use output::RunOptions;
 pub use run::{
     claim_sweep_task, resume, resume_config, run_sweep_task, train, train_with, SweepTask,
 };
+pub use select::SelectRule;
 pub use summary::{Summary, TrainOutcome};

@@ -4,10 +4,11 @@
 //! the loss (`loss`); GroupDRO shuffles and weights each batch's loss by its online group
 //! weights q.
 
+use super::methods::ReweightMode;
 use super::methods::{self, GroupDro, Method};
-use crate::config::{ReweightMode, TrainConfig};
 use crate::data::sampler::{shuffled, WeightedSampler};
 use crate::data::Split;
+use crate::train::TrainConfig;
 use crate::util::Rng;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -31,39 +32,39 @@ impl Objective {
     pub fn new(cfg: &TrainConfig, train: &Split, error_set: Option<&[usize]>) -> Result<Self> {
         let lambda = cfg.effective_upweight();
         let method_weights =
-            methods::sample_weights(cfg.method, train, lambda, cfg.groups, error_set)?;
-        let sampler = match (&method_weights, cfg.reweight_mode) {
+            methods::sample_weights(cfg.method.kind, train, lambda, cfg.method.groups, error_set)?;
+        let sampler = match (&method_weights, cfg.method.reweight_mode) {
             (Some(w), ReweightMode::Sample) => Some(WeightedSampler::new(w)?),
             _ => None,
         };
         let sample_weights = method_weights.unwrap_or_else(|| vec![1.0; train.len()]);
-        let dro = if cfg.method == Method::GroupDro {
-            let (ids, g) = methods::group_ids(&train.labels, &train.bias, cfg.groups);
+        let dro = if cfg.method.kind == Method::GroupDro {
+            let (ids, g) = methods::group_ids(&train.labels, &train.bias, cfg.method.groups);
             let counts = methods::group_counts(&ids, g);
             info!(
                 "GroupDRO over {g} groups ({:?}, training sizes {counts:?}), step size {}, \
                  adjustment {}",
-                cfg.groups, cfg.dro_step_size, cfg.dro_adjustment
+                cfg.method.groups, cfg.method.dro_step_size, cfg.method.dro_adjustment
             );
             Some((
                 ids,
-                GroupDro::new(counts, cfg.dro_step_size, cfg.dro_adjustment),
+                GroupDro::new(counts, cfg.method.dro_step_size, cfg.method.dro_adjustment),
             ))
         } else {
             None
         };
-        let how = match cfg.reweight_mode {
+        let how = match cfg.method.reweight_mode {
             ReweightMode::Sample => "weighted sampling",
             ReweightMode::Loss => "loss weights",
         };
-        match cfg.method {
+        match cfg.method.kind {
             Method::Upweight => info!("re-weighting: lambda = {lambda} by {how}"),
             Method::Jtt => info!("re-weighting: JTT error set x {lambda} by {how}"),
             Method::Erm => info!("method erm: no re-weighting"),
             Method::Balanced | Method::ClassBalanced => {
                 info!(
                     "method {}: group-balanced weights by {how}",
-                    cfg.method.as_str()
+                    cfg.method.kind.as_str()
                 )
             }
             Method::GroupDro => info!("method group-dro: shuffled epochs, group-weighted loss"),
@@ -71,7 +72,7 @@ impl Objective {
         Ok(Self {
             sampler,
             sample_weights,
-            mode: cfg.reweight_mode,
+            mode: cfg.method.reweight_mode,
             dro,
             lambda,
         })

@@ -9,6 +9,85 @@ use crate::nn::Param;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// The optimisation section of a run's options: epochs, batches, SGD, the plateau schedule
+/// and the training seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+#[command(next_help_heading = "Optimisation")]
+pub struct OptimOptions {
+    /// Training epochs.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub epochs: usize,
+    /// Samples per training step.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub batch_size: usize,
+    /// Learning rate of SGD.
+    #[arg(long, value_name = "LR", default_value_t = 0.01)]
+    pub lr: f64,
+    /// SGD momentum, in [0, 1).
+    #[arg(long, value_name = "M", default_value_t = 0.9)]
+    pub momentum: f64,
+    /// L2 weight decay added to the gradient.
+    #[arg(long, value_name = "WD", default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// ReduceLROnPlateau on validation loss: the factor the learning rate is multiplied by.
+    #[arg(long, value_name = "F", default_value_t = 0.1)]
+    pub lr_factor: f64,
+    /// ReduceLROnPlateau: epochs without improvement before the learning rate drops.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub lr_patience: usize,
+    /// Training seed (initialisation, masks, sampling).
+    #[arg(long, value_name = "N", default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl Default for OptimOptions {
+    fn default() -> Self {
+        crate::util::args_defaults()
+    }
+}
+
+impl OptimOptions {
+    /// Checks every value; the error names the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs < 1 {
+            anyhow::bail!("--epochs must be at least 1");
+        }
+        if self.batch_size < 1 {
+            anyhow::bail!("--batch-size must be at least 1");
+        }
+        let checks = [
+            (
+                self.lr.is_finite() && self.lr > 0.0,
+                "--lr must be a positive number",
+                self.lr,
+            ),
+            (
+                self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum),
+                "--momentum must be in [0, 1)",
+                self.momentum,
+            ),
+            (
+                self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+                "--weight-decay must be >= 0",
+                self.weight_decay,
+            ),
+            (
+                self.lr_factor.is_finite() && self.lr_factor > 0.0 && self.lr_factor < 1.0,
+                "--lr-factor must be in (0, 1)",
+                self.lr_factor,
+            ),
+        ];
+        for (ok, msg, v) in checks {
+            if !ok {
+                anyhow::bail!("{msg}, got {v}");
+            }
+        }
+        Ok(())
+    }
+}
 
 pub struct Sgd {
     params: Vec<Param>,

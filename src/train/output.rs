@@ -3,9 +3,9 @@
 //! `summary.json` and `best.safetensors`. Every file is written
 //! atomically (temporary file, fsync, rename), so a killed run never leaves a torn file.
 
+use super::config::TrainConfig;
 use super::lock::{self, Claim, RunLock};
 use super::metrics::GroupMetrics;
-use crate::config::TrainConfig;
 use crate::util::write_atomic;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
@@ -13,6 +13,36 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+
+/// The run section of a run's options: where it writes and what it runs on. None of it
+/// changes the results (`config_hash` leaves it out).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+#[command(next_help_heading = "Run")]
+pub struct RunOptions {
+    /// Run directory (default runs/<timestamp>-<config>/). A directory that already holds a
+    /// run is refused (see --overwrite), as is one another process is training.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Device: cpu (rest's dense and sparse CPU kernels), cuda, cuda:N, or auto (a GPU when
+    /// this build has CUDA support and one is present). CUDA needs a `--features cuda` build.
+    #[arg(long, value_name = "cpu|cuda[:N]|auto")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::device::DeviceSpec>,
+}
+
+impl RunOptions {
+    /// Checks the values; the error names the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.threads == Some(0) {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        Ok(())
+    }
+}
 
 /// The files a run writes into its directory (`rest eval`'s `eval.json`, `rest report`'s
 /// curves and a sweep's log and exit code included): what `--overwrite` removes. Anything else
@@ -130,12 +160,12 @@ fn generated_dir(cfg: &TrainConfig, k: usize) -> PathBuf {
     PathBuf::from("runs").join(name)
 }
 
-/// Claims the directory a new run writes to (`cfg.out`, or a generated one that no run
+/// Claims the directory a new run writes to (`cfg.run.out`, or a generated one that no run
 /// holds) for this process: refuses a directory another process holds, and one that holds a
 /// run unless `overwrite` (which removes that run's files). Returns the lock (held for the
 /// whole run) and the directory.
 pub fn claim_new_run(cfg: &TrainConfig, overwrite: bool) -> Result<(RunLock, PathBuf)> {
-    let Some(dir) = &cfg.out else {
+    let Some(dir) = &cfg.run.out else {
         for k in 1..1000 {
             let dir = generated_dir(cfg, k);
             if dir.exists() {
@@ -178,10 +208,11 @@ pub fn claim_new_run(cfg: &TrainConfig, overwrite: bool) -> Result<(RunLock, Pat
     Ok((l, dir.clone()))
 }
 
-/// Creates the run directory `cfg.out` (set by `claim_new_run` for a whole run) and writes
+/// Creates the run directory `cfg.run.out` (set by `claim_new_run` for a whole run) and writes
 /// the resolved config into it. Fails early, naming the path, if it is not writable.
 pub fn create_run_dir(cfg: &TrainConfig) -> Result<PathBuf> {
     let dir = cfg
+        .run
         .out
         .clone()
         .context("internal: the run directory was not chosen before training")?;

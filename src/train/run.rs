@@ -11,8 +11,8 @@ use super::output;
 use super::select::SelectRule;
 use super::summary::TrainOutcome;
 use super::trainer::{run_stage, StageCtx};
-use crate::config::TrainConfig;
-use crate::data::GroupDataset;
+use crate::data::{DataPlan, GroupDataset};
+use crate::train::TrainConfig;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::Instant;
@@ -30,10 +30,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
 pub fn train_with(cfg: &TrainConfig, overwrite: bool) -> Result<TrainOutcome> {
     cfg.validate()?;
     let (_lock, dir) = output::claim_new_run(cfg, overwrite)?;
-    let cfg = TrainConfig {
-        out: Some(dir),
-        ..cfg.clone()
-    };
+    let mut cfg = cfg.clone();
+    cfg.run.out = Some(dir);
     run(&cfg, false)
 }
 
@@ -97,7 +95,7 @@ pub fn resume_config(run_dir: &Path) -> Result<TrainConfig> {
             run_dir.display()
         )
     })?;
-    cfg.out = Some(run_dir.to_path_buf());
+    cfg.run.out = Some(run_dir.to_path_buf());
     Ok(cfg)
 }
 
@@ -106,6 +104,7 @@ pub fn resume_config(run_dir: &Path) -> Result<TrainConfig> {
 /// Refused while another process holds the run directory.
 pub fn resume(cfg: &TrainConfig) -> Result<TrainOutcome> {
     let dir = cfg
+        .run
         .out
         .clone()
         .context("internal: resume needs the run directory (resume_config)")?;
@@ -122,11 +121,13 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     let resolved = cfg.with_resolved_dataset();
     let cfg = &resolved;
     let start = Instant::now();
-    let ds = crate::data::load(&cfg.data_source())?;
-    if cfg.method != Method::Jtt {
-        let run_dir = cfg.out.clone().unwrap_or_default();
+    let plan = cfg.data.plan();
+    let ds = crate::data::load(&plan.source)?;
+    if cfg.method.kind != Method::Jtt {
+        let run_dir = cfg.run.out.clone().unwrap_or_default();
         let ctx = StageCtx {
             ds: &ds,
+            plan: &plan,
             start,
             resume_dir: run_dir,
             error_set: None,
@@ -135,20 +136,19 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
         };
         return Ok(run_stage(cfg, resume, ctx)?.0);
     }
-    run_jtt(cfg, resume, &ds, start)
+    run_jtt(cfg, resume, &ds, &plan, start)
 }
 
 /// The configuration of JTT's stage 1: ERM for `jtt_epochs` epochs in `<run>/stage1`,
 /// keeping the last epoch's model.
 fn jtt_stage1_config(cfg: &TrainConfig, run_dir: &Path) -> TrainConfig {
-    TrainConfig {
-        method: Method::Erm,
-        epochs: cfg.jtt_epochs,
-        select: Some(SelectRule::Last),
-        error_set: None,
-        out: Some(run_dir.join("stage1")),
-        ..cfg.clone()
-    }
+    let mut s1 = cfg.clone();
+    s1.method.kind = Method::Erm;
+    s1.optim.epochs = cfg.method.jtt_epochs;
+    s1.method.select = Some(SelectRule::Last);
+    s1.method.error_set = None;
+    s1.run.out = Some(run_dir.join("stage1"));
+    s1
 }
 
 /// Just Train Twice: stage 1 (unless `--error-set` or a finished stage 1 gives the error set),
@@ -157,17 +157,17 @@ fn run_jtt(
     cfg: &TrainConfig,
     resume: bool,
     ds: &GroupDataset,
+    plan: &DataPlan,
     start: Instant,
 ) -> Result<TrainOutcome> {
     let run_dir = output::create_run_dir(cfg)?;
     // Both stages write to this directory, even when its name was generated.
-    let cfg = &TrainConfig {
-        out: Some(run_dir.clone()),
-        ..cfg.clone()
-    };
+    let mut with_dir = cfg.clone();
+    with_dir.run.out = Some(run_dir.clone());
+    let cfg = &with_dir;
     let n = ds.train.len();
     let es_path = run_dir.join("error_set.json");
-    let (error, stage1_epochs) = if let Some(f) = &cfg.error_set {
+    let (error, stage1_epochs) = if let Some(f) = &cfg.method.error_set {
         let e = methods::load_error_set(f, n)?;
         info!(
             "JTT: error set of {} samples read from {}",
@@ -177,18 +177,22 @@ fn run_jtt(
         methods::save_error_set(&es_path, &e, n)?;
         (e, None)
     } else if resume && es_path.exists() {
-        (methods::load_error_set(&es_path, n)?, Some(cfg.jtt_epochs))
+        (
+            methods::load_error_set(&es_path, n)?,
+            Some(cfg.method.jtt_epochs),
+        )
     } else {
         let s1 = jtt_stage1_config(cfg, &run_dir);
         let s1_dir = run_dir.join("stage1");
         let s1_resume = resume && s1_dir.join(checkpoint::STATE_FILE).exists();
         info!(
             "JTT stage 1: ERM identification model for {} epoch(s) in {}",
-            cfg.jtt_epochs,
+            cfg.method.jtt_epochs,
             s1_dir.display()
         );
         let ctx = StageCtx {
             ds,
+            plan,
             start,
             resume_dir: run_dir.clone(),
             error_set: None,
@@ -199,7 +203,7 @@ fn run_jtt(
         let preds = preds.context("JTT stage 1 returned no training predictions")?;
         let e = methods::error_set(&preds, &ds.train.labels);
         methods::save_error_set(&es_path, &e, n)?;
-        (e, Some(cfg.jtt_epochs))
+        (e, Some(cfg.method.jtt_epochs))
     };
     if error.is_empty() {
         tracing::warn!(
@@ -227,6 +231,7 @@ fn run_jtt(
     let resume2 = resume && run_dir.join(checkpoint::STATE_FILE).exists();
     let ctx = StageCtx {
         ds,
+        plan,
         start,
         resume_dir: run_dir,
         error_set: Some(error),

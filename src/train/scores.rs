@@ -3,12 +3,12 @@
 
 use super::eval::batch_tensor;
 use super::masked::{host_or_zeros, to_host};
-use crate::config::TrainConfig;
 use crate::data::sampler::shuffled;
 use crate::data::Split;
 use crate::models::Model;
 use crate::nn::Param;
 use crate::sparse::SparseInit;
+use crate::train::TrainConfig;
 use crate::util;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -23,6 +23,7 @@ pub(crate) fn init_scores(
     model: &dyn Model,
     weights: &[Param],
     train: &Split,
+    tf: &crate::data::transform::Transform,
     cfg: &TrainConfig,
     dev: &Device,
 ) -> Result<Vec<Vec<f32>>> {
@@ -30,7 +31,7 @@ pub(crate) fn init_scores(
         .iter()
         .map(|p| to_host(p.var.as_tensor()))
         .collect::<Result<_>>()?;
-    if cfg.sparse_init == SparseInit::GlobalMagnitude {
+    if cfg.sparse.sparse_init == SparseInit::GlobalMagnitude {
         return Ok(crate::sparse::magnitude_scores(&w0));
     }
     let saved = model.buffers()?;
@@ -43,16 +44,15 @@ pub(crate) fn init_scores(
             .map(|p| host_or_zeros(g.get(p.var.as_tensor()), p))
             .collect()
     };
-    let mut rng = util::rng(cfg.seed, 4);
+    let mut rng = util::rng(cfg.optim.seed, 4);
     let order = shuffled(train.len(), &mut rng);
-    let tf = cfg.eval_transform();
     let mut total: Vec<Vec<f32>> = w0.iter().map(|w| vec![0.0; w.len()]).collect();
-    for idx in order.chunks(cfg.batch_size).take(SCORE_BATCHES) {
-        let x = batch_tensor(train, idx, &tf, model.input_layout(), dev)?;
+    for idx in order.chunks(cfg.optim.batch_size).take(SCORE_BATCHES) {
+        let x = batch_tensor(train, idx, tf, model.input_layout(), dev)?;
         let y: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
         let y = Tensor::new(y.as_slice(), dev)?;
         let g0 = grads_at(&x, &y)?;
-        let s = if cfg.sparse_init == SparseInit::Grasp {
+        let s = if cfg.sparse.sparse_init == SparseInit::Grasp {
             // Hg ~ (grad(w + h g) - grad(w)) / h, with the step h g of L2 norm 1e-2.
             let norm = g0
                 .iter()

@@ -6,7 +6,19 @@ use super::metrics::GroupMetrics;
 use super::output::MetricsRow;
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::SelectRule;
+/// The model-selection rule (`--select`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SelectRule {
+    /// Best validation worst-group accuracy (needs validation bias labels).
+    ValWorstGroup,
+    /// Best validation unbiased accuracy: mean over (label, bias) cells (needs bias labels).
+    ValUnbiased,
+    /// Best validation accuracy (no bias labels needed).
+    ValAccuracy,
+    /// The last epoch.
+    Last,
+}
 
 impl SelectRule {
     /// The validation score the rule maximises (`Last`: 0, every epoch ties and the later one

@@ -1,10 +1,10 @@
 //! What a finished run reports: `summary.json` (the selected epoch's validation and test
 //! metrics, densities, FLOPs, timings, method details) and the outcome `train` returns.
 
+use super::methods::ReweightMode;
 use super::methods::{JttReport, Method};
 use super::metrics::GroupMetrics;
 use super::select::SelectRule;
-use crate::config::ReweightMode;
 use serde::Serialize;
 use std::path::PathBuf;
 

@@ -8,7 +8,7 @@
 use super::checkpoint::{self, LoopState, PartialEpoch};
 use super::eval::{evaluate, predict};
 use super::lr::ReduceLrOnPlateau;
-use super::masked::{flops_table, layer_shapes, sparse_config, MaskedLayers};
+use super::masked::{flops_table, layer_shapes, MaskedLayers};
 use super::methods::JttReport;
 use super::metrics::{fmt_opt, group_metrics};
 use super::objective::Objective;
@@ -17,13 +17,13 @@ use super::output::{self, MetricsRow};
 use super::select::{SelectRule, Selector};
 use super::snapshot::{self, Snapshot};
 use super::summary::{LayerDensity, Summary, TrainOutcome};
-use crate::config::TrainConfig;
 use crate::data::loader::{BatchSource, EpochBatches};
 use crate::data::transform::Transform;
-use crate::data::GroupDataset;
+use crate::data::{DataPlan, GroupDataset};
 use crate::models::{self, Model};
 use crate::sparse::flops::FlopsTable;
 use crate::sparse::SparseEngine;
+use crate::train::TrainConfig;
 use crate::util;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
@@ -37,6 +37,8 @@ use tracing::info;
 /// What one pass of the training loop gets besides the config.
 pub(super) struct StageCtx<'a> {
     pub ds: &'a GroupDataset,
+    /// The run's data options, resolved once (transforms, image size, prefetch).
+    pub plan: &'a DataPlan,
     pub start: Instant,
     /// The directory `--resume` must name to continue (the JTT run, not its stage 1).
     pub resume_dir: PathBuf,
@@ -55,7 +57,7 @@ pub(super) fn run_stage(
     ctx: StageCtx,
 ) -> Result<(TrainOutcome, Option<Vec<u32>>)> {
     let mut s = Stage::new(cfg, resume, &ctx)?;
-    for epoch in s.st.epochs_done + 1..=cfg.epochs {
+    for epoch in s.st.epochs_done + 1..=cfg.optim.epochs {
         let (pe, epoch_time) = s.train_epoch(epoch)?;
         s.end_epoch(epoch, &pe, epoch_time)?;
     }
@@ -91,7 +93,7 @@ struct Stage<'a> {
 impl<'a> Stage<'a> {
     fn new(cfg: &'a TrainConfig, resume: bool, ctx: &StageCtx<'a>) -> Result<Self> {
         let ds = ctx.ds;
-        let dev = crate::device::open(cfg.device.unwrap_or_default())?;
+        let dev = crate::device::open(cfg.run.device.unwrap_or_default())?;
         if !dev.is_cpu() {
             info!(
                 "device {}: candle's CUDA ops (rest's sparse CPU kernels are not used; masks \
@@ -100,7 +102,7 @@ impl<'a> Stage<'a> {
             );
         }
         let run_dir = output::create_run_dir(cfg)?;
-        let resume_dir = if cfg.method == super::methods::Method::Jtt || ctx.want_train_preds {
+        let resume_dir = if cfg.method.kind == super::methods::Method::Jtt || ctx.want_train_preds {
             ctx.resume_dir.clone()
         } else {
             run_dir.clone()
@@ -115,14 +117,19 @@ impl<'a> Stage<'a> {
             run_dir.display()
         );
 
-        let mut init_rng = util::rng(cfg.seed, 1);
+        let mut init_rng = util::rng(cfg.optim.seed, 1);
         let input = (ds.train.channels, ds.train.height, ds.train.width);
-        let model = models::build(cfg, input, ds.num_classes, &mut init_rng, &dev)?;
-        let mut opt = Sgd::new(model.params(), cfg.lr, cfg.momentum, cfg.weight_decay);
-        let total_steps = ds.train.len().div_ceil(cfg.batch_size) * cfg.epochs;
-        let mut layers = if cfg.sparse() {
-            let engine = initial_engine(cfg, model.as_ref(), ds, total_steps, &dev)?;
-            let ml = MaskedLayers::new(engine, model.weights(), &opt, cfg.kernels, &dev)?;
+        let model = models::build(cfg.model, input, ds.num_classes, &mut init_rng, &dev)?;
+        let mut opt = Sgd::new(
+            model.params(),
+            cfg.optim.lr,
+            cfg.optim.momentum,
+            cfg.optim.weight_decay,
+        );
+        let total_steps = ds.train.len().div_ceil(cfg.optim.batch_size) * cfg.optim.epochs;
+        let mut layers = if cfg.sparse.is_sparse() {
+            let engine = initial_engine(cfg, model.as_ref(), ctx, total_steps, &dev)?;
+            let ml = MaskedLayers::new(engine, model.weights(), &opt, cfg.sparse.kernels, &dev)?;
             log_sparse_setup(cfg, &ml);
             Some(ml)
         } else {
@@ -136,8 +143,8 @@ impl<'a> Stage<'a> {
             config_hash: checkpoint::config_hash(cfg)?,
             epochs_done: 0,
             step: 0,
-            lr: cfg.lr,
-            plateau: ReduceLrOnPlateau::new(cfg.lr_factor, cfg.lr_patience),
+            lr: cfg.optim.lr,
+            plateau: ReduceLrOnPlateau::new(cfg.optim.lr_factor, cfg.optim.lr_patience),
             selector: Selector::new(rule),
             mask_updates: 0,
             last_prune_rate: layers.as_ref().map_or(0.0, |l| l.engine.prune_rate(0)),
@@ -163,11 +170,11 @@ impl<'a> Stage<'a> {
             best = r.best;
         }
 
-        let train_tf = cfg.train_transform();
-        let prefetch = cfg.prefetch_resolved();
+        let train_tf = ctx.plan.train_transform;
+        let prefetch = ctx.plan.prefetch;
         info!(
             "data pipeline: {}; batches prepared {}",
-            describe_transform(&train_tf, cfg.image_size_resolved()),
+            describe_transform(&train_tf, ctx.plan.image_size),
             if prefetch {
                 "on a worker thread (prefetch)"
             } else {
@@ -207,7 +214,7 @@ impl<'a> Stage<'a> {
         let t_epoch = Instant::now();
         // One RNG stream per epoch: an epoch's draws do not depend on how the run got there,
         // which makes resume exact.
-        let mut sample_rng = util::rng(cfg.seed, 1000 + epoch as u64);
+        let mut sample_rng = util::rng(cfg.optim.seed, 1000 + epoch as u64);
         let order = self.objective.epoch_order(ds.train.len(), &mut sample_rng);
         let mut pe = match self.st.partial.take() {
             Some(p) if p.epoch == epoch => p,
@@ -216,7 +223,11 @@ impl<'a> Stage<'a> {
                 ..Default::default()
             },
         };
-        let bar = epoch_bar(ds.train.len().div_ceil(cfg.batch_size), epoch, cfg.epochs);
+        let bar = epoch_bar(
+            ds.train.len().div_ceil(cfg.optim.batch_size),
+            epoch,
+            cfg.optim.epochs,
+        );
         bar.set_position(pe.batches_done as u64);
         // Running training accuracy of the epoch (a resumed epoch starts from its counts).
         let mut correct = pe
@@ -229,9 +240,9 @@ impl<'a> Stage<'a> {
         let plan = EpochBatches {
             split: &ds.train,
             order: &order,
-            batch_size: cfg.batch_size,
+            batch_size: cfg.optim.batch_size,
             transform: self.train_tf,
-            seed: cfg.seed,
+            seed: cfg.optim.seed,
             epoch,
             layout,
         };
@@ -242,7 +253,7 @@ impl<'a> Stage<'a> {
         let first_batch = pe.batches_done;
         std::thread::scope(|scope| -> Result<()> {
             let mut source = BatchSource::new(scope, plan, pe.batches_done, self.prefetch)?;
-            let batches = order.chunks(cfg.batch_size).enumerate();
+            let batches = order.chunks(cfg.optim.batch_size).enumerate();
             for (bi, idx) in batches.skip(pe.batches_done) {
                 let t_wait = Instant::now();
                 let batch = source
@@ -404,7 +415,7 @@ impl<'a> Stage<'a> {
         self.save_checkpoint()?;
         info!(
             "epoch {epoch}/{}: train loss {:.4} acc {:.3} | valid loss {:.4} acc {:.3} aligned {} conflicting {} worst-group {:.3}{} | lr {:.0e} density {:.4} | {:.1}s",
-            cfg.epochs,
+            cfg.optim.epochs,
             train_m.loss,
             train_m.accuracy,
             valid_m.loss,
@@ -504,13 +515,13 @@ impl<'a> Stage<'a> {
             rest_version: env!("CARGO_PKG_VERSION").into(),
             device: crate::device::name(&self.dev),
             dataset: ds.name.clone(),
-            model: cfg.model.as_str().into(),
-            density: cfg.density,
+            model: cfg.model.kind.as_str().into(),
+            density: cfg.sparse.density,
             upweight: self.objective.lambda,
-            reweight_mode: cfg.reweight_mode,
-            seed: cfg.seed,
-            epochs: cfg.epochs,
-            method: cfg.method,
+            reweight_mode: cfg.method.reweight_mode,
+            seed: cfg.optim.seed,
+            epochs: cfg.optim.epochs,
+            method: cfg.method.kind,
             select_rule: self.rule,
             selected_epoch,
             valid: valid_m,
@@ -543,16 +554,23 @@ impl<'a> Stage<'a> {
 fn initial_engine(
     cfg: &TrainConfig,
     model: &dyn Model,
-    ds: &GroupDataset,
+    ctx: &StageCtx,
     total_steps: usize,
     dev: &Device,
 ) -> Result<SparseEngine> {
     let weights = model.weights();
-    let scfg = sparse_config(cfg, total_steps);
-    let opts = cfg.dst_options();
-    let mut mask_rng = util::rng(cfg.seed, 2);
+    let scfg = cfg.sparse.engine_config(total_steps);
+    let opts = cfg.sparse.dst_options();
+    let mut mask_rng = util::rng(cfg.optim.seed, 2);
     if opts.sparse_init.is_score_based() {
-        let scores = super::scores::init_scores(model, &weights, &ds.train, cfg, dev)?;
+        let scores = super::scores::init_scores(
+            model,
+            &weights,
+            &ctx.ds.train,
+            &ctx.plan.eval_transform,
+            cfg,
+            dev,
+        )?;
         SparseEngine::new_from_scores(layer_shapes(&weights), scfg, opts, &scores, &mut mask_rng)
     } else {
         SparseEngine::with_options(layer_shapes(&weights), scfg, opts, &mut mask_rng)
@@ -564,7 +582,7 @@ fn log_sparse_setup(cfg: &TrainConfig, ml: &MaskedLayers) {
         .kernel_choice()
         .map(|(name, s)| format!("{name} {}", if s { "sparse" } else { "dense" }))
         .collect();
-    info!("kernels ({:?}): {}", cfg.kernels, kernels.join(", "));
+    info!("kernels ({:?}): {}", cfg.sparse.kernels, kernels.join(", "));
     let e = &ml.engine;
     let densities: Vec<String> = e.densities().iter().map(|d| format!("{d:.3}")).collect();
     info!(

@@ -5,8 +5,8 @@
 use candle_core::{Device, Tensor, Var};
 use rand::Rng as _;
 use rand_chacha::ChaCha8Rng;
-use rest::config::TrainConfig;
 use rest::sparse::{LayerShape, SparseConfig};
+use rest::train::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
@@ -197,14 +197,13 @@ pub fn err_text<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
 /// A small training run into `out`: batches of 64 at learning rate 0.05, 200 validation and
 /// 300 test images; the caller sets the training size, epochs, density and what else it varies.
 pub fn tiny_config(out: &Path) -> TrainConfig {
-    TrainConfig {
-        batch_size: 64,
-        lr: 0.05,
-        valid_size: 200,
-        test_size: 300,
-        out: Some(out.to_path_buf()),
-        ..TrainConfig::default()
-    }
+    let mut c = TrainConfig::default();
+    c.optim.batch_size = 64;
+    c.optim.lr = 0.05;
+    c.data.valid_size = 200;
+    c.data.test_size = 300;
+    c.run.out = Some(out.to_path_buf());
+    c
 }
 
 /// Layers `l0, l1, ...` of the given weight shapes.
