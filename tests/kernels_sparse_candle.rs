@@ -56,6 +56,10 @@ fn sparse_conv2d_matches_candle_conv2d_on_the_masked_weight() {
         (16, 2, 11, 9, 9, 3, 1, 2, 0.001),
         (4, 1, 6, 6, 3, 2, 2, 0, 0.1),
         (32, 2, 8, 8, 33, 3, 1, 1, 0.05),
+        // Tiny output maps (ResNet's last stages at 32 px): the live-tap layout.
+        (32, 3, 1, 1, 16, 3, 1, 1, 0.1),
+        (16, 2, 2, 2, 8, 3, 2, 1, 0.2),
+        (8, 3, 2, 2, 9, 3, 1, 1, 0.3),
     ];
     for (case, &(c, n, h, w, oc, k, stride, pad, density)) in cases.iter().enumerate() {
         let cols = c * k * k;

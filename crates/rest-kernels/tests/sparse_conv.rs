@@ -178,6 +178,14 @@ fn matches_naive_convolution_over_geometries_and_densities() {
         geom(2, 1, 4, 4, 3, 3, 1, 0),    // 2x2 output
         geom(2, 2, 10, 11, 3, 3, 3, 0),  // stride 3 skips the last row and columns
         geom(2, 1, 9, 9, 3, 2, 2, 0),    // 2x2 stride 2: the last row and column unread
+        // Tiny output maps (the live-tap layout): ResNet's last stages at 32 px.
+        geom(6, 3, 1, 1, 5, 3, 1, 1), // 3x3 on 1x1: only the centre tap is live
+        geom(5, 2, 2, 2, 4, 3, 1, 1), // 3x3 on 2x2: every tap live for some output
+        geom(4, 3, 2, 2, 6, 3, 2, 1), // 3x3 stride 2, 2x2 -> 1x1: four live taps
+        geom(3, 2, 4, 4, 5, 3, 2, 1), // 3x3 stride 2, 4x4 -> 2x2
+        geom(3, 1, 1, 1, 4, 3, 1, 1), // batch 1 on a 1x1 map
+        geom(2, 2, 3, 3, 3, 7, 2, 3), // 7x7 stride 2 on 3x3 -> 2x2
+        geom(3, 2, 1, 2, 4, 3, 1, 1), // 1x2 map
     ];
     for (gi, g) in geoms.iter().enumerate() {
         for (di, &d) in [0.001, 0.05, 0.5, 1.0].iter().enumerate() {
@@ -275,4 +283,27 @@ fn forward_affine_equals_forward_then_channel_affine() {
         .forward_affine(&sm, &xph, &mut out, Some((&[1.0; 2], &[0.0; 3], false)))
         .expect_err("a scale of the wrong length");
     assert!(err.message().contains("scale"), "{}", err.message());
+}
+
+/// A 3x3 kernel on a tiny map gathers only its live taps: on a 1x1 map the centre tap alone
+/// (one row per channel plus the zero row), on 2x2 -> 1x1 at stride 2 four taps; larger maps
+/// keep the phase layout (about the padded input).
+#[test]
+fn tiny_maps_gather_only_the_live_taps() {
+    let rows = |g: Conv2dGeom| {
+        let w = vec![1.0f32; g.w_len()];
+        let m = vec![true; g.w_len()];
+        let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).expect("pattern");
+        let conv = SparseConv::new(&sm, &g).expect("layout");
+        let l = g.n * g.oh() * g.ow();
+        conv.phase_len() / l.next_multiple_of(16)
+    };
+    assert_eq!(rows(geom(6, 3, 1, 1, 5, 3, 1, 1)), 6 + 1);
+    assert_eq!(rows(geom(6, 3, 2, 2, 5, 3, 2, 1)), 6 * 4 + 1);
+    assert_eq!(rows(geom(6, 3, 2, 2, 5, 3, 1, 1)), 6 * 9 + 1);
+    let g = geom(6, 3, 8, 8, 5, 3, 1, 1);
+    let w = vec![1.0f32; g.w_len()];
+    let sm = SparseMatrix::from_dense_masked(&w, &vec![true; g.w_len()], g.oc, g.k()).expect("p");
+    let conv = SparseConv::new(&sm, &g).expect("layout");
+    assert!(conv.phase_len() < 2 * g.c * g.n * 10 * 10, "{}", conv.phase_len());
 }

@@ -37,6 +37,17 @@
 //! rows are built from them. Layouts without junk skip the copies: a kernel no larger than
 //! the stride (e.g. 1x1) writes the output rows directly, and a stride-1 unpadded one the
 //! input gradient.
+//!
+//! # Tiny output maps
+//! Where the output map is tiny (ResNet's last stages at 32 px: 2x2 and 1x1 maps under 3x3
+//! kernels), most of a phase row is junk and most taps read only padding: a 3x3 kernel on a
+//! 1x1 map computes 9 positions per image for 1 output and uses 1 tap of 9. There the layout
+//! is the im2col matrix restricted to the *live* taps (those that read an input pixel for
+//! some output): row `c·T + t` holds tap `t` of channel `c` at every output position (`T`
+//! live taps), plus one zero row that every entry of a dead tap points to. Rows have no junk
+//! (`PH = OH`, `PW = OW`), so the forward pass and the weight gradient are the same offset
+//! products, and the input gradient is the transposed product into those rows followed by a
+//! col2im sum over the taps.
 
 use rayon::prelude::*;
 
@@ -47,6 +58,10 @@ use super::simd;
 use super::{SparseError, SparseMatrix};
 use crate::im2col::Conv2dGeom;
 use crate::isa::{self, Isa};
+
+/// Output maps of at most this many positions (`OH·OW`) take the tiny-map layout when
+/// their kernel is larger than the stride (see the module docs).
+pub const TINY_MAX_OUT: usize = 4;
 
 /// Column granule of the tasks (the AVX-512 register-tile width of the spmm).
 const GRANULE: usize = 128;
@@ -72,6 +87,8 @@ struct PhaseLayout {
     front: usize,
     /// Row stride of the expanded output gradient: `front` leading zeros, then `l`.
     ys: usize,
+    /// Rows of the phase buffer: `C·sy·sx` phase planes, or the tiny layout's `C·T + 1`.
+    planes: usize,
 }
 
 impl PhaseLayout {
@@ -97,11 +114,86 @@ impl PhaseLayout {
             xs: (l + front).next_multiple_of(16),
             front,
             ys: (front + l).next_multiple_of(16),
+            planes: g.c * sy * sx,
         }
     }
 
-    fn planes(&self, g: &Conv2dGeom) -> usize {
-        g.c * self.sy * self.sx
+    /// The tiny-map layout with `live` taps: rows of `N·OH·OW` valid positions, no junk.
+    fn tiny(g: &Conv2dGeom, live: usize) -> Self {
+        let l = g.n * g.oh() * g.ow();
+        PhaseLayout {
+            covers_input: false,
+            sy: 1,
+            sx: 1,
+            ph: g.oh(),
+            pw: g.ow(),
+            l,
+            xs: l.next_multiple_of(16),
+            front: 0,
+            ys: l.next_multiple_of(16),
+            planes: g.c * live + 1,
+        }
+    }
+
+    fn planes(&self, _g: &Conv2dGeom) -> usize {
+        self.planes
+    }
+}
+
+/// The live taps of a tiny-map layout.
+#[derive(Debug, Clone)]
+struct Tiny {
+    /// Per kernel tap `ky·KW + kx`: its index among the live taps, or `None` when it reads
+    /// only padding for every output position.
+    index: Vec<Option<usize>>,
+    /// The live taps `(ky, kx)`, in index order.
+    taps: Vec<(usize, usize)>,
+    /// Per live tap, per output position `oy·OW + ox`: the pixel `iy·W + ix` it reads, or
+    /// `None` for padding.
+    reads: Vec<Vec<Option<usize>>>,
+}
+
+impl Tiny {
+    /// The live taps of `g`, when its output map is tiny and its kernel larger than the
+    /// stride (else the phase layout has no junk to save).
+    fn of(g: &Conv2dGeom) -> Option<Self> {
+        let (oh, ow) = (g.oh(), g.ow());
+        if oh * ow > TINY_MAX_OUT || (g.kh <= g.stride && g.kw <= g.stride) {
+            return None;
+        }
+        // Tap (ky, kx) is live when some output reads a pixel inside the image with it.
+        let reads = |k: usize, o: usize, size: usize| {
+            (0..o).any(|i| (i * g.stride + k).checked_sub(g.pad).is_some_and(|p| p < size))
+        };
+        let mut index = vec![None; g.kh * g.kw];
+        let mut taps = Vec::new();
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                if reads(ky, oh, g.h) && reads(kx, ow, g.w) {
+                    index[ky * g.kw + kx] = Some(taps.len());
+                    taps.push((ky, kx));
+                }
+            }
+        }
+        let reads = taps
+            .iter()
+            .map(|&(ky, kx)| {
+                let mut r = Vec::with_capacity(oh * ow);
+                for oy in 0..oh {
+                    let iy = (oy * g.stride + ky).checked_sub(g.pad).filter(|&v| v < g.h);
+                    for ox in 0..ow {
+                        let ix = (ox * g.stride + kx).checked_sub(g.pad).filter(|&v| v < g.w);
+                        r.push(iy.zip(ix).map(|(iy, ix)| iy * g.w + ix));
+                    }
+                }
+                r
+            })
+            .collect();
+        Some(Tiny {
+            index,
+            taps,
+            reads,
+        })
     }
 }
 
@@ -132,6 +224,8 @@ pub struct SparseConv {
     pack: PackPlan,
     /// whole image rows of the input gradient from its phase planes, where they fit.
     rows: Option<RowsPlan>,
+    /// The tiny-map layout's live taps, when it is used.
+    tiny: Option<Tiny>,
 }
 
 impl SparseConv {
@@ -148,7 +242,11 @@ impl SparseConv {
                 g.k()
             )));
         }
-        let lay = PhaseLayout::new(g);
+        let tiny = Tiny::of(g);
+        let lay = match &tiny {
+            Some(t) => PhaseLayout::tiny(g, t.taps.len()),
+            None => PhaseLayout::new(g),
+        };
         let planes = lay.planes(g);
         let fits = |n: usize| n <= u32::MAX as usize;
         if !fits(planes.saturating_mul(lay.xs)) || !fits(g.oc.saturating_mul(lay.ys)) {
@@ -163,6 +261,13 @@ impl SparseConv {
         // (plane, shift) of weight column k.
         let tap = |k: usize| {
             let (c, ky, kx) = (k / khw, (k % khw) / g.kw, k % g.kw);
+            if let Some(t) = &tiny {
+                // The live tap's row, or the zero row.
+                return match t.index[k % khw] {
+                    Some(i) => (c * t.taps.len() + i, 0),
+                    None => (planes - 1, 0),
+                };
+            }
             let plane = (c * lay.sy + ky % s) * lay.sx + kx % s;
             (plane, (ky / s) * lay.pw + kx / s)
         };
@@ -203,6 +308,7 @@ impl SparseConv {
             strided: Strided::new(s),
             pack: PackPlan::new((g.h, g.w), (lay.ph, lay.pw), lay.sx, s, g.pad),
             rows: RowsPlan::new((g.h, g.w), (lay.ph, lay.pw), (lay.sy, lay.sx), s, g.pad),
+            tiny,
         })
     }
 
@@ -253,6 +359,10 @@ impl SparseConv {
         let lay = self.lay;
         let s = g.stride;
         let hw = g.h * g.w;
+        if let Some(t) = &self.tiny {
+            self.pack_tiny(t, x, xph);
+            return Ok(());
+        }
         if phase::vector_ok(self.isa) {
             // The `sx` planes of one (channel, row phase) together: each input row is loaded
             // once for all its column phases.
@@ -425,6 +535,10 @@ impl SparseConv {
             // Pixels that no output reads get zero gradient (the others are written below).
             dx.fill(0.0);
         }
+        if let Some(t) = &self.tiny {
+            self.backward_input_tiny(t, w, dyv, dx);
+            return Ok(());
+        }
         let vals: Vec<f32> = self
             .bwd_src
             .iter()
@@ -533,6 +647,93 @@ impl SparseConv {
         };
         run_offset_spmm(self.isa, &csr, dyv, lay.l, g.oc, Sink::Emit(&emit));
         Ok(())
+    }
+
+    /// The tiny layout's rows: tap `t` of channel `c` at every output position (zero where it
+    /// reads padding), then the zero row.
+    fn pack_tiny(&self, t: &Tiny, x: &[f32], xph: &mut [f32]) {
+        let g = &self.geom;
+        let (lay, nt) = (self.lay, t.taps.len());
+        let (ohw, hw) = (g.oh() * g.ow(), g.h * g.w);
+        let row = |(r, dst): (usize, &mut [f32])| {
+            dst[lay.l..].fill(0.0);
+            if r + 1 == lay.planes {
+                dst[..lay.l].fill(0.0);
+                return;
+            }
+            let (c, reads) = (r / nt, &t.reads[r % nt]);
+            let x_c = &x[c * g.n * hw..][..g.n * hw];
+            for (p, read) in reads.iter().enumerate() {
+                // Output position p of every image: one strided column of the row.
+                let col = dst[..lay.l].iter_mut().skip(p).step_by(ohw);
+                match *read {
+                    Some(at) => {
+                        for (d, &v) in col.zip(x_c[at..].iter().step_by(hw)) {
+                            *d = v;
+                        }
+                    }
+                    None => col.for_each(|d| *d = 0.0),
+                }
+            }
+        };
+        if lay.planes * lay.xs < SERIAL_FLOPS {
+            xph.chunks_exact_mut(lay.xs).enumerate().for_each(row);
+        } else {
+            xph.par_chunks_exact_mut(lay.xs).enumerate().for_each(row);
+        }
+    }
+
+    /// The tiny layout's input gradient: the transposed product into the tap rows, then each
+    /// pixel's sum over the taps that read it (col2im).
+    fn backward_input_tiny(&self, t: &Tiny, w: &SparseMatrix, dyv: &[f32], dx: &mut [f32]) {
+        let g = &self.geom;
+        let (lay, nt) = (self.lay, t.taps.len());
+        let (ohw, hw) = (g.oh() * g.ow(), g.h * g.w);
+        let vals: Vec<f32> = self
+            .bwd_src
+            .iter()
+            .map(|&e| w.values()[e as usize])
+            .collect();
+        let csr = Csr {
+            rows: lay.planes,
+            cols: self.grad_len(),
+            row_ptr: &self.bwd_row_ptr,
+            col_idx: &self.bwd_off,
+            values: &vals,
+        };
+        let mut run = |buf: &mut Vec<f32>| {
+            if buf.len() < lay.planes * lay.l {
+                buf.resize(lay.planes * lay.l, 0.0);
+            }
+            let sink = Sink::Rows(OutPtr(buf.as_mut_ptr()), lay.l);
+            run_offset_spmm(self.isa, &csr, dyv, lay.l, g.oc, sink);
+            let buf = &buf[..lay.planes * lay.l];
+            let channel = |(c, dx_c): (usize, &mut [f32])| {
+                dx_c.fill(0.0);
+                for (i, reads) in t.reads.iter().enumerate() {
+                    let row = &buf[(c * nt + i) * lay.l..][..lay.l];
+                    for (p, read) in reads.iter().enumerate() {
+                        if let Some(at) = *read {
+                            let src = row.iter().skip(p).step_by(ohw);
+                            for (d, &v) in dx_c[at..].iter_mut().step_by(hw).zip(src) {
+                                *d += v;
+                            }
+                        }
+                    }
+                }
+            };
+            if g.x_len() < SERIAL_FLOPS {
+                dx.chunks_exact_mut(g.n * hw).enumerate().for_each(channel);
+            } else {
+                dx.par_chunks_exact_mut(g.n * hw)
+                    .enumerate()
+                    .for_each(channel);
+            }
+        };
+        PLANE_BUF.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => run(&mut buf),
+            Err(_) => run(&mut Vec::new()),
+        });
     }
 
     /// Writes `dy` (CNHW `[OC][N][OH][OW]`) into the flat layout `dyv` (`grad_len()`): `front`
@@ -848,6 +1049,9 @@ mod tests {
             (3, 2, 9, 9, 4, 1, 2, 0),
             (5, 3, 7, 9, 6, 1, 1, 0),
             (3, 2, 8, 10, 4, 3, 1, 0),
+            // Tiny output maps (the live-tap layout), one with rows long enough for vectors.
+            (9, 40, 2, 2, 7, 3, 1, 1),
+            (5, 3, 2, 2, 4, 3, 2, 1),
         ] {
             agrees_with_the_portable_loops(geom(g));
         }
