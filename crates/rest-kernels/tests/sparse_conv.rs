@@ -305,5 +305,9 @@ fn tiny_maps_gather_only_the_live_taps() {
     let w = vec![1.0f32; g.w_len()];
     let sm = SparseMatrix::from_dense_masked(&w, &vec![true; g.w_len()], g.oc, g.k()).expect("p");
     let conv = SparseConv::new(&sm, &g).expect("layout");
-    assert!(conv.phase_len() < 2 * g.c * g.n * 10 * 10, "{}", conv.phase_len());
+    assert!(
+        conv.phase_len() < 2 * g.c * g.n * 10 * 10,
+        "{}",
+        conv.phase_len()
+    );
 }

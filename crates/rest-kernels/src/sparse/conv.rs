@@ -163,7 +163,11 @@ impl Tiny {
         }
         // Tap (ky, kx) is live when some output reads a pixel inside the image with it.
         let reads = |k: usize, o: usize, size: usize| {
-            (0..o).any(|i| (i * g.stride + k).checked_sub(g.pad).is_some_and(|p| p < size))
+            (0..o).any(|i| {
+                (i * g.stride + k)
+                    .checked_sub(g.pad)
+                    .is_some_and(|p| p < size)
+            })
         };
         let mut index = vec![None; g.kh * g.kw];
         let mut taps = Vec::new();
@@ -189,11 +193,7 @@ impl Tiny {
                 r
             })
             .collect();
-        Some(Tiny {
-            index,
-            taps,
-            reads,
-        })
+        Some(Tiny { index, taps, reads })
     }
 }
 
