@@ -18,8 +18,14 @@ use rest::train::optim::Sgd;
 
 /// (n, in, out, density): the first two run the batch-major kernels, the last the
 /// feature-major ones (nnz > 4 (I + O)).
-const CASES: [(usize, usize, usize, f64); 3] =
-    [(32, 300, 20, 0.02), (7, 50, 9, 0.1), (24, 40, 30, 0.9)];
+/// The last case has enough active weights (about 78,000) for the compact update's parallel
+/// passes over ranges of the active positions.
+const CASES: [(usize, usize, usize, f64); 4] = [
+    (32, 300, 20, 0.02),
+    (7, 50, 9, 0.1),
+    (24, 40, 30, 0.9),
+    (4, 600, 260, 0.5),
+];
 
 /// A random mask of `n` weights with the given density, and random weights zero outside it.
 fn masked_weight(rng: &mut ChaCha8Rng, n: usize, density: f64) -> (Vec<f32>, Vec<f32>) {

@@ -7,28 +7,46 @@
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
-/// One in-place pass of the update on `dst` (a contiguous `f32` CPU tensor) at the dense
-/// indices `index` with the compact gradient `g` (`g[e]` belongs to `index[e]`), reading `src`
-/// (`Part::Momentum`: the weight; `Part::Weight`: the new momentum; `Part::Plain`: none).
-/// `hyper` is `[lr, momentum, weight_decay]`.
+/// The in-place update of a sparse layer at its active positions: `index` (ascending dense
+/// indices) with the compact gradient `g` (`g[e]` belongs to `index[e]`). With a momentum
+/// buffer `b`: one pass over the buffer (`b = mom·b + g'`, reading the weight only for weight
+/// decay) that also keeps the new buffer values compactly, then one pass over the weight
+/// (`w -= lr·b` from those); without: `w -= lr·g'`. Each pass touches its array once, at the
+/// active positions, split over threads by ranges of `index` for large layers. `hyper` is
+/// `[lr, momentum, weight_decay]`; the `f32` operations are those of [`sgd_pass`].
 pub(crate) fn compact_in_place(
-    dst: &Tensor,
-    src: Option<&Tensor>,
+    w: &Tensor,
+    b: Option<&Tensor>,
     index: &[usize],
     g: &[f32],
     hyper: [f32; 3],
-    part: Part,
 ) -> candle_core::Result<()> {
-    let op = CompactUpdate {
+    let Some(b) = b else {
+        return w.inplace_op1(&CompactUpdate {
+            index,
+            g,
+            hyper,
+            part: Part::Plain,
+            steps: std::sync::Mutex::new(Vec::new()),
+        });
+    };
+    let momentum = CompactUpdate {
         index,
         g,
         hyper,
-        part,
+        part: Part::Momentum,
+        steps: std::sync::Mutex::new(vec![0.0f32; index.len()]),
     };
-    match src {
-        None => dst.inplace_op1(&op),
-        Some(src) => dst.inplace_op2(src, &op),
+    if hyper[2] != 0.0 {
+        b.inplace_op2(w, &momentum)?;
+    } else {
+        // No weight decay: the buffer's pass does not read the weight.
+        b.inplace_op1(&momentum)?;
     }
+    w.inplace_op1(&CompactUpdate {
+        part: Part::Weight,
+        ..momentum
+    })
 }
 
 /// One in-place pass of the dense update on `dst` reading `src` (see [`Part`]) and the
@@ -60,33 +78,91 @@ struct CompactUpdate<'a> {
     g: &'a [f32],
     hyper: [f32; 3],
     part: Part,
+    /// The new momentum at `index` (compact): written by the buffer's pass, read by the
+    /// weight's.
+    steps: std::sync::Mutex<Vec<f32>>,
 }
+
+/// Entries per task of the compact passes (below twice this, one serial pass).
+const COMPACT_CHUNK: usize = 1 << 14;
 
 impl CompactUpdate<'_> {
-    fn run(&self, dst: &mut [f32], src: &[f32]) {
+    /// The pass over `dst` (the buffer, or the weight); `src` is the weight where the
+    /// buffer's pass reads it for weight decay.
+    fn run(&self, dst: &mut [f32], src: &[f32]) -> candle_core::Result<()> {
         let [lr, mom, wd] = self.hyper;
-        let decayed = |gv: f32, wv: f32| if wd != 0.0 { gv + wv * wd } else { gv };
-        let it = self.index.iter().zip(self.g);
-        match self.part {
-            Part::Momentum => it.for_each(|(&k, &gv)| dst[k] = dst[k] * mom + decayed(gv, src[k])),
-            Part::Weight => it.for_each(|(&k, _)| dst[k] -= src[k] * lr),
-            Part::Plain => it.for_each(|(&k, &gv)| dst[k] -= decayed(gv, dst[k]) * lr),
+        let (index, g) = (self.index, self.g);
+        let decays = wd != 0.0 && matches!(self.part, Part::Momentum);
+        if index.len() != g.len()
+            || index.last().is_some_and(|&k| k >= dst.len())
+            || (decays && src.len() != dst.len())
+        {
+            candle_core::bail!("sgd: compact gradient does not fit the parameter");
         }
-    }
-}
-
-/// The contiguous `f32` elements of `s` under `l`, mutably.
-fn contiguous_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
-    }
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
+        let mut guard = match self.steps.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let steps: &mut [f32] = &mut guard;
+        let part = self.part;
+        if !matches!(part, Part::Plain) && steps.len() != index.len() {
+            candle_core::bail!("sgd: compact momentum steps missing");
+        }
+        // Entries e0..e0 + st.len() (or + n) of one task, over the dense window at `base`.
+        let task = |e0: usize, base: usize, d: &mut [f32], st: &mut [f32], n: usize| {
+            let (ix, gs) = (&index[e0..e0 + n], &g[e0..e0 + n]);
+            match part {
+                Part::Momentum if decays => {
+                    for ((&k, &gv), sv) in ix.iter().zip(gs).zip(st.iter_mut()) {
+                        let b = &mut d[k - base];
+                        *b = *b * mom + (gv + src[k] * wd);
+                        *sv = *b;
+                    }
+                }
+                Part::Momentum => {
+                    for ((&k, &gv), sv) in ix.iter().zip(gs).zip(st.iter_mut()) {
+                        let b = &mut d[k - base];
+                        *b = *b * mom + gv;
+                        *sv = *b;
+                    }
+                }
+                Part::Weight => {
+                    for (&k, &sv) in ix.iter().zip(st.iter()) {
+                        d[k - base] -= sv * lr;
+                    }
+                }
+                Part::Plain => {
+                    for (&k, &gv) in ix.iter().zip(gs) {
+                        let w = &mut d[k - base];
+                        let gd = if wd != 0.0 { gv + *w * wd } else { gv };
+                        *w -= gd * lr;
+                    }
+                }
+            }
+        };
+        let n = index.len();
+        if n < 2 * COMPACT_CHUNK || !index.is_sorted_by(|a, b| a < b) {
+            task(0, 0, dst, steps, n);
+            return Ok(());
+        }
+        // Ascending indices: consecutive chunks of entries own disjoint dense windows.
+        let mut jobs = Vec::with_capacity(n.div_ceil(COMPACT_CHUNK));
+        let (mut rest, mut st_rest, mut base, mut e0) = (dst, steps, 0usize, 0usize);
+        while e0 < n {
+            let len = COMPACT_CHUNK.min(n - e0);
+            let end = if e0 + len < n {
+                index[e0 + len]
+            } else {
+                base + rest.len()
+            };
+            let (d, tail) = rest.split_at_mut(end - base);
+            let (st, st_tail) = st_rest.split_at_mut(if st_rest.is_empty() { 0 } else { len });
+            jobs.push((e0, base, d, st, len));
+            (rest, st_rest, base, e0) = (tail, st_tail, end, e0 + len);
+        }
+        jobs.into_par_iter()
+            .for_each(|(e0, base, d, st, len)| task(e0, base, d, st, len));
+        Ok(())
     }
 }
 
@@ -97,8 +173,7 @@ impl InplaceOp1 for CompactUpdate<'_> {
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
         let dst = contiguous_mut(s, l)?;
-        self.run(dst, &[]);
-        Ok(())
+        self.run(dst, &[])
     }
 }
 
@@ -119,8 +194,22 @@ impl InplaceOp2 for CompactUpdate<'_> {
         if dst.len() != src.len() {
             candle_core::bail!("sgd: weight and momentum differ in size");
         }
-        self.run(dst, src);
-        Ok(())
+        self.run(dst, src)
+    }
+}
+
+/// The contiguous `f32` elements of `s` under `l`, mutably.
+fn contiguous_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
+    }
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("sgd: parameter is not a contiguous f32 tensor"),
     }
 }
 

@@ -294,13 +294,14 @@ fn compact_step(
     }
     let hyper = [lr, mom, wd];
     if !use_mom {
-        sgd::compact_in_place(w, None, index, g, hyper, Part::Plain)?;
+        sgd::compact_in_place(w, None, index, g, hyper)?;
         return Ok(());
     }
     let b = match buf.take() {
         Some(b) if b.dims() == w.dims() && b.is_contiguous() => {
-            sgd::compact_in_place(&b, Some(w), index, g, hyper, Part::Momentum)?;
-            b
+            sgd::compact_in_place(w, Some(&b), index, g, hyper)?;
+            *buf = Some(b);
+            return Ok(());
         }
         other => {
             // First step (or a buffer of another layout): `b = g'`, zero elsewhere.
@@ -317,7 +318,8 @@ fn compact_step(
             Tensor::from_vec(nb, w.shape(), w.device())?
         }
     };
-    sgd::compact_in_place(w, Some(&b), index, g, hyper, Part::Weight)?;
+    // The first step's weight update from `b = g'`: `w -= lr·g'`, the plain pass.
+    sgd::compact_in_place(w, None, index, g, hyper)?;
     *buf = Some(b);
     Ok(())
 }
