@@ -106,7 +106,9 @@ fn train(
     }
     (
         flat(lin.weight.as_tensor()),
-        opt.momentum_buffer(0).map(flat),
+        opt.momentum_buffer(0)
+            .expect("momentum buffer")
+            .map(|t| flat(&t)),
         mk,
         w_init,
     )
@@ -252,7 +254,9 @@ fn train_conv(compact: bool, momentum: f64, wd: f64) -> (Vec<f32>, Option<Vec<f3
     );
     (
         flat(conv.weight.as_tensor()),
-        opt.momentum_buffer(0).map(flat),
+        opt.momentum_buffer(0)
+            .expect("momentum buffer")
+            .map(|t| flat(&t)),
         mk,
     )
 }

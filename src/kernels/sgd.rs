@@ -49,6 +49,48 @@ pub(crate) fn compact_in_place(
     })
 }
 
+/// The update of a sparse layer whose momentum is kept compactly (`b[e]` belongs to
+/// `index[e]`): `b = mom·b + g'` in one contiguous pass (reading the weight at `index` only
+/// for weight decay), then `w -= lr·b` at the active positions. The `f32` operations of
+/// [`sgd_pass`].
+pub(crate) fn compact_momentum(
+    w: &Tensor,
+    b: &mut Vec<f32>,
+    index: &[usize],
+    g: &[f32],
+    hyper: [f32; 3],
+) -> candle_core::Result<()> {
+    let [_, mom, wd] = hyper;
+    if b.len() != index.len() || g.len() != index.len() {
+        candle_core::bail!("sgd: compact momentum does not fit the layer's pattern");
+    }
+    if wd != 0.0 {
+        crate::kernels::with_f32(w, "sgd", |ws| {
+            for ((bv, &gv), &k) in b.iter_mut().zip(g).zip(index) {
+                *bv = *bv * mom + (gv + ws[k] * wd);
+            }
+            Ok(())
+        })?;
+    } else {
+        for (bv, &gv) in b.iter_mut().zip(g) {
+            *bv = *bv * mom + gv;
+        }
+    }
+    let op = CompactUpdate {
+        index,
+        g,
+        hyper,
+        part: Part::Weight,
+        steps: std::sync::Mutex::new(std::mem::take(b)),
+    };
+    let r = w.inplace_op1(&op);
+    *b = match op.steps.into_inner() {
+        Ok(v) => v,
+        Err(p) => p.into_inner(),
+    };
+    r
+}
+
 /// One in-place pass of the dense update on `dst` reading `src` (see [`Part`]) and the
 /// gradient `g`: `Part::Momentum` on the momentum buffer from the weight, then
 /// `Part::Weight` on the weight from the new buffer.

@@ -132,6 +132,15 @@ impl MaskedLayers {
     fn update(&mut self, step: usize, grads: &GradStore, opt: &mut Sgd) -> Result<UpdateStats> {
         let (weights, dev, wi) = (&self.weights, &self.dev, &self.weight_index);
         let on_device = if self.on_device {
+            let momentum: Vec<Option<Tensor>> = (0..weights.len())
+                .map(|l| {
+                    if wi[l] == usize::MAX {
+                        Ok(None)
+                    } else {
+                        opt.momentum_buffer(wi[l])
+                    }
+                })
+                .collect::<Result<_>>()?;
             let views: Vec<LayerTensors> = weights
                 .iter()
                 .zip(&self.masks)
@@ -139,9 +148,7 @@ impl MaskedLayers {
                 .map(|(l, (p, mask))| LayerTensors {
                     weight: p.var.as_tensor(),
                     grad: grads.get(p.var.as_tensor()),
-                    momentum: (wi[l] != usize::MAX)
-                        .then(|| opt.momentum_buffer(wi[l]))
-                        .flatten(),
+                    momentum: momentum[l].as_ref(),
                     mask,
                 })
                 .collect();
@@ -181,7 +188,7 @@ impl MaskedLayers {
             let mut m_host: Vec<Vec<f32>> = weights
                 .iter()
                 .enumerate()
-                .map(|(l, p)| host_or_zeros(opt.momentum_buffer(wi[l]), p))
+                .map(|(l, p)| host_or_zeros(opt.momentum_buffer(wi[l])?.as_ref(), p))
                 .collect::<Result<_>>()?;
             let stats = self.engine.update_with(
                 step,
@@ -197,7 +204,7 @@ impl MaskedLayers {
                 .enumerate()
             {
                 p.var.set(&Tensor::from_vec(w, p.var.shape(), dev)?)?;
-                if opt.momentum_buffer(wi[l]).is_some() {
+                if opt.momentum_buffer(wi[l])?.is_some() {
                     opt.set_momentum_buffer(wi[l], Tensor::from_vec(m, p.var.shape(), dev)?)?;
                 }
             }

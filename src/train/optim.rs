@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// The optimisation section of a run's options: epochs, batches, SGD, the plateau schedule
 /// and the training seed.
@@ -89,11 +90,69 @@ impl OptimOptions {
     }
 }
 
+/// A parameter's momentum buffer.
+enum Momentum {
+    Dense(Tensor),
+    /// A sparse layer's between mask updates: the values at its active positions `index`
+    /// (ascending dense indices, the layer's own list: compared by pointer), zero elsewhere.
+    /// Its update is one contiguous pass; nothing of the weight's size is touched.
+    Compact {
+        index: Arc<[usize]>,
+        values: Vec<f32>,
+    },
+}
+
+impl Momentum {
+    /// The buffer in full, shaped like `p`.
+    fn dense(&self, p: &Param) -> Result<Tensor> {
+        match self {
+            Momentum::Dense(t) => Ok(t.clone()),
+            Momentum::Compact { index, values } => {
+                let w = p.var.as_tensor();
+                let mut d = vec![0.0f32; w.elem_count()];
+                for (&k, &v) in index.iter().zip(values) {
+                    d[k] = v;
+                }
+                Ok(Tensor::from_vec(d, w.shape(), w.device())?)
+            }
+        }
+    }
+
+    /// The values at `index` (ascending): gathered from a dense buffer, or carried over from
+    /// a compact one of another pattern (zero at positions new to it).
+    fn compact_at(self, index: &Arc<[usize]>) -> Result<Vec<f32>> {
+        match self {
+            Momentum::Compact { index: old, values } if Arc::ptr_eq(&old, index) => Ok(values),
+            Momentum::Compact { index: old, values } => {
+                let mut out = vec![0.0f32; index.len()];
+                let mut j = 0;
+                for (e, &k) in index.iter().enumerate() {
+                    while j < old.len() && old[j] < k {
+                        j += 1;
+                    }
+                    if j < old.len() && old[j] == k {
+                        out[e] = values[j];
+                    }
+                }
+                Ok(out)
+            }
+            Momentum::Dense(t) => {
+                if index.last().is_some_and(|&k| k >= t.elem_count()) {
+                    anyhow::bail!("the momentum buffer is smaller than the layer's pattern");
+                }
+                Ok(with_f32(&t, "momentum", |b| {
+                    Ok(index.iter().map(|&k| b[k]).collect::<Vec<f32>>())
+                })?)
+            }
+        }
+    }
+}
+
 pub struct Sgd {
     params: Vec<Param>,
     /// Per parameter, the kernels its update runs on (its device's).
     backends: Vec<crate::kernels::Backend>,
-    momentum_buf: Vec<Option<Tensor>>,
+    momentum_buf: Vec<Option<Momentum>>,
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
@@ -109,7 +168,7 @@ impl Sgd {
         Self {
             params,
             backends,
-            momentum_buf: vec![None; n],
+            momentum_buf: (0..n).map(|_| None).collect(),
             lr,
             momentum,
             weight_decay,
@@ -132,7 +191,7 @@ impl Sgd {
             self.weight_decay as f32,
         );
         let params = self.params.iter().zip(&self.backends);
-        for ((p, backend), buf) in params.zip(self.momentum_buf.iter_mut()) {
+        for ((p, backend), slot) in params.zip(self.momentum_buf.iter_mut()) {
             let compact = p
                 .slot
                 .as_ref()
@@ -140,11 +199,37 @@ impl Sgd {
                 .and_then(|sw| sw.take_grad());
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 if let Some((index, g)) = compact {
-                    compact_step(p, buf, &index, &g, self.momentum != 0.0, [lr, mom, wd])
+                    compact_step(p, slot, index, &g, self.momentum != 0.0, [lr, mom, wd])
                         .with_context(|| format!("updating {}", p.name))?;
                 }
                 continue;
             };
+            // A dense gradient (every step of a dense layer, a sparse layer's mask-update
+            // steps): the buffer in full.
+            let mut dense_buf = match slot.take() {
+                Some(m) => Some(m.dense(p)?),
+                None => None,
+            };
+            let buf = &mut dense_buf;
+            let result = dense_step(p, backend, g, buf, self.momentum != 0.0, [lr, mom, wd]);
+            *slot = dense_buf.map(Momentum::Dense);
+            result?;
+        }
+        Ok(())
+    }
+}
+
+/// The update of a parameter from its dense gradient `g` (see [`Sgd::step`]).
+fn dense_step(
+    p: &Param,
+    backend: &crate::kernels::Backend,
+    g: &Tensor,
+    buf: &mut Option<Tensor>,
+    use_mom: bool,
+    [lr, mom, wd]: [f32; 3],
+) -> Result<()> {
+    {
+        {
             let w = p.var.as_tensor();
             if g.dims() != w.dims() {
                 anyhow::bail!(
@@ -155,7 +240,6 @@ impl Sgd {
                 );
             }
             let n = w.elem_count();
-            let use_mom = self.momentum != 0.0;
             if backend.is_generic() {
                 // Off the CPU (CUDA), or with REST_KERNELS=candle: the same formula in
                 // candle's tensor ops, on the device.
@@ -166,7 +250,7 @@ impl Sgd {
                 p.var
                     .set(&new_w)
                     .with_context(|| format!("updating {}", p.name))?;
-                continue;
+                return Ok(());
             }
             if use_mom && w.device().is_cpu() && w.is_contiguous() {
                 if let Some(b) = buf
@@ -180,7 +264,7 @@ impl Sgd {
                         sgd::dense_in_place(w, b, gs, hyper, Part::Weight)
                     })
                     .with_context(|| format!("updating {}", p.name))?;
-                    continue;
+                    return Ok(());
                 }
             }
             let old = if use_mom { buf.take() } else { None };
@@ -206,13 +290,24 @@ impl Sgd {
                 .set(&Tensor::from_vec(new_w, w.shape(), w.device())?)
                 .with_context(|| format!("updating {}", p.name))?;
         }
-        Ok(())
     }
+    Ok(())
+}
 
+impl Sgd {
     /// Multiplies the momentum buffer of parameter `index` by `mask` (same shape).
     pub fn mask_momentum(&mut self, index: usize, mask: &Tensor) -> Result<()> {
-        if let Some(b) = &self.momentum_buf[index] {
-            self.momentum_buf[index] = Some(b.mul(mask)?);
+        match &mut self.momentum_buf[index] {
+            None => {}
+            Some(Momentum::Dense(b)) => *b = b.mul(mask)?,
+            Some(Momentum::Compact { index: at, values }) => {
+                with_f32(mask, "mask", |m| {
+                    for (&k, v) in at.iter().zip(values.iter_mut()) {
+                        *v *= m.get(k).copied().unwrap_or(0.0);
+                    }
+                    Ok(())
+                })?;
+            }
         }
         Ok(())
     }
@@ -228,14 +323,17 @@ impl Sgd {
                 want
             );
         }
-        self.momentum_buf[index] = Some(buf);
+        self.momentum_buf[index] = Some(Momentum::Dense(buf));
         Ok(())
     }
 
-    /// The momentum buffer of parameter `index` (None before the first step). Steps update
-    /// it (and the weights) in place: copy it to keep this step's values.
-    pub fn momentum_buffer(&self, index: usize) -> Option<&Tensor> {
-        self.momentum_buf[index].as_ref()
+    /// The momentum buffer of parameter `index` in full (None before the first step). Dense
+    /// buffers are updated in place by later steps: copy it to keep this step's values.
+    pub fn momentum_buffer(&self, index: usize) -> Result<Option<Tensor>> {
+        self.momentum_buf[index]
+            .as_ref()
+            .map(|m| m.dense(&self.params[index]))
+            .transpose()
     }
 }
 
@@ -276,8 +374,8 @@ fn tensor_step(
 /// and their gradient is zero, so the dense update would leave them unchanged anyway.
 fn compact_step(
     p: &Param,
-    buf: &mut Option<Tensor>,
-    index: &[usize],
+    slot: &mut Option<Momentum>,
+    index: Arc<[usize]>,
     g: &[f32],
     use_mom: bool,
     [lr, mom, wd]: [f32; 3],
@@ -294,39 +392,80 @@ fn compact_step(
     }
     let hyper = [lr, mom, wd];
     if !use_mom {
-        sgd::compact_in_place(w, None, index, g, hyper)?;
+        sgd::compact_in_place(w, None, &index, g, hyper)?;
         return Ok(());
     }
-    let b = match buf.take() {
-        Some(b) if b.dims() == w.dims() && b.is_contiguous() => {
-            sgd::compact_in_place(w, Some(&b), index, g, hyper)?;
-            *buf = Some(b);
-            return Ok(());
+    let values = match slot.take() {
+        Some(m) => {
+            let mut b = m.compact_at(&index)?;
+            sgd::compact_momentum(w, &mut b, &index, g, hyper)?;
+            b
         }
-        other => {
-            // First step (or a buffer of another layout): `b = g'`, zero elsewhere.
-            if let Some(b) = other {
-                anyhow::bail!("momentum buffer of {} has shape {:?}", p.name, b.dims());
-            }
-            let mut nb = vec![0.0f32; n];
-            with_f32(w, "sgd", |ws| {
-                for (&k, &gv) in index.iter().zip(g) {
-                    nb[k] = if wd != 0.0 { gv + ws[k] * wd } else { gv };
-                }
-                Ok(())
+        None => {
+            // First step: `b = g'`, then `w -= lr·g'` (the plain pass).
+            let b = with_f32(w, "sgd", |ws| {
+                Ok(index
+                    .iter()
+                    .zip(g)
+                    .map(|(&k, &gv)| if wd != 0.0 { gv + ws[k] * wd } else { gv })
+                    .collect::<Vec<f32>>())
             })?;
-            Tensor::from_vec(nb, w.shape(), w.device())?
+            sgd::compact_in_place(w, None, &index, g, hyper)?;
+            b
         }
     };
-    // The first step's weight update from `b = g'`: `w -= lr·g'`, the plain pass.
-    sgd::compact_in_place(w, None, index, g, hyper)?;
-    *buf = Some(b);
+    *slot = Some(Momentum::Compact { index, values });
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A compact buffer follows its layer's pattern: kept where the pattern is the same list,
+    /// carried over by position to a new pattern (zero where a position is new), gathered
+    /// from a dense buffer, and densified with zeros elsewhere.
+    #[test]
+    fn compact_momentum_follows_the_pattern() -> Result<()> {
+        let old: Arc<[usize]> = Arc::from(vec![1usize, 4, 6, 9]);
+        let m = Momentum::Compact {
+            index: old.clone(),
+            values: vec![1.0, 4.0, 6.0, 9.0],
+        };
+        let new: Arc<[usize]> = Arc::from(vec![0usize, 4, 5, 9]);
+        assert_eq!(m.compact_at(&new)?, vec![0.0, 4.0, 0.0, 9.0]);
+        let same = Momentum::Compact {
+            index: old.clone(),
+            values: vec![1.0, 2.0, 3.0, 4.0],
+        };
+        assert_eq!(same.compact_at(&old)?, vec![1.0, 2.0, 3.0, 4.0]);
+        let dense = Tensor::from_vec(
+            (0..10).map(|v| v as f32).collect::<Vec<_>>(),
+            10,
+            &Device::Cpu,
+        )?;
+        assert_eq!(
+            Momentum::Dense(dense).compact_at(&new)?,
+            vec![0.0, 4.0, 5.0, 9.0]
+        );
+        let p = Param {
+            name: "w".into(),
+            var: candle_core::Var::from_tensor(&Tensor::zeros(
+                10,
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?)?,
+            kind: ParamKind::Weight,
+            slot: None,
+        };
+        let m = Momentum::Compact {
+            index: new,
+            values: vec![7.0, 8.0, 9.0, 10.0],
+        };
+        let d = m.dense(&p)?.to_vec1::<f32>()?;
+        assert_eq!(d, [7.0, 0.0, 0.0, 0.0, 8.0, 9.0, 0.0, 0.0, 0.0, 10.0]);
+        Ok(())
+    }
     use crate::nn::ParamKind;
     use candle_core::{Device, Var};
 
@@ -363,7 +502,10 @@ mod tests {
         }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&w.as_tensor().to_vec1::<f32>()?), bits(&ew));
-        let b = opt.momentum_buffer(0).expect("momentum").to_vec1::<f32>()?;
+        let b = opt
+            .momentum_buffer(0)?
+            .expect("momentum")
+            .to_vec1::<f32>()?;
         assert_eq!(bits(&b), bits(&eb));
         Ok(())
     }

@@ -441,8 +441,8 @@ impl<'a> Stage<'a> {
         let params = self.opt.params().to_vec();
         let tensors = checkpoint::CheckpointTensors {
             momentum: (0..params.len())
-                .map(|i| self.opt.momentum_buffer(i).cloned())
-                .collect(),
+                .map(|i| self.opt.momentum_buffer(i))
+                .collect::<Result<_>>()?,
             params: &params,
             buffers: self.model.buffers()?,
             masks: self
