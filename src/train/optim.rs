@@ -1,7 +1,9 @@
 //! SGD with momentum and weight decay, PyTorch semantics:
 //! `g = grad + wd * w; buf = momentum * buf + g; w -= lr * buf` (first step: `buf = g`).
 //! Momentum buffers are exposed so the sparse engine's masks can be applied to them too:
-//! a pruned weight keeps zero momentum, so a regrown weight starts from zero momentum.
+//! a pruned weight keeps zero momentum, so a regrown weight starts from zero momentum. A
+//! layer on the sparse kernels keeps its buffer compact (its active positions only) between
+//! mask updates; it is densified where it is read in full (mask updates, checkpoints).
 
 use crate::kernels::sgd::{self, sgd_pass, Part};
 use crate::kernels::{output_buffer, with_f32};
