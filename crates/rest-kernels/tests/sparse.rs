@@ -220,20 +220,28 @@ fn csr_structure_of_hand_written_matrix() {
 #[test]
 fn value_updates_keep_pattern_and_reach_transpose() {
     let mut r = rng(5);
+    // The large pattern (about 60,000 active weights) takes the parallel refresh.
+    for (rows, k, density) in [(300, 400, 0.5), (21, 34, 0.2)] {
+        let w0 = rand_vec(&mut r, rows * k);
+        let m = mask(&mut r, rows, k, density);
+        let mut sm = SparseMatrix::from_dense_masked(&w0, &m, rows, k).unwrap();
+        let (row_ptr, col_idx) = (sm.row_ptr().to_vec(), sm.col_idx().to_vec());
+        let w1 = rand_vec(&mut r, rows * k);
+        sm.update_values_from_dense(&w1).unwrap();
+        assert_eq!(sm.row_ptr(), row_ptr.as_slice());
+        assert_eq!(sm.col_idx(), col_idx.as_slice());
+        assert_eq!(
+            sm,
+            SparseMatrix::from_dense_masked(&w1, &m, rows, k).unwrap(),
+            "{rows}x{k}"
+        );
+    }
     let (rows, k, p) = (21, 34, 45);
     let w0 = rand_vec(&mut r, rows * k);
     let m = mask(&mut r, rows, k, 0.2);
     let mut sm = SparseMatrix::from_dense_masked(&w0, &m, rows, k).unwrap();
-    let (row_ptr, col_idx) = (sm.row_ptr().to_vec(), sm.col_idx().to_vec());
-
     let w1 = rand_vec(&mut r, rows * k);
     sm.update_values_from_dense(&w1).unwrap();
-    assert_eq!(sm.row_ptr(), row_ptr.as_slice());
-    assert_eq!(sm.col_idx(), col_idx.as_slice());
-    assert_eq!(
-        sm,
-        SparseMatrix::from_dense_masked(&w1, &m, rows, k).unwrap()
-    );
 
     // set_values: doubling every value doubles Wᵀ dy.
     let dy = rand_vec(&mut r, rows * p);

@@ -1,6 +1,10 @@
 //! The CSR weight matrix (and the CSR of its transpose) that the sparse kernels consume.
 
 use super::SparseError;
+use rayon::prelude::*;
+
+/// Active weights from which value refreshes run on several threads.
+const PARALLEL_NNZ: usize = 1 << 15;
 
 /// A mask element: `bool` (`true` = active) or `f32` (nonzero = active, the usual 0/1 mask).
 pub trait MaskValue: Copy + Sync {
@@ -148,12 +152,37 @@ impl SparseMatrix {
             self.rows,
             self.cols,
         )?;
-        for r in 0..self.rows {
-            let (s, e) = (self.row_ptr[r], self.row_ptr[r + 1]);
-            let wr = &w[r * self.cols..(r + 1) * self.cols];
-            for (v, &c) in self.values[s..e].iter_mut().zip(&self.col_idx[s..e]) {
-                *v = wr[c as usize];
+        let (rows, cols) = (self.rows, self.cols);
+        let (row_ptr, col_idx) = (&self.row_ptr, &self.col_idx);
+        // Rows r0..r1, whose values are `vals` (entries row_ptr[r0]..row_ptr[r1]).
+        let gather = |(r0, r1, vals): (usize, usize, &mut [f32])| {
+            let base = row_ptr[r0];
+            for r in r0..r1 {
+                let (s, e) = (row_ptr[r], row_ptr[r + 1]);
+                let wr = &w[r * cols..(r + 1) * cols];
+                for (v, &c) in vals[s - base..e - base].iter_mut().zip(&col_idx[s..e]) {
+                    *v = wr[c as usize];
+                }
             }
+        };
+        if self.values.len() < PARALLEL_NNZ {
+            gather((0, rows, &mut self.values));
+        } else {
+            // Row blocks of about equal nnz, each reading its own rows of `w`.
+            let tasks = 4 * rayon::current_num_threads();
+            let per = self.values.len().div_ceil(tasks);
+            let mut jobs = Vec::with_capacity(tasks);
+            let (mut rest, mut r0) = (&mut self.values[..], 0);
+            while r0 < rows {
+                let mut r1 = r0 + 1;
+                while r1 < rows && row_ptr[r1] - row_ptr[r0] < per {
+                    r1 += 1;
+                }
+                let (head, tail) = rest.split_at_mut(row_ptr[r1] - row_ptr[r0]);
+                jobs.push((r0, r1, head));
+                (rest, r0) = (tail, r1);
+            }
+            jobs.into_par_iter().for_each(gather);
         }
         self.sync_transposed_values();
         Ok(())
@@ -176,8 +205,16 @@ impl SparseMatrix {
     }
 
     fn sync_transposed_values(&mut self) {
-        for (tv, &s) in self.t_values.iter_mut().zip(&self.t_src) {
-            *tv = self.values[s as usize];
+        let values = &self.values;
+        if values.len() < PARALLEL_NNZ {
+            for (tv, &s) in self.t_values.iter_mut().zip(&self.t_src) {
+                *tv = values[s as usize];
+            }
+        } else {
+            self.t_values
+                .par_iter_mut()
+                .zip(self.t_src.par_iter())
+                .for_each(|(tv, &s)| *tv = values[s as usize]);
         }
     }
 
