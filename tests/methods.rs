@@ -362,12 +362,9 @@ fn tiny_jtt_run_writes_both_stages_and_a_correct_report() -> anyhow::Result<()> 
 
     // --error-set reuses the set: no stage 1, same report.
     let dir2 = tempfile::tempdir()?;
-    let cfg2 = {
-        let mut c = cfg.clone();
-        c.method.error_set = Some(dir.path().join("error_set.json"));
-        c.run.out = Some(dir2.path().to_path_buf());
-        c
-    };
+    let mut cfg2 = cfg.clone();
+    cfg2.method.error_set = Some(dir.path().join("error_set.json"));
+    cfg2.run.out = Some(dir2.path().to_path_buf());
     let out2 = rest::train::train(&cfg2)?;
     assert!(!dir2.path().join("stage1").exists());
     let jtt2 = out2.summary.jtt.as_ref().expect("jtt report");

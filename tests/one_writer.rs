@@ -165,16 +165,13 @@ fn a_live_run_cannot_be_resumed_twice_and_kill_9_leaves_no_stale_lock() -> Resul
 #[test]
 fn the_library_refuses_a_second_run_into_one_directory() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let cfg = {
-        let mut c = rest::train::TrainConfig::default();
-        c.optim.epochs = 1;
-        c.data.train_size = 300;
-        c.data.valid_size = 100;
-        c.data.test_size = 100;
-        c.optim.batch_size = 100;
-        c.run.out = Some(tmp.path().join("lib"));
-        c
-    };
+    let mut cfg = rest::train::TrainConfig::default();
+    cfg.optim.epochs = 1;
+    cfg.data.train_size = 300;
+    cfg.data.valid_size = 100;
+    cfg.data.test_size = 100;
+    cfg.optim.batch_size = 100;
+    cfg.run.out = Some(tmp.path().join("lib"));
     rest::train::train(&cfg)?;
     let err = rest::train::train(&cfg)
         .err()

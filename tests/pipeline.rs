@@ -877,21 +877,15 @@ fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
         ))
     );
     // Overrides.
-    let c = {
-        let mut c = bffhq.clone();
-        c.data.image_size = Some(224);
-        c.data.augment = Some(false);
-        c.data.normalize = Some(false);
-        c
-    };
+    let mut c = bffhq.clone();
+    c.data.image_size = Some(224);
+    c.data.augment = Some(false);
+    c.data.normalize = Some(false);
     assert_eq!(c.data.plan().image_size, Some(224));
     assert_eq!(c.data.plan().train_transform, Transform::identity());
-    let c = {
-        let mut c = cfg(Some(folder("cmnist")));
-        c.data.augment = Some(true);
-        c.data.normalize = Some(true);
-        c
-    };
+    let mut c = cfg(Some(folder("cmnist")));
+    c.data.augment = Some(true);
+    c.data.normalize = Some(true);
     let t = c.data.plan().train_transform;
     assert_eq!((t.crop_padding, t.flip), (4, true));
     assert_eq!(

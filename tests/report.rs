@@ -19,14 +19,11 @@ use std::path::{Path, PathBuf};
 /// conflicting accuracy `conf`, training FLOPs fraction `tflops`) and a two-epoch metrics.csv.
 fn fake_run(dir: &Path, pct: f64, density: f64, seed: u64, unb: f64, conf: f64, tflops: f64) {
     std::fs::create_dir_all(dir).unwrap();
-    let cfg = {
-        let mut c = TrainConfig::default();
-        c.data.conflict_pct = pct;
-        c.sparse.density = density;
-        c.optim.seed = seed;
-        c.run.out = Some(dir.to_path_buf());
-        c
-    };
+    let mut cfg = TrainConfig::default();
+    cfg.data.conflict_pct = pct;
+    cfg.sparse.density = density;
+    cfg.optim.seed = seed;
+    cfg.run.out = Some(dir.to_path_buf());
     std::fs::write(dir.join("config.toml"), cfg.to_toml().unwrap()).unwrap();
     let group = |acc: f64| {
         json!({"n": 1000, "n_conflicting": 50, "loss": 0.5, "accuracy": acc, "aligned": 0.99,
@@ -327,15 +324,12 @@ fn other_varying_keys_become_row_columns() {
         let dir = root.join(format!("u{upweight}-lr{lr}"));
         let a = accs.next().unwrap();
         fake_run(&dir, 1.0, 0.05, 1, a, a, 0.1);
-        let cfg = {
-            let mut c = TrainConfig::default();
-            c.data.conflict_pct = 1.0;
-            c.sparse.density = 0.05;
-            c.optim.seed = 1;
-            c.method.upweight = Some(upweight);
-            c.optim.lr = lr;
-            c
-        };
+        let mut cfg = TrainConfig::default();
+        cfg.data.conflict_pct = 1.0;
+        cfg.sparse.density = 0.05;
+        cfg.optim.seed = 1;
+        cfg.method.upweight = Some(upweight);
+        cfg.optim.lr = lr;
         std::fs::write(dir.join("config.toml"), cfg.to_toml().unwrap()).unwrap();
     }
     write_report(root).unwrap();

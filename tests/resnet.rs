@@ -326,21 +326,18 @@ fn layer_flops_of_resnet18_at_224() -> Result<()> {
 fn short_sparse_runs_on_28x28_digits_with_both_stems() -> Result<()> {
     for stem in [Stem::Imagenet, Stem::Cifar] {
         let dir = tempfile::tempdir()?;
-        let cfg = {
-            let mut c = TrainConfig::default();
-            c.model.kind = ModelKind::Resnet18;
-            c.model.width = 8;
-            c.model.stem = stem;
-            c.sparse.density = 0.1;
-            c.optim.epochs = 1;
-            c.optim.batch_size = 64;
-            c.data.train_size = 256;
-            c.data.valid_size = 64;
-            c.data.test_size = 64;
-            c.sparse.update_frequency = 2;
-            c.run.out = Some(dir.path().to_path_buf());
-            c
-        };
+        let mut cfg = TrainConfig::default();
+        cfg.model.kind = ModelKind::Resnet18;
+        cfg.model.width = 8;
+        cfg.model.stem = stem;
+        cfg.sparse.density = 0.1;
+        cfg.optim.epochs = 1;
+        cfg.optim.batch_size = 64;
+        cfg.data.train_size = 256;
+        cfg.data.valid_size = 64;
+        cfg.data.test_size = 64;
+        cfg.sparse.update_frequency = 2;
+        cfg.run.out = Some(dir.path().to_path_buf());
         let out = rest::train::train(&cfg)?;
         let s = &out.summary;
         assert_eq!(s.model, "resnet18");

@@ -30,11 +30,8 @@ fn expected_dirs(base: &TrainConfig, seeds: &[u64]) -> Result<Vec<String>> {
     seeds
         .iter()
         .map(|&seed| {
-            let c = {
-                let mut c = base.clone();
-                c.optim.seed = seed;
-                c
-            };
+            let mut c = base.clone();
+            c.optim.seed = seed;
             Ok(format!("{}-{}", c.short_name(), &config_hash(&c)?[..8]))
         })
         .collect()
@@ -195,16 +192,13 @@ fn start_long_sweep(tmp: &Path, marker: &str) -> Result<(Child, Vec<PathBuf>)> {
         "[base]\nepochs = 3\ntrain_size = 3000\nvalid_size = 200\ntest_size = 200\n\
          density = 1.0\nbatch_size = 50\n[grid]\nseed = [1, 2]\n",
     )?;
-    let base = {
-        let mut c = TrainConfig::default();
-        c.optim.epochs = 3;
-        c.data.train_size = 3000;
-        c.data.valid_size = 200;
-        c.data.test_size = 200;
-        c.sparse.density = 1.0;
-        c.optim.batch_size = 50;
-        c
-    };
+    let mut base = TrainConfig::default();
+    base.optim.epochs = 3;
+    base.data.train_size = 3000;
+    base.data.valid_size = 200;
+    base.data.test_size = 200;
+    base.sparse.density = 1.0;
+    base.optim.batch_size = 50;
     let out = tmp.join("out");
     let child = Command::new(BIN)
         .args(["sweep", file.to_str().context("path")?, "--jobs", "2"])

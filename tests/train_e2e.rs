@@ -177,12 +177,9 @@ fn data_export_writes_npy() {
 #[test]
 fn diverging_loss_stops_with_an_error_naming_epoch_and_step() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = {
-        let mut c = tiny(dir.path(), ModelKind::Mlp, 1.0);
-        c.optim.lr = 1e12;
-        c.optim.epochs = 3;
-        c
-    };
+    let mut cfg = tiny(dir.path(), ModelKind::Mlp, 1.0);
+    cfg.optim.lr = 1e12;
+    cfg.optim.epochs = 3;
     let err = match rest::train::train(&cfg) {
         Ok(_) => panic!("a learning rate of 1e12 must diverge"),
         Err(e) => format!("{e:#}"),

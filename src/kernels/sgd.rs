@@ -7,55 +7,32 @@
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
-/// The in-place update of a sparse layer at its active positions: `index` (ascending dense
-/// indices) with the compact gradient `g` (`g[e]` belongs to `index[e]`). With a momentum
-/// buffer `b`: one pass over the buffer (`b = mom·b + g'`, reading the weight only for weight
-/// decay) that also keeps the new buffer values compactly, then one pass over the weight
-/// (`w -= lr·b` from those); without: `w -= lr·g'`. Each pass touches its array once, at the
-/// active positions, split over threads by ranges of `index` for large layers. `hyper` is
-/// `[lr, momentum, weight_decay]`; the `f32` operations are those of [`sgd_pass`].
+/// The in-place update of a sparse layer without momentum at its active positions: `index`
+/// (strictly ascending dense indices) with the compact gradient `g` (`g[e]` belongs to `index[e]`):
+/// `w -= lr·g'`, one pass over the weight at the active positions, split over threads by
+/// ranges of `index` for large layers. `hyper` is `[lr, momentum, weight_decay]`; the `f32`
+/// operations are those of [`sgd_pass`].
 pub(crate) fn compact_in_place(
     w: &Tensor,
-    b: Option<&Tensor>,
     index: &[usize],
     g: &[f32],
     hyper: [f32; 3],
 ) -> candle_core::Result<()> {
-    let Some(b) = b else {
-        return w.inplace_op1(&CompactUpdate {
-            index,
-            g,
-            hyper,
-            part: Part::Plain,
-            steps: std::sync::Mutex::new(Vec::new()),
-        });
-    };
-    let momentum = CompactUpdate {
-        index,
-        g,
-        hyper,
-        part: Part::Momentum,
-        steps: std::sync::Mutex::new(vec![0.0f32; index.len()]),
-    };
-    if hyper[2] != 0.0 {
-        b.inplace_op2(w, &momentum)?;
-    } else {
-        // No weight decay: the buffer's pass does not read the weight.
-        b.inplace_op1(&momentum)?;
-    }
     w.inplace_op1(&CompactUpdate {
-        part: Part::Weight,
-        ..momentum
+        index,
+        values: g,
+        hyper,
+        plain: true,
     })
 }
 
 /// The update of a sparse layer whose momentum is kept compactly (`b[e]` belongs to
 /// `index[e]`): `b = mom·b + g'` in one contiguous pass (reading the weight at `index` only
-/// for weight decay), then `w -= lr·b` at the active positions. The `f32` operations of
-/// [`sgd_pass`].
+/// for weight decay), then `w -= lr·b` in one pass over the weight at the active positions.
+/// The `f32` operations of [`sgd_pass`].
 pub(crate) fn compact_momentum(
     w: &Tensor,
-    b: &mut Vec<f32>,
+    b: &mut [f32],
     index: &[usize],
     g: &[f32],
     hyper: [f32; 3],
@@ -76,19 +53,12 @@ pub(crate) fn compact_momentum(
             *bv = *bv * mom + gv;
         }
     }
-    let op = CompactUpdate {
+    w.inplace_op1(&CompactUpdate {
         index,
-        g,
+        values: b,
         hyper,
-        part: Part::Weight,
-        steps: std::sync::Mutex::new(std::mem::take(b)),
-    };
-    let r = w.inplace_op1(&op);
-    *b = match op.steps.into_inner() {
-        Ok(v) => v,
-        Err(p) => p.into_inner(),
-    };
-    r
+        plain: false,
+    })
 }
 
 /// One in-place pass of the dense update on `dst` reading `src` (see [`Part`]) and the
@@ -104,92 +74,57 @@ pub(crate) fn dense_in_place(
     dst.inplace_op2(src, &DenseUpdate { g, hyper, part })
 }
 
-/// Which in-place pass an update runs.
+/// Which pass of the dense in-place update runs.
 #[derive(Clone, Copy)]
 pub(crate) enum Part {
     /// On the momentum buffer (source: the weight): `b = mom·b + (g + wd·w)`.
     Momentum,
     /// On the weight (source: the new momentum): `w = w - lr·b`.
     Weight,
-    /// On the weight, no momentum: `w = w - lr·(g + wd·w)`.
-    Plain,
 }
 
+/// One pass over a weight at its active positions `index`: subtracts `lr·values[e]` (the new
+/// compact momentum), or with `plain` `lr·(values[e] + wd·w)` (the gradient, no momentum).
 struct CompactUpdate<'a> {
     index: &'a [usize],
-    g: &'a [f32],
+    values: &'a [f32],
     hyper: [f32; 3],
-    part: Part,
-    /// The new momentum at `index` (compact): written by the buffer's pass, read by the
-    /// weight's.
-    steps: std::sync::Mutex<Vec<f32>>,
+    plain: bool,
 }
 
-/// Entries per task of the compact passes (below twice this, one serial pass).
+/// Entries per task of the compact pass (below twice this, one serial pass).
 const COMPACT_CHUNK: usize = 1 << 14;
 
 impl CompactUpdate<'_> {
-    /// The pass over `dst` (the buffer, or the weight); `src` is the weight where the
-    /// buffer's pass reads it for weight decay.
-    fn run(&self, dst: &mut [f32], src: &[f32]) -> candle_core::Result<()> {
-        let [lr, mom, wd] = self.hyper;
-        let (index, g) = (self.index, self.g);
-        let decays = wd != 0.0 && matches!(self.part, Part::Momentum);
-        if index.len() != g.len()
+    fn run(&self, dst: &mut [f32]) -> candle_core::Result<()> {
+        let [lr, _, wd] = self.hyper;
+        // Weight decay enters here only without momentum (else it is in the momentum).
+        let wd = if self.plain { wd } else { 0.0 };
+        let (index, values) = (self.index, self.values);
+        // Strictly ascending indices (a layer's active positions in row-major order) below
+        // the parameter's size: every entry lies in `dst`, and consecutive chunks of entries
+        // own disjoint windows of it.
+        if index.len() != values.len()
+            || !index.is_sorted_by(|a, b| a < b)
             || index.last().is_some_and(|&k| k >= dst.len())
-            || (decays && src.len() != dst.len())
         {
             candle_core::bail!("sgd: compact gradient does not fit the parameter");
         }
-        let mut guard = match self.steps.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let steps: &mut [f32] = &mut guard;
-        let part = self.part;
-        if !matches!(part, Part::Plain) && steps.len() != index.len() {
-            candle_core::bail!("sgd: compact momentum steps missing");
-        }
-        // Entries e0..e0 + st.len() (or + n) of one task, over the dense window at `base`.
-        let task = |e0: usize, base: usize, d: &mut [f32], st: &mut [f32], n: usize| {
-            let (ix, gs) = (&index[e0..e0 + n], &g[e0..e0 + n]);
-            match part {
-                Part::Momentum if decays => {
-                    for ((&k, &gv), sv) in ix.iter().zip(gs).zip(st.iter_mut()) {
-                        let b = &mut d[k - base];
-                        *b = *b * mom + (gv + src[k] * wd);
-                        *sv = *b;
-                    }
-                }
-                Part::Momentum => {
-                    for ((&k, &gv), sv) in ix.iter().zip(gs).zip(st.iter_mut()) {
-                        let b = &mut d[k - base];
-                        *b = *b * mom + gv;
-                        *sv = *b;
-                    }
-                }
-                Part::Weight => {
-                    for (&k, &sv) in ix.iter().zip(st.iter()) {
-                        d[k - base] -= sv * lr;
-                    }
-                }
-                Part::Plain => {
-                    for (&k, &gv) in ix.iter().zip(gs) {
-                        let w = &mut d[k - base];
-                        let gd = if wd != 0.0 { gv + *w * wd } else { gv };
-                        *w -= gd * lr;
-                    }
-                }
+        // Entries e0..e0 + n of one task, over the dense window of `dst` at `base`.
+        let task = |e0: usize, base: usize, d: &mut [f32], n: usize| {
+            let (ix, vs) = (&index[e0..e0 + n], &values[e0..e0 + n]);
+            for (&k, &v) in ix.iter().zip(vs) {
+                let w = &mut d[k - base];
+                *w -= if wd != 0.0 { v + *w * wd } else { v } * lr;
             }
         };
         let n = index.len();
-        if n < 2 * COMPACT_CHUNK || !index.is_sorted_by(|a, b| a < b) {
-            task(0, 0, dst, steps, n);
+        if n < 2 * COMPACT_CHUNK {
+            task(0, 0, dst, n);
             return Ok(());
         }
-        // Ascending indices: consecutive chunks of entries own disjoint dense windows.
         let mut jobs = Vec::with_capacity(n.div_ceil(COMPACT_CHUNK));
-        let (mut rest, mut st_rest, mut base, mut e0) = (dst, steps, 0usize, 0usize);
+        let (mut rest, mut base, mut e0) = (dst, 0usize, 0usize);
         while e0 < n {
             let len = COMPACT_CHUNK.min(n - e0);
             let end = if e0 + len < n {
@@ -198,12 +133,11 @@ impl CompactUpdate<'_> {
                 base + rest.len()
             };
             let (d, tail) = rest.split_at_mut(end - base);
-            let (st, st_tail) = st_rest.split_at_mut(if st_rest.is_empty() { 0 } else { len });
-            jobs.push((e0, base, d, st, len));
-            (rest, st_rest, base, e0) = (tail, st_tail, end, e0 + len);
+            jobs.push((e0, base, d, len));
+            (rest, base, e0) = (tail, end, e0 + len);
         }
         jobs.into_par_iter()
-            .for_each(|(e0, base, d, st, len)| task(e0, base, d, st, len));
+            .for_each(|(e0, base, d, len)| task(e0, base, d, len));
         Ok(())
     }
 }
@@ -215,28 +149,7 @@ impl InplaceOp1 for CompactUpdate<'_> {
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
         let dst = contiguous_mut(s, l)?;
-        self.run(dst, &[])
-    }
-}
-
-impl InplaceOp2 for CompactUpdate<'_> {
-    fn name(&self) -> &'static str {
-        "rest-sgd-compact"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        src: &CpuStorage,
-        src_l: &Layout,
-    ) -> candle_core::Result<()> {
-        let src = contiguous(src, src_l)?;
-        let dst = contiguous_mut(dst, dst_l)?;
-        if dst.len() != src.len() {
-            candle_core::bail!("sgd: weight and momentum differ in size");
-        }
-        self.run(dst, src)
+        self.run(dst)
     }
 }
 
@@ -257,7 +170,7 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32
 
 /// The in-place SGD update of a dense parameter with a momentum buffer, in two passes with
 /// the arithmetic of [`sgd_pass`]: `Part::Momentum` on the buffer (source: the weight), then
-/// `Part::Weight` on the weight (source: the new buffer). `Part::Plain` is not used here.
+/// `Part::Weight` on the weight (source: the new buffer).
 struct DenseUpdate<'a> {
     g: &'a [f32],
     hyper: [f32; 3],
@@ -292,7 +205,7 @@ impl InplaceOp2 for DenseUpdate<'_> {
                         *b = *b * mom + if wd != 0.0 { gv + wv * wd } else { gv };
                     }
                 }
-                _ => {
+                Part::Weight => {
                     for (w, &bv) in d.iter_mut().zip(s) {
                         *w -= bv * lr;
                     }

@@ -138,14 +138,15 @@ impl Momentum {
                 }
                 Ok(out)
             }
-            Momentum::Dense(t) => {
-                if index.last().is_some_and(|&k| k >= t.elem_count()) {
-                    anyhow::bail!("the momentum buffer is smaller than the layer's pattern");
-                }
-                Ok(with_f32(&t, "momentum", |b| {
-                    Ok(index.iter().map(|&k| b[k]).collect::<Vec<f32>>())
-                })?)
-            }
+            Momentum::Dense(t) => Ok(with_f32(&t, "momentum", |b| {
+                index
+                    .iter()
+                    .map(|&k| match b.get(k) {
+                        Some(&v) => Ok(v),
+                        None => candle_core::bail!("momentum buffer smaller than the pattern"),
+                    })
+                    .collect::<candle_core::Result<Vec<f32>>>()
+            })?),
         }
     }
 }
@@ -208,13 +209,9 @@ impl Sgd {
             };
             // A dense gradient (every step of a dense layer, a sparse layer's mask-update
             // steps): the buffer in full.
-            let mut dense_buf = match slot.take() {
-                Some(m) => Some(m.dense(p)?),
-                None => None,
-            };
-            let buf = &mut dense_buf;
-            let result = dense_step(p, backend, g, buf, self.momentum != 0.0, [lr, mom, wd]);
-            *slot = dense_buf.map(Momentum::Dense);
+            let mut buf = slot.take().map(|m| m.dense(p)).transpose()?;
+            let result = dense_step(p, backend, g, &mut buf, self.momentum != 0.0, [lr, mom, wd]);
+            *slot = buf.map(Momentum::Dense);
             result?;
         }
         Ok(())
@@ -230,69 +227,65 @@ fn dense_step(
     use_mom: bool,
     [lr, mom, wd]: [f32; 3],
 ) -> Result<()> {
-    {
+    let w = p.var.as_tensor();
+    if g.dims() != w.dims() {
+        anyhow::bail!(
+            "gradient of {} has shape {:?}, the parameter {:?}",
+            p.name,
+            g.dims(),
+            w.dims()
+        );
+    }
+    let n = w.elem_count();
+    if backend.is_generic() {
+        // Off the CPU (CUDA), or with REST_KERNELS=candle: the same formula in
+        // candle's tensor ops, on the device.
+        let old = if use_mom { buf.take() } else { None };
+        let (new_w, new_buf) = tensor_step(w, g, old.as_ref(), use_mom, [lr, mom, wd])
+            .with_context(|| format!("updating {}", p.name))?;
+        *buf = new_buf;
+        p.var
+            .set(&new_w)
+            .with_context(|| format!("updating {}", p.name))?;
+        return Ok(());
+    }
+    if use_mom && w.device().is_cpu() && w.is_contiguous() {
+        if let Some(b) = buf
+            .as_ref()
+            .filter(|b| b.dims() == w.dims() && b.is_contiguous())
         {
-            let w = p.var.as_tensor();
-            if g.dims() != w.dims() {
-                anyhow::bail!(
-                    "gradient of {} has shape {:?}, the parameter {:?}",
-                    p.name,
-                    g.dims(),
-                    w.dims()
-                );
-            }
-            let n = w.elem_count();
-            if backend.is_generic() {
-                // Off the CPU (CUDA), or with REST_KERNELS=candle: the same formula in
-                // candle's tensor ops, on the device.
-                let old = if use_mom { buf.take() } else { None };
-                let (new_w, new_buf) = tensor_step(w, g, old.as_ref(), use_mom, [lr, mom, wd])
-                    .with_context(|| format!("updating {}", p.name))?;
-                *buf = new_buf;
-                p.var
-                    .set(&new_w)
-                    .with_context(|| format!("updating {}", p.name))?;
-                return Ok(());
-            }
-            if use_mom && w.device().is_cpu() && w.is_contiguous() {
-                if let Some(b) = buf
-                    .as_ref()
-                    .filter(|b| b.dims() == w.dims() && b.is_contiguous())
-                {
-                    // Momentum, then weight, updated in place: no new buffers each step.
-                    with_f32(g, "sgd", |gs| {
-                        let hyper = [lr, mom, wd];
-                        sgd::dense_in_place(b, w, gs, hyper, Part::Momentum)?;
-                        sgd::dense_in_place(w, b, gs, hyper, Part::Weight)
-                    })
-                    .with_context(|| format!("updating {}", p.name))?;
-                    return Ok(());
-                }
-            }
-            let old = if use_mom { buf.take() } else { None };
-            let (new_w, new_buf) = with_f32(w, "sgd", |ws| {
-                with_f32(g, "sgd", |gs| {
-                    let mut nw = output_buffer(n);
-                    let mut nb = output_buffer(if use_mom { n } else { 0 });
-                    match &old {
-                        Some(b) => with_f32(b, "sgd", |bs| {
-                            sgd_pass(&mut nw, &mut nb, ws, gs, Some(bs), [lr, mom, wd]);
-                            Ok(())
-                        })?,
-                        None => sgd_pass(&mut nw, &mut nb, ws, gs, None, [lr, mom, wd]),
-                    }
-                    Ok((nw, nb))
-                })
+            // Momentum, then weight, updated in place: no new buffers each step.
+            with_f32(g, "sgd", |gs| {
+                let hyper = [lr, mom, wd];
+                sgd::dense_in_place(b, w, gs, hyper, Part::Momentum)?;
+                sgd::dense_in_place(w, b, gs, hyper, Part::Weight)
             })
             .with_context(|| format!("updating {}", p.name))?;
-            if use_mom {
-                *buf = Some(Tensor::from_vec(new_buf, w.shape(), w.device())?);
-            }
-            p.var
-                .set(&Tensor::from_vec(new_w, w.shape(), w.device())?)
-                .with_context(|| format!("updating {}", p.name))?;
+            return Ok(());
         }
     }
+    let old = if use_mom { buf.take() } else { None };
+    let (new_w, new_buf) = with_f32(w, "sgd", |ws| {
+        with_f32(g, "sgd", |gs| {
+            let mut nw = output_buffer(n);
+            let mut nb = output_buffer(if use_mom { n } else { 0 });
+            match &old {
+                Some(b) => with_f32(b, "sgd", |bs| {
+                    sgd_pass(&mut nw, &mut nb, ws, gs, Some(bs), [lr, mom, wd]);
+                    Ok(())
+                })?,
+                None => sgd_pass(&mut nw, &mut nb, ws, gs, None, [lr, mom, wd]),
+            }
+            Ok((nw, nb))
+        })
+    })
+    .with_context(|| format!("updating {}", p.name))?;
+    if use_mom {
+        *buf = Some(Tensor::from_vec(new_buf, w.shape(), w.device())?);
+    }
+    p.var
+        .set(&Tensor::from_vec(new_w, w.shape(), w.device())?)
+        .with_context(|| format!("updating {}", p.name))?;
     Ok(())
 }
 
@@ -384,7 +377,9 @@ fn compact_step(
 ) -> Result<()> {
     let w = p.var.as_tensor();
     let n = w.elem_count();
-    if index.len() != g.len() || index.iter().any(|&k| k >= n) {
+    // (That the indices ascend, so that every one lies in the weight, the update's pass
+    // checks.)
+    if index.len() != g.len() || index.last().is_some_and(|&k| k >= n) {
         anyhow::bail!(
             "compact gradient of {} ({} values) does not fit the weight {:?}",
             p.name,
@@ -394,7 +389,7 @@ fn compact_step(
     }
     let hyper = [lr, mom, wd];
     if !use_mom {
-        sgd::compact_in_place(w, None, &index, g, hyper)?;
+        sgd::compact_in_place(w, &index, g, hyper)?;
         return Ok(());
     }
     let values = match slot.take() {
@@ -405,14 +400,21 @@ fn compact_step(
         }
         None => {
             // First step: `b = g'`, then `w -= lr·g'` (the plain pass).
-            let b = with_f32(w, "sgd", |ws| {
-                Ok(index
-                    .iter()
-                    .zip(g)
-                    .map(|(&k, &gv)| if wd != 0.0 { gv + ws[k] * wd } else { gv })
-                    .collect::<Vec<f32>>())
-            })?;
-            sgd::compact_in_place(w, None, &index, g, hyper)?;
+            let b = if wd != 0.0 {
+                with_f32(w, "sgd", |ws| {
+                    index
+                        .iter()
+                        .zip(g)
+                        .map(|(&k, &gv)| match ws.get(k) {
+                            Some(&wk) => Ok(gv + wk * wd),
+                            None => candle_core::bail!("compact gradient outside the weight"),
+                        })
+                        .collect::<candle_core::Result<Vec<f32>>>()
+                })?
+            } else {
+                g.to_vec()
+            };
+            sgd::compact_in_place(w, &index, g, hyper)?;
             b
         }
     };

@@ -535,10 +535,6 @@ impl SparseConv {
             // Pixels that no output reads get zero gradient (the others are written below).
             dx.fill(0.0);
         }
-        if let Some(t) = &self.tiny {
-            self.backward_input_tiny(t, w, dyv, dx);
-            return Ok(());
-        }
         let vals: Vec<f32> = self
             .bwd_src
             .iter()
@@ -553,6 +549,24 @@ impl SparseConv {
         };
         let s = g.stride;
         let hw = g.h * g.w;
+        if let Some(t) = &self.tiny {
+            // The tap rows, then each pixel's sum over the taps that read it (col2im; `dx`
+            // is zeroed above: the tiny layout does not cover the input).
+            let (nt, ohw) = (t.taps.len(), g.oh() * g.ow());
+            self.with_gradient_planes(&csr, dyv, dx, nt * lay.l, |row0, dx_c| {
+                for (reads, row) in t.reads.iter().zip(row0.chunks_exact(lay.l)) {
+                    for (p, read) in reads.iter().enumerate() {
+                        if let Some(at) = *read {
+                            let src = row.iter().skip(p).step_by(ohw);
+                            for (d, &v) in dx_c[at..].iter_mut().step_by(hw).zip(src) {
+                                *d += v;
+                            }
+                        }
+                    }
+                }
+            });
+            return Ok(());
+        }
         if s == 1 && g.pad == 0 {
             // One phase, unpadded: the plane of channel c is its N images (PH = H, PW = W).
             let sink = Sink::Rows(OutPtr(dx.as_mut_ptr()), lay.l);
@@ -563,40 +577,11 @@ impl SparseConv {
         if let (true, Some(rows)) = (vector, &self.rows) {
             // The phase planes of the gradient into a scratch buffer, then whole image rows
             // from them: full-row stores instead of one strided store per phase row.
-            let planes = lay.planes(g);
-            let mut run = |buf: &mut Vec<f32>| {
-                if buf.len() < planes * lay.l {
-                    buf.resize(planes * lay.l, 0.0);
-                }
-                let sink = Sink::Rows(OutPtr(buf.as_mut_ptr()), lay.l);
-                run_offset_spmm(self.isa, &csr, dyv, lay.l, g.oc, sink);
-                let buf = &buf[..planes * lay.l];
-                let per_c = lay.sy * lay.sx * lay.l;
-                let channel = |(c, dx_c): (usize, &mut [f32])| {
-                    // SAFETY: AVX-512 is available (`vector_ok`); the channel's planes
-                    // `buf[c·sy·sx·l ..][..sy·sx·l]` are in the buffer; `dx_c` is exactly the
-                    // channel's N images, owned by this task.
-                    unsafe {
-                        phase::unpack_rows(
-                            rows,
-                            buf[c * per_c..][..per_c].as_ptr(),
-                            lay.l,
-                            g.n,
-                            dx_c.as_mut_ptr(),
-                        )
-                    }
-                };
-                if g.x_len() < SERIAL_FLOPS {
-                    dx.chunks_exact_mut(g.n * hw).enumerate().for_each(channel);
-                } else {
-                    dx.par_chunks_exact_mut(g.n * hw)
-                        .enumerate()
-                        .for_each(channel);
-                }
-            };
-            PLANE_BUF.with(|cell| match cell.try_borrow_mut() {
-                Ok(mut buf) => run(&mut buf),
-                Err(_) => run(&mut Vec::new()),
+            self.with_gradient_planes(&csr, dyv, dx, lay.sy * lay.sx * lay.l, |planes, dx_c| {
+                // SAFETY: AVX-512 is available (`vector_ok`); `planes` are the channel's
+                // sy·sx planes of `l`; `dx_c` is exactly the channel's N images, owned by this
+                // task.
+                unsafe { phase::unpack_rows(rows, planes.as_ptr(), lay.l, g.n, dx_c.as_mut_ptr()) }
             });
             return Ok(());
         }
@@ -683,51 +668,31 @@ impl SparseConv {
         }
     }
 
-    /// The tiny layout's input gradient: the transposed product into the tap rows, then each
-    /// pixel's sum over the taps that read it (col2im).
-    fn backward_input_tiny(&self, t: &Tiny, w: &SparseMatrix, dyv: &[f32], dx: &mut [f32]) {
+    /// The input gradient's planes (the transposed product `csr` of `dyv`) into a per-thread
+    /// scratch buffer, then `channel(planes of c, dx of c)` for every input channel `c`, whose
+    /// planes are the `per_c` values from `c·per_c` on.
+    fn with_gradient_planes(
+        &self,
+        csr: &Csr<'_>,
+        dyv: &[f32],
+        dx: &mut [f32],
+        per_c: usize,
+        channel: impl Fn(&[f32], &mut [f32]) + Sync,
+    ) {
         let g = &self.geom;
-        let (lay, nt) = (self.lay, t.taps.len());
-        let (ohw, hw) = (g.oh() * g.ow(), g.h * g.w);
-        let vals: Vec<f32> = self
-            .bwd_src
-            .iter()
-            .map(|&e| w.values()[e as usize])
-            .collect();
-        let csr = Csr {
-            rows: lay.planes,
-            cols: self.grad_len(),
-            row_ptr: &self.bwd_row_ptr,
-            col_idx: &self.bwd_off,
-            values: &vals,
-        };
+        let (len, per_x) = (csr.rows * self.lay.l, g.n * g.h * g.w);
         let mut run = |buf: &mut Vec<f32>| {
-            if buf.len() < lay.planes * lay.l {
-                buf.resize(lay.planes * lay.l, 0.0);
+            if buf.len() < len {
+                buf.resize(len, 0.0);
             }
-            let sink = Sink::Rows(OutPtr(buf.as_mut_ptr()), lay.l);
-            run_offset_spmm(self.isa, &csr, dyv, lay.l, g.oc, sink);
-            let buf = &buf[..lay.planes * lay.l];
-            let channel = |(c, dx_c): (usize, &mut [f32])| {
-                dx_c.fill(0.0);
-                for (i, reads) in t.reads.iter().enumerate() {
-                    let row = &buf[(c * nt + i) * lay.l..][..lay.l];
-                    for (p, read) in reads.iter().enumerate() {
-                        if let Some(at) = *read {
-                            let src = row.iter().skip(p).step_by(ohw);
-                            for (d, &v) in dx_c[at..].iter_mut().step_by(hw).zip(src) {
-                                *d += v;
-                            }
-                        }
-                    }
-                }
-            };
+            let sink = Sink::Rows(OutPtr(buf.as_mut_ptr()), self.lay.l);
+            run_offset_spmm(self.isa, csr, dyv, self.lay.l, g.oc, sink);
+            let buf = &buf[..len];
+            let one = |(c, dx_c): (usize, &mut [f32])| channel(&buf[c * per_c..][..per_c], dx_c);
             if g.x_len() < SERIAL_FLOPS {
-                dx.chunks_exact_mut(g.n * hw).enumerate().for_each(channel);
+                dx.chunks_exact_mut(per_x).enumerate().for_each(one);
             } else {
-                dx.par_chunks_exact_mut(g.n * hw)
-                    .enumerate()
-                    .for_each(channel);
+                dx.par_chunks_exact_mut(per_x).enumerate().for_each(one);
             }
         };
         PLANE_BUF.with(|cell| match cell.try_borrow_mut() {

@@ -169,18 +169,13 @@ impl SparseMatrix {
             gather((0, rows, &mut self.values));
         } else {
             // Row blocks of about equal nnz, each reading its own rows of `w`.
-            let tasks = 4 * rayon::current_num_threads();
-            let per = self.values.len().div_ceil(tasks);
-            let mut jobs = Vec::with_capacity(tasks);
-            let (mut rest, mut r0) = (&mut self.values[..], 0);
-            while r0 < rows {
-                let mut r1 = r0 + 1;
-                while r1 < rows && row_ptr[r1] - row_ptr[r0] < per {
-                    r1 += 1;
-                }
-                let (head, tail) = rest.split_at_mut(row_ptr[r1] - row_ptr[r0]);
-                jobs.push((r0, r1, head));
-                (rest, r0) = (tail, r1);
+            let bounds = super::kernels::split_rows(row_ptr, 4 * rayon::current_num_threads());
+            let mut jobs = Vec::with_capacity(bounds.len());
+            let mut rest = &mut self.values[..];
+            for b in bounds.windows(2) {
+                let (head, tail) = rest.split_at_mut(row_ptr[b[1]] - row_ptr[b[0]]);
+                jobs.push((b[0], b[1], head));
+                rest = tail;
             }
             jobs.into_par_iter().for_each(gather);
         }
