@@ -70,9 +70,10 @@ pub struct BenchArgs {
     /// Input height and width for ResNet models (default: 32); MLP and CNN take 28x28.
     #[arg(long, value_name = "H")]
     pub hw: Option<usize>,
-    /// After timing each training step, run the steps again with every recorded op timed and
-    /// print (on stderr) where a step's time goes: per op and output shape (which tells the
-    /// layers apart), calls, forward and backward milliseconds per step, share of the step.
+    /// After timing each training step and each inference batch, run them again with every
+    /// recorded op timed and print (on stderr) where the time goes: per op and output shape
+    /// (which tells the layers apart), calls, forward and backward milliseconds per step,
+    /// share of the step.
     #[arg(long)]
     pub profile: bool,
 }
@@ -468,12 +469,16 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                 };
                 let (median, min, max) = stats(&mut ms);
                 let median_cpu = cpu.map(|mut v| stats(&mut v).0);
-                if m == 0 && args.profile {
+                if args.profile {
                     let mut none: [Vec<f64>; 3] = Default::default();
                     crate::kernels::profile::enable(true);
                     let t = Instant::now();
                     for _ in 0..args.steps {
-                        train_step(&mut s, &x, &y, &mut none)?;
+                        if m == 0 {
+                            train_step(&mut s, &x, &y, &mut none)?;
+                        } else {
+                            infer_step(&s, &x)?;
+                        }
                         dev.synchronize()?;
                     }
                     let step_ms = t.elapsed().as_secs_f64() * 1e3 / args.steps as f64;
@@ -481,7 +486,7 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                     let rows = crate::kernels::profile::take();
                     eprintln!(
                         "{}",
-                        profile_table(kind.as_str(), density, step_ms, args.steps, &rows)
+                        profile_table(kind.as_str(), mode, density, step_ms, args.steps, &rows)
                     );
                 }
                 // Phase medians over the timed steps only (the warm-up steps come first).
@@ -535,6 +540,7 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
 /// first.
 pub fn profile_table(
     model: &str,
+    mode: &str,
     density: f64,
     step_ms: f64,
     steps: usize,
@@ -549,7 +555,7 @@ pub fn profile_table(
     });
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(2).max(2);
     let mut s = format!(
-        "profile: {model} at density {density}, {step_ms:.2} ms per step ({steps} steps)\n\
+        "profile: {model} {mode} at density {density}, {step_ms:.2} ms per step ({steps} steps)\n\
          {:<width$}  calls    fwd ms    bwd ms  share\n",
         "op"
     );
@@ -704,7 +710,8 @@ mod tests {
 
     #[test]
     fn profile_counts_every_recorded_op_of_each_step() -> Result<()> {
-        // The CNN at density 1: per step, three conv+BN+ReLU ops, the pool and the classifier.
+        // The CNN at density 1: per step, three conv+BN+ReLU ops, the pool and the classifier
+        // (recorded, with a backward pass), and the loss (run after the recording).
         let dev = Device::Cpu;
         let input = (3, 28, 28);
         let mut s = setup(ModelKind::Cnn, input, 1.0, KernelMode::Auto, &dev)?;
@@ -722,19 +729,42 @@ mod tests {
         crate::kernels::profile::enable(false);
         let rows = crate::kernels::profile::take();
         let calls: usize = rows.iter().map(|(_, t)| t.calls).sum();
-        assert_eq!(calls, 3 * 5, "{rows:?}");
-        assert!(rows
+        assert_eq!(calls, 3 * 6, "{rows:?}");
+        let (recorded, loss): (Vec<_>, Vec<_>) = rows
+            .iter()
+            .partition(|(k, _)| !k.starts_with("rest-softmax-nll"));
+        assert_eq!(loss.len(), 1, "{rows:?}");
+        assert!(recorded
             .iter()
             .all(|(_, t)| t.backward > std::time::Duration::ZERO));
         assert!(rows
             .iter()
             .any(|(k, _)| k.starts_with("rest-conv-bn-relu-cnhw [64, 4, 14, 14]")));
-        let table = profile_table("cnn", 1.0, 1000.0, 3, &rows);
+        let table = profile_table("cnn", "train", 1.0, 1000.0, 3, &rows);
         assert_eq!(table.lines().count(), 2 + rows.len() + 1, "{table}");
         assert!(table.contains("recorded ops"), "{table}");
         // Nothing is collected while profiling is off.
         train_step(&mut s, &x, &y, &mut phases)?;
         assert!(crate::kernels::profile::take().is_empty());
+        // Inference: the eval ops (folded BatchNorm), forward only.
+        crate::kernels::profile::enable(true);
+        infer_step(&s, &x)?;
+        crate::kernels::profile::enable(false);
+        let rows = crate::kernels::profile::take();
+        let calls: usize = rows.iter().map(|(_, t)| t.calls).sum();
+        // Three conv+BN+ReLU ops and the pool, or (AVX-512) the stack that runs them as one.
+        let stack = rows.iter().any(|(k, _)| k.starts_with("rest-conv-stack"));
+        assert_eq!(calls, if stack { 2 } else { 5 }, "{rows:?}");
+        assert!(
+            stack
+                || rows
+                    .iter()
+                    .any(|(k, _)| k.starts_with("rest-conv-bn-relu-eval-cnhw [64, 4, 14, 14]")),
+            "{rows:?}"
+        );
+        assert!(rows
+            .iter()
+            .all(|(_, t)| t.backward == std::time::Duration::ZERO));
         Ok(())
     }
 

@@ -88,6 +88,15 @@ fn chain_geoms(op: &str, x: &Tensor, layers: &[EvalConvBn]) -> Result<Vec<Conv2d
 /// (any strides, e.g. the feature-major batch layout), each layer a convolution with its
 /// inference BatchNorm (+ ReLU). Requires [`conv_stack_applies`]. Not differentiable.
 pub fn conv_stack_pool_eval(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tensor> {
+    let t0 = super::profile::enabled().then(std::time::Instant::now);
+    let y = stack_pool(x, layers)?;
+    if let Some(t0) = t0 {
+        super::profile::add_forward("rest-conv-stack-pool-eval", y.dims(), t0.elapsed());
+    }
+    Ok(y)
+}
+
+fn stack_pool(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tensor> {
     const F: &str = "conv_stack_pool_eval";
     if !conv_stack_applies(x, layers) {
         bail!("{F}: needs an f32 [N, C, H, W] CPU tensor, AVX-512 and a pattern per layer");

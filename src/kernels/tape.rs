@@ -480,6 +480,21 @@ fn op_name(op: &OpRef) -> &'static str {
     }
 }
 
+/// Runs an op outside a recording (inference, or no tape), its time added to the profile
+/// when one is being collected.
+fn untracked(
+    name: &str,
+    f: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    if !super::profile::enabled() {
+        return f();
+    }
+    let t0 = std::time::Instant::now();
+    let y = f()?;
+    super::profile::add_forward(name, y.dims(), t0.elapsed());
+    Ok(y)
+}
+
 fn tracked(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())
 }
@@ -500,11 +515,12 @@ pub(crate) fn op1_keep<C: CustomOp1 + Send + Sync + 'static>(
     keep: Keep,
 ) -> candle_core::Result<Tensor> {
     if !tracked(&[x]) {
-        return x.apply_op1_no_bwd(&op);
+        return untracked(op.name(), || x.apply_op1_no_bwd(&op));
     }
     let op: Op1 = Arc::new(Box::new(op));
     if !is_recording() {
-        return x.apply_op1_arc(op);
+        let name = op.name();
+        return untracked(name, || x.apply_op1_arc(op));
     }
     apply_recorded(
         OpRef::One(op.clone()),
@@ -532,11 +548,12 @@ pub(crate) fn op2_keep<C: CustomOp2 + Send + Sync + 'static>(
     keep: Keep,
 ) -> candle_core::Result<Tensor> {
     if !tracked(&[x, a]) {
-        return x.apply_op2_no_bwd(a, &op);
+        return untracked(op.name(), || x.apply_op2_no_bwd(a, &op));
     }
     let op: Op2 = Arc::new(Box::new(op));
     if !is_recording() {
-        return x.apply_op2_arc(a, op);
+        let name = op.name();
+        return untracked(name, || x.apply_op2_arc(a, op));
     }
     apply_recorded(
         OpRef::Two(op.clone()),
@@ -566,11 +583,12 @@ pub(crate) fn op3_keep<C: CustomOp3 + Send + Sync + 'static>(
     keep: Keep,
 ) -> candle_core::Result<Tensor> {
     if !tracked(&[x, a, b]) {
-        return x.apply_op3_no_bwd(a, b, &op);
+        return untracked(op.name(), || x.apply_op3_no_bwd(a, b, &op));
     }
     let op: Op3 = Arc::new(Box::new(op));
     if !is_recording() {
-        return x.apply_op3_arc(a, b, op);
+        let name = op.name();
+        return untracked(name, || x.apply_op3_arc(a, b, op));
     }
     apply_recorded(
         OpRef::Three(op.clone()),
