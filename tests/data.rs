@@ -266,7 +266,8 @@ fn generated_splits_use_the_split_digits() {
             assert_eq!(split.labels[j], u32::from(lb[d]));
             // At sigma 0 every pixel is exactly the grey value times the palette colour.
             let col = LFF_PALETTE[split.bias[j] as usize];
-            let out = &split.images[j * 2352..(j + 1) * 2352];
+            let out =
+                &split.images.bytes().expect("images in one buffer")[j * 2352..(j + 1) * 2352];
             for (p, &g) in im.image(d).iter().enumerate() {
                 for ch in 0..3 {
                     let want = round_div(u64::from(g) * u64::from(col[ch]), 255);
@@ -364,7 +365,9 @@ fn digit_colour_is_the_palette_colour_and_background_black() {
         let col = LFF_PALETTE[ds0.train.labels[j] as usize];
         for (ch, &pal) in col.iter().enumerate() {
             let want = f64::from(m) * f64::from(pal) / 255.0;
-            let got = f64::from(ds0.train.images[j * 2352 + 3 * p + ch]);
+            let got = f64::from(
+                ds0.train.images.bytes().expect("images in one buffer")[j * 2352 + 3 * p + ch],
+            );
             assert!((got - want).abs() <= 0.5 + 1e-9, "got {got}, want {want}");
         }
         checked += 1;
@@ -388,7 +391,8 @@ fn digit_colour_is_the_palette_colour_and_background_black() {
     ] {
         for (j, &d) in idx.iter().enumerate() {
             let grey = im.image(d);
-            let out = &split.images[j * 2352..(j + 1) * 2352];
+            let out =
+                &split.images.bytes().expect("images in one buffer")[j * 2352..(j + 1) * 2352];
             let (p, &m) = grey
                 .iter()
                 .enumerate()
@@ -607,7 +611,10 @@ fn export_round_trips_through_npyz() {
             npy.dtype(),
             npyz::DType::Plain("|u1".parse().expect("dtype"))
         );
-        assert_eq!(npy.into_vec::<u8>().expect("u8 data"), split.images);
+        assert_eq!(
+            npy.into_vec::<u8>().expect("u8 data"),
+            split.images.bytes().expect("images in one buffer")
+        );
         for (kind, want) in [("labels", &split.labels), ("bias", &split.bias)] {
             let bytes = std::fs::read(out.join(format!("{s}_{kind}.npy"))).expect("read");
             let npy = npyz::NpyFile::new(&bytes[..]).expect("npy");

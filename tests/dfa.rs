@@ -83,7 +83,7 @@ fn check_split(split: &rest::data::Split, files: &Files, k: u32) {
             .and_then(|f| f.split('_').next())
             .and_then(|s| s.parse().ok())
             .expect("id");
-        let px = &split.images[i * 36..i * 36 + 3];
+        let px = &split.images.bytes().expect("images in one buffer")[i * 36..i * 36 + 3];
         assert_eq!(px, tag(*l, *b, n + 100 * k), "{rel}");
     }
 }
@@ -195,9 +195,14 @@ fn grey_and_jpeg_files_decode_to_rgb() -> Result<()> {
     image::RgbImage::from_pixel(4, 3, image::Rgb([200, 200, 200]))
         .save(root.join("test/0/9_0_1.jpg"))?;
     let ds = load(&opts(&root))?.dataset;
-    assert_eq!(&ds.train.images[..36], &[77u8; 36][..]);
+    assert_eq!(
+        &ds.train.images.bytes().expect("images in one buffer")[..36],
+        &[77u8; 36][..]
+    );
     // JPEG is lossy, but a flat grey survives within a few levels.
-    assert!(ds.test.images[..36].iter().all(|&v| v.abs_diff(200) <= 3));
+    assert!(ds.test.images.bytes().expect("images in one buffer")[..36]
+        .iter()
+        .all(|&v| v.abs_diff(200) <= 3));
     Ok(())
 }
 
@@ -223,11 +228,23 @@ fn cache_is_reused_invalidated_and_placed_in_cache_dir() -> Result<()> {
     assert_ne!(third.cache_file, first.cache_file);
     assert!(!first.cache_file.exists());
 
-    // A garbled cache is ignored, not trusted.
-    std::fs::write(&third.cache_file, b"RESTDFA\0garbage")?;
+    // A garbled cache is ignored, not trusted. (Its splits are copied out first: the file
+    // is changed in place, under the map `third` reads, which only a hand edit does.)
+    let t = &third.dataset.train;
+    let want = rest::data::Split::new(
+        t.images.bytes()?.to_vec(),
+        t.labels.clone(),
+        t.bias.clone(),
+        t.height,
+        t.width,
+        t.channels,
+    )?;
+    let third_file = third.cache_file.clone();
+    drop(third);
+    std::fs::write(&third_file, b"RESTDFA\0garbage")?;
     let fourth = load(&opts(&root))?;
     assert!(!fourth.from_cache);
-    assert_eq!(fourth.dataset.train, third.dataset.train);
+    assert_eq!(fourth.dataset.train, want);
 
     let cache = dir.path().join("cache");
     let o = DfaOptions {
@@ -535,7 +552,8 @@ fn generator_writes_exact_counts_palette_and_is_deterministic() -> Result<()> {
     for s in [&ds.train, &ds.valid, &ds.test] {
         for i in 0..s.len() {
             // Pixel (0, 0) is a grey-255 pixel: the colour itself (noise std 0.002).
-            let px = &s.images[i * s.image_size()..i * s.image_size() + 3];
+            let px = &s.images.bytes().expect("images in one buffer")
+                [i * s.image_size()..i * s.image_size() + 3];
             let want = DFA_PALETTE[s.bias[i] as usize];
             for ch in 0..3 {
                 assert!(px[ch].abs_diff(want[ch]) <= 3, "{px:?} vs {want:?}");
@@ -587,7 +605,7 @@ fn generator_writes_exact_counts_palette_and_is_deterministic() -> Result<()> {
     })?
     .dataset;
     let want = rest::data::colored_mnist::LFF_PALETTE[l.train.bias[0] as usize];
-    assert!(l.train.images[..3]
+    assert!(l.train.images.bytes().expect("images in one buffer")[..3]
         .iter()
         .zip(want)
         .all(|(a, b)| a.abs_diff(b) <= 3));
@@ -661,5 +679,198 @@ fn cli_make_train_on_folder_and_preview() -> Result<()> {
     let o = rest_cmd(&["train", "--dataset", "bffhq"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--data"));
+    Ok(())
+}
+
+/// A cmnist-layout folder of `n` training images (and a few validation and test images) of
+/// `w x h` pixels with varied content, for comparisons of the image stores.
+fn varied_fixture(root: &Path, n: u32, w: u32, h: u32) {
+    let put = |rel: String, k: u32| {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        image::RgbImage::from_fn(w, h, |x, y| {
+            let v = k.wrapping_mul(7919) ^ (x * 31 + y * 17);
+            image::Rgb([v as u8, (v >> 3) as u8, (k * 13 + x) as u8])
+        })
+        .save(&path)
+        .expect("write png");
+    };
+    for k in 0..n {
+        let (l, b) = (k % 3, if k % 5 == 0 { (k + 1) % 3 } else { k % 3 });
+        let part = if l == b { "align" } else { "conflict" };
+        put(format!("1pct/{part}/{l}/{k}_{l}_{b}.png"), k);
+    }
+    for k in 0..4 {
+        put(
+            format!("1pct/valid/{}_{}_{}.png", 100 + k, k % 3, k % 3),
+            100 + k,
+        );
+        put(
+            format!("test/{}/{}_{}_{}.png", k % 3, 200 + k, k % 3, 0),
+            200 + k,
+        );
+    }
+}
+
+/// Every batch of `a` and `b` (every layout, with and without augmentation and
+/// normalisation) is bit-identical.
+fn same_batches(a: &rest::data::Split, b: &rest::data::Split) -> Result<()> {
+    use rest::data::transform::{AugKey, BatchLayout, Normalize, Transform};
+    assert_eq!((a.len(), a.image_size()), (b.len(), b.image_size()));
+    let idx: Vec<usize> = (0..a.len()).rev().chain([0, 0, a.len() - 1]).collect();
+    let key = AugKey {
+        seed: 3,
+        epoch: 1,
+        first_pos: 5,
+    };
+    for t in [
+        Transform::identity(),
+        Transform::for_run(true, Some(Normalize::CIFAR)),
+    ] {
+        for layout in [BatchLayout::Nchw, BatchLayout::FeatureMajor] {
+            for k in [None, Some(key)] {
+                let (mut x, mut y) = (Vec::new(), Vec::new());
+                t.gather_as(a, &idx, k, layout, &mut x)?;
+                t.gather_as(b, &idx, k, layout, &mut y)?;
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&x), bits(&y), "{t:?} {layout:?} {k:?}");
+            }
+        }
+    }
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    a.gather_nchw(&idx, &mut x)?;
+    b.gather_nchw(&idx, &mut y)?;
+    assert_eq!(x, y);
+    for i in [0, a.len() - 1] {
+        assert_eq!(a.image(i)?, b.image(i)?);
+    }
+    Ok(())
+}
+
+/// A copy of `s` with its images in RAM.
+fn in_ram(s: &rest::data::Split) -> Result<rest::data::Split> {
+    let mut bytes = Vec::new();
+    for i in 0..s.len() {
+        bytes.extend_from_slice(&s.image(i)?);
+    }
+    rest::data::Split::new(
+        bytes,
+        s.labels.clone(),
+        s.bias.clone(),
+        s.height,
+        s.width,
+        s.channels,
+    )
+}
+
+#[test]
+fn mapped_and_on_the_fly_batches_equal_in_ram_batches() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("cmnist");
+    varied_fixture(&root, 37, 6, 5);
+    // Mapped from the cache file.
+    let mapped = load(&opts(&root))?;
+    assert_eq!(mapped.dataset.train.images.kind(), "mapped");
+    let len = std::fs::metadata(&mapped.cache_file)?.len();
+    assert_eq!(mapped.cache_bytes, Some(len));
+    // The records are the decoded files, in sorted file order: `align/0/12_0_0.png` first.
+    let want = image::open(root.join("1pct/align/0/12_0_0.png"))?.to_rgb8();
+    assert_eq!(
+        &mapped.dataset.train.image(0)?[..],
+        want.as_raw().as_slice()
+    );
+    for s in [
+        &mapped.dataset.train,
+        &mapped.dataset.valid,
+        &mapped.dataset.test,
+    ] {
+        same_batches(s, &in_ram(s)?)?;
+    }
+
+    // No cache file can be written (its folder would lie under a file): decoded on the fly.
+    let blocker = dir.path().join("not-a-folder");
+    std::fs::write(&blocker, b"x")?;
+    let fly = load(&DfaOptions {
+        cache_dir: Some(blocker.join("cache")),
+        ..opts(&root)
+    })?;
+    assert!(!fly.from_cache && fly.cache_bytes.is_none());
+    let (a, b) = (&fly.dataset, &mapped.dataset);
+    assert_eq!(a.num_classes, b.num_classes);
+    for (x, y) in [
+        (&a.train, &b.train),
+        (&a.valid, &b.valid),
+        (&a.test, &b.test),
+    ] {
+        assert_eq!(x.images.kind(), "on the fly");
+        assert_eq!((&x.labels, &x.bias), (&y.labels, &y.bias));
+        same_batches(x, y)?;
+        let e = x.images.bytes().expect_err("no buffer").to_string();
+        assert!(e.contains("on the fly") && e.contains("cmnist"), "{e}");
+    }
+    // The .npy export streams either store to the same files.
+    let (ea, eb) = (dir.path().join("ea"), dir.path().join("eb"));
+    rest::data::export::export_npy(a, &ea)?;
+    rest::data::export::export_npy(b, &eb)?;
+    for f in ["train_images.npy", "test_images.npy", "valid_labels.npy"] {
+        assert_eq!(
+            std::fs::read(ea.join(f))?,
+            std::fs::read(eb.join(f))?,
+            "{f}"
+        );
+    }
+    // A file that changes under an on-the-fly run is an error naming it, not a panic.
+    let victim = root.join("test/0/200_0_0.png");
+    image::RgbImage::from_pixel(3, 3, image::Rgb([1, 2, 3])).save(&victim)?;
+    let mut buf = Vec::new();
+    let e = a
+        .test
+        .gather_nchw(&[0], &mut buf)
+        .expect_err("changed file");
+    assert!(format!("{e:#}").contains("200_0_0.png"), "{e:#}");
+    Ok(())
+}
+
+#[test]
+fn truncated_or_corrupted_cache_files_are_rebuilt() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("cmnist");
+    varied_fixture(&root, 12, 4, 4);
+    let want = {
+        let l = load(&opts(&root))?;
+        assert!(!l.from_cache);
+        (
+            l.cache_file.clone(),
+            std::fs::read(&l.cache_file)?,
+            in_ram(&l.dataset.train)?,
+        )
+    };
+    let (file, good, train) = want;
+    type Damage = fn(&mut Vec<u8>);
+    let damage: [(&str, Damage); 6] = [
+        ("truncated by one byte", |b| b.truncate(b.len() - 1)),
+        ("truncated into the records", |b| b.truncate(5000)),
+        ("truncated into the header", |b| b.truncate(100)),
+        ("a header field", |b| b[60] ^= 0x10),
+        ("a label", |b| {
+            let n = b.len();
+            b[n - 60] ^= 0x7f
+        }),
+        ("extended", |b| b.extend_from_slice(&[0; 4096])),
+    ];
+    for (what, f) in damage {
+        let mut bytes = good.clone();
+        f(&mut bytes);
+        std::fs::write(&file, &bytes)?;
+        let l = load(&opts(&root))?;
+        assert!(!l.from_cache, "{what}: served from a damaged cache");
+        assert_eq!(l.dataset.train, train, "{what}");
+        assert_eq!(std::fs::read(&file)?, good, "{what}: rebuilt byte for byte");
+        drop(l);
+        assert!(
+            load(&opts(&root))?.from_cache,
+            "{what}: the rebuilt file is reused"
+        );
+    }
     Ok(())
 }

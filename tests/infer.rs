@@ -155,7 +155,9 @@ fn predict_on_a_png_matches_the_model() -> anyhow::Result<()> {
     let ds = rest::data::load(&cfg.data.plan().source)?;
     let (h, w) = (ds.test.height, ds.test.width);
     let i = 7;
-    let px = ds.test.images[i * h * w * 3..(i + 1) * h * w * 3].to_vec();
+    let px = ds.test.images.bytes().expect("images in one buffer")
+        [i * h * w * 3..(i + 1) * h * w * 3]
+        .to_vec();
     let tmp = tempfile::tempdir()?;
     let png = tmp.path().join("digit.png");
     image::RgbImage::from_raw(w as u32, h as u32, px)
@@ -187,7 +189,7 @@ fn predict_on_a_png_matches_the_model() -> anyhow::Result<()> {
     // The same image from the dataset, through the library: same class, same probability.
     let m = rest::infer::load(&dir.join("best.safetensors"))?;
     let mut buf = Vec::new();
-    ds.test.gather_nchw(&[i], &mut buf);
+    ds.test.gather_nchw(&[i], &mut buf)?;
     let x = Tensor::from_vec(buf, (1, 3, h, w), &Device::Cpu)?;
     let p = candle_nn::ops::softmax(&m.model.forward(&x, false)?, 1)?.to_vec2::<f32>()?;
     let best = (0..p[0].len())

@@ -222,7 +222,12 @@ fn gather_augments_by_epoch_position_and_evaluation_does_not() -> Result<()> {
     for (j, &i) in idx.iter().enumerate() {
         let mut one = vec![0.0; sz];
         let aug = t.draw(3, 2, 20 + j);
-        t.apply(&s.images[i * sz..(i + 1) * sz], (6, 5, 3), aug, &mut one)?;
+        t.apply(
+            &s.images.bytes().expect("images in one buffer")[i * sz..(i + 1) * sz],
+            (6, 5, 3),
+            aug,
+            &mut one,
+        )?;
         assert_eq!(&got[j * sz..(j + 1) * sz], &one[..], "sample {j}");
     }
     // The same image at two positions is augmented differently (positions 20 and 22).
@@ -236,7 +241,7 @@ fn gather_augments_by_epoch_position_and_evaluation_does_not() -> Result<()> {
     assert_eq!(eval, plain);
     let n = t.normalize.expect("normalised");
     for (j, &i) in idx.iter().enumerate() {
-        let b = s.images[i * sz + 7 * 3 + 2]; // pixel 7 (y 1, x 2), channel 2
+        let b = s.images.bytes().expect("images in one buffer")[i * sz + 7 * 3 + 2]; // pixel 7 (y 1, x 2), channel 2
         let want = (b as f64 / 255.0 - n.mean[2] as f64) / n.std[2] as f64;
         assert!((eval[j * sz + 2 * 30 + 7] as f64 - want).abs() < 1e-5);
     }
@@ -244,7 +249,7 @@ fn gather_augments_by_epoch_position_and_evaluation_does_not() -> Result<()> {
     let mut id = Vec::new();
     Transform::identity().gather(&s, &idx, Some(key), &mut id)?;
     let mut reference = Vec::new();
-    s.gather_nchw(&idx, &mut reference);
+    s.gather_nchw(&idx, &mut reference)?;
     assert_eq!(
         id.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
         reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
@@ -545,7 +550,11 @@ fn resize_on_load_is_cached_per_size_and_mixed_sizes_need_it() -> Result<()> {
         image::imageops::FilterType::Triangle,
     );
     assert_eq!(
-        &a.dataset.train.images[..12 * 12 * 3],
+        &a.dataset
+            .train
+            .images
+            .bytes()
+            .expect("images in one buffer")[..12 * 12 * 3],
         want.as_raw().as_slice()
     );
     // A second size has its own cache; both then load from cache.

@@ -11,20 +11,21 @@
 //!
 //! Label and bias attribute come from the file name `..._<label>_<bias>.<ext>`. Images are
 //! decoded in parallel to RGB, optionally resized to `S x S` (bilinear; `--image-size`, BFFHQ's
-//! 128-pixel pipeline), and the decoded splits are cached in one versioned binary file keyed
-//! by the file list, sizes, modification times and the resize, so later runs skip decoding.
+//! 128-pixel pipeline), a chunk at a time, into the decoded-image cache file (`data::cache`)
+//! keyed by the file list, sizes, modification times and the resize; training reads the
+//! splits through a memory map of that file, and later runs reuse it. Where no cache file can
+//! be written, the images are decoded from their files batch by batch instead.
 
+use super::cache;
+use super::images::{ImageSource, Images};
 use super::DatasetKind;
 use super::{GroupDataset, Split};
-use crate::util;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tracing::{info, warn};
 
-/// Version of the cache file format; bump on any change of the layout below.
-const CACHE_VERSION: u32 = 1;
-const CACHE_MAGIC: &[u8; 8] = b"RESTDFA\0";
 /// Labels at or above this are taken for a misnamed file rather than a real class.
 const MAX_LABEL: u32 = 100_000;
 /// File extensions decoded as images (case-insensitive).
@@ -54,6 +55,9 @@ pub struct DfaLoad {
     /// True when the images came from the cache file.
     pub from_cache: bool,
     pub cache_file: PathBuf,
+    /// Bytes of the cache file the images are mapped from; `None` when no cache file could
+    /// be written and images are decoded on the fly.
+    pub cache_bytes: Option<u64>,
 }
 
 /// The folder token of a conflicting percentage: 0.5 -> `0.5pct`, 5 -> `5pct`.
@@ -298,7 +302,7 @@ fn cache_key(
     splits: &[Vec<Entry>; 3],
 ) -> u64 {
     let mut h = Fnv::new();
-    h.u64(u64::from(CACHE_VERSION));
+    h.u64(u64::from(cache::VERSION));
     h.bytes(kind.as_str().as_bytes());
     h.u64(u64::from(skip_bad));
     if let Some(s) = image_size {
@@ -318,90 +322,53 @@ fn cache_key(
     h.0
 }
 
-/// Splits and class count as stored in the cache.
-#[derive(Debug, Clone, PartialEq)]
-struct Decoded {
+/// What a build pass found: the class count, the files skipped and, per split, the image
+/// size and the kept files with their labels and bias attributes (in file order, the order
+/// of the cache's records).
+struct Built {
     num_classes: usize,
     skipped: usize,
-    splits: [Split; 3],
+    /// `(width, height)` of every image.
+    size: (u32, u32),
+    splits: [Kept; 3],
 }
 
-fn encode_cache(key: u64, d: &Decoded) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(CACHE_MAGIC);
-    out.extend_from_slice(&CACHE_VERSION.to_le_bytes());
-    out.extend_from_slice(&key.to_le_bytes());
-    out.extend_from_slice(&(d.num_classes as u64).to_le_bytes());
-    out.extend_from_slice(&(d.skipped as u64).to_le_bytes());
-    for s in &d.splits {
-        for v in [s.len(), s.height, s.width, s.channels] {
-            out.extend_from_slice(&(v as u64).to_le_bytes());
-        }
-        for &l in s.labels.iter().chain(&s.bias) {
-            out.extend_from_slice(&l.to_le_bytes());
-        }
-        out.extend_from_slice(&s.images);
-    }
-    out
+#[derive(Default)]
+struct Kept {
+    paths: Vec<PathBuf>,
+    labels: Vec<u32>,
+    bias: Vec<u32>,
 }
 
-/// Parses a cache file; `None` when it is not a valid cache for `key`.
-fn decode_cache(bytes: &[u8], key: u64) -> Option<Decoded> {
-    struct Rd<'a>(&'a [u8]);
-    impl<'a> Rd<'a> {
-        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-            if self.0.len() < n {
-                return None;
-            }
-            let (a, b) = self.0.split_at(n);
-            self.0 = b;
-            Some(a)
-        }
-        fn u64(&mut self) -> Option<u64> {
-            Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-        }
-        fn u32(&mut self) -> Option<u32> {
-            Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-        }
-        fn usize(&mut self) -> Option<usize> {
-            usize::try_from(self.u64()?).ok()
+/// The RGB pixels of `path`, resized to `image_size` when given: `(width, height, bytes)`,
+/// or the message naming the file.
+fn decode_path(
+    path: &Path,
+    image_size: Option<usize>,
+) -> std::result::Result<(u32, u32, Vec<u8>), String> {
+    let img = image::open(path).map_err(|err| {
+        format!(
+            "{}: cannot decode the image ({err}); the file is corrupt or not a PNG/JPEG: \
+             replace it, or pass --skip-bad to skip bad files",
+            path.display()
+        )
+    })?;
+    let mut rgb = img.to_rgb8();
+    if let Some(s) = image_size {
+        let s = s as u32;
+        if (rgb.width(), rgb.height()) != (s, s) {
+            rgb = image::imageops::resize(&rgb, s, s, image::imageops::FilterType::Triangle);
         }
     }
-    let mut r = Rd(bytes);
-    if r.take(8)? != CACHE_MAGIC || r.u32()? != CACHE_VERSION || r.u64()? != key {
-        return None;
-    }
-    let num_classes = r.usize()?;
-    let skipped = r.usize()?;
-    let mut read_split = || -> Option<Split> {
-        let (n, h, w, c) = (r.usize()?, r.usize()?, r.usize()?, r.usize()?);
-        let mut labels = Vec::with_capacity(n.min(bytes.len()));
-        for _ in 0..n {
-            labels.push(r.u32()?);
-        }
-        let mut bias = Vec::with_capacity(n.min(bytes.len()));
-        for _ in 0..n {
-            bias.push(r.u32()?);
-        }
-        let sz = n.checked_mul(h)?.checked_mul(w)?.checked_mul(c)?;
-        let images = r.take(sz)?.to_vec();
-        Split::new(images, labels, bias, h, w, c).ok()
-    };
-    let splits = [read_split()?, read_split()?, read_split()?];
-    if !r.0.is_empty() {
-        return None;
-    }
-    Some(Decoded {
-        num_classes,
-        skipped,
-        splits,
-    })
+    Ok((rgb.width(), rgb.height(), rgb.into_raw()))
 }
 
-/// One decoded file, or why it is bad.
-type Sample = std::result::Result<(u32, u32, u32, u32, Vec<u8>), String>;
-
-fn decode_one(e: &Entry, image_size: Option<usize>) -> Sample {
+/// Label, bias attribute and `(width, height)` of a file from its name and image header (or
+/// `image_size` when resizing), or why it is bad. Reads no pixels.
+fn probe_one(
+    e: &Entry,
+    image_size: Option<usize>,
+) -> std::result::Result<(u32, u32, (u32, u32)), String> {
     let ext = e
         .path
         .extension()
@@ -415,41 +382,41 @@ fn decode_one(e: &Entry, image_size: Option<usize>) -> Sample {
         ));
     }
     let (label, bias) = parse_name(&e.path).map_err(|err| err.to_string())?;
-    let img = image::open(&e.path).map_err(|err| {
-        format!(
-            "{}: cannot decode the image ({err}); the file is corrupt or not a PNG/JPEG: \
-             replace it, or pass --skip-bad to skip bad files",
-            e.path.display()
-        )
-    })?;
-    let mut rgb = img.to_rgb8();
-    if let Some(s) = image_size {
-        let s = s as u32;
-        if (rgb.width(), rgb.height()) != (s, s) {
-            rgb = image::imageops::resize(&rgb, s, s, image::imageops::FilterType::Triangle);
-        }
-    }
-    Ok((label, bias, rgb.width(), rgb.height(), rgb.into_raw()))
+    let size = match image_size {
+        Some(s) => (s as u32, s as u32),
+        None => image::image_dimensions(&e.path).map_err(|err| {
+            format!(
+                "{}: cannot decode the image ({err}); the file is corrupt or not a PNG/JPEG: \
+                 replace it, or pass --skip-bad to skip bad files",
+                e.path.display()
+            )
+        })?,
+    };
+    Ok((label, bias, size))
 }
 
-/// Decodes every file (in parallel) and assembles the splits.
-fn decode_all(
+/// Decoded images held per chunk while a cache file is built: about this many bytes.
+const CHUNK_BYTES: usize = 32 << 20;
+
+/// Decodes every file, a chunk at a time in parallel, handing each good image to `sink` (the
+/// cache file being written) in file order; a failing sink is dropped with a warning and the
+/// pass goes on (its result then serves the fallback, decoding on the fly). Bad files (name,
+/// format, size) are errors, or skipped and counted under `skip_bad`. Returns what was kept
+/// and whether every image reached the sink.
+fn build(
     files: &[Vec<Entry>; 3],
     skip_bad: bool,
     image_size: Option<usize>,
-) -> Result<Decoded> {
-    let decoded: Vec<Vec<Sample>> = files
+    sink: &mut Option<cache::CacheWriter>,
+) -> Result<Built> {
+    // Pass 1, headers only: names, formats and sizes.
+    let probed: Vec<Vec<_>> = files
         .iter()
-        .map(|split| {
-            split
-                .par_iter()
-                .map(|e| decode_one(e, image_size))
-                .collect()
-        })
+        .map(|split| split.par_iter().map(|e| probe_one(e, image_size)).collect())
         .collect();
     let mut bad: Vec<String> = Vec::new();
-    for s in decoded.iter().flatten() {
-        if let Err(msg) = s {
+    for p in probed.iter().flatten() {
+        if let Err(msg) = p {
             if !skip_bad {
                 bail!("{msg}");
             }
@@ -458,15 +425,15 @@ fn decode_all(
     }
     // The image size: that of the most frequent size (the first file's on a tie).
     let mut sizes: Vec<((u32, u32), usize)> = Vec::new();
-    for (w, h) in decoded
+    for s in probed
         .iter()
         .flatten()
-        .filter_map(|s| s.as_ref().ok())
-        .map(|s| (s.2, s.3))
+        .filter_map(|p| p.as_ref().ok())
+        .map(|p| p.2)
     {
-        match sizes.iter_mut().find(|(k, _)| *k == (w, h)) {
+        match sizes.iter_mut().find(|(k, _)| *k == s) {
             Some((_, c)) => *c += 1,
-            None => sizes.push(((w, h), 1)),
+            None => sizes.push((s, 1)),
         }
     }
     let Some(&((w, h), _)) = sizes.iter().rev().max_by_key(|(_, c)| *c) else {
@@ -481,36 +448,79 @@ fn decode_all(
     };
     let first_of_size = files
         .iter()
-        .zip(&decoded)
+        .zip(&probed)
         .flat_map(|(f, d)| f.iter().zip(d))
-        .find(|(_, s)| matches!(s, Ok(s) if (s.2, s.3) == (w, h)))
+        .find(|(_, p)| matches!(p, Ok(p) if p.2 == (w, h)))
         .map(|(e, _)| e.path.display().to_string())
         .unwrap_or_default();
-    let mut splits = Vec::with_capacity(3);
-    let mut num_classes = 0usize;
-    for (f, d) in files.iter().zip(decoded) {
-        let (mut images, mut labels, mut bias) = (Vec::new(), Vec::new(), Vec::new());
-        for (e, s) in f.iter().zip(d) {
-            let Ok((l, b, iw, ih, px)) = s else { continue };
-            if (iw, ih) != (w, h) {
-                let msg = format!(
-                    "{} is {iw}x{ih} pixels but {first_of_size} (and most images) are {w}x{h}: \
-                     all images of a dataset must have one size: pass --image-size S to resize every \
-                     image to SxS on load, resize the file, or pass --skip-bad to skip it",
-                    e.path.display()
-                );
+    let odd_size = |path: &Path, (iw, ih): (u32, u32)| {
+        format!(
+            "{} is {iw}x{ih} pixels but {first_of_size} (and most images) are {w}x{h}: \
+             all images of a dataset must have one size: pass --image-size S to resize every \
+             image to SxS on load, resize the file, or pass --skip-bad to skip it",
+            path.display()
+        )
+    };
+    // The files to decode, per split.
+    let mut todo: Vec<Vec<(&Entry, u32, u32)>> = Vec::with_capacity(3);
+    for (f, p) in files.iter().zip(&probed) {
+        let mut keep = Vec::with_capacity(f.len());
+        for (e, p) in f.iter().zip(p) {
+            let Ok((l, b, size)) = p else { continue };
+            if *size != (w, h) {
+                let msg = odd_size(&e.path, *size);
                 if !skip_bad {
                     bail!(msg);
                 }
                 bad.push(msg);
                 continue;
             }
-            num_classes = num_classes.max(l as usize + 1);
-            images.extend_from_slice(&px);
-            labels.push(l);
-            bias.push(b);
+            keep.push((e, *l, *b));
         }
-        splits.push(Split::new(images, labels, bias, h as usize, w as usize, 3)?);
+        todo.push(keep);
+    }
+    drop(probed);
+    // Pass 2: the pixels, a chunk at a time.
+    let record = w as usize * h as usize * 3;
+    let chunk = (CHUNK_BYTES / record.max(1)).max(1);
+    let mut splits: [Kept; 3] = Default::default();
+    let mut num_classes = 0usize;
+    for (keep, out) in todo.iter().zip(&mut splits) {
+        if let Some(wr) = sink.as_mut() {
+            if let Err(e) = wr.begin_split(h as usize, w as usize, 3) {
+                sink_failed(sink, &e);
+            }
+        }
+        for part in keep.chunks(chunk) {
+            let pixels: Vec<_> = part
+                .par_iter()
+                .map(|(e, _, _)| decode_path(&e.path, image_size))
+                .collect();
+            for (&(e, l, b), px) in part.iter().zip(pixels) {
+                let px = match px {
+                    Ok((iw, ih, _)) if (iw, ih) != (w, h) => Err(odd_size(&e.path, (iw, ih))),
+                    Ok((_, _, px)) => Ok(px),
+                    Err(msg) => Err(msg),
+                };
+                let px = match px {
+                    Ok(px) => px,
+                    Err(msg) if skip_bad => {
+                        bad.push(msg);
+                        continue;
+                    }
+                    Err(msg) => bail!(msg),
+                };
+                if let Some(wr) = sink.as_mut() {
+                    if let Err(err) = wr.push(l, b, &px) {
+                        sink_failed(sink, &err);
+                    }
+                }
+                num_classes = num_classes.max(l as usize + 1);
+                out.paths.push(e.path.clone());
+                out.labels.push(l);
+                out.bias.push(b);
+            }
+        }
     }
     if !bad.is_empty() {
         warn!(
@@ -519,14 +529,85 @@ fn decode_all(
             bad[0]
         );
     }
-    let [train, valid, test]: [Split; 3] = splits
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("internal error: expected three splits"))?;
-    Ok(Decoded {
+    Ok(Built {
         num_classes,
         skipped: bad.len(),
-        splits: [train, valid, test],
+        size: (w, h),
+        splits,
     })
+}
+
+/// Drops a cache file that cannot be written (its temporary file is deleted), with a warning.
+fn sink_failed(sink: &mut Option<cache::CacheWriter>, err: &anyhow::Error) {
+    warn!(
+        "could not write the decoded-image cache ({err:#}): images will be decoded on the fly \
+         for every batch, which is slower (set --cache-dir to a writable folder with room for \
+         the cache)"
+    );
+    *sink = None;
+}
+
+/// The images of one split decoded from their files when a batch needs them (the fallback
+/// when no cache file could be written).
+struct FileImages {
+    paths: Vec<PathBuf>,
+    image_size: Option<usize>,
+    size: (u32, u32),
+    root: PathBuf,
+}
+
+impl ImageSource for FileImages {
+    fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    fn decode_into(&self, i: usize, dst: &mut [u8]) -> Result<()> {
+        let Some(path) = self.paths.get(i) else {
+            bail!(
+                "sample index {i} is outside the split of {} images",
+                self.paths.len()
+            );
+        };
+        let (w, h, px) = decode_path(path, self.image_size).map_err(|m| anyhow::anyhow!(m))?;
+        if (w, h) != self.size || px.len() != dst.len() {
+            bail!(
+                "{} is now {w}x{h} pixels, {}x{} when the dataset was loaded: the file changed \
+                 during the run",
+                path.display(),
+                self.size.0,
+                self.size.1
+            );
+        }
+        dst.copy_from_slice(&px);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+/// The splits of `built`, decoded on the fly.
+fn on_the_fly(built: Built, root: &Path, image_size: Option<usize>) -> Result<[Split; 3]> {
+    let (w, h) = built.size;
+    let record = w as usize * h as usize * 3;
+    let mut out = Vec::with_capacity(3);
+    for k in built.splits {
+        let n = k.paths.len();
+        let source = FileImages {
+            paths: k.paths,
+            image_size,
+            size: built.size,
+            root: root.to_path_buf(),
+        };
+        debug_assert_eq!(source.len(), n);
+        let images = Images::on_the_fly(Arc::new(source), record);
+        out.push(Split::from_images(
+            images, k.labels, k.bias, h as usize, w as usize, 3,
+        )?);
+    }
+    out.try_into()
+        .map_err(|_| anyhow::anyhow!("internal error: expected three splits"))
 }
 
 /// Loads a DFA-layout dataset folder at the images' own size, from the cache file when it
@@ -567,36 +648,52 @@ pub fn load_sized(opts: &DfaOptions, image_size: Option<usize>) -> Result<DfaLoa
     let cache_dir = opts.cache_dir.as_deref().unwrap_or(&opts.root);
     let prefix = cache_prefix(kind, pct, image_size);
     let cache_file = cache_dir.join(format!(".{prefix}{key:016x}.bin"));
-    let cached = std::fs::read(&cache_file)
-        .ok()
-        .and_then(|b| decode_cache(&b, key));
-    let from_cache = cached.is_some();
-    let decoded = match cached {
-        Some(d) => d,
-        None => {
-            let d = decode_all(&files, opts.skip_bad, image_size)?;
-            store_cache(cache_dir, &prefix, &cache_file, key, &d);
-            d
+    let (got, from_cache) = match cache::open(&cache_file, key) {
+        Ok(c) => {
+            info!(
+                "image cache {} ({}): reused",
+                cache_file.display(),
+                cache::human_bytes(c.file_len)
+            );
+            let got = Loaded {
+                num_classes: c.num_classes,
+                skipped: c.skipped,
+                splits: c.splits,
+                cache_bytes: Some(c.file_len),
+            };
+            (got, true)
+        }
+        Err(why) => {
+            if let cache::Invalid::Bad(reason) = &why {
+                warn!(
+                    "the image cache {} is not usable ({reason}): rebuilding it",
+                    cache_file.display()
+                );
+            }
+            let got = build_cache(opts, &files, image_size, &cache_file, &prefix, key)?;
+            (got, false)
         }
     };
-    if from_cache && decoded.skipped > 0 {
+    let Loaded {
+        num_classes,
+        skipped,
+        splits,
+        cache_bytes,
+    } = got;
+    if from_cache && skipped > 0 {
         warn!(
             "--skip-bad: {} bad file(s) were skipped (when the cache {} was made)",
-            decoded.skipped,
+            skipped,
             cache_file.display()
         );
     }
-    for (s, what) in decoded
-        .splits
-        .iter()
-        .zip(["training", "validation", "test"])
-    {
+    for (s, what) in splits.iter().zip(["training", "validation", "test"]) {
         if s.is_empty() {
             bail!(
                 "no usable {what} images in {} at --conflict-pct {pct}: every file of that split \
                  was bad ({} skipped)",
                 opts.root.display(),
-                decoded.skipped
+                skipped
             );
         }
     }
@@ -609,7 +706,7 @@ pub fn load_sized(opts: &DfaOptions, image_size: Option<usize>) -> Result<DfaLoa
             || kind.as_str().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-    let [train, valid, test] = decoded.splits;
+    let [train, valid, test] = splits;
     info!(
         "{} {}: {} train, {} valid, {} test images of {}x{}{}",
         if from_cache { "cached" } else { "decoded" },
@@ -619,8 +716,8 @@ pub fn load_sized(opts: &DfaOptions, image_size: Option<usize>) -> Result<DfaLoa
         test.len(),
         train.width,
         train.height,
-        if decoded.skipped > 0 {
-            format!(", {} bad files skipped", decoded.skipped)
+        if skipped > 0 {
+            format!(", {skipped} bad files skipped")
         } else {
             String::new()
         }
@@ -628,47 +725,99 @@ pub fn load_sized(opts: &DfaOptions, image_size: Option<usize>) -> Result<DfaLoa
     Ok(DfaLoad {
         dataset: GroupDataset {
             name: format!("{base}-{}", pct_token(pct)),
-            num_classes: decoded.num_classes,
+            num_classes,
             train,
             valid,
             test,
         },
         kind,
-        skipped: decoded.skipped,
+        skipped,
         from_cache,
         cache_file,
+        cache_bytes,
     })
 }
 
-/// Writes the cache (atomically) and removes older caches of the same dataset and ratio. A
-/// failure only costs decoding time next run, so it is a warning.
-fn store_cache(dir: &Path, prefix: &str, file: &Path, key: u64, d: &Decoded) {
-    let res = std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the cache folder {}", dir.display()))
-        .and_then(|()| util::write_atomic(file, &encode_cache(key, d)));
-    match res {
-        Ok(()) => {
-            let keep = file.file_name().map(|n| n.to_os_string());
-            if let Ok(old) = std::fs::read_dir(dir) {
-                for e in old.flatten() {
-                    let name = e.file_name();
-                    let s = name.to_string_lossy();
-                    // Only this prefix's own key files: `.<prefix><16 hex digits>.bin` (the
-                    // caches of other sizes have longer prefixes and are kept).
-                    let own = s
-                        .strip_prefix(&format!(".{prefix}"))
-                        .and_then(|r| r.strip_suffix(".bin"))
-                        .is_some_and(|k| k.len() == 16 && k.bytes().all(|b| b.is_ascii_hexdigit()));
-                    if own && Some(&name) != keep.as_ref() {
-                        let _ = std::fs::remove_file(e.path());
-                    }
+/// The splits of a load and where they come from.
+struct Loaded {
+    num_classes: usize,
+    skipped: usize,
+    splits: [Split; 3],
+    /// Bytes of the cache file mapped; `None` when decoding on the fly.
+    cache_bytes: Option<u64>,
+}
+
+/// Decodes the folder into a new cache file and serves the splits from it; where the file
+/// cannot be written, from the image files, decoded on the fly.
+fn build_cache(
+    opts: &DfaOptions,
+    files: &[Vec<Entry>; 3],
+    image_size: Option<usize>,
+    cache_file: &Path,
+    prefix: &str,
+    key: u64,
+) -> Result<Loaded> {
+    let mut sink = match cache::CacheWriter::create(cache_file, key) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            sink_failed(&mut None, &e);
+            None
+        }
+    };
+    let built = build(files, opts.skip_bad, image_size, &mut sink)?;
+    let (num_classes, skipped) = (built.num_classes, built.skipped);
+    if let Some(w) = sink {
+        match w.finish(built.num_classes, built.skipped) {
+            Ok(_) => match cache::open(cache_file, key) {
+                Ok(c) => {
+                    remove_other_caches(cache_file, prefix);
+                    info!(
+                        "image cache {} ({}): built",
+                        cache_file.display(),
+                        cache::human_bytes(c.file_len)
+                    );
+                    return Ok(Loaded {
+                        num_classes,
+                        skipped,
+                        splits: c.splits,
+                        cache_bytes: Some(c.file_len),
+                    });
                 }
+                Err(why) => warn!(
+                    "the image cache {} just written does not read back ({why:?}): images \
+                     will be decoded on the fly for every batch, which is slower",
+                    cache_file.display()
+                ),
+            },
+            Err(e) => sink_failed(&mut None, &e),
+        }
+    }
+    Ok(Loaded {
+        num_classes,
+        skipped,
+        splits: on_the_fly(built, &opts.root, image_size)?,
+        cache_bytes: None,
+    })
+}
+
+/// Removes the older caches of the same dataset, ratio and size as `file` (its own
+/// `.<prefix><16 hex digits>.bin` siblings; caches of other sizes have longer prefixes and
+/// are kept). A run that still maps one keeps reading it: the file goes when it is unmapped.
+fn remove_other_caches(file: &Path, prefix: &str) {
+    let Some(dir) = file.parent() else { return };
+    let keep = file.file_name().map(|n| n.to_os_string());
+    if let Ok(old) = std::fs::read_dir(dir) {
+        for e in old.flatten() {
+            let name = e.file_name();
+            let s = name.to_string_lossy();
+            let own = s
+                .strip_prefix(&format!(".{prefix}"))
+                .and_then(|r| r.strip_suffix(".bin"))
+                .is_some_and(|k| k.len() == 16 && k.bytes().all(|b| b.is_ascii_hexdigit()));
+            if own && Some(&name) != keep.as_ref() {
+                let _ = std::fs::remove_file(e.path());
             }
         }
-        Err(e) => warn!(
-            "could not write the decoded-image cache ({e:#}); the next run decodes again \
-             (set --cache-dir to a writable folder)"
-        ),
     }
 }
 
@@ -696,25 +845,6 @@ mod tests {
     }
 
     #[test]
-    fn cache_round_trips_and_rejects_other_keys_and_truncation() -> Result<()> {
-        let s =
-            |n: usize, v: u8| Split::new(vec![v; n * 2 * 3 * 3], vec![1; n], vec![0; n], 2, 3, 3);
-        let d = Decoded {
-            num_classes: 4,
-            skipped: 2,
-            splits: [s(3, 7)?, s(1, 9)?, s(2, 200)?],
-        };
-        let bytes = encode_cache(42, &d);
-        assert_eq!(decode_cache(&bytes, 42), Some(d));
-        assert_eq!(decode_cache(&bytes, 43), None);
-        assert_eq!(decode_cache(&bytes[..bytes.len() - 1], 42), None);
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert_eq!(decode_cache(&longer, 42), None);
-        Ok(())
-    }
-
-    #[test]
     fn resize_is_part_of_the_cache_key_and_name() {
         let files: [Vec<Entry>; 3] = [
             vec![Entry {
@@ -732,7 +862,7 @@ mod tests {
         assert_eq!(k(Some(128)), k(Some(128)));
         // Without a resize the key is computed exactly as before resizing existed.
         let mut h = Fnv::new();
-        h.u64(u64::from(CACHE_VERSION));
+        h.u64(u64::from(cache::VERSION));
         h.bytes(b"bffhq");
         h.u64(0);
         h.u64(1);

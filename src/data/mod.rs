@@ -1,16 +1,19 @@
 //! Datasets with group annotations: every sample carries a class label and a bias attribute;
 //! it is *aligned* when the two agree and *bias-conflicting* otherwise.
 //!
-//! Images are stored as `u8` in NHWC order (what image files and `.npy` exports use) and are
+//! Images are stored as `u8` in NHWC order (what image files and `.npy` exports use), in RAM,
+//! memory-mapped from a cache file or decoded on the fly (`images::Images`), and are
 //! converted to `f32` NCHW batches only when a batch is gathered for the model.
 
 pub mod builtin;
+pub mod cache;
 pub mod cifar;
 pub mod colored_mnist;
 pub mod corrupt;
 pub mod dfa;
 pub mod export;
 pub mod idx;
+pub mod images;
 pub mod loader;
 pub mod make;
 pub mod make_cifar;
@@ -20,7 +23,9 @@ pub mod sampler;
 pub mod transform;
 
 use anyhow::{bail, Result};
+use std::borrow::Cow;
 
+pub use images::Images;
 pub use options::{DataOptions, DataPlan, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE};
 
 /// Where a run's images come from (`DataPlan::source`).
@@ -109,8 +114,9 @@ impl DatasetKind {
 /// One split (train, validation or test) of a group-annotated image dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Split {
-    /// `len() * height * width * channels` bytes, NHWC.
-    pub images: Vec<u8>,
+    /// `len() * height * width * channels` bytes, NHWC: in RAM, memory-mapped or decoded on
+    /// the fly ([`Images`]).
+    pub images: Images,
     /// Class label of each sample.
     pub labels: Vec<u32>,
     /// Bias attribute of each sample (for Colored MNIST: the index of its colour).
@@ -121,9 +127,29 @@ pub struct Split {
 }
 
 impl Split {
-    /// Builds a split, checking that every buffer has the size the shape implies.
+    /// Builds a split of images held in RAM, checking that every buffer has the size the
+    /// shape implies.
     pub fn new(
         images: Vec<u8>,
+        labels: Vec<u32>,
+        bias: Vec<u32>,
+        height: usize,
+        width: usize,
+        channels: usize,
+    ) -> Result<Self> {
+        Self::from_images(
+            Images::in_memory(images),
+            labels,
+            bias,
+            height,
+            width,
+            channels,
+        )
+    }
+
+    /// [`Self::new`] over any image store (mapped, decoded on the fly).
+    pub fn from_images(
+        images: Images,
         labels: Vec<u32>,
         bias: Vec<u32>,
         height: usize,
@@ -134,10 +160,10 @@ impl Split {
         if bias.len() != n {
             bail!("split has {} labels but {} bias attributes", n, bias.len());
         }
-        if images.len() != n * height * width * channels {
+        if images.byte_len() != n * height * width * channels {
             bail!(
                 "split has {} image bytes, expected {} = {} x {}x{}x{}",
-                images.len(),
+                images.byte_len(),
                 n * height * width * channels,
                 n,
                 height,
@@ -178,16 +204,35 @@ impl Split {
         (0..self.len()).filter(|&i| self.is_conflicting(i)).count()
     }
 
+    /// The bytes of image `i` (`image_size()` of them, HWC): borrowed from RAM or the map,
+    /// or decoded.
+    pub fn image(&self, i: usize) -> Result<Cow<'_, [u8]>> {
+        if i >= self.len() {
+            bail!(
+                "sample index {i} is outside the split of {} images",
+                self.len()
+            );
+        }
+        self.images.record(i, self.image_size())
+    }
+
     /// Gathers the samples `idx` into `out` as `f32` NCHW in [0, 1] (cleared first), the
     /// layout the models take.
-    pub fn gather_nchw(&self, idx: &[usize], out: &mut Vec<f32>) {
+    pub fn gather_nchw(&self, idx: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let (h, w, c) = (self.height, self.width, self.channels);
         let hw = h * w;
         let sz = self.image_size();
+        if let Some(&bad) = idx.iter().find(|&&i| i >= self.len()) {
+            bail!(
+                "sample index {bad} is outside the split of {} images",
+                self.len()
+            );
+        }
+        let batch = self.images.batch(idx, sz)?;
         out.clear();
         out.resize(idx.len() * sz, 0.0);
-        for (b, &i) in idx.iter().enumerate() {
-            let src = &self.images[i * sz..(i + 1) * sz];
+        for (b, &i) in batch.idx.iter().enumerate() {
+            let src = &batch.bytes[i * sz..(i + 1) * sz];
             let dst = &mut out[b * sz..(b + 1) * sz];
             for p in 0..hw {
                 for ch in 0..c {
@@ -195,6 +240,7 @@ impl Split {
                 }
             }
         }
+        Ok(())
     }
 }
 

@@ -70,7 +70,6 @@ pub fn contact_sheet(
         bail!("the preview would be {w}x{h} pixels: lower --per-class");
     }
     let mut sheet = image::RgbImage::from_pixel(w, h, image::Rgb(BACKGROUND));
-    let sz = split.image_size();
     for c in 0..num_classes {
         let aligned = (0..split.len())
             .filter(|&i| split.labels[i] as usize == c && !split.is_conflicting(i))
@@ -88,6 +87,7 @@ pub fn contact_sheet(
             );
         for (col, i, frame) in cells {
             let (x0, y0) = lay.origin(c, col);
+            let img = split.image(i)?;
             for y in 0..lay.cell_h {
                 for x in 0..lay.cell_w {
                     let inner = x >= FRAME
@@ -96,11 +96,11 @@ pub fn contact_sheet(
                         && y < lay.cell_h - FRAME;
                     let px = if inner {
                         let (sx, sy) = ((x - FRAME) / lay.scale, (y - FRAME) / lay.scale);
-                        let p = i * sz + (sy * split.width + sx) * split.channels;
+                        let p = (sy * split.width + sx) * split.channels;
                         if split.channels == 3 {
-                            [split.images[p], split.images[p + 1], split.images[p + 2]]
+                            [img[p], img[p + 1], img[p + 2]]
                         } else {
-                            [split.images[p]; 3]
+                            [img[p]; 3]
                         }
                     } else {
                         frame

@@ -251,19 +251,17 @@ impl Transform {
             );
         }
         let lut = self.lut(c)?;
+        // The batch's records: the split's buffer (in RAM or mapped) with the batch's own
+        // indices, or (images decoded on the fly) a buffer of the batch's records alone.
+        let batch = split.images.batch(idx, sz)?;
+        let (images, idx) = (&batch.bytes[..], &batch.idx[..]);
         let one = |b: usize, i: usize, dst: &mut [f32]| {
             let aug = match key {
                 Some(k) => self.draw(k.seed, k.epoch, k.first_pos + b),
                 None => Aug::default(),
             };
             let t = if key.is_some() { *self } else { self.eval() };
-            t.apply_lut(
-                &lut,
-                &split.images[i * sz..(i + 1) * sz],
-                (h, w, c),
-                aug,
-                dst,
-            );
+            t.apply_lut(&lut, &images[i * sz..(i + 1) * sz], (h, w, c), aug, dst);
         };
         // Every path below writes every element, so a recycled buffer of the right size is
         // not cleared first.
@@ -287,7 +285,7 @@ impl Transform {
                         .as_ref()
                         .map(|nm| (&nm.mean[..], &nm.std[..]));
                     rest_kernels::layout::bytes_to_feature_major(
-                        &split.images,
+                        images,
                         idx,
                         (h * w, c),
                         norm,

@@ -28,6 +28,16 @@ pub(crate) fn batch_tensor(
     )
 }
 
+/// Images per evaluation batch of images up to 32x32x3 bytes.
+const EVAL_BATCH: usize = 1000;
+
+/// Images per evaluation batch: [`EVAL_BATCH`] up to 32x32x3 bytes per image, fewer for larger
+/// images (62 at 128x128x3, 20 at 224x224x3), so that a batch's input and activations do not
+/// grow with the image size.
+pub(crate) fn eval_batch(image_bytes: usize) -> usize {
+    (EVAL_BATCH * 3072 / image_bytes.max(1)).clamp(1, EVAL_BATCH)
+}
+
 /// Evaluates `model` on a whole split in inference mode, with the run's evaluation
 /// transform (`TrainConfig::eval_transform`: its normalisation, no augmentation).
 pub fn evaluate(
@@ -51,7 +61,7 @@ pub fn predict(
     let mut preds = Vec::with_capacity(split.len());
     let mut loss_sum = 0.0f64;
     let all: Vec<usize> = (0..split.len()).collect();
-    for chunk in all.chunks(1000) {
+    for chunk in all.chunks(eval_batch(split.image_size())) {
         let x = batch_tensor(split, chunk, tf, model.input_layout(), dev)?;
         let logits = model.forward(&x, false)?;
         let y: Vec<u32> = chunk.iter().map(|&i| split.labels[i]).collect();
@@ -62,4 +72,21 @@ pub fn predict(
         preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
     }
     Ok((preds, loss_sum / split.len().max(1) as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluation_batches_shrink_with_the_image_size_only_above_32px() {
+        // Up to 32x32x3 the batches (and so every result) are those of before.
+        for bytes in [1, 28 * 28 * 3, 32 * 32 * 3] {
+            assert_eq!(eval_batch(bytes), EVAL_BATCH);
+        }
+        assert_eq!(eval_batch(128 * 128 * 3), 62);
+        assert_eq!(eval_batch(224 * 224 * 3), 20);
+        assert_eq!(eval_batch(4096 * 4096 * 3), 1);
+        assert_eq!(eval_batch(0), EVAL_BATCH);
+    }
 }
