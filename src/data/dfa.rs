@@ -13,6 +13,10 @@
 //! decoded in parallel to RGB, optionally resized to `S x S` (bilinear; `--image-size`, BFFHQ's
 //! 128-pixel pipeline), and the decoded splits are cached in one versioned binary file keyed
 //! by the file list, sizes, modification times and the resize, so later runs skip decoding.
+//!
+//! The decoding, resizing and caching are shared with datasets described by a table
+//! (`data::table`), which hand over their files with labels and attributes
+//! ([`load_listed`]).
 
 use super::DatasetKind;
 use super::{GroupDataset, Split};
@@ -92,11 +96,15 @@ pub fn parse_name(path: &Path) -> Result<(u32, u32)> {
     Ok((label, bias))
 }
 
-/// The layout of `root` under `kind`: `Auto` looks at the folder name (`cmnist`,
-/// `colored_mnist`, `cifar10c`, `bffhq`), else falls back to the generic `Dfa`.
+/// The layout of `root` under `kind`: `Auto` looks for a known table (`data::table::detect`:
+/// CelebA's, Waterbirds', SubpopBench's), then at the folder name (`cmnist`, `colored_mnist`,
+/// `cifar10c`, `bffhq`), else falls back to the generic `Dfa`.
 pub fn resolve_kind(root: &Path, kind: DatasetKind) -> DatasetKind {
     if kind != DatasetKind::Auto {
         return kind;
+    }
+    if let Some(k) = super::table::detect(root) {
+        return k;
     }
     let name = root
         .canonicalize()
@@ -121,6 +129,53 @@ struct Entry {
     path: PathBuf,
     size: u64,
     mtime_ns: u128,
+    /// Label, attribute and where they were read (a table's line), when they do not come
+    /// from the file name.
+    listed: Option<(u32, u32, String)>,
+}
+
+/// An image file with its label and attribute from a table (`data::table`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedFile {
+    pub path: PathBuf,
+    pub label: u32,
+    pub attribute: u32,
+    /// Where the file was listed (e.g. `metadata.csv line 7`), for error messages.
+    pub origin: String,
+}
+
+/// What happens to an image's geometry when it is loaded (before caching): an optional
+/// centre crop to a square of `crop_before` pixels (CelebA's 178), a bilinear resize to
+/// `resize x resize`, then an optional centre crop to `crop_after x crop_after` (Waterbirds'
+/// resize to 256 + centre crop to 224).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadGeometry {
+    pub crop_before: Option<usize>,
+    pub resize: Option<usize>,
+    pub crop_after: Option<usize>,
+}
+
+impl LoadGeometry {
+    /// Only a resize (or nothing), as DFA folders load.
+    pub fn resize(size: Option<usize>) -> Self {
+        LoadGeometry {
+            resize: size,
+            ..Self::default()
+        }
+    }
+}
+
+/// The centre `side x side` square of `img` (the whole image where it is smaller).
+fn centre_crop(img: image::RgbImage, side: usize) -> image::RgbImage {
+    let s = side as u32;
+    let (w, h) = (img.width(), img.height());
+    let (cw, ch) = (s.min(w), s.min(h));
+    if (cw, ch) == (w, h) {
+        return img;
+    }
+    // As torchvision's CenterCrop: the offset rounds half to even of (size - crop) / 2.
+    let off = |full: u32, c: u32| ((f64::from(full - c)) / 2.0).round_ties_even() as u32;
+    image::imageops::crop_imm(&img, off(w, cw), off(h, ch), cw, ch).to_image()
 }
 
 /// How deep the images of a split folder lie.
@@ -167,6 +222,7 @@ fn entry(path: PathBuf) -> Result<Entry> {
         path,
         size: md.len(),
         mtime_ns,
+        listed: None,
     })
 }
 
@@ -254,6 +310,14 @@ fn list_files(root: &Path, kind: DatasetKind, pct: f64) -> Result<[Vec<Entry>; 3
         DatasetKind::Cmnist => (pdir.join("valid"), Depth::Flat, Depth::Nested),
         DatasetKind::Cifar10c => (pdir.join("valid"), Depth::Nested, Depth::Nested),
         DatasetKind::Bffhq => (root.join("valid"), Depth::Flat, Depth::Flat),
+        DatasetKind::Subpop
+        | DatasetKind::Waterbirds
+        | DatasetKind::Celeba
+        | DatasetKind::Table => bail!(
+            "--dataset {}: {} is described by a table, not the DFA folder layout",
+            kind.as_str(),
+            root.display()
+        ),
         DatasetKind::Dfa | DatasetKind::Auto => {
             let v = if pdir.join("valid").is_dir() {
                 pdir.join("valid")
@@ -294,16 +358,26 @@ fn cache_key(
     root: &Path,
     kind: DatasetKind,
     skip_bad: bool,
-    image_size: Option<usize>,
+    geometry: &LoadGeometry,
     splits: &[Vec<Entry>; 3],
 ) -> u64 {
     let mut h = Fnv::new();
     h.u64(u64::from(CACHE_VERSION));
     h.bytes(kind.as_str().as_bytes());
     h.u64(u64::from(skip_bad));
-    if let Some(s) = image_size {
+    if let Some(s) = geometry.resize {
         h.bytes(b"resize-bilinear");
         h.u64(s as u64);
+    }
+    // Crops (table layouts only) key after the resize, so that keys without them are as before.
+    for (tag, c) in [
+        (&b"crop-before"[..], geometry.crop_before),
+        (b"crop-after", geometry.crop_after),
+    ] {
+        if let Some(c) = c {
+            h.bytes(tag);
+            h.u64(c as u64);
+        }
     }
     for split in splits {
         h.u64(split.len() as u64);
@@ -313,6 +387,10 @@ fn cache_key(
             h.u64(0xff);
             h.u64(e.size);
             h.bytes(&e.mtime_ns.to_le_bytes());
+            if let Some((l, a, _)) = &e.listed {
+                h.u64(u64::from(*l));
+                h.u64(u64::from(*a));
+            }
         }
     }
     h.0
@@ -401,7 +479,14 @@ fn decode_cache(bytes: &[u8], key: u64) -> Option<Decoded> {
 /// One decoded file, or why it is bad.
 type Sample = std::result::Result<(u32, u32, u32, u32, Vec<u8>), String>;
 
-fn decode_one(e: &Entry, image_size: Option<usize>) -> Sample {
+fn decode_one(e: &Entry, geometry: &LoadGeometry) -> Sample {
+    decode_entry(e, geometry).map_err(|msg| match &e.listed {
+        Some((_, _, origin)) => format!("{origin}: {msg}"),
+        None => msg,
+    })
+}
+
+fn decode_entry(e: &Entry, geometry: &LoadGeometry) -> Sample {
     let ext = e
         .path
         .extension()
@@ -414,7 +499,10 @@ fn decode_one(e: &Entry, image_size: Option<usize>) -> Sample {
             e.path.display()
         ));
     }
-    let (label, bias) = parse_name(&e.path).map_err(|err| err.to_string())?;
+    let (label, bias) = match &e.listed {
+        Some((l, a, _)) => (*l, *a),
+        None => parse_name(&e.path).map_err(|err| err.to_string())?,
+    };
     let img = image::open(&e.path).map_err(|err| {
         format!(
             "{}: cannot decode the image ({err}); the file is corrupt or not a PNG/JPEG: \
@@ -423,29 +511,26 @@ fn decode_one(e: &Entry, image_size: Option<usize>) -> Sample {
         )
     })?;
     let mut rgb = img.to_rgb8();
-    if let Some(s) = image_size {
+    if let Some(c) = geometry.crop_before {
+        rgb = centre_crop(rgb, c);
+    }
+    if let Some(s) = geometry.resize {
         let s = s as u32;
         if (rgb.width(), rgb.height()) != (s, s) {
             rgb = image::imageops::resize(&rgb, s, s, image::imageops::FilterType::Triangle);
         }
     }
+    if let Some(c) = geometry.crop_after {
+        rgb = centre_crop(rgb, c);
+    }
     Ok((label, bias, rgb.width(), rgb.height(), rgb.into_raw()))
 }
 
 /// Decodes every file (in parallel) and assembles the splits.
-fn decode_all(
-    files: &[Vec<Entry>; 3],
-    skip_bad: bool,
-    image_size: Option<usize>,
-) -> Result<Decoded> {
+fn decode_all(files: &[Vec<Entry>; 3], skip_bad: bool, geometry: &LoadGeometry) -> Result<Decoded> {
     let decoded: Vec<Vec<Sample>> = files
         .iter()
-        .map(|split| {
-            split
-                .par_iter()
-                .map(|e| decode_one(e, image_size))
-                .collect()
-        })
+        .map(|split| split.par_iter().map(|e| decode_one(e, geometry)).collect())
         .collect();
     let mut bad: Vec<String> = Vec::new();
     for s in decoded.iter().flatten() {
@@ -538,8 +623,144 @@ pub fn load(opts: &DfaOptions) -> Result<DfaLoad> {
 /// The cache file name's prefix: layout, ratio and, when resized, the size (so the caches of
 /// two sizes live side by side).
 fn cache_prefix(kind: DatasetKind, pct: f64, image_size: Option<usize>) -> String {
+    prefix_with(kind, &pct_token(pct), image_size)
+}
+
+fn prefix_with(kind: DatasetKind, tag: &str, image_size: Option<usize>) -> String {
     let size = image_size.map_or(String::new(), |s| format!("{s}px-"));
-    format!("rest-cache-{}-{}-{size}", kind.as_str(), pct_token(pct))
+    format!("rest-cache-{}-{tag}-{size}", kind.as_str())
+}
+
+/// Decoded splits from the cache file when it is current, else decoded (and cached).
+struct Cached {
+    decoded: Decoded,
+    from_cache: bool,
+    cache_file: PathBuf,
+}
+
+/// Decodes `files` with `geometry`, or reads them from the cache file in `cache_dir` named by
+/// `prefix` and the files' key.
+fn decode_cached(
+    root: &Path,
+    kind: DatasetKind,
+    files: &[Vec<Entry>; 3],
+    skip_bad: bool,
+    cache_dir: &Path,
+    prefix: &str,
+    geometry: &LoadGeometry,
+) -> Result<Cached> {
+    let key = cache_key(root, kind, skip_bad, geometry, files);
+    let cache_file = cache_dir.join(format!(".{prefix}{key:016x}.bin"));
+    let cached = std::fs::read(&cache_file)
+        .ok()
+        .and_then(|b| decode_cache(&b, key));
+    let from_cache = cached.is_some();
+    let decoded = match cached {
+        Some(d) => d,
+        None => {
+            let d = decode_all(files, skip_bad, geometry)?;
+            store_cache(cache_dir, prefix, &cache_file, key, &d);
+            d
+        }
+    };
+    if from_cache && decoded.skipped > 0 {
+        warn!(
+            "--skip-bad: {} bad file(s) were skipped (when the cache {} was made)",
+            decoded.skipped,
+            cache_file.display()
+        );
+    }
+    Ok(Cached {
+        decoded,
+        from_cache,
+        cache_file,
+    })
+}
+
+/// Splits loaded from listed files ([`load_listed`]).
+#[derive(Debug, Clone)]
+pub struct ListedLoad {
+    /// Train, validation, test.
+    pub splits: [Split; 3],
+    /// One more than the largest label read.
+    pub num_classes: usize,
+    pub skipped: usize,
+    pub from_cache: bool,
+    pub cache_file: PathBuf,
+}
+
+/// Decodes the listed files of three splits (train, validation, test; `name`: the table's, for
+/// the cache file's name) with `geometry`, through
+/// the same parallel decoding, `skip_bad` handling and on-disk cache as DFA folders (the cache
+/// file lies in `cache_dir`, default `root`, keyed by the files, their labels and attributes
+/// and the geometry).
+pub fn load_listed(
+    root: &Path,
+    kind: DatasetKind,
+    name: &str,
+    files: &[Vec<ListedFile>; 3],
+    skip_bad: bool,
+    cache_dir: Option<&Path>,
+    geometry: &LoadGeometry,
+) -> Result<ListedLoad> {
+    let mut entries: [Vec<Entry>; 3] = Default::default();
+    for (out, split) in entries.iter_mut().zip(files) {
+        for f in split {
+            let mut e = entry(f.path.clone()).with_context(|| f.origin.clone())?;
+            e.listed = Some((f.label, f.attribute, f.origin.clone()));
+            out.push(e);
+        }
+    }
+    let cache_dir = cache_dir.unwrap_or(root);
+    // The table's name keeps the caches of two tables of one folder apart.
+    let mut tag: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    for (c, t) in [(geometry.crop_before, "c"), (geometry.crop_after, "k")] {
+        if let Some(c) = c {
+            tag.push_str(&format!("-{t}{c}"));
+        }
+    }
+    let prefix = prefix_with(kind, &tag, geometry.resize);
+    let c = decode_cached(root, kind, &entries, skip_bad, cache_dir, &prefix, geometry)?;
+    for (s, what) in c
+        .decoded
+        .splits
+        .iter()
+        .zip(["training", "validation", "test"])
+    {
+        if s.is_empty() {
+            bail!(
+                "no usable {what} images in {}: every file of that split was bad ({} skipped)",
+                root.display(),
+                c.decoded.skipped
+            );
+        }
+    }
+    let d = c.decoded;
+    info!(
+        "{} {}: {} train, {} valid, {} test images of {}x{}{}",
+        if c.from_cache { "cached" } else { "decoded" },
+        root.display(),
+        d.splits[0].len(),
+        d.splits[1].len(),
+        d.splits[2].len(),
+        d.splits[0].width,
+        d.splits[0].height,
+        if d.skipped > 0 {
+            format!(", {} bad files skipped", d.skipped)
+        } else {
+            String::new()
+        }
+    );
+    Ok(ListedLoad {
+        splits: d.splits,
+        num_classes: d.num_classes,
+        skipped: d.skipped,
+        from_cache: c.from_cache,
+        cache_file: c.cache_file,
+    })
 }
 
 /// Loads a DFA-layout dataset folder with every image resized to `image_size x image_size`
@@ -563,29 +784,21 @@ pub fn load_sized(opts: &DfaOptions, image_size: Option<usize>) -> Result<DfaLoa
             );
         }
     }
-    let key = cache_key(&opts.root, kind, opts.skip_bad, image_size, &files);
     let cache_dir = opts.cache_dir.as_deref().unwrap_or(&opts.root);
     let prefix = cache_prefix(kind, pct, image_size);
-    let cache_file = cache_dir.join(format!(".{prefix}{key:016x}.bin"));
-    let cached = std::fs::read(&cache_file)
-        .ok()
-        .and_then(|b| decode_cache(&b, key));
-    let from_cache = cached.is_some();
-    let decoded = match cached {
-        Some(d) => d,
-        None => {
-            let d = decode_all(&files, opts.skip_bad, image_size)?;
-            store_cache(cache_dir, &prefix, &cache_file, key, &d);
-            d
-        }
-    };
-    if from_cache && decoded.skipped > 0 {
-        warn!(
-            "--skip-bad: {} bad file(s) were skipped (when the cache {} was made)",
-            decoded.skipped,
-            cache_file.display()
-        );
-    }
+    let Cached {
+        decoded,
+        from_cache,
+        cache_file,
+    } = decode_cached(
+        &opts.root,
+        kind,
+        &files,
+        opts.skip_bad,
+        cache_dir,
+        &prefix,
+        &LoadGeometry::resize(image_size),
+    )?;
     for (s, what) in decoded
         .splits
         .iter()
@@ -721,12 +934,21 @@ mod tests {
                 path: PathBuf::from("/d/1pct/align/0/1_0_0.png"),
                 size: 10,
                 mtime_ns: 5,
+                listed: None,
             }],
             Vec::new(),
             Vec::new(),
         ];
         let root = Path::new("/d");
-        let k = |s| cache_key(root, DatasetKind::Bffhq, false, s, &files);
+        let k = |s| {
+            cache_key(
+                root,
+                DatasetKind::Bffhq,
+                false,
+                &LoadGeometry::resize(s),
+                &files,
+            )
+        };
         assert_ne!(k(None), k(Some(128)));
         assert_ne!(k(Some(128)), k(Some(224)));
         assert_eq!(k(Some(128)), k(Some(128)));

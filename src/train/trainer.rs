@@ -10,7 +10,7 @@ use super::eval::{evaluate, predict};
 use super::lr::ReduceLrOnPlateau;
 use super::masked::{flops_table, layer_shapes, MaskedLayers};
 use super::methods::JttReport;
-use super::metrics::{fmt_opt, group_metrics};
+use super::metrics::{fmt_opt, group_metrics_in};
 use super::objective::Objective;
 use super::optim::Sgd;
 use super::output::{self, MetricsRow};
@@ -377,7 +377,13 @@ impl<'a> Stage<'a> {
         self.st.train_time += epoch_time;
         self.st.samples_seen += pe.seen;
         let train_loss = pe.loss_sum / pe.seen.max(1) as f64;
-        let train_m = group_metrics(&pe.preds, &pe.labels, &pe.bias, train_loss);
+        let train_m = group_metrics_in(
+            &pe.preds,
+            &pe.labels,
+            &pe.bias,
+            train_loss,
+            ds.train.groups.as_deref(),
+        );
         let valid_m = evaluate(self.model.as_ref(), &ds.valid, &self.eval_tf, &self.dev)?;
         if !valid_m.loss.is_finite() {
             bail!(
@@ -542,6 +548,7 @@ impl<'a> Stage<'a> {
             train_flops_vs_dense: st.flops.ratio(),
             jtt: ctx.jtt,
             dro_q: self.objective.dro_q(),
+            groups: ds.train.groups.as_deref().cloned(),
         };
         output::write_json(&self.run_dir.join("summary.json"), &summary)?;
         let run_dir = self.run_dir;
