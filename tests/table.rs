@@ -176,6 +176,22 @@ fn subpopbench_table_loads_labels_attributes_splits_and_pixels() -> Result<()> {
         .to_image()
         .into_raw();
     assert_eq!(&dw.train.images[..28 * 28 * 3], &want[..]);
+    // `rest predict` prepares a file of such a run the same way (CHW, in [0, 1]).
+    let g = DatasetKind::Waterbirds.geometry(Some(28));
+    let x = rest::infer::predict::load_image_geometry(
+        &wb.join(&rows[0].0),
+        (3, 28, 28),
+        image::imageops::FilterType::Triangle,
+        Some(&g),
+    )?;
+    for p in 0..28 * 28 {
+        for ch in 0..3 {
+            assert_eq!(
+                x[ch * 28 * 28 + p],
+                f32::from(want[p * 3 + ch]) * (1.0 / 255.0)
+            );
+        }
+    }
     // A generic table: the SubpopBench file with its columns named by flags.
     let mut t = opts(&data);
     t.dataset = DatasetKind::Table;

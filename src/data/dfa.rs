@@ -163,6 +163,28 @@ impl LoadGeometry {
             ..Self::default()
         }
     }
+
+    /// True when the geometry crops (table layouts' pipelines).
+    pub fn crops(&self) -> bool {
+        self.crop_before.is_some() || self.crop_after.is_some()
+    }
+
+    /// The image after the crop, the bilinear resize and the second crop.
+    pub fn apply(&self, mut rgb: image::RgbImage) -> image::RgbImage {
+        if let Some(c) = self.crop_before {
+            rgb = centre_crop(rgb, c);
+        }
+        if let Some(s) = self.resize {
+            let s = s as u32;
+            if (rgb.width(), rgb.height()) != (s, s) {
+                rgb = image::imageops::resize(&rgb, s, s, image::imageops::FilterType::Triangle);
+            }
+        }
+        if let Some(c) = self.crop_after {
+            rgb = centre_crop(rgb, c);
+        }
+        rgb
+    }
 }
 
 /// The centre `side x side` square of `img` (the whole image where it is smaller).
@@ -510,19 +532,7 @@ fn decode_entry(e: &Entry, geometry: &LoadGeometry) -> Sample {
             e.path.display()
         )
     })?;
-    let mut rgb = img.to_rgb8();
-    if let Some(c) = geometry.crop_before {
-        rgb = centre_crop(rgb, c);
-    }
-    if let Some(s) = geometry.resize {
-        let s = s as u32;
-        if (rgb.width(), rgb.height()) != (s, s) {
-            rgb = image::imageops::resize(&rgb, s, s, image::imageops::FilterType::Triangle);
-        }
-    }
-    if let Some(c) = geometry.crop_after {
-        rgb = centre_crop(rgb, c);
-    }
+    let rgb = geometry.apply(img.to_rgb8());
     Ok((label, bias, rgb.width(), rgb.height(), rgb.into_raw()))
 }
 
