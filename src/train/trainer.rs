@@ -120,6 +120,23 @@ impl<'a> Stage<'a> {
         let mut init_rng = util::rng(cfg.optim.seed, 1);
         let input = (ds.train.channels, ds.train.height, ds.train.width);
         let model = models::build(cfg.model, input, ds.num_classes, &mut init_rng, &dev)?;
+        if let (Some(file), false) = (&cfg.optim.init_from, resume) {
+            let r = models::init::init_from(model.as_ref(), file)?;
+            info!(
+                "initial weights from {}: {} tensors{}",
+                file.display(),
+                r.loaded,
+                match &r.head_replaced {
+                    Some((names, shape)) => format!(
+                        "; the head ({}) is new: the file's is {shape:?} for another class \
+                         count, this dataset has {} classes",
+                        names.join(", "),
+                        ds.num_classes
+                    ),
+                    None => String::new(),
+                }
+            );
+        }
         let mut opt = Sgd::new(
             model.params(),
             cfg.optim.lr,
