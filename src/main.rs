@@ -177,6 +177,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{s:<6} {n:>6} ({c} conflicting)");
             }
             println!("table: {}", r.table.display());
+            if args.format == rest::data::make::MakeFormat::Waterbirds {
+                println!(
+                    "the waterbirds layout trains at 224 px (group_DRO's pipeline): pass \
+                     --image-size 28 for these digits"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Data(DataCommand::Make(MakeCommand::ColoredMnist(args))) => {

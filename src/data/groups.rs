@@ -71,6 +71,12 @@ pub struct GroupInfo {
     pub train_groups: Vec<GroupEntry>,
     #[serde(skip)]
     pub minority: BTreeSet<(u32, u32)>,
+    /// Class names in label order, where the table spelled labels as names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<Vec<String>>,
+    /// Attribute names in value order, where the table spelled attributes as names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribute_names: Option<Vec<String>>,
 }
 
 impl GroupInfo {
@@ -118,6 +124,8 @@ impl GroupInfo {
             rule: rule.describe(),
             train_groups,
             minority,
+            class_names: None,
+            attribute_names: None,
         })
     }
 

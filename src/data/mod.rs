@@ -56,8 +56,10 @@ pub fn load(source: &DataSource) -> Result<GroupDataset> {
             geometry,
             rule,
         } => {
-            let (mut ds, _) = table::load(opts, geometry)?;
-            let info = groups::GroupInfo::choose(&ds.train.labels, &ds.train.bias, rule)?;
+            let (mut ds, listing) = table::load(opts, geometry)?;
+            let mut info = groups::GroupInfo::choose(&ds.train.labels, &ds.train.bias, rule)?;
+            info.class_names = listing.class_names;
+            info.attribute_names = listing.attribute_names;
             if info.minority.is_empty() {
                 tracing::warn!(
                     "no minority group by the rule: {}; up-weighting changes nothing",

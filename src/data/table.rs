@@ -346,7 +346,8 @@ fn list_celeba(root: &Path, o: &TableOptions) -> Result<Listing> {
             "1" => Ok(1),
             "-1" | "0" => Ok(0),
             v => bail!(
-                "{} line {line}, column `{}`: the attribute {v:?} is not 1 or -1",
+                "{} line {line}, column `{}`: the attribute {v:?} is not 1 or -1 (0 is read as \
+                 -1)",
                 attrs.name(),
                 attrs.header[col]
             ),
