@@ -152,7 +152,7 @@ fn parse_input(s: &str) -> Result<(usize, usize, usize), String> {
 pub enum DataCommand {
     /// Write the generated Colored MNIST splits as .npy files (uint8 NHWC images, int64
     /// labels and bias attributes) so other frameworks train on exactly the same images.
-    Export(ExportArgs),
+    Export(Box<ExportArgs>),
     /// Generate a dataset as image files in the DFA layout (for --data).
     #[command(subcommand)]
     Make(MakeCommand),
@@ -222,6 +222,13 @@ pub struct MakeColoredMnistArgs {
     /// Seed of the colour noise and of the split of the held-out digits.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
+    /// Layout: dfa (folders, every ratio), subpopbench (metadata_cmnist.csv) or waterbirds
+    /// (metadata.csv), the tables with images/ and one ratio, --conflict-pct.
+    #[arg(long, value_enum, default_value = "dfa")]
+    pub format: crate::data::make::MakeFormat,
+    /// Table formats: percentage of bias-conflicting training and validation samples.
+    #[arg(long, value_name = "PCT", default_value_t = 5.0)]
+    pub conflict_pct: f64,
 }
 
 impl MakeColoredMnistArgs {

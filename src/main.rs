@@ -165,6 +165,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Data(DataCommand::Make(MakeCommand::ColoredMnist(args)))
+            if args.format != rest::data::make::MakeFormat::Dfa =>
+        {
+            let r = rest::data::make::make_colored_mnist_table(
+                &args.spec(),
+                args.format,
+                args.conflict_pct,
+            )?;
+            for (s, (n, c)) in ["train", "valid", "test"].iter().zip(r.counts) {
+                println!("{s:<6} {n:>6} ({c} conflicting)");
+            }
+            println!("table: {}", r.table.display());
+            if args.format == rest::data::make::MakeFormat::Waterbirds {
+                println!(
+                    "the waterbirds layout trains at 224 px (group_DRO's pipeline): pass \
+                     --image-size 28 for these digits"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Data(DataCommand::Make(MakeCommand::ColoredMnist(args))) => {
             let r = rest::data::make::make_colored_mnist(&args.spec())?;
             println!("ratio     align  conflict  valid (conflict)");

@@ -228,6 +228,8 @@ fn metrics(accuracy: f64, worst_group: f64, unbiased: f64) -> GroupMetrics {
         worst_group,
         worst_cell: worst_group,
         unbiased,
+        groups: None,
+        weighted_accuracy: None,
     }
 }
 

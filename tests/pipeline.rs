@@ -67,6 +67,7 @@ fn crop_offsets_flip_and_zero_padding_match_hand_computed_pixels() -> Result<()>
         crop_padding: 1,
         flip: true,
         normalize: None,
+        resized_crop: false,
     };
     let n = None;
     // Offsets (dy, dx) = (0, 2) into the 1-padded image: output (y, x) = input (y - 1, x + 1).
@@ -76,6 +77,7 @@ fn crop_offsets_flip_and_zero_padding_match_hand_computed_pixels() -> Result<()>
             dy: 0,
             dx: 2,
             flip: false,
+            crop_words: None,
         },
     )?;
     assert_eq!(
@@ -93,6 +95,7 @@ fn crop_offsets_flip_and_zero_padding_match_hand_computed_pixels() -> Result<()>
             dy: 1,
             dx: 1,
             flip: true,
+            crop_words: None,
         },
     )?;
     assert_eq!(
@@ -110,6 +113,7 @@ fn crop_offsets_flip_and_zero_padding_match_hand_computed_pixels() -> Result<()>
             dy: 2,
             dx: 0,
             flip: true,
+            crop_words: None,
         },
     )?;
     assert_eq!(
@@ -132,6 +136,7 @@ fn normalisation_applies_mean_and_std_to_pixels_and_padding() -> Result<()> {
             mean: CIFAR_MEAN,
             std: CIFAR_STD,
         }),
+        resized_crop: false,
     };
     let out = apply(
         &t,
@@ -139,6 +144,7 @@ fn normalisation_applies_mean_and_std_to_pixels_and_padding() -> Result<()> {
             dy: 0,
             dx: 1,
             flip: false,
+            crop_words: None,
         },
     )?;
     // Row 0 is padding: (0 - mean) / std; (1, 1) takes input (0, 1).
@@ -171,6 +177,7 @@ fn cifar_train() -> Transform {
             mean: CIFAR_MEAN,
             std: CIFAR_STD,
         }),
+        resized_crop: false,
     }
 }
 
@@ -293,6 +300,7 @@ fn feature_major_gather_is_the_transposed_nchw_gather() -> Result<()> {
         crop_padding: 0,
         flip: false,
         normalize: cifar_train().normalize,
+        resized_crop: false,
     };
     for (h, w) in [(28, 28), (5, 5), (8, 8)] {
         let s = random_split(60, h, w, 4);
@@ -872,6 +880,7 @@ fn per_dataset_defaults_overrides_and_old_configs() -> Result<()> {
                 mean: CIFAR_MEAN,
                 std: CIFAR_STD
             }),
+            resized_crop: false,
         }
     );
     assert_eq!(cifar.data.plan().eval_transform.crop_padding, 0);

@@ -15,6 +15,10 @@
 //! keyed by the file list, sizes, modification times and the resize; training reads the
 //! splits through a memory map of that file, and later runs reuse it. Where no cache file can
 //! be written, the images are decoded from their files batch by batch instead.
+//!
+//! The decoding, resizing and caching are shared with datasets described by a table
+//! (`data::table`), which hand over their files with labels and attributes
+//! ([`load_listed`]).
 
 use super::cache;
 use super::images::{ImageSource, Images};
@@ -96,11 +100,15 @@ pub fn parse_name(path: &Path) -> Result<(u32, u32)> {
     Ok((label, bias))
 }
 
-/// The layout of `root` under `kind`: `Auto` looks at the folder name (`cmnist`,
-/// `colored_mnist`, `cifar10c`, `bffhq`), else falls back to the generic `Dfa`.
+/// The layout of `root` under `kind`: `Auto` looks for a known table (`data::table::detect`:
+/// CelebA's, Waterbirds', SubpopBench's), then at the folder name (`cmnist`, `colored_mnist`,
+/// `cifar10c`, `bffhq`), else falls back to the generic `Dfa`.
 pub fn resolve_kind(root: &Path, kind: DatasetKind) -> DatasetKind {
     if kind != DatasetKind::Auto {
         return kind;
+    }
+    if let Some(k) = super::table::detect(root) {
+        return k;
     }
     let name = root
         .canonicalize()
@@ -125,6 +133,94 @@ struct Entry {
     path: PathBuf,
     size: u64,
     mtime_ns: u128,
+    /// Label, attribute and where they were read (a table's line), when they do not come
+    /// from the file name.
+    listed: Option<(u32, u32, String)>,
+}
+
+/// An image file with its label and attribute from a table (`data::table`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedFile {
+    pub path: PathBuf,
+    pub label: u32,
+    pub attribute: u32,
+    /// Where the file was listed (e.g. `metadata.csv line 7`), for error messages.
+    pub origin: String,
+}
+
+/// What happens to an image's geometry when it is loaded (before caching): an optional
+/// centre crop to a square of `crop_before` pixels (CelebA's 178), a bilinear resize to
+/// `resize x resize`, then an optional centre crop to `crop_after x crop_after` (Waterbirds'
+/// resize to 256 + centre crop to 224).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadGeometry {
+    pub crop_before: Option<usize>,
+    pub resize: Option<usize>,
+    pub crop_after: Option<usize>,
+}
+
+impl LoadGeometry {
+    /// Only a resize (or nothing), as DFA folders load.
+    pub fn resize(size: Option<usize>) -> Self {
+        LoadGeometry {
+            resize: size,
+            ..Self::default()
+        }
+    }
+
+    /// True when the geometry crops (table layouts' pipelines).
+    pub fn crops(&self) -> bool {
+        self.crop_before.is_some() || self.crop_after.is_some()
+    }
+
+    /// `(width, height)` of a `(w, h)` image after [`Self::apply`].
+    pub fn output_size(&self, (w, h): (u32, u32)) -> (u32, u32) {
+        let crop = |c: Option<usize>, (w, h): (u32, u32)| match c {
+            Some(c) => ((c as u32).min(w), (c as u32).min(h)),
+            None => (w, h),
+        };
+        let mut size = crop(self.crop_before, (w, h));
+        if let Some(s) = self.resize {
+            size = (s as u32, s as u32);
+        }
+        crop(self.crop_after, size)
+    }
+
+    /// The output size when it does not depend on the image's (a resize fixes it), so that
+    /// probing a file needs no header read.
+    pub fn fixed_size(&self) -> Option<(u32, u32)> {
+        self.resize.map(|s| self.output_size((s as u32, s as u32)))
+    }
+
+    /// The image after the crop, the bilinear resize and the second crop.
+    pub fn apply(&self, mut rgb: image::RgbImage) -> image::RgbImage {
+        if let Some(c) = self.crop_before {
+            rgb = centre_crop(rgb, c);
+        }
+        if let Some(s) = self.resize {
+            let s = s as u32;
+            if (rgb.width(), rgb.height()) != (s, s) {
+                rgb = image::imageops::resize(&rgb, s, s, image::imageops::FilterType::Triangle);
+            }
+        }
+        if let Some(c) = self.crop_after {
+            rgb = centre_crop(rgb, c);
+        }
+        rgb
+    }
+}
+
+/// The centre `side x side` square of `img` (the whole image where it is smaller).
+fn centre_crop(img: image::RgbImage, side: usize) -> image::RgbImage {
+    let s = side as u32;
+    let (w, h) = (img.width(), img.height());
+    let (cw, ch) = (s.min(w), s.min(h));
+    if (cw, ch) == (w, h) {
+        return img;
+    }
+    // As torchvision's CenterCrop: the offset rounds half to even of (size - crop) / 2.
+    let off = |full: u32, c: u32| ((f64::from(full - c)) / 2.0).round_ties_even() as u32;
+    image::imageops::crop_imm(&img, off(w, cw), off(h, ch), cw, ch).to_image()
 }
 
 /// How deep the images of a split folder lie.
@@ -171,6 +267,7 @@ fn entry(path: PathBuf) -> Result<Entry> {
         path,
         size: md.len(),
         mtime_ns,
+        listed: None,
     })
 }
 
@@ -258,6 +355,14 @@ fn list_files(root: &Path, kind: DatasetKind, pct: f64) -> Result<[Vec<Entry>; 3
         DatasetKind::Cmnist => (pdir.join("valid"), Depth::Flat, Depth::Nested),
         DatasetKind::Cifar10c => (pdir.join("valid"), Depth::Nested, Depth::Nested),
         DatasetKind::Bffhq => (root.join("valid"), Depth::Flat, Depth::Flat),
+        DatasetKind::Subpop
+        | DatasetKind::Waterbirds
+        | DatasetKind::Celeba
+        | DatasetKind::Table => bail!(
+            "--dataset {}: {} is described by a table, not the DFA folder layout",
+            kind.as_str(),
+            root.display()
+        ),
         DatasetKind::Dfa | DatasetKind::Auto => {
             let v = if pdir.join("valid").is_dir() {
                 pdir.join("valid")
@@ -298,16 +403,26 @@ fn cache_key(
     root: &Path,
     kind: DatasetKind,
     skip_bad: bool,
-    image_size: Option<usize>,
+    geometry: &LoadGeometry,
     splits: &[Vec<Entry>; 3],
 ) -> u64 {
     let mut h = Fnv::new();
     h.u64(u64::from(cache::VERSION));
     h.bytes(kind.as_str().as_bytes());
     h.u64(u64::from(skip_bad));
-    if let Some(s) = image_size {
+    if let Some(s) = geometry.resize {
         h.bytes(b"resize-bilinear");
         h.u64(s as u64);
+    }
+    // Crops (table layouts only) key after the resize, so that keys without them are as before.
+    for (tag, c) in [
+        (&b"crop-before"[..], geometry.crop_before),
+        (b"crop-after", geometry.crop_after),
+    ] {
+        if let Some(c) = c {
+            h.bytes(tag);
+            h.u64(c as u64);
+        }
     }
     for split in splits {
         h.u64(split.len() as u64);
@@ -317,6 +432,10 @@ fn cache_key(
             h.u64(0xff);
             h.u64(e.size);
             h.bytes(&e.mtime_ns.to_le_bytes());
+            if let Some((l, a, _)) = &e.listed {
+                h.u64(u64::from(*l));
+                h.u64(u64::from(*a));
+            }
         }
     }
     h.0
@@ -340,11 +459,11 @@ struct Kept {
     bias: Vec<u32>,
 }
 
-/// The RGB pixels of `path`, resized to `image_size` when given: `(width, height, bytes)`,
+/// The RGB pixels of `path`, cropped and resized by `geometry`: `(width, height, bytes)`,
 /// or the message naming the file.
 fn decode_path(
     path: &Path,
-    image_size: Option<usize>,
+    geometry: &LoadGeometry,
 ) -> std::result::Result<(u32, u32, Vec<u8>), String> {
     let img = image::open(path).map_err(|err| {
         format!(
@@ -353,21 +472,30 @@ fn decode_path(
             path.display()
         )
     })?;
-    let mut rgb = img.to_rgb8();
-    if let Some(s) = image_size {
-        let s = s as u32;
-        if (rgb.width(), rgb.height()) != (s, s) {
-            rgb = image::imageops::resize(&rgb, s, s, image::imageops::FilterType::Triangle);
-        }
-    }
+    let rgb = geometry.apply(img.to_rgb8());
     Ok((rgb.width(), rgb.height(), rgb.into_raw()))
 }
 
-/// Label, bias attribute and `(width, height)` of a file from its name and image header (or
-/// `image_size` when resizing), or why it is bad. Reads no pixels.
+/// A bad file's message, prefixed with where a table listed it.
+fn with_origin(e: &Entry, msg: String) -> String {
+    match &e.listed {
+        Some((_, _, origin)) => format!("{origin}: {msg}"),
+        None => msg,
+    }
+}
+
+/// Label, bias attribute and `(width, height)` after `geometry` of a file, from its name (or
+/// its table's line) and its image header, or why it is bad. Reads no pixels.
 fn probe_one(
     e: &Entry,
-    image_size: Option<usize>,
+    geometry: &LoadGeometry,
+) -> std::result::Result<(u32, u32, (u32, u32)), String> {
+    probe_entry(e, geometry).map_err(|msg| with_origin(e, msg))
+}
+
+fn probe_entry(
+    e: &Entry,
+    geometry: &LoadGeometry,
 ) -> std::result::Result<(u32, u32, (u32, u32)), String> {
     let ext = e
         .path
@@ -381,16 +509,19 @@ fn probe_one(
             e.path.display()
         ));
     }
-    let (label, bias) = parse_name(&e.path).map_err(|err| err.to_string())?;
-    let size = match image_size {
-        Some(s) => (s as u32, s as u32),
-        None => image::image_dimensions(&e.path).map_err(|err| {
+    let (label, bias) = match &e.listed {
+        Some((l, a, _)) => (*l, *a),
+        None => parse_name(&e.path).map_err(|err| err.to_string())?,
+    };
+    let size = match geometry.fixed_size() {
+        Some(s) => s,
+        None => geometry.output_size(image::image_dimensions(&e.path).map_err(|err| {
             format!(
                 "{}: cannot decode the image ({err}); the file is corrupt or not a PNG/JPEG: \
                  replace it, or pass --skip-bad to skip bad files",
                 e.path.display()
             )
-        })?,
+        })?),
     };
     Ok((label, bias, size))
 }
@@ -406,13 +537,13 @@ const CHUNK_BYTES: usize = 32 << 20;
 fn build(
     files: &[Vec<Entry>; 3],
     skip_bad: bool,
-    image_size: Option<usize>,
+    geometry: &LoadGeometry,
     sink: &mut Option<cache::CacheWriter>,
 ) -> Result<Built> {
     // Pass 1, headers only: names, formats and sizes.
     let probed: Vec<Vec<_>> = files
         .iter()
-        .map(|split| split.par_iter().map(|e| probe_one(e, image_size)).collect())
+        .map(|split| split.par_iter().map(|e| probe_one(e, geometry)).collect())
         .collect();
     let mut bad: Vec<String> = Vec::new();
     for p in probed.iter().flatten() {
@@ -494,7 +625,7 @@ fn build(
         for part in keep.chunks(chunk) {
             let pixels: Vec<_> = part
                 .par_iter()
-                .map(|(e, _, _)| decode_path(&e.path, image_size))
+                .map(|(e, _, _)| decode_path(&e.path, geometry).map_err(|m| with_origin(e, m)))
                 .collect();
             for (&(e, l, b), px) in part.iter().zip(pixels) {
                 let px = match px {
@@ -551,7 +682,7 @@ fn sink_failed(sink: &mut Option<cache::CacheWriter>, err: &anyhow::Error) {
 /// when no cache file could be written).
 struct FileImages {
     paths: Vec<PathBuf>,
-    image_size: Option<usize>,
+    geometry: LoadGeometry,
     size: (u32, u32),
     root: PathBuf,
 }
@@ -568,7 +699,7 @@ impl ImageSource for FileImages {
                 self.paths.len()
             );
         };
-        let (w, h, px) = decode_path(path, self.image_size).map_err(|m| anyhow::anyhow!(m))?;
+        let (w, h, px) = decode_path(path, &self.geometry).map_err(|m| anyhow::anyhow!(m))?;
         if (w, h) != self.size || px.len() != dst.len() {
             bail!(
                 "{} is now {w}x{h} pixels, {}x{} when the dataset was loaded: the file changed \
@@ -588,7 +719,7 @@ impl ImageSource for FileImages {
 }
 
 /// The splits of `built`, decoded on the fly.
-fn on_the_fly(built: Built, root: &Path, image_size: Option<usize>) -> Result<[Split; 3]> {
+fn on_the_fly(built: Built, root: &Path, geometry: &LoadGeometry) -> Result<[Split; 3]> {
     let (w, h) = built.size;
     let record = w as usize * h as usize * 3;
     let mut out = Vec::with_capacity(3);
@@ -596,7 +727,7 @@ fn on_the_fly(built: Built, root: &Path, image_size: Option<usize>) -> Result<[S
         let n = k.paths.len();
         let source = FileImages {
             paths: k.paths,
-            image_size,
+            geometry: *geometry,
             size: built.size,
             root: root.to_path_buf(),
         };
@@ -619,8 +750,97 @@ pub fn load(opts: &DfaOptions) -> Result<DfaLoad> {
 /// The cache file name's prefix: layout, ratio and, when resized, the size (so the caches of
 /// two sizes live side by side).
 fn cache_prefix(kind: DatasetKind, pct: f64, image_size: Option<usize>) -> String {
+    prefix_with(kind, &pct_token(pct), image_size)
+}
+
+fn prefix_with(kind: DatasetKind, tag: &str, image_size: Option<usize>) -> String {
     let size = image_size.map_or(String::new(), |s| format!("{s}px-"));
-    format!("rest-cache-{}-{}-{size}", kind.as_str(), pct_token(pct))
+    format!("rest-cache-{}-{tag}-{size}", kind.as_str())
+}
+
+/// Splits loaded from listed files ([`load_listed`]).
+#[derive(Debug, Clone)]
+pub struct ListedLoad {
+    /// Train, validation, test.
+    pub splits: [Split; 3],
+    /// One more than the largest label read.
+    pub num_classes: usize,
+    pub skipped: usize,
+    pub from_cache: bool,
+    pub cache_file: PathBuf,
+    /// Bytes of the cache file mapped; `None` when the images are decoded on the fly.
+    pub cache_bytes: Option<u64>,
+}
+
+/// Decodes the listed files of three splits (train, validation, test; `name`: the table's, for
+/// the cache file's name) with `geometry`, through
+/// the same parallel decoding, `skip_bad` handling and on-disk cache as DFA folders (the cache
+/// file lies in `cache_dir`, default `root`, keyed by the files, their labels and attributes
+/// and the geometry).
+pub fn load_listed(
+    root: &Path,
+    kind: DatasetKind,
+    name: &str,
+    files: &[Vec<ListedFile>; 3],
+    skip_bad: bool,
+    cache_dir: Option<&Path>,
+    geometry: &LoadGeometry,
+) -> Result<ListedLoad> {
+    let mut entries: [Vec<Entry>; 3] = Default::default();
+    for (out, split) in entries.iter_mut().zip(files) {
+        for f in split {
+            let mut e = entry(f.path.clone()).with_context(|| f.origin.clone())?;
+            e.listed = Some((f.label, f.attribute, f.origin.clone()));
+            out.push(e);
+        }
+    }
+    let cache_dir = cache_dir.unwrap_or(root);
+    // The table's name keeps the caches of two tables of one folder apart.
+    let mut tag: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    for (c, t) in [(geometry.crop_before, "c"), (geometry.crop_after, "k")] {
+        if let Some(c) = c {
+            tag.push_str(&format!("-{t}{c}"));
+        }
+    }
+    let prefix = prefix_with(kind, &tag, geometry.resize);
+    let (got, from_cache, cache_file) =
+        load_entries(root, kind, &entries, skip_bad, cache_dir, &prefix, geometry)?;
+    for (s, what) in got.splits.iter().zip(["training", "validation", "test"]) {
+        if s.is_empty() {
+            bail!(
+                "no usable {what} images in {}: every file of that split was bad ({} skipped)",
+                root.display(),
+                got.skipped
+            );
+        }
+    }
+    let [train, ..] = &got.splits;
+    info!(
+        "{} {}: {} train, {} valid, {} test images of {}x{}{}",
+        if from_cache { "cached" } else { "decoded" },
+        root.display(),
+        got.splits[0].len(),
+        got.splits[1].len(),
+        got.splits[2].len(),
+        train.width,
+        train.height,
+        if got.skipped > 0 {
+            format!(", {} bad files skipped", got.skipped)
+        } else {
+            String::new()
+        }
+    );
+    Ok(ListedLoad {
+        splits: got.splits,
+        num_classes: got.num_classes,
+        skipped: got.skipped,
+        from_cache,
+        cache_file,
+        cache_bytes: got.cache_bytes,
+    })
 }
 
 /// Loads a DFA-layout dataset folder with every image resized to `image_size x image_size`
@@ -644,49 +864,24 @@ pub fn load_sized(opts: &DfaOptions, image_size: Option<usize>) -> Result<DfaLoa
             );
         }
     }
-    let key = cache_key(&opts.root, kind, opts.skip_bad, image_size, &files);
     let cache_dir = opts.cache_dir.as_deref().unwrap_or(&opts.root);
     let prefix = cache_prefix(kind, pct, image_size);
-    let cache_file = cache_dir.join(format!(".{prefix}{key:016x}.bin"));
-    let (got, from_cache) = match cache::open(&cache_file, key) {
-        Ok(c) => {
-            info!(
-                "image cache {} ({}): reused",
-                cache_file.display(),
-                cache::human_bytes(c.file_len)
-            );
-            let got = Loaded {
-                num_classes: c.num_classes,
-                skipped: c.skipped,
-                splits: c.splits,
-                cache_bytes: Some(c.file_len),
-            };
-            (got, true)
-        }
-        Err(why) => {
-            if let cache::Invalid::Bad(reason) = &why {
-                warn!(
-                    "the image cache {} is not usable ({reason}): rebuilding it",
-                    cache_file.display()
-                );
-            }
-            let got = build_cache(opts, &files, image_size, &cache_file, &prefix, key)?;
-            (got, false)
-        }
-    };
+    let geometry = LoadGeometry::resize(image_size);
+    let (got, from_cache, cache_file) = load_entries(
+        &opts.root,
+        kind,
+        &files,
+        opts.skip_bad,
+        cache_dir,
+        &prefix,
+        &geometry,
+    )?;
     let Loaded {
         num_classes,
         skipped,
         splits,
         cache_bytes,
     } = got;
-    if from_cache && skipped > 0 {
-        warn!(
-            "--skip-bad: {} bad file(s) were skipped (when the cache {} was made)",
-            skipped,
-            cache_file.display()
-        );
-    }
     for (s, what) in splits.iter().zip(["training", "validation", "test"]) {
         if s.is_empty() {
             bail!(
@@ -738,6 +933,56 @@ pub fn load_sized(opts: &DfaOptions, image_size: Option<usize>) -> Result<DfaLoa
     })
 }
 
+/// The splits of `files` from their cache file in `cache_dir` (named by `prefix` and the
+/// files' key) when it is current, else decoded into a new one (or on the fly where it cannot
+/// be written). Returns them, whether the cache was reused, and the cache file.
+fn load_entries(
+    root: &Path,
+    kind: DatasetKind,
+    files: &[Vec<Entry>; 3],
+    skip_bad: bool,
+    cache_dir: &Path,
+    prefix: &str,
+    geometry: &LoadGeometry,
+) -> Result<(Loaded, bool, PathBuf)> {
+    let key = cache_key(root, kind, skip_bad, geometry, files);
+    let cache_file = cache_dir.join(format!(".{prefix}{key:016x}.bin"));
+    let (got, from_cache) = match cache::open(&cache_file, key) {
+        Ok(c) => {
+            info!(
+                "image cache {} ({}): reused",
+                cache_file.display(),
+                cache::human_bytes(c.file_len)
+            );
+            let got = Loaded {
+                num_classes: c.num_classes,
+                skipped: c.skipped,
+                splits: c.splits,
+                cache_bytes: Some(c.file_len),
+            };
+            (got, true)
+        }
+        Err(why) => {
+            if let cache::Invalid::Bad(reason) = &why {
+                warn!(
+                    "the image cache {} is not usable ({reason}): rebuilding it",
+                    cache_file.display()
+                );
+            }
+            let got = build_cache(root, skip_bad, files, geometry, &cache_file, prefix, key)?;
+            (got, false)
+        }
+    };
+    if from_cache && got.skipped > 0 {
+        warn!(
+            "--skip-bad: {} bad file(s) were skipped (when the cache {} was made)",
+            got.skipped,
+            cache_file.display()
+        );
+    }
+    Ok((got, from_cache, cache_file))
+}
+
 /// The splits of a load and where they come from.
 struct Loaded {
     num_classes: usize,
@@ -750,9 +995,10 @@ struct Loaded {
 /// Decodes the folder into a new cache file and serves the splits from it; where the file
 /// cannot be written, from the image files, decoded on the fly.
 fn build_cache(
-    opts: &DfaOptions,
+    root: &Path,
+    skip_bad: bool,
     files: &[Vec<Entry>; 3],
-    image_size: Option<usize>,
+    geometry: &LoadGeometry,
     cache_file: &Path,
     prefix: &str,
     key: u64,
@@ -764,7 +1010,7 @@ fn build_cache(
             None
         }
     };
-    let built = build(files, opts.skip_bad, image_size, &mut sink)?;
+    let built = build(files, skip_bad, geometry, &mut sink)?;
     let (num_classes, skipped) = (built.num_classes, built.skipped);
     if let Some(w) = sink {
         match w.finish(built.num_classes, built.skipped) {
@@ -795,7 +1041,7 @@ fn build_cache(
     Ok(Loaded {
         num_classes,
         skipped,
-        splits: on_the_fly(built, &opts.root, image_size)?,
+        splits: on_the_fly(built, root, geometry)?,
         cache_bytes: None,
     })
 }
@@ -851,12 +1097,21 @@ mod tests {
                 path: PathBuf::from("/d/1pct/align/0/1_0_0.png"),
                 size: 10,
                 mtime_ns: 5,
+                listed: None,
             }],
             Vec::new(),
             Vec::new(),
         ];
         let root = Path::new("/d");
-        let k = |s| cache_key(root, DatasetKind::Bffhq, false, s, &files);
+        let k = |s| {
+            cache_key(
+                root,
+                DatasetKind::Bffhq,
+                false,
+                &LoadGeometry::resize(s),
+                &files,
+            )
+        };
         assert_ne!(k(None), k(Some(128)));
         assert_ne!(k(Some(128)), k(Some(224)));
         assert_eq!(k(Some(128)), k(Some(128)));

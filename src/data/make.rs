@@ -1,7 +1,9 @@
 //! Generators that write datasets to disk in the DFA layout (see `data::dfa`), so that runs
 //! of `rest` and of other toolkits read the very same image files. Colored MNIST: LfF's
 //! `make_attr_labels` assigns the colours (per class, conflicting samples spread evenly over
-//! the other colours by cumulative-ratio milestones), for 0.5, 1, 2 and 5 % in one call.
+//! the other colours by cumulative-ratio milestones), for 0.5, 1, 2 and 5 % in one call; or,
+//! with `--format subpopbench|waterbirds`, one ratio as a folder of images described by a
+//! metadata table (`data::table`).
 
 use super::colored_mnist::{colorize, noisy_palette_colour, severity_sigma, LFF_PALETTE};
 use super::dfa::pct_token;
@@ -46,6 +48,21 @@ impl Palette {
         }
     }
 }
+
+/// How `rest data make colored-mnist` lays the dataset out (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MakeFormat {
+    /// The DFA folder layout, every ratio of 0.5, 1, 2, 5 %.
+    Dfa,
+    /// SubpopBench: images/ + metadata_cmnist.csv (`id,filename,split,y,a`), one ratio.
+    Subpopbench,
+    /// group_DRO's Waterbirds: images/ + metadata.csv (`img_id,img_filename,y,split,place`),
+    /// one ratio.
+    Waterbirds,
+}
+
+/// The SubpopBench table the generator writes.
+pub const SUBPOP_TABLE: &str = "metadata_cmnist.csv";
 
 /// Where the grey digits come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -404,6 +421,107 @@ pub fn make_colored_mnist(spec: &MakeSpec) -> Result<MakeReport> {
     text.push('\n');
     util::write_atomic(&out.join("dataset.json"), text.as_bytes())?;
     Ok(report)
+}
+
+/// What [`make_colored_mnist_table`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TableReport {
+    pub table: PathBuf,
+    /// Samples and bias-conflicting samples (label != colour) of train, valid, test.
+    pub counts: [(usize, usize); 3],
+}
+
+/// Writes Colored MNIST at `pct` % conflicting training (and validation) samples as images
+/// `images/<split>/<digit>_<label>_<colour>.png` and one metadata table in `format`
+/// (SubpopBench's `metadata_cmnist.csv` or Waterbirds' `metadata.csv`; split 0/1/2, label =
+/// digit, attribute = colour), with the same colour assignment as the DFA layout (the test
+/// split colour-balanced), then `dataset.json`.
+pub fn make_colored_mnist_table(
+    spec: &MakeSpec,
+    format: MakeFormat,
+    pct: f64,
+) -> Result<TableReport> {
+    if format == MakeFormat::Dfa {
+        bail!("internal error: the DFA layout is written by make_colored_mnist");
+    }
+    if !(pct.is_finite() && pct > 0.0 && pct < 100.0) {
+        bail!("--conflict-pct must be a percentage in (0, 100), got {pct}");
+    }
+    severity_sigma(spec.severity).context("--severity")?;
+    check_out_empty(&spec.out)?;
+    let pools = pools(&spec.source, spec.seed)?;
+    let n_classes = 10;
+    let out = &spec.out;
+    let aligned = 1.0 - pct / 100.0;
+    let mut rows: Vec<(String, u32, usize, u32)> = Vec::new();
+    let mut counts = [(0, 0); 3];
+    for (s, (name, idx)) in [
+        ("train", &pools.train),
+        ("valid", &pools.valid),
+        ("test", &pools.test),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = out.join("images").join(name);
+        mkdir(&dir)?;
+        let labels = labels_of(&pools, idx);
+        let ratio = if s == 2 {
+            1.0 / n_classes as f64
+        } else {
+            aligned
+        };
+        let attr = make_attr_labels(&labels, n_classes, ratio);
+        let jobs = plan(
+            &pools,
+            idx,
+            &attr,
+            spec,
+            STREAM_NOISE + 200 + s as u64,
+            |_, _| dir.clone(),
+        )?;
+        write_jobs(&pools, &jobs)?;
+        for ((j, &l), &a) in jobs.iter().zip(&labels).zip(&attr) {
+            let rel = j
+                .path
+                .strip_prefix(out)
+                .context("internal error: image outside --out")?;
+            rows.push((rel.to_string_lossy().into_owned(), l, s, a));
+        }
+        counts[s] = (
+            labels.len(),
+            labels.iter().zip(&attr).filter(|(l, a)| l != a).count(),
+        );
+    }
+    let (file, header) = match format {
+        MakeFormat::Subpopbench => (SUBPOP_TABLE, "id,filename,split,y,a"),
+        _ => (
+            super::table::WATERBIRDS_TABLE,
+            "img_id,img_filename,y,split,place",
+        ),
+    };
+    let mut text = format!("{header}\n");
+    for (i, (path, y, s, a)) in rows.iter().enumerate() {
+        text.push_str(&match format {
+            MakeFormat::Subpopbench => format!("{i},{path},{s},{y},{a}\n"),
+            _ => format!("{i},{path},{y},{s},{a}\n"),
+        });
+    }
+    let table = out.join(file);
+    util::write_atomic(&table, text.as_bytes())?;
+    let meta = serde_json::json!({
+        "generator": "rest data make colored-mnist",
+        "format": format!("{format:?}").to_lowercase(),
+        "conflict_pct": pct,
+        "palette": format!("{:?}", spec.palette).to_lowercase(),
+        "severity": spec.severity,
+        "seed": spec.seed,
+        "counts": counts,
+    });
+    let mut text = serde_json::to_string_pretty(&meta).context("cannot encode dataset.json")?;
+    text.push('\n');
+    util::write_atomic(&out.join("dataset.json"), text.as_bytes())?;
+    Ok(TableReport { table, counts })
 }
 
 #[cfg(test)]

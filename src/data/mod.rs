@@ -1,5 +1,7 @@
 //! Datasets with group annotations: every sample carries a class label and a bias attribute;
-//! it is *aligned* when the two agree and *bias-conflicting* otherwise.
+//! in DFA data it is *aligned* when the two agree and *bias-conflicting* otherwise; in a
+//! dataset described by a table (`table`) the conflicting samples are those of its minority
+//! (label, attribute) groups (`groups`).
 //!
 //! Images are stored as `u8` in NHWC order (what image files and `.npy` exports use), in RAM,
 //! memory-mapped from a cache file or decoded on the fly (`images::Images`), and are
@@ -12,6 +14,7 @@ pub mod colored_mnist;
 pub mod corrupt;
 pub mod dfa;
 pub mod export;
+pub mod groups;
 pub mod idx;
 pub mod images;
 pub mod loader;
@@ -20,10 +23,12 @@ pub mod make_cifar;
 pub mod options;
 pub mod preview;
 pub mod sampler;
+pub mod table;
 pub mod transform;
 
 use anyhow::{bail, Result};
 use std::borrow::Cow;
+use std::sync::Arc;
 
 pub use images::Images;
 pub use options::{DataOptions, DataPlan, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE};
@@ -38,12 +43,40 @@ pub enum DataSource {
         opts: dfa::DfaOptions,
         image_size: Option<usize>,
     },
+    /// A folder described by a table, its images loaded with `geometry`; minority groups
+    /// chosen by `rule`.
+    Table {
+        opts: Box<table::TableOptions>,
+        geometry: dfa::LoadGeometry,
+        rule: groups::MinorityRule,
+    },
 }
 
 /// Builds the dataset of `source`.
 pub fn load(source: &DataSource) -> Result<GroupDataset> {
     match source {
         DataSource::Folder { opts, image_size } => Ok(dfa::load_sized(opts, *image_size)?.dataset),
+        DataSource::Table {
+            opts,
+            geometry,
+            rule,
+        } => {
+            let (mut ds, listing) = table::load(opts, geometry)?;
+            let mut info = groups::GroupInfo::choose(&ds.train.labels, &ds.train.bias, rule)?;
+            info.class_names = listing.class_names;
+            info.attribute_names = listing.attribute_names;
+            if info.minority.is_empty() {
+                tracing::warn!(
+                    "no minority group by the rule: {}; up-weighting changes nothing",
+                    info.rule
+                );
+            }
+            let info = Arc::new(info);
+            for s in [&mut ds.train, &mut ds.valid, &mut ds.test] {
+                s.groups = Some(info.clone());
+            }
+            Ok(ds)
+        }
         DataSource::Builtin(spec) => {
             let (digits, labels) = builtin::builtin_digits()?;
             colored_mnist::generate(&digits, &labels, spec)
@@ -67,19 +100,35 @@ pub enum DatasetKind {
     Bffhq,
     /// Any of the above: validation in `<pct>/valid` or `valid`, flat or one folder deep.
     Dfa,
+    /// SubpopBench: `metadata_<name>.csv` (`id,filename,split,y,a`; split 0/1/2).
+    Subpop,
+    /// Waterbirds as group_DRO ships it: `metadata.csv` (`img_id,img_filename,y,split,place`).
+    Waterbirds,
+    /// CelebA as group_DRO reads it: `list_attr_celeba.csv` + `list_eval_partition.csv`.
+    Celeba,
+    /// Any CSV: --table-file and its --image-column, --label-column, --attribute-column,
+    /// --split-column.
+    Table,
 }
 
 /// The default `image_size` of BFFHQ (REST's 128-pixel ResNet-18 pipeline; DFA uses 224).
 pub const BFFHQ_IMAGE_SIZE: usize = 128;
+/// group_DRO's input size for Waterbirds and CelebA.
+pub const GROUP_DRO_IMAGE_SIZE: usize = 224;
+/// CelebA's centre crop before resizing (group_DRO).
+pub const CELEBA_CROP: usize = 178;
 
 /// What a data layout implies where a run does not say: the size images are resized to on
-/// load, training augmentation (random crop with padding 4, horizontal flip) and the
-/// normalisation, as the reference code trains on that dataset.
+/// load, training augmentation (random crop with padding 4, horizontal flip; or, with
+/// `resized_crop`, torchvision's random resized crop and flip) and the normalisation, as the
+/// reference code trains on that dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct LayoutDefaults {
     pub image_size: Option<usize>,
     pub augment: bool,
     pub normalize: Option<transform::Normalize>,
+    /// Augmentation is a random resized crop (scale 0.7-1, ratio 3/4-4/3) + flip (Waterbirds).
+    pub resized_crop: bool,
 }
 
 impl DatasetKind {
@@ -90,13 +139,61 @@ impl DatasetKind {
                 image_size: None,
                 augment: true,
                 normalize: Some(transform::Normalize::CIFAR),
+                resized_crop: false,
             },
             DatasetKind::Bffhq => LayoutDefaults {
                 image_size: Some(BFFHQ_IMAGE_SIZE),
                 augment: true,
                 normalize: Some(transform::Normalize::IMAGENET),
+                ..LayoutDefaults::default()
             },
-            DatasetKind::Auto | DatasetKind::Cmnist | DatasetKind::Dfa => LayoutDefaults::default(),
+            DatasetKind::Waterbirds => LayoutDefaults {
+                image_size: Some(GROUP_DRO_IMAGE_SIZE),
+                augment: true,
+                normalize: Some(transform::Normalize::IMAGENET),
+                resized_crop: true,
+            },
+            DatasetKind::Celeba => LayoutDefaults {
+                image_size: Some(GROUP_DRO_IMAGE_SIZE),
+                augment: false,
+                normalize: Some(transform::Normalize::IMAGENET),
+                resized_crop: false,
+            },
+            DatasetKind::Auto
+            | DatasetKind::Cmnist
+            | DatasetKind::Dfa
+            | DatasetKind::Subpop
+            | DatasetKind::Table => LayoutDefaults::default(),
+        }
+    }
+
+    /// True for the layouts described by a table (`data::table`).
+    pub fn is_table(self) -> bool {
+        matches!(
+            self,
+            DatasetKind::Subpop
+                | DatasetKind::Waterbirds
+                | DatasetKind::Celeba
+                | DatasetKind::Table
+        )
+    }
+
+    /// How images are cropped and resized on load for a final size `size` (group_DRO's
+    /// pipelines: Waterbirds resized to size * 256/224 and centre-cropped to size; CelebA
+    /// centre-cropped to 178 and resized to size; other layouts only resized).
+    pub fn geometry(self, size: Option<usize>) -> dfa::LoadGeometry {
+        match (self, size) {
+            (DatasetKind::Waterbirds, Some(s)) => dfa::LoadGeometry {
+                crop_before: None,
+                resize: Some((s * 256).div_ceil(224)),
+                crop_after: Some(s),
+            },
+            (DatasetKind::Celeba, s) => dfa::LoadGeometry {
+                crop_before: Some(CELEBA_CROP),
+                resize: s,
+                crop_after: None,
+            },
+            (_, s) => dfa::LoadGeometry::resize(s),
         }
     }
 
@@ -107,6 +204,10 @@ impl DatasetKind {
             DatasetKind::Cifar10c => "cifar10c",
             DatasetKind::Bffhq => "bffhq",
             DatasetKind::Dfa => "dfa",
+            DatasetKind::Subpop => "subpop",
+            DatasetKind::Waterbirds => "waterbirds",
+            DatasetKind::Celeba => "celeba",
+            DatasetKind::Table => "table",
         }
     }
 }
@@ -124,6 +225,9 @@ pub struct Split {
     pub height: usize,
     pub width: usize,
     pub channels: usize,
+    /// A table dataset's groups and their minority groups (shared by its splits); `None`:
+    /// the DFA rule, conflicting = label differs from bias.
+    pub groups: Option<Arc<groups::GroupInfo>>,
 }
 
 impl Split {
@@ -178,6 +282,7 @@ impl Split {
             height,
             width,
             channels,
+            groups: None,
         })
     }
 
@@ -194,9 +299,13 @@ impl Split {
         self.height * self.width * self.channels
     }
 
-    /// True when sample `i` is bias-conflicting (label differs from bias attribute).
+    /// True when sample `i` is bias-conflicting: in a minority group of a table dataset, or
+    /// (DFA rule) its label differs from its bias attribute.
     pub fn is_conflicting(&self, i: usize) -> bool {
-        self.labels[i] != self.bias[i]
+        match &self.groups {
+            Some(g) => g.is_minority(self.labels[i], self.bias[i]),
+            None => self.labels[i] != self.bias[i],
+        }
     }
 
     /// Number of bias-conflicting samples.

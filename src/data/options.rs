@@ -8,12 +8,24 @@ use std::path::PathBuf;
 
 use super::colored_mnist::ColoredMnistSpec;
 use super::dfa::{resolve_kind, DfaOptions};
+use super::groups::{parse_group_list, MinorityRule};
+use super::table::TableOptions;
 use super::transform::{Normalize, Transform};
 use super::{DataSource, DatasetKind, LayoutDefaults};
 
 /// Accepted `--image-size` range.
 pub const MIN_IMAGE_SIZE: usize = 8;
 pub const MAX_IMAGE_SIZE: usize = 1024;
+/// Default `--minority-share`: a group with less than this share of its class's training
+/// samples is a minority group.
+pub const DEFAULT_MINORITY_SHARE: f64 = 0.2;
+/// Default columns of `--dataset table` and attributes of CelebA (group_DRO's).
+pub const DEFAULT_IMAGE_COLUMN: &str = "filename";
+pub const DEFAULT_LABEL_COLUMN: &str = "y";
+pub const DEFAULT_ATTRIBUTE_COLUMN: &str = "a";
+pub const DEFAULT_SPLIT_COLUMN: &str = "split";
+pub const DEFAULT_TARGET_ATTR: &str = "Blond_Hair";
+pub const DEFAULT_CONFOUNDER_ATTR: &str = "Male";
 
 /// Which images a run trains and evaluates on. Without `data`, Colored MNIST is generated from
 /// the built-in 10,000 digits (`conflict_pct`, `color_std`, `data_seed` and the split sizes);
@@ -42,11 +54,14 @@ pub struct DataOptions {
     /// Test samples of the built-in data.
     #[arg(long, value_name = "N", default_value_t = 2000)]
     pub test_size: usize,
-    /// Train on a dataset folder in the DFA layout (PATH/<pct>pct/{align,conflict}/<class>/*,
-    /// valid, test; labels from file names `..._<label>_<bias>.png`), at --conflict-pct.
+    /// Train on a dataset folder: in the DFA layout (PATH/<pct>pct/{align,conflict}/<class>/*,
+    /// valid, test; labels from file names `..._<label>_<bias>.png`), at --conflict-pct; or
+    /// described by a table (SubpopBench metadata_<name>.csv, Waterbirds metadata.csv, CelebA
+    /// list_attr_celeba.csv, or --dataset table --table-file FILE).
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
-    /// Layout of --data: auto (from the folder name), cmnist, cifar10c, bffhq or dfa (any).
+    /// Layout of --data: auto (a known table in it, else from the folder name), cmnist,
+    /// cifar10c, bffhq, dfa (any DFA layout), subpop, waterbirds, celeba or table.
     #[arg(long, value_enum, default_value_t = DatasetKind::Auto)]
     pub dataset: DatasetKind,
     /// Skip unreadable or misnamed files in --data (and report how many) instead of failing.
@@ -75,6 +90,47 @@ pub struct DataOptions {
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<bool>,
+    /// The CSV of a table dataset, relative to --data (needed by --dataset table; for subpop,
+    /// which metadata_<name>.csv when the folder holds several).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table_file: Option<PathBuf>,
+    /// --dataset table: the column of image paths, relative to --data [default: filename].
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_column: Option<String>,
+    /// --dataset table: the column of class labels (integers, or names numbered in sorted
+    /// order) [default: y].
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_column: Option<String>,
+    /// --dataset table: the column of the (bias) attribute (integers or names) [default: a].
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribute_column: Option<String>,
+    /// --dataset table: the column of splits (0/1/2 or train/valid/test) [default: split].
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split_column: Option<String>,
+    /// CelebA: the attribute to predict [default: Blond_Hair].
+    #[arg(long, value_name = "ATTR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_attr: Option<String>,
+    /// CelebA: the confounding attribute, whose values with the target's make the groups
+    /// [default: Male].
+    #[arg(long, value_name = "ATTR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confounder_attr: Option<String>,
+    /// Table datasets: a (label, attribute) group holding less than this share of its
+    /// class's training samples is a minority (bias-conflicting) group [default: 0.2].
+    #[arg(long, value_name = "F")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minority_share: Option<f64>,
+    /// Table datasets: the minority groups, listed as LABEL:ATTRIBUTE pairs (e.g. 0:1,1:0),
+    /// instead of --minority-share.
+    #[arg(long, value_name = "L:A,...")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minority_groups: Option<String>,
 }
 
 impl Default for DataOptions {
@@ -117,6 +173,34 @@ impl DataOptions {
         }
     }
 
+    /// The table dataset's options, when `data` is a table layout (`kind` resolved).
+    pub fn table_options(&self) -> Option<TableOptions> {
+        let kind = self.kind().filter(|k| k.is_table())?;
+        let or = |v: &Option<String>, d: &str| v.clone().unwrap_or_else(|| d.to_string());
+        Some(TableOptions {
+            root: self.data.clone()?,
+            kind,
+            file: self.table_file.clone(),
+            image_column: or(&self.image_column, DEFAULT_IMAGE_COLUMN),
+            label_column: or(&self.label_column, DEFAULT_LABEL_COLUMN),
+            attribute_column: or(&self.attribute_column, DEFAULT_ATTRIBUTE_COLUMN),
+            split_column: or(&self.split_column, DEFAULT_SPLIT_COLUMN),
+            target_attr: or(&self.target_attr, DEFAULT_TARGET_ATTR),
+            confounder_attr: or(&self.confounder_attr, DEFAULT_CONFOUNDER_ATTR),
+            skip_bad: self.skip_bad,
+            cache_dir: self.cache_dir.clone(),
+        })
+    }
+
+    /// How a table dataset's minority groups are chosen (`--minority-groups`, else
+    /// `--minority-share`).
+    pub fn minority_rule(&self) -> Result<MinorityRule> {
+        Ok(match &self.minority_groups {
+            Some(list) => MinorityRule::Listed(parse_group_list(list)?),
+            None => MinorityRule::ShareBelow(self.minority_share.unwrap_or(DEFAULT_MINORITY_SHARE)),
+        })
+    }
+
     /// The folder dataset's loading options, when `data` is set.
     pub fn dfa_options(&self) -> Option<DfaOptions> {
         self.data.as_ref().map(|root| DfaOptions {
@@ -140,10 +224,22 @@ impl DataOptions {
             Some(true) => layout.normalize.or(Some(Normalize::IMAGENET)),
             None => layout.normalize,
         };
-        let train_transform = Transform::for_run(augment, normalize);
-        let source = match self.dfa_options() {
-            Some(opts) => DataSource::Folder { opts, image_size },
-            None => DataSource::Builtin(ColoredMnistSpec {
+        let mut train_transform = Transform::for_run(augment, normalize);
+        if augment && layout.resized_crop {
+            train_transform = Transform::resized_crop(normalize);
+        }
+        let table = self.table_options();
+        let source = match (table, self.dfa_options()) {
+            (Some(opts), _) => DataSource::Table {
+                geometry: opts.kind.geometry(image_size),
+                opts: Box::new(opts),
+                // Checked by `validate`; an unparsable list falls back to the share rule.
+                rule: self
+                    .minority_rule()
+                    .unwrap_or(MinorityRule::ShareBelow(DEFAULT_MINORITY_SHARE)),
+            },
+            (None, Some(opts)) => DataSource::Folder { opts, image_size },
+            (None, None) => DataSource::Builtin(ColoredMnistSpec {
                 conflict_pct: self.conflict_pct,
                 sigma: self.color_std,
                 seed: self.data_seed,
@@ -193,11 +289,42 @@ impl DataOptions {
             if !d.is_dir() {
                 bail!(
                     "--data {}: no such folder; give a dataset folder in the DFA layout (e.g. \
-                     one written by `rest data make colored-mnist`)",
+                     one written by `rest data make colored-mnist`) or with a metadata table",
                     d.display()
                 );
             }
         }
+        let is_table = self.kind().is_some_and(DatasetKind::is_table);
+        for (flag, given) in [
+            ("--table-file", self.table_file.is_some()),
+            ("--image-column", self.image_column.is_some()),
+            ("--label-column", self.label_column.is_some()),
+            ("--attribute-column", self.attribute_column.is_some()),
+            ("--split-column", self.split_column.is_some()),
+            ("--target-attr", self.target_attr.is_some()),
+            ("--confounder-attr", self.confounder_attr.is_some()),
+            ("--minority-share", self.minority_share.is_some()),
+            ("--minority-groups", self.minority_groups.is_some()),
+        ] {
+            if given && !is_table {
+                bail!(
+                    "{flag} applies to datasets described by a table (--data DIR with \
+                     --dataset subpop, waterbirds, celeba or table)"
+                );
+            }
+        }
+        if self.dataset == DatasetKind::Table && self.table_file.is_none() {
+            bail!("--dataset table needs --table-file FILE (the CSV, relative to --data)");
+        }
+        if let Some(t) = self.minority_share {
+            if !(t.is_finite() && t > 0.0 && t <= 1.0) {
+                bail!("--minority-share must be a share in (0, 1], got {t}");
+            }
+        }
+        if self.minority_share.is_some() && self.minority_groups.is_some() {
+            bail!("--minority-share and --minority-groups exclude each other; give one");
+        }
+        self.minority_rule()?;
         if let Some(s) = self.image_size {
             if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&s) {
                 bail!(

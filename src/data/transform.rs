@@ -8,6 +8,13 @@
 //! | Colored MNIST (built-in, `cmnist`), generic `dfa` | to [0, 1] | same |
 //! | `cifar10c` | crop 32 with padding 4, flip, CIFAR mean/std | mean/std |
 //! | `bffhq` | (resized to 128 on load) crop with padding 4, flip, ImageNet mean/std | mean/std |
+//! | `waterbirds` | (resized to 256/224 x S, centre-cropped to S on load) random resized crop, flip, ImageNet mean/std | mean/std |
+//! | `celeba` | (centre-cropped to 178, resized to S on load) ImageNet mean/std | mean/std |
+//! | `subpop`, `table` | to [0, 1] (`--augment`, `--normalize` as for any folder) | same |
+//!
+//! group_DRO's Waterbirds training crop is taken from the whole image; here it is taken from
+//! the stored S x S centre crop (scale 0.7-1 of its area, aspect ratio 3/4-4/3, resampled
+//! bilinearly back to S x S), so that every stored image has one size.
 //!
 //! Randomness is a pure function of (seed, epoch, position of the sample in the epoch's
 //! order): each sample seeks to its own place in the epoch's augmentation stream, so a batch
@@ -63,7 +70,17 @@ pub struct Transform {
     pub flip: bool,
     /// Normalisation after scaling to [0, 1].
     pub normalize: Option<Normalize>,
+    /// Random resized crop (torchvision's, scale 0.7-1, ratio 3/4-4/3, up to 3 tries, else
+    /// the whole image) resampled to the image's own size, instead of the padded crop.
+    pub resized_crop: bool,
 }
+
+/// Scale range of the random resized crop (group_DRO's Waterbirds transform).
+pub const RESIZED_CROP_SCALE: (f64, f64) = (0.7, 1.0);
+/// Aspect-ratio range of the random resized crop.
+pub const RESIZED_CROP_RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
+/// Tries of the random resized crop before it falls back to the whole image.
+const RESIZED_CROP_TRIES: usize = 3;
 
 /// The random choices for one sample: crop offsets into the padded image (each in
 /// `0..=2 * padding`) and whether it is flipped.
@@ -72,6 +89,33 @@ pub struct Aug {
     pub dy: usize,
     pub dx: usize,
     pub flip: bool,
+    /// The random resized crop's words (4 per try), resolved against the image's size by
+    /// [`crop_box`].
+    pub crop_words: Option<[u32; 4 * RESIZED_CROP_TRIES]>,
+}
+
+/// The box `(top, left, height, width)` of a random resized crop of an `h x w` image from
+/// its words: per try, an area of scale in [`RESIZED_CROP_SCALE`] and a log-uniform aspect
+/// ratio in [`RESIZED_CROP_RATIO`]; the first box that fits is placed uniformly; the whole
+/// image when none fits.
+pub fn crop_box(
+    words: &[u32; 4 * RESIZED_CROP_TRIES],
+    h: usize,
+    w: usize,
+) -> (usize, usize, usize, usize) {
+    let unit = |x: u32| f64::from(x) / 4_294_967_296.0;
+    for t in words.chunks_exact(4) {
+        let area = (h * w) as f64
+            * (RESIZED_CROP_SCALE.0 + (RESIZED_CROP_SCALE.1 - RESIZED_CROP_SCALE.0) * unit(t[0]));
+        let (lo, hi) = (RESIZED_CROP_RATIO.0.ln(), RESIZED_CROP_RATIO.1.ln());
+        let ratio = (lo + (hi - lo) * unit(t[1])).exp();
+        let cw = (area * ratio).sqrt().round() as usize;
+        let ch = (area / ratio).sqrt().round() as usize;
+        if cw > 0 && ch > 0 && cw <= w && ch <= h {
+            return (below(t[2], h - ch + 1), below(t[3], w - cw + 1), ch, cw);
+        }
+    }
+    (0, 0, h, w)
 }
 
 /// Where a batch's samples lie in their epoch: the augmentation of the sample at position
@@ -102,6 +146,17 @@ impl Transform {
             crop_padding: if augment { CROP_PADDING } else { 0 },
             flip: augment,
             normalize,
+            resized_crop: false,
+        }
+    }
+
+    /// The random resized crop and flip of group_DRO's Waterbirds training, then `normalize`.
+    pub fn resized_crop(normalize: Option<Normalize>) -> Self {
+        Transform {
+            crop_padding: 0,
+            flip: true,
+            normalize,
+            resized_crop: true,
         }
     }
 
@@ -111,12 +166,13 @@ impl Transform {
             crop_padding: 0,
             flip: false,
             normalize: self.normalize,
+            resized_crop: false,
         }
     }
 
     /// True when the transform draws random numbers.
     pub fn is_random(&self) -> bool {
-        self.crop_padding > 0 || self.flip
+        self.crop_padding > 0 || self.flip || self.resized_crop
     }
 
     /// The random choices for the sample at position `pos` of `epoch` (all zero when the
@@ -129,10 +185,18 @@ impl Transform {
         r.set_word_pos(pos as u128 * WORDS_PER_SAMPLE);
         let (a, b, c) = (r.next_u32(), r.next_u32(), r.next_u32());
         let span = 2 * self.crop_padding + 1;
+        let crop_words = self.resized_crop.then(|| {
+            let mut w = [0u32; 4 * RESIZED_CROP_TRIES];
+            for x in &mut w {
+                *x = r.next_u32();
+            }
+            w
+        });
         Aug {
             dy: below(a, span),
             dx: below(b, span),
             flip: self.flip && c >> 31 == 1,
+            crop_words,
         }
     }
 
@@ -190,6 +254,10 @@ impl Transform {
     ) {
         let hw = h * w;
         let p = self.crop_padding as isize;
+        if let Some(words) = &aug.crop_words {
+            resized_crop_into(lut, src, (h, w, c), crop_box(words, h, w), aug.flip, dst);
+            return;
+        }
         if aug == Aug::default() && p == 0 {
             for px in 0..hw {
                 for (ch, t) in lut.iter().enumerate() {
@@ -317,6 +385,46 @@ impl Transform {
     }
 }
 
+/// Resamples the box `(top, left, bh, bw)` of `src` (`h x w x c`, HWC) bilinearly to `h x w`
+/// (pixel centres aligned, as PIL's resize), flipped horizontally when `flip`, into `dst`
+/// (CHW) through the per-channel tables `lut` (the interpolated byte is rounded).
+fn resized_crop_into(
+    lut: &[[f32; 256]],
+    src: &[u8],
+    (h, w, c): (usize, usize, usize),
+    (top, left, bh, bw): (usize, usize, usize, usize),
+    flip: bool,
+    dst: &mut [f32],
+) {
+    let hw = h * w;
+    // Source coordinate and the two neighbours with their weights, per output row/column.
+    let axis = |n_out: usize, n_box: usize, start: usize| -> Vec<(usize, usize, f32)> {
+        (0..n_out)
+            .map(|o| {
+                let s = ((o as f64 + 0.5) * n_box as f64 / n_out as f64 - 0.5)
+                    .clamp(0.0, (n_box - 1) as f64);
+                let i0 = s.floor() as usize;
+                let i1 = (i0 + 1).min(n_box - 1);
+                (start + i0, start + i1, (s - i0 as f64) as f32)
+            })
+            .collect()
+    };
+    let ys = axis(h, bh, top);
+    let xs = axis(w, bw, left);
+    for (y, &(y0, y1, fy)) in ys.iter().enumerate() {
+        for x in 0..w {
+            let (x0, x1, fx) = xs[if flip { w - 1 - x } else { x }];
+            for (ch, t) in lut.iter().enumerate() {
+                let px = |yy: usize, xx: usize| f32::from(src[(yy * w + xx) * c + ch]);
+                let top_v = px(y0, x0) * (1.0 - fx) + px(y0, x1) * fx;
+                let bot_v = px(y1, x0) * (1.0 - fx) + px(y1, x1) * fx;
+                let v = (top_v * (1.0 - fy) + bot_v * fy).round().clamp(0.0, 255.0) as usize;
+                dst[ch * hw + y * w + x] = t[v];
+            }
+        }
+    }
+}
+
 /// Samples per block of the feature-major gather.
 const FM_BLOCK: usize = rest_kernels::layout::FEATURE_MAJOR_BLOCK;
 
@@ -364,6 +472,74 @@ impl BatchLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resized_crop_boxes_fit_and_resample_exactly() -> Result<()> {
+        // Words for scale 1 and ratio 1 (the middle of the log range): the whole image.
+        let mid = 1u32 << 31;
+        let whole = [
+            u32::MAX,
+            mid,
+            0,
+            0,
+            u32::MAX,
+            mid,
+            0,
+            0,
+            u32::MAX,
+            mid,
+            0,
+            0,
+        ];
+        let (top, left, bh, bw) = crop_box(&whole, 10, 10);
+        assert_eq!((top, left), (0, 0));
+        assert!(bh >= 9 && bw >= 9, "{bh}x{bw}");
+        // Scale 0.7, ratio 4/3 at the far corner: 10x10 -> w = round(sqrt(70 * 4/3)) = 10,
+        // h = round(sqrt(70 * 3/4)) = 7, placed at the last row offset.
+        let corner = [0, u32::MAX, u32::MAX, u32::MAX, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(crop_box(&corner, 10, 10), (3, 0, 7, 10));
+        // Every drawn box fits and holds 0.7-1 of the image (or is the whole image).
+        let t = Transform::resized_crop(None);
+        for pos in 0..200 {
+            let a = t.draw(5, 1, pos);
+            assert_eq!(a, t.draw(5, 1, pos));
+            let (top, left, bh, bw) = crop_box(&a.crop_words.expect("words"), 20, 30);
+            assert!(top + bh <= 20 && left + bw <= 30);
+            let area = (bh * bw) as f64 / 600.0;
+            assert!((0.6..=1.0).contains(&area), "{area}");
+        }
+        // The identity box resamples to the image itself; flipped, to its mirror.
+        let (h, w, c) = (3, 4, 3);
+        let src: Vec<u8> = (0..h * w * c).map(|v| (v * 7 % 256) as u8).collect();
+        let lut = Transform::identity().lut(c)?;
+        let mut out = vec![0.0; h * w * c];
+        resized_crop_into(&lut, &src, (h, w, c), (0, 0, h, w), false, &mut out);
+        let mut plain = vec![0.0; h * w * c];
+        Transform::identity().apply(&src, (h, w, c), Aug::default(), &mut plain)?;
+        assert_eq!(out, plain);
+        resized_crop_into(&lut, &src, (h, w, c), (0, 0, h, w), true, &mut out);
+        for ch in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    assert_eq!(
+                        out[ch * h * w + y * w + x],
+                        plain[ch * h * w + y * w + (w - 1 - x)]
+                    );
+                }
+            }
+        }
+        // A 2x2 box of a 4x4 image doubled: output pixel (0, 0) at source (-0.25, -0.25)
+        // clamps to the box's corner; (1, 1) lies at (0.25, 0.25) inside the box.
+        let img: Vec<u8> = (0..16u8).flat_map(|v| [v * 10, 0, 0]).collect();
+        let mut o = vec![0.0; 16 * 3];
+        resized_crop_into(&lut, &img, (4, 4, 3), (1, 1, 2, 2), false, &mut o);
+        // Box pixels: (1,1)=50, (1,2)=60, (2,1)=90, (2,2)=100.
+        assert!((o[0] * 255.0 - 50.0).abs() < 1e-3, "{}", o[0] * 255.0);
+        // (0.25, 0.25): 50 * 0.5625 + 60 * 0.1875 + 90 * 0.1875 + 100 * 0.0625 = 62.5 -> 63
+        // (round half away from zero).
+        assert!((o[5] * 255.0 - 63.0).abs() < 1e-3, "{}", o[5] * 255.0);
+        Ok(())
+    }
 
     #[test]
     fn below_covers_the_range() {

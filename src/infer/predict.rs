@@ -2,9 +2,11 @@
 //! converted to the model's channels (grey replicated to RGB), resized to its input size with
 //! a Lanczos filter, or bilinear as in training for runs that resized their data on load
 //! (skipped when the size already matches), scaled to [0, 1], normalised as the run was
-//! (`normalize`), and the top-k softmax probabilities reported per file.
+//! (`normalize`), and the top-k softmax probabilities reported per file. Runs on a table
+//! layout that crops on load (Waterbirds, CelebA) crop and resize each file the same way.
 
 use super::LoadedModel;
+use crate::data::dfa::LoadGeometry;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use image::imageops::FilterType;
@@ -36,6 +38,17 @@ pub fn load_image_with(
     input: (usize, usize, usize),
     filter: FilterType,
 ) -> Result<Vec<f32>> {
+    load_image_geometry(path, input, filter, None)
+}
+
+/// [`load_image_with`], the decoded image first cropped and resized by `geometry` (as a
+/// table layout's images are on load) when given.
+pub fn load_image_geometry(
+    path: &Path,
+    input: (usize, usize, usize),
+    filter: FilterType,
+    geometry: Option<&LoadGeometry>,
+) -> Result<Vec<f32>> {
     let (c, h, w) = input;
     let img = image::ImageReader::open(path)
         .with_context(|| format!("cannot open image {}", path.display()))?
@@ -48,6 +61,10 @@ pub fn load_image_with(
                 path.display()
             )
         })?;
+    let img = match geometry {
+        Some(g) => image::DynamicImage::ImageRgb8(g.apply(img.to_rgb8())),
+        None => img,
+    };
     let img = if img.width() as usize == w && img.height() as usize == h {
         img
     } else {
@@ -81,11 +98,20 @@ pub fn predict(m: &LoadedModel, images: &[impl AsRef<Path>], k: usize) -> Result
     } else {
         FilterType::Lanczos3
     };
+    let geometry = plan
+        .kind
+        .map(|k| k.geometry(plan.image_size))
+        .filter(LoadGeometry::crops);
     let mut out = Vec::with_capacity(images.len());
     for chunk in images.chunks(256) {
         let mut buf = Vec::with_capacity(chunk.len() * c * h * w);
         for p in chunk {
-            buf.extend(load_image_with(p.as_ref(), m.input, filter)?);
+            buf.extend(load_image_geometry(
+                p.as_ref(),
+                m.input,
+                filter,
+                geometry.as_ref(),
+            )?);
         }
         // The run's normalisation, as in training and `rest eval`.
         if let Some(n) = plan.normalize {

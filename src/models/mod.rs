@@ -6,6 +6,7 @@
 //! `ModelEntry`) plus one entry in the `models!` list below (its `ModelKind` spelling).
 
 pub mod cnn;
+pub mod init;
 pub mod mlp;
 pub mod resnet;
 

@@ -1,7 +1,7 @@
 //! Evaluation of a model on a whole split in inference mode: predictions, mean loss and the
 //! group metrics (`super::metrics`), through the run's evaluation transform.
 
-use super::metrics::{group_metrics, GroupMetrics};
+use super::metrics::{group_metrics_in, GroupMetrics};
 use crate::data::transform::{BatchLayout, Transform};
 use crate::data::Split;
 use crate::models::Model;
@@ -47,7 +47,13 @@ pub fn evaluate(
     dev: &Device,
 ) -> Result<GroupMetrics> {
     let (preds, loss) = predict(model, split, tf, dev)?;
-    Ok(group_metrics(&preds, &split.labels, &split.bias, loss))
+    Ok(group_metrics_in(
+        &preds,
+        &split.labels,
+        &split.bias,
+        loss,
+        split.groups.as_deref(),
+    ))
 }
 
 /// Predicted classes of every sample of a split (inference mode, the non-random part of

@@ -198,12 +198,32 @@ impl Method {
 /// (label, bias) cells present in `labels`/`bias` in sorted order; with `AlignedConflict`,
 /// 0 = aligned and 1 = conflicting (always 2 groups).
 pub fn group_ids(labels: &[u32], bias: &[u32], scheme: GroupScheme) -> (Vec<usize>, usize) {
+    group_ids_with(labels, bias, scheme, |l, b| l != b)
+}
+
+/// [`group_ids`] of a split: its aligned/conflicting groups follow `Split::is_conflicting`
+/// (a table dataset's minority groups, else the DFA rule).
+pub fn split_group_ids(split: &Split, scheme: GroupScheme) -> (Vec<usize>, usize) {
+    match &split.groups {
+        Some(g) => group_ids_with(&split.labels, &split.bias, scheme, |l, b| {
+            g.is_minority(l, b)
+        }),
+        None => group_ids(&split.labels, &split.bias, scheme),
+    }
+}
+
+fn group_ids_with(
+    labels: &[u32],
+    bias: &[u32],
+    scheme: GroupScheme,
+    conflicting: impl Fn(u32, u32) -> bool,
+) -> (Vec<usize>, usize) {
     match scheme {
         GroupScheme::AlignedConflict => (
             labels
                 .iter()
                 .zip(bias)
-                .map(|(l, b)| (l != b) as usize)
+                .map(|(&l, &b)| conflicting(l, b) as usize)
                 .collect(),
             2,
         ),
@@ -263,7 +283,7 @@ pub fn sample_weights(
         }
         Method::GroupDro => None,
         Method::Balanced => {
-            let (ids, n) = group_ids(&train.labels, &train.bias, scheme);
+            let (ids, n) = split_group_ids(train, scheme);
             Some(balanced_weights(&ids, n))
         }
         Method::ClassBalanced => {

@@ -2,9 +2,25 @@
 //! bias-conflicting samples, worst-group accuracy (the lower of the two), worst-cell accuracy
 //! (the lowest over the (label, bias) cells present) and unbiased accuracy (the mean over the
 //! (label, bias) cells present, as in LfF/REST).
+//!
+//! On a table dataset (`Split::groups`), aligned/conflicting are the majority/minority
+//! groups, worst-group accuracy is the lowest over all (label, attribute) groups present,
+//! and each group's accuracy and the average weighted by the training group proportions
+//! (Waterbirds' reported "average accuracy") are added.
 
+use crate::data::groups::GroupInfo;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// One (label, attribute) group's accuracy on a split of a table dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupAccuracy {
+    pub label: u32,
+    pub attribute: u32,
+    pub n: usize,
+    pub accuracy: f64,
+    pub minority: bool,
+}
 
 /// Metrics of one split. Accuracies are fractions in [0, 1]; a group without samples is
 /// `None`.
@@ -19,11 +35,29 @@ pub struct GroupMetrics {
     pub worst_group: f64,
     pub worst_cell: f64,
     pub unbiased: f64,
+    /// Table datasets: every group's accuracy, in (label, attribute) order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<GroupAccuracy>>,
+    /// Table datasets: the mean of the group accuracies weighted by each group's share of the
+    /// training split (over the groups present in this split, weights renormalised).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weighted_accuracy: Option<f64>,
 }
 
 /// Computes the metrics from predicted classes, true labels, bias attributes and the mean
 /// loss. All slices have the same length, which must be non-zero.
 pub fn group_metrics(pred: &[u32], labels: &[u32], bias: &[u32], loss: f64) -> GroupMetrics {
+    group_metrics_in(pred, labels, bias, loss, None)
+}
+
+/// [`group_metrics`] with a table dataset's groups (`Split::groups`; `None`: the DFA rule).
+pub fn group_metrics_in(
+    pred: &[u32],
+    labels: &[u32],
+    bias: &[u32],
+    loss: f64,
+    groups: Option<&GroupInfo>,
+) -> GroupMetrics {
     assert_eq!(pred.len(), labels.len());
     assert_eq!(pred.len(), bias.len());
     let n = pred.len();
@@ -32,7 +66,11 @@ pub fn group_metrics(pred: &[u32], labels: &[u32], bias: &[u32], loss: f64) -> G
     for i in 0..n {
         let hit = (pred[i] == labels[i]) as usize;
         ok += hit;
-        if labels[i] == bias[i] {
+        let conflicting = match groups {
+            Some(g) => g.is_minority(labels[i], bias[i]),
+            None => labels[i] != bias[i],
+        };
+        if !conflicting {
             al += 1;
             al_ok += hit;
         } else {
@@ -63,6 +101,35 @@ pub fn group_metrics(pred: &[u32], labels: &[u32], bias: &[u32], loss: f64) -> G
         cell_acc.iter().sum::<f64>() / cell_acc.len() as f64
     };
     let worst_cell = cell_acc.iter().copied().fold(f64::INFINITY, f64::min);
+    // Table datasets: the worst group is the worst (label, attribute) group.
+    let worst_group = if groups.is_some() {
+        worst_cell
+    } else {
+        worst_group
+    };
+    let (group_accs, weighted_accuracy) = match groups {
+        None => (None, None),
+        Some(g) => {
+            let accs: Vec<GroupAccuracy> = cells
+                .iter()
+                .map(|(&(l, a), &(c, h))| GroupAccuracy {
+                    label: l,
+                    attribute: a,
+                    n: c,
+                    accuracy: h as f64 / c as f64,
+                    minority: g.is_minority(l, a),
+                })
+                .collect();
+            let p = g.train_proportions();
+            let (mut num, mut den) = (0.0, 0.0);
+            for ga in &accs {
+                let w = p.get(&(ga.label, ga.attribute)).copied().unwrap_or(0.0);
+                num += w * ga.accuracy;
+                den += w;
+            }
+            (Some(accs), Some(if den > 0.0 { num / den } else { 0.0 }))
+        }
+    };
     GroupMetrics {
         n,
         n_conflicting: co,
@@ -81,6 +148,8 @@ pub fn group_metrics(pred: &[u32], labels: &[u32], bias: &[u32], loss: f64) -> G
             0.0
         },
         unbiased,
+        groups: group_accs,
+        weighted_accuracy,
     }
 }
 
@@ -116,6 +185,40 @@ mod tests {
         assert!((m.worst_cell - 0.5).abs() < 1e-12);
         assert!((m.worst_group - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(m.loss, 0.7);
+    }
+
+    #[test]
+    fn table_groups_give_minority_worst_group_and_weighted_average() -> anyhow::Result<()> {
+        use crate::data::groups::MinorityRule;
+        // Training groups: (0,0) x6, (0,1) x2, (1,1) x2: proportions 0.6, 0.2, 0.2; minority
+        // by share < 0.3 within class: (0,1) (2/8).
+        let g = GroupInfo::choose(
+            &[0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+            &[0, 0, 0, 0, 0, 0, 1, 1, 1, 1],
+            &MinorityRule::ShareBelow(0.3),
+        )?;
+        // Evaluated: (0,0): 2 of 2 right; (0,1): 0 of 1; (1,1): 1 of 2; (1,0) (absent in
+        // training): 1 of 1.
+        let labels = [0, 0, 0, 1, 1, 1];
+        let attrs = [0, 0, 1, 1, 1, 0];
+        let pred = [0, 0, 1, 1, 0, 1];
+        let m = group_metrics_in(&pred, &labels, &attrs, 0.0, Some(&g));
+        assert_eq!(m.n_conflicting, 1);
+        assert_eq!(m.conflicting, Some(0.0));
+        assert!((m.aligned.unwrap() - 4.0 / 5.0).abs() < 1e-12);
+        assert_eq!(m.worst_group, 0.0);
+        let ga = m.groups.clone().unwrap();
+        assert_eq!(ga.len(), 4);
+        assert_eq!((ga[1].label, ga[1].attribute, ga[1].n), (0, 1, 1));
+        assert!(ga[1].minority && !ga[0].minority);
+        // Weighted: (0.6 * 1 + 0.2 * 0 + 0.2 * 0.5) / (0.6 + 0.2 + 0.2) = 0.7 ((1,0) has
+        // training weight 0).
+        assert!((m.weighted_accuracy.unwrap() - 0.7).abs() < 1e-12);
+        // The DFA rule gives none of these and the two-group worst group.
+        let d = group_metrics(&pred, &labels, &attrs, 0.0);
+        assert_eq!((d.groups, d.weighted_accuracy), (None, None));
+        assert_eq!(d.n_conflicting, 2);
+        Ok(())
     }
 
     #[test]

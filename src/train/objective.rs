@@ -39,7 +39,7 @@ impl Objective {
         };
         let sample_weights = method_weights.unwrap_or_else(|| vec![1.0; train.len()]);
         let dro = if cfg.method.kind == Method::GroupDro {
-            let (ids, g) = methods::group_ids(&train.labels, &train.bias, cfg.method.groups);
+            let (ids, g) = methods::split_group_ids(train, cfg.method.groups);
             let counts = methods::group_counts(&ids, g);
             info!(
                 "GroupDRO over {g} groups ({:?}, training sizes {counts:?}), step size {}, \

@@ -44,6 +44,13 @@ pub struct OptimOptions {
     /// Training seed (initialisation, masks, sampling).
     #[arg(long, value_name = "N", default_value_t = 42)]
     pub seed: u64,
+    /// Start from these weights instead of a random initialisation: a PyTorch state dict
+    /// (.pth/.pt) or .safetensors with torchvision's names (ResNets: conv1.weight,
+    /// layer1.0.conv1.weight, ..., fc.weight); the classifier head stays fresh when the class
+    /// count differs.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 impl Default for OptimOptions {
@@ -86,6 +93,11 @@ impl OptimOptions {
         for (ok, msg, v) in checks {
             if !ok {
                 anyhow::bail!("{msg}, got {v}");
+            }
+        }
+        if let Some(f) = &self.init_from {
+            if !f.is_file() {
+                anyhow::bail!("--init-from {}: no such file", f.display());
             }
         }
         Ok(())

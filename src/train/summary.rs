@@ -58,6 +58,10 @@ pub struct Summary {
     /// GroupDRO: the final group weights q (groups as `--groups` numbers them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dro_q: Option<Vec<f64>>,
+    /// Table datasets: the rule that chose the minority groups and the training groups (size,
+    /// share of their class, minority or not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<crate::data::groups::GroupInfo>,
 }
 
 /// What a run returns: its directory and its summary.

@@ -10,7 +10,7 @@ use super::eval::{evaluate, predict};
 use super::lr::ReduceLrOnPlateau;
 use super::masked::{flops_table, layer_shapes, MaskedLayers};
 use super::methods::JttReport;
-use super::metrics::{fmt_opt, group_metrics};
+use super::metrics::{fmt_opt, group_metrics_in};
 use super::objective::Objective;
 use super::optim::Sgd;
 use super::output::{self, MetricsRow};
@@ -120,6 +120,23 @@ impl<'a> Stage<'a> {
         let mut init_rng = util::rng(cfg.optim.seed, 1);
         let input = (ds.train.channels, ds.train.height, ds.train.width);
         let model = models::build(cfg.model, input, ds.num_classes, &mut init_rng, &dev)?;
+        if let (Some(file), false) = (&cfg.optim.init_from, resume) {
+            let r = models::init::init_from(model.as_ref(), file)?;
+            info!(
+                "initial weights from {}: {} tensors{}",
+                file.display(),
+                r.loaded,
+                match &r.head_replaced {
+                    Some((names, shape)) => format!(
+                        "; the head ({}) is new: the file's is {shape:?} for another class \
+                         count, this dataset has {} classes",
+                        names.join(", "),
+                        ds.num_classes
+                    ),
+                    None => String::new(),
+                }
+            );
+        }
         let mut opt = Sgd::new(
             model.params(),
             cfg.optim.lr,
@@ -377,7 +394,13 @@ impl<'a> Stage<'a> {
         self.st.train_time += epoch_time;
         self.st.samples_seen += pe.seen;
         let train_loss = pe.loss_sum / pe.seen.max(1) as f64;
-        let train_m = group_metrics(&pe.preds, &pe.labels, &pe.bias, train_loss);
+        let train_m = group_metrics_in(
+            &pe.preds,
+            &pe.labels,
+            &pe.bias,
+            train_loss,
+            ds.train.groups.as_deref(),
+        );
         let valid_m = evaluate(self.model.as_ref(), &ds.valid, &self.eval_tf, &self.dev)?;
         if !valid_m.loss.is_finite() {
             bail!(
@@ -542,6 +565,7 @@ impl<'a> Stage<'a> {
             train_flops_vs_dense: st.flops.ratio(),
             jtt: ctx.jtt,
             dro_q: self.objective.dro_q(),
+            groups: ds.train.groups.as_deref().cloned(),
         };
         output::write_json(&self.run_dir.join("summary.json"), &summary)?;
         let run_dir = self.run_dir;

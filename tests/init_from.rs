@@ -1,0 +1,188 @@
+//! `--init-from`: a tiny torchvision-named ResNet-18 saved by PyTorch
+//! (`tests/fixtures/init/`, made by `tools/reference/make_init_fixture.py`) loads into
+//! `rest`'s ResNet-18 and reproduces PyTorch's eval-mode logits within 1e-4, from the `.pth`
+//! and from safetensors; another class count replaces the head only; wrong shapes and
+//! tensors are errors naming them; a run trains from the file.
+
+mod common;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rest::models::init::{init_from, read_tensors};
+use rest::models::{self, ModelKind, ModelSpec, Stem};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/init/resnet18w4.pth")
+}
+
+fn build(kind: ModelKind, width: usize, classes: usize) -> Result<Box<dyn models::Model>> {
+    let spec = ModelSpec {
+        kind,
+        width,
+        stem: Stem::Imagenet,
+    };
+    let mut rng = rest::util::rng(7, 1);
+    models::build(spec, (3, 32, 32), classes, &mut rng, &Device::Cpu)
+}
+
+/// The fixture's inputs: ((7n + 13c + 17y + 19x) mod 23) / 11 - 1, exact in f32.
+fn inputs() -> Result<Tensor> {
+    let mut v = Vec::with_capacity(2 * 3 * 32 * 32);
+    for n in 0..2 {
+        for c in 0..3 {
+            for y in 0..32 {
+                for x in 0..32 {
+                    v.push(((7 * n + 13 * c + 17 * y + 19 * x) % 23) as f32 / 11.0 - 1.0);
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(v, (2, 3, 32, 32), &Device::Cpu)?)
+}
+
+fn torch_logits() -> Vec<Vec<f32>> {
+    let p = fixture().with_file_name("resnet18w4-logits.json");
+    let j = common::read_json(&p);
+    j["logits"]
+        .as_array()
+        .expect("logits")
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .expect("row")
+                .iter()
+                .map(|v| v.as_f64().expect("f") as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn assert_logits(m: &dyn models::Model) -> Result<()> {
+    let got = m.forward(&inputs()?, false)?.to_vec2::<f32>()?;
+    let want = torch_logits();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        for (a, b) in g.iter().zip(w) {
+            assert!((a - b).abs() < 1e-4, "logits {g:?} vs PyTorch's {w:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn pytorch_checkpoint_reproduces_its_logits() -> Result<()> {
+    let m = build(ModelKind::Resnet18, 4, 5)?;
+    // A fresh model is far from the file's logits (the test can fail).
+    let fresh = m.forward(&inputs()?, false)?.to_vec2::<f32>()?;
+    assert!((fresh[0][0] - torch_logits()[0][0]).abs() > 1e-3);
+    let r = init_from(m.as_ref(), &fixture())?;
+    // Every parameter and buffer of the model came from the file.
+    assert_eq!(r.loaded, m.params().len() + m.buffers()?.len());
+    assert_eq!(r.head_replaced, None);
+    assert_logits(m.as_ref())?;
+
+    // The same tensors as safetensors give the same logits.
+    let dir = tempfile::tempdir()?;
+    let st = dir.path().join("w.safetensors");
+    let all: HashMap<String, Tensor> = read_tensors(&fixture())?.into_iter().collect();
+    candle_core::safetensors::save(&all, &st)?;
+    let m2 = build(ModelKind::Resnet18, 4, 5)?;
+    init_from(m2.as_ref(), &st)?;
+    assert_logits(m2.as_ref())?;
+    Ok(())
+}
+
+#[test]
+fn other_class_count_replaces_the_head_and_bad_files_name_the_tensor() -> Result<()> {
+    let file = read_tensors(&fixture())?;
+    let m = build(ModelKind::Resnet18, 4, 3)?;
+    let fc_before = m
+        .params()
+        .iter()
+        .find(|p| p.name == "fc.weight")
+        .expect("fc")
+        .var
+        .as_tensor()
+        .to_vec2::<f32>()?;
+    let r = init_from(m.as_ref(), &fixture())?;
+    let (names, shape) = r.head_replaced.expect("head replaced");
+    assert_eq!(names, vec!["fc.weight".to_string(), "fc.bias".to_string()]);
+    assert_eq!(shape, vec![5, 32]);
+    let p = m.params();
+    let get = |n: &str| {
+        p.iter()
+            .find(|q| q.name == n)
+            .expect(n)
+            .var
+            .as_tensor()
+            .clone()
+    };
+    assert_eq!(get("fc.weight").to_vec2::<f32>()?, fc_before);
+    let conv = get("layer2.0.conv1.weight")
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let want = file["layer2.0.conv1.weight"]
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(conv, want);
+
+    // Width 8: the first conv's shape differs; the error names it and both shapes.
+    let m = build(ModelKind::Resnet18, 8, 5)?;
+    let e = init_from(m.as_ref(), &fixture()).unwrap_err().to_string();
+    assert!(
+        e.contains("`conv1.weight`") && e.contains("[4, 3, 7, 7]") && e.contains("[8, 3, 7, 7]"),
+        "{e}"
+    );
+    // ResNet-10 has no layer1.1: the file's extra tensor is named.
+    let m = build(ModelKind::Resnet10, 4, 5)?;
+    let e = init_from(m.as_ref(), &fixture()).unwrap_err().to_string();
+    assert!(e.contains("`layer1.1."), "{e}");
+    // A model tensor missing from the file.
+    let dir = tempfile::tempdir()?;
+    let mut less = file.clone();
+    less.remove("bn1.running_var");
+    let st = dir.path().join("less.safetensors");
+    let less: HashMap<String, Tensor> = less.into_iter().collect();
+    candle_core::safetensors::save(&less, &st)?;
+    let m = build(ModelKind::Resnet18, 4, 5)?;
+    let e = init_from(m.as_ref(), &st).unwrap_err().to_string();
+    assert!(
+        e.contains("`bn1.running_var`") && e.contains("less.safetensors"),
+        "{e}"
+    );
+    // Not a checkpoint at all.
+    let junk = dir.path().join("junk.pth");
+    std::fs::write(&junk, b"not a zip")?;
+    let e = init_from(m.as_ref(), &junk).unwrap_err().to_string();
+    assert!(e.contains("junk.pth") && e.contains("--init-from"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn a_run_trains_from_the_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = common::tiny_config(dir.path());
+    cfg.model = ModelSpec {
+        kind: ModelKind::Resnet18,
+        width: 4,
+        stem: Stem::Imagenet,
+    };
+    cfg.optim.init_from = Some(fixture());
+    cfg.optim.epochs = 1;
+    cfg.data.train_size = 256;
+    cfg.data.valid_size = 64;
+    cfg.data.test_size = 64;
+    cfg.sparse.density = 1.0;
+    cfg.validate()?;
+    let out = rest::train::train(&cfg)?;
+    assert_eq!(out.summary.epochs, 1);
+    let text = std::fs::read_to_string(dir.path().join("config.toml"))?;
+    assert!(text.contains("init_from = "), "{text}");
+    let mut bad = cfg.clone();
+    bad.optim.init_from = Some(dir.path().join("absent.pth"));
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("--init-from") && e.contains("absent.pth"), "{e}");
+    Ok(())
+}
