@@ -121,7 +121,10 @@ fn subpopbench_table_loads_labels_attributes_splits_and_pixels() -> Result<()> {
         for i in [0, want.len() - 1] {
             let img = image::open(data.join(&want[i].0))?.to_rgb8().into_raw();
             let sz = split.image_size();
-            assert_eq!(&split.images[i * sz..(i + 1) * sz], &img[..]);
+            assert_eq!(
+                &split.images.contiguous().expect("one buffer")[i * sz..(i + 1) * sz],
+                &img[..]
+            );
         }
     }
     // 10 % conflicting: each class's 40 training digits hold 36 of their own colour; the
@@ -175,7 +178,10 @@ fn subpopbench_table_loads_labels_attributes_splits_and_pixels() -> Result<()> {
     let want = image::imageops::crop_imm(&big, 2, 2, 28, 28)
         .to_image()
         .into_raw();
-    assert_eq!(&dw.train.images[..28 * 28 * 3], &want[..]);
+    assert_eq!(
+        &dw.train.images.contiguous().expect("one buffer")[..28 * 28 * 3],
+        &want[..]
+    );
     // `rest predict` prepares a file of such a run the same way (CHW, in [0, 1]).
     let g = DatasetKind::Waterbirds.geometry(Some(28));
     let x = rest::infer::predict::load_image_geometry(
@@ -256,7 +262,11 @@ fn generic_table_with_names_and_celeba_tables() -> Result<()> {
     );
     assert_eq!(ds.train.labels, vec![1, 0, 0]);
     assert_eq!(ds.train.bias, vec![0, 1, 0]);
-    assert_eq!(ds.train.images[6 * 5 * 3], 40, "second image's red value");
+    assert_eq!(
+        ds.train.images.contiguous().expect("one buffer")[6 * 5 * 3],
+        40,
+        "second image's red value"
+    );
     assert_eq!((ds.valid.labels[0], ds.test.labels[0]), (1, 0));
     // Class cat holds (0,0) and (0,1) half each (< 0.6: both minority); dog only (1,0).
     assert_eq!(ds.train.conflicting_count(), 2);
@@ -296,7 +306,10 @@ fn generic_table_with_names_and_celeba_tables() -> Result<()> {
     assert_eq!(ds.train.labels, vec![1, 0, 1]);
     assert_eq!(ds.train.bias, vec![0, 1, 1]);
     // A uniform image stays uniform through the crop and the resize (within rounding).
-    for (px, want) in ds.train.images[..3].iter().zip([200u8, 10, 0]) {
+    for (px, want) in ds.train.images.contiguous().expect("one buffer")[..3]
+        .iter()
+        .zip([200u8, 10, 0])
+    {
         assert!(px.abs_diff(want) <= 1, "{px} vs {want}");
     }
     c.target_attr = Some("Smiling".into());
