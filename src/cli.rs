@@ -376,8 +376,9 @@ pub struct TrainArgs {
     /// Every option of a run, by section (`TrainConfig`).
     #[command(flatten)]
     pub cfg: TrainConfig,
-    /// Augment training images: random crop with padding 4 and horizontal flip (default:
-    /// on for cifar10c and bffhq, off for Colored MNIST).
+    /// Augment training images: random crop with padding 4 and horizontal flip (waterbirds:
+    /// random resized crop and flip) (default: on for cifar10c, bffhq and waterbirds, off for
+    /// Colored MNIST and the other tables).
     #[arg(long, conflicts_with = "no_augment", help_heading = "Data")]
     pub augment: bool,
     /// Do not augment training images.

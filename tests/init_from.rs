@@ -186,3 +186,132 @@ fn a_run_trains_from_the_file() -> Result<()> {
     assert!(e.contains("--init-from") && e.contains("absent.pth"), "{e}");
     Ok(())
 }
+
+/// `--magnitude-masks`: under the ERK layer budget, each layer keeps exactly its largest
+/// pretrained weights (the same counts as random masks); a run trains from them.
+#[test]
+fn magnitude_masks_keep_each_layers_largest_pretrained_weights() -> Result<()> {
+    use rest::sparse::{magnitude_scores, DstOptions, LayerShape, SparseConfig, SparseEngine};
+    let m = build(ModelKind::Resnet18, 4, 5)?;
+    init_from(m.as_ref(), &fixture())?;
+    let weights = m.weights();
+    let shapes: Vec<LayerShape> = weights
+        .iter()
+        .map(|p| LayerShape::new(p.name.clone(), p.var.dims()))
+        .collect();
+    let w: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|p| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+        .collect::<Result<_>>()?;
+    let cfg = SparseConfig {
+        density: 0.2,
+        prune_rate: 0.5,
+        final_prune_rate: 0.005,
+        update_frequency: 10,
+        total_steps: 100,
+        erk_power_scale: 1.0,
+    };
+    let scores = magnitude_scores(&w);
+    let placed = SparseEngine::with_options_placed(
+        shapes.clone(),
+        cfg.clone(),
+        DstOptions::default(),
+        Some(&scores),
+        &mut rest::util::rng(1, 2),
+    )?;
+    let random = SparseEngine::with_options(
+        shapes,
+        cfg,
+        DstOptions::default(),
+        &mut rest::util::rng(1, 2),
+    )?;
+    let mut some_sparse = false;
+    for (l, wl) in w.iter().enumerate() {
+        let mask = placed.mask(l);
+        let k = placed.active_count(l);
+        assert_eq!(k, random.active_count(l), "layer {l}");
+        some_sparse |= k < wl.len();
+        // Every kept weight is at least as large as every dropped one.
+        let kept_min = (0..wl.len())
+            .filter(|&i| mask[i] == 1.0)
+            .map(|i| wl[i].abs())
+            .fold(f32::INFINITY, f32::min);
+        let dropped_max = (0..wl.len())
+            .filter(|&i| mask[i] == 0.0)
+            .map(|i| wl[i].abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            kept_min >= dropped_max,
+            "layer {l}: {kept_min} < {dropped_max}"
+        );
+        assert_eq!(mask.iter().filter(|&&v| v == 1.0).count(), k);
+    }
+    assert!(some_sparse);
+
+    // The flag in a run, and its conflict with score-based inits.
+    let dir = tempfile::tempdir()?;
+    let mut cfg = common::tiny_config(dir.path());
+    cfg.model = ModelSpec {
+        kind: ModelKind::Resnet18,
+        width: 4,
+        stem: Stem::Imagenet,
+    };
+    cfg.optim.init_from = Some(fixture());
+    cfg.optim.epochs = 1;
+    cfg.data.train_size = 256;
+    cfg.data.valid_size = 64;
+    cfg.data.test_size = 64;
+    cfg.sparse.density = 0.3;
+    cfg.sparse.magnitude_masks = true;
+    cfg.validate()?;
+    rest::train::train(&cfg)?;
+    let text = std::fs::read_to_string(dir.path().join("config.toml"))?;
+    assert!(text.contains("magnitude_masks = true"), "{text}");
+    cfg.sparse.sparse_init = rest::sparse::SparseInit::Snip;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("--magnitude-masks"), "{e}");
+    Ok(())
+}
+
+/// Mutated checkpoints (bytes flipped or cut; 300 seeded variants each of the `.pth` and of
+/// its safetensors copy) give an error or a checked load, never a panic.
+#[test]
+fn mutated_checkpoints_never_panic() -> Result<()> {
+    use rand::{Rng, RngCore};
+    let dir = tempfile::tempdir()?;
+    let st = dir.path().join("w.safetensors");
+    let all: HashMap<String, Tensor> = read_tensors(&fixture())?.into_iter().collect();
+    candle_core::safetensors::save(&all, &st)?;
+    let mut rng = rest::util::rng(3, 0);
+    let m = build(ModelKind::Resnet18, 4, 5)?;
+    for (src, name) in [(fixture(), "x.pth"), (st, "x.safetensors")] {
+        let original = std::fs::read(&src)?;
+        let path = dir.path().join(name);
+        let mut errors = 0;
+        for t in 0..300 {
+            let mut b = original.clone();
+            if t % 3 == 0 {
+                b.truncate(rng.random_range(0..b.len()));
+            } else {
+                for _ in 0..rng.random_range(1..8) {
+                    // Headers and the pickle first: most flips in the first and last 4 KiB.
+                    let i = if rng.random_bool(0.5) {
+                        rng.random_range(0..4096.min(b.len()))
+                    } else {
+                        b.len() - 1 - rng.random_range(0..4096.min(b.len()))
+                    };
+                    b[i] = rng.next_u32() as u8;
+                }
+            }
+            std::fs::write(&path, &b)?;
+            if init_from(m.as_ref(), &path).is_err() {
+                errors += 1;
+            }
+        }
+        assert!(
+            errors > 50,
+            "{name}: only {errors} of 300 mutations were errors"
+        );
+    }
+    Ok(())
+}

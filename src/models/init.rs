@@ -157,7 +157,9 @@ pub fn init_from(model: &dyn Model, path: &Path) -> Result<InitReport> {
         {
             continue;
         }
-        let t = file[&p.name]
+        let t = file
+            .get(&p.name)
+            .with_context(|| format!("--init-from {shown}: no tensor `{}`", p.name))?
             .to_dtype(DType::F32)?
             .to_device(p.var.device())?;
         new_params.push((i, t));
@@ -167,7 +169,9 @@ pub fn init_from(model: &dyn Model, path: &Path) -> Result<InitReport> {
         .map(|b| -> Result<Buffer> {
             Ok(Buffer {
                 name: b.name.clone(),
-                tensor: file[&b.name]
+                tensor: file
+                    .get(&b.name)
+                    .with_context(|| format!("--init-from {shown}: no tensor `{}`", b.name))?
                     .to_dtype(DType::F32)?
                     .to_device(b.tensor.device())?,
             })

@@ -143,7 +143,35 @@ impl SparseEngine {
         opts: DstOptions,
         rng: &mut Rng,
     ) -> Result<Self> {
+        Self::with_options_placed(layers, cfg, opts, None, rng)
+    }
+
+    /// Like [`Self::with_options`], the active positions of each layer, when `scores` are
+    /// given (one per weight, one `Vec` per layer), its `count` highest-scoring ones (ties: the
+    /// lower index) instead of random ones (`--magnitude-masks`: [`magnitude_scores`]).
+    pub fn with_options_placed(
+        layers: Vec<LayerShape>,
+        cfg: SparseConfig,
+        opts: DstOptions,
+        scores: Option<&[Vec<f32>]>,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         Self::check_setup(&layers, &cfg, &opts)?;
+        if let Some(s) = scores {
+            if s.len() != layers.len() || s.iter().zip(&layers).any(|(v, l)| v.len() != l.numel()) {
+                bail!("internal error: mask placement scores do not match the masked layers");
+            }
+            for (v, l) in s.iter().zip(&layers) {
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    bail!(
+                        "--magnitude-masks: weight {i} of layer `{}` is {}; the initial weights \
+                         are not finite",
+                        l.name,
+                        v[i]
+                    );
+                }
+            }
+        }
         let dense: &[usize] = if opts.dense_first_layer { &[0] } else { &[] };
         let densities = init_densities(
             &layers,
@@ -156,14 +184,25 @@ impl SparseEngine {
         let masks = layers
             .iter()
             .zip(&counts)
-            .map(|(layer, &count)| {
+            .enumerate()
+            .map(|(l, (layer, &count))| {
                 let n = layer.numel();
                 if count == n {
                     return vec![1.0; n];
                 }
                 let mut mask = vec![0.0f32; n];
-                for i in rand::seq::index::sample(rng, n, count) {
-                    mask[i] = 1.0;
+                match scores {
+                    Some(s) => {
+                        let mut idx: Vec<usize> = (0..n).collect();
+                        for &i in largest_k(&mut idx, count, |i| s[l][i]) {
+                            mask[i] = 1.0;
+                        }
+                    }
+                    None => {
+                        for i in rand::seq::index::sample(rng, n, count) {
+                            mask[i] = 1.0;
+                        }
+                    }
                 }
                 mask
             })

@@ -62,6 +62,12 @@ pub struct SparseOptions {
     /// Static sparse training: never update the masks.
     #[arg(long)]
     pub fix: bool,
+    /// Place each layer's initial active weights at its largest-magnitude weights (e.g. the
+    /// pretrained ones of --init-from) instead of at random, under the layer densities of
+    /// --sparse-init (erk, er, uniform, uniform-plus).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub magnitude_masks: bool,
 }
 
 impl Default for SparseOptions {
@@ -106,6 +112,14 @@ impl SparseOptions {
     /// Checks every value; the error names the flag. Whether the optimizer keeps the momentum
     /// that some modes read is the run's check (`DstOptions::needs_momentum`).
     pub fn validate(&self) -> Result<()> {
+        if self.magnitude_masks && self.sparse_init.is_score_based() {
+            bail!(
+                "--magnitude-masks places masks under the layer densities of --sparse-init erk, \
+                 er, uniform or uniform-plus; --sparse-init {:?} chooses positions itself \
+                 (global-magnitude: the largest weights of the whole network)",
+                self.sparse_init
+            );
+        }
         let d = self.density;
         if !(d.is_finite() && d > 0.0 && d <= 1.0) {
             bail!("--density must be in (0, 1] (1 = dense, 0.05 = 5 % of weights), got {d}");

@@ -596,6 +596,19 @@ fn initial_engine(
             dev,
         )?;
         SparseEngine::new_from_scores(layer_shapes(&weights), scfg, opts, &scores, &mut mask_rng)
+    } else if cfg.sparse.magnitude_masks {
+        let w: Vec<Vec<f32>> = weights
+            .iter()
+            .map(|p| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+            .collect::<Result<_>>()?;
+        let scores = crate::sparse::magnitude_scores(&w);
+        SparseEngine::with_options_placed(
+            layer_shapes(&weights),
+            scfg,
+            opts,
+            Some(&scores),
+            &mut mask_rng,
+        )
     } else {
         SparseEngine::with_options(layer_shapes(&weights), scfg, opts, &mut mask_rng)
     }
