@@ -1,0 +1,27 @@
+//! The `rest._rest` extension module (imported as `rest`; `rest/__init__.py` re-exports it):
+//! the Python face of the same core as the `rest` binary. It owns no training, data or
+//! inference logic of its own: datasets (`dataset`), training (`run`: `rest.train`, through
+//! `TrainConfig`'s option validation and `rest::train`'s entry points), loading and prediction
+//! (`model`: `rest::infer`) and the mapping of errors to Python exceptions (`errors`).
+
+mod dataset;
+mod errors;
+mod model;
+mod run;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _rest(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // What `rest` does at start-up: candle's element-wise pool on the calling thread (before
+    // any candle op runs); the rayon pool keeps its default size (all cores).
+    rest::util::set_threads(None).map_err(errors::value_error)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<dataset::Dataset>()?;
+    m.add_class::<run::Run>()?;
+    m.add_class::<model::Model>()?;
+    m.add_function(wrap_pyfunction!(run::train, m)?)?;
+    m.add_function(wrap_pyfunction!(run::option_names, m)?)?;
+    m.add_function(wrap_pyfunction!(model::load, m)?)?;
+    Ok(())
+}
