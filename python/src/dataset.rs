@@ -84,7 +84,8 @@ impl Dataset {
 
     /// `group_dataset` with the GIL released; errors as exceptions.
     pub fn load(&self, py: Python<'_>) -> PyResult<Arc<GroupDataset>> {
-        py.detach(|| self.group_dataset()).map_err(errors::value_error)
+        py.detach(|| self.group_dataset())
+            .map_err(errors::value_error)
     }
 
     fn from_options(table: toml::Table) -> PyResult<Self> {
@@ -163,17 +164,15 @@ fn as_array<'py>(
     obj: &Bound<'py, PyAny>,
     what: &str,
 ) -> PyResult<Bound<'py, numpy::PyUntypedArray>> {
-    obj.cast::<numpy::PyUntypedArray>()
-        .cloned()
-        .map_err(|_| {
-            value(format!(
-                "{what} must be a NumPy array, got {}",
-                obj.get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            ))
-        })
+    obj.cast::<numpy::PyUntypedArray>().cloned().map_err(|_| {
+        value(format!(
+            "{what} must be a NumPy array, got {}",
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })
 }
 
 /// A 1-D integer array of length `n` with values in [0, 2^32) as `u32`.
@@ -259,7 +258,11 @@ impl Dataset {
             image_size.map(|v| toml::Value::Integer(v.min(i64::MAX as u64) as i64)),
         );
         put(&mut t, "skip_bad", skip_bad);
-        put(&mut t, "cache_dir", cache_dir.map(|p| p.display().to_string()));
+        put(
+            &mut t,
+            "cache_dir",
+            cache_dir.map(|p| p.display().to_string()),
+        );
         Self::from_options(t)
     }
 
@@ -300,7 +303,9 @@ impl Dataset {
             .max()
             .unwrap_or(0) as usize;
         let num_classes = match num_classes {
-            Some(k) if k < 2 => return Err(value(format!("num_classes must be at least 2, got {k}"))),
+            Some(k) if k < 2 => {
+                return Err(value(format!("num_classes must be at least 2, got {k}")))
+            }
             Some(k) => k,
             None => (max_label + 1).max(2),
         };
@@ -384,8 +389,9 @@ impl Dataset {
                 )))
             }
         };
-        let images = Array4::from_shape_vec((s.len(), s.height, s.width, s.channels), s.images.clone())
-            .map_err(|e| value(format!("internal: {e}")))?;
+        let images =
+            Array4::from_shape_vec((s.len(), s.height, s.width, s.channels), s.images.clone())
+                .map_err(|e| value(format!("internal: {e}")))?;
         let ints = |v: &[u32]| Array1::from_iter(v.iter().map(|&x| x as i64));
         let d = PyDict::new(py);
         d.set_item("images", images.into_pyarray(py))?;

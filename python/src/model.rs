@@ -81,7 +81,13 @@ impl Model {
     }
 
     /// Softmax probabilities `[N, classes]` of NHWC `u8` images, `batch_size` at a time.
-    fn probabilities(&self, py: Python<'_>, pixels: &[u8], n: usize, batch_size: usize) -> PyResult<Vec<f32>> {
+    fn probabilities(
+        &self,
+        py: Python<'_>,
+        pixels: &[u8],
+        n: usize,
+        batch_size: usize,
+    ) -> PyResult<Vec<f32>> {
         if batch_size == 0 {
             return Err(value("batch_size must be at least 1"));
         }
@@ -188,7 +194,8 @@ impl Model {
     /// The run's configuration (`config.toml`) as a dict.
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let text = serde_json::to_string(&self.m.config).map_err(|e| value(format!("internal: {e}")))?;
+        let text =
+            serde_json::to_string(&self.m.config).map_err(|e| value(format!("internal: {e}")))?;
         py.import("json")?.call_method1("loads", (text,))
     }
 
@@ -197,7 +204,11 @@ impl Model {
             "Model({}, {} {}, density {:.4})",
             self.m.path.display(),
             self.m.config.model.kind.as_str(),
-            if self.m.exported { "sparse export" } else { "checkpoint" },
+            if self.m.exported {
+                "sparse export"
+            } else {
+                "checkpoint"
+            },
             self.m.density()
         )
     }

@@ -119,14 +119,20 @@ impl Run {
     pub fn read(py: Python<'_>, dir: &Path) -> PyResult<Self> {
         let read = |name: &str| {
             let p = dir.join(name);
-            std::fs::read_to_string(&p)
-                .map_err(|e| errors::value_error(anyhow::Error::new(e).context(format!("cannot read {}", p.display()))))
+            std::fs::read_to_string(&p).map_err(|e| {
+                errors::value_error(
+                    anyhow::Error::new(e).context(format!("cannot read {}", p.display())),
+                )
+            })
         };
         let summary = py
             .import("json")?
             .call_method1("loads", (read("summary.json")?,))?;
         let metrics = metrics_rows(py, &read("metrics.csv")?)?;
-        let run_dir = py.import("pathlib")?.getattr("Path")?.call1((dir.to_path_buf(),))?;
+        let run_dir = py
+            .import("pathlib")?
+            .getattr("Path")?
+            .call1((dir.to_path_buf(),))?;
         Ok(Self {
             run_dir: run_dir.unbind(),
             summary: summary.unbind(),
