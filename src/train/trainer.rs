@@ -204,7 +204,13 @@ impl<'a> Stage<'a> {
             train_tf,
             prefetch,
             flops,
-            interrupted: interrupt_flag(),
+            interrupted: {
+                // Each loop starts uninterrupted: a process may train again after a Ctrl-C
+                // stopped a run (the Python module).
+                let f = interrupt_flag();
+                f.store(false, Ordering::SeqCst);
+                f
+            },
         })
     }
 
