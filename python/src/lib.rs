@@ -16,6 +16,17 @@ fn _rest(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // What `rest` does at start-up: candle's element-wise pool on the calling thread (before
     // any candle op runs); the rayon pool keeps its default size (all cores).
     rest::util::set_threads(None).map_err(errors::value_error)?;
+    // The core's log on stderr, as the CLI's, at `REST_LOG` (default: warnings only, to keep
+    // notebooks quiet; `REST_LOG=info` shows the CLI's run log). Another subscriber wins.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<dataset::Dataset>()?;
     m.add_class::<run::Run>()?;

@@ -149,3 +149,25 @@ def test_readme_quickstart(tmp_path, monkeypatch):
     exec(compile(code, "README.md quickstart", "exec"), {})
     summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
     assert summary["epochs"] == 2
+
+
+def test_ctrl_c_stops_training_with_keyboard_interrupt(small_arrays, tmp_path):
+    """SIGINT during training checkpoints and stops the run (as `rest train` does), raised as
+    KeyboardInterrupt; Python's own SIGINT handler is back afterwards and training works
+    again."""
+    import os
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGINT)
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="interrupted at epoch"):
+            rest.train(small_arrays, out=str(tmp_path / "stopped"), epochs=200, threads=2)
+    finally:
+        timer.cancel()
+    assert (tmp_path / "stopped" / "checkpoint.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is before
+    run = rest.train(small_arrays, out=str(tmp_path / "again"), epochs=1, threads=2)
+    assert run.summary["epochs"] == 1
