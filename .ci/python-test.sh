@@ -10,11 +10,13 @@ root=$PWD
 venv=${REST_CI_VENV:-$root/.ci-venv}
 export CARGO_TARGET_DIR=$root/target
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q --upgrade maturin pytest numpy
+"$venv/bin/pip" install -q --upgrade maturin pytest numpy pandas
 export PYO3_PYTHON=$venv/bin/python
 cargo fmt --manifest-path python/Cargo.toml -- --check
 cargo clippy --release --manifest-path python/Cargo.toml --all-targets -- -D warnings
-cargo build --release --bin rest
+# The binary the tests compare with: `cargo test --release` built it (with the test build's
+# features; building it again here would recompile the library).
+[ -x "$CARGO_TARGET_DIR/release/rest" ] || cargo build --release --bin rest
 rm -rf "$CARGO_TARGET_DIR/wheels"
 "$venv/bin/maturin" build --release -m python/Cargo.toml -i "$venv/bin/python" \
     -o "$CARGO_TARGET_DIR/wheels"
