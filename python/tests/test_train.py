@@ -171,3 +171,33 @@ def test_ctrl_c_stops_training_with_keyboard_interrupt(small_arrays, tmp_path):
     assert signal.getsignal(signal.SIGINT) is before
     run = rest.train(small_arrays, out=str(tmp_path / "again"), epochs=1, threads=2)
     assert run.summary["epochs"] == 1
+
+
+def test_folder_dataset_reads_a_dfa_folder(small_builtin, tmp_path):
+    """A DFA-layout folder of PNGs reads back as the same images, and trains through the
+    CLI's data options (config.toml names the folder)."""
+    root = tmp_path / "cmnist"
+    written = {}
+    for split in ("train", "valid", "test"):
+        a = small_builtin.arrays(split)
+        for i in range(60):
+            img, y, b = a["images"][i], int(a["labels"][i]), int(a["bias"][i])
+            if split == "train":
+                d = root / "5pct" / ("align" if y == b else "conflict") / str(y)
+            elif split == "valid":
+                d = root / "5pct" / "valid"
+            else:
+                d = root / "test" / str(y)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:04d}_{y}_{b}.png").write_bytes(png_bytes(img))
+            written.setdefault(split, []).append((y, b, img.tobytes()))
+    ds = rest.Dataset.folder(root, conflict_pct=5, dataset="dfa")
+    assert ds.image_shape == (28, 28, 3)
+    for split, items in written.items():
+        a = ds.arrays(split)
+        back = [(int(y), int(b), img.tobytes()) for img, y, b in zip(a["images"], a["labels"], a["bias"])]
+        assert sorted(back) == sorted(items), split
+    run = rest.train(ds, out=tmp_path / "run", epochs=1, threads=2)
+    assert f'data = "{root}"' in (run.run_dir / "config.toml").read_text()
+    with pytest.raises(ValueError, match="1pct is missing"):
+        rest.Dataset.folder(root, conflict_pct=1).name
