@@ -105,6 +105,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sweep(args) => rest::sweep::main(&args).map(|()| ExitCode::SUCCESS),
         Command::Eval(a) => {
             let m = rest::infer::load(&a.checkpoint)?;
+            if !m.exported {
+                let dir = a
+                    .checkpoint
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                rest::train::output::refuse_in_memory(dir, "rest eval")?;
+            }
             let mut cfg = m.config.clone();
             cfg.data.conflict_pct = a.conflict_pct.unwrap_or(cfg.data.conflict_pct);
             cfg.data.color_std = a.color_std.unwrap_or(cfg.data.color_std);

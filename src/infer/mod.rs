@@ -45,14 +45,16 @@ impl FromStr for DataSource {
 
 /// The input shape `(channels, height, width)` and number of classes of a run's data: the
 /// built-in Colored MNIST's (RGB 28x28, 10 classes), or, for a run trained on a `--data`
-/// folder, what the run recorded in `run_dir/data.json`; a run without that file (trained
+/// folder or on in-memory arrays, what the run recorded in `run_dir/data.json`; a run without that file (trained
 /// before it existed) reads them from its data folder.
 pub fn data_shape(cfg: &TrainConfig, run_dir: &Path) -> Result<((usize, usize, usize), usize)> {
     use crate::train::output::{DataInfo, DATA_INFO_FILE};
-    if cfg.data.data.is_none() {
+    let info_path = run_dir.join(DATA_INFO_FILE);
+    // A run on in-memory arrays records built-in data settings but its own shape.
+    let in_memory = crate::train::output::read_data_info(run_dir).is_some_and(|i| i.in_memory);
+    if cfg.data.data.is_none() && !in_memory {
         return Ok(((3, 28, 28), crate::data::colored_mnist::NUM_CLASSES));
     }
-    let info_path = run_dir.join(DATA_INFO_FILE);
     if info_path.is_file() {
         let text = std::fs::read_to_string(&info_path)
             .with_context(|| format!("cannot read {}", info_path.display()))?;

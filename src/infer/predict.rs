@@ -84,12 +84,41 @@ pub fn load_image_geometry(
     Ok(out)
 }
 
+/// The softmax class probabilities of `n` images given as CHW `f32` in [0, 1], one after the
+/// other (`buf`, as `load_image` gives them): normalised as the run was (`normalize`, as in
+/// training and `rest eval`), one forward pass; one row per image. The Python module's
+/// `predict_proba` calls it on NumPy images.
+pub fn probabilities(m: &LoadedModel, mut buf: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>> {
+    let (c, h, w) = m.input;
+    if buf.len() != n * c * h * w {
+        bail!(
+            "{} values for {n} images of {c}x{h}x{w}: expected {}",
+            buf.len(),
+            n * c * h * w
+        );
+    }
+    if let Some(norm) = m.config.data.plan().normalize {
+        if c != norm.mean.len() {
+            bail!(
+                "the run normalises {} channels but the model takes {c}",
+                norm.mean.len()
+            );
+        }
+        for (k, v) in buf.iter_mut().enumerate() {
+            let ch = (k / (h * w)) % c;
+            *v = (*v - norm.mean[ch]) / norm.std[ch];
+        }
+    }
+    let x = Tensor::from_vec(buf, (n, c, h, w), &Device::Cpu)?;
+    let probs = candle_nn::ops::softmax(&m.model.forward(&x, false)?, D::Minus1)?;
+    Ok(probs.to_vec2::<f32>()?)
+}
+
 /// Top-`k` classes of each image (probabilities sorted, highest first).
 pub fn predict(m: &LoadedModel, images: &[impl AsRef<Path>], k: usize) -> Result<Vec<Prediction>> {
     if k == 0 {
         bail!("--top-k must be at least 1");
     }
-    let dev = Device::Cpu;
     let (c, h, w) = m.input;
     // A run that resized its data on load (`image_size`) saw bilinear resizes: do the same.
     let plan = m.config.data.plan();
@@ -113,22 +142,8 @@ pub fn predict(m: &LoadedModel, images: &[impl AsRef<Path>], k: usize) -> Result
                 geometry.as_ref(),
             )?);
         }
-        // The run's normalisation, as in training and `rest eval`.
-        if let Some(n) = plan.normalize {
-            if c != n.mean.len() {
-                bail!(
-                    "the run normalises {} channels but the model takes {c}",
-                    n.mean.len()
-                );
-            }
-            for (k, v) in buf.iter_mut().enumerate() {
-                let ch = (k / (h * w)) % c;
-                *v = (*v - n.mean[ch]) / n.std[ch];
-            }
-        }
-        let x = Tensor::from_vec(buf, (chunk.len(), c, h, w), &dev)?;
-        let probs = candle_nn::ops::softmax(&m.model.forward(&x, false)?, D::Minus1)?;
-        for (p, row) in chunk.iter().zip(probs.to_vec2::<f32>()?) {
+        let probs = probabilities(m, buf, chunk.len())?;
+        for (p, row) in chunk.iter().zip(probs) {
             let mut idx: Vec<usize> = (0..row.len()).collect();
             idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             out.push(Prediction {

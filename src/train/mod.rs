@@ -27,7 +27,8 @@ pub use methods::{GroupScheme, Method, MethodOptions, ReweightMode};
 pub use optim::OptimOptions;
 pub use output::RunOptions;
 pub use run::{
-    claim_sweep_task, resume, resume_config, run_sweep_task, train, train_with, SweepTask,
+    claim_sweep_task, resume, resume_config, run_sweep_task, train, train_on_dataset, train_with,
+    SweepTask,
 };
 pub use select::SelectRule;
 pub use summary::{Summary, TrainOutcome};

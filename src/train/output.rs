@@ -307,12 +307,21 @@ pub struct DataInfo {
     /// `[channels, height, width]` of the model input.
     pub input: [usize; 3],
     pub classes: usize,
+    /// The run trained on a dataset handed over in memory (the Python module's arrays,
+    /// `run::train_on_dataset`): its config names no images, so it cannot be resumed or
+    /// evaluated from the command line.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_memory: bool,
 }
 
 /// File name of [`DataInfo`] in a run directory.
 pub const DATA_INFO_FILE: &str = "data.json";
 
-pub fn write_data_info(run_dir: &Path, ds: &crate::data::GroupDataset) -> Result<()> {
+pub fn write_data_info(
+    run_dir: &Path,
+    ds: &crate::data::GroupDataset,
+    in_memory: bool,
+) -> Result<()> {
     let t = &ds.train;
     write_json(
         &run_dir.join(DATA_INFO_FILE),
@@ -320,6 +329,27 @@ pub fn write_data_info(run_dir: &Path, ds: &crate::data::GroupDataset) -> Result
             dataset: ds.name.clone(),
             input: [t.channels, t.height, t.width],
             classes: ds.num_classes,
+            in_memory,
         },
     )
+}
+
+/// The `data.json` of the run in `run_dir`, if it has a readable one.
+pub fn read_data_info(run_dir: &Path) -> Option<DataInfo> {
+    let text = std::fs::read_to_string(run_dir.join(DATA_INFO_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// An error when the run in `run_dir` trained on in-memory data (see [`DataInfo::in_memory`]),
+/// which `what` (the command line's `--resume`, `rest eval`) cannot reload.
+pub fn refuse_in_memory(run_dir: &Path, what: &str) -> Result<()> {
+    match read_data_info(run_dir) {
+        Some(info) if info.in_memory => anyhow::bail!(
+            "{what} {}: this run was trained on in-memory arrays (Python `rest.train`), which \
+             the command line cannot reload; use the Python module (`rest.load(...).eval(dataset)`) \
+             or train again",
+            run_dir.display()
+        ),
+        _ => Ok(()),
+    }
 }

@@ -1,7 +1,9 @@
 //! Running a training run: the entry points (`train`, `train_with`, `resume`, a sweep's task)
 //! claim the run directory for this process (`super::lock`) and resolve the dataset; JTT
 //! runs the training loop twice (stage 1 in `<run>/stage1`, its error set up-weighted in
-//! stage 2); every other method runs it once (`super::trainer`).
+//! stage 2); every other method runs it once (`super::trainer`). `train_on_dataset` trains on
+//! a dataset handed over in memory (the Python module's arrays) instead of the one `cfg`
+//! names.
 
 use super::checkpoint;
 use super::lock;
@@ -33,6 +35,24 @@ pub fn train_with(cfg: &TrainConfig, overwrite: bool) -> Result<TrainOutcome> {
     let mut cfg = cfg.clone();
     cfg.run.out = Some(dir);
     run(&cfg, false)
+}
+
+/// `train_with` on the dataset `ds` handed over in memory (the Python module's NumPy arrays)
+/// instead of the images `cfg.data` names; `cfg.data` still gives the transforms, and its
+/// `conflict_pct` the LAMBDA paired with it. The run directory is a complete run (`rest
+/// predict`, `rest export` and the Python module's `load` read it), and its `data.json` says
+/// that the images were in memory, so `rest train --resume` and `rest eval` refuse it.
+pub fn train_on_dataset(
+    cfg: &TrainConfig,
+    ds: &GroupDataset,
+    overwrite: bool,
+) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    let (_lock, dir) = output::claim_new_run(cfg, overwrite)?;
+    let mut cfg = cfg.clone();
+    cfg.run.out = Some(dir);
+    let plan = cfg.data.plan();
+    run_on(&cfg, false, ds, &plan, Instant::now(), true)
 }
 
 /// A sweep's run, as its task (`rest train --sweep-task DIR`, local or a Slurm array task)
@@ -96,6 +116,7 @@ pub fn resume_config(run_dir: &Path) -> Result<TrainConfig> {
         )
     })?;
     cfg.run.out = Some(run_dir.to_path_buf());
+    output::refuse_in_memory(run_dir, "--resume")?;
     Ok(cfg)
 }
 
@@ -123,20 +144,34 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     let start = Instant::now();
     let plan = cfg.data.plan();
     let ds = crate::data::load(&plan.source)?;
+    run_on(cfg, resume, &ds, &plan, start, false)
+}
+
+/// Trains `cfg` (validated, its dataset resolved) on `ds`; `in_memory`: `ds` was handed over
+/// rather than loaded from `plan.source`.
+fn run_on(
+    cfg: &TrainConfig,
+    resume: bool,
+    ds: &GroupDataset,
+    plan: &DataPlan,
+    start: Instant,
+    in_memory: bool,
+) -> Result<TrainOutcome> {
     if cfg.method.kind != Method::Jtt {
         let run_dir = cfg.run.out.clone().unwrap_or_default();
         let ctx = StageCtx {
-            ds: &ds,
-            plan: &plan,
+            ds,
+            plan,
             start,
             resume_dir: run_dir,
             error_set: None,
             jtt: None,
             want_train_preds: false,
+            in_memory,
         };
         return Ok(run_stage(cfg, resume, ctx)?.0);
     }
-    run_jtt(cfg, resume, &ds, &plan, start)
+    run_jtt(cfg, resume, ds, plan, start, in_memory)
 }
 
 /// The configuration of JTT's stage 1: ERM for `jtt_epochs` epochs in `<run>/stage1`,
@@ -159,6 +194,7 @@ fn run_jtt(
     ds: &GroupDataset,
     plan: &DataPlan,
     start: Instant,
+    in_memory: bool,
 ) -> Result<TrainOutcome> {
     let run_dir = output::create_run_dir(cfg)?;
     // Both stages write to this directory, even when its name was generated.
@@ -198,6 +234,7 @@ fn run_jtt(
             error_set: None,
             jtt: None,
             want_train_preds: true,
+            in_memory,
         };
         let (_, preds) = run_stage(&s1, s1_resume, ctx)?;
         let preds = preds.context("JTT stage 1 returned no training predictions")?;
@@ -237,6 +274,7 @@ fn run_jtt(
         error_set: Some(error),
         jtt: Some(report),
         want_train_preds: false,
+        in_memory,
     };
     let mut out = run_stage(cfg, resume2, ctx)?.0;
     if stage1_epochs.is_some() {

@@ -47,6 +47,8 @@ pub(super) struct StageCtx<'a> {
     pub jtt: Option<JttReport>,
     /// Return the final model's predictions on the training split (JTT stage 1).
     pub want_train_preds: bool,
+    /// The dataset was handed over in memory (`run::train_on_dataset`), not named by `cfg`.
+    pub in_memory: bool,
 }
 
 /// One training loop over `cfg`; with `want_train_preds`, also the final model's predictions
@@ -198,7 +200,7 @@ impl<'a> Stage<'a> {
                 "on the training thread"
             }
         );
-        output::write_data_info(&run_dir, ds)?;
+        output::write_data_info(&run_dir, ds, ctx.in_memory)?;
         let flops = flops_table(model.as_ref(), input, layers.as_ref().map(|l| &l.engine));
         Ok(Self {
             cfg,
@@ -219,7 +221,13 @@ impl<'a> Stage<'a> {
             train_tf,
             prefetch,
             flops,
-            interrupted: interrupt_flag(),
+            interrupted: {
+                // Each loop starts uninterrupted: a process may train again after a Ctrl-C
+                // stopped a run (the Python module).
+                let f = interrupt_flag();
+                f.store(false, Ordering::SeqCst);
+                f
+            },
         })
     }
 
