@@ -69,10 +69,14 @@ fn arrays_runs_predict_from_the_cli_but_do_not_resume_or_eval() {
         serde_json::json!([1, 12, 12])
     );
     let img = tmp.path().join("x.png");
-    image::GrayImage::from_raw(12, 12, ds.test.images[..144].to_vec())
-        .unwrap()
-        .save(&img)
-        .unwrap();
+    image::GrayImage::from_raw(
+        12,
+        12,
+        ds.test.images.contiguous().expect("one buffer")[..144].to_vec(),
+    )
+    .unwrap()
+    .save(&img)
+    .unwrap();
     let ckpt = dir.join("best.safetensors");
     let out = ok(&rest_cmd(&["predict", "--checkpoint", s(&ckpt), s(&img)]));
     assert!(out.contains("\"class\""), "{out}");

@@ -389,9 +389,19 @@ impl Dataset {
                 )))
             }
         };
-        let images =
-            Array4::from_shape_vec((s.len(), s.height, s.width, s.channels), s.images.clone())
-                .map_err(|e| value(format!("internal: {e}")))?;
+        // The records in one buffer (in RAM or mapped), else decoded one by one.
+        let bytes = match s.images.contiguous() {
+            Some(b) => b.to_vec(),
+            None => {
+                let mut v = Vec::with_capacity(s.len() * s.image_size());
+                for i in 0..s.len() {
+                    v.extend_from_slice(&s.image(i).map_err(errors::run_error)?);
+                }
+                v
+            }
+        };
+        let images = Array4::from_shape_vec((s.len(), s.height, s.width, s.channels), bytes)
+            .map_err(|e| value(format!("internal: {e}")))?;
         let ints = |v: &[u32]| Array1::from_iter(v.iter().map(|&x| x as i64));
         let d = PyDict::new(py);
         d.set_item("images", images.into_pyarray(py))?;
