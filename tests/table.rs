@@ -7,34 +7,11 @@
 mod common;
 
 use anyhow::Result;
-use common::{ok, read_json, rest_cmd};
+use common::{ok, read_json, rest_cmd, write_idx};
 use rest::data::make::{make_colored_mnist_table, MakeFormat, MakeSpec, MnistSource, Palette};
 use rest::data::{DataOptions, DatasetKind, GroupDataset};
 use rest::train::methods::Method;
 use std::path::{Path, PathBuf};
-
-/// IDX files of `n` 28x28 digits: digit `i` has label `i % 10`, pixels 255 on the left half
-/// and `i % 7` elsewhere.
-fn write_idx(dir: &Path, prefix: &str, n: usize) {
-    let mut img = Vec::new();
-    for v in [0x0803u32, n as u32, 28, 28] {
-        img.extend_from_slice(&v.to_be_bytes());
-    }
-    let mut lab = Vec::new();
-    for v in [0x0801u32, n as u32] {
-        lab.extend_from_slice(&v.to_be_bytes());
-    }
-    for i in 0..n {
-        for _y in 0..28 {
-            for x in 0..28 {
-                img.push(if x < 14 { 255 } else { (i % 7) as u8 });
-            }
-        }
-        lab.push((i % 10) as u8);
-    }
-    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).expect("write");
-    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).expect("write");
-}
 
 /// A Colored MNIST table dataset in `format` at 10 % conflicting, from 400 + 90 digits.
 fn make(dir: &Path, name: &str, format: MakeFormat) -> Result<PathBuf> {

@@ -302,3 +302,26 @@ pub fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
         );
     }
 }
+
+/// Writes IDX files of `n` 28x28 digits (`train` or `t10k`): digit `i` has label `i % 10`
+/// and its pixels are 255 on the left half, `i % 7` elsewhere.
+pub fn write_idx(dir: &Path, prefix: &str, n: usize) {
+    let mut img = Vec::new();
+    for v in [0x0803u32, n as u32, 28, 28] {
+        img.extend_from_slice(&v.to_be_bytes());
+    }
+    let mut lab = Vec::new();
+    for v in [0x0801u32, n as u32] {
+        lab.extend_from_slice(&v.to_be_bytes());
+    }
+    for i in 0..n {
+        for _y in 0..28 {
+            for x in 0..28 {
+                img.push(if x < 14 { 255 } else { (i % 7) as u8 });
+            }
+        }
+        lab.push((i % 10) as u8);
+    }
+    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).expect("write");
+    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).expect("write");
+}
