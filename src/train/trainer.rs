@@ -73,6 +73,8 @@ struct Stage<'a> {
     dev: Device,
     run_dir: PathBuf,
     resume_dir: PathBuf,
+    /// The dataset was handed over in memory: the run cannot be resumed.
+    in_memory: bool,
     start: Instant,
     input: (usize, usize, usize),
     model: Box<dyn Model>,
@@ -208,6 +210,7 @@ impl<'a> Stage<'a> {
             dev,
             run_dir,
             resume_dir,
+            in_memory: ctx.in_memory,
             start: ctx.start,
             input,
             model,
@@ -315,6 +318,13 @@ impl<'a> Stage<'a> {
                     self.st.partial = Some(std::mem::take(&mut pe));
                     self.st.lr = self.opt.lr;
                     self.save_checkpoint()?;
+                    if self.in_memory {
+                        bail!(
+                            "interrupted at epoch {epoch}, step {}; the images were handed over \
+                             in memory, so this run cannot be resumed: train it again",
+                            self.st.step
+                        );
+                    }
                     bail!(
                         "interrupted at epoch {epoch}, step {}; checkpoint written: continue \
                          with `rest train --resume {}`",
