@@ -5,7 +5,7 @@
 mod common;
 
 use anyhow::Result;
-use common::{ok, preview_sheet, read_json, rest_cmd, tree, write_idx};
+use common::{idx_source, ok, preview_sheet, read_json, rest_cmd, tree};
 use rest::data::dfa::{load, DfaOptions};
 use rest::data::make::{
     make_attr_labels, make_colored_mnist, MakeSpec, MnistSource, Palette, DFA_PALETTE,
@@ -460,14 +460,6 @@ fn idx_files_named_with_a_dot_are_found() -> Result<()> {
     assert!(!a.is_empty());
     assert_eq!(a, b);
     Ok(())
-}
-
-fn idx_source(dir: &Path) -> PathBuf {
-    let src = dir.join("mnist");
-    std::fs::create_dir_all(&src).expect("mkdir");
-    write_idx(&src, "train", 400);
-    write_idx(&src, "t10k", 90);
-    src
 }
 
 fn spec(src: &Path, out: PathBuf, palette: Palette, seed: u64) -> MakeSpec {

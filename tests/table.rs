@@ -7,7 +7,7 @@
 mod common;
 
 use anyhow::Result;
-use common::{ok, read_json, rest_cmd, write_idx};
+use common::{idx_source, ok, read_json, rest_cmd};
 use rest::data::make::{make_colored_mnist_table, MakeFormat, MakeSpec, MnistSource, Palette};
 use rest::data::{DataOptions, DatasetKind, GroupDataset};
 use rest::train::methods::Method;
@@ -17,9 +17,7 @@ use std::path::{Path, PathBuf};
 fn make(dir: &Path, name: &str, format: MakeFormat) -> Result<PathBuf> {
     let src = dir.join("mnist");
     if !src.is_dir() {
-        std::fs::create_dir_all(&src)?;
-        write_idx(&src, "train", 400);
-        write_idx(&src, "t10k", 90);
+        idx_source(dir);
     }
     let out = dir.join(name);
     let spec = MakeSpec {
@@ -525,10 +523,7 @@ fn every_method_trains_on_a_table_and_reports_its_groups() -> Result<()> {
 #[test]
 fn cli_makes_a_table_and_trains_on_it() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let src = dir.path().join("mnist");
-    std::fs::create_dir_all(&src)?;
-    write_idx(&src, "train", 400);
-    write_idx(&src, "t10k", 90);
+    let src = idx_source(dir.path());
     let data = dir.path().join("wb");
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let o = rest_cmd(&[

@@ -325,3 +325,12 @@ pub fn write_idx(dir: &Path, prefix: &str, n: usize) {
     std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).expect("write");
     std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).expect("write");
 }
+
+/// `dir/mnist` with IDX files of 400 training and 90 test digits ([`write_idx`]).
+pub fn idx_source(dir: &Path) -> PathBuf {
+    let src = dir.join("mnist");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    write_idx(&src, "train", 400);
+    write_idx(&src, "t10k", 90);
+    src
+}
