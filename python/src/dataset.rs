@@ -389,17 +389,14 @@ impl Dataset {
                 )))
             }
         };
-        // The records in one buffer (in RAM or mapped), else decoded one by one.
-        let bytes = match s.images.contiguous() {
-            Some(b) => b.to_vec(),
-            None => {
-                let mut v = Vec::with_capacity(s.len() * s.image_size());
-                for i in 0..s.len() {
-                    v.extend_from_slice(&s.image(i).map_err(errors::run_error)?);
-                }
-                v
-            }
-        };
+        // Every record in order: the buffer itself, or decoded (`Images::batch`).
+        let all: Vec<usize> = (0..s.len()).collect();
+        let bytes = s
+            .images
+            .batch(&all, s.image_size())
+            .map_err(errors::run_error)?
+            .bytes
+            .into_owned();
         let images = Array4::from_shape_vec((s.len(), s.height, s.width, s.channels), bytes)
             .map_err(|e| value(format!("internal: {e}")))?;
         let ints = |v: &[u32]| Array1::from_iter(v.iter().map(|&x| x as i64));
