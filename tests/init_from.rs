@@ -1,7 +1,7 @@
-//! `--init-from`: a tiny torchvision-named ResNet-18 saved by PyTorch
-//! (`tests/fixtures/init/`, made by `tools/reference/make_init_fixture.py`) loads into
-//! `rest`'s ResNet-18 and reproduces PyTorch's eval-mode logits within 1e-4, from the `.pth`
-//! and from safetensors; another class count replaces the head only; wrong shapes and
+//! `--init-from`: a tiny torchvision-named ResNet-18 and ResNet-50 saved by PyTorch
+//! (`tests/fixtures/init/`, made by `tools/reference/make_init_fixture.py`) load into
+//! `rest`'s ResNet-18 and ResNet-50 and reproduce PyTorch's eval-mode logits within 1e-4, from
+//! the `.pth` and from safetensors; another class count replaces the head only; wrong shapes and
 //! tensors are errors naming them; a run trains from the file.
 
 mod common;
@@ -14,7 +14,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/init/resnet18w4.pth")
+    fixture_named("resnet18w4")
+}
+
+/// `tests/fixtures/init/<name>.pth`.
+fn fixture_named(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/init/{name}.pth"))
 }
 
 fn build(kind: ModelKind, width: usize, classes: usize) -> Result<Box<dyn models::Model>> {
@@ -43,7 +48,12 @@ fn inputs() -> Result<Tensor> {
 }
 
 fn torch_logits() -> Vec<Vec<f32>> {
-    let p = fixture().with_file_name("resnet18w4-logits.json");
+    torch_logits_of("resnet18w4")
+}
+
+/// The logits PyTorch computed for fixture `name` (`<name>-logits.json`).
+fn torch_logits_of(name: &str) -> Vec<Vec<f32>> {
+    let p = fixture_named(name).with_file_name(format!("{name}-logits.json"));
     let j = common::read_json(&p);
     j["logits"]
         .as_array()
@@ -60,8 +70,12 @@ fn torch_logits() -> Vec<Vec<f32>> {
 }
 
 fn assert_logits(m: &dyn models::Model) -> Result<()> {
+    assert_logits_of(m, "resnet18w4")
+}
+
+fn assert_logits_of(m: &dyn models::Model, name: &str) -> Result<()> {
     let got = m.forward(&inputs()?, false)?.to_vec2::<f32>()?;
-    let want = torch_logits();
+    let want = torch_logits_of(name);
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         for (a, b) in g.iter().zip(w) {
@@ -91,6 +105,49 @@ fn pytorch_checkpoint_reproduces_its_logits() -> Result<()> {
     let m2 = build(ModelKind::Resnet18, 4, 5)?;
     init_from(m2.as_ref(), &st)?;
     assert_logits(m2.as_ref())?;
+    Ok(())
+}
+
+/// ResNet-50: Bottlenecks `conv1/bn1` (1x1), `conv2/bn2` (3x3, with the stride), `conv3/bn3`
+/// (1x1, expansion 4) and `downsample.0/.1` under torchvision's names, at width 2.
+#[test]
+fn pytorch_resnet50_checkpoint_reproduces_its_logits() -> Result<()> {
+    let file = read_tensors(&fixture_named("resnet50w2"))?;
+    // torchvision's Bottleneck names and shapes (v1.5: the stride on the 3x3 conv).
+    for (name, shape) in [
+        ("layer1.0.conv1.weight", vec![2, 2, 1, 1]),
+        ("layer1.0.conv3.weight", vec![8, 2, 1, 1]),
+        ("layer1.0.bn3.running_var", vec![8]),
+        ("layer1.0.downsample.0.weight", vec![8, 2, 1, 1]),
+        ("layer2.0.conv2.weight", vec![4, 4, 3, 3]),
+        ("layer3.5.bn3.weight", vec![32]),
+        ("layer4.2.conv3.weight", vec![64, 16, 1, 1]),
+        ("fc.weight", vec![5, 64]),
+    ] {
+        assert_eq!(
+            file.get(name).map(|t| t.dims().to_vec()),
+            Some(shape),
+            "{name}"
+        );
+    }
+    let m = build(ModelKind::Resnet50, 2, 5)?;
+    let fresh = m.forward(&inputs()?, false)?.to_vec2::<f32>()?;
+    let want = torch_logits_of("resnet50w2");
+    assert!(
+        fresh[0]
+            .iter()
+            .zip(&want[0])
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "a fresh model must not give the file's logits"
+    );
+    let r = init_from(m.as_ref(), &fixture_named("resnet50w2"))?;
+    assert_eq!(r.loaded, m.params().len() + m.buffers()?.len());
+    assert_eq!(r.head_replaced, None);
+    assert_logits_of(m.as_ref(), "resnet50w2")?;
+    // The ResNet-18 file is no ResNet-50: the first Bottleneck conv (1x1, not 3x3) is named.
+    let m = build(ModelKind::Resnet50, 4, 5)?;
+    let e = init_from(m.as_ref(), &fixture()).unwrap_err().to_string();
+    assert!(e.contains("`layer1.0.conv1.weight`"), "{e}");
     Ok(())
 }
 

@@ -1,11 +1,15 @@
-"""Writes the `--init-from` test fixture: a tiny ResNet-18 (BasicBlocks [2, 2, 2, 2], width 4,
-ImageNet stem, 5 classes) with torchvision's parameter names, saved by PyTorch as a state dict
-(`tests/fixtures/init/resnet18w4.pth`), and its eval-mode logits on two fixed 3x32x32 inputs
-(`tests/fixtures/init/resnet18w4-logits.json`), which `rest` must reproduce within 1e-4.
+"""Writes the `--init-from` test fixtures: tiny ResNets with torchvision's parameter names,
+ImageNet stem and 5 classes, saved by PyTorch as state dicts, with their eval-mode logits on two
+fixed 3x32x32 inputs, which `rest` must reproduce within 1e-4:
+
+- `tests/fixtures/init/resnet18w4.pth` (+ `-logits.json`): BasicBlocks [2, 2, 2, 2], width 4;
+- `tests/fixtures/init/resnet50w2.pth` (+ `-logits.json`): Bottlenecks [3, 4, 6, 3]
+  (1x1, 3x3 with the stride, 1x1 with expansion 4: torchvision's v1.5), width 2.
 
 The module tree mirrors torchvision.models.resnet (conv1, bn1, layer1..layer4 of blocks with
-conv1/bn1/conv2/bn2 and downsample.0/.1, fc) so that the state dict's names are torchvision's;
-torchvision itself fixes the width at 64, which would make the fixture 45 MB.
+conv1/bn1/conv2/bn2 (/conv3/bn3 in Bottlenecks) and downsample.0/.1, fc) so that the state
+dict's names are torchvision's; torchvision itself fixes the width at 64, which would make the
+fixtures 45 and 100 MB.
 
 Run: python tools/reference/make_init_fixture.py   (PyTorch 2.x, CPU)
 """
@@ -37,8 +41,38 @@ class BasicBlock(nn.Module):
         return self.relu(out + idt)
 
 
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 1, 1, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, 1, 0, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        idt = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + idt)
+
+
+BasicBlock.expansion = 1
+
+
 class ResNet(nn.Module):
-    def __init__(self, blocks=(2, 2, 2, 2), width=4, classes=5):
+    def __init__(self, blocks=(2, 2, 2, 2), width=4, classes=5, block=BasicBlock):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -49,8 +83,8 @@ class ResNet(nn.Module):
             planes = width << i
             layer = []
             for b in range(n):
-                layer.append(BasicBlock(cin, planes, 2 if i > 0 and b == 0 else 1))
-                cin = planes
+                layer.append(block(cin, planes, 2 if i > 0 and b == 0 else 1))
+                cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, classes)
@@ -73,9 +107,9 @@ def inputs(n=2, c=3, h=32, w=32):
     return x
 
 
-def main():
-    torch.manual_seed(0)
-    model = ResNet()
+def write(name, model, kind, width):
+    """Randomises `model`'s BatchNorms (continuing torch's seeded draws), saves its state dict as `<name>.pth` and its
+    eval-mode logits as `<name>-logits.json`."""
     # Non-trivial BatchNorm statistics and affine parameters, so that eval mode matters.
     with torch.no_grad():
         for m in model.modules():
@@ -89,12 +123,12 @@ def main():
         logits = model(inputs())
     out = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "init")
     os.makedirs(out, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(out, "resnet18w4.pth"))
-    with open(os.path.join(out, "resnet18w4-logits.json"), "w") as f:
+    torch.save(model.state_dict(), os.path.join(out, f"{name}.pth"))
+    with open(os.path.join(out, f"{name}-logits.json"), "w") as f:
         json.dump(
             {
-                "model": "resnet18",
-                "width": 4,
+                "model": kind,
+                "width": width,
                 "stem": "imagenet",
                 "classes": 5,
                 "input": [2, 3, 32, 32],
@@ -106,6 +140,16 @@ def main():
             indent=1,
         )
         f.write("\n")
+
+
+def main():
+    # The ResNet-18's draws are those of the first version of this script (seed 0, the
+    # weights, then the BatchNorms), so its fixture keeps its values.
+    torch.manual_seed(0)
+    write("resnet18w4", ResNet(), "resnet18", 4)
+    torch.manual_seed(1)
+    r50 = ResNet(blocks=(3, 4, 6, 3), width=2, block=Bottleneck)
+    write("resnet50w2", r50, "resnet50", 2)
 
 
 if __name__ == "__main__":
