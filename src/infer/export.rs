@@ -20,6 +20,11 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The most input channels and classes an export may claim (its model is built from them
+/// before its tensors are read).
+const MAX_CHANNELS: usize = 64;
+const MAX_CLASSES: usize = 100_000;
+
 /// The `format` metadata value of a sparse export.
 pub const FORMAT: &str = "rest-sparse-export";
 
@@ -171,14 +176,28 @@ pub(crate) fn read_meta(
     let [c, h, w] = dims[..] else {
         bail!("the `input` entry must be C,H,W");
     };
+    let side = 1..=crate::data::MAX_IMAGE_SIZE;
+    if !(1..=MAX_CHANNELS).contains(&c) || !side.contains(&h) || !side.contains(&w) {
+        bail!(
+            "the `input` entry {c},{h},{w} is not an image shape rest trains on (1 to \
+             {MAX_CHANNELS} channels, sides of 1 to {} pixels)",
+            crate::data::MAX_IMAGE_SIZE
+        );
+    }
     let classes = get("classes")?
         .parse::<usize>()
         .context("the `classes` entry")?;
+    if !(2..=MAX_CLASSES).contains(&classes) {
+        bail!("the `classes` entry {classes} is not a class count rest trains on (2 to {MAX_CLASSES})");
+    }
+    cfg.model.validate().context("the `config` entry's model")?;
     Ok((cfg, (c, h, w), classes))
 }
 
-/// Decodes an export into dense values and masks.
-pub(crate) fn decode(f: &StFile) -> Result<Weights> {
+/// Decodes an export into dense values and masks. `shapes` holds the shape of every weight
+/// of the model the export is for: a CSR weight must have one of them, so that no dense
+/// buffer is allocated for a shape only the file claims.
+pub(crate) fn decode(f: &StFile, shapes: &BTreeMap<String, Vec<usize>>) -> Result<Weights> {
     let mut w = Weights {
         values: BTreeMap::new(),
         masks: BTreeMap::new(),
@@ -211,6 +230,16 @@ pub(crate) fn decode(f: &StFile) -> Result<Weights> {
             bail!("the CSR tensors of {base} have unexpected dtypes");
         }
         let shape: Vec<usize> = shape_t.to_u32().iter().map(|&d| d as usize).collect();
+        match shapes.get(base) {
+            Some(want) if *want == shape => {}
+            Some(want) => bail!(
+                "the CSR weight {base} has shape {shape:?}, the model's is {want:?}: was it \
+                 written for another model than its `config` entry says?"
+            ),
+            None => {
+                bail!("the CSR weight {base} is not a weight of the model of the `config` entry")
+            }
+        }
         let n: usize = shape.iter().product();
         let rows = shape.first().copied().unwrap_or(0);
         let cols = n / rows.max(1);

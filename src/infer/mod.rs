@@ -139,12 +139,23 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
     let file = StFile::read(path).context("--checkpoint")?;
     let shown = path.display();
     let exported = file.metadata.get("format").map(String::as_str) == Some(export::FORMAT);
-    let (config, input, classes, weights) = if exported {
+    if exported {
         let (cfg, input, classes) = export::read_meta(&file.metadata)
             .with_context(|| format!("{shown}: bad metadata in the sparse export"))?;
-        let w = export::decode(&file).with_context(|| format!("{shown}: bad sparse export"))?;
-        (cfg, input, classes, w)
-    } else {
+        let model = new_model(&cfg, input, classes)
+            .with_context(|| format!("cannot load {shown} (--checkpoint)"))?;
+        // The model's shapes bound the dense weights the CSR tensors decode to.
+        let shapes: BTreeMap<String, Vec<usize>> = model
+            .params()
+            .into_iter()
+            .map(|p| (p.name, p.var.dims().to_vec()))
+            .collect();
+        let w = export::decode(&file, &shapes)
+            .with_context(|| format!("{shown}: bad sparse export"))?;
+        return fill_model(model, cfg, input, classes, &w, exported, path)
+            .with_context(|| format!("cannot load {shown} (--checkpoint)"));
+    }
+    let (config, input, classes, weights) = {
         let cfg_path = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -161,8 +172,20 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let (input, classes) = data_shape(&cfg, run_dir)?;
         (cfg, input, classes, dense_weights(&file)?)
     };
-    build_model(config, input, classes, &weights, exported, path)
+    let model = new_model(&config, input, classes)
+        .with_context(|| format!("cannot load {shown} (--checkpoint)"))?;
+    fill_model(model, config, input, classes, &weights, exported, path)
         .with_context(|| format!("cannot load {shown} (--checkpoint)"))
+}
+
+/// A fresh model of `config` for `input` images and `classes` classes (on the CPU).
+fn new_model(
+    config: &TrainConfig,
+    input: (usize, usize, usize),
+    classes: usize,
+) -> Result<Box<dyn Model>> {
+    let mut rng = crate::util::rng(config.optim.seed, 1);
+    models::build(config.model, input, classes, &mut rng, &Device::Cpu)
 }
 
 /// Decodes a `best.safetensors`: `f32` parameters and buffers, `mask.<weight>` u8 masks.
@@ -184,8 +207,9 @@ fn dense_weights(file: &StFile) -> Result<Weights> {
     Ok(w)
 }
 
-/// Rebuilds the model of `cfg` and puts the decoded weights, buffers and masks into it.
-pub(crate) fn build_model(
+/// Puts the decoded weights, buffers and masks into `model`, the fresh model of `config`.
+fn fill_model(
+    model: Box<dyn Model>,
     config: TrainConfig,
     input: (usize, usize, usize),
     classes: usize,
@@ -194,8 +218,6 @@ pub(crate) fn build_model(
     path: &Path,
 ) -> Result<LoadedModel> {
     let dev = Device::Cpu;
-    let mut rng = crate::util::rng(config.optim.seed, 1);
-    let model = models::build(config.model, input, classes, &mut rng, &dev)?;
     let kind = config.model.kind.as_str();
     let get = |name: &str, dims: &[usize]| -> Result<Tensor> {
         let (shape, v) = w.values.get(name).with_context(|| {

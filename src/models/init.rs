@@ -1,5 +1,5 @@
 //! Initial weights from a file (`--init-from`): a PyTorch state dict (`.pth`/`.pt`/`.bin`,
-//! read with candle's pickle reader; also under a `state_dict` or `model` key, and with
+//! checked by [`super::pth`] and read with candle's pickle reader; also under a `state_dict` or `model` key, and with
 //! DataParallel's `module.` prefix) or safetensors, with torchvision's parameter and buffer
 //! names (`conv1.weight`, `bn1.running_mean`, `layer1.0.conv1.weight`, ..., `fc.weight`), which
 //! are the names `rest`'s models use. Every tensor is checked by name and shape; the classifier
@@ -45,17 +45,17 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
             .collect()
     } else {
         let mut found = Vec::new();
+        let shown = format!("--init-from {}", path.display());
         for key in [None, Some("state_dict"), Some("model")] {
-            let r = candle_core::pickle::read_all_with_key(path, key);
+            let r = super::pth::read_pth(path, key, &shown);
             match (r, key) {
                 (Ok(v), _) if !v.is_empty() => {
                     found = v;
                     break;
                 }
                 (Err(e), None) => bail!(
-                    "--init-from {}: not a PyTorch checkpoint that can be read ({e}); save the \
-                     model's state_dict with torch.save, or convert it to .safetensors",
-                    path.display()
+                    "{e:#} (not a PyTorch checkpoint that can be read; save the model's \
+                     state_dict with torch.save, or convert it to .safetensors)"
                 ),
                 _ => {}
             }

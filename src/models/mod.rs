@@ -8,6 +8,7 @@
 pub mod cnn;
 pub mod init;
 pub mod mlp;
+pub mod pth;
 pub mod resnet;
 
 use crate::data::transform::BatchLayout;
@@ -142,6 +143,10 @@ pub trait Model: Send + Sync {
     }
 }
 
+/// The widest ResNet `--width` (16 times torchvision's 64): beyond it a model is a claim of a
+/// corrupt file rather than one anybody trains.
+pub const MAX_WIDTH: usize = 1024;
+
 /// The model section of a run's options, and what `build` constructs: the architecture
 /// and, for ResNets, its width and stem (ignored by the other models). A bare `ModelKind`
 /// converts with the ResNet defaults (width 64, ImageNet stem).
@@ -172,8 +177,11 @@ impl Default for ModelSpec {
 impl ModelSpec {
     /// Checks the values; the error names the flag.
     pub fn validate(&self) -> Result<()> {
-        if self.width < 1 {
-            bail!("--width must be at least 1 (64 = torchvision's ResNet)");
+        if !(1..=MAX_WIDTH).contains(&self.width) {
+            bail!(
+                "--width must be between 1 and {MAX_WIDTH} (64 = torchvision's ResNet), got {}",
+                self.width
+            );
         }
         Ok(())
     }
