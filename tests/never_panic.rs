@@ -618,3 +618,19 @@ fn pytorch_pickle_string_claims() -> Result<()> {
         .unwrap_or_else(|e| panic!("{e}"));
     Ok(())
 }
+
+/// Deeply nested TOML arrays and inline tables are an error or a value, not a stack overflow.
+#[test]
+fn deeply_nested_toml() {
+    for open in ["[", "{a="] {
+        let text = format!("epochs = {}", open.repeat(20_000));
+        let r = check("nested TOML", text.len(), || {
+            rest::train::TrainConfig::from_toml_str(&text).map(drop)
+        });
+        assert!(!r);
+        let r = check("nested sweep TOML", text.len(), || {
+            rest::sweep::SweepSpec::parse(&text, Path::new("s.toml")).map(drop)
+        });
+        assert!(!r);
+    }
+}
