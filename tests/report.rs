@@ -251,6 +251,9 @@ fn collection_report_has_csv_tables_and_plots() {
         "{wall}"
     );
     assert!(md.contains("11 runs: 2 configurations x 3 seeds, 2 conflicting ratios."));
+    // DFA runs: no weighted accuracy, so no such table or column.
+    assert!(!md.contains("Weighted"), "{md}");
+    assert!(!header.iter().any(|h| h.contains("weighted")));
     assert!(md.contains("](acc_vs_density.png)"));
     assert!(md.contains("](acc_vs_flops.png)"));
 
@@ -446,4 +449,83 @@ fn statistics_and_ticks() {
     assert_eq!(tick_label(1.0), "1");
     assert_eq!(tick_label(82.5), "82.5");
     assert_eq!(tick_label(2.303), "2.303");
+}
+
+/// Runs on table datasets: summary.json's `weighted_accuracy` and all-group `worst_group`
+/// give a weighted-accuracy table and results.csv columns, beside a DFA run without them; the
+/// end-of-run table gains a `weighted` column only for them.
+#[test]
+fn table_dataset_runs_get_weighted_and_worst_group_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // Weighted accuracy 0.70 / 0.74 (seeds 1, 2) at density 1, 0.80 at 0.1; worst group
+    // (over all groups) 0.40 / 0.44 and 0.50; a DFA run at density 0.5 has neither.
+    for (d, seed, weighted, worst) in [
+        (1.0, 1, 0.70, 0.40),
+        (1.0, 2, 0.74, 0.44),
+        (0.1, 1, 0.80, 0.50),
+    ] {
+        let dir = root.join(format!("table-d{d}-s{seed}"));
+        fake_run(&dir, 5.0, d, seed, 0.9, 0.6, 1.0);
+        let p = dir.join("summary.json");
+        let mut s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        for split in ["valid", "test"] {
+            s[split]["weighted_accuracy"] = json!(weighted);
+            s[split]["worst_group"] = json!(worst);
+            s[split]["groups"] = json!([
+                {"label": 0, "attribute": 0, "n": 90, "accuracy": 0.95, "minority": false},
+                {"label": 0, "attribute": 1, "n": 10, "accuracy": worst, "minority": true}
+            ]);
+        }
+        std::fs::write(&p, serde_json::to_string(&s).unwrap()).unwrap();
+    }
+    fake_run(&root.join("dfa"), 5.0, 0.5, 1, 0.9, 0.6, 1.0);
+    write_report(root).unwrap();
+    let md = std::fs::read_to_string(root.join("report.md")).unwrap();
+    let start = md
+        .find("## Weighted test accuracy (%)")
+        .expect("weighted table");
+    let table = &md[start..];
+    let table = &table[..table[3..].find("\n## ").unwrap() + 3];
+    assert!(table.contains("training group proportions"), "{table}");
+    assert!(table.contains("| upweight | 1 | 72.00 ± 2.83 |"), "{table}");
+    assert!(table.contains("| upweight | 0.5 | – |"), "{table}");
+    assert!(table.contains("| upweight | 0.1 | **80.00** (n=1) |"), "{table}");
+    let start = md.find("## Worst-group test accuracy").unwrap();
+    let worst = &md[start..];
+    assert!(worst.contains("| upweight | 1 | 42.00 ± 2.83 |"), "{worst}");
+    assert!(worst.contains("| upweight | 0.5 | **60.00** (n=1) |"), "{worst}");
+    assert!(md.contains("lowest over all groups present"), "{md}");
+    // results.csv: the weighted columns, empty for the DFA run.
+    let (header, rows) = csv_rows(&std::fs::read_to_string(root.join("results.csv")).unwrap());
+    let col = header
+        .iter()
+        .position(|h| h == "test_weighted_accuracy")
+        .expect("column");
+    assert!(header.iter().any(|h| h == "valid_weighted_accuracy"));
+    let dfa = rows.iter().find(|r| r[0] == "dfa").unwrap();
+    assert_eq!(dfa[col], "");
+    let t = rows.iter().find(|r| r[0] == "table-d0.1-s1").unwrap();
+    assert_eq!(t[col], "0.8");
+
+    // The end-of-run table: a weighted column for table data only.
+    let read = |dir: &str, split: &str| -> rest::train::metrics::GroupMetrics {
+        let p = root.join(dir).join("summary.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        serde_json::from_value(v[split].clone()).unwrap()
+    };
+    let (v, te) = (
+        read("table-d0.1-s1", "valid"),
+        read("table-d0.1-s1", "test"),
+    );
+    let t = rest::report::metrics_table(&[("valid", &v), ("test", &te)]);
+    let lines: Vec<&str> = t.lines().collect();
+    assert!(lines[0].contains("| weighted |"), "{t}");
+    assert!(lines[3].contains("|    80.00 |"), "{t}");
+    assert!(lines[3].contains("|  50.00 |"), "{t}");
+    let t = rest::report::metrics_table(&[("test", &read("dfa", "test"))]);
+    assert!(!t.contains("weighted"), "{t}");
+    assert_eq!(t.lines().next().unwrap().matches('|').count(), 8);
 }

@@ -51,6 +51,13 @@ pub const METRICS: &[(&str, &str)] = &[
     ("itop_rate", "/itop_rate"),
 ];
 
+/// Metrics only some runs have (table datasets' weighted accuracy): read like [`METRICS`],
+/// but a column of `results.csv` and a table of `report.md` only when a run has them.
+pub const OPTIONAL_METRICS: &[(&str, &str)] = &[
+    ("test_weighted_accuracy", "/test/weighted_accuracy"),
+    ("valid_weighted_accuracy", "/valid/weighted_accuracy"),
+];
+
 /// One finished run: its directory, its config keys (as text) and its metrics.
 #[derive(Debug, Clone)]
 pub struct Run {
@@ -203,6 +210,7 @@ pub fn read_run(root: &Path, summary_path: &Path) -> Result<Run> {
         .or_insert_with(|| "paired".into());
     let metrics = METRICS
         .iter()
+        .chain(OPTIONAL_METRICS)
         .map(|(name, ptr)| (*name, summary.pointer(ptr).and_then(|v| v.as_f64())))
         .collect();
     let rel = dir.strip_prefix(root).unwrap_or(dir);
@@ -307,14 +315,35 @@ impl Collection {
     }
 
     /// `results.csv`: `run` (directory), every config key, every metric.
+    /// Whether any run has metric `name`.
+    pub fn has_metric(&self, name: &str) -> bool {
+        self.runs.iter().any(|r| r.metric(name).is_some())
+    }
+
+    /// The metric columns of `results.csv`: [`METRICS`], then the [`OPTIONAL_METRICS`] some
+    /// run has.
+    pub fn metric_names(&self) -> Vec<&'static str> {
+        METRICS
+            .iter()
+            .map(|(m, _)| *m)
+            .chain(
+                OPTIONAL_METRICS
+                    .iter()
+                    .map(|(m, _)| *m)
+                    .filter(|m| self.has_metric(m)),
+            )
+            .collect()
+    }
+
     pub fn results_csv(&self) -> String {
         let keys = self.keys();
+        let metrics = self.metric_names();
         let mut s = String::from("run");
         for k in &keys {
             s.push(',');
             s.push_str(&csv_field(k));
         }
-        for (m, _) in METRICS {
+        for m in &metrics {
             s.push(',');
             s.push_str(m);
         }
@@ -327,7 +356,7 @@ impl Collection {
                     r.config.get(k).map(String::as_str).unwrap_or(""),
                 ));
             }
-            for (m, _) in METRICS {
+            for m in &metrics {
                 s.push(',');
                 if let Some(v) = r.metric(m) {
                     let _ = write!(s, "{v}");

@@ -144,7 +144,20 @@ pub fn report_markdown(c: &collect::Collection, g: &tables::Grid) -> String {
          (highest accuracy, lowest cost). Test metrics are of the epoch selected on validation.\n",
         g.seeds
     );
+    if c.has_metric("test_weighted_accuracy") {
+        let _ = writeln!(
+            s,
+            "Runs on table datasets (a metadata CSV) have (label, attribute) groups: their \
+             worst-group accuracy is the lowest over all groups present, their weighted accuracy \
+             the mean of the group accuracies weighted by each group's share of the training \
+             split. Runs on DFA data have neither table's groups: their worst group is the lower \
+             of aligned and conflicting, and no weighted accuracy.\n"
+        );
+    }
     for spec in tables::TABLES {
+        if spec.optional && !c.has_metric(spec.metric) {
+            continue;
+        }
         let _ = writeln!(s, "## {}\n", spec.title);
         let _ = writeln!(s, "{}", tables::markdown_table(g, spec));
     }
@@ -199,23 +212,34 @@ fn pct(x: Option<f64>) -> String {
         .unwrap_or_else(|| "     -".into())
 }
 
-/// The group-metrics table (accuracies in %, then the mean loss) for named splits.
+/// The group-metrics table (accuracies in %, then the mean loss) for named splits; a
+/// `weighted` column (the accuracy weighted by the training group proportions) when a split
+/// has one (table datasets).
 pub fn metrics_table(rows: &[(&str, &GroupMetrics)]) -> String {
-    let mut t = String::from(
-        "| split |  acc % | align. | confl. | worst  | unbiased |  loss  |\n\
-         |-------|--------|--------|--------|--------|----------|--------|",
-    );
+    let weighted = rows.iter().any(|(_, m)| m.weighted_accuracy.is_some());
+    let mut t = String::from("| split |  acc % | align. | confl. | worst  | unbiased |");
+    if weighted {
+        t.push_str(" weighted |");
+    }
+    t.push_str("  loss  |\n|-------|--------|--------|--------|--------|----------|");
+    if weighted {
+        t.push_str("----------|");
+    }
+    t.push_str("--------|");
     for (name, m) in rows {
         let _ = write!(
             t,
-            "\n| {name:<5} | {} | {} | {} | {} |   {} | {:.4} |",
+            "\n| {name:<5} | {} | {} | {} | {} |   {} |",
             pct(Some(m.accuracy)),
             pct(m.aligned),
             pct(m.conflicting),
             pct(Some(m.worst_group)),
             pct(Some(m.unbiased)),
-            m.loss
         );
+        if weighted {
+            let _ = write!(t, "   {} |", pct(m.weighted_accuracy));
+        }
+        let _ = write!(t, " {:.4} |", m.loss);
     }
     t
 }

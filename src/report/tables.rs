@@ -151,6 +151,8 @@ pub struct TableSpec {
     pub scale: f64,
     pub decimals: usize,
     pub better: Better,
+    /// Shown only when a run has the metric (table datasets' metrics).
+    pub optional: bool,
 }
 
 /// The tables of `report.md`, in order.
@@ -161,6 +163,7 @@ pub const TABLES: &[TableSpec] = &[
         scale: 100.0,
         decimals: 2,
         better: Better::Higher,
+        optional: false,
     },
     TableSpec {
         title: "Bias-conflicting test accuracy (%)",
@@ -168,6 +171,7 @@ pub const TABLES: &[TableSpec] = &[
         scale: 100.0,
         decimals: 2,
         better: Better::Higher,
+        optional: false,
     },
     TableSpec {
         title: "Worst-group test accuracy (%)",
@@ -175,6 +179,15 @@ pub const TABLES: &[TableSpec] = &[
         scale: 100.0,
         decimals: 2,
         better: Better::Higher,
+        optional: false,
+    },
+    TableSpec {
+        title: "Weighted test accuracy (%): group accuracies weighted by the training group proportions",
+        metric: "test_weighted_accuracy",
+        scale: 100.0,
+        decimals: 2,
+        better: Better::Higher,
+        optional: true,
     },
     TableSpec {
         title: "Training FLOPs (fraction of dense training)",
@@ -182,6 +195,7 @@ pub const TABLES: &[TableSpec] = &[
         scale: 1.0,
         decimals: 4,
         better: Better::Lower,
+        optional: false,
     },
     TableSpec {
         title: "Inference FLOPs (fraction of the dense net)",
@@ -189,6 +203,7 @@ pub const TABLES: &[TableSpec] = &[
         scale: 1.0,
         decimals: 4,
         better: Better::Lower,
+        optional: false,
     },
     TableSpec {
         title: "Wall time (s)",
@@ -196,6 +211,7 @@ pub const TABLES: &[TableSpec] = &[
         scale: 1.0,
         decimals: 1,
         better: Better::Lower,
+        optional: false,
     },
 ];
 
