@@ -491,11 +491,17 @@ fn table_dataset_runs_get_weighted_and_worst_group_accuracy() {
     assert!(table.contains("training group proportions"), "{table}");
     assert!(table.contains("| upweight | 1 | 72.00 ± 2.83 |"), "{table}");
     assert!(table.contains("| upweight | 0.5 | – |"), "{table}");
-    assert!(table.contains("| upweight | 0.1 | **80.00** (n=1) |"), "{table}");
+    assert!(
+        table.contains("| upweight | 0.1 | **80.00** (n=1) |"),
+        "{table}"
+    );
     let start = md.find("## Worst-group test accuracy").unwrap();
     let worst = &md[start..];
     assert!(worst.contains("| upweight | 1 | 42.00 ± 2.83 |"), "{worst}");
-    assert!(worst.contains("| upweight | 0.5 | **60.00** (n=1) |"), "{worst}");
+    assert!(
+        worst.contains("| upweight | 0.5 | **60.00** (n=1) |"),
+        "{worst}"
+    );
     assert!(md.contains("lowest over all groups present"), "{md}");
     // results.csv: the weighted columns, empty for the DFA run.
     let (header, rows) = csv_rows(&std::fs::read_to_string(root.join("results.csv")).unwrap());

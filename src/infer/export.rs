@@ -276,6 +276,34 @@ pub(crate) fn decode(f: &StFile, shapes: &BTreeMap<String, Vec<usize>>) -> Resul
 mod tests {
     use super::*;
 
+    /// An export's metadata claims the model that is built before its tensors are read:
+    /// image shapes, class counts and widths beyond what rest trains are errors.
+    #[test]
+    fn metadata_claims_are_bounded() -> Result<()> {
+        let meta = |input: &str, classes: &str, width: usize| -> BTreeMap<String, String> {
+            let mut cfg = TrainConfig::default();
+            cfg.model.width = width;
+            BTreeMap::from([
+                ("format_version".to_string(), "1".to_string()),
+                ("config".to_string(), toml::to_string(&cfg).expect("toml")),
+                ("input".to_string(), input.to_string()),
+                ("classes".to_string(), classes.to_string()),
+            ])
+        };
+        let (_, input, classes) = read_meta(&meta("3,28,28", "10", 64))?;
+        assert_eq!((input, classes), ((3, 28, 28), 10));
+        for (input, classes, width, needle) in [
+            ("3,28,100000", "10", 64, "`input` entry"),
+            ("0,28,28", "10", 64, "`input` entry"),
+            ("3,28,28", "4000000000", 64, "`classes` entry"),
+            ("3,28,28", "10", 100_000, "--width"),
+        ] {
+            let e = format!("{:#}", read_meta(&meta(input, classes, width)).unwrap_err());
+            assert!(e.contains(needle), "{e}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn csr_keeps_the_mask_pattern_including_zero_values() {
         // 2 x 3 weight; mask keeps (0,1), (1,0), (1,2); the value at (1,2) is 0.
