@@ -253,7 +253,9 @@ fn collection_report_has_csv_tables_and_plots() {
     assert!(md.contains("11 runs: 2 configurations x 3 seeds, 2 conflicting ratios."));
     // DFA runs: no weighted accuracy, so no such table or column.
     assert!(!md.contains("Weighted"), "{md}");
-    assert!(!header.iter().any(|h| h.contains("weighted")));
+    assert!(!header
+        .iter()
+        .any(|h| h.contains("weighted") || h.starts_with("test_group_")));
     assert!(md.contains("](acc_vs_density.png)"));
     assert!(md.contains("](acc_vs_flops.png)"));
 
@@ -451,8 +453,8 @@ fn statistics_and_ticks() {
     assert_eq!(tick_label(2.303), "2.303");
 }
 
-/// Runs on table datasets: summary.json's `weighted_accuracy` and all-group `worst_group`
-/// give a weighted-accuracy table and results.csv columns, beside a DFA run without them; the
+/// Runs on table datasets: summary.json's `weighted_accuracy`, all-group `worst_group` and
+/// per-group accuracies give a weighted-accuracy table and results.csv columns, beside a DFA run without them; the
 /// end-of-run table gains a `weighted` column only for them.
 #[test]
 fn table_dataset_runs_get_weighted_and_worst_group_accuracy() {
@@ -514,6 +516,15 @@ fn table_dataset_runs_get_weighted_and_worst_group_accuracy() {
     assert_eq!(dfa[col], "");
     let t = rows.iter().find(|r| r[0] == "table-d0.1-s1").unwrap();
     assert_eq!(t[col], "0.8");
+    // Per-group test accuracies, in (label, attribute) order after the metrics.
+    let g0 = header
+        .iter()
+        .position(|h| h == "test_group_0_0")
+        .expect("group column");
+    assert_eq!(header[g0 + 1], "test_group_0_1");
+    assert_eq!(header.len(), g0 + 2);
+    assert_eq!((t[g0].as_str(), t[g0 + 1].as_str()), ("0.95", "0.5"));
+    assert_eq!((dfa[g0].as_str(), dfa[g0 + 1].as_str()), ("", ""));
 
     // The end-of-run table: a weighted column for table data only.
     let read = |dir: &str, split: &str| -> rest::train::metrics::GroupMetrics {

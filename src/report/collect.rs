@@ -69,6 +69,9 @@ pub struct Run {
     /// Metrics by the names of [`METRICS`]; `None` where the summary has none (e.g. no
     /// conflicting samples).
     pub metrics: BTreeMap<&'static str, Option<f64>>,
+    /// Table datasets: each (label, attribute) group's test accuracy (`summary.json`
+    /// `test.groups`), keyed `test_group_<label>_<attribute>`; empty for DFA runs.
+    pub group_accuracies: BTreeMap<String, f64>,
 }
 
 impl Run {
@@ -219,10 +222,21 @@ pub fn read_run(root: &Path, summary_path: &Path) -> Result<Run> {
     } else {
         rel.to_path_buf()
     };
+    let group_accuracies = summary
+        .pointer("/test/groups")
+        .and_then(|g| g.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|g| {
+            let (l, a) = (g.get("label")?.as_u64()?, g.get("attribute")?.as_u64()?);
+            Some((format!("test_group_{l}_{a}"), g.get("accuracy")?.as_f64()?))
+        })
+        .collect();
     Ok(Run {
         dir: rel,
         config,
         metrics,
+        group_accuracies,
     })
 }
 
@@ -335,9 +349,27 @@ impl Collection {
             .collect()
     }
 
+    /// The per-group accuracy columns of `results.csv`: every group any run has, in (label,
+    /// attribute) order.
+    pub fn group_columns(&self) -> Vec<String> {
+        let mut cols: Vec<(u64, u64, &String)> = self
+            .runs
+            .iter()
+            .flat_map(|r| r.group_accuracies.keys())
+            .filter_map(|k| {
+                let (l, a) = k.strip_prefix("test_group_")?.split_once('_')?;
+                Some((l.parse().ok()?, a.parse().ok()?, k))
+            })
+            .collect();
+        cols.sort();
+        cols.dedup();
+        cols.into_iter().map(|(_, _, k)| k.clone()).collect()
+    }
+
     pub fn results_csv(&self) -> String {
         let keys = self.keys();
         let metrics = self.metric_names();
+        let groups = self.group_columns();
         let mut s = String::from("run");
         for k in &keys {
             s.push(',');
@@ -346,6 +378,10 @@ impl Collection {
         for m in &metrics {
             s.push(',');
             s.push_str(m);
+        }
+        for g in &groups {
+            s.push(',');
+            s.push_str(g);
         }
         s.push('\n');
         for r in &self.runs {
@@ -359,6 +395,12 @@ impl Collection {
             for m in &metrics {
                 s.push(',');
                 if let Some(v) = r.metric(m) {
+                    let _ = write!(s, "{v}");
+                }
+            }
+            for g in &groups {
+                s.push(',');
+                if let Some(v) = r.group_accuracies.get(g) {
                     let _ = write!(s, "{v}");
                 }
             }
