@@ -7,7 +7,8 @@
 //! config and sweep TOML. Each input gives a value or an error; a panic fails the property.
 //!
 //! Allocation: this binary's global allocator records the largest single allocation request
-//! made on the thread that runs a reader; it must stay below [`alloc_bound`] of the input's
+//! made on the thread that runs a reader (these readers do their work on the calling thread);
+//! it must stay below [`alloc_bound`] of the input's
 //! length, also for headers that claim 2^31 images or tensors of 2^40 elements. Hangs: every
 //! call must return within [`SLOW`]. The properties run a fixed number of cases from a fixed
 //! seed, without persistence files, so the test is deterministic.
