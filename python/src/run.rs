@@ -63,6 +63,14 @@ fn config_of(dataset: &Dataset, options: Option<&Bound<'_, PyDict>>) -> PyResult
                      to rest.train"
                 )));
             }
+            let arrays = matches!(dataset.source, Source::Arrays { .. });
+            if arrays && (key == "minority_share" || key == "minority_groups") {
+                return Err(value(format!(
+                    "option `{key}` chooses the minority groups of arrays when they are made: \
+                     give it to rest.Dataset.from_arrays(..., {key}=...) with `attributes` in \
+                     the splits, not to rest.train"
+                )));
+            }
             if let Some(v) = toml_value(&key, &v)? {
                 table.insert(key, v);
             }
