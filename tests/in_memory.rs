@@ -142,7 +142,9 @@ fn the_epoch_hook_sees_each_epochs_rows_and_its_error_stops_the_run() {
         on_epoch: Some(&stop),
         quiet: true,
     };
-    let err = rest::train::train_on_dataset_with_hooks(&cfg, &ds, false, &hooks).unwrap_err();
+    let Err(err) = rest::train::train_on_dataset_with_hooks(&cfg, &ds, false, &hooks) else {
+        panic!("the hook's error did not stop the run");
+    };
     assert!(format!("{err:#}").contains("stop at 1"), "{err:#}");
     let dir = tmp.path().join("stopped");
     assert!(!dir.join("summary.json").exists());
