@@ -44,7 +44,8 @@ class Dataset:
         """A dataset folder (`rest train --data PATH`): the DFA layout or a metadata table.
 
         `dataset` is the layout (auto, cmnist, cifar10c, bffhq, dfa, subpop, waterbirds,
-        celeba, table); `auto` recognises SubpopBench, Waterbirds and CelebA tables. A missing
+        celeba, table); `auto` recognises SubpopBench, Waterbirds and CelebA tables, whose
+        minority groups `train`'s `minority_share=` / `minority_groups=` choose. A missing
         folder raises FileNotFoundError. The images are read on first use.
         """
     @staticmethod

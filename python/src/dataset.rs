@@ -345,9 +345,12 @@ impl Dataset {
     }
 
     /// A dataset folder (`rest train --data PATH`): the DFA layout, labels and bias attributes
-    /// from the file names. `conflict_pct` picks the `<pct>pct` training folder, `dataset` the
-    /// layout (auto, cmnist, cifar10c, bffhq, dfa), `image_size` resizes on load; `skip_bad`
-    /// and `cache_dir` as the CLI's `--skip-bad` and `--cache-dir`. Read on first use.
+    /// from the file names, or a metadata table (SubpopBench `metadata_<name>.csv`, Waterbirds,
+    /// CelebA; groups are its (label, attribute) cells, minority groups by `rest.train`'s
+    /// `minority_share=` / `minority_groups=`). `conflict_pct` picks the `<pct>pct` training
+    /// folder, `dataset` the layout (auto, cmnist, cifar10c, bffhq, dfa, subpop, waterbirds,
+    /// celeba, table), `image_size` resizes on load; `skip_bad` and `cache_dir` as the CLI's
+    /// `--skip-bad` and `--cache-dir`. Read on first use.
     #[staticmethod]
     #[pyo3(signature = (path, *, conflict_pct=None, dataset=None, image_size=None, skip_bad=None, cache_dir=None))]
     fn folder(

@@ -366,8 +366,9 @@ pub fn train(
         raised: Mutex::new(None),
     };
     if progress {
-        // The first loop's bar before its first epoch (JTT's stage 1 comes first).
-        let jtt = cfg.method.kind == rest::train::Method::Jtt;
+        // The first loop's bar before its first epoch (JTT's stage 1 comes first, unless
+        // --error-set gives its error set).
+        let jtt = cfg.method.kind == rest::train::Method::Jtt && cfg.method.error_set.is_none();
         let first = if jtt {
             cfg.method.jtt_epochs
         } else {

@@ -106,6 +106,14 @@ def test_tqdm_auto_bar_when_installed(small_arrays, tmp_path, monkeypatch):
     assert len(bar.postfix) == TRAIN["epochs"] and "worst-group" in bar.postfix[0]
 
 
+def test_real_tqdm_bar(small_arrays, tmp_path, capsys):
+    """With tqdm installed (the CI installs it), its bar counts the epochs on stderr."""
+    pytest.importorskip("tqdm.auto")
+    rest.train(small_arrays, out=tmp_path / "tqdm", **TRAIN)
+    err = capsys.readouterr().err
+    assert "rest train" in err and f"{TRAIN['epochs']}/{TRAIN['epochs']}" in err, err
+
+
 def test_the_gil_is_released_while_training(small_arrays, tmp_path):
     """A Python thread keeps running during the epochs (the GIL is taken back only briefly,
     per epoch)."""
@@ -126,5 +134,6 @@ def test_the_gil_is_released_while_training(small_arrays, tmp_path):
         stop.set()
         t.join()
     during = [x for x in ticks if start <= x <= start + elapsed]
-    # At 10 ms a tick, a thread that ran throughout ticks about 100 times a second.
-    assert len(during) > 0.5 * elapsed / 0.011, (len(during), elapsed)
+    # At 10 ms a tick, a thread that ran throughout ticks about 100 times a second (fewer on
+    # a busy machine); one blocked by a held GIL would tick about once per epoch.
+    assert len(during) > 0.2 * elapsed / 0.011, (len(during), elapsed)
