@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The Python module's CI part (README, "Python"): rustfmt and clippy of python/, then the
-# module built with maturin into a virtual environment (maturin, pytest and numpy from PyPI)
-# and its pytest suite, which also runs the `rest` binary to compare with. Shares the root's
-# target directory, so the `rest` library's release build (from `cargo test --release`) is
-# reused and only PyO3, numpy and the module itself are compiled.
+# module built with maturin into a virtual environment (maturin, pytest, numpy, pandas and
+# tqdm from PyPI; tqdm for the progress bar's test) and its pytest suite, which also runs
+# the `rest` binary to compare with. Shares the root's target directory, so the `rest`
+# library's release build (from `cargo test --release`) is reused and only PyO3, numpy and
+# the module itself are compiled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 venv=${REST_CI_VENV:-$root/.ci-venv}
 export CARGO_TARGET_DIR=$root/target
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q --upgrade maturin pytest numpy pandas
+"$venv/bin/pip" install -q --upgrade maturin pytest numpy pandas tqdm
 export PYO3_PYTHON=$venv/bin/python
 cargo fmt --manifest-path python/Cargo.toml -- --check
 cargo clippy --release --manifest-path python/Cargo.toml --all-targets -- -D warnings

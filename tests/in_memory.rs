@@ -52,13 +52,7 @@ fn stripes(n: usize, seed: u32) -> Split {
 fn arrays_runs_predict_from_the_cli_but_do_not_resume_or_eval() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
-    let ds = GroupDataset {
-        name: "stripes".into(),
-        num_classes: 3,
-        train: stripes(120, 0),
-        valid: stripes(30, 1),
-        test: stripes(30, 2),
-    };
+    let ds = stripes_dataset();
     let mut cfg = tiny_config(&dir);
     cfg.optim.epochs = 1;
     cfg.data.conflict_pct = 10.0;
@@ -91,4 +85,69 @@ fn arrays_runs_predict_from_the_cli_but_do_not_resume_or_eval() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// A 3-class in-memory dataset of stripes (train 120, valid and test 30).
+fn stripes_dataset() -> GroupDataset {
+    GroupDataset {
+        name: "stripes".into(),
+        num_classes: 3,
+        train: stripes(120, 0),
+        valid: stripes(30, 1),
+        test: stripes(30, 2),
+    }
+}
+
+#[test]
+fn the_epoch_hook_sees_each_epochs_rows_and_its_error_stops_the_run() {
+    use rest::train::{EpochReport, Hooks};
+    use std::sync::Mutex;
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = stripes_dataset();
+    let mut cfg = tiny_config(&tmp.path().join("all"));
+    cfg.optim.epochs = 2;
+    cfg.data.conflict_pct = 10.0;
+    cfg.model.kind = rest::models::ModelKind::Mlp;
+    let seen: Mutex<Vec<(usize, usize, String)>> = Mutex::new(Vec::new());
+    let record = |r: &EpochReport| -> anyhow::Result<()> {
+        let csv = rest::train::output::metrics_csv(r.rows);
+        seen.lock().unwrap().push((r.epoch, r.epochs, csv));
+        Ok(())
+    };
+    let hooks = Hooks {
+        on_epoch: Some(&record),
+        quiet: true,
+    };
+    let out = rest::train::train_on_dataset_with_hooks(&cfg, &ds, false, &hooks).unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(
+        seen.iter().map(|(e, n, _)| (*e, *n)).collect::<Vec<_>>(),
+        [(1, 2), (2, 2)]
+    );
+    // Each epoch's rows are the train and valid lines of metrics.csv for that epoch.
+    let file = std::fs::read_to_string(out.run_dir.join("metrics.csv")).unwrap();
+    let lines: Vec<&str> = file.lines().collect();
+    for (e, _, csv) in &seen {
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(rows[0], lines[0]);
+        assert_eq!(&rows[1..], &lines[1 + 2 * (e - 1)..3 + 2 * (e - 1)]);
+    }
+
+    let mut cfg = tiny_config(&tmp.path().join("stopped"));
+    cfg.optim.epochs = 3;
+    cfg.data.conflict_pct = 10.0;
+    cfg.model.kind = rest::models::ModelKind::Mlp;
+    let stop = |r: &EpochReport| -> anyhow::Result<()> { anyhow::bail!("stop at {}", r.epoch) };
+    let hooks = Hooks {
+        on_epoch: Some(&stop),
+        quiet: true,
+    };
+    let Err(err) = rest::train::train_on_dataset_with_hooks(&cfg, &ds, false, &hooks) else {
+        panic!("the hook's error did not stop the run");
+    };
+    assert!(format!("{err:#}").contains("stop at 1"), "{err:#}");
+    let dir = tmp.path().join("stopped");
+    assert!(!dir.join("summary.json").exists());
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
 }

@@ -9,6 +9,8 @@ use numpy::ndarray::{Array1, Array4};
 use numpy::{IntoPyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
+use rest::data::groups::{parse_group_list, GroupInfo, MinorityRule};
+use rest::data::options::DEFAULT_MINORITY_SHARE;
 use rest::data::{GroupDataset, Split};
 use rest::train::TrainConfig;
 use std::path::PathBuf;
@@ -107,26 +109,61 @@ impl Dataset {
     }
 }
 
-/// A split's arrays, checked: `images` uint8 `[N, H, W, C]`, `labels` and `bias` integer
-/// `[N]` with values >= 0.
-fn split_from(py: Python<'_>, name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Split> {
-    let get = |key: &str, index: usize| -> PyResult<Bound<'_, PyAny>> {
-        if let Ok(d) = obj.cast::<PyDict>() {
-            return d.get_item(key)?.ok_or_else(|| {
-                value(format!(
-                    "{name}: missing `{key}` (a split is a dict with `images`, `labels` and \
-                     `bias`)"
-                ))
-            });
+/// What the third array of a split holds: DFA's bias attribute (conflicting = label differs
+/// from it) or a table's attribute (groups are (label, attribute) cells, minority groups by a
+/// rule).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Third {
+    Bias,
+    Attributes,
+}
+
+impl Third {
+    fn key(self) -> &'static str {
+        match self {
+            Third::Bias => "bias",
+            Third::Attributes => "attributes",
         }
-        if let Ok(t) = obj.cast::<PyTuple>() {
-            if t.len() == 3 {
-                return t.get_item(index);
+    }
+}
+
+/// Attributes at or above this are taken for a mistake rather than a value (the table
+/// loader's bound on labels and attributes).
+const MAX_ATTRIBUTE: u32 = 100_000;
+
+/// A split's arrays, checked: `images` uint8 `[N, H, W, C]`, `labels` and `bias` (or
+/// `attributes`) integer `[N]` with values >= 0. The third array is stored in `Split::bias`,
+/// as the table loader stores a table's attribute column.
+fn split_from(py: Python<'_>, name: &str, obj: &Bound<'_, PyAny>) -> PyResult<(Split, Third)> {
+    const SHAPE: &str = "a split is a dict with `images`, `labels` and `bias` or `attributes`";
+    let dict = obj.cast::<PyDict>().ok();
+    let tuple = obj.cast::<PyTuple>().ok().filter(|t| t.len() == 3);
+    let third = match &dict {
+        Some(d) => match (d.contains("bias")?, d.contains("attributes")?) {
+            (true, true) => {
+                return Err(value(format!(
+                    "{name} has both `bias` and `attributes`: give one (`bias`: DFA's rule, \
+                     conflicting = label differs from bias; `attributes`: (label, attribute) \
+                     groups with minority groups chosen by minority_share or minority_groups)"
+                )))
             }
+            (false, true) => Third::Attributes,
+            _ => Third::Bias,
+        },
+        None => Third::Bias,
+    };
+    let get = |key: &str, index: usize| -> PyResult<Bound<'_, PyAny>> {
+        if let Some(d) = &dict {
+            return d
+                .get_item(key)?
+                .ok_or_else(|| value(format!("{name}: missing `{key}` ({SHAPE})")));
+        }
+        if let Some(t) = &tuple {
+            return t.get_item(index);
         }
         Err(value(format!(
-            "{name} must be a dict with `images`, `labels` and `bias` (or a tuple of the \
-             three), got {}",
+            "{name} must be a dict with `images`, `labels` and `bias` or `attributes` (or a \
+             tuple `(images, labels, bias)`), got {}",
             obj.get_type().name()?
         )))
     };
@@ -154,8 +191,20 @@ fn split_from(py: Python<'_>, name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Sp
         }
     };
     let labels = int_vector(py, &get("labels", 1)?, &format!("{name}[\"labels\"]"), n)?;
-    let bias = int_vector(py, &get("bias", 2)?, &format!("{name}[\"bias\"]"), n)?;
-    Split::new(pixels, labels, bias, h, w, c).map_err(|e| value(format!("{name}: {e:#}")))
+    let key = third.key();
+    let what = format!("{name}[\"{key}\"]");
+    let bias = int_vector(py, &get(key, 2)?, &what, n)?;
+    if third == Third::Attributes {
+        if let Some((i, a)) = bias.iter().enumerate().find(|(_, &a)| a >= MAX_ATTRIBUTE) {
+            return Err(value(format!(
+                "{what}[{i}] is {a}: attributes are small integer codes (0..{MAX_ATTRIBUTE}), \
+                 as in a table's attribute column"
+            )));
+        }
+    }
+    let split =
+        Split::new(pixels, labels, bias, h, w, c).map_err(|e| value(format!("{name}: {e:#}")))?;
+    Ok((split, third))
 }
 
 /// `obj` as a NumPy array (`ValueError` for anything else).
@@ -199,12 +248,73 @@ fn int_vector(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str, n: usize) -> P
     for (i, &v) in ro.as_array().iter().enumerate() {
         if !(0..=u32::MAX as i64).contains(&v) {
             return Err(value(format!(
-                "{what}[{i}] is {v}: labels and bias attributes are class indices >= 0"
+                "{what}[{i}] is {v}: labels, bias and attributes are class indices >= 0"
             )));
         }
         out.push(v as u32);
     }
     Ok(out)
+}
+
+/// `from_arrays`' minority rule: `minority_share` in (0, 1] or `minority_groups` (the CLI's
+/// `LABEL:ATTRIBUTE,...` string or a sequence of `(label, attribute)` pairs), not both;
+/// `None` when neither is given.
+fn minority_rule(
+    share: Option<f64>,
+    groups: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<MinorityRule>> {
+    let groups = groups.filter(|g| !g.is_none());
+    match (share, groups) {
+        (Some(_), Some(_)) => Err(value(
+            "minority_share and minority_groups exclude each other; give one",
+        )),
+        (Some(t), None) => {
+            if !(t.is_finite() && t > 0.0 && t <= 1.0) {
+                return Err(value(format!(
+                    "minority_share must be a share in (0, 1], got {t}"
+                )));
+            }
+            Ok(Some(MinorityRule::ShareBelow(t)))
+        }
+        (None, Some(g)) => {
+            let list = if let Ok(s) = g.extract::<String>() {
+                parse_group_list(&s).map_err(errors::value_error)?
+            } else {
+                let pairs: Vec<(i64, i64)> = g.extract().map_err(|_| {
+                    value(format!(
+                        "minority_groups must be a string such as \"0:1,1:0\" or a list of \
+                         (label, attribute) pairs, got {}",
+                        g.get_type()
+                            .name()
+                            .map(|n| n.to_string())
+                            .unwrap_or_default()
+                    ))
+                })?;
+                let mut out = Vec::with_capacity(pairs.len());
+                for (l, a) in pairs {
+                    let code = |v: i64| u32::try_from(v).ok();
+                    match (code(l), code(a)) {
+                        (Some(l), Some(a)) => out.push((l, a)),
+                        _ => {
+                            return Err(value(format!(
+                                "minority_groups: ({l}, {a}) is not a (label, attribute) pair \
+                                 of non-negative integers"
+                            )))
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    return Err(value(
+                        "minority_groups is empty; give (label, attribute) pairs such as \
+                         [(0, 1), (1, 0)]",
+                    ));
+                }
+                out
+            };
+            Ok(Some(MinorityRule::Listed(list)))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 #[pymethods]
@@ -235,9 +345,12 @@ impl Dataset {
     }
 
     /// A dataset folder (`rest train --data PATH`): the DFA layout, labels and bias attributes
-    /// from the file names. `conflict_pct` picks the `<pct>pct` training folder, `dataset` the
-    /// layout (auto, cmnist, cifar10c, bffhq, dfa), `image_size` resizes on load; `skip_bad`
-    /// and `cache_dir` as the CLI's `--skip-bad` and `--cache-dir`. Read on first use.
+    /// from the file names, or a metadata table (SubpopBench `metadata_<name>.csv`, Waterbirds,
+    /// CelebA; groups are its (label, attribute) cells, minority groups by `rest.train`'s
+    /// `minority_share=` / `minority_groups=`). `conflict_pct` picks the `<pct>pct` training
+    /// folder, `dataset` the layout (auto, cmnist, cifar10c, bffhq, dfa, subpop, waterbirds,
+    /// celeba, table), `image_size` resizes on load; `skip_bad` and `cache_dir` as the CLI's
+    /// `--skip-bad` and `--cache-dir`. Read on first use.
     #[staticmethod]
     #[pyo3(signature = (path, *, conflict_pct=None, dataset=None, image_size=None, skip_bad=None, cache_dir=None))]
     fn folder(
@@ -269,11 +382,25 @@ impl Dataset {
     /// A dataset from NumPy arrays, copied (no files are written). `train`, `valid` and `test`
     /// are each a dict `{"images": uint8 [N, H, W, C], "labels": int [N], "bias": int [N]}`
     /// (or a tuple `(images, labels, bias)`); all splits share H, W and C. `num_classes`
-    /// defaults to the largest label + 1; every label must be below it. `conflict_pct` (the
-    /// share of bias-conflicting training samples, which `upweight`'s default LAMBDA pairs
-    /// with) defaults to the training split's share; `name` is recorded in `summary.json`.
+    /// defaults to the largest label + 1; every label must be below it. `name` is recorded in
+    /// `summary.json`.
+    ///
+    /// `bias` follows DFA's rule: a sample is bias-conflicting when its label differs from its
+    /// bias. Give `attributes` instead of `bias` in every split (named after a table's
+    /// attribute column, `--attribute-column`, and the LABEL:ATTRIBUTE pairs of
+    /// `--minority-groups`; `groups` would clash with `rest.train`'s `groups=` option) for
+    /// data like a metadata table's: the groups are the (label, attribute) cells, any number
+    /// of attribute values per class, and the minority groups are those holding less than
+    /// `minority_share` (default 0.2) of their class's training samples, or exactly
+    /// `minority_groups` (`"0:1,1:0"` or `[(0, 1), (1, 0)]`), as the table loader chooses
+    /// them. Every method then uses these groups, and the summary reports worst-group,
+    /// per-group (`summary["test"]["groups"]`) and weighted accuracy as for a table.
+    ///
+    /// `conflict_pct` (the share of bias-conflicting, or minority-group, training samples,
+    /// which `upweight`'s default LAMBDA pairs with) defaults to the training split's share.
     #[staticmethod]
-    #[pyo3(signature = (train, valid, test, *, num_classes=None, conflict_pct=None, name="arrays".to_string()))]
+    #[pyo3(signature = (train, valid, test, *, num_classes=None, conflict_pct=None, name="arrays".to_string(), minority_share=None, minority_groups=None))]
+    #[allow(clippy::too_many_arguments)]
     fn from_arrays(
         py: Python<'_>,
         train: &Bound<'_, PyAny>,
@@ -282,10 +409,22 @@ impl Dataset {
         num_classes: Option<usize>,
         conflict_pct: Option<f64>,
         name: String,
+        minority_share: Option<f64>,
+        minority_groups: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let train = split_from(py, "train", train)?;
-        let valid = split_from(py, "valid", valid)?;
-        let test = split_from(py, "test", test)?;
+        let (mut train, third) = split_from(py, "train", train)?;
+        let (mut valid, v3) = split_from(py, "valid", valid)?;
+        let (mut test, t3) = split_from(py, "test", test)?;
+        for (n, t) in [("valid", v3), ("test", t3)] {
+            if t != third {
+                return Err(value(format!(
+                    "train has `{}` but {n} has `{}`: every split needs the same kind \
+                     (`bias` or `attributes`)",
+                    third.key(),
+                    t.key()
+                )));
+            }
+        }
         let shape = |s: &Split| (s.height, s.width, s.channels);
         for (n, s) in [("valid", &valid), ("test", &test)] {
             if shape(s) != shape(&train) {
@@ -323,14 +462,37 @@ impl Dataset {
                 )));
             }
         }
+        let rule = minority_rule(minority_share, minority_groups)?;
+        match (third, rule) {
+            (Third::Bias, Some(_)) => {
+                return Err(value(
+                    "minority_share and minority_groups choose the minority groups of \
+                     (label, attribute) cells: give the splits `attributes` instead of `bias`",
+                ))
+            }
+            (Third::Bias, None) => {}
+            (Third::Attributes, rule) => {
+                let rule = rule.unwrap_or(MinorityRule::ShareBelow(DEFAULT_MINORITY_SHARE));
+                let info = GroupInfo::choose(&train.labels, &train.bias, &rule)
+                    .map_err(errors::value_error)?;
+                let info = Arc::new(info);
+                for s in [&mut train, &mut valid, &mut test] {
+                    s.groups = Some(info.clone());
+                }
+            }
+        }
         let conflict_pct = match conflict_pct {
             Some(p) => p,
             None => {
                 let pct = 100.0 * train.conflicting_count() as f64 / train.len() as f64;
                 if !(pct > 0.0 && pct < 100.0) {
+                    let what = match third {
+                        Third::Bias => "bias-conflicting samples (label != bias)",
+                        Third::Attributes => "samples in minority groups",
+                    };
                     return Err(value(format!(
-                        "the training split has {pct}% bias-conflicting samples (label != bias); \
-                         pass conflict_pct= in (0, 100), which the default LAMBDA pairs with"
+                        "the training split has {pct}% {what}; pass conflict_pct= in (0, 100), \
+                         which the default LAMBDA pairs with"
                     )));
                 }
                 pct
@@ -376,7 +538,9 @@ impl Dataset {
     }
 
     /// One split (`"train"`, `"valid"` or `"test"`) as NumPy arrays: `{"images": uint8 [N, H,
-    /// W, C], "labels": int64 [N], "bias": int64 [N]}` (copies).
+    /// W, C], "labels": int64 [N], "bias": int64 [N]}` (copies); `"attributes"` instead of
+    /// `"bias"` for a dataset with (label, attribute) groups (a metadata table, or arrays given
+    /// with `attributes`), so that `from_arrays` takes the dicts back as they are.
     fn arrays<'py>(&self, py: Python<'py>, split: &str) -> PyResult<Bound<'py, PyDict>> {
         let ds = self.load(py)?;
         let s = match split {
@@ -403,7 +567,12 @@ impl Dataset {
         let d = PyDict::new(py);
         d.set_item("images", images.into_pyarray(py))?;
         d.set_item("labels", ints(&s.labels).into_pyarray(py))?;
-        d.set_item("bias", ints(&s.bias).into_pyarray(py))?;
+        let third = if s.groups.is_some() {
+            Third::Attributes
+        } else {
+            Third::Bias
+        };
+        d.set_item(third.key(), ints(&s.bias).into_pyarray(py))?;
         Ok(d)
     }
 
@@ -411,7 +580,7 @@ impl Dataset {
         match &self.source {
             Source::Arrays { ds, conflict_pct } => format!(
                 "Dataset.from_arrays(name={:?}, train={}, valid={}, test={}, image {}x{}x{}, \
-                 {} classes, conflict_pct={conflict_pct:.3})",
+                 {} classes, {}conflict_pct={conflict_pct:.3})",
                 ds.name,
                 ds.train.len(),
                 ds.valid.len(),
@@ -419,7 +588,15 @@ impl Dataset {
                 ds.train.height,
                 ds.train.width,
                 ds.train.channels,
-                ds.num_classes
+                ds.num_classes,
+                match &ds.train.groups {
+                    Some(g) => format!(
+                        "{} (label, attribute) groups, minority {:?}, ",
+                        g.train_groups.len(),
+                        g.minority
+                    ),
+                    None => String::new(),
+                }
             ),
             Source::Options(t) => {
                 let kv: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -10,8 +10,9 @@ use crate::model::Model;
 use pyo3::exceptions::PyFileExistsError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString};
-use rest::train::TrainConfig;
+use rest::train::{EpochReport, Hooks, TrainConfig};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// A Python option value as a config value (`None`: the option's default).
 fn toml_value(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Option<toml::Value>> {
@@ -61,6 +62,14 @@ fn config_of(dataset: &Dataset, options: Option<&Bound<'_, PyDict>>) -> PyResult
                     "option `{key}` says which images to use: give it to the Dataset \
                      (rest.Dataset.colored_mnist(...), .folder(...) or .from_arrays(...)), not \
                      to rest.train"
+                )));
+            }
+            let arrays = matches!(dataset.source, Source::Arrays { .. });
+            if arrays && (key == "minority_share" || key == "minority_groups") {
+                return Err(value(format!(
+                    "option `{key}` chooses the minority groups of arrays when they are made: \
+                     give it to rest.Dataset.from_arrays(..., {key}=...) with `attributes` in \
+                     the splits, not to rest.train"
                 )));
             }
             if let Some(v) = toml_value(&key, &v)? {
@@ -201,17 +210,145 @@ fn with_run_signals<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Per-epoch progress and the user's callback, run with the GIL taken back briefly after each
+/// epoch (the training itself runs without it).
+struct Reporter {
+    /// Show progress: a `tqdm.auto` bar per training loop when tqdm is installed, else a line
+    /// per epoch on `sys.stderr`.
+    progress: bool,
+    callback: Option<Py<PyAny>>,
+    /// The open bar and whether it is JTT stage 1's.
+    bar: Mutex<Option<(Py<PyAny>, bool)>>,
+    /// What the callback (or the progress display) raised: the run stops and raises it.
+    raised: Mutex<Option<PyErr>>,
+}
+
+impl Reporter {
+    /// The bar of the loop (`stage1`: JTT's stage 1) with `total` epochs, opened if needed
+    /// (closing another loop's); `None` without tqdm.
+    fn bar<'py>(
+        &self,
+        py: Python<'py>,
+        stage1: bool,
+        total: usize,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let mut slot = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((bar, s1)) = slot.as_ref() {
+            if *s1 == stage1 {
+                return Ok(Some(bar.bind(py).clone()));
+            }
+            bar.bind(py).call_method0("close")?;
+            *slot = None;
+        }
+        let Ok(tqdm) = py.import("tqdm.auto") else {
+            return Ok(None);
+        };
+        let kw = PyDict::new(py);
+        kw.set_item("total", total)?;
+        kw.set_item("unit", "epoch")?;
+        kw.set_item(
+            "desc",
+            if stage1 {
+                "rest JTT stage 1"
+            } else {
+                "rest train"
+            },
+        )?;
+        let bar = tqdm.getattr("tqdm")?.call((), Some(&kw))?;
+        *slot = Some((bar.clone().unbind(), stage1));
+        Ok(Some(bar))
+    }
+
+    /// Closes the open bar, if any.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let bar = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((bar, _)) = bar {
+            bar.bind(py).call_method0("close")?;
+        }
+        Ok(())
+    }
+
+    /// After an epoch: the progress display, then the callback with the epoch's dict.
+    fn epoch(&self, py: Python<'_>, r: &EpochReport) -> PyResult<()> {
+        let rows = metrics_rows(py, &rest::train::output::metrics_csv(r.rows))?;
+        let d = PyDict::new(py);
+        d.set_item("epoch", r.epoch)?;
+        d.set_item("epochs", r.epochs)?;
+        d.set_item("stage", if r.jtt_stage1 { "jtt_stage1" } else { "train" })?;
+        for row in rows.iter() {
+            let split = row.get_item("split")?;
+            d.set_item(split, row)?;
+        }
+        if self.progress {
+            let (t, v) = (row_of(r, "train"), row_of(r, "valid"));
+            let summary = format!(
+                "train loss {:.4} acc {:.3} | valid loss {:.4} acc {:.3} worst-group {:.3}",
+                t.map_or(f64::NAN, |m| m.loss),
+                t.map_or(f64::NAN, |m| m.accuracy),
+                v.map_or(f64::NAN, |m| m.loss),
+                v.map_or(f64::NAN, |m| m.accuracy),
+                v.map_or(f64::NAN, |m| m.worst_group),
+            );
+            match self.bar(py, r.jtt_stage1, r.epochs)? {
+                Some(bar) => {
+                    bar.call_method1("set_postfix_str", (summary, false))?;
+                    bar.call_method1("update", (1,))?;
+                    if r.epoch >= r.epochs {
+                        self.close(py)?;
+                    }
+                }
+                None => {
+                    let stage = if r.jtt_stage1 { "JTT stage 1, " } else { "" };
+                    let err = py.import("sys")?.getattr("stderr")?;
+                    err.call_method1(
+                        "write",
+                        (format!(
+                            "{stage}epoch {}/{}: {summary}\n",
+                            r.epoch, r.epochs
+                        ),),
+                    )?;
+                    err.call_method0("flush")?;
+                }
+            }
+        }
+        if let Some(cb) = &self.callback {
+            cb.bind(py).call1((d,))?;
+        }
+        Ok(())
+    }
+}
+
+/// The metrics of the epoch's row of `split`.
+fn row_of<'a>(r: &'a EpochReport, split: &str) -> Option<&'a rest::train::metrics::GroupMetrics> {
+    r.rows
+        .iter()
+        .find(|row| row.split == split)
+        .map(|row| &row.m)
+}
+
 /// Trains on `dataset` with the CLI's options as keywords (see the module docs); returns the
-/// finished `Run`.
+/// finished `Run`. `progress` (default on) shows a `tqdm.auto` bar of the epochs when tqdm is
+/// installed (in a notebook too), else a line per epoch on `sys.stderr`; `callback`, if given,
+/// is called after every epoch with a dict (`epoch`, `epochs`, `stage`, and the epoch's
+/// `metrics.csv` rows under `"train"` and `"valid"`); what it raises stops the run and is
+/// raised here.
 #[pyfunction]
-#[pyo3(signature = (dataset, *, overwrite=false, **options))]
+#[pyo3(signature = (dataset, *, overwrite=false, progress=true, callback=None, **options))]
 pub fn train(
     py: Python<'_>,
     dataset: &Dataset,
     overwrite: bool,
+    progress: bool,
+    callback: Option<Bound<'_, PyAny>>,
     options: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Run> {
     let cfg = config_of(dataset, options)?;
+    if let Some(cb) = callback.as_ref().filter(|cb| !cb.is_callable()) {
+        return Err(value(format!(
+            "callback must be a callable taking the epoch's dict, got {}",
+            cb.get_type().name()?
+        )));
+    }
     if let Some(dir) = cfg.run.out.as_deref() {
         if let Some(e) = rest::train::output::existing_run(dir).filter(|_| !overwrite) {
             let err = rest::train::output::existing_run_error(dir, &e);
@@ -222,12 +359,45 @@ pub fn train(
         Source::Arrays { ds, .. } => Some(ds.clone()),
         Source::Options(_) => None,
     };
+    let reporter = Reporter {
+        progress,
+        callback: callback.map(Bound::unbind),
+        bar: Mutex::new(None),
+        raised: Mutex::new(None),
+    };
+    if progress {
+        // The first loop's bar before its first epoch (JTT's stage 1 comes first, unless
+        // --error-set gives its error set).
+        let jtt = cfg.method.kind == rest::train::Method::Jtt && cfg.method.error_set.is_none();
+        let first = if jtt {
+            cfg.method.jtt_epochs
+        } else {
+            cfg.optim.epochs
+        };
+        reporter.bar(py, jtt, first)?;
+    }
     let threads = cfg.run.threads;
-    let outcome = py.detach(move || {
+    let reporter_ref = &reporter;
+    let on_epoch = move |r: &EpochReport| -> anyhow::Result<()> {
+        Python::attach(|py| reporter_ref.epoch(py, r)).map_err(|e| {
+            *reporter_ref
+                .raised
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(e);
+            anyhow::anyhow!("stopped at epoch {} by the Python callback", r.epoch)
+        })
+    };
+    // The step bar of `rest train` goes to the process's stderr (invisible in a notebook):
+    // progress is shown through Python instead, or not at all.
+    let hooks = Hooks {
+        on_epoch: Some(&on_epoch),
+        quiet: true,
+    };
+    let outcome = py.detach(|| {
         let go = || {
             with_run_signals(|| match &arrays {
-                Some(ds) => rest::train::train_on_dataset(&cfg, ds, overwrite),
-                None => rest::train::train_with(&cfg, overwrite),
+                Some(ds) => rest::train::train_on_dataset_with_hooks(&cfg, ds, overwrite, &hooks),
+                None => rest::train::train_with_hooks(&cfg, overwrite, &hooks),
             })
         };
         match threads {
@@ -240,7 +410,17 @@ pub fn train(
             None => go(),
         }
     });
+    let closed = reporter.close(py);
+    if let Some(e) = reporter
+        .raised
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        return Err(e);
+    }
     let outcome = outcome.map_err(errors::run_error)?;
+    closed?;
     Run::read(py, &outcome.run_dir)
 }
 

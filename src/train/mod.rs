@@ -22,13 +22,15 @@ mod snapshot;
 pub mod summary;
 pub mod trainer;
 
+pub use trainer::{EpochCallback, EpochReport, Hooks};
+
 pub use config::TrainConfig;
 pub use methods::{GroupScheme, Method, MethodOptions, ReweightMode};
 pub use optim::OptimOptions;
 pub use output::RunOptions;
 pub use run::{
-    claim_sweep_task, resume, resume_config, run_sweep_task, train, train_on_dataset, train_with,
-    SweepTask,
+    claim_sweep_task, resume, resume_config, run_sweep_task, train, train_on_dataset,
+    train_on_dataset_with_hooks, train_with, train_with_hooks, SweepTask,
 };
 pub use select::SelectRule;
 pub use summary::{Summary, TrainOutcome};

@@ -12,7 +12,7 @@ use super::metrics::fmt_opt;
 use super::output;
 use super::select::SelectRule;
 use super::summary::TrainOutcome;
-use super::trainer::{run_stage, StageCtx};
+use super::trainer::{run_stage, Hooks, StageCtx};
 use crate::data::{DataPlan, GroupDataset};
 use crate::train::TrainConfig;
 use anyhow::{bail, Context, Result};
@@ -30,11 +30,16 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
 /// another process holds is refused, and one that holds a run (finished or not) too unless
 /// `overwrite`, which replaces that run.
 pub fn train_with(cfg: &TrainConfig, overwrite: bool) -> Result<TrainOutcome> {
+    train_with_hooks(cfg, overwrite, &Hooks::default())
+}
+
+/// `train_with`, calling `hooks.on_epoch` after every epoch (see [`Hooks`]).
+pub fn train_with_hooks(cfg: &TrainConfig, overwrite: bool, hooks: &Hooks) -> Result<TrainOutcome> {
     cfg.validate()?;
     let (_lock, dir) = output::claim_new_run(cfg, overwrite)?;
     let mut cfg = cfg.clone();
     cfg.run.out = Some(dir);
-    run(&cfg, false)
+    run(&cfg, false, hooks)
 }
 
 /// `train_with` on the dataset `ds` handed over in memory (the Python module's NumPy arrays)
@@ -47,12 +52,22 @@ pub fn train_on_dataset(
     ds: &GroupDataset,
     overwrite: bool,
 ) -> Result<TrainOutcome> {
+    train_on_dataset_with_hooks(cfg, ds, overwrite, &Hooks::default())
+}
+
+/// `train_on_dataset`, calling `hooks.on_epoch` after every epoch (see [`Hooks`]).
+pub fn train_on_dataset_with_hooks(
+    cfg: &TrainConfig,
+    ds: &GroupDataset,
+    overwrite: bool,
+    hooks: &Hooks,
+) -> Result<TrainOutcome> {
     cfg.validate()?;
     let (_lock, dir) = output::claim_new_run(cfg, overwrite)?;
     let mut cfg = cfg.clone();
     cfg.run.out = Some(dir);
     let plan = cfg.data.plan();
-    run_on(&cfg, false, ds, &plan, Instant::now(), true)
+    run_on(&cfg, false, ds, &plan, Instant::now(), true, hooks)
 }
 
 /// A sweep's run, as its task (`rest train --sweep-task DIR`, local or a Slurm array task)
@@ -103,7 +118,7 @@ pub fn run_sweep_task(
     cfg: &TrainConfig,
     resume: bool,
 ) -> Result<TrainOutcome> {
-    run(cfg, resume)
+    run(cfg, resume, &Hooks::default())
 }
 
 /// The configuration of the run in `run_dir` (its `config.toml`), for `resume`.
@@ -131,10 +146,10 @@ pub fn resume(cfg: &TrainConfig) -> Result<TrainOutcome> {
         .context("internal: resume needs the run directory (resume_config)")?;
     let lock = lock::claim(&dir, "--resume")?;
     lock.announce()?;
-    run(cfg, true)
+    run(cfg, true, &Hooks::default())
 }
 
-fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
+fn run(cfg: &TrainConfig, resume: bool, hooks: &Hooks) -> Result<TrainOutcome> {
     cfg.validate()?;
     // A folder's layout decides the default image size, augmentation and normalisation:
     // record it in the run's config.toml, so that eval, predict and resume do not depend on
@@ -144,7 +159,7 @@ fn run(cfg: &TrainConfig, resume: bool) -> Result<TrainOutcome> {
     let start = Instant::now();
     let plan = cfg.data.plan();
     let ds = crate::data::load(&plan.source)?;
-    run_on(cfg, resume, &ds, &plan, start, false)
+    run_on(cfg, resume, &ds, &plan, start, false, hooks)
 }
 
 /// Trains `cfg` (validated, its dataset resolved) on `ds`; `in_memory`: `ds` was handed over
@@ -156,6 +171,7 @@ fn run_on(
     plan: &DataPlan,
     start: Instant,
     in_memory: bool,
+    hooks: &Hooks,
 ) -> Result<TrainOutcome> {
     if cfg.method.kind != Method::Jtt {
         let run_dir = cfg.run.out.clone().unwrap_or_default();
@@ -168,10 +184,11 @@ fn run_on(
             jtt: None,
             want_train_preds: false,
             in_memory,
+            hooks,
         };
         return Ok(run_stage(cfg, resume, ctx)?.0);
     }
-    run_jtt(cfg, resume, ds, plan, start, in_memory)
+    run_jtt(cfg, resume, ds, plan, start, in_memory, hooks)
 }
 
 /// The configuration of JTT's stage 1: ERM for `jtt_epochs` epochs in `<run>/stage1`,
@@ -195,6 +212,7 @@ fn run_jtt(
     plan: &DataPlan,
     start: Instant,
     in_memory: bool,
+    hooks: &Hooks,
 ) -> Result<TrainOutcome> {
     let run_dir = output::create_run_dir(cfg)?;
     // Both stages write to this directory, even when its name was generated.
@@ -235,6 +253,7 @@ fn run_jtt(
             jtt: None,
             want_train_preds: true,
             in_memory,
+            hooks,
         };
         let (_, preds) = run_stage(&s1, s1_resume, ctx)?;
         let preds = preds.context("JTT stage 1 returned no training predictions")?;
@@ -275,6 +294,7 @@ fn run_jtt(
         jtt: Some(report),
         want_train_preds: false,
         in_memory,
+        hooks,
     };
     let mut out = run_stage(cfg, resume2, ctx)?.0;
     if stage1_epochs.is_some() {

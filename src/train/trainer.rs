@@ -49,6 +49,36 @@ pub(super) struct StageCtx<'a> {
     pub want_train_preds: bool,
     /// The dataset was handed over in memory (`run::train_on_dataset`), not named by `cfg`.
     pub in_memory: bool,
+    /// The library caller's per-epoch callback and progress choice.
+    pub hooks: &'a Hooks<'a>,
+}
+
+/// What a training loop tells a [`Hooks::on_epoch`] callback after each epoch.
+#[derive(Debug)]
+pub struct EpochReport<'a> {
+    /// The epoch just finished (1-based) and the loop's number of epochs.
+    pub epoch: usize,
+    pub epochs: usize,
+    /// JTT's stage 1 (the ERM identification model, in `<run>/stage1`), which runs its own
+    /// loop of `jtt_epochs` before the run's.
+    pub jtt_stage1: bool,
+    /// The epoch's `metrics.csv` rows (`train`, then `valid`), as written to the file
+    /// ([`super::output::metrics_csv`] formats them).
+    pub rows: &'a [MetricsRow],
+}
+
+/// A per-epoch callback: an error stops the run (after the epoch's files and checkpoint are
+/// written) with that error.
+pub type EpochCallback<'a> = &'a (dyn Fn(&EpochReport) -> Result<()> + Sync);
+
+/// What a library caller (the Python module) adds to a training run; the CLI uses the
+/// default: no callback, the per-step progress bar on stderr.
+#[derive(Default, Clone, Copy)]
+pub struct Hooks<'a> {
+    /// Called after every epoch of every loop (JTT: stage 1's too).
+    pub on_epoch: Option<EpochCallback<'a>>,
+    /// Hide the per-step progress bar (a caller that shows its own progress).
+    pub quiet: bool,
 }
 
 /// One training loop over `cfg`; with `want_train_preds`, also the final model's predictions
@@ -62,6 +92,19 @@ pub(super) fn run_stage(
     for epoch in s.st.epochs_done + 1..=cfg.optim.epochs {
         let (pe, epoch_time) = s.train_epoch(epoch)?;
         s.end_epoch(epoch, &pe, epoch_time)?;
+        if let Some(on_epoch) = ctx.hooks.on_epoch {
+            let first =
+                s.st.rows
+                    .iter()
+                    .position(|r| r.epoch == epoch)
+                    .unwrap_or(s.st.rows.len());
+            on_epoch(&EpochReport {
+                epoch,
+                epochs: cfg.optim.epochs,
+                jtt_stage1: ctx.want_train_preds,
+                rows: &s.st.rows[first..],
+            })?;
+        }
     }
     s.finish(ctx)
 }
@@ -92,6 +135,8 @@ struct Stage<'a> {
     /// Inference FLOPs per sample of the current net (the training FLOPs' accounting unit).
     flops: FlopsTable,
     interrupted: Arc<AtomicBool>,
+    /// No per-step progress bar (`Hooks::quiet`).
+    quiet: bool,
 }
 
 impl<'a> Stage<'a> {
@@ -231,6 +276,7 @@ impl<'a> Stage<'a> {
                 f.store(false, Ordering::SeqCst);
                 f
             },
+            quiet: ctx.hooks.quiet,
         })
     }
 
@@ -251,11 +297,15 @@ impl<'a> Stage<'a> {
                 ..Default::default()
             },
         };
-        let bar = epoch_bar(
-            ds.train.len().div_ceil(cfg.optim.batch_size),
-            epoch,
-            cfg.optim.epochs,
-        );
+        let bar = if self.quiet {
+            ProgressBar::hidden()
+        } else {
+            epoch_bar(
+                ds.train.len().div_ceil(cfg.optim.batch_size),
+                epoch,
+                cfg.optim.epochs,
+            )
+        };
         bar.set_position(pe.batches_done as u64);
         // Running training accuracy of the epoch (a resumed epoch starts from its counts).
         let mut correct = pe
