@@ -411,6 +411,7 @@ fn train_step(s: &mut Setup, x: &Tensor, y: &Tensor, phases: &mut [Vec<f64>; 3])
 }
 
 fn infer_step(s: &Setup, x: &Tensor) -> Result<()> {
+    let _ng = crate::kernels::tape::no_grad();
     let logits = s.model.forward(x, false)?;
     black_box(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
     Ok(())

@@ -4,6 +4,7 @@
 //! The crate is organised by idea; see `ARCHITECTURE.md` for the map and the data flow of one
 //! training step.
 
+pub mod alloc;
 pub mod bench;
 pub mod cli;
 pub mod data;

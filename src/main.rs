@@ -10,22 +10,16 @@ use std::process::ExitCode;
 // tensor at 128 px, batch 64), so with the page header two never share a chunk and the holes
 // fragment: the ResNet18 benchmark at 128 px peaked at 743-806 MiB with v3 (varying from run
 // to run with the threads' allocation order), 703 MiB with v2 every run, at the same speed.
+// Large blocks bypass it (`rest::alloc`: page mappings in an exact-size cache).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-extern "C" {
-    /// mimalloc's run-time option setter (linked in with the allocator above).
-    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-}
-/// `mi_option_purge_delay` (index 15 in mimalloc v2 and v3).
-const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+static GLOBAL: rest::alloc::CachingAlloc = rest::alloc::CachingAlloc;
 
 fn main() -> ExitCode {
-    // Keep freed memory mapped instead of returning it to the OS after 10 ms: every training
-    // step frees and reallocates the same large activation buffers, and re-faulting them cost
-    // the kernel's page zeroing (about 15 % of a step). Peak RSS grew by under 10 %.
-    // SAFETY: plain option setter of the linked allocator; any value is valid.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // `REST_ALLOC=mimalloc`: every block mimalloc's with its defaults (for comparisons).
+    if std::env::var_os("REST_ALLOC").is_some_and(|v| v == "mimalloc") {
+        rest::alloc::set_enabled(false);
+    }
+    rest::alloc::configure_mimalloc();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// The layers, lowest first (ARCHITECTURE.md, "Layers").
 const LAYERS: &[&[&str]] = &[
-    &["util", "device"],
+    &["util", "device", "alloc"],
     &["kernels"],
     &["nn", "data"],
     &["sparse"],

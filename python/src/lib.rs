@@ -11,25 +11,17 @@ mod run;
 
 use pyo3::prelude::*;
 
-// The `rest` binary's allocator and setting (src/main.rs): freed memory stays mapped, so the
-// large activation buffers every training step frees and reallocates are not re-faulted (about
-// 15 % of a step). Rust's allocations only; NumPy keeps its own.
+// The `rest` binary's allocator (src/main.rs, `rest::alloc`): large blocks as cached page
+// mappings (reused by the next training step without re-faulting, unmapped when unused),
+// mimalloc for the rest. Rust's allocations only; NumPy keeps its own.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-extern "C" {
-    /// mimalloc's run-time option setter (linked in with the allocator above).
-    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-}
-/// `mi_option_purge_delay` (index 15 in mimalloc v2 and v3).
-const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+static GLOBAL: rest::alloc::CachingAlloc = rest::alloc::CachingAlloc;
 
 #[pymodule]
 fn _rest(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // What `rest` does at start-up: candle's element-wise pool on the calling thread (before
     // any candle op runs); the rayon pool keeps its default size (all cores).
-    // SAFETY: plain option setter of the linked allocator; any value is valid.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    rest::alloc::configure_mimalloc();
     rest::util::set_threads(None).map_err(errors::value_error)?;
     // The core's log on stderr, as the CLI's, at `REST_LOG` (default: warnings only, to keep
     // notebooks quiet; `REST_LOG=info` shows the CLI's run log). Another subscriber wins.

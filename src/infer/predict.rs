@@ -110,6 +110,7 @@ pub fn probabilities(m: &LoadedModel, mut buf: Vec<f32>, n: usize) -> Result<Vec
         }
     }
     let x = Tensor::from_vec(buf, (n, c, h, w), &Device::Cpu)?;
+    let _ng = crate::kernels::tape::no_grad();
     let probs = candle_nn::ops::softmax(&m.model.forward(&x, false)?, D::Minus1)?;
     Ok(probs.to_vec2::<f32>()?)
 }

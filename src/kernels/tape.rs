@@ -115,6 +115,32 @@ struct State {
 
 thread_local! {
     static ACTIVE: RefCell<Option<State>> = const { RefCell::new(None) };
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Until the guard drops, this thread's custom ops build no autograd graph, whatever their
+/// inputs (PyTorch's `no_grad`): for inference passes, where candle would otherwise link every
+/// activation to the logits through the graph and keep a whole batch's activations alive (as
+/// much memory as a training step) until the logits are dropped.
+pub fn no_grad() -> NoGradGuard {
+    NoGradGuard {
+        prev: NO_GRAD.with(|n| n.replace(true)),
+    }
+}
+
+/// Restores the previous gradient mode when dropped (see [`no_grad`]).
+pub struct NoGradGuard {
+    prev: bool,
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        NO_GRAD.with(|n| n.set(self.prev));
+    }
+}
+
+fn grad_off() -> bool {
+    NO_GRAD.with(|n| n.get())
 }
 
 /// Starts recording on this thread; recording stops when the guard is finished or dropped.
@@ -514,7 +540,7 @@ pub(crate) fn op1_keep<C: CustomOp1 + Send + Sync + 'static>(
     op: C,
     keep: Keep,
 ) -> candle_core::Result<Tensor> {
-    if !tracked(&[x]) {
+    if grad_off() || !tracked(&[x]) {
         return untracked(op.name(), || x.apply_op1_no_bwd(&op));
     }
     let op: Op1 = Arc::new(Box::new(op));
@@ -547,7 +573,7 @@ pub(crate) fn op2_keep<C: CustomOp2 + Send + Sync + 'static>(
     op: C,
     keep: Keep,
 ) -> candle_core::Result<Tensor> {
-    if !tracked(&[x, a]) {
+    if grad_off() || !tracked(&[x, a]) {
         return untracked(op.name(), || x.apply_op2_no_bwd(a, &op));
     }
     let op: Op2 = Arc::new(Box::new(op));
@@ -582,7 +608,7 @@ pub(crate) fn op3_keep<C: CustomOp3 + Send + Sync + 'static>(
     op: C,
     keep: Keep,
 ) -> candle_core::Result<Tensor> {
-    if !tracked(&[x, a, b]) {
+    if grad_off() || !tracked(&[x, a, b]) {
         return untracked(op.name(), || x.apply_op3_no_bwd(a, b, &op));
     }
     let op: Op3 = Arc::new(Box::new(op));

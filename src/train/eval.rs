@@ -64,11 +64,15 @@ pub fn predict(
     tf: &Transform,
     dev: &Device,
 ) -> Result<(Vec<u32>, f64)> {
+    // Training's large blocks kept for reuse (`crate::alloc`) are not needed while evaluating.
+    crate::alloc::release_cached();
     let mut preds = Vec::with_capacity(split.len());
     let mut loss_sum = 0.0f64;
     let all: Vec<usize> = (0..split.len()).collect();
     for chunk in all.chunks(eval_batch(split.image_size())) {
         let x = batch_tensor(split, chunk, tf, model.input_layout(), dev)?;
+        // No graph: the batch's activations are freed as the pass goes.
+        let _ng = crate::kernels::tape::no_grad();
         let logits = model.forward(&x, false)?;
         let y: Vec<u32> = chunk.iter().map(|&i| split.labels[i]).collect();
         let yt = Tensor::new(y.as_slice(), dev)?;
