@@ -88,6 +88,17 @@ fn check<T>(what: &str, len: usize, f: impl FnOnce() -> Result<T>) -> bool {
     r.is_ok()
 }
 
+/// [`check`] of a reader of files on `bytes`, written to `path` first; whether it accepted them.
+fn check_file<T>(
+    what: &str,
+    path: &Path,
+    bytes: &[u8],
+    read: impl FnOnce(&Path) -> Result<T>,
+) -> bool {
+    std::fs::write(path, bytes).expect("write");
+    check(what, bytes.len(), || read(path))
+}
+
 /// A deterministic runner of `cases` cases.
 fn runner(cases: u32) -> TestRunner {
     TestRunner::new_with_rng(
@@ -515,10 +526,7 @@ fn safetensors_claims() -> Result<()> {
             let mut b = (header.len() as u64).to_le_bytes().to_vec();
             b.extend(header.as_bytes());
             b.extend([0u8; 16]);
-            std::fs::write(&path, &b).expect("write");
-            let ok = check("safetensors claim", b.len(), || {
-                rest::infer::load(&path).map(drop)
-            });
+            let ok = check_file("safetensors claim", &path, &b, |p| rest::infer::load(p).map(drop));
             prop_assert!(!ok);
             Ok(())
         })
@@ -557,9 +565,8 @@ fn sparse_export_shape_claims() -> Result<()> {
             f.tensors
                 .insert(key, RawTensor::u32(vec![dims.len()], &dims));
             let b = f.to_bytes().expect("bytes");
-            std::fs::write(&path, &b).expect("write");
-            let ok = check("CSR shape claim", b.len(), || {
-                rest::infer::load(&path).map(drop)
+            let ok = check_file("CSR shape claim", &path, &b, |p| {
+                rest::infer::load(p).map(drop)
             });
             prop_assert!(!ok);
             Ok(())
@@ -608,9 +615,8 @@ fn pytorch_pickle_string_claims() -> Result<()> {
             |(at, len)| {
                 let mut b = valid.clone();
                 b[at + 1..at + 5].copy_from_slice(&len.to_le_bytes());
-                std::fs::write(&path, &b).expect("write");
-                let ok = check(".pth string claim", b.len(), || {
-                    rest::models::init::read_tensors(&path).map(drop)
+                let ok = check_file(".pth string claim", &path, &b, |p| {
+                    rest::models::init::read_tensors(p).map(drop)
                 });
                 prop_assert!(!ok);
                 Ok(())
