@@ -38,6 +38,65 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     }
 }
 
+/// CNHW `[C][N][P]` (`P` = pixels) into batch-innermost CHWN `[C][P][N]` whose channel planes
+/// are `stride >= N·P` floats apart (the layout of [`crate::sparse::HwnConv`]; the floats
+/// between planes are left as they are).
+pub fn cnhw_to_chwn(src: &[f32], c: usize, n: usize, p: usize, stride: usize, dst: &mut [f32]) {
+    let plane = n * p;
+    assert_eq!(src.len(), c * plane, "cnhw_to_chwn: src is not [C][N][P]");
+    assert!(
+        stride >= plane && dst.len() >= c * stride,
+        "cnhw_to_chwn: dst too short"
+    );
+    planes(c * plane, &mut dst[..c * stride], stride, |ci, d| {
+        transpose_serial(&src[ci * plane..][..plane], n, p, &mut d[..plane])
+    });
+}
+
+/// The inverse of [`cnhw_to_chwn`]: CHWN planes `stride` apart into CNHW `[C][N][P]`.
+pub fn chwn_to_cnhw(src: &[f32], c: usize, n: usize, p: usize, stride: usize, dst: &mut [f32]) {
+    let plane = n * p;
+    assert!(
+        stride >= plane && src.len() >= c * stride,
+        "chwn_to_cnhw: src too short"
+    );
+    assert_eq!(dst.len(), c * plane, "chwn_to_cnhw: dst is not [C][N][P]");
+    planes(c * plane, dst, plane, |ci, d| {
+        transpose_serial(&src[ci * stride..][..plane], p, n, d)
+    });
+}
+
+/// Runs `f(channel, dst plane)` over the `stride`-apart planes of `dst`, in parallel when
+/// `total` elements are worth it.
+fn planes(total: usize, dst: &mut [f32], stride: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if total < SERIAL_TRANSPOSE {
+        dst.chunks_mut(stride)
+            .enumerate()
+            .for_each(|(i, d)| f(i, d));
+    } else {
+        dst.par_chunks_mut(stride)
+            .enumerate()
+            .for_each(|(i, d)| f(i, d));
+    }
+}
+
+/// [`transpose`] on the calling thread, in 16 x 16 blocks.
+fn transpose_serial(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const B: usize = 16;
+    for r0 in (0..rows).step_by(B) {
+        let r1 = (r0 + B).min(rows);
+        for c0 in (0..cols).step_by(B) {
+            let c1 = (c0 + B).min(cols);
+            for c in c0..c1 {
+                let d = &mut dst[c * rows..];
+                for r in r0..r1 {
+                    d[r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
 /// Samples per block of [`bytes_to_feature_major`].
 pub const FEATURE_MAJOR_BLOCK: usize = 16;
 

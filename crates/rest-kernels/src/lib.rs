@@ -42,7 +42,7 @@ pub use conv_stack::{
 };
 pub use im2col::{col2im, im2col, Conv2dGeom};
 pub use isa::Isa;
-pub use layout::transpose;
+pub use layout::{chwn_to_cnhw, cnhw_to_chwn, transpose};
 pub use linear::{
     bias_act_fm, linear_bwd_bias, linear_bwd_bias_fm, linear_bwd_input, linear_bwd_input_fm,
     linear_bwd_weight, linear_bwd_weight_fm, linear_fwd, linear_fwd_fm, output_grad_fm,

@@ -9,8 +9,8 @@ mod common;
 use common::{force_rows, rand_vec};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rest_kernels::sparse::{SparseConv, SparseMatrix};
-use rest_kernels::Conv2dGeom;
+use rest_kernels::sparse::{hwn_plane_stride, HwnConv, SparseConv, SparseMatrix};
+use rest_kernels::{chwn_to_cnhw, cnhw_to_chwn, Conv2dGeom};
 
 /// Bernoulli(density) mask; with >= 3 rows, row 0 is empty and row 1 fully active.
 fn mask(r: &mut ChaCha8Rng, rows: usize, cols: usize, density: f64) -> Vec<bool> {
@@ -160,6 +160,66 @@ fn check(g: Conv2dGeom, density: f64, seed: u64) {
         }
     }
     close(&grad, &want, &format!("{tag} weight grad"));
+    check_hwn(&g, &sm, &x, &dy, (&out_ref, &dx_ref, &want), &tag);
+}
+
+/// The batch-innermost convolution ([`HwnConv`]) on the same case: CNHW operands converted to
+/// CHWN (with stale NaN buffers, which must be fully overwritten, padding floats included in
+/// the comparison only where they are real positions).
+fn check_hwn(
+    g: &Conv2dGeom,
+    sm: &SparseMatrix,
+    x: &[f32],
+    dy: &[f32],
+    want: (
+        &(Vec<f64>, Vec<f64>),
+        &(Vec<f64>, Vec<f64>),
+        &(Vec<f64>, Vec<f64>),
+    ),
+    tag: &str,
+) {
+    let conv = HwnConv::new(sm, g).unwrap();
+    let (pi, po) = (g.h * g.w, g.oh() * g.ow());
+    let (xs, ys) = (hwn_plane_stride(g.n * pi), hwn_plane_stride(g.n * po));
+    assert_eq!(conv.x_len(), g.c * xs);
+    assert_eq!(conv.out_len(), g.oc * ys);
+    let mut xh = vec![f32::NAN; conv.x_len()];
+    cnhw_to_chwn(x, g.c, g.n, pi, xs, &mut xh);
+    let mut dyh = vec![f32::NAN; conv.out_len()];
+    cnhw_to_chwn(dy, g.oc, g.n, po, ys, &mut dyh);
+
+    let mut oh = vec![f32::NAN; conv.out_len()];
+    conv.forward(sm, &xh, &mut oh, None).unwrap();
+    let mut out = vec![f32::NAN; g.out_len()];
+    chwn_to_cnhw(&oh, g.oc, g.n, po, ys, &mut out);
+    close(&out, want.0, &format!("{tag} hwn forward"));
+
+    let mut dxh = vec![f32::NAN; conv.x_len()];
+    conv.backward_input(sm, &dyh, &mut dxh).unwrap();
+    let mut dx = vec![f32::NAN; g.x_len()];
+    chwn_to_cnhw(&dxh, g.c, g.n, pi, xs, &mut dx);
+    close(&dx, want.1, &format!("{tag} hwn input grad"));
+
+    let mut grad = vec![f32::NAN; sm.nnz()];
+    conv.grad_weight(sm, &dyh, &xh, &mut grad).unwrap();
+    close(&grad, want.2, &format!("{tag} hwn weight grad"));
+
+    // The epilogue: the plain forward then a per-channel affine (+ ReLU), bit for bit.
+    let scale: Vec<f32> = (0..g.oc).map(|o| 0.5 + o as f32 * 0.25).collect();
+    let shift: Vec<f32> = (0..g.oc).map(|o| o as f32 * 0.125 - 0.5).collect();
+    let mut oa = vec![f32::NAN; conv.out_len()];
+    conv.forward(sm, &xh, &mut oa, Some((&scale, &shift, true)))
+        .unwrap();
+    for o in 0..g.oc {
+        for i in 0..g.n * po {
+            let want = (oh[o * ys + i] * scale[o] + shift[o]).max(0.0);
+            let got = oa[o * ys + i];
+            assert!(
+                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{tag} hwn epilogue [{o}][{i}]: got {got}, want {want}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -310,4 +370,25 @@ fn tiny_maps_gather_only_the_live_taps() {
         "{}",
         conv.phase_len()
     );
+}
+
+/// Batches of whole vectors, a masked tail and more than one 128-float register tile (the
+/// batch-innermost convolution's rows are the batch): ResNet-like small maps, strides 1 and 2.
+#[test]
+fn matches_naive_convolution_on_wide_batches() {
+    let geoms = [
+        geom(5, 16, 4, 4, 6, 3, 1, 1),   // one full vector per pixel
+        geom(4, 40, 4, 4, 5, 3, 2, 1),   // 3 vectors, masked tail; stride 2
+        geom(3, 130, 2, 2, 4, 3, 1, 1),  // two register tiles, the second a 2-float tail
+        geom(6, 33, 1, 1, 5, 3, 1, 1),   // 1x1 map
+        geom(3, 20, 5, 6, 4, 7, 2, 3),   // 7x7 stride 2
+        geom(4, 17, 3, 3, 3, 1, 2, 0),   // 1x1 stride 2
+        geom(16, 64, 4, 4, 16, 3, 1, 1), // large enough for parallel pixel and row blocks
+        geom(24, 48, 1, 1, 20, 3, 1, 1), // parallel on a 1x1 map: row blocks only
+    ];
+    for (gi, g) in geoms.iter().enumerate() {
+        for (di, &d) in [0.05, 0.4, 1.0].iter().enumerate() {
+            check(*g, d, (2000 + gi * 10 + di) as u64);
+        }
+    }
 }

@@ -37,6 +37,7 @@
 //! `benches/sparse.rs` compares them against dense GEMM (timings: README, Speed).
 
 mod conv;
+mod hwn;
 mod kernels;
 mod matrix;
 mod phase;
@@ -44,6 +45,7 @@ mod rows;
 mod simd;
 
 pub use conv::SparseConv;
+pub use hwn::{hwn_plane_stride, HwnConv};
 pub use kernels::{sddmm, sddmm_into, spmm, spmm_t};
 pub use matrix::{MaskValue, SparseMatrix};
 pub use rows::{

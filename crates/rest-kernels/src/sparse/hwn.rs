@@ -1,0 +1,781 @@
+//! Sparse convolution on batch-innermost activations (`CHWN`: `x[c][y][x][n]`), for small
+//! feature maps where the polyphase CNHW layout ([`super::SparseConv`]) computes mostly junk.
+//!
+//! # Idea
+//! With the batch innermost, the `N` values of one pixel of one channel are one contiguous,
+//! aligned row. An output pixel `q` of output channel `o` is then, for each active weight
+//! `w = W[o, c, ky, kx]` whose tap reads a real input pixel `p(q, ky, kx)` (not padding),
+//! `y[o][q][..] += w · x[c][p][..]`: one multiply-add of a whole batch row. The weights of a
+//! row are kept *tap-major* (sorted by tap, then channel), so the live taps of a pixel (all 9
+//! of a 3x3 kernel inside the map, 4 at a corner, 1 on a 1x1 map) are contiguous entry ranges
+//! and the padding costs nothing: no junk positions (the polyphase layout computes a 4x4 map
+//! as 6x6 under a 3x3 kernel) and no zero taps (a 3x3 kernel on a 1x1 map reads 1 tap of 9).
+//!
+//! * Forward: per output pixel and output channel, `NV` vectors of the batch in registers,
+//!   summed over the live taps' entries, BatchNorm's affine and ReLU applied before the store.
+//! * Input gradient: the same product with the transposed pattern (rows = input channels,
+//!   entries tap-major), each input pixel gathering the output pixels whose window holds it
+//!   (for stride 2 only the taps of its parity).
+//! * Weight gradient at the active weights: `g = Σ_q dy[o][q]·x[c][p(q, tap)]`, per tap the
+//!   contiguous runs of output pixels whose tap is live, entries sharing each `dy` load.
+//!
+//! Nothing but the two activations is stored: no phase buffer, no im2col, no padding.
+
+use rayon::prelude::*;
+
+use super::matrix::SparseMatrix;
+use super::SparseError;
+use crate::im2col::Conv2dGeom;
+use crate::isa::{self, Isa};
+
+/// Floats of the batch row one register tile covers (8 AVX-512 vectors).
+const TILE: usize = 128;
+/// Below this many multiply-adds a call runs on the calling thread.
+const SERIAL_FLOPS: usize = 1 << 18;
+
+/// One side of the pattern, tap-major: per row, per tap, a range of entries.
+#[derive(Debug, Clone)]
+struct TapMajor {
+    /// `rows x taps + 1` entry bounds: row `r`, tap `t` owns `ptr[r·taps + t] .. ptr[r·taps + t + 1]`.
+    ptr: Vec<usize>,
+    /// Per entry, the offset of its source channel's plane (`c · plane`).
+    chan: Vec<u32>,
+    /// Per entry, its index in the CSR of `W` (values are gathered from there each call).
+    src: Vec<u32>,
+}
+
+impl TapMajor {
+    /// Sorts `entries` = `(row, tap, channel, csr index)` into the tap-major layout.
+    fn build(
+        rows: usize,
+        taps: usize,
+        plane: usize,
+        mut entries: Vec<(u32, u32, u32, u32)>,
+    ) -> Self {
+        entries.sort_unstable();
+        let mut ptr = vec![0usize; rows * taps + 1];
+        for &(r, t, _, _) in &entries {
+            ptr[r as usize * taps + t as usize + 1] += 1;
+        }
+        for i in 0..rows * taps {
+            ptr[i + 1] += ptr[i];
+        }
+        let chan = entries
+            .iter()
+            .map(|&(_, _, c, _)| (c as usize * plane) as u32)
+            .collect();
+        let src = entries.iter().map(|&(_, _, _, e)| e).collect();
+        TapMajor { ptr, chan, src }
+    }
+
+    fn gather(&self, values: &[f32]) -> Vec<f32> {
+        self.src.iter().map(|&e| values[e as usize]).collect()
+    }
+}
+
+/// A sparse convolution of one geometry on CHWN activations.
+#[derive(Debug, Clone)]
+pub struct HwnConv {
+    geom: Conv2dGeom,
+    isa: Isa,
+    nnz: usize,
+    /// Rows = output channels, sources = input channel planes (`H·W·N`).
+    fwd: TapMajor,
+    /// Rows = input channels, sources = output channel planes (`OH·OW·N`).
+    bwd: TapMajor,
+    /// Floats from one channel of `x` to the next (`H·W·N`, plus a cache line where that is a
+    /// multiple of 4 KiB: planes a power of two apart fall into the same cache sets).
+    xs: usize,
+    /// The same for `out`, `dy` (`OH·OW·N`, padded alike).
+    ys: usize,
+}
+
+/// The channel stride of a CHWN plane of `len` floats: `len`, plus 16 where `len` is a multiple
+/// of 1024 (4 KiB).
+pub fn hwn_plane_stride(len: usize) -> usize {
+    if len % 1024 == 0 {
+        len + 16
+    } else {
+        len
+    }
+}
+
+/// A live tap of one pixel: the offset of the pixel it reads (`pixel · N`) and its entries.
+#[derive(Clone, Copy)]
+struct Live {
+    pix: usize,
+    start: usize,
+    end: usize,
+}
+
+impl HwnConv {
+    /// Lays out the pattern of `w` (`[OC][C·KH·KW]`) for convolutions of geometry `g`.
+    pub fn new(w: &SparseMatrix, g: &Conv2dGeom) -> Result<Self, SparseError> {
+        g.validate()
+            .map_err(|e| SparseError::new(format!("sparse conv: {e}")))?;
+        if w.rows() != g.oc || w.cols() != g.k() {
+            return Err(SparseError::new(format!(
+                "sparse conv: the pattern is {}x{}, the geometry needs OC x C·KH·KW = {}x{}",
+                w.rows(),
+                w.cols(),
+                g.oc,
+                g.k()
+            )));
+        }
+        let (xs, ys) = (
+            hwn_plane_stride(g.h * g.w * g.n),
+            hwn_plane_stride(g.oh() * g.ow() * g.n),
+        );
+        let fits = |n: usize| n <= u32::MAX as usize;
+        if !fits(g.c * xs) || !fits(g.oc * ys) {
+            return Err(SparseError::new(format!(
+                "sparse conv: the batch ({} images of {}x{}) is too large for 32-bit offsets; \
+                 use a smaller batch",
+                g.n, g.h, g.w
+            )));
+        }
+        let taps = g.kh * g.kw;
+        let csr = w.csr();
+        let mut f = Vec::with_capacity(w.nnz());
+        let mut b = Vec::with_capacity(w.nnz());
+        for o in 0..g.oc {
+            for e in csr.row_ptr[o]..csr.row_ptr[o + 1] {
+                let k = csr.col_idx[e] as usize;
+                let (c, t) = (k / taps, k % taps);
+                f.push((o as u32, t as u32, c as u32, e as u32));
+                b.push((c as u32, t as u32, o as u32, e as u32));
+            }
+        }
+        Ok(HwnConv {
+            geom: *g,
+            isa: isa::active(),
+            nnz: w.nnz(),
+            fwd: TapMajor::build(g.oc, taps, xs, f),
+            bwd: TapMajor::build(g.c, taps, ys, b),
+            xs,
+            ys,
+        })
+    }
+
+    /// The same layout running another instruction set (tests of every ISA).
+    #[cfg(test)]
+    pub(crate) fn with_isa(mut self, isa: Isa) -> Self {
+        self.isa = isa;
+        self
+    }
+
+    /// The geometry this layout was built for.
+    pub fn geom(&self) -> &Conv2dGeom {
+        &self.geom
+    }
+
+    /// Floats of the CHWN input (and input gradient): `C` planes [`hwn_plane_stride`] apart.
+    pub fn x_len(&self) -> usize {
+        self.geom.c * self.xs
+    }
+
+    /// Floats of the CHWN output (and output gradient).
+    pub fn out_len(&self) -> usize {
+        self.geom.oc * self.ys
+    }
+
+    fn check_w(&self, op: &str, w: &SparseMatrix) -> Result<(), SparseError> {
+        if w.nnz() != self.nnz || w.rows() != self.geom.oc || w.cols() != self.geom.k() {
+            return Err(SparseError::new(format!(
+                "sparse conv {op}: the weights ({}x{}, {} nonzeros) are not the pattern this \
+                 layout was built for ({}x{}, {} nonzeros)",
+                w.rows(),
+                w.cols(),
+                w.nnz(),
+                self.geom.oc,
+                self.geom.k(),
+                self.nnz
+            )));
+        }
+        Ok(())
+    }
+
+    /// The live taps of output pixel `(oy, ox)` of row `r`, reading input pixels.
+    fn fwd_live(&self, r: usize, oy: usize, ox: usize, live: &mut Vec<Live>) {
+        let g = &self.geom;
+        live.clear();
+        let taps = g.kh * g.kw;
+        for ky in 0..g.kh {
+            let iy = (oy * g.stride + ky).wrapping_sub(g.pad);
+            if iy >= g.h {
+                continue;
+            }
+            for kx in 0..g.kw {
+                let ix = (ox * g.stride + kx).wrapping_sub(g.pad);
+                if ix >= g.w {
+                    continue;
+                }
+                let t = ky * g.kw + kx;
+                let (start, end) = (self.fwd.ptr[r * taps + t], self.fwd.ptr[r * taps + t + 1]);
+                if start < end {
+                    live.push(Live {
+                        pix: (iy * g.w + ix) * g.n,
+                        start,
+                        end,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The live taps of input pixel `(iy, ix)` of input channel `r`, reading output pixels.
+    fn bwd_live(&self, r: usize, iy: usize, ix: usize, live: &mut Vec<Live>) {
+        let g = &self.geom;
+        let (oh, ow, s) = (g.oh(), g.ow(), g.stride);
+        live.clear();
+        let taps = g.kh * g.kw;
+        for ky in 0..g.kh {
+            let a = iy + g.pad;
+            if a < ky || (a - ky) % s != 0 || (a - ky) / s >= oh {
+                continue;
+            }
+            let oy = (a - ky) / s;
+            for kx in 0..g.kw {
+                let b = ix + g.pad;
+                if b < kx || (b - kx) % s != 0 || (b - kx) / s >= ow {
+                    continue;
+                }
+                let ox = (b - kx) / s;
+                let t = ky * g.kw + kx;
+                let (start, end) = (self.bwd.ptr[r * taps + t], self.bwd.ptr[r * taps + t + 1]);
+                if start < end {
+                    live.push(Live {
+                        pix: (oy * ow + ox) * g.n,
+                        start,
+                        end,
+                    });
+                }
+            }
+        }
+    }
+
+    /// `out = conv(x)` (CHWN in, CHWN out); with `epilogue = (scale, shift, relu)` each output
+    /// channel `o` becomes `max?(scale[o]·y + shift[o], 0)` before it is stored.
+    pub fn forward(
+        &self,
+        w: &SparseMatrix,
+        x: &[f32],
+        out: &mut [f32],
+        epilogue: Option<(&[f32], &[f32], bool)>,
+    ) -> Result<(), SparseError> {
+        self.check_w("forward", w)?;
+        let g = &self.geom;
+        len_check("forward", "x", x.len(), self.x_len())?;
+        len_check("forward", "out", out.len(), self.out_len())?;
+        if let Some((scale, shift, _)) = epilogue {
+            len_check("forward", "scale", scale.len(), g.oc)?;
+            len_check("forward", "shift", shift.len(), g.oc)?;
+        }
+        let vals = self.fwd.gather(w.values());
+        let (oh, ow) = (g.oh(), g.ow());
+        let plane_out = self.ys;
+        let optr = OutPtr(out.as_mut_ptr());
+        run_pixels(
+            oh * ow,
+            g.oc,
+            2 * self.nnz * g.n * oh * ow,
+            |pixels, rows| {
+                let mut live = Vec::with_capacity(g.kh * g.kw);
+                for q in pixels {
+                    let (oy, ox) = (q / ow, q % ow);
+                    for r in rows.clone() {
+                        self.fwd_live(r, oy, ox, &mut live);
+                        let ep = epilogue.map(|(sc, sh, relu)| (sc[r], sh[r], relu));
+                        // SAFETY: every live tap reads `x[chan + pix .. + N]` inside `x` (a real
+                        // input pixel of a real channel); the task owns output row `r`, pixel `q`.
+                        unsafe {
+                            let dst = optr.get().add(r * plane_out + q * g.n);
+                            row_tile(
+                                self.isa,
+                                &live,
+                                &self.fwd.chan,
+                                &vals,
+                                x.as_ptr(),
+                                g.n,
+                                dst,
+                                ep,
+                            );
+                        }
+                    }
+                }
+            },
+        );
+        Ok(())
+    }
+
+    /// `dx = convᵀ(dy)`: the input gradient (CHWN), overwritten.
+    pub fn backward_input(
+        &self,
+        w: &SparseMatrix,
+        dy: &[f32],
+        dx: &mut [f32],
+    ) -> Result<(), SparseError> {
+        self.check_w("backward_input", w)?;
+        let g = &self.geom;
+        len_check("backward_input", "dy", dy.len(), self.out_len())?;
+        len_check("backward_input", "dx", dx.len(), self.x_len())?;
+        let vals = self.bwd.gather(w.values());
+        let plane_in = self.xs;
+        let optr = OutPtr(dx.as_mut_ptr());
+        run_pixels(
+            g.h * g.w,
+            g.c,
+            2 * self.nnz * g.n * g.oh() * g.ow(),
+            |pixels, rows| {
+                let mut live = Vec::with_capacity(g.kh * g.kw);
+                for q in pixels {
+                    let (iy, ix) = (q / g.w, q % g.w);
+                    for r in rows.clone() {
+                        self.bwd_live(r, iy, ix, &mut live);
+                        // SAFETY: as in `forward`, with the roles of x and dy swapped.
+                        unsafe {
+                            let dst = optr.get().add(r * plane_in + q * g.n);
+                            row_tile(
+                                self.isa,
+                                &live,
+                                &self.bwd.chan,
+                                &vals,
+                                dy.as_ptr(),
+                                g.n,
+                                dst,
+                                None,
+                            );
+                        }
+                    }
+                }
+            },
+        );
+        Ok(())
+    }
+
+    /// The weight gradient at the active weights, in the CSR order of `w` (overwritten).
+    pub fn grad_weight(
+        &self,
+        w: &SparseMatrix,
+        dy: &[f32],
+        x: &[f32],
+        grad: &mut [f32],
+    ) -> Result<(), SparseError> {
+        self.check_w("grad_weight", w)?;
+        let g = &self.geom;
+        len_check("grad_weight", "dy", dy.len(), self.out_len())?;
+        len_check("grad_weight", "x", x.len(), self.x_len())?;
+        len_check("grad_weight", "grad", grad.len(), self.nnz)?;
+        let taps = g.kh * g.kw;
+        let (oh, ow, s) = (g.oh(), g.ow(), g.stride);
+        let plane_out = self.ys;
+        // Tap-major gradient, then scattered to the CSR order.
+        let mut gt = vec![0f32; self.nnz];
+        let bounds = split_rows(&self.fwd.ptr, taps, g.oc, 4 * rayon::current_num_threads());
+        let chunks: Vec<(usize, &mut [f32])> = {
+            let mut rest: &mut [f32] = &mut gt;
+            let mut v = Vec::new();
+            for i in 0..bounds.len() - 1 {
+                let (a, b) = (
+                    self.fwd.ptr[bounds[i] * taps],
+                    self.fwd.ptr[bounds[i + 1] * taps],
+                );
+                let (head, tail) = rest.split_at_mut(b - a);
+                v.push((i, head));
+                rest = tail;
+            }
+            v
+        };
+        let work = |(i, out): (usize, &mut [f32])| {
+            let base = self.fwd.ptr[bounds[i] * taps];
+            for r in bounds[i]..bounds[i + 1] {
+                let dyr = &dy[r * plane_out..][..oh * ow * g.n];
+                for ky in 0..g.kh {
+                    // Output rows whose tap row ky reads a real input row.
+                    let oy0 = g.pad.saturating_sub(ky).div_ceil(s);
+                    let oy1 = ((g.h + g.pad).saturating_sub(ky).div_ceil(s)).min(oh);
+                    for kx in 0..g.kw {
+                        let ox0 = g.pad.saturating_sub(kx).div_ceil(s);
+                        let ox1 = ((g.w + g.pad).saturating_sub(kx).div_ceil(s)).min(ow);
+                        let t = ky * g.kw + kx;
+                        let (e0, e1) = (self.fwd.ptr[r * taps + t], self.fwd.ptr[r * taps + t + 1]);
+                        if e0 == e1 || oy0 >= oy1 || ox0 >= ox1 {
+                            continue;
+                        }
+                        let acc = &mut out[e0 - base..e1 - base];
+                        for oy in oy0..oy1 {
+                            let iy = oy * s + ky - g.pad;
+                            if s == 1 {
+                                // The run of output pixels is contiguous in dy and in x.
+                                let ix0 = ox0 + kx - g.pad;
+                                let d = &dyr[(oy * ow + ox0) * g.n..(oy * ow + ox1) * g.n];
+                                let xo = (iy * g.w + ix0) * g.n;
+                                dot_entries(self.isa, d, x, xo, &self.fwd.chan[e0..e1], acc);
+                                continue;
+                            }
+                            // In x every s-th pixel: one dot per output pixel.
+                            for ox in ox0..ox1 {
+                                let ix = ox * s + kx - g.pad;
+                                let d = &dyr[(oy * ow + ox) * g.n..][..g.n];
+                                let xo = (iy * g.w + ix) * g.n;
+                                dot_entries(self.isa, d, x, xo, &self.fwd.chan[e0..e1], acc);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if 2 * self.nnz * g.n * oh * ow < SERIAL_FLOPS {
+            chunks.into_iter().for_each(work);
+        } else {
+            chunks.into_par_iter().for_each(work);
+        }
+        for (&e, &v) in self.fwd.src.iter().zip(&gt) {
+            grad[e as usize] = v;
+        }
+        Ok(())
+    }
+}
+
+/// Row bounds (over `rows`) splitting the entries into about `parts` balanced ranges.
+fn split_rows(ptr: &[usize], taps: usize, rows: usize, parts: usize) -> Vec<usize> {
+    let total = ptr[rows * taps];
+    let mut b = vec![0];
+    for r in 1..rows {
+        let want = total * b.len() / parts.max(1);
+        if ptr[r * taps] >= want && ptr[r * taps] > ptr[b[b.len() - 1] * taps] {
+            b.push(r);
+        }
+    }
+    b.push(rows);
+    b
+}
+
+/// Runs `f(pixels, rows)` over blocks of a `pixels x rows` output: pixel ranges first (the
+/// neighbouring pixels of one task share their input rows in cache), rows when the map is
+/// too small to give every thread work.
+fn run_pixels(
+    pixels: usize,
+    rows: usize,
+    flops: usize,
+    f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    let threads = rayon::current_num_threads();
+    if flops < SERIAL_FLOPS || threads == 1 {
+        f(0..pixels, 0..rows);
+        return;
+    }
+    let target = 4 * threads;
+    let np = pixels.min(target);
+    let nr = target.div_ceil(np).min(rows);
+    (0..np * nr).into_par_iter().for_each(|t| {
+        let (pi, ri) = (t / nr, t % nr);
+        f(
+            pixels * pi / np..pixels * (pi + 1) / np,
+            rows * ri / nr..rows * (ri + 1) / nr,
+        )
+    });
+}
+
+/// `dst[..n] = ep(Σ_live Σ_e vals[e] · src[chan[e] + pix ..][..n])`.
+///
+/// # Safety
+/// `src[chan[e] + live.pix .. + n]` readable for every entry of every live tap; `dst[..n]`
+/// writable and unshared.
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_tile(
+    isa: Isa,
+    live: &[Live],
+    chan: &[u32],
+    vals: &[f32],
+    src: *const f32,
+    n: usize,
+    dst: *mut f32,
+    ep: Option<(f32, f32, bool)>,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::row(live, chan, vals, src, n, dst, ep),
+        _ => row_portable(live, chan, vals, src, n, dst, ep),
+    }
+}
+
+#[inline]
+fn apply(v: f32, ep: Option<(f32, f32, bool)>) -> f32 {
+    match ep {
+        Some((a, b, relu)) => {
+            let y = a * v + b;
+            if relu {
+                y.max(0.0)
+            } else {
+                y
+            }
+        }
+        None => v,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_portable(
+    live: &[Live],
+    chan: &[u32],
+    vals: &[f32],
+    src: *const f32,
+    n: usize,
+    dst: *mut f32,
+    ep: Option<(f32, f32, bool)>,
+) {
+    let mut n0 = 0;
+    while n0 < n {
+        let w = (n - n0).min(TILE);
+        let mut acc = [0f32; TILE];
+        for l in live {
+            for e in l.start..l.end {
+                let v = vals[e];
+                let s = src.add(chan[e] as usize + l.pix + n0);
+                for (i, a) in acc[..w].iter_mut().enumerate() {
+                    *a = v.mul_add(*s.add(i), *a);
+                }
+            }
+        }
+        for (i, &a) in acc[..w].iter().enumerate() {
+            *dst.add(n0 + i) = apply(a, ep);
+        }
+        n0 += w;
+    }
+}
+
+/// `acc[j] += dot(d, x[chan[j] + xo ..][..d.len()])` for every entry `j`.
+fn dot_entries(isa: Isa, d: &[f32], x: &[f32], xo: usize, chan: &[u32], acc: &mut [f32]) {
+    match isa {
+        // SAFETY: AVX-512 is available; every `x[chan + xo ..][..n]` lies in `x` (callers pass
+        // real pixels of real channels), checked below in debug builds.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::dots(d, x, xo, chan, acc) },
+        _ => {
+            for (a, &c) in acc.iter_mut().zip(chan) {
+                let xr = &x[c as usize + xo..][..d.len()];
+                *a += d.iter().zip(xr).map(|(p, q)| p * q).sum::<f32>();
+            }
+        }
+    }
+}
+
+fn len_check(op: &str, what: &str, got: usize, want: usize) -> Result<(), SparseError> {
+    if got != want {
+        return Err(SparseError::new(format!(
+            "sparse conv {op}: `{what}` has {got} elements, the geometry needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Raw pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used to write disjoint elements from different tasks.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Live, TILE};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    fn tail_mask(w: usize) -> __mmask16 {
+        let rem = w % 16;
+        if rem == 0 {
+            0xFFFF
+        } else {
+            (1u16 << rem) - 1
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row(
+        live: &[Live],
+        chan: &[u32],
+        vals: &[f32],
+        src: *const f32,
+        n: usize,
+        dst: *mut f32,
+        ep: Option<(f32, f32, bool)>,
+    ) {
+        let mut n0 = 0;
+        while n0 < n {
+            let w = (n - n0).min(TILE);
+            let mask = tail_mask(w);
+            let s = src.add(n0);
+            let d = dst.add(n0);
+            match w.div_ceil(16) {
+                8 => tile::<8>(live, chan, vals, s, mask, d, ep),
+                7 => tile::<7>(live, chan, vals, s, mask, d, ep),
+                6 => tile::<6>(live, chan, vals, s, mask, d, ep),
+                5 => tile::<5>(live, chan, vals, s, mask, d, ep),
+                4 => tile::<4>(live, chan, vals, s, mask, d, ep),
+                3 => tile::<3>(live, chan, vals, s, mask, d, ep),
+                2 => tile::<2>(live, chan, vals, s, mask, d, ep),
+                _ => tile::<1>(live, chan, vals, s, mask, d, ep),
+            }
+            n0 += w;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const NV: usize>(
+        live: &[Live],
+        chan: &[u32],
+        vals: &[f32],
+        src: *const f32,
+        mask: __mmask16,
+        dst: *mut f32,
+        ep: Option<(f32, f32, bool)>,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); NV];
+        for l in live {
+            let base = src.add(l.pix);
+            for e in l.start..l.end {
+                let vv = _mm512_set1_ps(*vals.get_unchecked(e));
+                let xr = base.add(*chan.get_unchecked(e) as usize);
+                for (i, a) in acc.iter_mut().enumerate().take(NV - 1) {
+                    *a = _mm512_fmadd_ps(vv, _mm512_loadu_ps(xr.add(16 * i)), *a);
+                }
+                acc[NV - 1] = _mm512_fmadd_ps(
+                    vv,
+                    _mm512_maskz_loadu_ps(mask, xr.add(16 * (NV - 1))),
+                    acc[NV - 1],
+                );
+            }
+        }
+        if let Some((a, b, relu)) = ep {
+            let (va, vb) = (_mm512_set1_ps(a), _mm512_set1_ps(b));
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, va, vb);
+                if relu {
+                    *x = _mm512_max_ps(*x, _mm512_setzero_ps());
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate().take(NV - 1) {
+            _mm512_storeu_ps(dst.add(16 * i), *a);
+        }
+        _mm512_mask_storeu_ps(dst.add(16 * (NV - 1)), mask, acc[NV - 1]);
+    }
+
+    /// `acc[j] += dot(d, x[chan[j] + xo ..][..d.len()])`, four entries sharing each `d` load.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dots(d: &[f32], x: &[f32], xo: usize, chan: &[u32], acc: &mut [f32]) {
+        let n = d.len();
+        let full = n / 16;
+        let m = tail_mask(n);
+        let xp = x.as_ptr().add(xo);
+        let dp = d.as_ptr();
+        let mut j = 0;
+        while j < chan.len() {
+            let g = (chan.len() - j).min(4);
+            let xr: [*const f32; 4] =
+                std::array::from_fn(|i| xp.add(chan[j + i.min(g - 1)] as usize));
+            let mut s = [_mm512_setzero_ps(); 4];
+            for v in 0..full {
+                let dv = _mm512_loadu_ps(dp.add(16 * v));
+                for i in 0..4 {
+                    s[i] = _mm512_fmadd_ps(dv, _mm512_loadu_ps(xr[i].add(16 * v)), s[i]);
+                }
+            }
+            if full * 16 < n {
+                let dv = _mm512_maskz_loadu_ps(m, dp.add(16 * full));
+                for i in 0..4 {
+                    s[i] =
+                        _mm512_fmadd_ps(dv, _mm512_maskz_loadu_ps(m, xr[i].add(16 * full)), s[i]);
+                }
+            }
+            for i in 0..g {
+                acc[j + i] += _mm512_reduce_add_ps(s[i]);
+            }
+            j += g;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every instruction set gives the portable loops' results (the integration tests check
+    /// those against a naive convolution).
+    #[test]
+    fn every_isa_agrees_with_the_portable_loops() {
+        let mut seed = 1u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        for g in [
+            Conv2dGeom {
+                c: 6,
+                n: 37,
+                h: 4,
+                w: 5,
+                oc: 7,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Conv2dGeom {
+                c: 5,
+                n: 144,
+                h: 4,
+                w: 4,
+                oc: 6,
+                kh: 3,
+                kw: 3,
+                stride: 2,
+                pad: 1,
+            },
+        ] {
+            let w: Vec<f32> = (0..g.w_len()).map(|_| rnd()).collect();
+            let m: Vec<bool> = (0..g.w_len()).map(|_| rnd() > 0.1).collect();
+            let sm = SparseMatrix::from_dense_masked(&w, &m, g.oc, g.k()).expect("pattern");
+            let base = HwnConv::new(&sm, &g)
+                .expect("layout")
+                .with_isa(Isa::Portable);
+            let x: Vec<f32> = (0..base.x_len()).map(|_| rnd()).collect();
+            let dy: Vec<f32> = (0..base.out_len()).map(|_| rnd()).collect();
+            let run = |c: &HwnConv| {
+                let mut out = vec![0.0; c.out_len()];
+                c.forward(
+                    &sm,
+                    &x,
+                    &mut out,
+                    Some((&[1.5; 7][..g.oc], &[0.25; 7][..g.oc], true)),
+                )
+                .expect("forward");
+                let mut dx = vec![0.0; c.x_len()];
+                c.backward_input(&sm, &dy, &mut dx).expect("backward");
+                let mut gw = vec![0.0; sm.nnz()];
+                c.grad_weight(&sm, &dy, &x, &mut gw).expect("grad");
+                (out, dx, gw)
+            };
+            let want = run(&base);
+            for isa in Isa::available() {
+                let got = run(&base.clone().with_isa(isa));
+                for (a, b) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)] {
+                    for (i, (p, q)) in a.iter().zip(b.iter()).enumerate() {
+                        assert!(
+                            (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                            "{isa:?} [{i}]: {p} vs {q}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
