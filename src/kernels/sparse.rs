@@ -9,11 +9,12 @@
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rest_kernels::sparse::{
-    packed_len, sddmm_into, sddmm_packed, sddmm_rows, spmm, spmm_rows_fused, spmm_t, spmm_t_rows,
-    SparseConv, SparseMatrix,
+    hwn_plane_stride, packed_len, sddmm_into, sddmm_packed, sddmm_rows, spmm, spmm_rows_fused,
+    spmm_t, spmm_t_rows, HwnConv, SparseConv, SparseMatrix,
 };
 use rest_kernels::{
-    conv2d_bwd_weight, linear_bwd_bias, linear_bwd_weight, transpose, Conv2dGeom, ConvStackPlan,
+    chwn_to_cnhw, cnhw_to_chwn, conv2d_bwd_weight, linear_bwd_bias, linear_bwd_weight, transpose,
+    Conv2dGeom, ConvStackPlan,
 };
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -40,7 +41,7 @@ pub(super) struct State {
     flat: Arc<[usize]>,
     /// The pattern laid out for the last convolution geometry (rebuilt when the batch or
     /// image size changes; the pattern itself never changes within a `SparseWeight`).
-    conv: Option<Arc<SparseConv>>,
+    conv: Option<Arc<ConvPlan>>,
     /// The pattern laid out for the inference stack (`kernels::conv_stack`), per geometry.
     conv_stack: Option<Arc<ConvStackPlan>>,
 }
@@ -77,16 +78,87 @@ impl State {
         }
     }
 
-    fn conv_plan(&mut self, g: &Conv2dGeom) -> candle_core::Result<Arc<SparseConv>> {
+    fn conv_plan(&mut self, g: &Conv2dGeom) -> candle_core::Result<Arc<ConvPlan>> {
         match &self.conv {
             Some(c) if c.geom() == g => Ok(c.clone()),
             _ => {
-                let c = Arc::new(SparseConv::new(&self.matrix, g).map_err(kernel_err)?);
+                let plan = if ConvPlan::batch_innermost(g) {
+                    ConvPlan::Hwn(HwnConv::new(&self.matrix, g).map_err(kernel_err)?)
+                } else {
+                    ConvPlan::Phase(SparseConv::new(&self.matrix, g).map_err(kernel_err)?)
+                };
+                let c = Arc::new(plan);
                 self.conv = Some(c.clone());
                 Ok(c)
             }
         }
     }
+}
+
+/// Output maps of at most this many pixels (8x8) run the batch-innermost convolution
+/// ([`HwnConv`]) when their kernel is 3x3 (ResNet's; REST's CNN's 4x4 stride-2 convs lose
+/// with it: training step at density 0.05 34.5 -> 42.8 ms, so they and other kernels keep
+/// the polyphase layout): there the polyphase layout computes
+/// many junk positions (a 4x4 map under a 3x3 kernel as 6x6) or, on the tiniest maps, im2col
+/// rows. Measured with `rest bench --models resnet18 --densities 0.05 --profile` (2 threads,
+/// `REST_CONV_LAYOUT=phase|hwn`): at 32 px batch 256, forward + backward ms of all 8x8 /
+/// 4x4 / 2x2 / 1x1 layers 64.4 -> 54.3, 48.5 -> 26.8, 38.0 -> 14.7, 10.3 -> 9.4 (step 205 ->
+/// 149 ms); at 128 px batch 64 the 8x8 and 4x4 layers gain (82 -> 72, 65 -> 36 ms) while
+/// 16x16 and 32x32 ones lose (126 -> 158, 201 -> 302: their weight gradient reads the
+/// batch rows pixel by pixel).
+const HWN_MAX_OUT: usize = 64;
+
+/// The layout of one sparse convolution: polyphase CNHW or batch-innermost CHWN (whose
+/// operands are converted from and to the network's CNHW inside the op).
+#[derive(Debug)]
+pub(super) enum ConvPlan {
+    Phase(SparseConv),
+    Hwn(HwnConv),
+}
+
+impl ConvPlan {
+    fn geom(&self) -> &Conv2dGeom {
+        match self {
+            ConvPlan::Phase(p) => p.geom(),
+            ConvPlan::Hwn(h) => h.geom(),
+        }
+    }
+
+    /// Whether geometry `g` takes the batch-innermost layout: 3x3 kernels on small output
+    /// maps (see [`HWN_MAX_OUT`]); `REST_CONV_LAYOUT=phase|hwn` forces one for comparisons.
+    fn batch_innermost(g: &Conv2dGeom) -> bool {
+        static FORCE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+        let force = *FORCE.get_or_init(|| match std::env::var("REST_CONV_LAYOUT").as_deref() {
+            Ok("phase") => Some(false),
+            Ok("hwn") => Some(true),
+            _ => None,
+        });
+        force.unwrap_or(g.kh == 3 && g.kw == 3 && g.oh() * g.ow() <= HWN_MAX_OUT)
+    }
+}
+
+/// `x` (CNHW) as the CHWN copy `plan` reads.
+fn to_chwn(plan: &HwnConv, x: &[f32]) -> Vec<f32> {
+    let g = plan.geom();
+    let mut xh = scratch::output(plan.x_len());
+    cnhw_to_chwn(
+        x,
+        g.c,
+        g.n,
+        g.h * g.w,
+        hwn_plane_stride(g.n * g.h * g.w),
+        &mut xh,
+    );
+    xh
+}
+
+/// `dy` (CNHW, the output's shape) as the CHWN copy `plan` reads.
+fn grad_to_chwn(plan: &HwnConv, dy: &[f32]) -> Vec<f32> {
+    let g = plan.geom();
+    let p = g.oh() * g.ow();
+    let mut dyh = scratch::output(plan.out_len());
+    cnhw_to_chwn(dy, g.oc, g.n, p, hwn_plane_stride(g.n * p), &mut dyh);
+    dyh
 }
 
 impl SparseWeight {
@@ -250,11 +322,24 @@ pub(super) fn sparse_conv_forward_affine(
     }
     st.matrix.update_values_from_dense(w).map_err(kernel_err)?;
     let plan = st.conv_plan(g)?;
-    let mut xph = scratch::output(plan.phase_len());
-    plan.pack_input(x, &mut xph).map_err(kernel_err)?;
-    plan.forward_affine(&st.matrix, &xph, out, epilogue)
-        .map_err(kernel_err)?;
-    Ok(keep_input.then_some(xph))
+    match &*plan {
+        ConvPlan::Phase(plan) => {
+            let mut xph = scratch::output(plan.phase_len());
+            plan.pack_input(x, &mut xph).map_err(kernel_err)?;
+            plan.forward_affine(&st.matrix, &xph, out, epilogue)
+                .map_err(kernel_err)?;
+            Ok(keep_input.then_some(xph))
+        }
+        ConvPlan::Hwn(plan) => {
+            let xh = to_chwn(plan, x);
+            let mut yh = scratch::output(plan.out_len());
+            plan.forward(&st.matrix, &xh, &mut yh, epilogue)
+                .map_err(kernel_err)?;
+            let p = g.oh() * g.ow();
+            chwn_to_cnhw(&yh, g.oc, g.n, p, hwn_plane_stride(g.n * p), out);
+            Ok(keep_input.then_some(xh))
+        }
+    }
 }
 
 /// Gradients of a sparse convolution from the CNHW output gradient `dout`: the input's if
@@ -271,15 +356,42 @@ pub(super) fn sparse_conv_backward(
     const OP: &str = "rest-sparse-conv2d-cnhw";
     let mut st = weight.lock();
     let plan = st.conv_plan(g)?;
-    let mut dyv = scratch::output(plan.grad_len());
-    let dx = if x.track_op() {
-        let mut dx = scratch::output(g.x_len());
-        plan.backward_input(&st.matrix, dout, &mut dyv, &mut dx)
-            .map_err(kernel_err)?;
-        Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-    } else {
-        None
+    // The input gradient, and the output gradient in the layout the weight gradient reads.
+    let (dx, dyv) = match &*plan {
+        ConvPlan::Phase(plan) => {
+            let mut dyv = scratch::output(plan.grad_len());
+            let dx = if x.track_op() {
+                let mut dx = scratch::output(g.x_len());
+                plan.backward_input(&st.matrix, dout, &mut dyv, &mut dx)
+                    .map_err(kernel_err)?;
+                Some(dx)
+            } else {
+                None
+            };
+            (dx, dyv)
+        }
+        ConvPlan::Hwn(plan) => {
+            let dyh = grad_to_chwn(plan, dout);
+            let dx = if x.track_op() {
+                let mut dxh = scratch::output(plan.x_len());
+                plan.backward_input(&st.matrix, &dyh, &mut dxh)
+                    .map_err(kernel_err)?;
+                let mut dx = scratch::output(g.x_len());
+                let p = g.h * g.w;
+                chwn_to_cnhw(&dxh, g.c, g.n, p, hwn_plane_stride(g.n * p), &mut dx);
+                Some(dx)
+            } else {
+                None
+            };
+            (dx, dyh)
+        }
     };
+    let dx_done = dx.is_some();
+    let dx = match dx {
+        Some(dx) => Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+        None => None,
+    };
+    let mut dyv = dyv;
     let dw = if !w.track_op() {
         None
     } else if st.dense_grad {
@@ -291,21 +403,33 @@ pub(super) fn sparse_conv_backward(
         })?;
         Some(Tensor::from_vec(dw, w.shape(), w.device())?)
     } else {
-        let xph = match xph.take() {
-            Some(b) => b,
-            None => {
-                let mut b = scratch::output(plan.phase_len());
-                with_f32(x, OP, |xs| plan.pack_input(xs, &mut b).map_err(kernel_err))?;
-                b
-            }
-        };
-        if !x.track_op() {
-            // Else `backward_input` left the expanded gradient in `dyv`.
-            plan.expand_grad(dout, &mut dyv).map_err(kernel_err)?;
-        }
         let mut vals = scratch::output(st.matrix.nnz());
-        plan.grad_weight(&st.matrix, &dyv, &xph, &mut vals)
-            .map_err(kernel_err)?;
+        match &*plan {
+            ConvPlan::Phase(plan) => {
+                let xph = match xph.take() {
+                    Some(b) => b,
+                    None => {
+                        let mut b = scratch::output(plan.phase_len());
+                        with_f32(x, OP, |xs| plan.pack_input(xs, &mut b).map_err(kernel_err))?;
+                        b
+                    }
+                };
+                if !dx_done {
+                    // Else `backward_input` left the expanded gradient in `dyv`.
+                    plan.expand_grad(dout, &mut dyv).map_err(kernel_err)?;
+                }
+                plan.grad_weight(&st.matrix, &dyv, &xph, &mut vals)
+                    .map_err(kernel_err)?;
+            }
+            ConvPlan::Hwn(plan) => {
+                let xh = match xph.take() {
+                    Some(b) => b,
+                    None => with_f32(x, OP, |xs| Ok(to_chwn(plan, xs)))?,
+                };
+                plan.grad_weight(&st.matrix, &dyv, &xh, &mut vals)
+                    .map_err(kernel_err)?;
+            }
+        }
         drop(xph);
         if st.compact_grad {
             // Kept at the active weights for the optimizer (`SparseWeight::take_grad`).
