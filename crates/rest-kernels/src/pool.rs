@@ -126,6 +126,18 @@ pub fn max_pool2d_fwd(x: &[f32], g: &MaxPool2dGeom, out: &mut [f32], idx: &mut [
     if oplane == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if narrow_k3s2_applies(g) {
+        out.par_chunks_mut(oplane)
+            .zip(idx.par_chunks_mut(oplane))
+            .enumerate()
+            .for_each(|(pl, (o, id))| {
+                // SAFETY: AVX-512F is the active level and the geometry is the one
+                // `narrow_k3s2_applies` accepted; `o`, `id` hold one output plane.
+                unsafe { narrow_k3s2_avx512(&x[pl * plane..(pl + 1) * plane], g, o, id) }
+            });
+        return;
+    }
     out.par_chunks_mut(oplane)
         .zip(idx.par_chunks_mut(oplane))
         .enumerate()
@@ -175,6 +187,91 @@ pub fn max_pool2d_fwd(x: &[f32], g: &MaxPool2dGeom, out: &mut [f32], idx: &mut [
                 };
             }
         });
+}
+
+/// Whether a plane takes [`narrow_k3s2_avx512`]: the 3x3 stride-2 padding-1 pool (ResNet's
+/// stem) on rows of at most 16 pixels, on AVX-512.
+#[cfg(target_arch = "x86_64")]
+fn narrow_k3s2_applies(g: &MaxPool2dGeom) -> bool {
+    g.k == 3
+        && g.stride == 2
+        && g.pad == 1
+        && g.w <= 16
+        && crate::isa::active() == crate::isa::Isa::Avx512
+}
+
+/// One plane of the 3x3 stride-2 padding-1 max pool on rows of at most 16 pixels (ResNet's
+/// stem pool at 32 px: 16x16 -> 8x8), separably: each input row is one vector, its window
+/// maxima of the three columns of every output (first maximum in column order, or the first
+/// NaN) come from three permutes, and each output row combines the results of its (up to)
+/// three input rows in row order. This equals the row-major scan of the whole window: the
+/// first row holding the window's maximum (or first NaN) wins, at its first position there.
+///
+/// # Safety
+/// AVX-512F is available; `g` passes [`narrow_k3s2_applies`]; `src` is one `h x w` plane and
+/// `out`, `idx` one output plane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn narrow_k3s2_avx512(src: &[f32], g: &MaxPool2dGeom, out: &mut [f32], idx: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let (h, w, oh, ow) = (g.h, g.w, g.oh(), g.ow());
+    assert!(
+        src.len() == h * w && out.len() == oh * ow && idx.len() == oh * ow && w <= 16,
+        "narrow max pool: plane sizes"
+    );
+    // Lane ox reads columns 2ox-1 (from ox = 1), 2ox, and 2ox+1 (while inside the row).
+    let mut cols = [[0i32; 16]; 3];
+    for l in 0..16 {
+        cols[0][l] = (2 * l as i32 - 1).clamp(0, 15);
+        cols[1][l] = (2 * l as i32).min(15);
+        cols[2][l] = (2 * l as i32 + 1).min(15);
+    }
+    let cols = cols.map(|c| _mm512_loadu_si512(c.as_ptr().cast()));
+    let lanes: __mmask16 = ((1u32 << ow) - 1) as u16;
+    let inside = |first: usize| -> __mmask16 {
+        let mut m = 0u16;
+        for l in 0..ow {
+            if 2 * l + first >= 1 && 2 * l + first - 1 < w {
+                m |= 1 << l;
+            }
+        }
+        m
+    };
+    let valid = [inside(0), inside(1), inside(2)];
+    let row_mask: __mmask16 = ((1u32 << w) - 1) as u16;
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    // The per-output maxima of input row iy (and their plane positions).
+    let row = |iy: usize| {
+        let v = _mm512_mask_loadu_ps(ninf, row_mask, src.as_ptr().add(iy * w));
+        let base = _mm512_set1_epi32((iy * w) as i32);
+        // As the scalar scan: the window's first column until a value is taken.
+        let mut best = ninf;
+        let mut arg = _mm512_add_epi32(base, cols[0]);
+        for (c, &m) in cols.iter().zip(&valid) {
+            let val = _mm512_permutexvar_ps(*c, v);
+            let at = _mm512_add_epi32(base, *c);
+            let (b, a) = take_max(best, arg, val, at);
+            best = _mm512_mask_blend_ps(m, best, b);
+            arg = _mm512_mask_blend_epi32(m, arg, a);
+        }
+        (best, arg)
+    };
+    let mut prev = row(0);
+    for oy in 0..oh {
+        // Rows 2oy-1 (= the last row of the previous output), 2oy, 2oy+1 inside the plane.
+        let mid = if oy == 0 { prev } else { row(2 * oy) };
+        let (mut best, mut arg) = if oy == 0 { mid } else { prev };
+        if oy > 0 {
+            (best, arg) = take_max(best, arg, mid.0, mid.1);
+        }
+        if 2 * oy + 1 < h {
+            let last = row(2 * oy + 1);
+            (best, arg) = take_max(best, arg, last.0, last.1);
+            prev = last;
+        }
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(oy * ow), lanes, best);
+        _mm512_mask_storeu_epi32(idx.as_mut_ptr().add(oy * ow).cast(), lanes, arg);
+    }
 }
 
 /// Whether the inner outputs of a plane (`inner_w` per row, `inner_h` rows) run across rows

@@ -566,6 +566,12 @@ fn max_pool_wide_and_short_rows_ties_and_nans_match_a_scalar_scan() {
         (3, 1, 1, 9, 7),
         (4, 3, 2, 14, 11),
         (3, 2, 1, 5, 5),
+        // Rows of at most 16 under the 3x3 stride-2 padding-1 pool (the narrow path).
+        (3, 2, 1, 7, 16),
+        (3, 2, 1, 16, 15),
+        (3, 2, 1, 1, 3),
+        (3, 2, 1, 2, 1),
+        (3, 2, 1, 6, 2),
     ] {
         let g = MaxPool2dGeom {
             c: 2,
