@@ -220,12 +220,9 @@ unsafe fn narrow_k3s2_avx512(src: &[f32], g: &MaxPool2dGeom, out: &mut [f32], id
         "narrow max pool: plane sizes"
     );
     // Lane ox reads columns 2ox-1 (from ox = 1), 2ox, and 2ox+1 (while inside the row).
-    let mut cols = [[0i32; 16]; 3];
-    for l in 0..16 {
-        cols[0][l] = (2 * l as i32 - 1).clamp(0, 15);
-        cols[1][l] = (2 * l as i32).min(15);
-        cols[2][l] = (2 * l as i32 + 1).min(15);
-    }
+    let cols: [[i32; 16]; 3] = std::array::from_fn(|d| {
+        std::array::from_fn(|l| (2 * l as i32 + d as i32 - 1).clamp(0, 15))
+    });
     let cols = cols.map(|c| _mm512_loadu_si512(c.as_ptr().cast()));
     let lanes: __mmask16 = ((1u32 << ow) - 1) as u16;
     let inside = |first: usize| -> __mmask16 {

@@ -163,6 +163,9 @@ fn check(g: Conv2dGeom, density: f64, seed: u64) {
     check_hwn(&g, &sm, &x, &dy, (&out_ref, &dx_ref, &want), &tag);
 }
 
+/// A reference result and the sums of absolute terms (the tolerance's scale).
+type Ref = (Vec<f64>, Vec<f64>);
+
 /// The batch-innermost convolution ([`HwnConv`]) on the same case: CNHW operands converted to
 /// CHWN (with stale NaN buffers, which must be fully overwritten, padding floats included in
 /// the comparison only where they are real positions).
@@ -171,11 +174,7 @@ fn check_hwn(
     sm: &SparseMatrix,
     x: &[f32],
     dy: &[f32],
-    want: (
-        &(Vec<f64>, Vec<f64>),
-        &(Vec<f64>, Vec<f64>),
-        &(Vec<f64>, Vec<f64>),
-    ),
+    want: (&Ref, &Ref, &Ref),
     tag: &str,
 ) {
     let conv = HwnConv::new(sm, g).unwrap();

@@ -93,7 +93,7 @@ pub struct HwnConv {
 /// The channel stride of a CHWN plane of `len` floats: `len`, plus 16 where `len` is a multiple
 /// of 1024 (4 KiB).
 pub fn hwn_plane_stride(len: usize) -> usize {
-    if len % 1024 == 0 {
+    if len.is_multiple_of(1024) {
         len + 16
     } else {
         len
@@ -231,13 +231,13 @@ impl HwnConv {
         let taps = g.kh * g.kw;
         for ky in 0..g.kh {
             let a = iy + g.pad;
-            if a < ky || (a - ky) % s != 0 || (a - ky) / s >= oh {
+            if a < ky || !(a - ky).is_multiple_of(s) || (a - ky) / s >= oh {
                 continue;
             }
             let oy = (a - ky) / s;
             for kx in 0..g.kw {
                 let b = ix + g.pad;
-                if b < kx || (b - kx) % s != 0 || (b - kx) / s >= ow {
+                if b < kx || !(b - kx).is_multiple_of(s) || (b - kx) / s >= ow {
                     continue;
                 }
                 let ox = (b - kx) / s;
