@@ -669,37 +669,52 @@ mod avx512 {
         _mm512_mask_storeu_ps(dst.add(16 * (NV - 1)), mask, acc[NV - 1]);
     }
 
-    /// `acc[j] += dot(d, x[chan[j] + xo ..][..d.len()])`, four entries sharing each `d` load.
+    /// `acc[j] += dot(d, x[chan[j] + xo ..][..d.len()])`: groups of eight entries (then four,
+    /// two, one) sharing each `d` load.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dots(d: &[f32], x: &[f32], xo: usize, chan: &[u32], acc: &mut [f32]) {
+        let xp = x.as_ptr().add(xo);
+        let mut j = 0;
+        while j + 8 <= chan.len() {
+            group::<8>(d, xp, &chan[j..], &mut acc[j..]);
+            j += 8;
+        }
+        if j + 4 <= chan.len() {
+            group::<4>(d, xp, &chan[j..], &mut acc[j..]);
+            j += 4;
+        }
+        if j + 2 <= chan.len() {
+            group::<2>(d, xp, &chan[j..], &mut acc[j..]);
+            j += 2;
+        }
+        if j < chan.len() {
+            group::<1>(d, xp, &chan[j..], &mut acc[j..]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn group<const G: usize>(d: &[f32], xp: *const f32, chan: &[u32], acc: &mut [f32]) {
         let n = d.len();
         let full = n / 16;
-        let m = tail_mask(n);
-        let xp = x.as_ptr().add(xo);
         let dp = d.as_ptr();
-        let mut j = 0;
-        while j < chan.len() {
-            let g = (chan.len() - j).min(4);
-            let xr: [*const f32; 4] =
-                std::array::from_fn(|i| xp.add(chan[j + i.min(g - 1)] as usize));
-            let mut s = [_mm512_setzero_ps(); 4];
-            for v in 0..full {
-                let dv = _mm512_loadu_ps(dp.add(16 * v));
-                for i in 0..4 {
-                    s[i] = _mm512_fmadd_ps(dv, _mm512_loadu_ps(xr[i].add(16 * v)), s[i]);
-                }
+        let xr: [*const f32; G] = std::array::from_fn(|i| xp.add(chan[i] as usize));
+        let mut s = [_mm512_setzero_ps(); G];
+        for v in 0..full {
+            let dv = _mm512_loadu_ps(dp.add(16 * v));
+            for i in 0..G {
+                s[i] = _mm512_fmadd_ps(dv, _mm512_loadu_ps(xr[i].add(16 * v)), s[i]);
             }
-            if full * 16 < n {
-                let dv = _mm512_maskz_loadu_ps(m, dp.add(16 * full));
-                for i in 0..4 {
-                    s[i] =
-                        _mm512_fmadd_ps(dv, _mm512_maskz_loadu_ps(m, xr[i].add(16 * full)), s[i]);
-                }
+        }
+        if full * 16 < n {
+            let m = tail_mask(n);
+            let dv = _mm512_maskz_loadu_ps(m, dp.add(16 * full));
+            for i in 0..G {
+                s[i] = _mm512_fmadd_ps(dv, _mm512_maskz_loadu_ps(m, xr[i].add(16 * full)), s[i]);
             }
-            for i in 0..g {
-                acc[j + i] += _mm512_reduce_add_ps(s[i]);
-            }
-            j += g;
+        }
+        for i in 0..G {
+            acc[i] += _mm512_reduce_add_ps(s[i]);
         }
     }
 }
