@@ -9,7 +9,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rest_kernels::sparse::{hwn_plane_stride, HwnConv, SparseConv, SparseMatrix};
-use rest_kernels::{transpose, Conv2dGeom};
+use rest_kernels::{chwn_to_cnhw, cnhw_to_chwn, Conv2dGeom};
 
 #[path = "common/cpu_time.rs"]
 mod cpu_time;
@@ -126,16 +126,10 @@ fn main() {
         let hc = HwnConv::new(&sm, &g).expect("geometry");
         let (pi, po) = (hw * hw, g.oh() * g.ow());
         let to_hwn = |src: &[f32], c: usize, p: usize, dst: &mut [f32]| {
-            let st = hwn_plane_stride(n * p);
-            for (s, d) in src.chunks_exact(n * p).zip(dst.chunks_mut(st)).take(c) {
-                transpose(s, n, p, &mut d[..n * p]);
-            }
+            cnhw_to_chwn(src, c, n, p, hwn_plane_stride(n * p), dst)
         };
         let from_hwn = |src: &[f32], c: usize, p: usize, dst: &mut [f32]| {
-            let st = hwn_plane_stride(n * p);
-            for (s, d) in src.chunks(st).zip(dst.chunks_exact_mut(n * p)).take(c) {
-                transpose(&s[..n * p], p, n, d);
-            }
+            chwn_to_cnhw(src, c, n, p, hwn_plane_stride(n * p), dst)
         };
         let mut xh = buf(hc.x_len());
         let mut dyh = buf(hc.out_len());

@@ -80,8 +80,28 @@ fn planes(total: usize, dst: &mut [f32], stride: usize, f: impl Fn(usize, &mut [
     }
 }
 
-/// [`transpose`] on the calling thread, in 16 x 16 blocks.
+/// [`transpose`] on the calling thread, in 16 x 16 blocks: with AVX-512, whole blocks in
+/// registers where both sides are multiples of 16, else one 16-lane gather (short rows) or
+/// scatter (few rows) per 16 elements; scalar otherwise.
 fn transpose_serial(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    assert!(
+        src.len() >= rows * cols && dst.len() >= rows * cols,
+        "transpose: short buffers"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx512
+        && rows * cols < i32::MAX as usize
+        && (rows.is_multiple_of(16) || cols.is_multiple_of(16))
+    {
+        // SAFETY: AVX-512F is the active level; both buffers hold rows x cols floats
+        // (asserted above), every index below is under rows x cols.
+        unsafe { transpose_avx512(src, rows, cols, dst) };
+        return;
+    }
+    transpose_scalar(src, rows, cols, dst);
+}
+
+fn transpose_scalar(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const B: usize = 16;
     for r0 in (0..rows).step_by(B) {
         let r1 = (r0 + B).min(rows);
@@ -95,6 +115,90 @@ fn transpose_serial(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
             }
         }
     }
+}
+
+/// See [`transpose_serial`].
+///
+/// # Safety
+/// AVX-512F is available; `src` and `dst` hold `rows x cols < 2^31` floats; `rows` or `cols`
+/// is a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_avx512(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    if rows.is_multiple_of(16) && cols.is_multiple_of(16) {
+        for r0 in (0..rows).step_by(16) {
+            for c0 in (0..cols).step_by(16) {
+                let r: [__m512; 16] =
+                    std::array::from_fn(|i| _mm512_loadu_ps(s.add((r0 + i) * cols + c0)));
+                let t = transpose16(r);
+                for (i, v) in t.iter().enumerate() {
+                    _mm512_storeu_ps(d.add((c0 + i) * rows + r0), *v);
+                }
+            }
+        }
+    } else if rows.is_multiple_of(16) {
+        // Short rows: dst row c gathers column c, 16 source rows at a time.
+        let idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(cols as i32));
+        for c in 0..cols {
+            for r0 in (0..rows).step_by(16) {
+                let v = _mm512_i32gather_ps::<4>(idx, s.add(r0 * cols + c));
+                _mm512_storeu_ps(d.add(c * rows + r0), v);
+            }
+        }
+    } else {
+        // Few rows: each source row's 16-column pieces scatter down dst's column r.
+        let idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(rows as i32));
+        for r in 0..rows {
+            for c0 in (0..cols).step_by(16) {
+                let v = _mm512_loadu_ps(s.add(r * cols + c0));
+                _mm512_i32scatter_ps::<4>(d.add(c0 * rows + r), idx, v);
+            }
+        }
+    }
+}
+
+/// The 16 x 16 transpose of 16 row vectors: pairs interleaved, then quads, then 128-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // t[2k], t[2k+1]: rows 2k, 2k+1 interleaved (columns 0,1 / 2,3 of each 128-bit lane).
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // u[4k + j]: column j (+4, +8, +12 in lanes 1-3) of rows 4k..4k+3.
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (k, j) = (i / 4, i % 4);
+        let (a, b) = (
+            _mm512_castps_pd(t[4 * k + (j / 2)]),
+            _mm512_castps_pd(t[4 * k + 2 + (j / 2)]),
+        );
+        _mm512_castpd_ps(if j % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    let mut out = [_mm512_setzero_ps(); 16];
+    for j in 0..4 {
+        let v1 = _mm512_shuffle_f32x4::<0x88>(u[j], u[4 + j]);
+        let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + j], u[12 + j]);
+        let w1 = _mm512_shuffle_f32x4::<0xDD>(u[j], u[4 + j]);
+        let w2 = _mm512_shuffle_f32x4::<0xDD>(u[8 + j], u[12 + j]);
+        out[j] = _mm512_shuffle_f32x4::<0x88>(v1, v2);
+        out[j + 8] = _mm512_shuffle_f32x4::<0xDD>(v1, v2);
+        out[j + 4] = _mm512_shuffle_f32x4::<0x88>(w1, w2);
+        out[j + 12] = _mm512_shuffle_f32x4::<0xDD>(w1, w2);
+    }
+    out
 }
 
 /// Samples per block of [`bytes_to_feature_major`].
@@ -268,6 +372,41 @@ mod tests {
                     assert_eq!(t[c * rows + r], a[r * cols + c]);
                 }
             }
+        }
+    }
+
+    /// The CNHW <-> CHWN conversions (whole 16 x 16 register blocks, gathers for short
+    /// rows, scatters for few rows, scalar) against the definition, with plane strides.
+    #[test]
+    fn chwn_conversions_match_the_definition() {
+        for (c, n, p) in [
+            (2, 16, 16),
+            (3, 32, 48),
+            (2, 256, 4),
+            (3, 48, 1),
+            (2, 16, 9),
+            (2, 5, 7),
+            (1, 7, 32),
+        ] {
+            let plane = n * p;
+            let stride = plane + 16;
+            let x: Vec<f32> = (0..c * plane).map(|v| v as f32).collect();
+            let mut h = vec![f32::NAN; c * stride];
+            cnhw_to_chwn(&x, c, n, p, stride, &mut h);
+            for ci in 0..c {
+                for ni in 0..n {
+                    for pi in 0..p {
+                        assert_eq!(
+                            h[ci * stride + pi * n + ni],
+                            x[(ci * n + ni) * p + pi],
+                            "cnhw_to_chwn c{c} n{n} p{p}"
+                        );
+                    }
+                }
+            }
+            let mut back = vec![f32::NAN; c * plane];
+            chwn_to_cnhw(&h, c, n, p, stride, &mut back);
+            assert_eq!(back, x, "chwn_to_cnhw c{c} n{n} p{p}");
         }
     }
 
