@@ -80,9 +80,10 @@ fn planes(total: usize, dst: &mut [f32], stride: usize, f: impl Fn(usize, &mut [
     }
 }
 
-/// [`transpose`] on the calling thread, in 16 x 16 blocks: with AVX-512, whole blocks in
-/// registers where both sides are multiples of 16, else one 16-lane gather (short rows) or
-/// scatter (few rows) per 16 elements; scalar otherwise.
+/// [`transpose`] on the calling thread, in 16 x 16 blocks: with AVX-512, blocks transposed in
+/// registers where one side is a multiple of 16 (the other one too, or under 16: masked
+/// loads or stores), else one 16-lane gather (short rows) or scatter (few rows) per 16
+/// elements; scalar otherwise.
 fn transpose_serial(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     assert!(
         src.len() >= rows * cols && dst.len() >= rows * cols,
@@ -127,6 +128,44 @@ fn transpose_scalar(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 unsafe fn transpose_avx512(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     use std::arch::x86_64::*;
     let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    if rows == 1 || cols == 1 {
+        // A single row or column: the same order.
+        std::ptr::copy_nonoverlapping(s, d, rows * cols);
+        return;
+    }
+    if rows.is_multiple_of(16) && cols < 16 {
+        // Short rows: each block of 16 rows is one masked load per row, transposed in
+        // registers, `cols` stores.
+        let m: __mmask16 = ((1u32 << cols) - 1) as u16;
+        for r0 in (0..rows).step_by(16) {
+            let r: [__m512; 16] =
+                std::array::from_fn(|i| _mm512_maskz_loadu_ps(m, s.add((r0 + i) * cols)));
+            let t = transpose16(r);
+            for (c, v) in t.iter().enumerate().take(cols) {
+                _mm512_storeu_ps(d.add(c * rows + r0), *v);
+            }
+        }
+        return;
+    }
+    if cols.is_multiple_of(16) && rows < 16 {
+        // Few rows: each 16-column block is `rows` loads, transposed in registers, one masked
+        // store per destination row.
+        let m: __mmask16 = ((1u32 << rows) - 1) as u16;
+        for c0 in (0..cols).step_by(16) {
+            let r: [__m512; 16] = std::array::from_fn(|i| {
+                if i < rows {
+                    _mm512_loadu_ps(s.add(i * cols + c0))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            let t = transpose16(r);
+            for (i, v) in t.iter().enumerate() {
+                _mm512_mask_storeu_ps(d.add((c0 + i) * rows), m, *v);
+            }
+        }
+        return;
+    }
     let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     if rows.is_multiple_of(16) && cols.is_multiple_of(16) {
         for r0 in (0..rows).step_by(16) {
