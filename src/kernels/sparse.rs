@@ -108,6 +108,12 @@ impl State {
 /// batch rows pixel by pixel).
 const HWN_MAX_OUT: usize = 64;
 
+/// Batches below this size keep the polyphase layout: a batch row of a few images fills a
+/// fraction of one vector, while the polyphase rows span the whole map. ResNet18 at 32 px,
+/// density 0.05, inference ms polyphase / batch-innermost (`rest bench --batch B`): batch 1
+/// 2.9 / 8.5, 4 4.7 / 9.9, 16 10.7 / 10.8, 32 17.3 / 12.4, 64 32.2 / 19.0.
+const HWN_MIN_BATCH: usize = 16;
+
 /// The layout of one sparse convolution: polyphase CNHW or batch-innermost CHWN (whose
 /// operands are converted from and to the network's CNHW inside the op).
 // Built once per geometry and held in an `Arc`: the variants' sizes do not matter.
@@ -127,7 +133,7 @@ impl ConvPlan {
     }
 
     /// Whether geometry `g` takes the batch-innermost layout: 3x3 kernels on small output
-    /// maps (see [`HWN_MAX_OUT`]); `REST_CONV_LAYOUT=phase|hwn` forces one for comparisons.
+    /// maps (see [`HWN_MAX_OUT`]) with batches of at least [`HWN_MIN_BATCH`]; `REST_CONV_LAYOUT=phase|hwn` forces one for comparisons.
     fn batch_innermost(g: &Conv2dGeom) -> bool {
         static FORCE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
         let force = *FORCE.get_or_init(|| match std::env::var("REST_CONV_LAYOUT").as_deref() {
@@ -135,7 +141,9 @@ impl ConvPlan {
             Ok("hwn") => Some(true),
             _ => None,
         });
-        force.unwrap_or(g.kh == 3 && g.kw == 3 && g.oh() * g.ow() <= HWN_MAX_OUT)
+        force.unwrap_or(
+            g.kh == 3 && g.kw == 3 && g.n >= HWN_MIN_BATCH && g.oh() * g.ow() <= HWN_MAX_OUT,
+        )
     }
 }
 
