@@ -9,12 +9,11 @@
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rest_kernels::sparse::{
-    hwn_plane_stride, packed_len, sddmm_into, sddmm_packed, sddmm_rows, spmm, spmm_rows_fused,
-    spmm_t, spmm_t_rows, HwnConv, SparseConv, SparseMatrix,
+    packed_len, sddmm_into, sddmm_packed, sddmm_rows, spmm, spmm_rows_fused, spmm_t, spmm_t_rows,
+    HwnConv, SparseConv, SparseMatrix,
 };
 use rest_kernels::{
-    chwn_to_cnhw, cnhw_to_chwn, conv2d_bwd_weight, linear_bwd_bias, linear_bwd_weight, transpose,
-    Conv2dGeom, ConvStackPlan,
+    conv2d_bwd_weight, linear_bwd_bias, linear_bwd_weight, transpose, Conv2dGeom, ConvStackPlan,
 };
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -149,26 +148,9 @@ impl ConvPlan {
 
 /// `x` (CNHW) as the CHWN copy `plan` reads.
 fn to_chwn(plan: &HwnConv, x: &[f32]) -> Vec<f32> {
-    let g = plan.geom();
     let mut xh = scratch::output(plan.x_len());
-    cnhw_to_chwn(
-        x,
-        g.c,
-        g.n,
-        g.h * g.w,
-        hwn_plane_stride(g.n * g.h * g.w),
-        &mut xh,
-    );
+    plan.input_to_chwn(x, &mut xh);
     xh
-}
-
-/// `dy` (CNHW, the output's shape) as the CHWN copy `plan` reads.
-fn grad_to_chwn(plan: &HwnConv, dy: &[f32]) -> Vec<f32> {
-    let g = plan.geom();
-    let p = g.oh() * g.ow();
-    let mut dyh = scratch::output(plan.out_len());
-    cnhw_to_chwn(dy, g.oc, g.n, p, hwn_plane_stride(g.n * p), &mut dyh);
-    dyh
 }
 
 impl SparseWeight {
@@ -345,8 +327,7 @@ pub(super) fn sparse_conv_forward_affine(
             let mut yh = scratch::output(plan.out_len());
             plan.forward(&st.matrix, &xh, &mut yh, epilogue)
                 .map_err(kernel_err)?;
-            let p = g.oh() * g.ow();
-            chwn_to_cnhw(&yh, g.oc, g.n, p, hwn_plane_stride(g.n * p), out);
+            plan.output_to_cnhw(&yh, out);
             Ok(keep_input.then_some(xh))
         }
     }
@@ -367,7 +348,7 @@ pub(super) fn sparse_conv_backward(
     let mut st = weight.lock();
     let plan = st.conv_plan(g)?;
     // The input gradient, and the output gradient in the layout the weight gradient reads.
-    let (dx, dyv) = match &*plan {
+    let (dx, mut dyv) = match &*plan {
         ConvPlan::Phase(plan) => {
             let mut dyv = scratch::output(plan.grad_len());
             let dx = if x.track_op() {
@@ -381,14 +362,14 @@ pub(super) fn sparse_conv_backward(
             (dx, dyv)
         }
         ConvPlan::Hwn(plan) => {
-            let dyh = grad_to_chwn(plan, dout);
+            let mut dyh = scratch::output(plan.out_len());
+            plan.output_to_chwn(dout, &mut dyh);
             let dx = if x.track_op() {
                 let mut dxh = scratch::output(plan.x_len());
                 plan.backward_input(&st.matrix, &dyh, &mut dxh)
                     .map_err(kernel_err)?;
                 let mut dx = scratch::output(g.x_len());
-                let p = g.h * g.w;
-                chwn_to_cnhw(&dxh, g.c, g.n, p, hwn_plane_stride(g.n * p), &mut dx);
+                plan.input_to_cnhw(&dxh, &mut dx);
                 Some(dx)
             } else {
                 None
@@ -397,11 +378,9 @@ pub(super) fn sparse_conv_backward(
         }
     };
     let dx_done = dx.is_some();
-    let dx = match dx {
-        Some(dx) => Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-        None => None,
-    };
-    let mut dyv = dyv;
+    let dx = dx
+        .map(|dx| Tensor::from_vec(dx, x.shape(), x.device()))
+        .transpose()?;
     let dw = if !w.track_op() {
         None
     } else if st.dense_grad {

@@ -8,8 +8,8 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rest_kernels::sparse::{hwn_plane_stride, HwnConv, SparseConv, SparseMatrix};
-use rest_kernels::{chwn_to_cnhw, cnhw_to_chwn, Conv2dGeom};
+use rest_kernels::sparse::{HwnConv, SparseConv, SparseMatrix};
+use rest_kernels::Conv2dGeom;
 
 #[path = "common/cpu_time.rs"]
 mod cpu_time;
@@ -124,22 +124,15 @@ fn main() {
         });
 
         let hc = HwnConv::new(&sm, &g).expect("geometry");
-        let (pi, po) = (hw * hw, g.oh() * g.ow());
-        let to_hwn = |src: &[f32], c: usize, p: usize, dst: &mut [f32]| {
-            cnhw_to_chwn(src, c, n, p, hwn_plane_stride(n * p), dst)
-        };
-        let from_hwn = |src: &[f32], c: usize, p: usize, dst: &mut [f32]| {
-            chwn_to_cnhw(src, c, n, p, hwn_plane_stride(n * p), dst)
-        };
         let mut xh = buf(hc.x_len());
         let mut dyh = buf(hc.out_len());
         let mut oh = buf(hc.out_len());
         let mut dxh = buf(hc.x_len());
         let tr = best_of(5, || {
-            to_hwn(&x, ch, pi, &mut xh);
-            to_hwn(&dy, oc, po, &mut dyh);
-            from_hwn(&oh, oc, po, &mut out);
-            from_hwn(&dxh, ch, pi, &mut dx);
+            hc.input_to_chwn(&x, &mut xh);
+            hc.output_to_chwn(&dy, &mut dyh);
+            hc.output_to_cnhw(&oh, &mut out);
+            hc.input_to_cnhw(&dxh, &mut dx);
         });
         let hf = best_of(5, || hc.forward(&sm, &xh, &mut oh, None).expect("fwd"));
         let hb = best_of(5, || hc.backward_input(&sm, &dyh, &mut dxh).expect("bwd"));

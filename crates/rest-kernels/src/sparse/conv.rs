@@ -51,7 +51,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{split_cols, split_rows, SERIAL_FLOPS};
+use super::kernels::{split_cols, split_rows, OutPtr, SERIAL_FLOPS};
 use super::matrix::Csr;
 use super::phase::{self, PackPlan, RowsPlan, Strided, Unpack, ValidMask};
 use super::simd;
@@ -474,7 +474,7 @@ impl SparseConv {
         };
         let lay = self.lay;
         let (oh, ow) = (g.oh(), g.ow());
-        let optr = OutPtr(out.as_mut_ptr());
+        let optr = OutPtr::new(out.as_mut_ptr());
         if lay.front == 0 {
             // No junk (kernel no larger than the stride, e.g. 1x1): the virtual rows are the
             // CNHW output rows (PH = OH, PW = OW, row length l = N·OH·OW).
@@ -569,7 +569,7 @@ impl SparseConv {
         }
         if s == 1 && g.pad == 0 {
             // One phase, unpadded: the plane of channel c is its N images (PH = H, PW = W).
-            let sink = Sink::Rows(OutPtr(dx.as_mut_ptr()), lay.l);
+            let sink = Sink::Rows(OutPtr::new(dx.as_mut_ptr()), lay.l);
             run_offset_spmm(self.isa, &csr, dyv, lay.l, g.oc, sink);
             return Ok(());
         }
@@ -585,7 +585,7 @@ impl SparseConv {
             });
             return Ok(());
         }
-        let dptr = OutPtr(dx.as_mut_ptr());
+        let dptr = OutPtr::new(dx.as_mut_ptr());
         let emit = |q: usize, c0: usize, tile: &[f32]| {
             let (c, ry, rx) = (q / (lay.sy * lay.sx), (q / lay.sx) % lay.sy, q % lay.sx);
             let (lo, hi) = crate::im2col::valid_range(lay.pw, g.w, s, rx, g.pad);
@@ -685,7 +685,7 @@ impl SparseConv {
             if buf.len() < len {
                 buf.resize(len, 0.0);
             }
-            let sink = Sink::Rows(OutPtr(buf.as_mut_ptr()), self.lay.l);
+            let sink = Sink::Rows(OutPtr::new(buf.as_mut_ptr()), self.lay.l);
             run_offset_spmm(self.isa, csr, dyv, self.lay.l, g.oc, sink);
             let buf = &buf[..len];
             let one = |(c, dx_c): (usize, &mut [f32])| channel(&buf[c * per_c..][..per_c], dx_c);
@@ -846,7 +846,7 @@ impl SparseConv {
     }
 }
 
-fn len_check(op: &str, what: &str, got: usize, want: usize) -> Result<(), SparseError> {
+pub(super) fn len_check(op: &str, what: &str, got: usize, want: usize) -> Result<(), SparseError> {
     if got == want {
         Ok(())
     } else {
@@ -893,18 +893,6 @@ fn for_row_runs(
             py = 0;
             n += 1;
         }
-    }
-}
-
-/// Raw pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only used to write disjoint elements from different tasks.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

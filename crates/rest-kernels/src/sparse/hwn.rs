@@ -23,10 +23,13 @@
 
 use rayon::prelude::*;
 
+use super::conv::len_check;
+use super::kernels::{split_rows, OutPtr};
 use super::matrix::SparseMatrix;
 use super::SparseError;
 use crate::im2col::Conv2dGeom;
 use crate::isa::{self, Isa};
+use crate::layout::{chwn_to_cnhw, cnhw_to_chwn};
 
 /// Floats of the batch row one register tile covers (8 AVX-512 vectors).
 const TILE: usize = 128;
@@ -179,6 +182,31 @@ impl HwnConv {
         self.geom.oc * self.ys
     }
 
+    /// The CNHW input (or input gradient) `x` as this layout's CHWN `xh` ([`Self::x_len`]).
+    pub fn input_to_chwn(&self, x: &[f32], xh: &mut [f32]) {
+        let g = &self.geom;
+        cnhw_to_chwn(x, g.c, g.n, g.h * g.w, self.xs, xh);
+    }
+
+    /// The CNHW output (or output gradient) `y` as this layout's CHWN `yh`
+    /// ([`Self::out_len`]).
+    pub fn output_to_chwn(&self, y: &[f32], yh: &mut [f32]) {
+        let g = &self.geom;
+        cnhw_to_chwn(y, g.oc, g.n, g.oh() * g.ow(), self.ys, yh);
+    }
+
+    /// The inverse of [`Self::input_to_chwn`].
+    pub fn input_to_cnhw(&self, xh: &[f32], x: &mut [f32]) {
+        let g = &self.geom;
+        chwn_to_cnhw(xh, g.c, g.n, g.h * g.w, self.xs, x);
+    }
+
+    /// The inverse of [`Self::output_to_chwn`].
+    pub fn output_to_cnhw(&self, yh: &[f32], y: &mut [f32]) {
+        let g = &self.geom;
+        chwn_to_cnhw(yh, g.oc, g.n, g.oh() * g.ow(), self.ys, y);
+    }
+
     fn check_w(&self, op: &str, w: &SparseMatrix) -> Result<(), SparseError> {
         if w.nnz() != self.nnz || w.rows() != self.geom.oc || w.cols() != self.geom.k() {
             return Err(SparseError::new(format!(
@@ -254,6 +282,38 @@ impl HwnConv {
         }
     }
 
+    /// `dst[r][q] = ep(r)(Σ_live Σ_e vals[e] · src[chan[e] + pix ..])` for every row `r` of
+    /// `side` and pixel `q` of the `h x w` destination map (planes `plane` apart), the live
+    /// taps of each from `live(r, y, x, ..)`: the forward pass and the input gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_product(
+        &self,
+        (side, vals, src): (&TapMajor, &[f32], &[f32]),
+        (h, w, rows, plane): (usize, usize, usize, usize),
+        flops: usize,
+        live: impl Fn(usize, usize, usize, &mut Vec<Live>) + Sync,
+        ep: impl Fn(usize) -> Option<(f32, f32, bool)> + Sync,
+        dst: &mut [f32],
+    ) {
+        let n = self.geom.n;
+        let optr = OutPtr::new(dst.as_mut_ptr());
+        run_pixels(h * w, rows, flops, |pixels, rows| {
+            let mut taps = Vec::with_capacity(self.geom.kh * self.geom.kw);
+            for q in pixels {
+                for r in rows.clone() {
+                    live(r, q / w, q % w, &mut taps);
+                    // SAFETY: every live tap reads `src[chan + pix .. + N]` inside `src` (a
+                    // real pixel of a real channel); the task owns row `r`, pixel `q` of `dst`
+                    // (`rows x plane` floats, checked by the callers).
+                    unsafe {
+                        let d = optr.get().add(r * plane + q * n);
+                        row_tile(self.isa, &taps, &side.chan, vals, src.as_ptr(), n, d, ep(r));
+                    }
+                }
+            }
+        });
+    }
+
     /// `out = conv(x)` (CHWN in, CHWN out); with `epilogue = (scale, shift, relu)` each output
     /// channel `o` becomes `max?(scale[o]·y + shift[o], 0)` before it is stored.
     pub fn forward(
@@ -273,37 +333,14 @@ impl HwnConv {
         }
         let vals = self.fwd.gather(w.values());
         let (oh, ow) = (g.oh(), g.ow());
-        let plane_out = self.ys;
-        let optr = OutPtr(out.as_mut_ptr());
-        run_pixels(
-            oh * ow,
-            g.oc,
-            2 * self.nnz * g.n * oh * ow,
-            |pixels, rows| {
-                let mut live = Vec::with_capacity(g.kh * g.kw);
-                for q in pixels {
-                    let (oy, ox) = (q / ow, q % ow);
-                    for r in rows.clone() {
-                        self.fwd_live(r, oy, ox, &mut live);
-                        let ep = epilogue.map(|(sc, sh, relu)| (sc[r], sh[r], relu));
-                        // SAFETY: every live tap reads `x[chan + pix .. + N]` inside `x` (a real
-                        // input pixel of a real channel); the task owns output row `r`, pixel `q`.
-                        unsafe {
-                            let dst = optr.get().add(r * plane_out + q * g.n);
-                            row_tile(
-                                self.isa,
-                                &live,
-                                &self.fwd.chan,
-                                &vals,
-                                x.as_ptr(),
-                                g.n,
-                                dst,
-                                ep,
-                            );
-                        }
-                    }
-                }
-            },
+        let flops = 2 * self.nnz * g.n * oh * ow;
+        self.rows_product(
+            (&self.fwd, &vals, x),
+            (oh, ow, g.oc, self.ys),
+            flops,
+            |r, oy, ox, live| self.fwd_live(r, oy, ox, live),
+            |r| epilogue.map(|(sc, sh, relu)| (sc[r], sh[r], relu)),
+            out,
         );
         Ok(())
     }
@@ -320,35 +357,14 @@ impl HwnConv {
         len_check("backward_input", "dy", dy.len(), self.out_len())?;
         len_check("backward_input", "dx", dx.len(), self.x_len())?;
         let vals = self.bwd.gather(w.values());
-        let plane_in = self.xs;
-        let optr = OutPtr(dx.as_mut_ptr());
-        run_pixels(
-            g.h * g.w,
-            g.c,
-            2 * self.nnz * g.n * g.oh() * g.ow(),
-            |pixels, rows| {
-                let mut live = Vec::with_capacity(g.kh * g.kw);
-                for q in pixels {
-                    let (iy, ix) = (q / g.w, q % g.w);
-                    for r in rows.clone() {
-                        self.bwd_live(r, iy, ix, &mut live);
-                        // SAFETY: as in `forward`, with the roles of x and dy swapped.
-                        unsafe {
-                            let dst = optr.get().add(r * plane_in + q * g.n);
-                            row_tile(
-                                self.isa,
-                                &live,
-                                &self.bwd.chan,
-                                &vals,
-                                dy.as_ptr(),
-                                g.n,
-                                dst,
-                                None,
-                            );
-                        }
-                    }
-                }
-            },
+        let flops = 2 * self.nnz * g.n * g.oh() * g.ow();
+        self.rows_product(
+            (&self.bwd, &vals, dy),
+            (g.h, g.w, g.c, self.xs),
+            flops,
+            |r, iy, ix, live| self.bwd_live(r, iy, ix, live),
+            |_| None,
+            dx,
         );
         Ok(())
     }
@@ -371,7 +387,9 @@ impl HwnConv {
         let plane_out = self.ys;
         // Tap-major gradient, then scattered to the CSR order.
         let mut gt = vec![0f32; self.nnz];
-        let bounds = split_rows(&self.fwd.ptr, taps, g.oc, 4 * rayon::current_num_threads());
+        // Balanced row blocks: each row's entries span its taps' ranges.
+        let row_ptr: Vec<usize> = (0..=g.oc).map(|r| self.fwd.ptr[r * taps]).collect();
+        let bounds = split_rows(&row_ptr, 4 * rayon::current_num_threads());
         let chunks: Vec<(usize, &mut [f32])> = {
             let mut rest: &mut [f32] = &mut gt;
             let mut v = Vec::new();
@@ -437,20 +455,6 @@ impl HwnConv {
     }
 }
 
-/// Row bounds (over `rows`) splitting the entries into about `parts` balanced ranges.
-fn split_rows(ptr: &[usize], taps: usize, rows: usize, parts: usize) -> Vec<usize> {
-    let total = ptr[rows * taps];
-    let mut b = vec![0];
-    for r in 1..rows {
-        let want = total * b.len() / parts.max(1);
-        if ptr[r * taps] >= want && ptr[r * taps] > ptr[b[b.len() - 1] * taps] {
-            b.push(r);
-        }
-    }
-    b.push(rows);
-    b
-}
-
 /// Runs `f(pixels, rows)` over blocks of a `pixels x rows` output: pixel ranges first (the
 /// neighbouring pixels of one task share their input rows in cache), rows when the map is
 /// too small to give every thread work.
@@ -477,7 +481,8 @@ fn run_pixels(
     });
 }
 
-/// `dst[..n] = ep(Σ_live Σ_e vals[e] · src[chan[e] + pix ..][..n])`.
+/// `dst[..n] = ep(Σ_live Σ_e vals[e] · src[chan[e] + pix ..][..n])`, in register tiles of
+/// [`TILE`] floats of the batch row.
 ///
 /// # Safety
 /// `src[chan[e] + live.pix .. + n]` readable for every entry of every live tap; `dst[..n]`
@@ -493,10 +498,16 @@ unsafe fn row_tile(
     dst: *mut f32,
     ep: Option<(f32, f32, bool)>,
 ) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::row(live, chan, vals, src, n, dst, ep),
-        _ => row_portable(live, chan, vals, src, n, dst, ep),
+    let mut n0 = 0;
+    while n0 < n {
+        let w = (n - n0).min(TILE);
+        let (s, d) = (src.add(n0), dst.add(n0));
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::tile(live, chan, vals, s, w, d, ep),
+            _ => tile_portable(live, chan, vals, s, w, d, ep),
+        }
+        n0 += w;
     }
 }
 
@@ -515,33 +526,29 @@ fn apply(v: f32, ep: Option<(f32, f32, bool)>) -> f32 {
     }
 }
 
+/// One tile of [`row_tile`] (`w <= TILE` floats), portable.
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_portable(
+unsafe fn tile_portable(
     live: &[Live],
     chan: &[u32],
     vals: &[f32],
     src: *const f32,
-    n: usize,
+    w: usize,
     dst: *mut f32,
     ep: Option<(f32, f32, bool)>,
 ) {
-    let mut n0 = 0;
-    while n0 < n {
-        let w = (n - n0).min(TILE);
-        let mut acc = [0f32; TILE];
-        for l in live {
-            for e in l.start..l.end {
-                let v = vals[e];
-                let s = src.add(chan[e] as usize + l.pix + n0);
-                for (i, a) in acc[..w].iter_mut().enumerate() {
-                    *a = v.mul_add(*s.add(i), *a);
-                }
+    let mut acc = [0f32; TILE];
+    for l in live {
+        for e in l.start..l.end {
+            let v = vals[e];
+            let s = src.add(chan[e] as usize + l.pix);
+            for (i, a) in acc[..w].iter_mut().enumerate() {
+                *a = v.mul_add(*s.add(i), *a);
             }
         }
-        for (i, &a) in acc[..w].iter().enumerate() {
-            *dst.add(n0 + i) = apply(a, ep);
-        }
-        n0 += w;
+    }
+    for (i, &a) in acc[..w].iter().enumerate() {
+        *dst.add(i) = apply(a, ep);
     }
 }
 
@@ -561,75 +568,39 @@ fn dot_entries(isa: Isa, d: &[f32], x: &[f32], xo: usize, chan: &[u32], acc: &mu
     }
 }
 
-fn len_check(op: &str, what: &str, got: usize, want: usize) -> Result<(), SparseError> {
-    if got != want {
-        return Err(SparseError::new(format!(
-            "sparse conv {op}: `{what}` has {got} elements, the geometry needs {want}"
-        )));
-    }
-    Ok(())
-}
-
-/// Raw pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only used to write disjoint elements from different tasks.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Live, TILE};
+    use super::super::simd::tail_mask;
+    use super::Live;
     use std::arch::x86_64::*;
 
-    #[inline]
-    fn tail_mask(w: usize) -> __mmask16 {
-        let rem = w % 16;
-        if rem == 0 {
-            0xFFFF
-        } else {
-            (1u16 << rem) - 1
-        }
-    }
-
+    /// One tile of [`super::row_tile`] (`w <= TILE` floats): `ceil(w / 16)` accumulators.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row(
+    pub(super) unsafe fn tile(
         live: &[Live],
         chan: &[u32],
         vals: &[f32],
-        src: *const f32,
-        n: usize,
-        dst: *mut f32,
+        s: *const f32,
+        w: usize,
+        d: *mut f32,
         ep: Option<(f32, f32, bool)>,
     ) {
-        let mut n0 = 0;
-        while n0 < n {
-            let w = (n - n0).min(TILE);
-            let mask = tail_mask(w);
-            let s = src.add(n0);
-            let d = dst.add(n0);
-            match w.div_ceil(16) {
-                8 => tile::<8>(live, chan, vals, s, mask, d, ep),
-                7 => tile::<7>(live, chan, vals, s, mask, d, ep),
-                6 => tile::<6>(live, chan, vals, s, mask, d, ep),
-                5 => tile::<5>(live, chan, vals, s, mask, d, ep),
-                4 => tile::<4>(live, chan, vals, s, mask, d, ep),
-                3 => tile::<3>(live, chan, vals, s, mask, d, ep),
-                2 => tile::<2>(live, chan, vals, s, mask, d, ep),
-                _ => tile::<1>(live, chan, vals, s, mask, d, ep),
-            }
-            n0 += w;
+        let mask = tail_mask(w);
+        match w.div_ceil(16) {
+            8 => tile_nv::<8>(live, chan, vals, s, mask, d, ep),
+            7 => tile_nv::<7>(live, chan, vals, s, mask, d, ep),
+            6 => tile_nv::<6>(live, chan, vals, s, mask, d, ep),
+            5 => tile_nv::<5>(live, chan, vals, s, mask, d, ep),
+            4 => tile_nv::<4>(live, chan, vals, s, mask, d, ep),
+            3 => tile_nv::<3>(live, chan, vals, s, mask, d, ep),
+            2 => tile_nv::<2>(live, chan, vals, s, mask, d, ep),
+            _ => tile_nv::<1>(live, chan, vals, s, mask, d, ep),
         }
     }
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tile<const NV: usize>(
+    unsafe fn tile_nv<const NV: usize>(
         live: &[Live],
         chan: &[u32],
         vals: &[f32],

@@ -115,14 +115,19 @@ pub fn sddmm_into(
     Ok(())
 }
 
-/// Raw output pointer shared by tasks that write disjoint blocks.
+/// Raw output pointer shared by tasks that write disjoint blocks (the sparse products and
+/// convolutions).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(*mut f32);
 // SAFETY: only used to write disjoint regions from different tasks (see `run_spmm`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn new(p: *mut f32) -> Self {
+        OutPtr(p)
+    }
+
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

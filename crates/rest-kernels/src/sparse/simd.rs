@@ -271,28 +271,30 @@ fn dot_group<const G: usize, const FMA: bool>(dyr: &[f32], xr: [&[f32]; G], out:
 // ---------------------------------------------------------------------------------------------
 // AVX-512 intrinsics.
 
+/// The lanes of the last 16-lane vector of a `w`-long row (all 16 when `w` is a multiple).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(super) fn tail_mask(w: usize) -> std::arch::x86_64::__mmask16 {
+    // Not `is_multiple_of`: keep the crate building on older stable compilers.
+    let rem = w % 16;
+    if rem == 0 {
+        0xFFFF
+    } else {
+        (1u16 << rem) - 1
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::Csr;
+    use super::{tail_mask, Csr};
 
     /// Column-tile width of the spmm: 8 zmm accumulators per row.
     const TILE: usize = 128;
     /// How many nonzeros ahead the spmm prefetches its `x` segment.
     const PREFETCH: usize = 4;
-
-    #[inline]
-    fn tail_mask(w: usize) -> __mmask16 {
-        // Not `is_multiple_of`: keep the crate building on older stable compilers.
-        let rem = w % 16;
-        if rem == 0 {
-            0xFFFF
-        } else {
-            (1u16 << rem) - 1
-        }
-    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn spmm_block(
