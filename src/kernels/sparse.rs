@@ -94,19 +94,17 @@ impl State {
     }
 }
 
-/// Output maps of at most this many pixels (8x8) run the batch-innermost convolution
-/// ([`HwnConv`]) when their kernel is 3x3 (ResNet's; REST's CNN's 4x4 stride-2 convs lose
-/// with it: training step at density 0.05 34.5 -> 42.8 ms, so they and other kernels keep
-/// the polyphase layout): there the polyphase layout computes
-/// many junk positions (a 4x4 map under a 3x3 kernel as 6x6) or, on the tiniest maps, im2col
-/// rows. Measured with `rest bench --models resnet18 --densities 0.05 --profile` (2 threads,
-/// `REST_CONV_LAYOUT=phase|hwn`): at 32 px batch 256, forward + backward ms of all 8x8 /
-/// 4x4 / 2x2 / 1x1 layers 64.4 -> 54.3, 48.5 -> 26.8, 38.0 -> 14.7, 10.3 -> 9.4 (step 205 ->
-/// 149 ms); at 128 px batch 64 the 8x8 and 4x4 layers gain (82 -> 72, 65 -> 36 ms) while
-/// 16x16 and 32x32 ones lose (126 -> 158, 201 -> 302: their weight gradient reads the
-/// batch rows pixel by pixel).
-const HWN_MAX_OUT: usize = 64;
-
+/// 3x3 convolutions run the batch-innermost layout ([`HwnConv`]) when the batch has at least
+/// this many images; other kernels (REST's CNN's 4x4 stride-2 convs: training step at
+/// density 0.05 34.5 -> 42.8 ms with it, the 7x7 stem, 1x1 shortcuts) keep the polyphase
+/// layout. On ResNet18 at density 0.05 (`rest bench --models resnet18 --densities 0.05`, 2
+/// threads, `REST_CONV_LAYOUT=phase` against the default) a training step takes 203 -> 118 ms
+/// at 32 px batch 256 and 584 -> 491 ms at 128 px batch 64 (inference 68 -> 38.5 and 194 ->
+/// 159 ms): on small maps the polyphase layout computes many junk positions (a 4x4 map under
+/// a 3x3 kernel as 6x6) and, on the tiniest, im2col rows; on 16x16 and 32x32 maps the batch
+/// rows are still the faster operand once the weight gradient walks the map in blocks of rows
+/// that stay in L2 (`hwn_cpu 64 128`: layer1's weight gradient 81.5 -> 21.5 ms).
+///
 /// Batches below this size keep the polyphase layout: a batch row of a few images fills a
 /// fraction of one vector, while the polyphase rows span the whole map. ResNet18 at 32 px,
 /// density 0.05, inference ms polyphase / batch-innermost (`rest bench --batch B`): batch 1
@@ -131,8 +129,9 @@ impl ConvPlan {
         }
     }
 
-    /// Whether geometry `g` takes the batch-innermost layout: 3x3 kernels on small output
-    /// maps (see [`HWN_MAX_OUT`]) with batches of at least [`HWN_MIN_BATCH`]; `REST_CONV_LAYOUT=phase|hwn` forces one for comparisons.
+    /// Whether geometry `g` takes the batch-innermost layout: 3x3 kernels with batches of at
+    /// least [`HWN_MIN_BATCH`] (see there); `REST_CONV_LAYOUT=phase|hwn` forces one for
+    /// comparisons.
     fn batch_innermost(g: &Conv2dGeom) -> bool {
         static FORCE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
         let force = *FORCE.get_or_init(|| match std::env::var("REST_CONV_LAYOUT").as_deref() {
@@ -140,9 +139,7 @@ impl ConvPlan {
             Ok("hwn") => Some(true),
             _ => None,
         });
-        force.unwrap_or(
-            g.kh == 3 && g.kw == 3 && g.n >= HWN_MIN_BATCH && g.oh() * g.ow() <= HWN_MAX_OUT,
-        )
+        force.unwrap_or(g.kh == 3 && g.kw == 3 && g.n >= HWN_MIN_BATCH)
     }
 }
 

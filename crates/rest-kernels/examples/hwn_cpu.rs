@@ -4,7 +4,7 @@
 //! batch-innermost one (`HwnConv`, plus the CNHW <-> CHWN transposes it needs inside a CNHW
 //! network). Buffers are 64-byte aligned and advised as huge pages, as the `rest` binary's
 //! large blocks are (unaligned rows cost the batch-innermost kernel up to 1.6x).
-//! `cargo run --release -p rest-kernels --example hwn_cpu [BATCH]`.
+//! `cargo run --release -p rest-kernels --example hwn_cpu [BATCH] [IMAGE_PX]` (defaults 256, 32).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -58,6 +58,12 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(256);
+    // Image size: the stem's input; layer1 runs at a quarter of it.
+    let px: usize = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32);
+    let q = (px / 4).max(1);
     rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build_global()
@@ -68,12 +74,12 @@ fn main() {
     );
     #[rustfmt::skip]
     let shapes = [
-        ("stem 7x7/2", 3, 32, 64, 7, 2, 3, 0.548),
-        ("layer1 3x3", 64, 8, 64, 3, 1, 1, 0.231),
-        ("layer2.0 3x3/2", 64, 8, 128, 3, 2, 1, 0.171),
-        ("layer2 3x3", 128, 4, 128, 3, 1, 1, 0.113),
-        ("layer3 3x3", 256, 2, 256, 3, 1, 1, 0.056),
-        ("layer4 3x3", 512, 1, 512, 3, 1, 1, 0.028),
+        ("stem 7x7/2", 3, px, 64, 7, 2, 3, 0.548),
+        ("layer1 3x3", 64, q, 64, 3, 1, 1, 0.231),
+        ("layer2.0 3x3/2", 64, q, 128, 3, 2, 1, 0.171),
+        ("layer2 3x3", 128, (q / 2).max(1), 128, 3, 1, 1, 0.113),
+        ("layer3 3x3", 256, (q / 4).max(1), 256, 3, 1, 1, 0.056),
+        ("layer4 3x3", 512, (q / 8).max(1), 512, 3, 1, 1, 0.028),
     ];
     for (name, ch, hw, oc, k, s, pad, d) in shapes {
         let g = Conv2dGeom {

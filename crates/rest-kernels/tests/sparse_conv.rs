@@ -384,6 +384,13 @@ fn matches_naive_convolution_on_wide_batches() {
         geom(4, 17, 3, 3, 3, 1, 2, 0),   // 1x1 stride 2
         geom(16, 64, 4, 4, 16, 3, 1, 1), // large enough for parallel pixel and row blocks
         geom(24, 48, 1, 1, 20, 3, 1, 1), // parallel on a 1x1 map: row blocks only
+        // Rows of at most 4 vectors on wide maps: groups of 8 / 4 / 2 neighbouring pixels
+        // share the weight broadcasts (the map edges and the remainders one pixel at a time).
+        geom(4, 16, 5, 12, 5, 3, 1, 1), // 8 pixels of 1 vector
+        geom(5, 32, 6, 11, 6, 3, 1, 1), // 4 pixels of 2 vectors
+        geom(3, 20, 4, 10, 4, 3, 1, 1), // 4 pixels of 2 vectors, masked tail
+        geom(4, 64, 5, 7, 5, 3, 2, 1),  // 2 pixels of 4 vectors, stride 2
+        geom(3, 48, 3, 9, 4, 5, 1, 2),  // 2 pixels of 3 vectors, 5x5 kernel
     ];
     for (gi, g) in geoms.iter().enumerate() {
         for (di, &d) in [0.05, 0.4, 1.0].iter().enumerate() {

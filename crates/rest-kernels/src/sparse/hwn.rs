@@ -1,5 +1,6 @@
-//! Sparse convolution on batch-innermost activations (`CHWN`: `x[c][y][x][n]`), for small
-//! feature maps where the polyphase CNHW layout ([`super::SparseConv`]) computes mostly junk.
+//! Sparse convolution on batch-innermost activations (`CHWN`: `x[c][y][x][n]`): for batches
+//! of 16 images or more the faster layout for 3x3 kernels, most of all on small feature maps
+//! where the polyphase CNHW layout ([`super::SparseConv`]) computes mostly junk.
 //!
 //! # Idea
 //! With the batch innermost, the `N` values of one pixel of one channel are one contiguous,
@@ -12,12 +13,16 @@
 //! as 6x6 under a 3x3 kernel) and no zero taps (a 3x3 kernel on a 1x1 map reads 1 tap of 9).
 //!
 //! * Forward: per output pixel and output channel, `NV` vectors of the batch in registers,
-//!   summed over the live taps' entries, BatchNorm's affine and ReLU applied before the store.
+//!   summed over the live taps' entries, BatchNorm's affine and ReLU applied before the store;
+//!   where a batch row is at most 4 vectors, 2-8 neighbouring pixels with the same live taps
+//!   share each weight broadcast (8 accumulators in all).
 //! * Input gradient: the same product with the transposed pattern (rows = input channels,
 //!   entries tap-major), each input pixel gathering the output pixels whose window holds it
 //!   (for stride 2 only the taps of its parity).
 //! * Weight gradient at the active weights: `g = Σ_q dy[o][q]·x[c][p(q, tap)]`, per tap the
-//!   contiguous runs of output pixels whose tap is live, entries sharing each `dy` load.
+//!   contiguous runs of output pixels whose tap is live, entries sharing each `dy` load; the
+//!   output rows are walked in blocks whose input rows (all channels) stay in L2, every output
+//!   channel of a task visiting a block before the next one.
 //!
 //! Nothing but the two activations is stored: no phase buffer, no im2col, no padding.
 
@@ -33,6 +38,9 @@ use crate::layout::{chwn_to_cnhw, cnhw_to_chwn};
 
 /// Floats of the batch row one register tile covers (8 AVX-512 vectors).
 const TILE: usize = 128;
+/// The weight gradient walks output rows in blocks whose input rows, over all channels, take
+/// at most about this many bytes (half of a 2 MiB L2).
+const GW_BLOCK_BYTES: usize = 1 << 20;
 /// Below this many multiply-adds a call runs on the calling thread.
 const SERIAL_FLOPS: usize = 1 << 18;
 
@@ -282,9 +290,29 @@ impl HwnConv {
         }
     }
 
+    /// Whether output columns `x0` and `x1` read real input columns under the same taps
+    /// (then so do the columns between them).
+    fn fwd_same(&self, x0: usize, x1: usize) -> bool {
+        let g = &self.geom;
+        let real = |ox: usize, kx: usize| (ox * g.stride + kx).wrapping_sub(g.pad) < g.w;
+        (0..g.kw).all(|kx| real(x0, kx) == real(x1, kx))
+    }
+
+    /// Whether input columns `x0` and `x1` are read by real output columns under the same
+    /// taps, for stride 1.
+    fn bwd_same(&self, x0: usize, x1: usize) -> bool {
+        let g = &self.geom;
+        let ow = g.ow();
+        let real = |ix: usize, kx: usize| (ix + g.pad).wrapping_sub(kx) < ow;
+        (0..g.kw).all(|kx| real(x0, kx) == real(x1, kx))
+    }
+
     /// `dst[r][q] = ep(r)(Σ_live Σ_e vals[e] · src[chan[e] + pix ..])` for every row `r` of
     /// `side` and pixel `q` of the `h x w` destination map (planes `plane` apart), the live
     /// taps of each from `live(r, y, x, ..)`: the forward pass and the input gradient.
+    /// Where the batch row is short (at most 4 vectors), neighbouring pixels of one map row
+    /// with the same live taps (`same(y, x0, x1)`; their sources `step` floats apart) share
+    /// each weight broadcast and fill the 8 accumulators together.
     #[allow(clippy::too_many_arguments)]
     fn rows_product(
         &self,
@@ -292,24 +320,51 @@ impl HwnConv {
         (h, w, rows, plane): (usize, usize, usize, usize),
         flops: usize,
         live: impl Fn(usize, usize, usize, &mut Vec<Live>) + Sync,
+        (same, step): (impl Fn(usize, usize) -> bool + Sync, usize),
         ep: impl Fn(usize) -> Option<(f32, f32, bool)> + Sync,
         dst: &mut [f32],
     ) {
         let n = self.geom.n;
+        let group = pixel_group(n);
         let optr = OutPtr::new(dst.as_mut_ptr());
         run_pixels(h * w, rows, flops, |pixels, rows| {
             let mut taps = Vec::with_capacity(self.geom.kh * self.geom.kw);
-            for q in pixels {
+            let mut q = pixels.start;
+            while q < pixels.end {
+                let (y, x) = (q / w, q % w);
+                // The pixels q .. q + p share their live taps (all in one map row).
+                let p = if group > 1
+                    && q + group <= pixels.end
+                    && x + group <= w
+                    && same(x, x + group - 1)
+                {
+                    group
+                } else {
+                    1
+                };
                 for r in rows.clone() {
-                    live(r, q / w, q % w, &mut taps);
-                    // SAFETY: every live tap reads `src[chan + pix .. + N]` inside `src` (a
-                    // real pixel of a real channel); the task owns row `r`, pixel `q` of `dst`
-                    // (`rows x plane` floats, checked by the callers).
+                    live(r, y, x, &mut taps);
+                    // SAFETY: every live tap reads `src[chan + pix + j·step .. + N]` inside
+                    // `src` (a real pixel of a real channel for each of the p pixels, whose
+                    // live taps are the same); the task owns row `r`, pixels `q .. q + p` of
+                    // `dst` (`rows x plane` floats, checked by the callers).
                     unsafe {
                         let d = optr.get().add(r * plane + q * n);
-                        row_tile(self.isa, &taps, &side.chan, vals, src.as_ptr(), n, d, ep(r));
+                        let tile = (p, step);
+                        row_tile(
+                            self.isa,
+                            &taps,
+                            &side.chan,
+                            vals,
+                            src.as_ptr(),
+                            n,
+                            tile,
+                            d,
+                            ep(r),
+                        );
                     }
                 }
+                q += p;
             }
         });
     }
@@ -339,6 +394,7 @@ impl HwnConv {
             (oh, ow, g.oc, self.ys),
             flops,
             |r, oy, ox, live| self.fwd_live(r, oy, ox, live),
+            (|x0, x1| self.fwd_same(x0, x1), g.stride * g.n),
             |r| epilogue.map(|(sc, sh, relu)| (sc[r], sh[r], relu)),
             out,
         );
@@ -363,6 +419,8 @@ impl HwnConv {
             (g.h, g.w, g.c, self.xs),
             flops,
             |r, iy, ix, live| self.bwd_live(r, iy, ix, live),
+            // Stride 2: neighbouring input pixels have taps of different parities.
+            (|x0, x1| g.stride == 1 && self.bwd_same(x0, x1), g.n),
             |_| None,
             dx,
         );
@@ -404,39 +462,53 @@ impl HwnConv {
             }
             v
         };
+        // Output rows in blocks whose input rows (all channels) stay in L2: every row `r`
+        // of a task reads the block's rows of many channels, so the block is walked by all
+        // rows before the next one (the whole map at once when it is small).
+        let in_row = g.w * g.n * g.c * std::mem::size_of::<f32>();
+        let block = (GW_BLOCK_BYTES / in_row.max(1))
+            .saturating_sub(g.kh)
+            .div_euclid(s)
+            .max(1)
+            .min(oh);
         let work = |(i, out): (usize, &mut [f32])| {
             let base = self.fwd.ptr[bounds[i] * taps];
-            for r in bounds[i]..bounds[i + 1] {
-                let dyr = &dy[r * plane_out..][..oh * ow * g.n];
-                for ky in 0..g.kh {
-                    // Output rows whose tap row ky reads a real input row.
-                    let oy0 = g.pad.saturating_sub(ky).div_ceil(s);
-                    let oy1 = ((g.h + g.pad).saturating_sub(ky).div_ceil(s)).min(oh);
-                    for kx in 0..g.kw {
-                        let ox0 = g.pad.saturating_sub(kx).div_ceil(s);
-                        let ox1 = ((g.w + g.pad).saturating_sub(kx).div_ceil(s)).min(ow);
-                        let t = ky * g.kw + kx;
-                        let (e0, e1) = (self.fwd.ptr[r * taps + t], self.fwd.ptr[r * taps + t + 1]);
-                        if e0 == e1 || oy0 >= oy1 || ox0 >= ox1 {
-                            continue;
-                        }
-                        let acc = &mut out[e0 - base..e1 - base];
-                        for oy in oy0..oy1 {
-                            let iy = oy * s + ky - g.pad;
-                            if s == 1 {
-                                // The run of output pixels is contiguous in dy and in x.
-                                let ix0 = ox0 + kx - g.pad;
-                                let d = &dyr[(oy * ow + ox0) * g.n..(oy * ow + ox1) * g.n];
-                                let xo = (iy * g.w + ix0) * g.n;
-                                dot_entries(self.isa, d, x, xo, &self.fwd.chan[e0..e1], acc);
+            for b0 in (0..oh).step_by(block) {
+                let b1 = (b0 + block).min(oh);
+                for r in bounds[i]..bounds[i + 1] {
+                    let dyr = &dy[r * plane_out..][..oh * ow * g.n];
+                    for ky in 0..g.kh {
+                        // Output rows whose tap row ky reads a real input row.
+                        let oy0 = g.pad.saturating_sub(ky).div_ceil(s).max(b0);
+                        let oy1 = ((g.h + g.pad).saturating_sub(ky).div_ceil(s)).min(b1);
+                        for kx in 0..g.kw {
+                            let ox0 = g.pad.saturating_sub(kx).div_ceil(s);
+                            let ox1 = ((g.w + g.pad).saturating_sub(kx).div_ceil(s)).min(ow);
+                            let t = ky * g.kw + kx;
+                            let (e0, e1) =
+                                (self.fwd.ptr[r * taps + t], self.fwd.ptr[r * taps + t + 1]);
+                            if e0 == e1 || oy0 >= oy1 || ox0 >= ox1 {
                                 continue;
                             }
-                            // In x every s-th pixel: one dot per output pixel.
-                            for ox in ox0..ox1 {
-                                let ix = ox * s + kx - g.pad;
-                                let d = &dyr[(oy * ow + ox) * g.n..][..g.n];
-                                let xo = (iy * g.w + ix) * g.n;
-                                dot_entries(self.isa, d, x, xo, &self.fwd.chan[e0..e1], acc);
+                            let acc = &mut out[e0 - base..e1 - base];
+                            let chan = &self.fwd.chan[e0..e1];
+                            for oy in oy0..oy1 {
+                                let iy = oy * s + ky - g.pad;
+                                if s == 1 {
+                                    // The run of output pixels is contiguous in dy and in x.
+                                    let ix0 = ox0 + kx - g.pad;
+                                    let d = &dyr[(oy * ow + ox0) * g.n..(oy * ow + ox1) * g.n];
+                                    let xo = (iy * g.w + ix0) * g.n;
+                                    dot_entries(self.isa, d, x, xo, chan, acc);
+                                    continue;
+                                }
+                                // In x every s-th pixel: one dot per output pixel.
+                                for ox in ox0..ox1 {
+                                    let ix = ox * s + kx - g.pad;
+                                    let d = &dyr[(oy * ow + ox) * g.n..][..g.n];
+                                    let xo = (iy * g.w + ix) * g.n;
+                                    dot_entries(self.isa, d, x, xo, chan, acc);
+                                }
                             }
                         }
                     }
@@ -481,12 +553,24 @@ fn run_pixels(
     });
 }
 
-/// `dst[..n] = ep(Σ_live Σ_e vals[e] · src[chan[e] + pix ..][..n])`, in register tiles of
-/// [`TILE`] floats of the batch row.
+/// Pixels one register tile covers for a batch row of `n` floats: 8 vectors in all where the
+/// row has at most 4 (two pixels of 64 images, four of 32, ...), else 1.
+fn pixel_group(n: usize) -> usize {
+    match n.div_ceil(16) {
+        1 => 8,
+        2 => 4,
+        3 | 4 => 2,
+        _ => 1,
+    }
+}
+
+/// `dst[j·n ..][..n] = ep(Σ_live Σ_e vals[e] · src[chan[e] + pix + j·step ..][..n])` for the
+/// `p` pixels `j` of `(p, step)`, in register tiles of [`TILE`] floats of the batch row (all
+/// `p` pixels in one tile; `p > 1` only where `p · ceil(n / 16) <= 8`).
 ///
 /// # Safety
-/// `src[chan[e] + live.pix .. + n]` readable for every entry of every live tap; `dst[..n]`
-/// writable and unshared.
+/// `src[chan[e] + live.pix + j·step .. + n]` readable for every entry of every live tap and
+/// every pixel `j`; `dst[.. p·n]` writable and unshared.
 #[allow(clippy::too_many_arguments)]
 unsafe fn row_tile(
     isa: Isa,
@@ -495,9 +579,23 @@ unsafe fn row_tile(
     vals: &[f32],
     src: *const f32,
     n: usize,
+    (p, step): (usize, usize),
     dst: *mut f32,
     ep: Option<(f32, f32, bool)>,
 ) {
+    if p > 1 {
+        debug_assert!(p * n.div_ceil(16) <= 8);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::tile_pixels(live, chan, vals, src, n, (p, step), dst, ep),
+            _ => {
+                for j in 0..p {
+                    tile_portable(live, chan, vals, src.add(j * step), n, dst.add(j * n), ep);
+                }
+            }
+        }
+        return;
+    }
     let mut n0 = 0;
     while n0 < n {
         let w = (n - n0).min(TILE);
@@ -638,6 +736,83 @@ mod avx512 {
             _mm512_storeu_ps(dst.add(16 * i), *a);
         }
         _mm512_mask_storeu_ps(dst.add(16 * (NV - 1)), mask, acc[NV - 1]);
+    }
+
+    /// [`super::row_tile`] for `p > 1` pixels of `n <= 64` floats each: `p x ceil(n / 16)`
+    /// accumulators, one broadcast of each weight for all of them.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_pixels(
+        live: &[Live],
+        chan: &[u32],
+        vals: &[f32],
+        s: *const f32,
+        n: usize,
+        (p, step): (usize, usize),
+        d: *mut f32,
+        ep: Option<(f32, f32, bool)>,
+    ) {
+        let mask = tail_mask(n);
+        let t = (s, step, n, d);
+        match (n.div_ceil(16), p) {
+            (1, 8) => tile_np::<1, 8>(live, chan, vals, t, mask, ep),
+            (2, 4) => tile_np::<2, 4>(live, chan, vals, t, mask, ep),
+            (3, 2) => tile_np::<3, 2>(live, chan, vals, t, mask, ep),
+            (4, 2) => tile_np::<4, 2>(live, chan, vals, t, mask, ep),
+            _ => {
+                for j in 0..p {
+                    tile(live, chan, vals, s.add(j * step), n, d.add(j * n), ep);
+                }
+            }
+        }
+    }
+
+    /// `P` pixels of `NV` vectors each (the last one masked).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile_np<const NV: usize, const P: usize>(
+        live: &[Live],
+        chan: &[u32],
+        vals: &[f32],
+        (src, step, n, dst): (*const f32, usize, usize, *mut f32),
+        mask: __mmask16,
+        ep: Option<(f32, f32, bool)>,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; P];
+        for l in live {
+            let base = src.add(l.pix);
+            for e in l.start..l.end {
+                let vv = _mm512_set1_ps(*vals.get_unchecked(e));
+                let xr = base.add(*chan.get_unchecked(e) as usize);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let xj = xr.add(j * step);
+                    for (i, v) in a.iter_mut().enumerate().take(NV - 1) {
+                        *v = _mm512_fmadd_ps(vv, _mm512_loadu_ps(xj.add(16 * i)), *v);
+                    }
+                    a[NV - 1] = _mm512_fmadd_ps(
+                        vv,
+                        _mm512_maskz_loadu_ps(mask, xj.add(16 * (NV - 1))),
+                        a[NV - 1],
+                    );
+                }
+            }
+        }
+        for (j, a) in acc.iter_mut().enumerate() {
+            if let Some((sa, sb, relu)) = ep {
+                let (va, vb) = (_mm512_set1_ps(sa), _mm512_set1_ps(sb));
+                for x in a.iter_mut() {
+                    *x = _mm512_fmadd_ps(*x, va, vb);
+                    if relu {
+                        *x = _mm512_max_ps(*x, _mm512_setzero_ps());
+                    }
+                }
+            }
+            let dj = dst.add(j * n);
+            for (i, v) in a.iter().enumerate().take(NV - 1) {
+                _mm512_storeu_ps(dj.add(16 * i), *v);
+            }
+            _mm512_mask_storeu_ps(dj.add(16 * (NV - 1)), mask, a[NV - 1]);
+        }
     }
 
     /// `acc[j] += dot(d, x[chan[j] + xo ..][..d.len()])`: groups of eight entries (then four,
