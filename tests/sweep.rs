@@ -375,7 +375,7 @@ fn a_second_sweep_started_later_trains_only_what_is_left() -> Result<()> {
 #[test]
 fn the_paper_sweep_files_expand_into_valid_runs() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    for d in ["data/cmnist", "data/cifar10c", "data/bffhq"] {
+    for d in ["data/cmnist", "data/cfmnist", "data/cifar10c", "data/bffhq"] {
         std::fs::create_dir_all(tmp.path().join(d))?;
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/paper");
@@ -387,6 +387,7 @@ fn the_paper_sweep_files_expand_into_valid_runs() -> Result<()> {
         ("cmnist-reduced-baselines.toml", 24),
         ("cmnist-reduced-rest.toml", 36),
         ("cmnist-reduced-jtt.toml", 12),
+        ("cfmnist-reduced-1pct.toml", 18),
     ];
     let mut seen = 0;
     for e in std::fs::read_dir(&dir)? {

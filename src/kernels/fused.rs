@@ -193,8 +193,13 @@ pub fn conv_bn_train(
         stats: stats.clone(),
     };
     // The backward pass reads the arguments, not the output (the ReLU's mask is recomputed
-    // from the saved convolution output).
-    let y = super::tape::op3_keep(&x, &w, &gb, op, Keep::only(0b111, false))?;
+    // from the saved convolution output). A sparse convolution keeps its own copy of the
+    // input for the weight gradient (polyphase or batch-innermost), so the tape need not keep
+    // `x` as well (then freed once no other op needs it: a BasicBlock's inner activation)
+    // except on mask-update steps, whose dense weight gradient reads `x` itself.
+    let own_copy = sparse.is_some_and(|sw| !sw.lock().dense_grad);
+    let keep = Keep::only(if own_copy { 0b110 } else { 0b111 }, false);
+    let y = super::tape::op3_keep(&x, &w, &gb, op, keep)?;
     let stats = stats
         .lock()
         .map_err(|e| anyhow::anyhow!("{F}: {e}"))?
