@@ -81,7 +81,7 @@ impl State {
         match &self.conv {
             Some(c) if c.geom() == g => Ok(c.clone()),
             _ => {
-                let plan = if ConvPlan::batch_innermost(g) {
+                let plan = if ConvPlan::batch_innermost(g, self.matrix.nnz()) {
                     ConvPlan::Hwn(HwnConv::new(&self.matrix, g).map_err(kernel_err)?)
                 } else {
                     ConvPlan::Phase(SparseConv::new(&self.matrix, g).map_err(kernel_err)?)
@@ -111,6 +111,15 @@ impl State {
 /// 2.9 / 8.5, 4 4.7 / 9.9, 16 10.7 / 10.8, 32 17.3 / 12.4, 64 32.2 / 19.0.
 const HWN_MIN_BATCH: usize = 16;
 
+/// On maps larger than 4x4 the batch-innermost layout needs this many multiply-adds per
+/// output pixel and channel (active weights per output channel x batch) to pay for its
+/// per-pixel work (the live taps, the stores of whole batch rows): ResNet18 at 128 px batch
+/// 64, forward + backward ms of all layers of a size (`--profile`, polyphase / batch-innermost):
+/// at density 0.05 (about 130 weights per channel) 32x32 196 / 188, 16x16 124 / 104, 8x8 65
+/// / 54; at density 0.01 (about 25) 75 / 83, 51 / 57, 30 / 32, while 4x4 maps gain at both
+/// (33 / 28 at 0.01).
+const HWN_MIN_ROW_WORK: usize = 4096;
+
 /// The layout of one sparse convolution: polyphase CNHW or batch-innermost CHWN (whose
 /// operands are converted from and to the network's CNHW inside the op).
 // Built once per geometry and held in an `Arc`: the variants' sizes do not matter.
@@ -129,17 +138,23 @@ impl ConvPlan {
         }
     }
 
-    /// Whether geometry `g` takes the batch-innermost layout: 3x3 kernels with batches of at
-    /// least [`HWN_MIN_BATCH`] (see there); `REST_CONV_LAYOUT=phase|hwn` forces one for
-    /// comparisons.
-    fn batch_innermost(g: &Conv2dGeom) -> bool {
+    /// Whether geometry `g` with `nnz` active weights takes the batch-innermost layout: 3x3
+    /// kernels with batches of at least [`HWN_MIN_BATCH`], on maps of at most 4x4 or with at
+    /// least [`HWN_MIN_ROW_WORK`] multiply-adds per output pixel and channel (see both);
+    /// `REST_CONV_LAYOUT=phase|hwn` forces one for comparisons.
+    fn batch_innermost(g: &Conv2dGeom, nnz: usize) -> bool {
         static FORCE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
         let force = *FORCE.get_or_init(|| match std::env::var("REST_CONV_LAYOUT").as_deref() {
             Ok("phase") => Some(false),
             Ok("hwn") => Some(true),
             _ => None,
         });
-        force.unwrap_or(g.kh == 3 && g.kw == 3 && g.n >= HWN_MIN_BATCH)
+        force.unwrap_or(
+            g.kh == 3
+                && g.kw == 3
+                && g.n >= HWN_MIN_BATCH
+                && (g.oh() * g.ow() <= 16 || nnz / g.oc.max(1) * g.n >= HWN_MIN_ROW_WORK),
+        )
     }
 }
 
