@@ -4,7 +4,8 @@
 //! zero outside the pattern) by default and the full dense gradient after
 //! `SparseWeight::set_dense_grad(true)`. Densities 0.001-0.5, with empty and fully dense rows,
 //! odd shapes, stride 1 and 2, padding 0-2, and both convolution layouts (polyphase, and
-//! batch-innermost for 3x3 kernels on small maps with batches of 16 or more).
+//! batch-innermost for 3x3 kernels with batches of 16 or more on small maps or dense enough
+//! patterns).
 
 mod common;
 
@@ -61,11 +62,13 @@ fn sparse_conv2d_matches_candle_conv2d_on_the_masked_weight() {
         (32, 3, 1, 1, 16, 3, 1, 1, 0.1),
         (16, 2, 2, 2, 8, 3, 2, 1, 0.2),
         (8, 3, 2, 2, 9, 3, 1, 1, 0.3),
-        // Batches of 16 and more with 3x3 kernels on maps of at most 8x8: the batch-innermost
-        // layout (operands converted CNHW <-> CHWN inside the op).
+        // Batches of 16 and more with 3x3 kernels on maps of at most 4x4, or larger ones with
+        // enough weights per channel x batch: the batch-innermost layout (operands converted
+        // CNHW <-> CHWN inside the op).
         (16, 20, 4, 4, 12, 3, 1, 1, 0.2),
         (8, 32, 8, 8, 6, 3, 2, 1, 0.3),
         (12, 17, 1, 1, 5, 3, 1, 1, 0.5),
+        (32, 32, 9, 10, 8, 3, 1, 1, 0.5),
     ];
     for (case, &(c, n, h, w, oc, k, stride, pad, density)) in cases.iter().enumerate() {
         let cols = c * k * k;
