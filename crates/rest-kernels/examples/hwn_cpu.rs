@@ -1,5 +1,5 @@
-//! Process-CPU-time timings of the two sparse convolutions on ResNet18's shapes at 32 px
-//! (batch 256, ERK densities of overall 0.05), single threaded: the polyphase CNHW conv
+//! Process-CPU-time timings of the two sparse convolutions on ResNet18's shapes (32 px images
+//! and batch 256 unless given, ERK densities of overall 0.05), single threaded: the polyphase CNHW conv
 //! (`SparseConv`: pack + forward, expand + input gradient, weight gradient) against the
 //! batch-innermost one (`HwnConv`, plus the CNHW <-> CHWN transposes it needs inside a CNHW
 //! network). Buffers are 64-byte aligned and advised as huge pages, as the `rest` binary's
