@@ -290,28 +290,28 @@ impl HwnConv {
         }
     }
 
-    /// Whether output columns `x0` and `x1` read real input columns under the same taps
-    /// (then so do the columns between them).
+    /// Whether output columns `x0 ..= x1` all read real input columns under the same taps.
     fn fwd_same(&self, x0: usize, x1: usize) -> bool {
         let g = &self.geom;
         let real = |ox: usize, kx: usize| (ox * g.stride + kx).wrapping_sub(g.pad) < g.w;
-        (0..g.kw).all(|kx| real(x0, kx) == real(x1, kx))
+        (x0 + 1..=x1).all(|x| (0..g.kw).all(|kx| real(x0, kx) == real(x, kx)))
     }
 
-    /// Whether input columns `x0` and `x1` are read by real output columns under the same
+    /// Whether input columns `x0 ..= x1` are all read by real output columns under the same
     /// taps, for stride 1.
     fn bwd_same(&self, x0: usize, x1: usize) -> bool {
         let g = &self.geom;
         let ow = g.ow();
         let real = |ix: usize, kx: usize| (ix + g.pad).wrapping_sub(kx) < ow;
-        (0..g.kw).all(|kx| real(x0, kx) == real(x1, kx))
+        (x0 + 1..=x1).all(|x| (0..g.kw).all(|kx| real(x0, kx) == real(x, kx)))
     }
 
     /// `dst[r][q] = ep(r)(Σ_live Σ_e vals[e] · src[chan[e] + pix ..])` for every row `r` of
     /// `side` and pixel `q` of the `h x w` destination map (planes `plane` apart), the live
     /// taps of each from `live(r, y, x, ..)`: the forward pass and the input gradient.
     /// Where the batch row is short (at most 4 vectors), neighbouring pixels of one map row
-    /// with the same live taps (`same(y, x0, x1)`; their sources `step` floats apart) share
+    /// with the same live taps (`same(x0, x1)`: columns `x0 ..= x1`; their sources `step`
+    /// floats apart) share
     /// each weight broadcast and fill the 8 accumulators together.
     #[allow(clippy::too_many_arguments)]
     fn rows_product(
