@@ -94,16 +94,17 @@ impl State {
     }
 }
 
-/// 3x3 convolutions run the batch-innermost layout ([`HwnConv`]) when the batch has at least
-/// this many images; other kernels (REST's CNN's 4x4 stride-2 convs: training step at
-/// density 0.05 34.5 -> 42.8 ms with it, the 7x7 stem, 1x1 shortcuts) keep the polyphase
-/// layout. On ResNet18 at density 0.05 (`rest bench --models resnet18 --densities 0.05`, 2
-/// threads, `REST_CONV_LAYOUT=phase` against the default) a training step takes 203 -> 118 ms
-/// at 32 px batch 256 and 584 -> 491 ms at 128 px batch 64 (inference 68 -> 38.5 and 194 ->
-/// 159 ms): on small maps the polyphase layout computes many junk positions (a 4x4 map under
-/// a 3x3 kernel as 6x6) and, on the tiniest, im2col rows; on 16x16 and 32x32 maps the batch
-/// rows are still the faster operand once the weight gradient walks the map in blocks of rows
-/// that stay in L2 (`hwn_cpu 64 128`: layer1's weight gradient 81.5 -> 21.5 ms).
+/// Sparse convolutions run the batch-innermost layout ([`HwnConv`]) when the batch has at
+/// least this many images and either the work per output pixel reaches [`HWN_MIN_ROW_WORK`]
+/// or the kernel is 3x3 on an output map of at most 4x4; 1x1 kernels (ResNet's shortcuts)
+/// keep the polyphase layout. On ResNet18 at density 0.05 (`rest bench --models resnet18
+/// --densities 0.05`, 2 threads, `REST_CONV_LAYOUT=phase` against the default) a training
+/// step takes 203 -> 118 ms at 32 px batch 256 and 584 -> 491 ms at 128 px batch 64
+/// (inference 68 -> 38.5 and 194 -> 159 ms), REST's CNN 33.9 -> 30.9 ms: on small maps the
+/// polyphase layout computes many junk positions (a 4x4 map under a 3x3 kernel as 6x6) and,
+/// on the tiniest, im2col rows; on 16x16 and 32x32 maps the batch rows are still the faster
+/// operand once the weight gradient walks the map in blocks of rows that stay in L2
+/// (`hwn_cpu 64 128`: layer1's weight gradient 81.5 -> 21.5 ms).
 ///
 /// Batches below this size keep the polyphase layout: a batch row of a few images fills a
 /// fraction of one vector, while the polyphase rows span the whole map. ResNet18 at 32 px,
@@ -111,13 +112,15 @@ impl State {
 /// 2.9 / 8.5, 4 4.7 / 9.9, 16 10.7 / 10.8, 32 17.3 / 12.4, 64 32.2 / 19.0.
 const HWN_MIN_BATCH: usize = 16;
 
-/// On maps larger than 4x4 the batch-innermost layout needs this many multiply-adds per
-/// output pixel and channel (active weights per output channel x batch) to pay for its
-/// per-pixel work (the live taps, the stores of whole batch rows): ResNet18 at 128 px batch
-/// 64, forward + backward ms of all layers of a size (`--profile`, polyphase / batch-innermost):
-/// at density 0.05 (about 130 weights per channel) 32x32 196 / 188, 16x16 124 / 104, 8x8 65
-/// / 54; at density 0.01 (about 25) 75 / 83, 51 / 57, 30 / 32, while 4x4 maps gain at both
-/// (33 / 28 at 0.01).
+/// The batch-innermost layout needs this many multiply-adds per output pixel and channel
+/// (active weights per output channel x batch) to pay for its per-pixel work (the live taps,
+/// the stores of whole batch rows), except for 3x3 kernels on maps of at most 4x4: ResNet18
+/// at 128 px batch 64, forward + backward ms of all layers of a size (`--profile`, polyphase
+/// / batch-innermost): at density 0.05 (about 130 weights per channel) 32x32 196 / 188, 16x16
+/// 124 / 104, 8x8 65 / 54; at density 0.01 (about 25) 75 / 83, 51 / 57, 30 / 32, while 4x4
+/// maps gain at both (33 / 28 at 0.01). REST's CNN (4x4 stride-2 kernels, batch 256): its
+/// 7x7 and 3x3 layers gain at density 0.05 (about 70 weights per channel: 16.4 / 15.7 and
+/// 8.1 / 7.4 ms) and lose at 0.01 (about 11: 6.9 / 8.2 and 3.8 / 4.3, even on the 3x3 map).
 const HWN_MIN_ROW_WORK: usize = 4096;
 
 /// The layout of one sparse convolution: polyphase CNHW or batch-innermost CHWN (whose
@@ -138,10 +141,10 @@ impl ConvPlan {
         }
     }
 
-    /// Whether geometry `g` with `nnz` active weights takes the batch-innermost layout: 3x3
-    /// kernels with batches of at least [`HWN_MIN_BATCH`], on maps of at most 4x4 or with at
-    /// least [`HWN_MIN_ROW_WORK`] multiply-adds per output pixel and channel (see both);
-    /// `REST_CONV_LAYOUT=phase|hwn` forces one for comparisons.
+    /// Whether geometry `g` with `nnz` active weights takes the batch-innermost layout: kernels
+    /// larger than 1x1 with batches of at least [`HWN_MIN_BATCH`], with at least
+    /// [`HWN_MIN_ROW_WORK`] multiply-adds per output pixel and channel or 3x3 on maps of at
+    /// most 4x4 (see both); `REST_CONV_LAYOUT=phase|hwn` forces one for comparisons.
     fn batch_innermost(g: &Conv2dGeom, nnz: usize) -> bool {
         static FORCE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
         let force = *FORCE.get_or_init(|| match std::env::var("REST_CONV_LAYOUT").as_deref() {
@@ -150,10 +153,10 @@ impl ConvPlan {
             _ => None,
         });
         force.unwrap_or(
-            g.kh == 3
-                && g.kw == 3
+            g.kh * g.kw > 1
                 && g.n >= HWN_MIN_BATCH
-                && (g.oh() * g.ow() <= 16 || nnz / g.oc.max(1) * g.n >= HWN_MIN_ROW_WORK),
+                && (nnz / g.oc.max(1) * g.n >= HWN_MIN_ROW_WORK
+                    || (g.kh == 3 && g.kw == 3 && g.oh() * g.ow() <= 16)),
         )
     }
 }
