@@ -293,17 +293,16 @@ impl HwnConv {
     /// Whether output columns `x0 ..= x1` all read real input columns under the same taps.
     fn fwd_same(&self, x0: usize, x1: usize) -> bool {
         let g = &self.geom;
-        let real = |ox: usize, kx: usize| (ox * g.stride + kx).wrapping_sub(g.pad) < g.w;
-        (x0 + 1..=x1).all(|x| (0..g.kw).all(|kx| real(x0, kx) == real(x, kx)))
+        same_taps(x0, x1, g.kw, |ox, kx| {
+            (ox * g.stride + kx).wrapping_sub(g.pad) < g.w
+        })
     }
 
     /// Whether input columns `x0 ..= x1` are all read by real output columns under the same
     /// taps, for stride 1.
     fn bwd_same(&self, x0: usize, x1: usize) -> bool {
-        let g = &self.geom;
-        let ow = g.ow();
-        let real = |ix: usize, kx: usize| (ix + g.pad).wrapping_sub(kx) < ow;
-        (x0 + 1..=x1).all(|x| (0..g.kw).all(|kx| real(x0, kx) == real(x, kx)))
+        let (g, ow) = (&self.geom, self.geom.ow());
+        same_taps(x0, x1, g.kw, |ix, kx| (ix + g.pad).wrapping_sub(kx) < ow)
     }
 
     /// `dst[r][q] = ep(r)(Σ_live Σ_e vals[e] · src[chan[e] + pix ..])` for every row `r` of
@@ -551,6 +550,12 @@ fn run_pixels(
             rows * ri / nr..rows * (ri + 1) / nr,
         )
     });
+}
+
+/// Whether every column of `x0 ..= x1` has the same live taps `kx < kw` as `x0`
+/// (`live(x, kx)`).
+fn same_taps(x0: usize, x1: usize, kw: usize, live: impl Fn(usize, usize) -> bool) -> bool {
+    (x0 + 1..=x1).all(|x| (0..kw).all(|kx| live(x0, kx) == live(x, kx)))
 }
 
 /// Pixels one register tile covers for a batch row of `n` floats: 8 vectors in all where the
