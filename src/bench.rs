@@ -463,6 +463,8 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                         Ok(dev.synchronize()?)
                     })?
                 } else {
+                    // As in an evaluation loop: the weights do not change between batches.
+                    let _frozen = crate::kernels::freeze_weights();
                     time_it(args.warmup, args.steps, || {
                         infer_step(&s, &x)?;
                         Ok(dev.synchronize()?)
@@ -473,6 +475,7 @@ pub fn run(args: &BenchArgs, mut on_record: impl FnMut(&BenchRecord)) -> Result<
                 if args.profile {
                     let mut none: [Vec<f64>; 3] = Default::default();
                     crate::kernels::profile::enable(true);
+                    let _frozen = (m == 1).then(crate::kernels::freeze_weights);
                     let t = Instant::now();
                     for _ in 0..args.steps {
                         if m == 0 {

@@ -229,3 +229,43 @@ fn sparse_ops_follow_weight_and_reject_mismatched_patterns() {
         .to_string();
     assert!(err.contains("sparse pattern is 5x6"), "{err}");
 }
+
+/// Inside a `freeze_weights` scope an inference convolution reads the layer's values from
+/// the dense weight once (new values passed within the scope are not read: the scope promises
+/// there are none); a training pass reads them again, and so does the next inference call;
+/// ending the scope or opening a new one reads them again. Both layouts.
+#[test]
+fn frozen_weights_read_sparse_values_once_per_scope() {
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    // (c, n, h, w, oc, density): polyphase, then batch-innermost (batch 20, 4x4 map).
+    for &(c, n, h, w, oc, density) in &[(4, 3, 6, 6, 5, 0.4), (16, 20, 4, 4, 12, 0.3)] {
+        let cols = c * 9;
+        let mk = mask(&mut rng, oc, cols, density);
+        let masked = |v: &[f32]| -> Tensor {
+            let m: Vec<f32> = v.iter().zip(&mk).map(|(w, m)| w * m).collect();
+            Tensor::from_vec(m, (oc, c, 3, 3), &Device::Cpu).expect("tensor")
+        };
+        let (v1, v2) = (rand_vec(&mut rng, oc * cols), rand_vec(&mut rng, oc * cols));
+        let sw = SparseWeight::new(&v1, &mk, oc, cols).expect("sparse weight");
+        let x = rand_t(&mut rng, &[n, c, h, w]);
+        let xc = cnhw(&x);
+        let want = |v: &[f32]| x.conv2d(&masked(v), 1, 1, 1, 1).expect("conv");
+        let t = |v: &[f32]| Tensor::from_vec(v.to_vec(), (oc, c, 3, 3), &Device::Cpu).expect("w");
+        let (w1, w2) = (t(&v1), t(&v2));
+        let infer = |wt: &Tensor| cnhw(&sparse_conv2d_cnhw(&xc, wt, 1, 1, &sw).expect("op"));
+        {
+            let _frozen = rest::kernels::freeze_weights();
+            assert_close(&infer(&w1), &want(&v1), "first call in the scope");
+            assert_close(&infer(&w2), &want(&v1), "values read once per scope");
+            // A training pass (the weight tracks gradients) reads the current values...
+            let wv = Var::from_tensor(&w2).expect("var");
+            let y = sparse_conv2d_cnhw(&xc, wv.as_tensor(), 1, 1, &sw).expect("op");
+            assert_close(&cnhw(&y), &want(&v2), "training pass");
+            // ... and the next inference call reads them again.
+            assert_close(&infer(&w1), &want(&v1), "after a training pass");
+        }
+        assert_close(&infer(&w2), &want(&v2), "outside a scope");
+        let _frozen = rest::kernels::freeze_weights();
+        assert_close(&infer(&w1), &want(&v1), "a new scope");
+    }
+}

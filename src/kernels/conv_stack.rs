@@ -131,7 +131,7 @@ fn stack_pool(x: &Tensor, layers: &[EvalConvBn]) -> Result<Tensor> {
         match l.sparse {
             Some(sw) => {
                 let mut st = sw.lock();
-                st.matrix.update_values_from_dense(wd).map_err(kernel_err)?;
+                st.refresh_values(wd, true)?;
                 plans.push(st.conv_stack_plan(g)?);
                 states.push(st);
             }

@@ -39,7 +39,8 @@ pub use pool::{global_avg_pool_cnhw, max_pool2d_cnhw};
 pub use residual::add_relu;
 pub(crate) use scratch::output as output_buffer;
 pub use sparse::{
-    sparse_conv2d_cnhw, sparse_linear, sparse_linear_act, sparse_linear_bias, SparseWeight,
+    freeze_weights, sparse_conv2d_cnhw, sparse_linear, sparse_linear_act, sparse_linear_bias,
+    FrozenWeights, SparseWeight,
 };
 
 use anyhow::{bail, Result};

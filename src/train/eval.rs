@@ -69,6 +69,8 @@ pub fn predict(
     let mut preds = Vec::with_capacity(split.len());
     let mut loss_sum = 0.0f64;
     let all: Vec<usize> = (0..split.len()).collect();
+    // No weight changes until the split is done: sparse layers read their values once.
+    let _frozen = crate::kernels::freeze_weights();
     for chunk in all.chunks(eval_batch(split.image_size())) {
         let x = batch_tensor(split, chunk, tf, model.input_layout(), dev)?;
         // No graph: the batch's activations are freed as the pass goes.
