@@ -48,6 +48,9 @@ pub(super) struct State {
     /// The [`FrozenWeights`] scope in which `matrix`'s values were last read from the dense
     /// weight by an inference call (0: none, or a training call read them since).
     fresh_in: u64,
+    /// The batch-innermost layout's forward values, laid out in a [`FrozenWeights`] scope for
+    /// the plan `conv` then held (valid while `fresh_in` is that scope and `conv` that plan).
+    hwn_vals: Option<(u64, Arc<ConvPlan>, Arc<[f32]>)>,
 }
 
 thread_local! {
@@ -101,7 +104,24 @@ impl State {
             .update_values_from_dense(w)
             .map_err(kernel_err)?;
         self.fresh_in = scope;
+        self.hwn_vals = None;
         Ok(())
+    }
+
+    /// The forward values of the batch-innermost `plan` for the current values: laid out
+    /// once per [`FrozenWeights`] scope (inference calls), else on every call.
+    fn hwn_values(&mut self, plan: &Arc<ConvPlan>, hwn: &HwnConv) -> Arc<[f32]> {
+        let scope = self.fresh_in;
+        if let Some((s, p, v)) = &self.hwn_vals {
+            if scope != 0 && *s == scope && Arc::ptr_eq(p, plan) {
+                return v.clone();
+            }
+        }
+        let v: Arc<[f32]> = hwn.forward_values(&self.matrix).into();
+        if scope != 0 {
+            self.hwn_vals = Some((scope, plan.clone(), v.clone()));
+        }
+        v
     }
 
     /// Keeps `vals` as the compact weight gradient; a layer applied more than once in a graph
@@ -252,6 +272,7 @@ impl SparseWeight {
                 conv: None,
                 conv_stack: None,
                 fresh_in: 0,
+                hwn_vals: None,
             }),
         }))
     }
@@ -396,12 +417,13 @@ pub(super) fn sparse_conv_forward_affine(
                 .map_err(kernel_err)?;
             Ok(keep_input.then_some(xph))
         }
-        ConvPlan::Hwn(plan) => {
-            let xh = to_chwn(plan, x);
-            let mut yh = scratch::output(plan.out_len());
-            plan.forward(&st.matrix, &xh, &mut yh, epilogue)
+        ConvPlan::Hwn(hwn) => {
+            let xh = to_chwn(hwn, x);
+            let mut yh = scratch::output(hwn.out_len());
+            let vals = st.hwn_values(&plan, hwn);
+            hwn.forward_with(&vals, &xh, &mut yh, epilogue)
                 .map_err(kernel_err)?;
-            plan.output_to_cnhw(&yh, out);
+            hwn.output_to_cnhw(&yh, out);
             Ok(keep_input.then_some(xh))
         }
     }

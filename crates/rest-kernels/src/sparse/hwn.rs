@@ -378,6 +378,24 @@ impl HwnConv {
         epilogue: Option<(&[f32], &[f32], bool)>,
     ) -> Result<(), SparseError> {
         self.check_w("forward", w)?;
+        self.forward_with(&self.forward_values(w), x, out, epilogue)
+    }
+
+    /// The values of `w` in the order [`Self::forward_with`] reads them (for a caller that
+    /// runs several forward passes with the same weights).
+    pub fn forward_values(&self, w: &SparseMatrix) -> Vec<f32> {
+        self.fwd.gather(w.values())
+    }
+
+    /// [`Self::forward`] with the values laid out by [`Self::forward_values`].
+    pub fn forward_with(
+        &self,
+        vals: &[f32],
+        x: &[f32],
+        out: &mut [f32],
+        epilogue: Option<(&[f32], &[f32], bool)>,
+    ) -> Result<(), SparseError> {
+        len_check("forward", "values", vals.len(), self.nnz)?;
         let g = &self.geom;
         len_check("forward", "x", x.len(), self.x_len())?;
         len_check("forward", "out", out.len(), self.out_len())?;
@@ -385,11 +403,10 @@ impl HwnConv {
             len_check("forward", "scale", scale.len(), g.oc)?;
             len_check("forward", "shift", shift.len(), g.oc)?;
         }
-        let vals = self.fwd.gather(w.values());
         let (oh, ow) = (g.oh(), g.ow());
         let flops = 2 * self.nnz * g.n * oh * ow;
         self.rows_product(
-            (&self.fwd, &vals, x),
+            (&self.fwd, vals, x),
             (oh, ow, g.oc, self.ys),
             flops,
             |r, oy, ox, live| self.fwd_live(r, oy, ox, live),
