@@ -303,6 +303,10 @@ pub fn conv2d_bwd_weight(x: &[f32], dout: &[f32], g: &Conv2dGeom, dw: &mut [f32]
         bwd_weight_classes(x, dout, g, &classes, dw);
         return;
     }
+    if crate::wgrad::applies(g) {
+        crate::wgrad::bwd_weight(x, dout, g, dw);
+        return;
+    }
     let (k, p, ohow) = (g.k(), g.p(), g.oh() * g.ow());
     let tiles = Tiles::new(g);
     // dw_acc += dout[:, tile] x col_tile^T

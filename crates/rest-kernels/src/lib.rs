@@ -28,6 +28,7 @@ pub mod linear;
 pub mod pool;
 pub mod sparse;
 pub mod util;
+mod wgrad;
 
 pub use batchnorm::{
     batch_norm_bwd, batch_norm_eval, batch_norm_train_fwd, channel_affine, channel_affine_inplace,

@@ -147,6 +147,12 @@ fn fixed_geoms() -> Vec<Conv2dGeom> {
             kw: 1,
             ..g(2, 2, 6, 5, 3, 1, 1, 1)
         }, // non-square kernel
+        // The direct weight gradient of few-channel convolutions (AVX-512): a 32 px stem
+        // with several image groups and a ragged block of output channels, stride 3 with
+        // output rows shorter than a vector, stride 1 with a ragged row tail and tap block.
+        g(3, 20, 32, 32, 7, 7, 2, 3),
+        g(2, 3, 41, 37, 5, 5, 3, 2),
+        g(4, 2, 36, 40, 3, 3, 1, 0),
     ]
 }
 
