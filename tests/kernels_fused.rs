@@ -147,6 +147,8 @@ fn fused_eval_equals_conv_then_eval_batch_norm() {
         (3, 4, 28, 28, 8, 4, 2, 1, 0.3),
         (6, 2, 9, 9, 5, 3, 1, 1, 0.05),
         (5, 3, 6, 6, 7, 1, 1, 0, 1.0),
+        // A ResNet stem (3 channels, 7x7 stride 2): the direct few-channel forward.
+        (3, 5, 32, 30, 17, 7, 2, 3, 1.0),
     ];
     for (case, &(c, n, h, w, oc, k, stride, pad, density)) in cases.iter().enumerate() {
         let x = var(&mut r, &[c, n, h, w]);

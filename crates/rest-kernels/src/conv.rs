@@ -245,6 +245,10 @@ fn conv2d_fwd_epilogue(
         fwd_classes(x, w, g, &classes, affine, out);
         return;
     }
+    if crate::stem::applies(g) {
+        crate::stem::forward(x, w, g, affine, out);
+        return;
+    }
     let (k, p, ohow) = (g.k(), g.p(), g.oh() * g.ow());
     let outp = SendPtr(out.as_mut_ptr());
     Tiles::new(g).run(|n0, n1, par, buf| {
@@ -303,8 +307,8 @@ pub fn conv2d_bwd_weight(x: &[f32], dout: &[f32], g: &Conv2dGeom, dw: &mut [f32]
         bwd_weight_classes(x, dout, g, &classes, dw);
         return;
     }
-    if crate::wgrad::applies(g) {
-        crate::wgrad::bwd_weight(x, dout, g, dw);
+    if crate::stem::applies(g) {
+        crate::stem::bwd_weight(x, dout, g, dw);
         return;
     }
     let (k, p, ohow) = (g.k(), g.p(), g.oh() * g.ow());

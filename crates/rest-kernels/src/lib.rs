@@ -27,8 +27,8 @@ pub mod layout;
 pub mod linear;
 pub mod pool;
 pub mod sparse;
+mod stem;
 pub mod util;
-mod wgrad;
 
 pub use batchnorm::{
     batch_norm_bwd, batch_norm_eval, batch_norm_train_fwd, channel_affine, channel_affine_inplace,

@@ -1,27 +1,38 @@
-//! Direct weight gradient of a dense convolution with few input channels (a ResNet stem:
-//! 3 channels, 7x7, stride 2), without im2col.
+//! Dense convolution of few input channels (a ResNet stem: 3 channels, 7x7, stride 2)
+//! straight from the input's stride phases, without im2col: the forward pass and the weight
+//! gradient.
 //!
-//! `dw[o][c][ky][kx] = Σ_{n, oy, ox} dy[o][n][oy][ox] · xpad[c][n][s·oy + ky][s·ox + kx]`. The
-//! padded input of a group of images is split into its `s x s` phases (`phase[c][py][px][n]`
-//! holds `xpad[c][n][s·i + py][s·j + px]`), so every tap reads a contiguous run of a phase row
-//! for a whole output row: tap `(ky, kx)` of output row `oy` is row `oy + ky / s` of phase
-//! `(ky % s, kx % s)` from column `kx / s`. The sum is then a product of the output-gradient
-//! rows with the tap rows, in register blocks of 3 output channels x 7 taps of 16-lane
-//! partial sums (the lanes summed once at the end), over groups of images whose phases fit
-//! in L1. The im2col route writes and reads a `C·KH·KW`-row column matrix per tile and hands
-//! a GEMM a short-and-wide product. ResNet18's stem, 2 threads (`cargo run --release -p
-//! rest-kernels --example dense_conv_parts -- 2 3 B HW 64 7 2 3`): 32 px batch 256 8.7 ->
-//! 6.9 ms, 128 px batch 64 35.3 -> 28 ms. REST's CNN's first layer (4x4, stride 2) keeps
-//! its tap-class route, which is faster there.
+//! The padded input of a group of images is split into its `s x s` phases
+//! (`phase[c][py][px][n]` holds `xpad[c][n][s·i + py][s·j + px]`), so every tap reads a
+//! contiguous run of a phase row for a whole output row: tap `(ky, kx)` of output row `oy` is
+//! row `oy + ky / s` of phase `(ky % s, kx % s)` from column `kx / s`. A group's phases fit
+//! in L1 and serve every output channel.
+//!
+//! * Forward: `y[o][n][oy][..] = Σ_t w[o][t] · tap_t[n][oy][..]`, 16 output channels of one
+//!   16-pixel run in registers, each tap row loaded once for all of them, each weight a
+//!   broadcast operand (folded inference BatchNorm + ReLU applied at the store).
+//! * Weight gradient: `dw[o][t] = Σ_{n, oy} dy[o][n][oy][..] · tap_t[n][oy][..]`, register
+//!   blocks of 3 output channels x 7 taps of 16-lane partial sums (the lanes summed once at
+//!   the end).
+//!
+//! The im2col route writes and reads a `C·KH·KW`-row column matrix per tile and hands a GEMM
+//! a short-and-wide (weight gradient) or short-and-deep (forward) product. ResNet18's stem, 2
+//! threads (`cargo run --release -p rest-kernels --example dense_conv_parts -- 2 3 B HW 64 7
+//! 2 3`): weight gradient 32 px batch 256 8.7 -> 6.9 ms, 128 px batch 64 35.3 -> 28 ms.
+//! REST's CNN's first layer (4x4, stride 2) keeps its tap-class route, faster there.
 
 use rayon::prelude::*;
 
 use crate::im2col::Conv2dGeom;
+use crate::util::SendPtr;
 
 /// Output channels of a register block.
 const MR: usize = 3;
 /// Taps (`c, ky, kx` triples) of a register block.
 const NR: usize = 7;
+/// Output channels x 16-pixel runs of a forward register block.
+const FWD_OC: usize = 16;
+const FWD_RUNS: usize = 1;
 /// Largest `C·KH·KW` taken (the 16-lane partial sums of a thread are `OC x C·KH·KW x 16`
 /// floats, kept in L2).
 const MAX_TAPS: usize = 256;
@@ -60,6 +71,20 @@ impl Phases {
     /// Floats per image (all channels and phases).
     fn per_image(&self, c: usize) -> usize {
         c * self.s * self.s * self.hq * self.wq
+    }
+
+    /// Per tap `c·KH·KW + ky·KW + kx`: its phase plane (`(c·s + ky % s)·s + kx % s`), and the
+    /// row and column its output row 0 starts at (`ky / s`, `kx / s`; `oy + ky / s < hq`
+    /// and `kx / s + OW <= wq` for every output row `oy`).
+    fn taps(&self, g: &Conv2dGeom) -> Vec<(usize, usize, usize)> {
+        let s = self.s;
+        (0..g.k())
+            .map(|t| {
+                let (c, r) = (t / (g.kh * g.kw), t % (g.kh * g.kw));
+                let (ky, kx) = (r / g.kw, r % g.kw);
+                ((c * s + ky % s) * s + kx % s, ky / s, kx / s)
+            })
+            .collect()
     }
 
     /// Fills `buf` (`[c][py][px][n - n0][hq][wq]`, zero where the padding is) with images
@@ -103,6 +128,102 @@ impl Phases {
     }
 }
 
+/// Equal groups of consecutive images whose phases take at most [`GROUP_FLOATS`], as many
+/// as a multiple of `threads` where there are enough images.
+fn image_groups(g: &Conv2dGeom, per_img: usize, threads: usize) -> Vec<(usize, usize)> {
+    let mut count = g.n.div_ceil((GROUP_FLOATS / per_img.max(1)).max(1)).max(1);
+    if g.n >= threads {
+        count = count.next_multiple_of(threads).min(g.n);
+    }
+    let group = g.n.div_ceil(count).max(1);
+    (0..g.n.div_ceil(group))
+        .map(|i| (i * group, ((i + 1) * group).min(g.n)))
+        .collect()
+}
+
+/// `out = conv(x)` (CNHW in and out, overwritten); with `affine = (scale, shift, relu)`
+/// each output channel `o` becomes `max?(scale[o]·y + shift[o], 0)` as it is stored.
+/// Callers check [`applies`]. Every output sums its taps in the weight's order.
+pub(crate) fn forward(
+    x: &[f32],
+    w: &[f32],
+    g: &Conv2dGeom,
+    affine: Option<(&[f32], &[f32], bool)>,
+    out: &mut [f32],
+) {
+    let ph = Phases::new(g);
+    let taps = g.k();
+    let per_img = ph.per_image(g.c).max(1);
+    let groups = image_groups(g, per_img, rayon::current_num_threads().max(1));
+    let tap_at = ph.taps(g);
+    // The weights tap-major (`wt[t][o]`): one block's weights of a tap are contiguous.
+    let wt: Vec<f32> = (0..taps)
+        .flat_map(|t| (0..g.oc).map(move |o| w[o * taps + t]))
+        .collect();
+    let outp = SendPtr(out.as_mut_ptr());
+    let work = |(buf, runs): &mut (Vec<f32>, Vec<(usize, usize, u16)>),
+                &(n0, n1): &(usize, usize)| {
+        let nl = n1 - n0;
+        buf.resize(nl * per_img, 0.0);
+        ph.fill(g, x, (n0, n1), buf);
+        let plane = ph.hq * ph.wq;
+        let b_off: Vec<usize> = tap_at
+            .iter()
+            .map(|&(p, dy, dx)| p * nl * plane + dy * ph.wq + dx)
+            .collect();
+        let (oh, ow) = (g.oh(), g.ow());
+        // The 16-pixel runs of every output row of the group's images.
+        runs.clear();
+        for n in 0..nl {
+            for oy in 0..oh {
+                for v0 in (0..ow).step_by(16) {
+                    let lanes = (ow - v0).min(16);
+                    let mask = ((1u32 << lanes) - 1) as u16;
+                    let from = n * plane + oy * ph.wq + v0;
+                    runs.push((from, (n0 + n) * oh * ow + oy * ow + v0, mask));
+                }
+            }
+        }
+        let mut o0 = 0;
+        while o0 < g.oc {
+            let m = if o0 + FWD_OC <= g.oc { FWD_OC } else { 1 };
+            for rs in runs.chunks(FWD_RUNS) {
+                // SAFETY: AVX-512 is active (`applies`); the tap rows lie in `buf` (see
+                // `Phases::taps`); this group alone writes images n0..n1 of `out`, rows
+                // `(o·N + n)·OH·OW + oy·OW ..+ OW` of real channels.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let from = (buf.as_ptr(), &b_off[..]);
+                    let to = (outp.get(), g.n * oh * ow);
+                    let o = (o0, g.oc);
+                    match (m, rs.len()) {
+                        (FWD_OC, FWD_RUNS) => {
+                            avx512::fwd_runs::<FWD_OC, FWD_RUNS>(from, rs, &wt, o, to, affine)
+                        }
+                        (FWD_OC, _) => {
+                            for r in rs.chunks(1) {
+                                avx512::fwd_runs::<FWD_OC, 1>(from, r, &wt, o, to, affine)
+                            }
+                        }
+                        _ => {
+                            for r in rs.chunks(1) {
+                                avx512::fwd_runs::<1, 1>(from, r, &wt, o, to, affine)
+                            }
+                        }
+                    }
+                }
+            }
+            o0 += m;
+        }
+    };
+    if groups.len() > 1 && rayon::current_num_threads() > 1 {
+        groups.par_iter().for_each_init(Default::default, work);
+    } else {
+        let mut scratch = Default::default();
+        groups.iter().for_each(|gr| work(&mut scratch, gr));
+    }
+}
+
 /// The weight gradient `dw` `[OC][C][KH][KW]` (overwritten) from the CNHW input `x` and
 /// output gradient `dout`. Callers check [`applies`]. The result depends on the thread count
 /// only (fixed image groups per thread, their sums added in order).
@@ -110,27 +231,11 @@ pub(crate) fn bwd_weight(x: &[f32], dout: &[f32], g: &Conv2dGeom, dw: &mut [f32]
     let ph = Phases::new(g);
     let taps = g.k();
     let per_img = ph.per_image(g.c).max(1);
-    // Equal groups of images, a multiple of the thread count where there are enough images;
-    // fixed runs of consecutive groups per task (deterministic for a thread count).
     let threads = rayon::current_num_threads().max(1);
-    let mut count = g.n.div_ceil((GROUP_FLOATS / per_img).max(1)).max(1);
-    if g.n >= threads {
-        count = count.next_multiple_of(threads).min(g.n);
-    }
-    let group = g.n.div_ceil(count).max(1);
-    let groups: Vec<(usize, usize)> = (0..g.n.div_ceil(group))
-        .map(|i| (i * group, ((i + 1) * group).min(g.n)))
-        .collect();
+    let groups = image_groups(g, per_img, threads);
+    // Fixed runs of consecutive groups per task (deterministic for a thread count).
     let tasks = threads.clamp(1, groups.len().max(1));
-    // Tap offsets inside one image's phase block: (phase plane index, row offset, column).
-    let tap_at: Vec<(usize, usize, usize)> = (0..taps)
-        .map(|t| {
-            let (c, r) = (t / (g.kh * g.kw), t % (g.kh * g.kw));
-            let (ky, kx) = (r / g.kw, r % g.kw);
-            let s = ph.s;
-            ((c * s + ky % s) * s + kx % s, ky / s, kx / s)
-        })
-        .collect();
+    let tap_at = ph.taps(g);
     let run = |ti: usize| -> Vec<f32> {
         let (a, b) = (groups.len() * ti / tasks, groups.len() * (ti + 1) / tasks);
         let mut part = vec![0f32; g.oc * taps * 16];
@@ -239,6 +344,52 @@ mod avx512 {
         match w % 16 {
             0 => 0xFFFF,
             r => ((1u32 << r) - 1) as __mmask16,
+        }
+    }
+
+    /// `R` runs of 16 output pixels (`runs[j] = (source offset, destination offset, lanes)`)
+    /// of output channels `o0..o0 + M` (of `oc`): `M x R` accumulators summed over every tap
+    /// (run `j` of tap `t` reads `src + b_off[t] + runs[j].0`, weights `wt[t][o]`), then the
+    /// epilogue, stored `ostride` floats apart per channel.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fwd_runs<const M: usize, const R: usize>(
+        (src, b_off): (*const f32, &[usize]),
+        runs: &[(usize, usize, __mmask16)],
+        wt: &[f32],
+        (o0, oc): (usize, usize),
+        (dst, ostride): (*mut f32, usize),
+        affine: Option<(&[f32], &[f32], bool)>,
+    ) {
+        let wp = wt.as_ptr().add(o0);
+        let run: [(usize, usize, __mmask16); R] = std::array::from_fn(|j| runs[j]);
+        let mut acc = [[_mm512_setzero_ps(); R]; M];
+        for (t, &bo) in b_off.iter().enumerate() {
+            let mut b = [_mm512_setzero_ps(); R];
+            for (j, bv) in b.iter_mut().enumerate() {
+                *bv = _mm512_maskz_loadu_ps(run[j].2, src.add(bo + run[j].0));
+            }
+            let wr = wp.add(t * oc);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*wr.add(i));
+                for (j, v) in a.iter_mut().enumerate() {
+                    *v = _mm512_fmadd_ps(wv, b[j], *v);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let o = o0 + i;
+            for (j, v) in a.iter().enumerate() {
+                let mut y = *v;
+                if let Some((scale, shift, relu)) = affine {
+                    // Multiply, then add (not fused): the rounding of `channel_affine`.
+                    let ys = _mm512_mul_ps(y, _mm512_set1_ps(scale[o]));
+                    y = _mm512_add_ps(ys, _mm512_set1_ps(shift[o]));
+                    if relu {
+                        y = _mm512_max_ps(y, _mm512_setzero_ps());
+                    }
+                }
+                _mm512_mask_storeu_ps(dst.add(o * ostride + run[j].1), run[j].2, y);
+            }
         }
     }
 
