@@ -173,6 +173,45 @@ pub fn needs_im2col(g: &Conv2dGeom) -> bool {
     !(g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0)
 }
 
+/// A 1x1 convolution with stride > 1 and no padding (a ResNet shortcut) is the stride-1 one
+/// of its subsampled input: that geometry. In the forward pass one subsampling copy and one
+/// parallel GEMM over the whole batch replace im2col tiles (ResNet18's shortcuts, 2 threads,
+/// `examples/dense_conv_parts`: 0.66 -> 0.48 ms at 32 px batch 256 on layer2, 2.15 -> 1.76
+/// at 128 px batch 64); the gradients keep the tiles (one GEMM with the whole batch as its
+/// sum, or a scatter of the subsampled input gradient, measured slower).
+fn pointwise_strided(g: &Conv2dGeom) -> Option<Conv2dGeom> {
+    (g.kh == 1 && g.kw == 1 && g.pad == 0 && g.stride > 1).then(|| Conv2dGeom {
+        h: g.oh(),
+        w: g.ow(),
+        stride: 1,
+        ..*g
+    })
+}
+
+/// `xs[c][n][oy][ox] = x[c][n][s·oy][s·ox]` for the strided 1x1 geometry `g` (`xs` is
+/// `C x N x OH x OW`).
+fn subsample(x: &[f32], g: &Conv2dGeom, xs: &mut [f32]) {
+    let (oh, ow, s) = (g.oh(), g.ow(), g.stride);
+    let plane = oh * ow;
+    if plane == 0 {
+        return;
+    }
+    let one = |(i, d): (usize, &mut [f32])| {
+        let src = &x[i * g.h * g.w..][..g.h * g.w];
+        for oy in 0..oh {
+            let row = &src[oy * s * g.w..];
+            for (ox, v) in d[oy * ow..(oy + 1) * ow].iter_mut().enumerate() {
+                *v = row[ox * s];
+            }
+        }
+    };
+    if xs.len() >= 1 << 16 {
+        xs.par_chunks_mut(plane).enumerate().for_each(one);
+    } else {
+        xs.chunks_mut(plane).enumerate().for_each(one);
+    }
+}
+
 fn check(g: &Conv2dGeom) {
     assert!(g.validate().is_ok(), "conv2d: invalid geometry {g:?}");
 }
@@ -239,6 +278,18 @@ fn conv2d_fwd_epilogue(
         if let Some((scale, shift, relu)) = affine {
             crate::batchnorm::channel_affine_inplace(out, scale, shift, relu);
         }
+        return;
+    }
+    if let Some(gs) = pointwise_strided(g) {
+        let mut xs = Vec::with_capacity(gs.x_len());
+        // SAFETY: f32 has no invalid bit patterns, and `subsample` writes every element
+        // (each plane's `OH x OW` positions) before anything reads one.
+        #[allow(clippy::uninit_vec)]
+        unsafe {
+            xs.set_len(gs.x_len())
+        };
+        subsample(x, g, &mut xs);
+        conv2d_fwd_epilogue(&xs, w, &gs, affine, out);
         return;
     }
     if let Some(classes) = class_plan(g) {
