@@ -65,8 +65,8 @@ static NEXT_SCOPE: AtomicU64 = AtomicU64::new(1);
 /// passes that keep nothing for a backward pass) read each sparse layer's values from its
 /// dense weight once per scope instead of once per call. On ResNet18 at density 0.05 that
 /// read is ~8 % of an inference batch (layer4's 512x4608 weights at 3 % density touch a
-/// third of their cache lines). Evaluation loops, `rest bench`'s inference timing and
-/// prediction hold one; training passes always read the current values (and make the next
+/// third of their cache lines). Evaluation loops (`train::eval::predict`) and `rest bench`'s
+/// inference timing hold one; training passes always read the current values (and make the next
 /// inference call read them again), so a training step inside a scope stays correct for the
 /// trained layers, but writing weights otherwise (loading a checkpoint into the same
 /// variables) inside a scope would leave stale values: end the scope first.

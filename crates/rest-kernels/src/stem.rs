@@ -18,7 +18,8 @@
 //! The im2col route writes and reads a `C·KH·KW`-row column matrix per tile and hands a GEMM
 //! a short-and-wide (weight gradient) or short-and-deep (forward) product. ResNet18's stem, 2
 //! threads (`cargo run --release -p rest-kernels --example dense_conv_parts -- 2 3 B HW 64 7
-//! 2 3`): weight gradient 32 px batch 256 8.7 -> 6.9 ms, 128 px batch 64 35.3 -> 28 ms.
+//! 2 3`): forward 32 px batch 256 6.2 -> 4.7 ms, 128 px batch 64 24 -> 20 ms; weight
+//! gradient 8.7 -> 6.9 and 35.3 -> 28 ms.
 //! REST's CNN's first layer (4x4, stride 2) keeps its tap-class route, faster there.
 
 use rayon::prelude::*;
@@ -26,12 +27,15 @@ use rayon::prelude::*;
 use crate::im2col::Conv2dGeom;
 use crate::util::SendPtr;
 
-/// Output channels of a register block.
+/// Output channels of a weight-gradient register block (x [`NR`] taps: 21 accumulators and
+/// 7 tap rows in registers; 4 x 7 spilled).
 const MR: usize = 3;
-/// Taps (`c, ky, kx` triples) of a register block.
+/// Taps (`c, ky, kx` triples) of a weight-gradient register block.
 const NR: usize = 7;
-/// Output channels x 16-pixel runs of a forward register block.
+/// Output channels of a forward register block.
 const FWD_OC: usize = 16;
+/// 16-pixel runs of a forward register block (blocks of 8 x 2, 8 x 3, 4 x 4 and 12 x 2
+/// measured no faster than 16 x 1).
 const FWD_RUNS: usize = 1;
 /// Largest `C·KH·KW` taken (the 16-lane partial sums of a thread are `OC x C·KH·KW x 16`
 /// floats, kept in L2).
@@ -40,15 +44,14 @@ const MAX_TAPS: usize = 256;
 /// output channels and taps passes over it; 2 MiB groups were ~15 % slower).
 const GROUP_FLOATS: usize = 1 << 14;
 
-/// Whether [`bwd_weight`] takes geometry `g`: AVX-512, few input channels (`C·KH·KW <=
-/// 256`), kernels larger than 1x1, output rows of at least 8 pixels.
+/// Whether [`forward`] and [`bwd_weight`] take geometry `g` (valid): AVX-512, few input
+/// channels (`C·KH·KW <= 256`), kernels larger than 1x1, output rows of at least 8 pixels.
 pub(crate) fn applies(g: &Conv2dGeom) -> bool {
     cfg!(target_arch = "x86_64")
         && crate::isa::active() == crate::isa::Isa::Avx512
         && g.k() <= MAX_TAPS
         && g.kh * g.kw > 1
         && g.ow() >= 8
-        && g.stride >= 1
 }
 
 /// The phase buffer geometry: `s x s` phases of `hq x wq` floats per channel and image.
