@@ -9,13 +9,13 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use common::{loss_grads, rand_mask, rand_vec, var};
+use common::{loss_grads, rand_mask, rand_t, rand_vec, var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rest::kernels::{
-    batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_eval, conv_bn_train,
-    conv_stack_applies, conv_stack_pool_eval, global_avg_pool_cnhw, sparse_conv2d_cnhw, EvalConvBn,
-    SparseWeight,
+    batch_norm_cnhw_eval, batch_norm_cnhw_train, conv2d_cnhw, conv_bn_eval, conv_bn_maxpool_eval,
+    conv_bn_train, conv_stack_applies, conv_stack_pool_eval, global_avg_pool_cnhw, max_pool2d_cnhw,
+    sparse_conv2d_cnhw, EvalConvBn, SparseWeight,
 };
 use std::sync::Arc;
 
@@ -414,4 +414,56 @@ fn large_images_run_layer_by_layer() {
         let x = Tensor::zeros((2, 3, hw, hw), candle_core::DType::F32, dev).expect("x");
         assert_eq!(conv_stack_applies(&x, &args), applies, "{hw}x{hw}");
     }
+}
+
+/// The stem's inference op (conv + folded BatchNorm + ReLU + max pool) equals `conv_bn_eval`
+/// then `max_pool2d_cnhw` bit for bit (a ResNet stem at 32 px, the direct kernel's pooled
+/// tiles; a 3x3 layer it does not take); a sparse layer is left to the separate ops.
+#[test]
+fn stem_maxpool_eval_equals_the_two_ops() {
+    let mut r = ChaCha8Rng::seed_from_u64(31);
+    for &(c, n, hw, oc, k, stride, pad) in &[(3, 6, 32, 16, 7, 2, 3), (8, 2, 12, 5, 3, 1, 1)] {
+        let x = rand_t(&mut r, &[c, n, hw, hw]);
+        let w = rand_t(&mut r, &[oc, c, k, k]);
+        let [g, b, rm, rv] = bn_params(&mut r, oc);
+        let layer = EvalConvBn {
+            w: &w,
+            stride,
+            pad,
+            sparse: None,
+            gamma: &g,
+            beta: &b,
+            running_mean: &rm,
+            running_var: &rv,
+            eps: 1e-5,
+            relu: true,
+        };
+        let fused = conv_bn_maxpool_eval(&x, &layer, (3, 2, 1))
+            .expect("op")
+            .expect("a dense layer is fused");
+        let sep = max_pool2d_cnhw(&layer.apply(&x).expect("conv"), 3, 2, 1).expect("pool");
+        assert_eq!(fused.dims(), sep.dims());
+        same(&fused, &sep, &format!("stem {c}x{hw}x{hw} -> {oc}"));
+        // A pooling window larger than the padded output is an error naming the op.
+        let e = conv_bn_maxpool_eval(&x, &layer, (40, 2, 1)).unwrap_err();
+        assert!(e.to_string().contains("conv_bn_maxpool_eval"), "{e}");
+    }
+    let sw = SparseWeight::new(&[0.5; 27], &[1.0; 27], 1, 27).expect("sparse");
+    let (x, w) = (rand_t(&mut r, &[3, 2, 8, 8]), rand_t(&mut r, &[1, 3, 3, 3]));
+    let [g, b, rm, rv] = bn_params(&mut r, 1);
+    let layer = EvalConvBn {
+        w: &w,
+        stride: 1,
+        pad: 1,
+        sparse: Some(&sw),
+        gamma: &g,
+        beta: &b,
+        running_mean: &rm,
+        running_var: &rv,
+        eps: 1e-5,
+        relu: true,
+    };
+    assert!(conv_bn_maxpool_eval(&x, &layer, (3, 2, 1))
+        .expect("op")
+        .is_none());
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rest_kernels::{
     batch_norm_bwd, batch_norm_train_fwd, conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd,
-    conv2d_fwd_affine, BnBatchStats, Conv2dGeom,
+    conv2d_fwd_affine, conv2d_fwd_affine_maxpool, BnBatchStats, Conv2dGeom, MaxPool2dGeom,
 };
 use std::sync::{Arc, Mutex};
 
@@ -251,6 +251,89 @@ impl CustomOp2 for ConvBnReluEvalOp {
             Shape::from((g.oc, g.n, g.oh(), g.ow())),
         ))
     }
+}
+
+/// [`ConvBnReluEvalOp`] of a dense convolution followed by a max pool (a ResNet stem at
+/// inference): the pooled output only (`rest_kernels::conv2d_fwd_affine_maxpool`).
+struct ConvBnReluPoolEvalOp {
+    geom: Conv2dGeom,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+    pool: MaxPool2dGeom,
+}
+
+impl CustomOp2 for ConvBnReluPoolEvalOp {
+    fn name(&self) -> &'static str {
+        "rest-conv-bn-relu-maxpool-eval-cnhw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, p) = (&self.geom, &self.pool);
+        let x = cpu_slice(s1, l1, self.name())?;
+        let w = cpu_slice(s2, l2, self.name())?;
+        let mut out = scratch::output(p.out_len());
+        let pool = (p.k, p.stride, p.pad);
+        let (sc, sh) = (&self.scale, &self.shift);
+        conv2d_fwd_affine_maxpool(x, w, g, sc, sh, self.relu, pool, &mut out);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((p.c, p.n, p.oh(), p.ow())),
+        ))
+    }
+}
+
+/// `max_pool(relu?(batch_norm_eval(conv(x))))` on CNHW `x` for a dense convolution without
+/// bias: `layer`'s convolution + inference BatchNorm (+ ReLU), then a `k x k` max pool
+/// (`pool = (k, stride, pad)`), as one op whose convolution output is pooled a few images at
+/// a time while in cache (a ResNet stem's is the largest activation of the network). Equal
+/// to [`conv_bn_eval`] then `max_pool2d_cnhw`; `None` for a sparse layer or off the CPU
+/// kernels (the caller runs the two ops). Inference only.
+pub fn conv_bn_maxpool_eval(
+    x: &Tensor,
+    layer: &EvalConvBn<'_>,
+    pool: (usize, usize, usize),
+) -> Result<Option<Tensor>> {
+    const F: &str = "conv_bn_maxpool_eval";
+    if layer.sparse.is_some() || super::generic_path(x) {
+        return Ok(None);
+    }
+    let (x, w, geom) = super::prepare_conv(F, x, layer.w, layer.stride, layer.pad)?;
+    let (k, stride, pad) = pool;
+    let pg = MaxPool2dGeom {
+        c: geom.oc,
+        n: geom.n,
+        h: geom.oh(),
+        w: geom.ow(),
+        k,
+        stride,
+        pad,
+    };
+    pg.validate()
+        .map_err(|e| anyhow::anyhow!("{F}: max pool over the {}x{} output: {e}", pg.h, pg.w))?;
+    let (scale, shift) = fold_bn(
+        F,
+        geom.oc,
+        layer.gamma,
+        layer.beta,
+        layer.running_mean,
+        layer.running_var,
+        layer.eps,
+    )?;
+    let op = ConvBnReluPoolEvalOp {
+        geom,
+        scale,
+        shift,
+        relu: layer.relu,
+        pool: pg,
+    };
+    Ok(Some(super::tape::op2(&x, &w, op)?))
 }
 
 /// Folds inference BatchNorm parameters (`[oc]` each) into a per-channel `(scale, shift)`:

@@ -30,7 +30,7 @@ pub mod tape;
 pub use choice::{KernelMode, AUTO_SPARSE_LINEAR_MAX_DENSITY, AUTO_SPARSE_MAX_DENSITY};
 pub use conv::conv2d_cnhw;
 pub use conv_stack::{conv_stack_applies, conv_stack_pool_eval};
-pub use fused::{conv_bn_eval, conv_bn_train, EvalConvBn};
+pub use fused::{conv_bn_eval, conv_bn_maxpool_eval, conv_bn_train, EvalConvBn};
 pub use linear::{linear, linear_act};
 pub use linear_fm::{feature_major, linear_fm};
 pub use loss::softmax_nll;

@@ -314,10 +314,22 @@ impl Model for ResNet {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         // NCHW images -> CNHW, the layout of every conv/BN/pool kernel.
         let x = x.permute((1, 0, 2, 3))?.contiguous()?;
-        let mut h = self.stem.forward(&x, train)?;
-        if let Some(mp) = &self.maxpool {
-            h = mp.forward(&h)?;
-        }
+        // At inference the ImageNet stem and its max pool run as one op where they can (the
+        // stem's output, the largest activation, is pooled while in cache).
+        let fused = match (&self.maxpool, train) {
+            (Some(mp), false) => self.stem.forward_eval_maxpool(&x, mp)?,
+            _ => None,
+        };
+        let mut h = match fused {
+            Some(h) => h,
+            None => {
+                let mut h = self.stem.forward(&x, train)?;
+                if let Some(mp) = &self.maxpool {
+                    h = mp.forward(&h)?;
+                }
+                h
+            }
+        };
         for b in &self.blocks {
             h = b.forward(&h, train)?;
         }

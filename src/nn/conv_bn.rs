@@ -4,7 +4,7 @@
 //! average pool at inference (`conv_stack_pool_eval`).
 
 use super::layer::{elems, Dims, Layer, LayerFlops};
-use super::{slot_weight, BatchNorm2d, Buffer, Conv2d, Param};
+use super::{slot_weight, BatchNorm2d, Buffer, Conv2d, MaxPool2d, Param};
 use crate::kernels::SparseWeight;
 use crate::util::Rng;
 use anyhow::Result;
@@ -80,6 +80,19 @@ impl ConvBn {
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.conv.out_channels()
+    }
+
+    /// Inference `pool(self.forward(x, false))` as one op (`kernels::conv_bn_maxpool_eval`:
+    /// the convolution's output pooled while in cache, never written whole), for a dense
+    /// convolution without bias on the CPU kernels; `None` otherwise (the caller runs the
+    /// layer and then the pool).
+    pub fn forward_eval_maxpool(&self, x: &Tensor, pool: &MaxPool2d) -> Result<Option<Tensor>> {
+        if self.conv.bias.is_some() || self.conv.backend.is_generic() {
+            return Ok(None);
+        }
+        let state = EvalState::of(&self.conv, &self.bn);
+        let layer = state.layer(&self.conv, &self.bn, self.relu);
+        crate::kernels::conv_bn_maxpool_eval(x, &layer, (pool.kernel, pool.stride, pool.padding))
     }
 }
 

@@ -262,6 +262,63 @@ pub fn conv2d_fwd_affine(
     conv2d_fwd_epilogue(x, w, g, Some((scale, shift, relu)), out);
 }
 
+/// [`conv2d_fwd_affine`] followed by a `k x k` max pool (`pool = (k, stride, pad)`) of every
+/// output plane: `out` is the pooled CNHW output `[OC][N][PH][PW]` (overwritten), the same
+/// values as `conv2d_fwd_affine` then [`crate::max_pool2d_fwd`]. A ResNet stem at inference:
+/// with few input channels (the direct stem kernel) each group of images is convolved into a
+/// cache-sized tile and pooled from there, so the convolution's output, the largest
+/// activation of the network, is never written whole; other geometries convolve, then pool.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_fwd_affine_maxpool(
+    x: &[f32],
+    w: &[f32],
+    g: &Conv2dGeom,
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+    pool: (usize, usize, usize),
+    out: &mut [f32],
+) {
+    check(g);
+    let (k, stride, pad) = pool;
+    let pg = crate::pool::MaxPool2dGeom {
+        c: g.oc,
+        n: g.n,
+        h: g.oh(),
+        w: g.ow(),
+        k,
+        stride,
+        pad,
+    };
+    assert!(
+        pg.validate().is_ok(),
+        "conv2d_fwd_affine_maxpool: invalid pool {pg:?}"
+    );
+    assert!(
+        scale.len() == g.oc && shift.len() == g.oc,
+        "conv2d_fwd_affine_maxpool: scale/shift length"
+    );
+    assert_eq!(x.len(), g.x_len(), "conv2d_fwd_affine_maxpool: x length");
+    assert_eq!(
+        w.len(),
+        g.w_len(),
+        "conv2d_fwd_affine_maxpool: weight length"
+    );
+    assert_eq!(
+        out.len(),
+        pg.out_len(),
+        "conv2d_fwd_affine_maxpool: out length"
+    );
+    if class_plan(g).is_none() && crate::stem::applies(g) {
+        crate::stem::forward_maxpool(x, w, g, Some((scale, shift, relu)), pool, out);
+        return;
+    }
+    let mut conv = vec![0f32; g.out_len()];
+    conv2d_fwd_epilogue(x, w, g, Some((scale, shift, relu)), &mut conv);
+    let mut idx = vec![0u32; pg.out_len()];
+    crate::pool::max_pool2d_fwd(&conv, &pg, out, &mut idx);
+}
+
 fn conv2d_fwd_epilogue(
     x: &[f32],
     w: &[f32],

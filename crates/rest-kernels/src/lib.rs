@@ -36,7 +36,7 @@ pub use batchnorm::{
 };
 pub use conv::{
     conv2d_bwd_input, conv2d_bwd_weight, conv2d_bwd_weight_col, conv2d_fwd, conv2d_fwd_affine,
-    conv2d_fwd_col, needs_im2col,
+    conv2d_fwd_affine_maxpool, conv2d_fwd_col, needs_im2col,
 };
 pub use conv_stack::{
     conv_stack_group_len, conv_stack_pool, ConvStackLayer, ConvStackPlan, ConvStackWeights,

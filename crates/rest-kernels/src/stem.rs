@@ -25,6 +25,7 @@
 use rayon::prelude::*;
 
 use crate::im2col::Conv2dGeom;
+use crate::pool::{max_pool2d_fwd, MaxPool2dGeom};
 use crate::util::SendPtr;
 
 /// Output channels of a weight-gradient register block (x [`NR`] taps: 21 accumulators and
@@ -154,6 +155,46 @@ pub(crate) fn forward(
     affine: Option<(&[f32], &[f32], bool)>,
     out: &mut [f32],
 ) {
+    forward_into(x, w, g, affine, None, out)
+}
+
+/// [`forward`], then a max pool of every output plane: `out` is the pooled CNHW output
+/// (`[OC][N][PH][PW]` of `pool`'s geometry over `OC x N` planes of `OH x OW`). Each group
+/// of images is convolved into a cache-sized tile and pooled from there (the convolution's
+/// output is never written whole); the same values as [`forward`] then
+/// [`crate::pool::max_pool2d_fwd`].
+pub(crate) fn forward_maxpool(
+    x: &[f32],
+    w: &[f32],
+    g: &Conv2dGeom,
+    affine: Option<(&[f32], &[f32], bool)>,
+    pool: (usize, usize, usize),
+    out: &mut [f32],
+) {
+    forward_into(x, w, g, affine, Some(pool), out)
+}
+
+/// Per-thread buffers of [`forward_into`].
+#[derive(Default)]
+struct FwdScratch {
+    /// The group's phases.
+    buf: Vec<f32>,
+    /// The 16-pixel runs: (source offset, destination offset, lanes).
+    runs: Vec<(usize, usize, u16)>,
+    /// With pooling: the group's convolution output, its pooled planes and their indices.
+    conv: Vec<f32>,
+    pooled: Vec<f32>,
+    idx: Vec<u32>,
+}
+
+fn forward_into(
+    x: &[f32],
+    w: &[f32],
+    g: &Conv2dGeom,
+    affine: Option<(&[f32], &[f32], bool)>,
+    pool: Option<(usize, usize, usize)>,
+    out: &mut [f32],
+) {
     let ph = Phases::new(g);
     let taps = g.k();
     let per_img = ph.per_image(g.c).max(1);
@@ -163,41 +204,63 @@ pub(crate) fn forward(
     let wt: Vec<f32> = (0..taps)
         .flat_map(|t| (0..g.oc).map(move |o| w[o * taps + t]))
         .collect();
+    let (oh, ow) = (g.oh(), g.ow());
+    let pgeom = |nl: usize| {
+        pool.map(|(k, stride, pad)| MaxPool2dGeom {
+            c: g.oc,
+            n: nl,
+            h: oh,
+            w: ow,
+            k,
+            stride,
+            pad,
+        })
+    };
     let outp = SendPtr(out.as_mut_ptr());
-    let work = |(buf, runs): &mut (Vec<f32>, Vec<(usize, usize, u16)>),
-                &(n0, n1): &(usize, usize)| {
+    let work = |sc: &mut FwdScratch, &(n0, n1): &(usize, usize)| {
         let nl = n1 - n0;
-        buf.resize(nl * per_img, 0.0);
-        ph.fill(g, x, (n0, n1), buf);
+        sc.buf.resize(nl * per_img, 0.0);
+        ph.fill(g, x, (n0, n1), &mut sc.buf);
         let plane = ph.hq * ph.wq;
         let b_off: Vec<usize> = tap_at
             .iter()
             .map(|&(p, dy, dx)| p * nl * plane + dy * ph.wq + dx)
             .collect();
-        let (oh, ow) = (g.oh(), g.ow());
+        // Where the group's outputs go: `out` itself (channel planes N·OH·OW apart), or the
+        // group's own tile (nl·OH·OW apart) when it is pooled afterwards.
+        let pg = pgeom(nl);
+        let (dst, ostride, first) = match pg {
+            None => (outp.get(), g.n * oh * ow, n0),
+            Some(_) => {
+                sc.conv.resize(g.oc * nl * oh * ow, 0.0);
+                (sc.conv.as_mut_ptr(), nl * oh * ow, 0)
+            }
+        };
         // The 16-pixel runs of every output row of the group's images.
-        runs.clear();
+        sc.runs.clear();
         for n in 0..nl {
             for oy in 0..oh {
                 for v0 in (0..ow).step_by(16) {
                     let lanes = (ow - v0).min(16);
                     let mask = ((1u32 << lanes) - 1) as u16;
                     let from = n * plane + oy * ph.wq + v0;
-                    runs.push((from, (n0 + n) * oh * ow + oy * ow + v0, mask));
+                    sc.runs
+                        .push((from, (first + n) * oh * ow + oy * ow + v0, mask));
                 }
             }
         }
         let mut o0 = 0;
         while o0 < g.oc {
             let m = if o0 + FWD_OC <= g.oc { FWD_OC } else { 1 };
-            for rs in runs.chunks(FWD_RUNS) {
-                // SAFETY: AVX-512 is active (`applies`); the tap rows lie in `buf` (see
-                // `Phases::taps`); this group alone writes images n0..n1 of `out`, rows
-                // `(o·N + n)·OH·OW + oy·OW ..+ OW` of real channels.
+            for rs in sc.runs.chunks(FWD_RUNS) {
+                // SAFETY: AVX-512 is active (`applies`); the tap rows lie in `sc.buf` (see
+                // `Phases::taps`); the destination is this group's own tile, or images
+                // n0..n1 of `out`, which this group alone writes (rows
+                // `(o·N + n)·OH·OW + oy·OW ..+ OW` of real channels).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    let from = (buf.as_ptr(), &b_off[..]);
-                    let to = (outp.get(), g.n * oh * ow);
+                    let from = (sc.buf.as_ptr(), &b_off[..]);
+                    let to = (dst, ostride);
                     let o = (o0, g.oc);
                     match (m, rs.len()) {
                         (FWD_OC, FWD_RUNS) => {
@@ -218,11 +281,25 @@ pub(crate) fn forward(
             }
             o0 += m;
         }
+        if let Some(pg) = pg {
+            let pp = pg.oh() * pg.ow();
+            sc.pooled.resize(pg.out_len(), 0.0);
+            sc.idx.resize(pg.out_len(), 0);
+            max_pool2d_fwd(&sc.conv, &pg, &mut sc.pooled, &mut sc.idx);
+            for o in 0..g.oc {
+                // SAFETY: images n0..n1 of channel o of the pooled output, in bounds
+                // (`out` is `OC x N x PH x PW`) and written by this group alone.
+                let d = unsafe {
+                    std::slice::from_raw_parts_mut(outp.get().add((o * g.n + n0) * pp), nl * pp)
+                };
+                d.copy_from_slice(&sc.pooled[o * nl * pp..(o + 1) * nl * pp]);
+            }
+        }
     };
     if groups.len() > 1 && rayon::current_num_threads() > 1 {
-        groups.par_iter().for_each_init(Default::default, work);
+        groups.par_iter().for_each_init(FwdScratch::default, work);
     } else {
-        let mut scratch = Default::default();
+        let mut scratch = FwdScratch::default();
         groups.iter().for_each(|gr| work(&mut scratch, gr));
     }
 }

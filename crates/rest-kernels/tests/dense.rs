@@ -670,3 +670,53 @@ fn conv_weight_gradient_is_bitwise_reproducible() {
         assert!(same, "run {run} differs from the first");
     }
 }
+
+/// The stem's inference op (convolution + folded BatchNorm + ReLU + max pool) equals the
+/// convolution with its affine epilogue and then the max pool, bit for bit: stems whose
+/// direct kernel pools each image group from a tile (32 px with several groups, a ragged
+/// block of output channels, odd sizes), a ReLU-less case, and a geometry it does not take.
+#[test]
+fn conv_affine_maxpool_equals_conv_then_pool() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let g = |c, n, h, w, oc, k, stride, pad| Conv2dGeom {
+        c,
+        n,
+        h,
+        w,
+        oc,
+        kh: k,
+        kw: k,
+        stride,
+        pad,
+    };
+    let cases = [
+        (g(3, 20, 32, 32, 17, 7, 2, 3), (3, 2, 1), true),
+        (g(3, 3, 37, 29, 8, 7, 2, 3), (3, 2, 1), false),
+        (g(2, 5, 22, 22, 5, 5, 1, 2), (2, 2, 0), true),
+        (g(16, 3, 9, 9, 4, 3, 1, 1), (3, 2, 1), true),
+    ];
+    for (i, &(g, (k, s, p), relu)) in cases.iter().enumerate() {
+        let x = rand_vec(&mut rng, g.x_len());
+        let w = rand_vec(&mut rng, g.w_len());
+        let scale = rand_vec(&mut rng, g.oc);
+        let shift = rand_vec(&mut rng, g.oc);
+        let mut conv = vec![0.0; g.out_len()];
+        conv2d_fwd_affine(&x, &w, &g, &scale, &shift, relu, &mut conv);
+        let pg = MaxPool2dGeom {
+            c: g.oc,
+            n: g.n,
+            h: g.oh(),
+            w: g.ow(),
+            k,
+            stride: s,
+            pad: p,
+        };
+        let mut want = vec![0.0; pg.out_len()];
+        let mut idx = vec![0u32; pg.out_len()];
+        max_pool2d_fwd(&conv, &pg, &mut want, &mut idx);
+        let mut got = vec![f32::NAN; pg.out_len()];
+        conv2d_fwd_affine_maxpool(&x, &w, &g, &scale, &shift, relu, (k, s, p), &mut got);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "case {i}: {g:?}");
+    }
+}
