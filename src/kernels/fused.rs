@@ -215,17 +215,23 @@ pub fn conv_bn_train(
 /// dense convolution as the GEMM leaves it (in place after a sparse one), so the largest
 /// activations are written once. No backward pass (a backward through it is an error, not a
 /// silent zero): training runs [`conv_bn_train`].
+/// With `pool` (dense convolutions only, see [`conv_bn_maxpool_eval`]) the output is then
+/// max-pooled, each group of images from a cache-sized tile.
 struct ConvBnReluEvalOp {
     geom: Conv2dGeom,
     sparse: Option<Arc<SparseWeight>>,
     scale: Vec<f32>,
     shift: Vec<f32>,
     relu: bool,
+    pool: Option<MaxPool2dGeom>,
 }
 
 impl CustomOp2 for ConvBnReluEvalOp {
     fn name(&self) -> &'static str {
-        "rest-conv-bn-relu-eval-cnhw"
+        match self.pool {
+            None => "rest-conv-bn-relu-eval-cnhw",
+            Some(_) => "rest-conv-bn-relu-maxpool-eval-cnhw",
+        }
     }
 
     fn cpu_fwd(
@@ -238,53 +244,27 @@ impl CustomOp2 for ConvBnReluEvalOp {
         let g = &self.geom;
         let x = cpu_slice(s1, l1, self.name())?;
         let w = cpu_slice(s2, l2, self.name())?;
+        let (sc, sh) = (&self.scale[..], &self.shift[..]);
+        if let Some(p) = &self.pool {
+            if self.sparse.is_some() {
+                candle_core::bail!("{}: a sparse convolution is not pooled here", self.name());
+            }
+            let mut out = scratch::output(p.out_len());
+            conv2d_fwd_affine_maxpool(x, w, g, sc, sh, self.relu, p, &mut out);
+            let shape = Shape::from((p.c, p.n, p.oh(), p.ow()));
+            return Ok((CpuStorage::F32(out), shape));
+        }
         let mut out = scratch::output(g.out_len());
         match &self.sparse {
             Some(sw) => {
-                let epilogue = Some((&self.scale[..], &self.shift[..], self.relu));
+                let epilogue = Some((sc, sh, self.relu));
                 sparse_conv_forward_affine(sw, g, x, w, &mut out, false, epilogue)?;
             }
-            None => conv2d_fwd_affine(x, w, g, &self.scale, &self.shift, self.relu, &mut out),
+            None => conv2d_fwd_affine(x, w, g, sc, sh, self.relu, &mut out),
         }
         Ok((
             CpuStorage::F32(out),
             Shape::from((g.oc, g.n, g.oh(), g.ow())),
-        ))
-    }
-}
-
-/// [`ConvBnReluEvalOp`] of a dense convolution followed by a max pool (a ResNet stem at
-/// inference): the pooled output only (`rest_kernels::conv2d_fwd_affine_maxpool`).
-struct ConvBnReluPoolEvalOp {
-    geom: Conv2dGeom,
-    scale: Vec<f32>,
-    shift: Vec<f32>,
-    relu: bool,
-    pool: MaxPool2dGeom,
-}
-
-impl CustomOp2 for ConvBnReluPoolEvalOp {
-    fn name(&self) -> &'static str {
-        "rest-conv-bn-relu-maxpool-eval-cnhw"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, p) = (&self.geom, &self.pool);
-        let x = cpu_slice(s1, l1, self.name())?;
-        let w = cpu_slice(s2, l2, self.name())?;
-        let mut out = scratch::output(p.out_len());
-        let pool = (p.k, p.stride, p.pad);
-        let (sc, sh) = (&self.scale, &self.shift);
-        conv2d_fwd_affine_maxpool(x, w, g, sc, sh, self.relu, pool, &mut out);
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((p.c, p.n, p.oh(), p.ow())),
         ))
     }
 }
@@ -300,40 +280,61 @@ pub fn conv_bn_maxpool_eval(
     layer: &EvalConvBn<'_>,
     pool: (usize, usize, usize),
 ) -> Result<Option<Tensor>> {
-    const F: &str = "conv_bn_maxpool_eval";
     if layer.sparse.is_some() || super::generic_path(x) {
         return Ok(None);
     }
-    let (x, w, geom) = super::prepare_conv(F, x, layer.w, layer.stride, layer.pad)?;
-    let (k, stride, pad) = pool;
-    let pg = MaxPool2dGeom {
-        c: geom.oc,
-        n: geom.n,
-        h: geom.oh(),
-        w: geom.ow(),
-        k,
-        stride,
-        pad,
+    Ok(Some(eval_op("conv_bn_maxpool_eval", x, layer, Some(pool))?))
+}
+
+/// The inference op of `layer` on `x`, pooled with `pool = (k, stride, pad)` if given;
+/// errors name `f`.
+fn eval_op(
+    f: &str,
+    x: &Tensor,
+    layer: &EvalConvBn<'_>,
+    pool: Option<(usize, usize, usize)>,
+) -> Result<Tensor> {
+    let (x, w, geom) = super::prepare_conv(f, x, layer.w, layer.stride, layer.pad)?;
+    let oc = geom.oc;
+    if let Some(sw) = layer.sparse {
+        sw.check_shape(oc, geom.k(), f)?;
+    }
+    let pool = match pool {
+        Some((k, stride, pad)) => {
+            let pg = MaxPool2dGeom {
+                c: oc,
+                n: geom.n,
+                h: geom.oh(),
+                w: geom.ow(),
+                k,
+                stride,
+                pad,
+            };
+            pg.validate().map_err(|e| {
+                anyhow::anyhow!("{f}: max pool over the {}x{} output: {e}", pg.h, pg.w)
+            })?;
+            Some(pg)
+        }
+        None => None,
     };
-    pg.validate()
-        .map_err(|e| anyhow::anyhow!("{F}: max pool over the {}x{} output: {e}", pg.h, pg.w))?;
     let (scale, shift) = fold_bn(
-        F,
-        geom.oc,
+        f,
+        oc,
         layer.gamma,
         layer.beta,
         layer.running_mean,
         layer.running_var,
         layer.eps,
     )?;
-    let op = ConvBnReluPoolEvalOp {
+    let op = ConvBnReluEvalOp {
         geom,
+        sparse: layer.sparse.cloned(),
         scale,
         shift,
         relu: layer.relu,
-        pool: pg,
+        pool,
     };
-    Ok(Some(super::tape::op2(&x, &w, op)?))
+    Ok(super::tape::op2(&x, &w, op)?)
 }
 
 /// Folds inference BatchNorm parameters (`[oc]` each) into a per-channel `(scale, shift)`:
@@ -431,19 +432,17 @@ pub fn conv_bn_eval(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    const F: &str = "conv_bn_eval";
-    let (x, w, geom) = super::prepare_conv(F, x, w, stride, pad)?;
-    let oc = geom.oc;
-    if let Some(sw) = sparse {
-        sw.check_shape(oc, geom.k(), F)?;
-    }
-    let (scale, shift) = fold_bn(F, oc, gamma, beta, running_mean, running_var, eps)?;
-    let op = ConvBnReluEvalOp {
-        geom,
-        sparse: sparse.cloned(),
-        scale,
-        shift,
+    let layer = EvalConvBn {
+        w,
+        stride,
+        pad,
+        sparse,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        eps,
         relu,
     };
-    Ok(super::tape::op2(&x, &w, op)?)
+    eval_op("conv_bn_eval", x, &layer, None)
 }

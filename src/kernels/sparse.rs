@@ -48,9 +48,10 @@ pub(super) struct State {
     /// The [`FrozenWeights`] scope in which `matrix`'s values were last read from the dense
     /// weight by an inference call (0: none, or a training call read them since).
     fresh_in: u64,
-    /// The batch-innermost layout's forward values, laid out in a [`FrozenWeights`] scope for
-    /// the plan `conv` then held (valid while `fresh_in` is that scope and `conv` that plan).
-    hwn_vals: Option<(u64, Arc<ConvPlan>, Arc<[f32]>)>,
+    /// The batch-innermost plan's forward values and the [`FrozenWeights`] scope they were
+    /// laid out in (reused while `fresh_in` is that scope, never for 0, so any new read of
+    /// the values lays them out again; dropped with the plan).
+    hwn_vals: Option<(u64, Vec<f32>)>,
 }
 
 thread_local! {
@@ -104,24 +105,22 @@ impl State {
             .update_values_from_dense(w)
             .map_err(kernel_err)?;
         self.fresh_in = scope;
-        self.hwn_vals = None;
         Ok(())
     }
 
-    /// The forward values of the batch-innermost `plan` for the current values: laid out
-    /// once per [`FrozenWeights`] scope (inference calls), else on every call.
-    fn hwn_values(&mut self, plan: &Arc<ConvPlan>, hwn: &HwnConv) -> Arc<[f32]> {
+    /// The forward values of the batch-innermost plan `hwn` (the current `conv`) for the
+    /// current values: laid out once per [`FrozenWeights`] scope (inference calls), else on
+    /// every call.
+    fn hwn_values(&mut self, hwn: &HwnConv) -> &[f32] {
         let scope = self.fresh_in;
-        if let Some((s, p, v)) = &self.hwn_vals {
-            if scope != 0 && *s == scope && Arc::ptr_eq(p, plan) {
-                return v.clone();
-            }
+        if !matches!(&self.hwn_vals, Some((s, _)) if scope != 0 && *s == scope) {
+            self.hwn_vals = None;
         }
-        let v: Arc<[f32]> = hwn.forward_values(&self.matrix).into();
-        if scope != 0 {
-            self.hwn_vals = Some((scope, plan.clone(), v.clone()));
-        }
-        v
+        let matrix = &self.matrix;
+        &self
+            .hwn_vals
+            .get_or_insert_with(|| (scope, hwn.forward_values(matrix)))
+            .1
     }
 
     /// Keeps `vals` as the compact weight gradient; a layer applied more than once in a graph
@@ -166,6 +165,8 @@ impl State {
                 };
                 let c = Arc::new(plan);
                 self.conv = Some(c.clone());
+                // Laid out for the old plan.
+                self.hwn_vals = None;
                 Ok(c)
             }
         }
@@ -420,8 +421,8 @@ pub(super) fn sparse_conv_forward_affine(
         ConvPlan::Hwn(hwn) => {
             let xh = to_chwn(hwn, x);
             let mut yh = scratch::output(hwn.out_len());
-            let vals = st.hwn_values(&plan, hwn);
-            hwn.forward_with(&vals, &xh, &mut yh, epilogue)
+            let vals = st.hwn_values(hwn);
+            hwn.forward_with(vals, &xh, &mut yh, epilogue)
                 .map_err(kernel_err)?;
             hwn.output_to_cnhw(&yh, out);
             Ok(keep_input.then_some(xh))

@@ -174,11 +174,11 @@ pub fn needs_im2col(g: &Conv2dGeom) -> bool {
 }
 
 /// A 1x1 convolution with stride > 1 and no padding (a ResNet shortcut) is the stride-1 one
-/// of its subsampled input: that geometry. In the forward pass one subsampling copy and one
-/// parallel GEMM over the whole batch replace im2col tiles (ResNet18's shortcuts, 2 threads,
-/// `examples/dense_conv_parts`: 0.66 -> 0.48 ms at 32 px batch 256 on layer2, 2.15 -> 1.76
-/// at 128 px batch 64); the gradients keep the tiles (one GEMM with the whole batch as its
-/// sum, or a scatter of the subsampled input gradient, measured slower).
+/// of its subsampled input (its im2col): that geometry. In the forward pass one subsampling
+/// copy and one parallel GEMM over the whole batch replace im2col tiles (ResNet18's
+/// shortcuts, 2 threads, `examples/dense_conv_parts`: 0.66 -> 0.48 ms at 32 px batch 256 on
+/// layer2, 2.15 -> 1.76 at 128 px batch 64); the gradients keep the tiles (one GEMM with the
+/// whole batch as its sum, or a scatter of the subsampled input gradient, measured slower).
 fn pointwise_strided(g: &Conv2dGeom) -> Option<Conv2dGeom> {
     (g.kh == 1 && g.kw == 1 && g.pad == 0 && g.stride > 1).then(|| Conv2dGeom {
         h: g.oh(),
@@ -186,30 +186,6 @@ fn pointwise_strided(g: &Conv2dGeom) -> Option<Conv2dGeom> {
         stride: 1,
         ..*g
     })
-}
-
-/// `xs[c][n][oy][ox] = x[c][n][s·oy][s·ox]` for the strided 1x1 geometry `g` (`xs` is
-/// `C x N x OH x OW`).
-fn subsample(x: &[f32], g: &Conv2dGeom, xs: &mut [f32]) {
-    let (oh, ow, s) = (g.oh(), g.ow(), g.stride);
-    let plane = oh * ow;
-    if plane == 0 {
-        return;
-    }
-    let one = |(i, d): (usize, &mut [f32])| {
-        let src = &x[i * g.h * g.w..][..g.h * g.w];
-        for oy in 0..oh {
-            let row = &src[oy * s * g.w..];
-            for (ox, v) in d[oy * ow..(oy + 1) * ow].iter_mut().enumerate() {
-                *v = row[ox * s];
-            }
-        }
-    };
-    if xs.len() >= 1 << 16 {
-        xs.par_chunks_mut(plane).enumerate().for_each(one);
-    } else {
-        xs.chunks_mut(plane).enumerate().for_each(one);
-    }
 }
 
 fn check(g: &Conv2dGeom) {
@@ -262,8 +238,8 @@ pub fn conv2d_fwd_affine(
     conv2d_fwd_epilogue(x, w, g, Some((scale, shift, relu)), out);
 }
 
-/// [`conv2d_fwd_affine`] followed by a `k x k` max pool (`pool = (k, stride, pad)`) of every
-/// output plane: `out` is the pooled CNHW output `[OC][N][PH][PW]` (overwritten), the same
+/// [`conv2d_fwd_affine`] followed by the max pool `pool` (over the convolution's `OC x N`
+/// output planes): `out` is the pooled CNHW output `[OC][N][PH][PW]` (overwritten), the same
 /// values as `conv2d_fwd_affine` then [`crate::max_pool2d_fwd`]. A ResNet stem at inference:
 /// with few input channels (the direct stem kernel) each group of images is convolved into a
 /// cache-sized tile and pooled from there, so the convolution's output, the largest
@@ -276,23 +252,14 @@ pub fn conv2d_fwd_affine_maxpool(
     scale: &[f32],
     shift: &[f32],
     relu: bool,
-    pool: (usize, usize, usize),
+    pool: &crate::pool::MaxPool2dGeom,
     out: &mut [f32],
 ) {
     check(g);
-    let (k, stride, pad) = pool;
-    let pg = crate::pool::MaxPool2dGeom {
-        c: g.oc,
-        n: g.n,
-        h: g.oh(),
-        w: g.ow(),
-        k,
-        stride,
-        pad,
-    };
+    let pg = pool;
     assert!(
-        pg.validate().is_ok(),
-        "conv2d_fwd_affine_maxpool: invalid pool {pg:?}"
+        pg.validate().is_ok() && (pg.c, pg.n, pg.h, pg.w) == (g.oc, g.n, g.oh(), g.ow()),
+        "conv2d_fwd_affine_maxpool: pool {pg:?} is not a valid pool of the {g:?} output"
     );
     assert!(
         scale.len() == g.oc && shift.len() == g.oc,
@@ -310,13 +277,13 @@ pub fn conv2d_fwd_affine_maxpool(
         "conv2d_fwd_affine_maxpool: out length"
     );
     if class_plan(g).is_none() && crate::stem::applies(g) {
-        crate::stem::forward_maxpool(x, w, g, Some((scale, shift, relu)), pool, out);
+        crate::stem::forward_maxpool(x, w, g, Some((scale, shift, relu)), pg, out);
         return;
     }
     let mut conv = vec![0f32; g.out_len()];
     conv2d_fwd_epilogue(x, w, g, Some((scale, shift, relu)), &mut conv);
     let mut idx = vec![0u32; pg.out_len()];
-    crate::pool::max_pool2d_fwd(&conv, &pg, out, &mut idx);
+    crate::pool::max_pool2d_fwd(&conv, pg, out, &mut idx);
 }
 
 fn conv2d_fwd_epilogue(
@@ -338,14 +305,15 @@ fn conv2d_fwd_epilogue(
         return;
     }
     if let Some(gs) = pointwise_strided(g) {
+        // For a 1x1 kernel the column matrix `[C][N·OH·OW]` is the subsampled input.
         let mut xs = Vec::with_capacity(gs.x_len());
-        // SAFETY: f32 has no invalid bit patterns, and `subsample` writes every element
-        // (each plane's `OH x OW` positions) before anything reads one.
+        // SAFETY: f32 has no invalid bit patterns, and `im2col` overwrites every element of
+        // its `g.col_len() == gs.x_len()` output before anything reads one.
         #[allow(clippy::uninit_vec)]
         unsafe {
             xs.set_len(gs.x_len())
         };
-        subsample(x, g, &mut xs);
+        crate::im2col::im2col(x, g, &mut xs);
         conv2d_fwd_epilogue(&xs, w, &gs, affine, out);
         return;
     }

@@ -33,11 +33,9 @@ use crate::util::SendPtr;
 const MR: usize = 3;
 /// Taps (`c, ky, kx` triples) of a weight-gradient register block.
 const NR: usize = 7;
-/// Output channels of a forward register block.
+/// Output channels of a forward register block, one 16-pixel run each (blocks of 8 channels
+/// x 2 or 3 runs, 4 x 4 and 12 x 2 measured no faster).
 const FWD_OC: usize = 16;
-/// 16-pixel runs of a forward register block (blocks of 8 x 2, 8 x 3, 4 x 4 and 12 x 2
-/// measured no faster than 16 x 1).
-const FWD_RUNS: usize = 1;
 /// Largest `C·KH·KW` taken (the 16-lane partial sums of a thread are `OC x C·KH·KW x 16`
 /// floats, kept in L2).
 const MAX_TAPS: usize = 256;
@@ -158,8 +156,8 @@ pub(crate) fn forward(
     forward_into(x, w, g, affine, None, out)
 }
 
-/// [`forward`], then a max pool of every output plane: `out` is the pooled CNHW output
-/// (`[OC][N][PH][PW]` of `pool`'s geometry over `OC x N` planes of `OH x OW`). Each group
+/// [`forward`], then the max pool `pool` (over the `OC x N` output planes) of every output
+/// plane: `out` is the pooled CNHW output `[OC][N][PH][PW]`. Each group
 /// of images is convolved into a cache-sized tile and pooled from there (the convolution's
 /// output is never written whole); the same values as [`forward`] then
 /// [`crate::pool::max_pool2d_fwd`].
@@ -168,7 +166,7 @@ pub(crate) fn forward_maxpool(
     w: &[f32],
     g: &Conv2dGeom,
     affine: Option<(&[f32], &[f32], bool)>,
-    pool: (usize, usize, usize),
+    pool: &MaxPool2dGeom,
     out: &mut [f32],
 ) {
     forward_into(x, w, g, affine, Some(pool), out)
@@ -192,7 +190,7 @@ fn forward_into(
     w: &[f32],
     g: &Conv2dGeom,
     affine: Option<(&[f32], &[f32], bool)>,
-    pool: Option<(usize, usize, usize)>,
+    pool: Option<&MaxPool2dGeom>,
     out: &mut [f32],
 ) {
     let ph = Phases::new(g);
@@ -205,17 +203,6 @@ fn forward_into(
         .flat_map(|t| (0..g.oc).map(move |o| w[o * taps + t]))
         .collect();
     let (oh, ow) = (g.oh(), g.ow());
-    let pgeom = |nl: usize| {
-        pool.map(|(k, stride, pad)| MaxPool2dGeom {
-            c: g.oc,
-            n: nl,
-            h: oh,
-            w: ow,
-            k,
-            stride,
-            pad,
-        })
-    };
     let outp = SendPtr(out.as_mut_ptr());
     let work = |sc: &mut FwdScratch, &(n0, n1): &(usize, usize)| {
         let nl = n1 - n0;
@@ -228,7 +215,8 @@ fn forward_into(
             .collect();
         // Where the group's outputs go: `out` itself (channel planes N·OH·OW apart), or the
         // group's own tile (nl·OH·OW apart) when it is pooled afterwards.
-        let pg = pgeom(nl);
+        // The pool over this group's planes only.
+        let pg = pool.map(|p| MaxPool2dGeom { n: nl, ..*p });
         let (dst, ostride, first) = match pg {
             None => (outp.get(), g.n * oh * ow, n0),
             Some(_) => {
@@ -252,7 +240,7 @@ fn forward_into(
         let mut o0 = 0;
         while o0 < g.oc {
             let m = if o0 + FWD_OC <= g.oc { FWD_OC } else { 1 };
-            for rs in sc.runs.chunks(FWD_RUNS) {
+            for &run in &sc.runs {
                 // SAFETY: AVX-512 is active (`applies`); the tap rows lie in `sc.buf` (see
                 // `Phases::taps`); the destination is this group's own tile, or images
                 // n0..n1 of `out`, which this group alone writes (rows
@@ -260,22 +248,11 @@ fn forward_into(
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let from = (sc.buf.as_ptr(), &b_off[..]);
-                    let to = (dst, ostride);
-                    let o = (o0, g.oc);
-                    match (m, rs.len()) {
-                        (FWD_OC, FWD_RUNS) => {
-                            avx512::fwd_runs::<FWD_OC, FWD_RUNS>(from, rs, &wt, o, to, affine)
-                        }
-                        (FWD_OC, _) => {
-                            for r in rs.chunks(1) {
-                                avx512::fwd_runs::<FWD_OC, 1>(from, r, &wt, o, to, affine)
-                            }
-                        }
-                        _ => {
-                            for r in rs.chunks(1) {
-                                avx512::fwd_runs::<1, 1>(from, r, &wt, o, to, affine)
-                            }
-                        }
+                    let (to, o) = ((dst, ostride), (o0, g.oc));
+                    if m == FWD_OC {
+                        avx512::fwd_run::<FWD_OC>(from, run, &wt, o, to, affine)
+                    } else {
+                        avx512::fwd_run::<1>(from, run, &wt, o, to, affine)
                     }
                 }
             }
@@ -427,49 +404,40 @@ mod avx512 {
         }
     }
 
-    /// `R` runs of 16 output pixels (`runs[j] = (source offset, destination offset, lanes)`)
-    /// of output channels `o0..o0 + M` (of `oc`): `M x R` accumulators summed over every tap
-    /// (run `j` of tap `t` reads `src + b_off[t] + runs[j].0`, weights `wt[t][o]`), then the
-    /// epilogue, stored `ostride` floats apart per channel.
+    /// A run of 16 output pixels (`run = (source offset, destination offset, lanes)`) of
+    /// output channels `o0..o0 + M` (of `oc`): `M` accumulators summed over every tap (tap `t`
+    /// reads `src + b_off[t] + run.0`, weights `wt[t][o]`), then the epilogue, stored
+    /// `ostride` floats apart per channel.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn fwd_runs<const M: usize, const R: usize>(
+    pub(super) unsafe fn fwd_run<const M: usize>(
         (src, b_off): (*const f32, &[usize]),
-        runs: &[(usize, usize, __mmask16)],
+        (from, to, lanes): (usize, usize, __mmask16),
         wt: &[f32],
         (o0, oc): (usize, usize),
         (dst, ostride): (*mut f32, usize),
         affine: Option<(&[f32], &[f32], bool)>,
     ) {
         let wp = wt.as_ptr().add(o0);
-        let run: [(usize, usize, __mmask16); R] = std::array::from_fn(|j| runs[j]);
-        let mut acc = [[_mm512_setzero_ps(); R]; M];
+        let mut acc = [_mm512_setzero_ps(); M];
         for (t, &bo) in b_off.iter().enumerate() {
-            let mut b = [_mm512_setzero_ps(); R];
-            for (j, bv) in b.iter_mut().enumerate() {
-                *bv = _mm512_maskz_loadu_ps(run[j].2, src.add(bo + run[j].0));
-            }
+            let b = _mm512_maskz_loadu_ps(lanes, src.add(bo + from));
             let wr = wp.add(t * oc);
             for (i, a) in acc.iter_mut().enumerate() {
-                let wv = _mm512_set1_ps(*wr.add(i));
-                for (j, v) in a.iter_mut().enumerate() {
-                    *v = _mm512_fmadd_ps(wv, b[j], *v);
-                }
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*wr.add(i)), b, *a);
             }
         }
         for (i, a) in acc.iter().enumerate() {
             let o = o0 + i;
-            for (j, v) in a.iter().enumerate() {
-                let mut y = *v;
-                if let Some((scale, shift, relu)) = affine {
-                    // Multiply, then add (not fused): the rounding of `channel_affine`.
-                    let ys = _mm512_mul_ps(y, _mm512_set1_ps(scale[o]));
-                    y = _mm512_add_ps(ys, _mm512_set1_ps(shift[o]));
-                    if relu {
-                        y = _mm512_max_ps(y, _mm512_setzero_ps());
-                    }
+            let mut y = *a;
+            if let Some((scale, shift, relu)) = affine {
+                // Multiply, then add (not fused): the rounding of `channel_affine`.
+                let ys = _mm512_mul_ps(y, _mm512_set1_ps(scale[o]));
+                y = _mm512_add_ps(ys, _mm512_set1_ps(shift[o]));
+                if relu {
+                    y = _mm512_max_ps(y, _mm512_setzero_ps());
                 }
-                _mm512_mask_storeu_ps(dst.add(o * ostride + run[j].1), run[j].2, y);
             }
+            _mm512_mask_storeu_ps(dst.add(o * ostride + to), lanes, y);
         }
     }
 

@@ -119,8 +119,19 @@ fn random_geom(rng: &mut ChaCha8Rng) -> Conv2dGeom {
     }
 }
 
-fn fixed_geoms() -> Vec<Conv2dGeom> {
-    let g = |c, n, h, w, oc, k, stride, pad| Conv2dGeom {
+/// A square-kernel geometry: `(c, n, h, w, oc, k, stride, pad)`.
+#[allow(clippy::too_many_arguments)]
+fn square_geom(
+    c: usize,
+    n: usize,
+    h: usize,
+    w: usize,
+    oc: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Conv2dGeom {
+    Conv2dGeom {
         c,
         n,
         h,
@@ -130,7 +141,11 @@ fn fixed_geoms() -> Vec<Conv2dGeom> {
         kw: k,
         stride,
         pad,
-    };
+    }
+}
+
+fn fixed_geoms() -> Vec<Conv2dGeom> {
+    let g = square_geom;
     vec![
         g(3, 2, 28, 28, 8, 4, 2, 1),   // CNN layer 1 (narrow)
         g(16, 2, 14, 14, 8, 4, 2, 1),  // CNN layer 2 shape class
@@ -678,17 +693,7 @@ fn conv_weight_gradient_is_bitwise_reproducible() {
 #[test]
 fn conv_affine_maxpool_equals_conv_then_pool() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
-    let g = |c, n, h, w, oc, k, stride, pad| Conv2dGeom {
-        c,
-        n,
-        h,
-        w,
-        oc,
-        kh: k,
-        kw: k,
-        stride,
-        pad,
-    };
+    let g = square_geom;
     let cases = [
         (g(3, 20, 32, 32, 17, 7, 2, 3), (3, 2, 1), true),
         (g(3, 3, 37, 29, 8, 7, 2, 3), (3, 2, 1), false),
@@ -715,7 +720,7 @@ fn conv_affine_maxpool_equals_conv_then_pool() {
         let mut idx = vec![0u32; pg.out_len()];
         max_pool2d_fwd(&conv, &pg, &mut want, &mut idx);
         let mut got = vec![f32::NAN; pg.out_len()];
-        conv2d_fwd_affine_maxpool(&x, &w, &g, &scale, &shift, relu, (k, s, p), &mut got);
+        conv2d_fwd_affine_maxpool(&x, &w, &g, &scale, &shift, relu, &pg, &mut got);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got), bits(&want), "case {i}: {g:?}");
     }
